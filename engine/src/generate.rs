@@ -1,0 +1,238 @@
+//! Generation on stages held in this process: prefill, then decode token by token through
+//! every stage in order, streaming text as it completes and honouring stop strings.
+//! `potluck generate` and `potluck bench` use it; a pipeline across peers does the same steps
+//! with a network hop between stages.
+
+use crate::error::{EngineError, Result};
+use crate::kv_cache::SessionId;
+use crate::llama::{Stage, StageInput, StageOutput};
+use crate::sampling::Sampler;
+use crate::tokenizer::TextTokenizer;
+use crate::weights::WeightFile;
+use std::time::Instant;
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context window was reached.
+    Length,
+}
+
+/// Counts and timings of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerateStats {
+    /// Prompt tokens prefilled.
+    pub prompt_tokens: usize,
+    /// Tokens generated (the end-of-sequence token not counted).
+    pub generated_tokens: usize,
+    /// Seconds spent on prefill (through the first sampled token).
+    pub prefill_secs: f64,
+    /// Seconds spent on the decode steps after the first token.
+    pub decode_secs: f64,
+    /// Why it ended.
+    pub finish: FinishReason,
+}
+
+impl GenerateStats {
+    /// Prompt tokens per second.
+    pub fn prefill_tps(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
+    }
+    /// Generated tokens per second after the first.
+    pub fn decode_tps(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+/// The tokenizer a weight file carries: GGUF metadata, or tokenizer.json beside safetensors.
+pub fn load_tokenizer(file: &WeightFile) -> Result<TextTokenizer> {
+    match file {
+        WeightFile::Gguf(g) => TextTokenizer::from_gguf(g),
+        WeightFile::Safetensors { dir, .. } => {
+            TextTokenizer::from_tokenizer_json(&dir.join("tokenizer.json"))
+        }
+    }
+}
+
+/// Runs `input` through every stage in order and returns the last stage's logits.
+pub fn run_pipeline(
+    stages: &mut [Stage],
+    session: SessionId,
+    pos: usize,
+    input: StageInput,
+) -> Result<Vec<f32>> {
+    let mut x = input;
+    for stage in stages.iter_mut() {
+        match stage.forward(session, pos, x)? {
+            StageOutput::Hidden(h) => x = StageInput::Hidden(h),
+            StageOutput::Logits(l) => return Ok(l),
+        }
+    }
+    Err(EngineError::bad_input("the last stage holds no LM head"))
+}
+
+/// Holds back text that might be the start of a stop string until it is known not to be.
+struct StopFilter<'a> {
+    stops: &'a [String],
+    text: String,
+    emitted: usize,
+}
+
+impl StopFilter<'_> {
+    /// Adds a piece; returns the text safe to show and whether a stop string was hit.
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        self.text.push_str(piece);
+        let search_from = self
+            .emitted
+            .saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
+        let search_from = floor_boundary(&self.text, search_from);
+        let hit = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|i| i + search_from)
+            })
+            .min();
+        if let Some(at) = hit {
+            let out = self.text[self.emitted.min(at)..at].to_string();
+            self.text.truncate(at);
+            self.emitted = at;
+            return (out, true);
+        }
+        let held = self
+            .stops
+            .iter()
+            .map(|s| {
+                (1..s.len())
+                    .rev()
+                    .find(|&n| {
+                        self.text.len() >= n
+                            && s.is_char_boundary(n)
+                            && self.text.ends_with(&s[..n])
+                    })
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0);
+        let safe = floor_boundary(&self.text, self.text.len() - held).max(self.emitted);
+        let out = self.text[self.emitted..safe].to_string();
+        self.emitted = safe;
+        (out, false)
+    }
+
+    fn finish(&mut self) -> String {
+        let out = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        out
+    }
+}
+
+fn floor_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// What to generate.
+pub struct GenerateRequest<'a> {
+    /// Prompt token ids (already templated and tokenized).
+    pub prompt: &'a [u32],
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Strings that end the generation (not included in the output).
+    pub stop: &'a [String],
+}
+
+/// Generates from `req.prompt` through `stages`, calling `on_text` with each piece of text as
+/// it completes. Returns the whole text and the run's statistics.
+pub fn generate(
+    stages: &mut [Stage],
+    tok: &TextTokenizer,
+    session: SessionId,
+    req: &GenerateRequest<'_>,
+    sampler: &mut Sampler,
+    mut on_text: impl FnMut(&str),
+) -> Result<(String, GenerateStats)> {
+    let context = stages
+        .first()
+        .map(|s| s.config().context)
+        .ok_or_else(|| EngineError::bad_input("no stages"))?;
+    if req.prompt.is_empty() {
+        return Err(EngineError::bad_input("the prompt is empty"));
+    }
+    if req.prompt.len() >= context {
+        return Err(EngineError::ContextOverflow {
+            needed: req.prompt.len() + 1,
+            context,
+        });
+    }
+    let started = Instant::now();
+    let mut history: Vec<u32> = req.prompt.to_vec();
+    let mut logits = run_pipeline(stages, session, 0, StageInput::Tokens(req.prompt.to_vec()))?;
+    let mut prefill_secs = 0.0;
+    let mut first_token_at = Instant::now();
+    let mut decoder = tok.stream();
+    let mut filter = StopFilter {
+        stops: req.stop,
+        text: String::new(),
+        emitted: 0,
+    };
+    let mut generated = 0;
+    let mut finish = FinishReason::Length;
+    while generated < req.max_tokens {
+        let next = sampler.sample(&logits, &history)?;
+        if generated == 0 {
+            prefill_secs = started.elapsed().as_secs_f64();
+            first_token_at = Instant::now();
+        }
+        if tok.is_eos(next) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        generated += 1;
+        let (shown, stopped) = filter.push(&decoder.push(next)?);
+        if !shown.is_empty() {
+            on_text(&shown);
+        }
+        if stopped {
+            finish = FinishReason::Stop;
+            break;
+        }
+        history.push(next);
+        if generated == req.max_tokens || history.len() >= context {
+            break;
+        }
+        logits = run_pipeline(
+            stages,
+            session,
+            history.len() - 1,
+            StageInput::Tokens(vec![next]),
+        )?;
+    }
+    if finish == FinishReason::Length {
+        let rest = filter.finish();
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+    }
+    let decode_secs = first_token_at.elapsed().as_secs_f64();
+    for s in stages.iter_mut() {
+        s.end_session(session);
+    }
+    Ok((
+        filter.text,
+        GenerateStats {
+            prompt_tokens: req.prompt.len(),
+            generated_tokens: generated,
+            prefill_secs,
+            decode_secs,
+            finish,
+        },
+    ))
+}

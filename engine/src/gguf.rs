@@ -1,0 +1,184 @@
+//! Reading GGUF files: a memory map, the parsed header, typed metadata access, and tensors
+//! loaded one at a time so a stage touches only the bytes it needs.
+
+use crate::config::{Llama3Scaling, LlamaConfig};
+use crate::error::{EngineError, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
+use candle_core::Device;
+use std::io::Cursor;
+use std::path::Path;
+
+/// An open GGUF file. The mapping is shared by every tensor read from it.
+pub struct GgufFile {
+    mmap: memmap2::Mmap,
+    content: Content,
+}
+
+impl GgufFile {
+    /// Maps and parses the header of a GGUF file. Fails with a typed error on anything that
+    /// is not a complete, well-formed GGUF v2/v3 file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|source| EngineError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        // SAFETY: the mapping is read-only; a file truncated underneath us is the only hazard,
+        // and model files in the cache are never rewritten in place.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| EngineError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if mmap.len() < 8 || &mmap[..4] != b"GGUF" {
+            return Err(EngineError::invalid(format!(
+                "{} is not a GGUF file (bad magic)",
+                path.display()
+            )));
+        }
+        let content = Content::read(&mut Cursor::new(&mmap[..]))
+            .map_err(|e| EngineError::invalid(format!("{}: {e}", path.display())))?;
+        if content.tensor_data_offset > mmap.len() as u64 {
+            return Err(EngineError::invalid(
+                "tensor data starts past the end of the file",
+            ));
+        }
+        Ok(Self { mmap, content })
+    }
+
+    /// The parsed header.
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
+    /// A metadata value, if present.
+    pub fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    /// A string metadata value, if present and a string.
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
+        self.meta(key)
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.as_str())
+    }
+
+    /// An unsigned metadata value of any integer width.
+    pub fn meta_usize(&self, key: &str) -> Option<usize> {
+        let v = self.meta(key)?;
+        let n: i128 = match v {
+            Value::U8(x) => *x as i128,
+            Value::I8(x) => *x as i128,
+            Value::U16(x) => *x as i128,
+            Value::I16(x) => *x as i128,
+            Value::U32(x) => *x as i128,
+            Value::I32(x) => *x as i128,
+            Value::U64(x) => *x as i128,
+            Value::I64(x) => *x as i128,
+            _ => return None,
+        };
+        usize::try_from(n).ok()
+    }
+
+    /// A float metadata value.
+    pub fn meta_f64(&self, key: &str) -> Option<f64> {
+        match self.meta(key)? {
+            Value::F32(x) => Some(*x as f64),
+            Value::F64(x) => Some(*x),
+            _ => self.meta_usize(key).map(|x| x as f64),
+        }
+    }
+
+    /// Whether a tensor with this name exists.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Loads one tensor (still quantized) from the mapping.
+    pub fn tensor(&self, name: &str) -> Result<QTensor> {
+        if !self.has_tensor(name) {
+            return Err(EngineError::invalid(format!("missing tensor {name}")));
+        }
+        self.content
+            .tensor(&mut Cursor::new(&self.mmap[..]), name, &Device::Cpu)
+            .map_err(|e| EngineError::invalid(format!("tensor {name}: {e}")))
+    }
+
+    /// Reads the Llama geometry from the metadata, refusing other architectures.
+    pub fn llama_config(&self) -> Result<LlamaConfig> {
+        let arch = self
+            .meta_str("general.architecture")
+            .ok_or_else(|| EngineError::invalid("missing general.architecture"))?
+            .to_string();
+        if !matches!(arch.as_str(), "llama" | "mistral") {
+            return Err(EngineError::Unsupported(format!(
+                "architecture '{arch}' (only the Llama family runs)"
+            )));
+        }
+        let need = |k: &str| {
+            self.meta_usize(&format!("{arch}.{k}"))
+                .ok_or_else(|| EngineError::invalid(format!("missing {arch}.{k}")))
+        };
+        let hidden = need("embedding_length")?;
+        let heads = need("attention.head_count")?;
+        if heads == 0 {
+            return Err(EngineError::invalid("attention.head_count is 0"));
+        }
+        let kv_heads = self
+            .meta_usize(&format!("{arch}.attention.head_count_kv"))
+            .unwrap_or(heads);
+        let head_dim = self
+            .meta_usize(&format!("{arch}.attention.key_length"))
+            .unwrap_or(hidden / heads);
+        let vocab = match self.meta_usize(&format!("{arch}.vocab_size")) {
+            Some(v) => v,
+            None => match self.meta("tokenizer.ggml.tokens") {
+                Some(Value::Array(a)) => a.len(),
+                _ => self
+                    .content
+                    .tensor_infos
+                    .get("token_embd.weight")
+                    .and_then(|t| t.shape.dims().first().copied())
+                    .ok_or_else(|| EngineError::invalid("cannot tell the vocabulary size"))?,
+            },
+        };
+        let llama3_scaling = match self.meta_str(&format!("{arch}.rope.scaling.type")) {
+            Some("llama3") => Some(Llama3Scaling {
+                factor: self
+                    .meta_f64(&format!("{arch}.rope.scaling.factor"))
+                    .unwrap_or(8.0) as f32,
+                low_freq_factor: self
+                    .meta_f64(&format!("{arch}.rope.scaling.low_freq_factor"))
+                    .unwrap_or(1.0) as f32,
+                high_freq_factor: self
+                    .meta_f64(&format!("{arch}.rope.scaling.high_freq_factor"))
+                    .unwrap_or(4.0) as f32,
+                original_context: self
+                    .meta_usize(&format!("{arch}.rope.scaling.original_context_length"))
+                    .unwrap_or(8192),
+            }),
+            _ => None,
+        };
+        let cfg = LlamaConfig {
+            hidden,
+            ff: need("feed_forward_length")?,
+            layers: need("block_count")?,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab,
+            rms_eps: self
+                .meta_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
+            rope_theta: self
+                .meta_f64(&format!("{arch}.rope.freq_base"))
+                .unwrap_or(10_000.0) as f32,
+            llama3_scaling,
+            context: self
+                .meta_usize(&format!("{arch}.context_length"))
+                .unwrap_or(2048),
+            tied_embeddings: !self.has_tensor("output.weight"),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,18 @@
+//! Potluck's model engine: runs any contiguous range of a Llama-family model's blocks (a
+//! *stage*) on candle, from GGUF or safetensors weights, with per-session KV caches, a
+//! tokenizer, chat templates and seeded sampling. It knows nothing of networks or HTTP.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod kv_cache;
+pub mod llama;
+pub mod rng;
+pub mod sampling;
+pub mod synthetic;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{EngineError, Result};
