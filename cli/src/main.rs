@@ -67,13 +67,16 @@ fn main() {
                 let _ = e.print();
                 std::process::exit(0);
             }
-            let text = e.to_string();
-            let first = text
+            let text = e.render().to_string();
+            // clap spreads one error over several lines; keep it to one.
+            let what: Vec<&str> = text
                 .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("error: {first} (see --help)");
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            let what = what.join(" ");
+            eprintln!("error: {} (see --help)", what.trim_start_matches("error: "));
             std::process::exit(2);
         }
     };

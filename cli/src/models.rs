@@ -82,6 +82,14 @@ impl ModelCache {
         if as_path.exists() {
             return Ok(as_path.to_path_buf());
         }
+        let path_like = model.starts_with('/')
+            || model.starts_with('.')
+            || [".gguf", ".safetensors"]
+                .iter()
+                .any(|e| model.ends_with(e) && !looks_like_hf_id(model));
+        if path_like {
+            bail!("model file {model} does not exist");
+        }
         if !self.manifest()?.contains_key(model) {
             if catalog::lookup(model).is_none() && !looks_like_hf_id(model) {
                 bail!("unknown model '{model}': not a file, not a cached or known model name (see `potluck model list`)");

@@ -77,13 +77,13 @@ impl LlamaConfig {
         if self.hidden > MAX_DIM || self.ff > MAX_DIM * 4 {
             return Err(EngineError::invalid("hidden/ff size is out of range"));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(EngineError::invalid(format!(
                 "{} query heads are not a multiple of {} kv heads",
                 self.heads, self.kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(EngineError::invalid("head dimension must be even for RoPE"));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {

@@ -35,8 +35,15 @@ impl GgufFile {
                 path.display()
             )));
         }
-        let content = Content::read(&mut Cursor::new(&mmap[..]))
-            .map_err(|e| EngineError::invalid(format!("{}: {e}", path.display())))?;
+        let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| {
+            let msg = e.to_string();
+            match msg.strip_prefix("unknown dtype for tensor ") {
+                Some(code) => EngineError::Unsupported(format!(
+                    "tensor type {code} (e.g. an IQ quant); supported: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K"
+                )),
+                None => EngineError::invalid(format!("{}: {msg}", path.display())),
+            }
+        })?;
         if content.tensor_data_offset > mmap.len() as u64 {
             return Err(EngineError::invalid(
                 "tensor data starts past the end of the file",

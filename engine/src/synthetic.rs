@@ -32,6 +32,8 @@ pub struct SyntheticSpec {
     pub tied: bool,
     /// Seed of the weights.
     pub seed: u64,
+    /// `general.architecture` written to the GGUF (tests of refusal use others).
+    pub architecture: String,
 }
 
 impl Default for SyntheticSpec {
@@ -46,6 +48,7 @@ impl Default for SyntheticSpec {
             dtype: GgmlDType::F32,
             tied: false,
             seed: 7,
+            architecture: "llama".into(),
         }
     }
 }
@@ -240,7 +243,10 @@ pub fn write_gguf(spec: &SyntheticSpec, path: &Path) -> Result<()> {
     let u32v = |x: usize| Value::U32(x as u32);
     let strs = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
     let meta: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String("llama".into())),
+        (
+            "general.architecture",
+            Value::String(spec.architecture.clone()),
+        ),
         ("general.name", Value::String("potluck-synthetic".into())),
         ("llama.embedding_length", u32v(spec.hidden)),
         ("llama.feed_forward_length", u32v(spec.ff)),

@@ -112,7 +112,7 @@ pub enum WeightFile {
         /// The memory-mapped shards.
         tensors: candle_core::safetensors::MmapedSafetensors,
         /// The parsed config.json.
-        config: HfConfig,
+        config: Box<HfConfig>,
         /// Where config.json and tokenizer.json live.
         dir: PathBuf,
     },
@@ -174,7 +174,7 @@ impl WeightFile {
             path: cfg_path.display().to_string(),
             source,
         })?;
-        let config: HfConfig = serde_json::from_str(&text)
+        let config: Box<HfConfig> = serde_json::from_str(&text)
             .map_err(|e| EngineError::invalid(format!("{}: {e}", cfg_path.display())))?;
         // SAFETY: read-only mapping of files we do not modify while mapped.
         let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&shards) }
@@ -259,7 +259,7 @@ impl WeightFile {
             WeightFile::Gguf(g) => {
                 let q = g.tensor(&Role::Embedding.gguf_name())?;
                 check_shape(Role::Embedding, q.shape().dims(), vocab, hidden)?;
-                if hidden % q.dtype().block_size() != 0 {
+                if !hidden.is_multiple_of(q.dtype().block_size()) {
                     return Err(EngineError::invalid("embedding width is not whole blocks"));
                 }
                 Ok(Embedding::Quant(Arc::new(q)))

@@ -1,0 +1,360 @@
+//! The `potluck` binary end to end: golden outputs on the real default model, and every kind
+//! of bad input answered with one clear `error:` line and a non-zero exit, never a panic.
+
+use candle_core::quantized::GgmlDType;
+use potluck_engine::synthetic::{write_gguf, SyntheticSpec};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn potluck(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(args)
+        .output()
+        .expect("run potluck")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs and asserts success; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let o = potluck(args);
+    assert!(
+        o.status.success(),
+        "potluck {args:?} failed: {}",
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Runs and asserts a clean refusal: non-zero exit, one `error:` line containing `needle`.
+fn refused(args: &[&str], needle: &str) {
+    let o = potluck(args);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "potluck {args:?} should fail; stdout {}",
+        stdout(&o)
+    );
+    assert!(
+        !err.contains("panicked"),
+        "potluck {args:?} panicked: {err}"
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "potluck {args:?} should print one line, got: {err}"
+    );
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "potluck {args:?}: {err:?} lacks {needle:?}"
+    );
+}
+
+fn tiny(dir: &Path, name: &str, spec: SyntheticSpec) -> PathBuf {
+    let p = dir.join(name);
+    write_gguf(&spec, &p).unwrap();
+    p
+}
+
+#[test]
+fn golden_paris_by_name_and_by_path() {
+    let out = ok(&[
+        "generate",
+        "--model",
+        "smollm2-135m-instruct",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+    ]);
+    assert!(out.starts_with(" Paris"), "{out:?}");
+    let path = ok(&["model", "verify", "smollm2-135m-instruct"]);
+    let file = path
+        .trim()
+        .rsplit_once('(')
+        .unwrap()
+        .1
+        .trim_end_matches(')')
+        .to_string();
+    let by_path = ok(&[
+        "generate",
+        "--model",
+        &file,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+    ]);
+    assert_eq!(out, by_path);
+    // Split into three in-process stages: the same text.
+    let split = ok(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "--stages",
+        "3",
+    ]);
+    assert_eq!(out, split);
+}
+
+#[test]
+fn chat_answers_through_the_template() {
+    let out = ok(&[
+        "generate",
+        "--chat",
+        "--prompt",
+        "What is 2+2?",
+        "--max-tokens",
+        "40",
+    ]);
+    assert!(out.contains('4'), "{out:?}");
+    let o = potluck(&[
+        "generate",
+        "--chat",
+        "--prompt",
+        "What is 2+2?",
+        "--max-tokens",
+        "40",
+    ]);
+    assert!(
+        stderr(&o).contains("decode:"),
+        "speed report missing: {}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn stop_strings_and_seeds() {
+    let stopped = ok(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "20",
+        "--stop",
+        ".",
+    ]);
+    assert_eq!(stopped.trim_end(), " Paris");
+    let args = [
+        "generate",
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "11",
+    ];
+    assert_eq!(ok(&args), ok(&args));
+    let mut other = args.to_vec();
+    other[8] = "12";
+    assert_ne!(ok(&args), ok(&other));
+}
+
+#[test]
+fn bad_model_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = tiny(
+        dir.path(),
+        "good.gguf",
+        SyntheticSpec {
+            dtype: GgmlDType::Q8_0,
+            ..Default::default()
+        },
+    );
+    let bytes = std::fs::read(&good).unwrap();
+    let write = |name: &str, b: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, b).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let truncated = write("truncated.gguf", &bytes[..bytes.len() / 2]);
+    let header_only = write("header.gguf", &bytes[..64]);
+    let mut bad_magic_bytes = bytes.clone();
+    bad_magic_bytes[..4].copy_from_slice(b"GGUX");
+    let bad_magic = write("magic.gguf", &bad_magic_bytes);
+    let empty = write("empty.gguf", &[]);
+    let falcon = tiny(
+        dir.path(),
+        "falcon.gguf",
+        SyntheticSpec {
+            architecture: "falcon".into(),
+            ..Default::default()
+        },
+    );
+    let iq = write("iq.gguf", &gguf_with_tensor_type(23));
+    let gen = |m: &str| {
+        vec![
+            "generate".to_string(),
+            "--model".into(),
+            m.to_string(),
+            "--prompt".into(),
+            "hi".into(),
+        ]
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (
+            dir.path()
+                .join("missing.gguf")
+                .to_string_lossy()
+                .into_owned(),
+            "does not exist",
+        ),
+        (truncated, "invalid model"),
+        (header_only, "invalid model"),
+        (bad_magic, "bad magic"),
+        (empty, "bad magic"),
+        (
+            falcon.to_string_lossy().into_owned(),
+            "architecture 'falcon'",
+        ),
+        (iq, "unsupported"),
+    ];
+    for (model, needle) in cases {
+        let args = gen(&model);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&args, needle);
+    }
+    // The good file still works.
+    ok(&[
+        "generate",
+        "--model",
+        &good.to_string_lossy(),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "3",
+    ]);
+}
+
+#[test]
+fn a_wrong_digest_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cache_s = cache.to_string_lossy().into_owned();
+    let good = tiny(dir.path(), "tiny.gguf", SyntheticSpec::default());
+    ok(&[
+        "--models-dir",
+        &cache_s,
+        "model",
+        "fetch",
+        "tiny",
+        "--from",
+        &good.to_string_lossy(),
+    ]);
+    ok(&["--models-dir", &cache_s, "model", "verify", "tiny"]);
+    ok(&[
+        "--models-dir",
+        &cache_s,
+        "generate",
+        "--model",
+        "tiny",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+    ]);
+    let cached = cache.join("tiny/model.gguf");
+    let mut b = std::fs::read(&cached).unwrap();
+    let last = b.len() - 1;
+    b[last] ^= 0x55;
+    std::fs::write(&cached, b).unwrap();
+    refused(
+        &["--models-dir", &cache_s, "model", "verify", "tiny"],
+        "integrity",
+    );
+    refused(
+        &[
+            "--models-dir",
+            &cache_s,
+            "generate",
+            "--model",
+            "tiny",
+            "--prompt",
+            "hi",
+        ],
+        "integrity",
+    );
+    let list = ok(&["--models-dir", &cache_s, "model", "list"]);
+    assert!(list.contains("tiny") && list.contains("path:"), "{list}");
+}
+
+#[test]
+fn prompts_longer_than_the_context_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = tiny(
+        dir.path(),
+        "ctx.gguf",
+        SyntheticSpec {
+            context: 64,
+            ..Default::default()
+        },
+    );
+    let long = "word ".repeat(200);
+    refused(
+        &[
+            "generate",
+            "--model",
+            &small.to_string_lossy(),
+            "--prompt",
+            &long,
+        ],
+        "context",
+    );
+    let very_long = "lorem ipsum dolor sit amet ".repeat(2000);
+    refused(&["generate", "--prompt", &very_long], "context");
+}
+
+#[test]
+fn bad_flags_are_refused() {
+    let p = ["generate", "--prompt", "hi"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        p.iter().copied().chain(extra.iter().copied()).collect()
+    };
+    refused(&with(&["--temperature", "-1"]), "temperature");
+    refused(&with(&["--top-p", "1.5"]), "top-p");
+    refused(&with(&["--threads", "0"]), "threads");
+    refused(&with(&["--max-tokens", "0"]), "max-tokens");
+    refused(&with(&["--max-tokens", "lots"]), "invalid value");
+    refused(&with(&["--frobnicate"]), "unexpected argument");
+    refused(&with(&["--model", "no-such-model"]), "unknown model");
+    refused(&["generate", "--prompt", "   "], "empty");
+    refused(&["generate"], "--prompt");
+    refused(&["model", "verify", "never-fetched"], "not cached");
+}
+
+/// A minimal GGUF v3 whose single tensor has type `code`, for refusal tests.
+fn gguf_with_tensor_type(code: u32) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes()); // tensors
+    b.extend_from_slice(&1u64.to_le_bytes()); // metadata entries
+    let key = b"general.architecture";
+    b.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    b.extend_from_slice(key);
+    b.extend_from_slice(&8u32.to_le_bytes()); // string
+    b.extend_from_slice(&5u64.to_le_bytes());
+    b.extend_from_slice(b"llama");
+    let name = b"token_embd.weight";
+    b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+    b.extend_from_slice(name);
+    b.extend_from_slice(&2u32.to_le_bytes());
+    b.extend_from_slice(&256u64.to_le_bytes());
+    b.extend_from_slice(&4u64.to_le_bytes());
+    b.extend_from_slice(&code.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.resize(b.len() + 4096, 0);
+    b
+}

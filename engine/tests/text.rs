@@ -1,0 +1,251 @@
+//! Tokenizers (rebuilt from GGUF and from tokenizer.json), chat templates and sampling.
+
+mod common;
+
+use candle_core::quantized::GgmlDType;
+use common::*;
+use potluck_engine::chat::{render_chat, ChatMessage};
+use potluck_engine::generate::load_tokenizer;
+use potluck_engine::sampling::{top_logprobs, Sampler, SamplingParams};
+use potluck_engine::synthetic::write_safetensors;
+use potluck_engine::tokenizer::TextTokenizer;
+use potluck_engine::weights::WeightFile;
+
+const SAMPLES: [&str; 5] = [
+    "The capital of France is Paris.",
+    "  leading spaces, tabs\tand\nnewlines\n\n",
+    "numbers 1234567 and symbols #@!$%^&*()",
+    "Ünïcödé — 日本語のテキスト 🎉",
+    "<|im_start|>user\nhi<|im_end|>",
+];
+
+fn roundtrip(tok: &TextTokenizer) {
+    for s in SAMPLES {
+        let ids = tok.encode(s).unwrap();
+        let back = tok.decode(&ids).unwrap();
+        let expect = s.replace("<|im_start|>", "").replace("<|im_end|>", "");
+        assert_eq!(back, expect, "round trip of {s:?} via {ids:?}");
+    }
+}
+
+#[test]
+fn smollm2_tokenizer_from_gguf() {
+    let file = WeightFile::open(&smollm2_path()).unwrap();
+    let tok = load_tokenizer(&file).unwrap();
+    roundtrip(&tok);
+    // Control tokens are matched whole; digits are split one by one (SmolLM's pre-tokenizer).
+    let ids = tok.encode("<|im_start|>user").unwrap();
+    assert_eq!(tok.token_text(ids[0]).as_deref(), Some("<|im_start|>"));
+    let digits = tok.encode("2024").unwrap();
+    assert_eq!(digits.len(), 4, "{digits:?}");
+    // The chat turn's end token ends a generation.
+    assert!(
+        tok.is_eos(tok.encode("<|im_end|>").unwrap()[0]),
+        "eos ids {:?}",
+        tok.eos_ids()
+    );
+    assert!(tok.chat_template().is_some());
+    // "Hello world" in GPT-2-style BPE is two tokens, the second with the leading space mark.
+    let hw = tok.encode("Hello world").unwrap();
+    assert_eq!(hw.len(), 2);
+    assert_eq!(tok.token_text(hw[1]).as_deref(), Some("Ġworld"));
+}
+
+#[test]
+fn synthetic_tokenizers_from_gguf_and_json_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(GgmlDType::F32);
+    let (_, gguf) = synthetic(&dir, s.clone());
+    write_safetensors(&s, &dir.path().join("st"), candle_core::DType::F32).unwrap();
+    let st = WeightFile::open(&dir.path().join("st")).unwrap();
+    let (a, b) = (load_tokenizer(&gguf).unwrap(), load_tokenizer(&st).unwrap());
+    roundtrip(&a);
+    roundtrip(&b);
+    for s in SAMPLES {
+        assert_eq!(a.encode(s).unwrap(), b.encode(s).unwrap(), "{s:?}");
+    }
+    // Merges apply: "the" is shorter than its bytes.
+    assert!(a.encode("the then").unwrap().len() < "the then".len());
+}
+
+#[test]
+fn chat_templates_render() {
+    let file = WeightFile::open(&smollm2_path()).unwrap();
+    let tok = load_tokenizer(&file).unwrap();
+    let msgs = [ChatMessage::new("user", "What is 2+2?")];
+    let text = render_chat(
+        tok.chat_template(),
+        &msgs,
+        &tok.bos_text(),
+        &tok.eos_text(),
+        true,
+    )
+    .unwrap();
+    assert!(
+        text.contains("<|im_start|>user\nWhat is 2+2?<|im_end|>"),
+        "{text}"
+    );
+    assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
+    // SmolLM2's template adds a default system turn when none is given.
+    assert!(text.starts_with("<|im_start|>system\n"), "{text}");
+    let fallback = render_chat(None, &msgs, "", "", true).unwrap();
+    assert_eq!(
+        fallback,
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // Python string methods and raise_exception work; errors are typed, not panics.
+    let py = "{{ messages[0]['content'].strip().upper() }}";
+    assert_eq!(
+        render_chat(
+            Some(py),
+            &[ChatMessage::new("user", "  hi ")],
+            "",
+            "",
+            false
+        )
+        .unwrap(),
+        "HI"
+    );
+    let raising = "{{ raise_exception('no system role') }}";
+    assert!(render_chat(Some(raising), &msgs, "", "", false).is_err());
+    assert!(render_chat(Some("{% for %}"), &msgs, "", "", false).is_err());
+    assert!(render_chat(None, &[], "", "", true).is_err());
+}
+
+fn logits(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = potluck_engine::rng::Rng::new(seed);
+    (0..n).map(|_| r.normal() * 3.0).collect()
+}
+
+fn draw(params: SamplingParams, l: &[f32], n: usize) -> Vec<u32> {
+    let mut s = Sampler::new(params).unwrap();
+    (0..n).map(|_| s.sample(l, &[]).unwrap()).collect()
+}
+
+#[test]
+fn sampling_is_seeded_and_honours_its_settings() {
+    let l = logits(500, 1);
+    let best = potluck_engine::llama::argmax(&l).unwrap();
+    let warm = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        seed: 42,
+        ..Default::default()
+    };
+    // Same seed, same tokens; another seed, another stream.
+    assert_eq!(draw(warm.clone(), &l, 50), draw(warm.clone(), &l, 50));
+    assert_ne!(
+        draw(warm.clone(), &l, 50),
+        draw(
+            SamplingParams {
+                seed: 43,
+                ..warm.clone()
+            },
+            &l,
+            50
+        )
+    );
+    // Greedy and top-k 1 both give the argmax.
+    assert!(draw(SamplingParams::default(), &l, 5)
+        .iter()
+        .all(|&t| t == best));
+    assert!(draw(
+        SamplingParams {
+            top_k: 1,
+            ..warm.clone()
+        },
+        &l,
+        20
+    )
+    .iter()
+    .all(|&t| t == best));
+    // top-k 5 only ever picks among the 5 best.
+    let mut order: Vec<u32> = (0..l.len() as u32).collect();
+    order.sort_by(|a, b| l[*b as usize].total_cmp(&l[*a as usize]));
+    let top5 = &order[..5];
+    assert!(draw(
+        SamplingParams {
+            top_k: 5,
+            ..warm.clone()
+        },
+        &l,
+        200
+    )
+    .iter()
+    .all(|t| top5.contains(t)));
+    // A tiny top-p keeps only the best token; a high min-p likewise.
+    assert!(draw(
+        SamplingParams {
+            top_p: 1e-6,
+            ..warm.clone()
+        },
+        &l,
+        20
+    )
+    .iter()
+    .all(|&t| t == best));
+    assert!(draw(
+        SamplingParams {
+            min_p: 1.0,
+            ..warm.clone()
+        },
+        &l,
+        20
+    )
+    .iter()
+    .all(|&t| t == best));
+    // A huge repetition penalty steers greedy away from the seen best token.
+    let mut s = Sampler::new(SamplingParams {
+        repetition_penalty: 1e6,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_ne!(s.sample(&l, &[best]).unwrap(), best);
+    // Nonsense settings are refused.
+    for bad in [
+        SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: f32::NAN,
+            ..Default::default()
+        },
+        SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            top_p: 1.5,
+            ..Default::default()
+        },
+        SamplingParams {
+            min_p: -0.1,
+            ..Default::default()
+        },
+        SamplingParams {
+            repetition_penalty: 0.0,
+            ..Default::default()
+        },
+    ] {
+        assert!(Sampler::new(bad).is_err());
+    }
+}
+
+#[test]
+fn top_logprobs_are_normalised_and_ordered() {
+    let l = logits(300, 5);
+    let best = potluck_engine::llama::argmax(&l).unwrap();
+    let (lp, top) = top_logprobs(&l, best, 10);
+    assert_eq!(top.len(), 10);
+    assert_eq!(top[0].token, best);
+    assert!((top[0].logprob - lp).abs() < 1e-6);
+    assert!(top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+    let total: f64 = l
+        .iter()
+        .map(|&x| ((x - l[best as usize]) as f64).exp())
+        .sum();
+    assert!((lp as f64 + total.ln()).abs() < 1e-4);
+}
