@@ -7,8 +7,8 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvStore, SessionId};
 use crate::sampling::{top_logprobs, Sampler, TokenLogprob};
 use crate::weights::{Embedding, Role, WeightFile};
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use crate::linear::Linear;
+use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
 
 /// Prefill runs in chunks of this many positions so an 8k prompt needs bounded scratch memory.
@@ -19,14 +19,13 @@ pub const DEFAULT_KV_BUDGET: usize = 1 << 30;
 
 struct Block {
     attn_norm: Tensor,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    /// Q, K and V stacked by rows: one matmul per step.
+    qkv: Linear,
+    o: Linear,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    /// Gate and up stacked by rows.
+    gate_up: Linear,
+    down: Linear,
 }
 
 /// What a stage consumes: token ids (first stage) or the previous stage's hidden states.
@@ -79,7 +78,7 @@ pub struct Stage {
     blocks_range: Range<usize>,
     embedding: Option<Embedding>,
     blocks: Vec<Block>,
-    head: Option<(Tensor, QMatMul)>,
+    head: Option<(Tensor, Linear)>,
     inv_freq: Vec<f32>,
     rope_interleaved: bool,
     kv: KvStore,
@@ -113,21 +112,18 @@ impl Stage {
         for l in range.clone() {
             blocks.push(Block {
                 attn_norm: file.vector(Role::AttnNorm(l), h)?,
-                q: file.linear(Role::Q(l), q_out, h)?,
-                k: file.linear(Role::K(l), kv_out, h)?,
-                v: file.linear(Role::V(l), kv_out, h)?,
-                o: file.linear(Role::O(l), h, q_out)?,
+                qkv: file.linear(&[(Role::Q(l), q_out), (Role::K(l), kv_out), (Role::V(l), kv_out)], h)?,
+                o: file.linear(&[(Role::O(l), h)], q_out)?,
                 ffn_norm: file.vector(Role::FfnNorm(l), h)?,
-                gate: file.linear(Role::Gate(l), cfg.ff, h)?,
-                up: file.linear(Role::Up(l), cfg.ff, h)?,
-                down: file.linear(Role::Down(l), h, cfg.ff)?,
+                gate_up: file.linear(&[(Role::Gate(l), cfg.ff), (Role::Up(l), cfg.ff)], h)?,
+                down: file.linear(&[(Role::Down(l), h)], cfg.ff)?,
             });
         }
         let head = if last {
             let norm = file.vector(Role::OutputNorm, h)?;
             let lm = match (&embedding, cfg.tied_embeddings) {
                 (Some(e), true) => e.as_linear()?,
-                _ => file.linear(Role::Output, cfg.vocab, h)?,
+                _ => file.linear(&[(Role::Output, cfg.vocab)], h)?,
             };
             Some((norm, lm))
         } else {
@@ -342,16 +338,19 @@ impl Stage {
         let kv = self.kv.reserve(session, pos, t)?;
         for (i, b) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, cfg.rms_eps as f32)?;
-            let q = heads_first(b.q.forward(&h)?, cfg.heads, cfg.head_dim)?;
-            let k = heads_first(b.k.forward(&h)?, cfg.kv_heads, cfg.head_dim)?;
-            let v = heads_first(b.v.forward(&h)?, cfg.kv_heads, cfg.head_dim)?;
+            let qkv = b.qkv.forward(&h)?;
+            let (q_out, kv_out) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+            let q = heads_first(qkv.narrow(1, 0, q_out)?, cfg.heads, cfg.head_dim)?;
+            let k = heads_first(qkv.narrow(1, q_out, kv_out)?, cfg.kv_heads, cfg.head_dim)?;
+            let v = heads_first(qkv.narrow(1, q_out + kv_out, kv_out)?, cfg.kv_heads, cfg.head_dim)?;
             let q = rope(&q, &cos, &sin, self.rope_interleaved)?;
             let k = rope(&k, &cos, &sin, self.rope_interleaved)?;
             let (k_all, v_all) = kv.append(i, &k, &v)?;
             let attn = attention(&q, &k_all, &v_all, mask.as_ref(), cfg)?;
             x = (x + b.o.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, cfg.rms_eps as f32)?;
-            let mlp = (b.gate.forward(&h)?.silu()? * b.up.forward(&h)?)?;
+            let gate_up = b.gate_up.forward(&h)?;
+            let mlp = (gate_up.narrow(1, 0, cfg.ff)?.silu()? * gate_up.narrow(1, cfg.ff, cfg.ff)?)?;
             x = (x + b.down.forward(&mlp)?)?;
         }
         kv.commit(t);

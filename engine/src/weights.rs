@@ -5,7 +5,8 @@
 use crate::config::{HfConfig, LlamaConfig};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use candle_core::quantized::{QMatMul, QTensor};
+use crate::linear::Linear;
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,12 +95,12 @@ impl Embedding {
         })
     }
 
-    /// A linear layer sharing this table (tied LM head).
-    pub fn as_linear(&self) -> Result<QMatMul> {
-        Ok(match self {
-            Embedding::Quant(q) => QMatMul::from_arc(q.clone())?,
-            Embedding::Dense(t) => QMatMul::Tensor(t.clone()),
-        })
+    /// A linear layer over this table (tied LM head).
+    pub fn as_linear(&self) -> Result<Linear> {
+        match self {
+            Embedding::Quant(q) => Linear::from_shared(q),
+            Embedding::Dense(t) => Linear::from_dense(std::slice::from_ref(t)),
+        }
     }
 }
 
@@ -236,21 +237,36 @@ impl WeightFile {
         Ok(t)
     }
 
-    /// A projection (out, in), quantized types kept as they are, checked against its shape.
-    pub fn linear(&self, role: Role, out: usize, inp: usize) -> Result<QMatMul> {
-        let m = match self {
+    /// Projections that read the same input, each (out, in) and checked against its shape,
+    /// stacked by rows into one layer; quantized types are kept as they are.
+    pub fn linear(&self, parts: &[(Role, usize)], inp: usize) -> Result<Linear> {
+        match self {
             WeightFile::Gguf(g) => {
-                let q = g.tensor(&role.gguf_name())?;
-                check_shape(role, q.shape().dims(), out, inp)?;
-                QMatMul::from_qtensor(q)?
+                let mut qs = Vec::with_capacity(parts.len());
+                for &(role, out) in parts {
+                    let q = g.tensor(&role.gguf_name())?;
+                    check_shape(role, q.shape().dims(), out, inp)?;
+                    qs.push(q);
+                }
+                let same_type = qs.windows(2).all(|w| w[0].dtype() == w[1].dtype());
+                if same_type {
+                    return Linear::from_qtensors(qs);
+                }
+                // Mixed types (some files keep V at higher precision): dense rows, stacked.
+                let dense: Vec<Tensor> =
+                    qs.iter().map(|q| q.dequantize(&Device::Cpu)).collect::<candle_core::Result<_>>()?;
+                Linear::from_dense(&dense)
             }
             WeightFile::Safetensors { .. } => {
-                let t = self.dense(role)?;
-                check_shape(role, t.dims(), out, inp)?;
-                QMatMul::Tensor(t)
+                let mut ts = Vec::with_capacity(parts.len());
+                for &(role, out) in parts {
+                    let t = self.dense(role)?;
+                    check_shape(role, t.dims(), out, inp)?;
+                    ts.push(t);
+                }
+                Linear::from_dense(&ts)
             }
-        };
-        Ok(m)
+        }
     }
 
     /// The embedding table, checked against (vocab, hidden).

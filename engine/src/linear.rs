@@ -1,0 +1,77 @@
+//! A projection layer: our own kernels for Q4_1/Q8_0 weights, candle's for every other type.
+
+use crate::error::{EngineError, Result};
+use crate::quant_matmul::QuantMatrix;
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::{Device, Module, Tensor};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// A weight matrix (outputs, inputs) applied to f32 activations (positions, inputs).
+pub enum Linear {
+    /// Q4_1 / Q8_0 on our kernels.
+    Quant(QuantMatrix),
+    /// Anything else, on candle.
+    Candle(QMatMul),
+}
+
+/// Whether our kernels are enabled (`POTLUCK_KERNELS=candle` turns them off, for A/B runs).
+fn own_kernels() -> bool {
+    std::env::var("POTLUCK_KERNELS").map_or(true, |v| v != "candle")
+}
+
+impl Linear {
+    /// Stacks quantized tensors of one type and width by rows into one layer, so projections
+    /// that read the same input (q/k/v, gate/up) run as one matmul.
+    pub fn from_qtensors(mut parts: Vec<QTensor>) -> Result<Self> {
+        let first = parts.first().ok_or_else(|| EngineError::invalid("no tensors"))?;
+        let (dtype, (_, cols)) = (first.dtype(), first.shape().dims2()?);
+        if own_kernels() && QuantMatrix::supports(dtype) {
+            let refs: Vec<&QTensor> = parts.iter().collect();
+            return Ok(Linear::Quant(QuantMatrix::from_qtensors(&refs)?));
+        }
+        if parts.len() == 1 {
+            if let Some(one) = parts.pop() {
+                return Ok(Linear::Candle(QMatMul::from_qtensor(one)?));
+            }
+        }
+        let mut bytes = Vec::new();
+        let mut rows = 0;
+        for p in &parts {
+            let (r, c) = p.shape().dims2()?;
+            if c != cols || p.dtype() != dtype {
+                return Err(EngineError::invalid("stacked tensors differ in type or width"));
+            }
+            bytes.extend_from_slice(&p.data()?);
+            rows += r;
+        }
+        let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dtype)?;
+        Ok(Linear::Candle(QMatMul::from_qtensor(QTensor::new(storage, (rows, cols))?)?))
+    }
+
+    /// A layer over a shared table (a tied LM head reading the embedding).
+    pub fn from_shared(q: &Arc<QTensor>) -> Result<Self> {
+        if own_kernels() && QuantMatrix::supports(q.dtype()) {
+            return Ok(Linear::Quant(QuantMatrix::from_qtensors(&[q.as_ref()])?));
+        }
+        Ok(Linear::Candle(QMatMul::from_arc(q.clone())?))
+    }
+
+    /// Stacks dense (outputs, inputs) f32 matrices by rows into one layer.
+    pub fn from_dense(parts: &[Tensor]) -> Result<Self> {
+        Ok(Linear::Candle(QMatMul::Tensor(Tensor::cat(parts, 0)?)))
+    }
+
+    /// Applies the layer to (positions, inputs), giving (positions, outputs).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Candle(m) => Ok(m.forward(x)?),
+            Linear::Quant(q) => {
+                let (t, _) = x.dims2()?;
+                let data = x.flatten_all()?.to_vec1::<f32>()?;
+                let out = q.matmul(&data, t)?;
+                Ok(Tensor::from_vec(out, (t, q.rows()), &Device::Cpu)?)
+            }
+        }
+    }
+}
