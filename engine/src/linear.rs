@@ -24,7 +24,9 @@ impl Linear {
     /// Stacks quantized tensors of one type and width by rows into one layer, so projections
     /// that read the same input (q/k/v, gate/up) run as one matmul.
     pub fn from_qtensors(mut parts: Vec<QTensor>) -> Result<Self> {
-        let first = parts.first().ok_or_else(|| EngineError::invalid("no tensors"))?;
+        let first = parts
+            .first()
+            .ok_or_else(|| EngineError::invalid("no tensors"))?;
         let (dtype, (_, cols)) = (first.dtype(), first.shape().dims2()?);
         if own_kernels() && QuantMatrix::supports(dtype) {
             let refs: Vec<&QTensor> = parts.iter().collect();
@@ -40,13 +42,18 @@ impl Linear {
         for p in &parts {
             let (r, c) = p.shape().dims2()?;
             if c != cols || p.dtype() != dtype {
-                return Err(EngineError::invalid("stacked tensors differ in type or width"));
+                return Err(EngineError::invalid(
+                    "stacked tensors differ in type or width",
+                ));
             }
             bytes.extend_from_slice(&p.data()?);
             rows += r;
         }
         let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dtype)?;
-        Ok(Linear::Candle(QMatMul::from_qtensor(QTensor::new(storage, (rows, cols))?)?))
+        Ok(Linear::Candle(QMatMul::from_qtensor(QTensor::new(
+            storage,
+            (rows, cols),
+        )?)?))
     }
 
     /// A layer over a shared table (a tied LM head reading the embedding).

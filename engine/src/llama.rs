@@ -5,9 +5,9 @@
 use crate::config::LlamaConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvStore, SessionId};
+use crate::linear::Linear;
 use crate::sampling::{top_logprobs, Sampler, TokenLogprob};
 use crate::weights::{Embedding, Role, WeightFile};
-use crate::linear::Linear;
 use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
 
@@ -112,7 +112,14 @@ impl Stage {
         for l in range.clone() {
             blocks.push(Block {
                 attn_norm: file.vector(Role::AttnNorm(l), h)?,
-                qkv: file.linear(&[(Role::Q(l), q_out), (Role::K(l), kv_out), (Role::V(l), kv_out)], h)?,
+                qkv: file.linear(
+                    &[
+                        (Role::Q(l), q_out),
+                        (Role::K(l), kv_out),
+                        (Role::V(l), kv_out),
+                    ],
+                    h,
+                )?,
                 o: file.linear(&[(Role::O(l), h)], q_out)?,
                 ffn_norm: file.vector(Role::FfnNorm(l), h)?,
                 gate_up: file.linear(&[(Role::Gate(l), cfg.ff), (Role::Up(l), cfg.ff)], h)?,
@@ -256,7 +263,7 @@ impl Stage {
             .as_ref()
             .ok_or_else(|| EngineError::bad_input("no LM head"))?;
         let x = candle_nn::ops::rms_norm(&hidden.contiguous()?, norm, self.cfg.rms_eps as f32)?;
-        Ok(lm.forward(&x)?)
+        lm.forward(&x)
     }
 
     fn embed_or_check(&self, input: StageInput) -> Result<Tensor> {
@@ -330,7 +337,13 @@ impl Stage {
         })
     }
 
-    fn run_chunk(&mut self, session: SessionId, pos: usize, mut x: Tensor) -> Result<Tensor> {
+    /// Runs one chunk inside candle's compute pool: candle ops started from a thread outside
+    /// it each pay a cross-thread hand-off, which at decode sizes costs more than the op.
+    fn run_chunk(&mut self, session: SessionId, pos: usize, x: Tensor) -> Result<Tensor> {
+        candle_core::utils::with_threadpool(|| self.run_chunk_inner(session, pos, x))
+    }
+
+    fn run_chunk_inner(&mut self, session: SessionId, pos: usize, mut x: Tensor) -> Result<Tensor> {
         let t = x.dim(0)?;
         let (cos, sin) = self.rope_tables(pos, t)?;
         let mask = causal_mask(pos, t)?;
@@ -342,7 +355,11 @@ impl Stage {
             let (q_out, kv_out) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
             let q = heads_first(qkv.narrow(1, 0, q_out)?, cfg.heads, cfg.head_dim)?;
             let k = heads_first(qkv.narrow(1, q_out, kv_out)?, cfg.kv_heads, cfg.head_dim)?;
-            let v = heads_first(qkv.narrow(1, q_out + kv_out, kv_out)?, cfg.kv_heads, cfg.head_dim)?;
+            let v = heads_first(
+                qkv.narrow(1, q_out + kv_out, kv_out)?,
+                cfg.kv_heads,
+                cfg.head_dim,
+            )?;
             let q = rope(&q, &cos, &sin, self.rope_interleaved)?;
             let k = rope(&k, &cos, &sin, self.rope_interleaved)?;
             let (k_all, v_all) = kv.append(i, &k, &v)?;
@@ -350,7 +367,8 @@ impl Stage {
             x = (x + b.o.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, cfg.rms_eps as f32)?;
             let gate_up = b.gate_up.forward(&h)?;
-            let mlp = (gate_up.narrow(1, 0, cfg.ff)?.silu()? * gate_up.narrow(1, cfg.ff, cfg.ff)?)?;
+            let mlp =
+                (gate_up.narrow(1, 0, cfg.ff)?.silu()? * gate_up.narrow(1, cfg.ff, cfg.ff)?)?;
             x = (x + b.down.forward(&mlp)?)?;
         }
         kv.commit(t);

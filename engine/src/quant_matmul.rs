@@ -1,9 +1,11 @@
 //! Our own CPU matmul kernels for the two weight types the default model uses, Q4_1 and Q8_0
 //! (candle's Q4_1 dot product is scalar). Activations are quantized once per row to 8 bits in
-//! blocks of 32 (llama.cpp's Q8_1 pairing: a scale and the block's scaled sum), weights keep
-//! their stored blocks with f16 scales widened to f32 at load. Each output is one dot product
-//! over its own weight row in a fixed order, so results do not depend on how rows are stacked,
-//! tiled or split across threads: stages stay bit-identical to the whole model.
+//! blocks of 32 (llama.cpp's Q8_1 pairing: a scale and the block's scaled sum). Weights are
+//! re-laid at load into tiles of four rows per block, f16 scales widened to f32, so one
+//! activation block is loaded once for four rows and each tile is one contiguous read.
+//! Every output is one dot product over its own weight row in a fixed order, so results do
+//! not depend on how rows are stacked, tiled, batched or split across threads: stages stay
+//! bit-identical to the whole model.
 
 use crate::error::{EngineError, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -11,8 +13,37 @@ use half::f16;
 
 /// Values per quantization block.
 const QK: usize = 32;
+/// Weight rows per tile.
+const TILE: usize = 4;
 
-/// A weight matrix (rows = outputs, cols = inputs) in one of our kernel's formats.
+/// Four Q4_1 rows of one block: value = d * q + m, q in 0..16 (low nibbles are values
+/// 0..16 of the block, high nibbles 16..32).
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(32))]
+struct TileQ4_1 {
+    d: [f32; TILE],
+    m: [f32; TILE],
+    qs: [[u8; 16]; TILE],
+}
+
+/// Four Q8_0 rows of one block: value = d * q.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct TileQ8_0 {
+    qs: [[i8; 32]; TILE],
+    d: [f32; TILE],
+}
+
+impl Default for TileQ8_0 {
+    fn default() -> Self {
+        Self {
+            qs: [[0; 32]; TILE],
+            d: [0.0; TILE],
+        }
+    }
+}
+
+/// A weight matrix (rows = outputs, cols = inputs) in one of our kernels' layouts.
 pub struct QuantMatrix {
     rows: usize,
     cols: usize,
@@ -21,20 +52,23 @@ pub struct QuantMatrix {
     weights: Weights,
 }
 
+/// Tiles ordered (row quad, block): quad q's tiles are `q * nb .. (q + 1) * nb`.
 enum Weights {
-    /// 4-bit unsigned quants (16 bytes per block: low nibbles are values 0..16, high 16..32),
-    /// value = d * q + m.
-    Q4_1 { d: Vec<f32>, m: Vec<f32>, qs: Vec<[u8; 16]> },
-    /// 8-bit signed quants, value = d * q.
-    Q8_0 { d: Vec<f32>, qs: Vec<[i8; 32]> },
+    Q4_1(Vec<TileQ4_1>),
+    Q8_0(Vec<TileQ8_0>),
 }
 
 /// One activation block: 32 signed 8-bit values, their scale, and scale * sum(q).
 #[derive(Clone, Copy)]
+#[repr(C, align(32))]
 struct ActBlock {
+    qs: [i8; 32],
     d: f32,
     s: f32,
-    qs: [i8; 32],
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 impl QuantMatrix {
@@ -46,55 +80,73 @@ impl QuantMatrix {
     /// Builds the matrix from the stored blocks of one or more tensors with equal column
     /// counts, stacked by rows in order (q/k/v, or gate/up, share one activation pass).
     pub fn from_qtensors(parts: &[&QTensor]) -> Result<Self> {
-        let first = parts.first().ok_or_else(|| EngineError::invalid("no tensors to stack"))?;
+        let first = parts
+            .first()
+            .ok_or_else(|| EngineError::invalid("no tensors to stack"))?;
         let dtype = first.dtype();
         let (_, cols) = first.shape().dims2()?;
-        if !Self::supports(dtype) || !cols.is_multiple_of(QK) {
-            return Err(EngineError::Unsupported(format!("{dtype:?} with {cols} columns")));
+        if !Self::supports(dtype) || !cols.is_multiple_of(QK) || cols == 0 {
+            return Err(EngineError::Unsupported(format!(
+                "{dtype:?} with {cols} columns"
+            )));
         }
         let nb = cols / QK;
-        let mut rows = 0;
+        let block_bytes = dtype.type_size();
         let mut raw = Vec::new();
+        let mut rows = 0;
         for p in parts {
             let (r, c) = p.shape().dims2()?;
             if p.dtype() != dtype || c != cols {
-                return Err(EngineError::invalid("stacked tensors differ in type or width"));
+                return Err(EngineError::invalid(
+                    "stacked tensors differ in type or width",
+                ));
             }
             let data = p.data()?;
-            if data.len() != r * nb * dtype.type_size() {
+            if data.len() != r * nb * block_bytes {
                 return Err(EngineError::invalid("tensor data has the wrong length"));
             }
             raw.extend_from_slice(&data);
             rows += r;
         }
-        let block_bytes = dtype.type_size();
-        let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let quads = rows.div_ceil(TILE);
+        // Block b of row r, as stored in the file.
+        let block =
+            |r: usize, b: usize| &raw[(r * nb + b) * block_bytes..(r * nb + b + 1) * block_bytes];
         let weights = match dtype {
             GgmlDType::Q4_1 => {
-                let (mut d, mut m, mut qs) = (Vec::new(), Vec::new(), Vec::new());
-                for b in raw.chunks_exact(block_bytes) {
-                    d.push(h(&b[0..2]));
-                    m.push(h(&b[2..4]));
-                    let mut q = [0u8; 16];
-                    q.copy_from_slice(&b[4..20]);
-                    qs.push(q);
+                let mut tiles = vec![TileQ4_1::default(); quads * nb];
+                for r in 0..rows {
+                    for b in 0..nb {
+                        let src = block(r, b);
+                        let t = &mut tiles[(r / TILE) * nb + b];
+                        t.d[r % TILE] = f16_at(src, 0);
+                        t.m[r % TILE] = f16_at(src, 2);
+                        t.qs[r % TILE].copy_from_slice(&src[4..20]);
+                    }
                 }
-                Weights::Q4_1 { d, m, qs }
+                Weights::Q4_1(tiles)
             }
             _ => {
-                let (mut d, mut qs) = (Vec::new(), Vec::new());
-                for b in raw.chunks_exact(block_bytes) {
-                    d.push(h(&b[0..2]));
-                    let mut q = [0i8; 32];
-                    for (dst, &src) in q.iter_mut().zip(&b[2..34]) {
-                        *dst = src as i8;
+                let mut tiles = vec![TileQ8_0::default(); quads * nb];
+                for r in 0..rows {
+                    for b in 0..nb {
+                        let src = block(r, b);
+                        let t = &mut tiles[(r / TILE) * nb + b];
+                        t.d[r % TILE] = f16_at(src, 0);
+                        for (dst, &v) in t.qs[r % TILE].iter_mut().zip(&src[2..34]) {
+                            *dst = v as i8;
+                        }
                     }
-                    qs.push(q);
                 }
-                Weights::Q8_0 { d, qs }
+                Weights::Q8_0(tiles)
             }
         };
-        Ok(Self { rows, cols, nb, weights })
+        Ok(Self {
+            rows,
+            cols,
+            nb,
+            weights,
+        })
     }
 
     /// Output width.
@@ -122,66 +174,95 @@ impl QuantMatrix {
         }
         let mut out = vec![0f32; m * self.rows];
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let n_quads = self.rows.div_ceil(4);
+        let quads = self.rows.div_ceil(TILE);
         let acts = &acts[..];
-        candle_core::utils::barrier_pool().execute_chunked(n_quads, |range| {
+        candle_core::utils::barrier_pool().execute_chunked(quads, |range| {
             let out_ptr = &out_ptr;
+            let mut dots = [[0f32; TILE]; 2];
             for quad in range {
-                let r0 = quad * 4;
-                let nr = (self.rows - r0).min(4);
-                for i in 0..m {
-                    let a = &acts[i * self.nb..(i + 1) * self.nb];
-                    let mut dots = [0f32; 4];
-                    self.dot_rows(r0, nr, a, &mut dots);
-                    for (j, &v) in dots[..nr].iter().enumerate() {
-                        // SAFETY: (i, r0 + j) is inside the (m, rows) output, and each quad of
-                        // rows is written by exactly one worker.
-                        unsafe { *out_ptr.0.add(i * self.rows + r0 + j) = v };
+                let r0 = quad * TILE;
+                let nr = (self.rows - r0).min(TILE);
+                let mut i = 0;
+                while i < m {
+                    let pair = (m - i).min(2);
+                    self.tile_dots(
+                        quad,
+                        &acts[i * self.nb..(i + pair) * self.nb],
+                        pair,
+                        &mut dots,
+                    );
+                    for (k, row_dots) in dots.iter().enumerate().take(pair) {
+                        for (j, &v) in row_dots[..nr].iter().enumerate() {
+                            // SAFETY: (i + k, r0 + j) is inside the (m, rows) output, and each
+                            // quad of rows is written by exactly one worker.
+                            unsafe { *out_ptr.0.add((i + k) * self.rows + r0 + j) = v };
+                        }
                     }
+                    i += pair;
                 }
             }
         });
         Ok(out)
     }
 
-    /// Dot products of rows r0..r0+nr (nr <= 4) with one quantized activation row.
-    fn dot_rows(&self, r0: usize, nr: usize, a: &[ActBlock], out: &mut [f32; 4]) {
+    /// Dots of the four rows of `quad` with `pair` (1 or 2) activation rows laid end to end.
+    fn tile_dots(&self, quad: usize, acts: &[ActBlock], pair: usize, out: &mut [[f32; TILE]; 2]) {
+        let nb = self.nb;
         #[cfg(target_arch = "x86_64")]
         if avx2() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked), and every slice is in bounds.
+            // SAFETY: AVX2 and FMA are present (checked); the tile and activation slices hold
+            // exactly `nb` blocks per row, which is all the kernels read.
             unsafe {
-                match &self.weights {
-                    Weights::Q4_1 { d, m, qs } => x86::q4_1_rows(d, m, qs, self.nb, r0, nr, a, out),
-                    Weights::Q8_0 { d, qs } => x86::q8_0_rows(d, qs, self.nb, r0, nr, a, out),
+                match (&self.weights, pair) {
+                    (Weights::Q4_1(t), 1) => {
+                        x86::q4_1_tile::<1>(&t[quad * nb..(quad + 1) * nb], acts, out)
+                    }
+                    (Weights::Q4_1(t), _) => {
+                        x86::q4_1_tile::<2>(&t[quad * nb..(quad + 1) * nb], acts, out)
+                    }
+                    (Weights::Q8_0(t), 1) => {
+                        x86::q8_0_tile::<1>(&t[quad * nb..(quad + 1) * nb], acts, out)
+                    }
+                    (Weights::Q8_0(t), _) => {
+                        x86::q8_0_tile::<2>(&t[quad * nb..(quad + 1) * nb], acts, out)
+                    }
                 }
             }
             return;
         }
-        for (j, o) in out.iter_mut().enumerate().take(nr) {
-            *o = self.dot_portable(r0 + j, a);
+        for (k, o) in out.iter_mut().enumerate().take(pair) {
+            let a = &acts[k * nb..(k + 1) * nb];
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = self.dot_portable(quad, j, a);
+            }
         }
     }
 
-    fn dot_portable(&self, row: usize, a: &[ActBlock]) -> f32 {
-        let base = row * self.nb;
-        let mut acc = 0f32;
-        let mut macc = 0f32;
-        for (b, act) in a.iter().enumerate() {
-            let i = base + b;
-            match &self.weights {
-                Weights::Q4_1 { d, m, qs } => {
-                    let q = &qs[i];
+    /// One row's dot product without SIMD, for CPUs without AVX2.
+    fn dot_portable(&self, quad: usize, j: usize, a: &[ActBlock]) -> f32 {
+        let tiles = quad * self.nb..(quad + 1) * self.nb;
+        let (mut acc, mut macc) = (0f32, 0f32);
+        match &self.weights {
+            Weights::Q4_1(t) => {
+                for (tile, act) in t[tiles].iter().zip(a) {
+                    let q = &tile.qs[j];
                     let mut sum = 0i32;
-                    for j in 0..16 {
-                        sum += (q[j] & 0x0F) as i32 * act.qs[j] as i32;
-                        sum += (q[j] >> 4) as i32 * act.qs[j + 16] as i32;
+                    for (k, &byte) in q.iter().enumerate() {
+                        sum += (byte & 0x0F) as i32 * act.qs[k] as i32;
+                        sum += (byte >> 4) as i32 * act.qs[k + 16] as i32;
                     }
-                    acc += sum as f32 * (d[i] * act.d);
-                    macc += m[i] * act.s;
+                    acc += sum as f32 * (tile.d[j] * act.d);
+                    macc += tile.m[j] * act.s;
                 }
-                Weights::Q8_0 { d, qs } => {
-                    let sum: i32 = qs[i].iter().zip(&act.qs).map(|(&w, &x)| w as i32 * x as i32).sum();
-                    acc += sum as f32 * (d[i] * act.d);
+            }
+            Weights::Q8_0(t) => {
+                for (tile, act) in t[tiles].iter().zip(a) {
+                    let sum: i32 = tile.qs[j]
+                        .iter()
+                        .zip(&act.qs)
+                        .map(|(&w, &x)| w as i32 * x as i32)
+                        .sum();
+                    acc += sum as f32 * (tile.d[j] * act.d);
                 }
             }
         }
@@ -213,27 +294,43 @@ fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
             *q = r;
             sum += r as i32;
         }
-        out.push(ActBlock { d, s: d * sum as f32, qs });
+        out.push(ActBlock {
+            qs,
+            d,
+            s: d * sum as f32,
+        });
     }
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // register arrays indexed by row and activation row
 mod x86 {
-    use super::ActBlock;
+    use super::{ActBlock, TileQ4_1, TileQ8_0, TILE};
     use std::arch::x86_64::*;
+
+    /// How far ahead of the current tile to prefetch: the weights stream from memory once per
+    /// token, and the hardware prefetcher alone leaves the loads waiting.
+    const PREFETCH_TILES: usize = 16;
+
+    /// Asks for the cache lines of the tile at `p`; past the end it is a harmless hint.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn prefetch<T>(p: *const T) {
+        let p = p as *const i8;
+        _mm_prefetch::<_MM_HINT_T0>(p);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
-    /// Sum of u8 x i8 products of 32 pairs as eight i32 lanes, then to f32.
+    /// Sum of u8 x i8 products of 32 pairs as eight f32 lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
@@ -241,70 +338,90 @@ mod x86 {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
     }
 
+    /// Q4_1 tile row `j` unpacked to 32 unsigned bytes in value order.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn unpack_nibbles(q: &[u8; 16]) -> __m256i {
-        let v = _mm_loadu_si128(q.as_ptr() as *const __m128i);
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(v, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-        _mm256_set_m128i(hi, lo)
+    unsafe fn nibbles(t: &TileQ4_1, j: usize) -> __m256i {
+        let v = _mm_load_si128(t.qs.as_ptr().add(j) as *const __m128i);
+        let v = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+        _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
     }
 
-    /// Q4_1 rows r0..r0+nr against one activation row.
-    #[allow(clippy::too_many_arguments)]
+    /// Four Q4_1 rows against R activation rows (R blocks apart in `acts`).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn q4_1_rows(
-        d: &[f32],
-        m: &[f32],
-        qs: &[[u8; 16]],
-        nb: usize,
-        r0: usize,
-        nr: usize,
-        a: &[ActBlock],
-        out: &mut [f32; 4],
+    pub(super) unsafe fn q4_1_tile<const R: usize>(
+        tiles: &[TileQ4_1],
+        acts: &[ActBlock],
+        out: &mut [[f32; TILE]; 2],
     ) {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut macc = [0f32; 4];
-        for (b, act) in a.iter().enumerate() {
-            let x = _mm256_loadu_si256(act.qs.as_ptr() as *const __m256i);
-            for j in 0..nr {
-                let i = (r0 + j) * nb + b;
-                let w = unpack_nibbles(&qs[i]);
-                let scale = _mm256_set1_ps(d[i] * act.d);
-                acc[j] = _mm256_fmadd_ps(dot_u8_i8(w, x), scale, acc[j]);
-                macc[j] += m[i] * act.s;
+        let nb = tiles.len();
+        let mut acc = [[_mm256_setzero_ps(); TILE]; R];
+        let mut macc = [_mm_setzero_ps(); R];
+        for b in 0..nb {
+            let t = tiles.get_unchecked(b);
+            prefetch(tiles.as_ptr().wrapping_add(b + PREFETCH_TILES));
+            let dv = _mm_load_ps(t.d.as_ptr());
+            let mv = _mm_load_ps(t.m.as_ptr());
+            let mut xs = [_mm256_setzero_si256(); R];
+            let mut scales = [_mm_setzero_ps(); R];
+            for k in 0..R {
+                let a = acts.get_unchecked(k * nb + b);
+                xs[k] = _mm256_load_si256(a.qs.as_ptr() as *const __m256i);
+                scales[k] = _mm_mul_ps(dv, _mm_set1_ps(a.d));
+                macc[k] = _mm_fmadd_ps(mv, _mm_set1_ps(a.s), macc[k]);
+            }
+            for j in 0..TILE {
+                let w = nibbles(t, j);
+                for k in 0..R {
+                    let s = _mm256_set1_ps(*(&scales[k] as *const __m128 as *const f32).add(j));
+                    acc[k][j] = _mm256_fmadd_ps(dot_u8_i8(w, xs[k]), s, acc[k][j]);
+                }
             }
         }
-        for j in 0..nr {
-            out[j] = hsum(acc[j]) + macc[j];
+        for k in 0..R {
+            let mut m = [0f32; TILE];
+            _mm_storeu_ps(m.as_mut_ptr(), macc[k]);
+            for j in 0..TILE {
+                out[k][j] = hsum(acc[k][j]) + m[j];
+            }
         }
     }
 
-    /// Q8_0 rows r0..r0+nr against one activation row.
+    /// Four Q8_0 rows against R activation rows (R blocks apart in `acts`).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn q8_0_rows(
-        d: &[f32],
-        qs: &[[i8; 32]],
-        nb: usize,
-        r0: usize,
-        nr: usize,
-        a: &[ActBlock],
-        out: &mut [f32; 4],
+    pub(super) unsafe fn q8_0_tile<const R: usize>(
+        tiles: &[TileQ8_0],
+        acts: &[ActBlock],
+        out: &mut [[f32; TILE]; 2],
     ) {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for (b, act) in a.iter().enumerate() {
-            let x = _mm256_loadu_si256(act.qs.as_ptr() as *const __m256i);
-            for j in 0..nr {
-                let i = (r0 + j) * nb + b;
-                let w = _mm256_loadu_si256(qs[i].as_ptr() as *const __m256i);
-                // |w| as unsigned times x with w's sign moved onto it.
-                let prod = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-                acc[j] = _mm256_fmadd_ps(prod, _mm256_set1_ps(d[i] * act.d), acc[j]);
+        let nb = tiles.len();
+        let mut acc = [[_mm256_setzero_ps(); TILE]; R];
+        for b in 0..nb {
+            let t = tiles.get_unchecked(b);
+            prefetch(tiles.as_ptr().wrapping_add(b + PREFETCH_TILES));
+            let dv = _mm_load_ps(t.d.as_ptr());
+            let mut xs = [_mm256_setzero_si256(); R];
+            let mut scales = [_mm_setzero_ps(); R];
+            for k in 0..R {
+                let a = acts.get_unchecked(k * nb + b);
+                xs[k] = _mm256_load_si256(a.qs.as_ptr() as *const __m256i);
+                scales[k] = _mm_mul_ps(dv, _mm_set1_ps(a.d));
+            }
+            for j in 0..TILE {
+                let w = _mm256_load_si256(t.qs.as_ptr().add(j) as *const __m256i);
+                let aw = _mm256_sign_epi8(w, w);
+                for k in 0..R {
+                    let s = _mm256_set1_ps(*(&scales[k] as *const __m128 as *const f32).add(j));
+                    // |w| as unsigned times x with w's sign moved onto it.
+                    acc[k][j] =
+                        _mm256_fmadd_ps(dot_u8_i8(aw, _mm256_sign_epi8(xs[k], w)), s, acc[k][j]);
+                }
             }
         }
-        for j in 0..nr {
-            out[j] = hsum(acc[j]);
+        for k in 0..R {
+            for j in 0..TILE {
+                out[k][j] = hsum(acc[k][j]);
+            }
         }
     }
 }

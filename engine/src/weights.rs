@@ -253,8 +253,10 @@ impl WeightFile {
                     return Linear::from_qtensors(qs);
                 }
                 // Mixed types (some files keep V at higher precision): dense rows, stacked.
-                let dense: Vec<Tensor> =
-                    qs.iter().map(|q| q.dequantize(&Device::Cpu)).collect::<candle_core::Result<_>>()?;
+                let dense: Vec<Tensor> = qs
+                    .iter()
+                    .map(|q| q.dequantize(&Device::Cpu))
+                    .collect::<candle_core::Result<_>>()?;
                 Linear::from_dense(&dense)
             }
             WeightFile::Safetensors { .. } => {

@@ -13,7 +13,12 @@ fn random(rng: &mut Rng, rows: usize, cols: usize) -> Tensor {
 
 fn reference(w: &QTensor, x: &Tensor) -> Vec<f32> {
     let dense = w.dequantize(&Device::Cpu).unwrap();
-    x.matmul(&dense.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    x.matmul(&dense.t().unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -24,12 +29,23 @@ fn kernels_match_dequantized_weights() {
         let w = QTensor::quantize(&random(&mut rng, 37, 256), dtype).unwrap();
         let x = random(&mut rng, 5, 256);
         let q = QuantMatrix::from_qtensors(&[&w]).unwrap();
-        let got = q.matmul(&x.flatten_all().unwrap().to_vec1().unwrap(), 5).unwrap();
+        let got = q
+            .matmul(&x.flatten_all().unwrap().to_vec1().unwrap(), 5)
+            .unwrap();
         let want = reference(&w, &x);
-        let err: f32 = got.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+        let err: f32 = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f32>()
+            .sqrt();
         let norm: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
         // 8-bit activations: about 1% relative error.
-        assert!(err / norm < 0.02, "{dtype:?}: relative L2 error {}", err / norm);
+        assert!(
+            err / norm < 0.02,
+            "{dtype:?}: relative L2 error {}",
+            err / norm
+        );
     }
 }
 
@@ -39,15 +55,26 @@ fn rows_do_not_depend_on_stacking_or_batching() {
     for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
         let a = QTensor::quantize(&random(&mut rng, 9, 128), dtype).unwrap();
         let b = QTensor::quantize(&random(&mut rng, 6, 128), dtype).unwrap();
-        let x: Vec<f32> = random(&mut rng, 3, 128).flatten_all().unwrap().to_vec1().unwrap();
-        let stacked = QuantMatrix::from_qtensors(&[&a, &b]).unwrap().matmul(&x, 3).unwrap();
+        let x: Vec<f32> = random(&mut rng, 3, 128)
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let stacked = QuantMatrix::from_qtensors(&[&a, &b])
+            .unwrap()
+            .matmul(&x, 3)
+            .unwrap();
         let qa = QuantMatrix::from_qtensors(&[&a]).unwrap();
         let qb = QuantMatrix::from_qtensors(&[&b]).unwrap();
         for i in 0..3 {
             let row = &x[i * 128..(i + 1) * 128];
             let mut one = qa.matmul(row, 1).unwrap();
             one.extend(qb.matmul(row, 1).unwrap());
-            assert_eq!(&stacked[i * 15..(i + 1) * 15], &one[..], "{dtype:?} row {i}");
+            assert_eq!(
+                &stacked[i * 15..(i + 1) * 15],
+                &one[..],
+                "{dtype:?} row {i}"
+            );
         }
     }
 }
