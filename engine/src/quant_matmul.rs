@@ -114,7 +114,7 @@ impl QuantMatrix {
             |r: usize, b: usize| &raw[(r * nb + b) * block_bytes..(r * nb + b + 1) * block_bytes];
         let weights = match dtype {
             GgmlDType::Q4_1 => {
-                let mut tiles = vec![TileQ4_1::default(); quads * nb];
+                let mut tiles = huge_vec(quads * nb, TileQ4_1::default());
                 for r in 0..rows {
                     for b in 0..nb {
                         let src = block(r, b);
@@ -127,7 +127,7 @@ impl QuantMatrix {
                 Weights::Q4_1(tiles)
             }
             _ => {
-                let mut tiles = vec![TileQ8_0::default(); quads * nb];
+                let mut tiles = huge_vec(quads * nb, TileQ8_0::default());
                 for r in 0..rows {
                     for b in 0..nb {
                         let src = block(r, b);
@@ -270,6 +270,33 @@ impl QuantMatrix {
     }
 }
 
+/// A vector of `n` copies of `v` whose pages the kernel is asked to back with huge pages
+/// (Linux, transparent huge pages in "madvise" mode): decode streams every weight once per
+/// token, and 4 KiB pages make that a stream of TLB misses.
+fn huge_vec<T: Clone>(n: usize, v: T) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = out.as_ptr() as usize;
+        let aligned = start.next_multiple_of(PAGE);
+        let end = start + n * std::mem::size_of::<T>();
+        if end > aligned + PAGE {
+            // SAFETY: the range lies inside this vector's own (not yet used) allocation;
+            // madvise only changes how the kernel backs it.
+            unsafe {
+                libc::madvise(
+                    aligned as *mut libc::c_void,
+                    (end - aligned) / PAGE * PAGE,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    out.resize(n, v);
+    out
+}
+
 struct SendPtr(*mut f32);
 // SAFETY: workers write disjoint elements through it (see `matmul`).
 unsafe impl Sync for SendPtr {}
@@ -281,16 +308,23 @@ fn avx2() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
-/// Quantizes one row (a whole number of blocks) to 8-bit blocks with scale and scaled sum.
+/// Quantizes one row (a whole number of blocks) to 8-bit blocks with scale and scaled sum,
+/// rounding to nearest even (what the SIMD conversion does, so both paths agree).
 fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
     for chunk in x.chunks_exact(QK) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: AVX2 is present and the chunk holds exactly 32 values.
+            out.push(unsafe { x86::quantize_block(chunk) });
+            continue;
+        }
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut qs = [0i8; 32];
         let mut sum = 0i32;
         for (q, &v) in qs.iter_mut().zip(chunk) {
-            let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            let r = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
             *q = r;
             sum += r as i32;
         }
@@ -345,6 +379,54 @@ mod x86 {
         let v = _mm_load_si128(t.qs.as_ptr().add(j) as *const __m128i);
         let v = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
         _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+    }
+
+    /// One block of 32 activations to 8 bits: scale amax / 127, nearest-even rounding.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_block(x: &[f32]) -> ActBlock {
+        let p = x.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let mut m = _mm256_and_ps(v[0], abs_mask);
+        for vi in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_and_ps(*vi, abs_mask));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        let d = amax / 127.0;
+        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let i = [
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv)),
+        ];
+        let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s4 = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+        let total = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b10_11_00_01)));
+        // Packing works within 128-bit lanes; the permute restores value order.
+        let p16 = _mm256_packs_epi16(
+            _mm256_packs_epi32(i[0], i[1]),
+            _mm256_packs_epi32(i[2], i[3]),
+        );
+        let ordered = _mm256_permutevar8x32_epi32(p16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let mut out = ActBlock {
+            qs: [0; 32],
+            d,
+            s: d * total as f32,
+        };
+        _mm256_storeu_si256(out.qs.as_mut_ptr() as *mut __m256i, ordered);
+        out
     }
 
     /// Four Q4_1 rows against R activation rows (R blocks apart in `acts`).

@@ -91,3 +91,24 @@ fn malformed_inputs_are_refused() {
     assert!(QuantMatrix::from_qtensors(&[&f16]).is_err());
     assert!(QuantMatrix::from_qtensors(&[]).is_err());
 }
+
+#[test]
+fn activation_rounding_matches_the_reference_formula() {
+    // Values exactly on .5 after scaling check nearest-even rounding on every path.
+    let mut x: Vec<f32> = (0..32).map(|i| i as f32 - 15.5).collect();
+    x[0] = 127.0;
+    let w = QTensor::quantize(
+        &(Tensor::ones((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap() * 127.0).unwrap(),
+        GgmlDType::Q8_0,
+    )
+    .unwrap();
+    let q = QuantMatrix::from_qtensors(&[&w]).unwrap();
+    // Weights of 127 (quants 127, scale 1) and activation scale 127 / 127 = 1: each output is
+    // 127 * sum(round_even(x)), exact in f32.
+    let want: f32 = 127.0
+        * x.iter()
+            .map(|v| v.round_ties_even().clamp(-127.0, 127.0))
+            .sum::<f32>();
+    let got = q.matmul(&x, 1).unwrap();
+    assert!(got.iter().all(|&g| g == want), "{got:?} vs {want}");
+}
