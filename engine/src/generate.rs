@@ -150,8 +150,24 @@ pub struct GenerateRequest<'a> {
 }
 
 /// Generates from `req.prompt` through `stages`, calling `on_text` with each piece of text as
-/// it completes. Returns the whole text and the run's statistics.
+/// it completes. Returns the whole text and the run's statistics. The session's caches are
+/// freed when it ends, by success or error.
 pub fn generate(
+    stages: &mut [Stage],
+    tok: &TextTokenizer,
+    session: SessionId,
+    req: &GenerateRequest<'_>,
+    sampler: &mut Sampler,
+    on_text: impl FnMut(&str),
+) -> Result<(String, GenerateStats)> {
+    let result = generate_session(stages, tok, session, req, sampler, on_text);
+    for s in stages.iter_mut() {
+        s.end_session(session);
+    }
+    result
+}
+
+fn generate_session(
     stages: &mut [Stage],
     tok: &TextTokenizer,
     session: SessionId,
@@ -222,9 +238,6 @@ pub fn generate(
         }
     }
     let decode_secs = first_token_at.elapsed().as_secs_f64();
-    for s in stages.iter_mut() {
-        s.end_session(session);
-    }
     Ok((
         filter.text,
         GenerateStats {

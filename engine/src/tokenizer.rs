@@ -21,27 +21,27 @@ pub struct TextTokenizer {
     chat_template: Option<String>,
 }
 
-/// Decodes a stream of ids into text pieces, holding back bytes of incomplete UTF-8 characters.
+/// Decodes a stream of ids into text pieces, holding back bytes of incomplete UTF-8
+/// characters; each step costs a few tokens' decode, not the whole history's.
 pub struct StreamDecoder<'a> {
-    tok: &'a TextTokenizer,
-    ids: Vec<u32>,
-    emitted: usize,
+    inner: tokenizers::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
 }
 
 impl StreamDecoder<'_> {
     /// Adds one token and returns whatever new text is complete.
     pub fn push(&mut self, id: u32) -> Result<String> {
-        self.ids.push(id);
-        let text = self.tok.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}')
-            || text.len() < self.emitted
-            || !text.is_char_boundary(self.emitted)
-        {
-            return Ok(String::new());
-        }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(piece)
+        let piece = self
+            .inner
+            .step(id)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(piece.unwrap_or_default())
     }
 }
 
@@ -174,9 +174,7 @@ impl TextTokenizer {
     /// A decoder that turns a stream of ids into text as it becomes complete.
     pub fn stream(&self) -> StreamDecoder<'_> {
         StreamDecoder {
-            tok: self,
-            ids: Vec::new(),
-            emitted: 0,
+            inner: self.inner.decode_stream(true),
         }
     }
 

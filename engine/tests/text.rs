@@ -249,3 +249,15 @@ fn top_logprobs_are_normalised_and_ordered() {
         .sum();
     assert!((lp as f64 + total.ln()).abs() < 1e-4);
 }
+
+#[test]
+fn streamed_pieces_add_up_to_the_whole_decode() {
+    let file = WeightFile::open(&smollm2_path()).unwrap();
+    let tok = load_tokenizer(&file).unwrap();
+    for s in SAMPLES {
+        let ids = tok.encode(s).unwrap();
+        let mut stream = tok.stream();
+        let joined: String = ids.iter().map(|&id| stream.push(id).unwrap()).collect();
+        assert_eq!(joined, tok.decode(&ids).unwrap(), "{s:?}");
+    }
+}
