@@ -261,3 +261,74 @@ fn streamed_pieces_add_up_to_the_whole_decode() {
         assert_eq!(joined, tok.decode(&ids).unwrap(), "{s:?}");
     }
 }
+
+/// A GGUF holding only a SentencePiece-style llama vocabulary (pieces with scores, byte
+/// fallback tokens), as Llama 2 / TinyLlama / Mistral files carry.
+fn spm_gguf(path: &std::path::Path) {
+    use candle_core::quantized::gguf_file::{write, Value};
+    let mut tokens = vec!["<unk>".to_string(), "<s>".to_string(), "</s>".to_string()];
+    let mut types = vec![2, 3, 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    let pieces = [
+        "▁", "t", "h", "e", "c", "a", "▁t", "th", "▁th", "▁the", "▁c", "▁ca", "▁cat", "s",
+    ];
+    for p in pieces {
+        tokens.push(p.to_string());
+        types.push(1);
+    }
+    // Longer pieces score higher, so whole words win.
+    let scores: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Value::F32(if i < 259 {
+                0.0
+            } else {
+                t.chars().count() as f32 - 10.0
+            })
+        })
+        .collect();
+    let strs = Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect());
+    let meta = [
+        ("general.architecture", Value::String("llama".into())),
+        ("tokenizer.ggml.model", Value::String("llama".into())),
+        ("tokenizer.ggml.tokens", strs),
+        ("tokenizer.ggml.scores", Value::Array(scores)),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+    ];
+    let refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    write(&mut f, &refs, &[]).unwrap();
+}
+
+#[test]
+fn sentencepiece_vocab_from_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spm.gguf");
+    spm_gguf(&path);
+    let g = potluck_engine::gguf::GgufFile::open(&path).unwrap();
+    let tok = TextTokenizer::from_gguf(&g).unwrap();
+    let ids = tok.encode("the cats").unwrap();
+    let texts: Vec<String> = ids.iter().map(|&i| tok.token_text(i).unwrap()).collect();
+    // BOS first (llama vocabularies add it), whole-word pieces, then the leftover letter.
+    assert_eq!(texts, ["<s>", "▁the", "▁cat", "s"]);
+    assert_eq!(tok.decode(&ids).unwrap(), "the cats");
+    // Characters outside the vocabulary fall back to their UTF-8 bytes and decode back.
+    let ids = tok.encode("thé").unwrap();
+    assert!(
+        ids.iter()
+            .any(|&i| tok.token_text(i).as_deref() == Some("<0xC3>")),
+        "{ids:?}"
+    );
+    assert_eq!(tok.decode(&ids).unwrap(), "thé");
+    assert!(tok.is_eos(2));
+}
