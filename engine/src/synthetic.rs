@@ -3,6 +3,7 @@
 //! hold the same weights: the GGUF one stores Q/K rows permuted the way llama.cpp's converter
 //! does, so the two formats must compute the same thing.
 
+use crate::config::{Llama3Scaling, LlamaConfig};
 use crate::error::{EngineError, Result};
 use crate::rng::Rng;
 use candle_core::quantized::gguf_file::Value;
@@ -34,6 +35,9 @@ pub struct SyntheticSpec {
     pub seed: u64,
     /// `general.architecture` written to the GGUF (tests of refusal use others).
     pub architecture: String,
+    /// Llama3 RoPE scaling: `rope_scaling` in config.json, and in the GGUF the per-frequency
+    /// divisors llama.cpp's converter writes as `rope_freqs.weight`.
+    pub llama3_scaling: Option<Llama3Scaling>,
 }
 
 impl Default for SyntheticSpec {
@@ -49,6 +53,7 @@ impl Default for SyntheticSpec {
             tied: false,
             seed: 7,
             architecture: "llama".into(),
+            llama3_scaling: None,
         }
     }
 }
@@ -220,6 +225,24 @@ fn gguf_name(hf: &str) -> String {
     format!("blk.{l}.{part}")
 }
 
+/// The RoPE-relevant part of the spec's geometry, for computing frequencies.
+fn rope_config(spec: &SyntheticSpec, llama3_scaling: Option<Llama3Scaling>) -> LlamaConfig {
+    LlamaConfig {
+        hidden: spec.hidden,
+        ff: spec.ff,
+        layers: spec.layers,
+        heads: spec.heads,
+        kv_heads: spec.kv_heads,
+        head_dim: spec.hidden / spec.heads,
+        vocab: synthetic_vocab_size(),
+        rms_eps: 1e-5,
+        rope_theta: 10_000.0,
+        llama3_scaling,
+        context: spec.context,
+        tied_embeddings: spec.tied,
+    }
+}
+
 /// Writes the synthetic model as a GGUF file at `path`.
 pub fn write_gguf(spec: &SyntheticSpec, path: &Path) -> Result<()> {
     let w = hf_weights(spec)?;
@@ -238,6 +261,17 @@ pub fn write_gguf(spec: &SyntheticSpec, path: &Path) -> Result<()> {
             spec.dtype
         };
         qtensors.push((gguf_name(name), QTensor::quantize(&t, dtype)?));
+    }
+    if let Some(scaling) = &spec.llama3_scaling {
+        let base = rope_config(spec, None).inv_freqs();
+        let scaled = rope_config(spec, Some(scaling.clone())).inv_freqs();
+        let divisors: Vec<f32> = base.iter().zip(&scaled).map(|(b, s)| b / s).collect();
+        let n = divisors.len();
+        let t = Tensor::from_vec(divisors, n, &Device::Cpu)?;
+        qtensors.push((
+            "rope_freqs.weight".to_string(),
+            QTensor::quantize(&t, GgmlDType::F32)?,
+        ));
     }
     let (tokens, merges, types) = vocab();
     let u32v = |x: usize| Value::U32(x as u32);
@@ -304,6 +338,13 @@ pub fn write_safetensors(spec: &SyntheticSpec, dir: &Path, dtype: DType) -> Resu
         "rope_theta": 10000.0,
         "max_position_embeddings": spec.context,
         "tie_word_embeddings": spec.tied,
+        "rope_scaling": spec.llama3_scaling.as_ref().map(|s| serde_json::json!({
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_context,
+        })),
     });
     let (tokens, merges, _) = vocab();
     let mut tok = crate::tokenizer::bpe_tokenizer_json(&tokens, &merges, "default");

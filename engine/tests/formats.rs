@@ -5,8 +5,9 @@ mod common;
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 use common::*;
-use potluck_engine::config::LlamaConfig;
+use potluck_engine::config::{Llama3Scaling, LlamaConfig};
 use potluck_engine::synthetic::write_safetensors;
+use potluck_engine::synthetic::SyntheticSpec;
 use potluck_engine::weights::WeightFile;
 
 fn prompt() -> Vec<u32> {
@@ -40,6 +41,47 @@ fn gguf_and_safetensors_forms_agree() {
             );
         }
     }
+}
+
+#[test]
+fn llama3_rope_scaling_agrees_across_formats_and_changes_the_model() {
+    // GGUF carries the scaling as rope_freqs.weight divisors, config.json as rope_scaling.
+    let dir = tempfile::tempdir().unwrap();
+    let scaling = Llama3Scaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_context: 64,
+    };
+    let s = SyntheticSpec {
+        llama3_scaling: Some(scaling.clone()),
+        ..spec(GgmlDType::F32)
+    };
+    let (_, gguf) = synthetic(&dir, s.clone());
+    let st_dir = dir.path().join("st");
+    write_safetensors(&s, &st_dir, DType::F32).unwrap();
+    let st = WeightFile::open(&st_dir).unwrap();
+    assert_eq!(st.config().unwrap().llama3_scaling, Some(scaling));
+    // A long prompt, so positions reach the wavelengths the scaling changes.
+    let long: Vec<u32> = (0..120).map(|i| (i * 31 % 260) as u32).collect();
+    let a = greedy_logits(&mut stages(&gguf, &[2]), &long, 3);
+    let b = greedy_logits(&mut stages(&st, &[6]), &long, 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            max_abs_diff(x, y) < 1e-3,
+            "formats differ by {}",
+            max_abs_diff(x, y)
+        );
+    }
+    let (_, plain) = synthetic(
+        &dir,
+        SyntheticSpec {
+            seed: s.seed,
+            ..spec(GgmlDType::F32)
+        },
+    );
+    let c = greedy_logits(&mut stages(&plain, &[]), &long, 0);
+    assert!(max_abs_diff(&a[0], &c[0]) > 1e-3, "scaling had no effect");
 }
 
 #[test]
