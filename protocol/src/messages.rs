@@ -1,0 +1,256 @@
+//! Every message peers exchange, as versioned types (the frame carries the version; see
+//! `codec`). Control messages travel by request-response, stage traffic on a long-lived
+//! stream per session, adverts by gossip inside a signed envelope.
+
+use crate::signed::{Digest, PublicKey, Signature, Signed};
+use crate::tensor::WireTensor;
+use serde::{Deserialize, Serialize};
+
+/// Signature domain of capacity adverts.
+pub const ADVERT_DOMAIN: &str = "potluck/advert/v1";
+/// Signature domain of stage receipts.
+pub const RECEIPT_DOMAIN: &str = "potluck/receipt/v1";
+
+/// Where a node computes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceKind {
+    /// The CPU.
+    Cpu,
+    /// A CUDA GPU by index.
+    Cuda(u32),
+}
+
+/// A model as peers name it: short name plus the blake3 of its file, so two peers holding
+/// different bytes under one name never end up in one pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// Short name, e.g. `smollm2-135m-instruct`.
+    pub name: String,
+    /// blake3 of the weights file.
+    pub digest: Digest,
+}
+
+/// A contiguous range of decoder blocks, `start..end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LayerRange {
+    /// First block.
+    pub start: u32,
+    /// One past the last block.
+    pub end: u32,
+}
+
+/// What a node offers its pool; gossiped signed, with an expiry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapacityAdvert {
+    /// The pool this advert is for.
+    pub pool: String,
+    /// Device the node computes on.
+    pub device: DeviceKind,
+    /// Memory the owner lets the node use, bytes.
+    pub memory_bytes: u64,
+    /// Measured matmul speed.
+    pub gflops: f32,
+    /// Measured memory bandwidth, GB/s.
+    pub mem_gbps: f32,
+    /// Compute threads allowed.
+    pub threads: u32,
+    /// Models in the node's cache.
+    pub models: Vec<ModelRef>,
+    /// Blocks currently loaded, if any.
+    pub loaded: Option<(ModelRef, LayerRange)>,
+    /// Increases with every advert of this node, so stale ones are recognised.
+    pub seq: u64,
+    /// Unix seconds when issued.
+    pub issued_at: u64,
+    /// Unix seconds after which it must be ignored.
+    pub expires_at: u64,
+}
+
+/// The coordinator's instruction to load a range of blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardAssignment {
+    /// Model to load.
+    pub model: ModelRef,
+    /// Blocks to hold.
+    pub layers: LayerRange,
+    /// Total blocks of the model (to know whether this is the first or last stage).
+    pub total_layers: u32,
+    /// Plan generation this assignment belongs to.
+    pub epoch: u64,
+}
+
+/// A stage's input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StageInputWire {
+    /// Token ids, for the first stage.
+    Tokens(Vec<u32>),
+    /// Hidden states (positions, hidden), for later stages.
+    Hidden(WireTensor),
+}
+
+/// How the last stage should pick a token, when it samples itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleSpec {
+    /// Temperature (0 = greedy).
+    pub temperature: f32,
+    /// Top-k (0 = off).
+    pub top_k: u32,
+    /// Top-p.
+    pub top_p: f32,
+    /// Min-p.
+    pub min_p: f32,
+    /// Repetition penalty.
+    pub repetition_penalty: f32,
+    /// Seed of this step's draw.
+    pub seed: u64,
+    /// How many top log-probabilities to return.
+    pub top_logprobs: u32,
+    /// Recent tokens, for the repetition penalty.
+    pub history: Vec<u32>,
+}
+
+/// Run positions `position..position + n` of a session through a stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageForward {
+    /// The generation this belongs to.
+    pub session: u64,
+    /// Step counter within the session (prefill is 0).
+    pub step: u64,
+    /// First position of the input.
+    pub position: u32,
+    /// The input.
+    pub input: StageInputWire,
+    /// Present on the last stage when it should sample.
+    pub sample: Option<SampleSpec>,
+}
+
+/// A stage's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StageOutputWire {
+    /// Hidden states for the next stage.
+    Hidden(WireTensor),
+    /// The last stage's pick and its top alternatives (token, log-probability).
+    Token {
+        /// Chosen token.
+        token: u32,
+        /// Its log-probability.
+        logprob: f32,
+        /// Best alternatives, best first.
+        top: Vec<(u32, f32)>,
+    },
+}
+
+/// Numbers that decide how much two honest results may differ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NumericClass {
+    /// Weight type, e.g. "Q4_1".
+    pub weights: String,
+    /// Accumulation type, e.g. "f32".
+    pub accumulation: String,
+    /// Device kind.
+    pub device: DeviceKind,
+}
+
+/// What a receipt vouches for; signed by the node that computed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptBody {
+    /// blake3 of the encoded request (session, step, position, sampling).
+    pub job: Digest,
+    /// blake3 of the encoded input.
+    pub input: Digest,
+    /// blake3 of the encoded output.
+    pub output: Digest,
+    /// The model file's digest.
+    pub model: Digest,
+    /// Blocks that ran.
+    pub layers: LayerRange,
+    /// How it was computed.
+    pub numeric: NumericClass,
+}
+
+/// A signed receipt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The claims.
+    pub body: ReceiptBody,
+    /// The node that signs them.
+    pub signer: PublicKey,
+    /// Its signature over the encoded body.
+    pub signature: Signature,
+}
+
+/// A stage's answer to a [`StageForward`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageResult {
+    /// Echo of the request's session.
+    pub session: u64,
+    /// Echo of the request's step.
+    pub step: u64,
+    /// The output.
+    pub output: StageOutputWire,
+    /// Signed receipt over job, input and output.
+    pub receipt: Receipt,
+}
+
+/// Liveness ping with a sequence number and the sender's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Increases by one per heartbeat.
+    pub seq: u64,
+    /// Sender's unix milliseconds.
+    pub sent_at_ms: u64,
+}
+
+/// A node announcing that it is leaving.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leave {
+    /// Why (shown to operators).
+    pub reason: String,
+    /// Milliseconds until it stops serving.
+    pub deadline_ms: u32,
+}
+
+/// Machine-readable error kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request was malformed or did not fit the stage.
+    BadRequest,
+    /// The session is unknown (never started or evicted).
+    UnknownSession,
+    /// The node holds no such layers or model.
+    NotServing,
+    /// Out of memory or KV budget.
+    Overloaded,
+    /// Anything else.
+    Internal,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// Kind.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// A signed [`CapacityAdvert`] (verify with [`ADVERT_DOMAIN`]).
+    Advert(Signed),
+    /// Load these layers.
+    Assign(ShardAssignment),
+    /// Acknowledges an assignment once the layers are loaded.
+    Assigned(ShardAssignment),
+    /// Run a step.
+    Forward(StageForward),
+    /// A step's result.
+    Result(Box<StageResult>),
+    /// Liveness.
+    Heartbeat(Heartbeat),
+    /// Leaving.
+    Leave(Leave),
+    /// An error.
+    Error(WireError),
+}
