@@ -36,15 +36,8 @@ pub fn cache_dir(flag: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = flag {
         return Ok(p.to_path_buf());
     }
-    if let Some(p) = std::env::var_os("POTLUCK_MODELS_DIR").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .or_else(dirs::data_dir)
-        .ok_or_else(|| anyhow!("cannot find a data directory; pass --models-dir"))?;
-    Ok(base.join("potluck").join("models"))
+    potluck_engine::cache::default_models_dir()
+        .ok_or_else(|| anyhow!("cannot find a data directory; pass --models-dir"))
 }
 
 impl ModelCache {

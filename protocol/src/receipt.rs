@@ -3,7 +3,9 @@
 
 use crate::codec::encode_body;
 use crate::error::Result;
-use crate::messages::{Receipt, ReceiptBody, RECEIPT_DOMAIN};
+use crate::messages::{
+    Receipt, ReceiptBody, StageForward, StageInputWire, StageOutputWire, RECEIPT_DOMAIN,
+};
 use crate::signed::{digest, Digest, Keypair};
 use serde::Serialize;
 
@@ -28,4 +30,30 @@ impl Receipt {
         self.signer
             .verify(RECEIPT_DOMAIN, &encode_body(&self.body)?, &self.signature)
     }
+}
+
+/// Content id of a stage input: of the token ids, or of the hidden-state tensor, so that a
+/// stage's output id equals the next stage's input id and chains can be checked hop by hop.
+pub fn input_id(input: &StageInputWire) -> Result<Digest> {
+    match input {
+        StageInputWire::Tokens(t) => content_id(t),
+        StageInputWire::Hidden(h) => content_id(h),
+    }
+}
+
+/// Content id of a stage output (see [`input_id`]).
+pub fn output_id(output: &StageOutputWire) -> Result<Digest> {
+    match output {
+        StageOutputWire::Hidden(h) => content_id(h),
+        StageOutputWire::Token {
+            token,
+            logprob,
+            top,
+        } => content_id(&(token, logprob, top)),
+    }
+}
+
+/// Content id of a request's job: everything but its input.
+pub fn job_id(req: &StageForward) -> Result<Digest> {
+    content_id(&(req.session, req.step, req.position, &req.sample))
 }

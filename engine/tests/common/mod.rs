@@ -14,19 +14,7 @@ pub const BUDGET: usize = 256 << 20;
 
 /// The default model as `.ci/run` fetches it (same cache rules as `potluck`).
 pub fn smollm2_path() -> PathBuf {
-    let dir = std::env::var_os("POTLUCK_MODELS_DIR")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let base = std::env::var_os("XDG_DATA_HOME")
-                .filter(|p| !p.is_empty())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".local/share")
-                });
-            base.join("potluck/models")
-        });
-    let p = dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = potluck_engine::cache::default_model_path().expect("no home directory");
     assert!(
         p.exists(),
         "{} is missing: run `potluck model fetch smollm2-135m-instruct` (.ci/run does)",

@@ -1,0 +1,180 @@
+//! The stage server: holds the blocks a node was assigned, answers [`StageForward`] requests
+//! from the wire with [`StageResult`]s, and signs a receipt for each. Bad requests get a typed
+//! [`WireError`] and the server keeps serving every session.
+
+use candle_core::{Device, Tensor};
+use potluck_engine::llama::{argmax, Stage, StageInput, StageOutput};
+use potluck_engine::sampling::{top_logprobs, Sampler, SamplingParams};
+use potluck_engine::EngineError;
+use potluck_protocol::messages::{
+    ErrorCode, LayerRange, ModelRef, NumericClass, Receipt, ReceiptBody, SampleSpec, StageForward,
+    StageInputWire, StageOutputWire, StageResult, WireError,
+};
+use potluck_protocol::receipt::{input_id, job_id, output_id};
+use potluck_protocol::signed::Keypair;
+use potluck_protocol::tensor::{WireDType, WireTensor};
+
+/// Most top log-probabilities a request may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A loaded stage plus what its receipts claim.
+pub struct ShardServer {
+    stage: Stage,
+    model: ModelRef,
+    layers: LayerRange,
+    numeric: NumericClass,
+    key: Keypair,
+}
+
+fn wire_error(code: ErrorCode, message: impl Into<String>) -> WireError {
+    WireError {
+        code,
+        message: message.into(),
+    }
+}
+
+/// The wire form of an engine refusal.
+fn engine_error(e: EngineError) -> WireError {
+    let code = match &e {
+        EngineError::BadInput(_) | EngineError::ContextOverflow { .. } => ErrorCode::BadRequest,
+        EngineError::UnknownSession(_) => ErrorCode::UnknownSession,
+        EngineError::KvBudget { .. } => ErrorCode::Overloaded,
+        _ => ErrorCode::Internal,
+    };
+    wire_error(code, e.to_string())
+}
+
+impl ShardServer {
+    /// Serves `stage`, a slice of `model`, signing receipts with `key`. `weights` names the
+    /// weight type for the receipts' numeric class (e.g. "Q4_1").
+    pub fn new(stage: Stage, model: ModelRef, key: Keypair, weights: &str) -> Self {
+        let blocks = stage.blocks();
+        let layers = LayerRange {
+            start: blocks.start as u32,
+            end: blocks.end as u32,
+        };
+        let numeric = NumericClass {
+            weights: weights.to_string(),
+            accumulation: "f32".into(),
+            device: potluck_protocol::messages::DeviceKind::Cpu,
+        };
+        Self {
+            stage,
+            model,
+            layers,
+            numeric,
+            key,
+        }
+    }
+
+    /// The blocks served.
+    pub fn layers(&self) -> LayerRange {
+        self.layers
+    }
+
+    /// Forgets a session's cache.
+    pub fn end_session(&mut self, session: u64) -> bool {
+        self.stage.end_session(session)
+    }
+
+    /// Runs one request and signs the result.
+    pub fn handle(&mut self, req: &StageForward) -> Result<StageResult, WireError> {
+        let input = self.input(&req.input)?;
+        let pos = req.position as usize;
+        let output = match self
+            .stage
+            .forward(req.session, pos, input)
+            .map_err(engine_error)?
+        {
+            StageOutput::Hidden(h) => {
+                let dims = h.dims().to_vec();
+                let values = h
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| engine_error(e.into()))?;
+                let t = WireTensor::from_f32(&values, &dims, WireDType::F32)
+                    .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?;
+                StageOutputWire::Hidden(t)
+            }
+            StageOutput::Logits(logits) => pick(&logits, req.sample.as_ref())?,
+        };
+        let bad =
+            |e: potluck_protocol::ProtocolError| wire_error(ErrorCode::Internal, e.to_string());
+        let body = ReceiptBody {
+            job: job_id(req).map_err(bad)?,
+            input: input_id(&req.input).map_err(bad)?,
+            output: output_id(&output).map_err(bad)?,
+            model: self.model.digest,
+            layers: self.layers,
+            numeric: self.numeric.clone(),
+        };
+        let receipt = Receipt::sign(body, &self.key).map_err(bad)?;
+        Ok(StageResult {
+            session: req.session,
+            step: req.step,
+            output,
+            receipt,
+        })
+    }
+
+    /// Checks and converts a wire input for this stage.
+    fn input(&self, input: &StageInputWire) -> Result<StageInput, WireError> {
+        let hidden = self.stage.config().hidden;
+        match input {
+            StageInputWire::Tokens(t) => Ok(StageInput::Tokens(t.clone())),
+            StageInputWire::Hidden(w) => {
+                let dims = w.dims();
+                if dims.len() != 2 || dims[1] != hidden {
+                    return Err(wire_error(
+                        ErrorCode::BadRequest,
+                        format!("hidden states must be (n, {hidden}), got {dims:?}"),
+                    ));
+                }
+                let values = w
+                    .to_f32()
+                    .map_err(|e| wire_error(ErrorCode::BadRequest, e.to_string()))?;
+                if values.iter().any(|v| !v.is_finite()) {
+                    return Err(wire_error(
+                        ErrorCode::BadRequest,
+                        "hidden states hold NaN or infinity",
+                    ));
+                }
+                let t = Tensor::from_vec(values, (dims[0], hidden), &Device::Cpu)
+                    .map_err(|e| engine_error(e.into()))?;
+                Ok(StageInput::Hidden(t))
+            }
+        }
+    }
+}
+
+/// The last stage's choice: sampled as the request says, or greedy when it says nothing.
+fn pick(logits: &[f32], spec: Option<&SampleSpec>) -> Result<StageOutputWire, WireError> {
+    let (token, k) = match spec {
+        None => (
+            argmax(logits).ok_or_else(|| wire_error(ErrorCode::Internal, "no logits"))?,
+            0,
+        ),
+        Some(s) => {
+            let params = SamplingParams {
+                temperature: s.temperature,
+                top_k: s.top_k as usize,
+                top_p: s.top_p,
+                min_p: s.min_p,
+                repetition_penalty: s.repetition_penalty,
+                seed: s.seed,
+                ..SamplingParams::default()
+            };
+            let mut sampler = Sampler::new(params).map_err(engine_error)?;
+            (
+                sampler.sample(logits, &s.history).map_err(engine_error)?,
+                (s.top_logprobs as usize).min(MAX_TOP_LOGPROBS),
+            )
+        }
+    };
+    let (logprob, top) = top_logprobs(logits, token, k);
+    Ok(StageOutputWire::Token {
+        token,
+        logprob,
+        top: top.into_iter().map(|t| (t.token, t.logprob)).collect(),
+    })
+}
