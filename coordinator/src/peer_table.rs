@@ -1,0 +1,182 @@
+//! The pool as the coordinator sees it: peers whose signed capacity adverts verified, each
+//! kept until its advert expires or it leaves. Anything doubtful is refused with a reason.
+
+use potluck_protocol::messages::{CapacityAdvert, ADVERT_DOMAIN};
+use potluck_protocol::signed::{PublicKey, Signed};
+use std::collections::HashMap;
+use thiserror::Error;
+
+/// Longest validity an advert may claim; longer ones are refused so a departed peer cannot
+/// linger.
+pub const MAX_ADVERT_TTL_SECS: u64 = 600;
+/// How far ahead of our clock an advert may be dated (clock skew between machines).
+pub const MAX_CLOCK_SKEW_SECS: u64 = 60;
+
+/// Why an advert was refused.
+#[derive(Debug, Error, PartialEq)]
+pub enum AdvertRejection {
+    /// Signature, key or encoding is bad.
+    #[error("bad advert: {0}")]
+    Invalid(#[from] potluck_protocol::ProtocolError),
+    /// It is for another pool.
+    #[error("advert is for pool '{0}'")]
+    WrongPool(String),
+    /// Its validity has ended.
+    #[error("advert expired at {0}")]
+    Expired(u64),
+    /// It is dated in the future beyond the allowed skew.
+    #[error("advert issued at {0}, in the future")]
+    FromFuture(u64),
+    /// It claims a longer validity than allowed.
+    #[error("advert claims {0} s of validity")]
+    TtlTooLong(u64),
+    /// An advert with this sequence number or a later one was already accepted.
+    #[error("stale advert (seq {got}, have {have})")]
+    Stale {
+        /// Its sequence number.
+        got: u64,
+        /// The newest accepted.
+        have: u64,
+    },
+}
+
+/// A peer known to the pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Peer {
+    /// Its key (and identity).
+    pub key: PublicKey,
+    /// Its latest verified advert.
+    pub advert: CapacityAdvert,
+    /// Measured round-trip time, when known.
+    pub rtt_ms: Option<f32>,
+}
+
+/// What accepting an advert changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// A peer the table did not know.
+    New,
+    /// A known peer whose capacity changed.
+    Changed,
+    /// A known peer re-announcing the same capacity.
+    Refreshed,
+}
+
+/// Verified peers of one pool.
+#[derive(Debug, Default)]
+pub struct PeerTable {
+    pool: String,
+    peers: HashMap<PublicKey, Peer>,
+}
+
+impl PeerTable {
+    /// An empty table for `pool`.
+    pub fn new(pool: &str) -> Self {
+        Self {
+            pool: pool.to_string(),
+            peers: HashMap::new(),
+        }
+    }
+
+    /// Verifies and records a signed advert received at unix time `now`.
+    pub fn accept(&mut self, signed: &Signed, now: u64) -> Result<Accepted, AdvertRejection> {
+        let advert: CapacityAdvert = signed.verify(ADVERT_DOMAIN)?;
+        if advert.pool != self.pool {
+            return Err(AdvertRejection::WrongPool(advert.pool));
+        }
+        if advert.expires_at <= now {
+            return Err(AdvertRejection::Expired(advert.expires_at));
+        }
+        if advert.issued_at > now + MAX_CLOCK_SKEW_SECS {
+            return Err(AdvertRejection::FromFuture(advert.issued_at));
+        }
+        let ttl = advert.expires_at.saturating_sub(advert.issued_at.min(now));
+        if ttl > MAX_ADVERT_TTL_SECS {
+            return Err(AdvertRejection::TtlTooLong(ttl));
+        }
+        match self.peers.get_mut(&signed.signer) {
+            Some(p) if advert.seq <= p.advert.seq => Err(AdvertRejection::Stale {
+                got: advert.seq,
+                have: p.advert.seq,
+            }),
+            Some(p) => {
+                let changed = !same_capacity(&p.advert, &advert);
+                p.advert = advert;
+                Ok(if changed {
+                    Accepted::Changed
+                } else {
+                    Accepted::Refreshed
+                })
+            }
+            None => {
+                self.peers.insert(
+                    signed.signer,
+                    Peer {
+                        key: signed.signer,
+                        advert,
+                        rtt_ms: None,
+                    },
+                );
+                Ok(Accepted::New)
+            }
+        }
+    }
+
+    /// Drops peers whose adverts expired by `now`; returns them.
+    pub fn expire(&mut self, now: u64) -> Vec<PublicKey> {
+        let gone: Vec<PublicKey> = self
+            .peers
+            .values()
+            .filter(|p| p.advert.expires_at <= now)
+            .map(|p| p.key)
+            .collect();
+        for k in &gone {
+            self.peers.remove(k);
+        }
+        gone
+    }
+
+    /// Forgets a peer (it left, or was banned).
+    pub fn remove(&mut self, key: &PublicKey) -> bool {
+        self.peers.remove(key).is_some()
+    }
+
+    /// Records a measured round-trip time.
+    pub fn set_rtt(&mut self, key: &PublicKey, rtt_ms: f32) {
+        if let Some(p) = self.peers.get_mut(key) {
+            p.rtt_ms = Some(rtt_ms);
+        }
+    }
+
+    /// A peer by key.
+    pub fn get(&self, key: &PublicKey) -> Option<&Peer> {
+        self.peers.get(key)
+    }
+
+    /// Every known peer, in key order (deterministic for planning).
+    pub fn peers(&self) -> Vec<&Peer> {
+        let mut v: Vec<&Peer> = self.peers.values().collect();
+        v.sort_by_key(|p| p.key.0);
+        v
+    }
+
+    /// Number of peers.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether no peer is known.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+}
+
+/// Whether two adverts offer the same capacity (ignoring sequence and validity).
+fn same_capacity(a: &CapacityAdvert, b: &CapacityAdvert) -> bool {
+    a.device == b.device
+        && a.memory_bytes == b.memory_bytes
+        && a.threads == b.threads
+        && a.models == b.models
+        && a.loaded == b.loaded
+        && (a.gflops - b.gflops).abs() <= 0.1 * a.gflops.abs().max(b.gflops.abs())
+}

@@ -1,0 +1,262 @@
+//! Which peer holds which blocks. Peers are grouped into chains, each able to hold the whole
+//! model; within a chain every peer gets a contiguous range in proportion to its speed, capped
+//! by its memory. Peers too few to form another chain replicate the slowest span. Re-planning
+//! keeps every assignment that still stands, so a joining peer never makes others reload.
+
+use potluck_protocol::messages::LayerRange;
+use potluck_protocol::signed::PublicKey;
+use thiserror::Error;
+
+/// What the planner needs to know about the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelShape {
+    /// Decoder blocks.
+    pub layers: u32,
+    /// Bytes one block's weights take in memory.
+    pub layer_bytes: u64,
+    /// Extra bytes of the embedding or LM head, which a first or last stage holds.
+    pub edge_bytes: u64,
+    /// Bytes each peer keeps free for KV caches and scratch.
+    pub reserve_bytes: u64,
+}
+
+/// A peer as the planner sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanPeer {
+    /// Identity.
+    pub id: PublicKey,
+    /// Measured speed, blocks per second (any consistent unit).
+    pub speed: f64,
+    /// Memory it may use.
+    pub memory_bytes: u64,
+}
+
+/// One peer's assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    /// Who.
+    pub peer: PublicKey,
+    /// Which blocks.
+    pub range: LayerRange,
+}
+
+/// A complete assignment of blocks to peers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// Increases whenever the assignments change.
+    pub epoch: u64,
+    /// Every assignment.
+    pub spans: Vec<Span>,
+}
+
+impl Plan {
+    /// The span a peer holds, if any.
+    pub fn span_of(&self, peer: &PublicKey) -> Option<&Span> {
+        self.spans.iter().find(|s| &s.peer == peer)
+    }
+}
+
+/// Why no plan exists.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PlanError {
+    /// No peer can hold even one block.
+    #[error("no peer can hold a block of this model")]
+    NoPeers,
+    /// All peers together cannot hold the model.
+    #[error("the pool can hold {available} of the model's {needed} blocks")]
+    NotEnoughMemory {
+        /// Blocks of the model.
+        needed: u32,
+        /// Blocks the pool can hold.
+        available: u64,
+    },
+}
+
+/// How many blocks a peer can hold, at most the whole model.
+pub fn capacity(model: &ModelShape, peer: &PlanPeer) -> u32 {
+    let usable = peer
+        .memory_bytes
+        .saturating_sub(model.reserve_bytes + model.edge_bytes);
+    (usable / model.layer_bytes.max(1)).min(model.layers as u64) as u32
+}
+
+/// Plans `peers` for `model`, keeping what still stands of `previous`.
+pub fn plan(
+    model: &ModelShape,
+    peers: &[PlanPeer],
+    previous: Option<&Plan>,
+) -> Result<Plan, PlanError> {
+    let mut eligible: Vec<&PlanPeer> = peers
+        .iter()
+        .filter(|p| capacity(model, p) > 0 && p.speed.is_finite() && p.speed > 0.0)
+        .collect();
+    if eligible.is_empty() {
+        return Err(PlanError::NoPeers);
+    }
+    eligible.sort_by(|a, b| b.speed.total_cmp(&a.speed).then(a.id.0.cmp(&b.id.0)));
+    let total: u64 = eligible.iter().map(|p| capacity(model, p) as u64).sum();
+    if total < model.layers as u64 {
+        return Err(PlanError::NotEnoughMemory {
+            needed: model.layers,
+            available: total,
+        });
+    }
+    if let Some(prev) = previous {
+        let kept: Vec<Span> = prev
+            .spans
+            .iter()
+            .filter(|s| {
+                eligible
+                    .iter()
+                    .any(|p| p.id == s.peer && s.range.end - s.range.start <= capacity(model, p))
+            })
+            .cloned()
+            .collect();
+        if covers(&kept, model.layers) {
+            let free: Vec<&PlanPeer> = eligible
+                .iter()
+                .copied()
+                .filter(|p| !kept.iter().any(|s| s.peer == p.id))
+                .collect();
+            let mut spans = kept;
+            add_chains_and_replicas(model, &free, &mut spans);
+            let epoch = if spans == prev.spans {
+                prev.epoch
+            } else {
+                prev.epoch + 1
+            };
+            return Ok(Plan { epoch, spans });
+        }
+    }
+    let mut spans = Vec::new();
+    add_chains_and_replicas(model, &eligible, &mut spans);
+    let epoch = previous.map_or(1, |p| p.epoch + 1);
+    Ok(Plan { epoch, spans })
+}
+
+/// Forms as many whole-model chains from `free` as their memory allows (fastest first) and
+/// makes the rest replicas of the slowest spans.
+fn add_chains_and_replicas(model: &ModelShape, free: &[&PlanPeer], spans: &mut Vec<Span>) {
+    let mut leftovers = Vec::new();
+    let mut chain: Vec<&PlanPeer> = Vec::new();
+    let mut chain_cap = 0u64;
+    for &p in free {
+        chain.push(p);
+        chain_cap += capacity(model, p) as u64;
+        if chain_cap >= model.layers as u64 {
+            let (members, rest) = split_chain(model, &chain);
+            spans.extend(members);
+            leftovers.extend(rest);
+            chain.clear();
+            chain_cap = 0;
+        }
+    }
+    leftovers.extend(chain);
+    for p in leftovers {
+        let cap = capacity(model, p);
+        let speed_of = |s: &Span| {
+            free.iter()
+                .find(|q| q.id == s.peer)
+                .map_or(1.0, |q| q.speed)
+        };
+        // The span whose range is slowest to serve, counting the replicas it already has.
+        let target = spans
+            .iter()
+            .filter(|s| s.range.end - s.range.start <= cap)
+            .map(|s| {
+                let replicas = spans.iter().filter(|o| o.range == s.range).count() as f64;
+                let time = (s.range.end - s.range.start) as f64 / speed_of(s) / replicas;
+                (s.range, time)
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.start.cmp(&a.0.start)));
+        if let Some((range, _)) = target {
+            spans.push(Span { peer: p.id, range });
+        }
+    }
+}
+
+/// Cuts the model into contiguous ranges over `chain`, in proportion to speed within each
+/// member's capacity; members whose share rounds to nothing are returned unused.
+fn split_chain<'a>(model: &ModelShape, chain: &[&'a PlanPeer]) -> (Vec<Span>, Vec<&'a PlanPeer>) {
+    let caps: Vec<f64> = chain.iter().map(|p| capacity(model, p) as f64).collect();
+    let n = chain.len();
+    let mut share = vec![0f64; n];
+    let mut fixed = vec![false; n];
+    // Water-filling: give each free member its speed share; cap those that overflow; repeat.
+    loop {
+        let left =
+            model.layers as f64 - (0..n).filter(|&i| fixed[i]).map(|i| share[i]).sum::<f64>();
+        let speed: f64 = (0..n).filter(|&i| !fixed[i]).map(|i| chain[i].speed).sum();
+        let mut changed = false;
+        let open: Vec<usize> = (0..n).filter(|&i| !fixed[i]).collect();
+        for i in open {
+            share[i] = left * chain[i].speed / speed;
+            if share[i] > caps[i] {
+                share[i] = caps[i];
+                fixed[i] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    // Whole blocks: floors, then the remainder to the largest fractions that have room.
+    let mut blocks: Vec<u32> = share.iter().map(|s| s.floor() as u32).collect();
+    let mut rest = model.layers - blocks.iter().sum::<u32>();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| {
+        (share[b] - share[b].floor())
+            .total_cmp(&(share[a] - share[a].floor()))
+            .then(a.cmp(&b))
+    });
+    while rest > 0 {
+        let mut gave = false;
+        for &i in &order {
+            if rest > 0 && (blocks[i] as f64) < caps[i] {
+                blocks[i] += 1;
+                rest -= 1;
+                gave = true;
+            }
+        }
+        if !gave {
+            break;
+        }
+    }
+    let mut spans = Vec::new();
+    let mut unused = Vec::new();
+    let mut start = 0;
+    for (i, &b) in blocks.iter().enumerate() {
+        if b == 0 {
+            unused.push(chain[i]);
+            continue;
+        }
+        spans.push(Span {
+            peer: chain[i].id,
+            range: LayerRange {
+                start,
+                end: start + b,
+            },
+        });
+        start += b;
+    }
+    (spans, unused)
+}
+
+/// Whether `spans` contain a chain from block 0 to `layers`.
+pub fn covers(spans: &[Span], layers: u32) -> bool {
+    let mut reach = vec![false; layers as usize + 1];
+    reach[0] = true;
+    for b in 0..layers as usize {
+        if !reach[b] {
+            continue;
+        }
+        for s in spans
+            .iter()
+            .filter(|s| s.range.start as usize == b && s.range.end <= layers)
+        {
+            reach[s.range.end as usize] = true;
+        }
+    }
+    reach[layers as usize]
+}

@@ -1,0 +1,253 @@
+//! The planner covers every block within memory caps, in proportion to speed, with replicas
+//! where capacity allows and stable re-plans; the router picks the cheapest chain; the peer
+//! table admits only verified, current adverts.
+
+use potluck_coordinator::peer_table::{Accepted, AdvertRejection, PeerTable};
+use potluck_coordinator::planner::{capacity, covers, plan, ModelShape, PlanError, PlanPeer, Span};
+use potluck_coordinator::router::{route, PeerCost};
+use potluck_protocol::messages::{CapacityAdvert, DeviceKind, LayerRange, ADVERT_DOMAIN};
+use potluck_protocol::signed::{Keypair, PublicKey, Signed};
+use std::collections::HashSet;
+
+const MB: u64 = 1 << 20;
+
+/// SmolLM2-like: 30 blocks of 2.2 MB, a 30 MB embedding, 64 MB kept free per peer.
+fn model() -> ModelShape {
+    ModelShape {
+        layers: 30,
+        layer_bytes: 2 * MB + MB / 5,
+        edge_bytes: 30 * MB,
+        reserve_bytes: 64 * MB,
+    }
+}
+
+fn peer(id: u8, speed: f64, memory: u64) -> PlanPeer {
+    PlanPeer {
+        id: PublicKey([id; 32]),
+        speed,
+        memory_bytes: memory,
+    }
+}
+
+/// Blocks per peer, and a check that every chain in the plan is contiguous from 0.
+fn blocks(spans: &[Span], id: u8) -> u32 {
+    spans
+        .iter()
+        .filter(|s| s.peer.0[0] == id)
+        .map(|s| s.range.end - s.range.start)
+        .sum()
+}
+
+#[test]
+fn a_plan_covers_every_block_in_proportion_to_speed() {
+    let cap =
+        |blocks: u64| model().reserve_bytes + model().edge_bytes + blocks * model().layer_bytes;
+    // Each peer can hold the whole model: three one-peer chains (replicas of everything).
+    let peers = [
+        peer(1, 1.0, cap(30)),
+        peer(2, 2.0, cap(30)),
+        peer(3, 3.0, cap(30)),
+    ];
+    let p = plan(&model(), &peers, None).unwrap();
+    assert_eq!(p.epoch, 1);
+    assert_eq!(p.spans.len(), 3);
+    assert!(p
+        .spans
+        .iter()
+        .all(|s| s.range == LayerRange { start: 0, end: 30 }));
+    let peers = [
+        peer(1, 1.0, cap(20)),
+        peer(2, 2.0, cap(20)),
+        peer(3, 3.0, cap(20)),
+    ];
+    let p = plan(&model(), &peers, None).unwrap();
+    assert!(covers(&p.spans, 30));
+    // Each holds 20: the fastest two form the chain in proportion 3:2 -> 18 and 12, and the
+    // slowest replicates a span.
+    assert_eq!(blocks(&p.spans, 3), 18);
+    assert_eq!(blocks(&p.spans, 2), 12);
+    assert_eq!(p.spans.len(), 3, "{:?}", p.spans);
+}
+
+#[test]
+fn memory_caps_bind_and_shortfalls_are_errors() {
+    let cap =
+        |blocks: u64| model().reserve_bytes + model().edge_bytes + blocks * model().layer_bytes;
+    // A very fast peer that can hold only 5 blocks gets 5; the rest goes to the others.
+    let peers = [
+        peer(1, 100.0, cap(5)),
+        peer(2, 1.0, cap(15)),
+        peer(3, 1.0, cap(15)),
+    ];
+    let p = plan(&model(), &peers, None).unwrap();
+    assert!(covers(&p.spans, 30));
+    for pp in &peers {
+        assert!(blocks(&p.spans, pp.id.0[0]) <= capacity(&model(), pp));
+    }
+    assert_eq!(blocks(&p.spans, 1), 5);
+    let short = [peer(1, 1.0, cap(10)), peer(2, 1.0, cap(10))];
+    assert_eq!(
+        plan(&model(), &short, None),
+        Err(PlanError::NotEnoughMemory {
+            needed: 30,
+            available: 20
+        })
+    );
+    assert_eq!(
+        plan(&model(), &[peer(1, 1.0, MB)], None),
+        Err(PlanError::NoPeers)
+    );
+    assert_eq!(plan(&model(), &[], None), Err(PlanError::NoPeers));
+}
+
+#[test]
+fn replans_keep_standing_assignments_and_survive_departures() {
+    let cap =
+        |blocks: u64| model().reserve_bytes + model().edge_bytes + blocks * model().layer_bytes;
+    let three = [
+        peer(1, 1.0, cap(12)),
+        peer(2, 1.0, cap(12)),
+        peer(3, 1.0, cap(12)),
+    ];
+    let first = plan(&model(), &three, None).unwrap();
+    assert!(covers(&first.spans, 30));
+    // A fourth peer joins: nobody else moves; it becomes a replica.
+    let mut four = three.to_vec();
+    four.push(peer(4, 1.0, cap(12)));
+    let second = plan(&model(), &four, Some(&first)).unwrap();
+    for s in &first.spans {
+        assert!(second.spans.contains(s), "{s:?} moved");
+    }
+    assert_eq!(second.epoch, first.epoch + 1);
+    assert!(second.span_of(&PublicKey([4; 32])).is_some());
+    // Nothing changes: same epoch.
+    assert_eq!(plan(&model(), &four, Some(&second)).unwrap(), second);
+    // Peer 2 leaves: the plan still covers the model with the rest.
+    let without: Vec<PlanPeer> = four.iter().filter(|p| p.id.0[0] != 2).cloned().collect();
+    let third = plan(&model(), &without, Some(&second)).unwrap();
+    assert!(covers(&third.spans, 30));
+    assert!(third.span_of(&PublicKey([2; 32])).is_none());
+}
+
+#[test]
+fn the_router_takes_the_cheapest_covering_chain() {
+    let span = |id: u8, start, end| Span {
+        peer: PublicKey([id; 32]),
+        range: LayerRange { start, end },
+    };
+    let p = potluck_coordinator::planner::Plan {
+        epoch: 1,
+        spans: vec![
+            span(1, 0, 15),
+            span(2, 15, 30),
+            span(3, 0, 30),
+            span(4, 15, 30),
+        ],
+    };
+    let costs = |slow3: bool| {
+        move |k: &PublicKey| match k.0[0] {
+            1 | 2 => Some(PeerCost {
+                rtt_ms: 1.0,
+                ms_per_block: 0.1,
+            }),
+            3 => Some(PeerCost {
+                rtt_ms: 1.0,
+                ms_per_block: if slow3 { 1.0 } else { 0.01 },
+            }),
+            4 => Some(PeerCost {
+                rtt_ms: 20.0,
+                ms_per_block: 0.1,
+            }),
+            _ => None,
+        }
+    };
+    let none = HashSet::new();
+    let r = route(&p, 30, costs(true), &none).unwrap();
+    assert_eq!(r, vec![span(1, 0, 15), span(2, 15, 30)]);
+    assert_eq!(
+        route(&p, 30, costs(false), &none).unwrap(),
+        vec![span(3, 0, 30)]
+    );
+    // Without peer 2, the far replica 4 still beats the slow whole-model peer.
+    let ex: HashSet<PublicKey> = [PublicKey([2; 32])].into();
+    assert_eq!(
+        route(&p, 30, costs(true), &ex).unwrap(),
+        vec![span(1, 0, 15), span(4, 15, 30)]
+    );
+    // Without 2, 3 and 4 nothing covers blocks 15..30.
+    let ex: HashSet<PublicKey> = [2, 3, 4].map(|i| PublicKey([i; 32])).into();
+    assert_eq!(route(&p, 30, costs(true), &ex), None);
+}
+
+fn advert(pool: &str, seq: u64, issued: u64, expires: u64) -> CapacityAdvert {
+    CapacityAdvert {
+        pool: pool.into(),
+        device: DeviceKind::Cpu,
+        memory_bytes: 4 << 30,
+        gflops: 50.0,
+        mem_gbps: 10.0,
+        threads: 2,
+        models: vec![],
+        loaded: None,
+        seq,
+        issued_at: issued,
+        expires_at: expires,
+    }
+}
+
+#[test]
+fn the_peer_table_admits_only_verified_current_adverts() {
+    let k = Keypair::from_secret(&[1; 32]);
+    let now = 1_000_000;
+    let sign = |a: &CapacityAdvert| Signed::sign(a, ADVERT_DOMAIN, &k).unwrap();
+    let mut t = PeerTable::new("lab");
+    assert_eq!(
+        t.accept(&sign(&advert("lab", 1, now, now + 30)), now),
+        Ok(Accepted::New)
+    );
+    assert_eq!(
+        t.accept(&sign(&advert("lab", 2, now, now + 30)), now),
+        Ok(Accepted::Refreshed)
+    );
+    let mut bigger = advert("lab", 3, now, now + 30);
+    bigger.memory_bytes *= 2;
+    assert_eq!(t.accept(&sign(&bigger), now), Ok(Accepted::Changed));
+    assert!(matches!(
+        t.accept(&sign(&advert("lab", 3, now, now + 30)), now),
+        Err(AdvertRejection::Stale { .. })
+    ));
+    assert!(matches!(
+        t.accept(&sign(&advert("other", 9, now, now + 30)), now),
+        Err(AdvertRejection::WrongPool(_))
+    ));
+    assert!(matches!(
+        t.accept(&sign(&advert("lab", 9, now - 60, now - 1)), now),
+        Err(AdvertRejection::Expired(_))
+    ));
+    assert!(matches!(
+        t.accept(&sign(&advert("lab", 9, now + 3600, now + 3630)), now),
+        Err(AdvertRejection::FromFuture(_))
+    ));
+    assert!(matches!(
+        t.accept(&sign(&advert("lab", 9, now, now + 86_400)), now),
+        Err(AdvertRejection::TtlTooLong(_))
+    ));
+    let mut forged = sign(&advert("lab", 10, now, now + 30));
+    forged.body[3] ^= 1;
+    assert!(matches!(
+        t.accept(&forged, now),
+        Err(AdvertRejection::Invalid(_))
+    ));
+    let mut impostor = sign(&advert("lab", 10, now, now + 30));
+    impostor.signer = Keypair::from_secret(&[2; 32]).public();
+    assert!(matches!(
+        t.accept(&impostor, now),
+        Err(AdvertRejection::Invalid(_))
+    ));
+    assert_eq!(t.len(), 1);
+    assert_eq!(t.get(&k.public()).unwrap().advert.memory_bytes, 8 << 30);
+    // Expiry removes it.
+    assert!(t.expire(now + 10).is_empty());
+    assert_eq!(t.expire(now + 31), vec![k.public()]);
+    assert!(t.is_empty());
+}
