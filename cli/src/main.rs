@@ -1,10 +1,11 @@
-//! `potluck`: the one binary of a Potluck pool. This commands run models locally:
-//! `generate`, `bench` and `model fetch|list|verify`.
+//! `potluck`: the one binary of a Potluck pool: `node` and `coordinator` run a pool;
+//! `generate`, `bench` and `model fetch|list|verify` work on this machine.
 
 mod bench;
 mod catalog;
 mod generate;
 mod models;
+mod pool;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -27,6 +28,10 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode speed.
     Bench(bench::BenchArgs),
+    /// Volunteer this machine to a pool.
+    Node(pool::NodeArgs),
+    /// Coordinate a pool: track its peers and plan their work.
+    Coordinator(pool::CoordinatorArgs),
     /// Manage the local model cache.
     Model {
         #[command(subcommand)]
@@ -103,6 +108,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(&cache()?, args),
         Command::Bench(args) => bench::run(&cache()?, args),
+        Command::Node(args) => pool::run_node(args),
+        Command::Coordinator(args) => pool::run_coordinator(args),
         Command::Model { command } => match command {
             ModelCommand::Fetch { name, from } => {
                 let path = cache()?.fetch(&name, from.as_deref())?;

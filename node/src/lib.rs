@@ -1,7 +1,7 @@
-//! The volunteer daemon's parts that do not touch the network: its persistent identity, the
-//! probe that measures what its machine can give, and the stage server that runs the layers
-//! it was assigned and signs a receipt for every result.
+//! The volunteer daemon: its persistent identity, the probe that measures what its machine
+//! can give, the stage server that runs the layers it was assigned and signs a receipt for
+//! every result, and the daemon loop that keeps it in its pool's swarm.
 
-pub mod identity;
+pub mod daemon;
 pub mod probe;
 pub mod shard;

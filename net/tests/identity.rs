@@ -1,7 +1,6 @@
-//! The node identity persists, is private to its owner, and refuses a malformed key file.
+//! A peer's identity persists, is private to its owner, and refuses a malformed key file.
 
-use potluck_node::identity::{load_or_create, IdentityError, KEY_FILE};
-use potluck_node::probe::{probe, Limits};
+use potluck_net::identity::{load_or_create, IdentityError, KEY_FILE};
 
 #[test]
 fn identity_persists_with_mode_0600() {
@@ -31,15 +30,4 @@ fn identity_persists_with_mode_0600() {
             Err(IdentityError::Malformed(_))
         ));
     }
-}
-
-#[test]
-fn the_probe_measures_and_honours_limits() {
-    let c = probe(&Limits {
-        max_memory: Some(1 << 30),
-        threads: Some(1),
-    });
-    assert_eq!(c.threads, 1);
-    assert!(c.memory_bytes <= 1 << 30 && c.memory_bytes > 0);
-    assert!(c.gflops > 0.0 && c.mem_gbps > 0.0, "{c:?}");
 }
