@@ -5,14 +5,12 @@
 use crate::peer_table::{Accepted, PeerTable};
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{gossipsub, identity as p2p_identity, mdns, Multiaddr, PeerId};
-use potluck_net::identity;
-use potluck_net::swarm::{self, advert_topic, PoolBehaviourEvent};
+use libp2p::{gossipsub, Multiaddr};
+use potluck_net::swarm::{self, peer_id_of, unix_now, PoolBehaviourEvent};
 use potluck_protocol::codec::decode_frame;
 use potluck_protocol::messages::Message;
-use potluck_protocol::signed::PublicKey;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// How a coordinator is run.
 #[derive(Debug, Clone)]
@@ -27,51 +25,13 @@ pub struct CoordinatorConfig {
     pub mdns: bool,
 }
 
-/// Why the coordinator stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum CoordinatorError {
-    /// The identity could not be loaded or created.
-    #[error(transparent)]
-    Identity(#[from] identity::IdentityError),
-    /// The swarm could not start.
-    #[error(transparent)]
-    Swarm(#[from] swarm::SwarmError),
-    /// An address could not be listened on.
-    #[error("{0}")]
-    Address(String),
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// The libp2p PeerId that belongs to an advert signer's key.
-pub fn peer_id_of(key: &PublicKey) -> Option<PeerId> {
-    let ed = p2p_identity::ed25519::PublicKey::try_from_bytes(&key.0).ok()?;
-    Some(p2p_identity::PublicKey::from(ed).to_peer_id())
-}
-
 /// Runs the coordinator until `shutdown` resolves.
 pub async fn run(
     cfg: CoordinatorConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), CoordinatorError> {
-    let key = identity::load_or_create(&cfg.data_dir)?;
-    let mut swarm = swarm::build(swarm::libp2p_keypair(key.secret())?, cfg.mdns)?;
-    println!("peer id {}", swarm.local_peer_id());
-    for addr in &cfg.listen {
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| CoordinatorError::Address(format!("listen on {addr}: {e}")))?;
-    }
-    let topic = advert_topic(&cfg.pool);
-    swarm
-        .behaviour_mut()
-        .gossipsub
-        .subscribe(&topic)
-        .map_err(|e| CoordinatorError::Address(format!("subscribe: {e}")))?;
+) -> Result<(), swarm::StartError> {
+    let swarm::Started { mut swarm, .. } =
+        swarm::start(&cfg.data_dir, &cfg.pool, &cfg.listen, &[], cfg.mdns)?;
     let mut table = PeerTable::new(&cfg.pool);
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
@@ -84,32 +44,14 @@ pub async fn run(
                     println!("peer left {id} (advert expired)");
                 }
             }
-            event = swarm.select_next_some() => match event {
-                SwarmEvent::NewListenAddr { address, .. } => {
-                    println!("listening {address}/p2p/{}", swarm.local_peer_id());
-                }
-                SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
+            event = swarm.select_next_some() => match swarm::handle_common(&mut swarm, event) {
+                Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }))) => {
                     on_gossip(&mut table, message);
                 }
-                SwarmEvent::Behaviour(PoolBehaviourEvent::Identify(libp2p::identify::Event::Received { peer_id, info, .. })) => {
-                    if info.protocol_version != swarm::IDENTIFY_PROTOCOL {
-                        tracing::warn!(%peer_id, version = %info.protocol_version, "not a Potluck peer; disconnecting");
-                        let _ = swarm.disconnect_peer_id(peer_id);
-                    } else {
-                        for addr in info.listen_addrs {
-                            swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                        }
-                    }
-                }
-                SwarmEvent::Behaviour(PoolBehaviourEvent::Ping(libp2p::ping::Event { peer, result: Ok(rtt), .. })) => {
-                    if let Some(p) = table.peers().iter().find(|p| peer_id_of(&p.key) == Some(peer)).map(|p| p.key) {
-                        table.set_rtt(&p, rtt.as_secs_f32() * 1000.0);
-                    }
-                }
-                SwarmEvent::Behaviour(PoolBehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
-                    for (peer_id, addr) in found {
-                        swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
-                        let _ = swarm.dial(addr);
+                Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Ping(libp2p::ping::Event { peer, result: Ok(rtt), .. }))) => {
+                    let key = table.peers().iter().find(|p| peer_id_of(&p.key) == Some(peer)).map(|p| p.key);
+                    if let Some(key) = key {
+                        table.set_rtt(&key, rtt.as_secs_f32() * 1000.0);
                     }
                 }
                 _ => {}

@@ -96,3 +96,125 @@ pub fn build(key: identity::Keypair, use_mdns: bool) -> Result<Swarm<PoolBehavio
         .build();
     Ok(swarm)
 }
+
+/// Why a peer could not join its pool's swarm.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The identity could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    /// The swarm could not be built.
+    #[error(transparent)]
+    Swarm(#[from] SwarmError),
+    /// An address could not be listened on or dialled, or the topic not joined.
+    #[error("{0}")]
+    Address(String),
+}
+
+/// A peer's running swarm, with the identity it signs with and its pool's advert topic.
+pub struct Started {
+    /// The swarm, listening and subscribed.
+    pub swarm: Swarm<PoolBehaviour>,
+    /// The key that signs adverts and receipts (the PeerId's key).
+    pub key: potluck_protocol::signed::Keypair,
+    /// The pool's advert topic.
+    pub topic: gossipsub::IdentTopic,
+}
+
+/// Loads (or creates) the identity in `data_dir`, builds the swarm, listens on `listen`, dials
+/// `bootstrap` and joins `pool`'s advert topic. Prints the peer id for operators and scripts.
+pub fn start(
+    data_dir: &std::path::Path,
+    pool: &str,
+    listen: &[libp2p::Multiaddr],
+    bootstrap: &[libp2p::Multiaddr],
+    use_mdns: bool,
+) -> Result<Started, StartError> {
+    let key = crate::identity::load_or_create(data_dir)?;
+    let mut swarm = build(libp2p_keypair(key.secret())?, use_mdns)?;
+    println!("peer id {}", swarm.local_peer_id());
+    for addr in listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| StartError::Address(format!("listen on {addr}: {e}")))?;
+    }
+    for addr in bootstrap {
+        if let Some(peer) = addr.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+            _ => None,
+        }) {
+            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        }
+        swarm
+            .dial(addr.clone())
+            .map_err(|e| StartError::Address(format!("dial {addr}: {e}")))?;
+    }
+    let topic = advert_topic(pool);
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&topic)
+        .map_err(|e| StartError::Address(format!("subscribe: {e}")))?;
+    Ok(Started { swarm, key, topic })
+}
+
+/// Handles the swarm events every peer treats alike (listen addresses, identify, mDNS) and
+/// returns the rest for the caller.
+pub fn handle_common(
+    swarm: &mut Swarm<PoolBehaviour>,
+    event: libp2p::swarm::SwarmEvent<PoolBehaviourEvent>,
+) -> Option<libp2p::swarm::SwarmEvent<PoolBehaviourEvent>> {
+    use libp2p::swarm::SwarmEvent;
+    match event {
+        SwarmEvent::NewListenAddr { address, .. } => {
+            println!("listening {address}/p2p/{}", swarm.local_peer_id());
+            None
+        }
+        SwarmEvent::ConnectionEstablished {
+            peer_id, endpoint, ..
+        } => {
+            tracing::info!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
+            None
+        }
+        SwarmEvent::Behaviour(PoolBehaviourEvent::Identify(identify::Event::Received {
+            peer_id,
+            info,
+            ..
+        })) => {
+            if info.protocol_version != IDENTIFY_PROTOCOL {
+                tracing::warn!(%peer_id, version = %info.protocol_version, "not a Potluck peer; disconnecting");
+                let _ = swarm.disconnect_peer_id(peer_id);
+            } else {
+                for addr in info.listen_addrs {
+                    swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            None
+        }
+        SwarmEvent::Behaviour(PoolBehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+            for (peer_id, addr) in found {
+                tracing::info!(%peer_id, %addr, "found on the LAN");
+                swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer_id, addr.clone());
+                let _ = swarm.dial(addr);
+            }
+            None
+        }
+        other => Some(other),
+    }
+}
+
+/// The libp2p PeerId that belongs to a Potluck public key.
+pub fn peer_id_of(key: &potluck_protocol::signed::PublicKey) -> Option<libp2p::PeerId> {
+    let ed = identity::ed25519::PublicKey::try_from_bytes(&key.0).ok()?;
+    Some(identity::PublicKey::from(ed).to_peer_id())
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -3,10 +3,8 @@
 
 use crate::probe::{probe, Capacity, Limits};
 use futures::StreamExt;
-use libp2p::swarm::SwarmEvent;
-use libp2p::{gossipsub, mdns, Multiaddr, PeerId};
-use potluck_net::identity;
-use potluck_net::swarm::{self, advert_topic, PoolBehaviourEvent};
+use libp2p::{gossipsub, Multiaddr};
+use potluck_net::swarm;
 use potluck_protocol::codec::encode_frame;
 use potluck_protocol::messages::{CapacityAdvert, Message, ADVERT_DOMAIN};
 use potluck_protocol::signed::{Keypair, Signed};
@@ -34,26 +32,6 @@ pub struct NodeConfig {
     pub advert_ttl: Duration,
 }
 
-/// Why the node stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    /// The identity could not be loaded or created.
-    #[error(transparent)]
-    Identity(#[from] identity::IdentityError),
-    /// The swarm could not start.
-    #[error(transparent)]
-    Swarm(#[from] swarm::SwarmError),
-    /// An address could not be listened on or dialled.
-    #[error("{0}")]
-    Address(String),
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Builds and signs the advert for `cap`.
 pub fn signed_advert(
     key: &Keypair,
@@ -62,7 +40,7 @@ pub fn signed_advert(
     seq: u64,
     ttl: Duration,
 ) -> Option<Signed> {
-    let now = unix_now();
+    let now = swarm::unix_now();
     let advert = CapacityAdvert {
         pool: pool.to_string(),
         device: cap.device.clone(),
@@ -83,32 +61,20 @@ pub fn signed_advert(
 pub async fn run(
     cfg: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), NodeError> {
-    let key = identity::load_or_create(&cfg.data_dir)?;
-    let mut swarm = swarm::build(swarm::libp2p_keypair(key.secret())?, cfg.mdns)?;
-    let local = *swarm.local_peer_id();
-    println!("peer id {local}");
+) -> Result<(), swarm::StartError> {
+    let swarm::Started {
+        mut swarm,
+        key,
+        topic,
+    } = swarm::start(
+        &cfg.data_dir,
+        &cfg.pool,
+        &cfg.listen,
+        &cfg.bootstrap,
+        cfg.mdns,
+    )?;
     let capacity = probe(&cfg.limits);
     tracing::info!(?capacity, "capacity measured");
-    for addr in &cfg.listen {
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| NodeError::Address(format!("listen on {addr}: {e}")))?;
-    }
-    for addr in &cfg.bootstrap {
-        if let Some(peer) = peer_of(addr) {
-            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-        }
-        swarm
-            .dial(addr.clone())
-            .map_err(|e| NodeError::Address(format!("dial {addr}: {e}")))?;
-    }
-    let topic = advert_topic(&cfg.pool);
-    swarm
-        .behaviour_mut()
-        .gossipsub
-        .subscribe(&topic)
-        .map_err(|e| NodeError::Address(format!("subscribe: {e}")))?;
     // Sequence numbers start from the clock so a restarted node's adverts are never stale.
     let mut seq = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -127,7 +93,7 @@ pub async fn run(
             _ = ticker.tick() => published = false,
             _ = retry.tick(), if !published => {}
             event = swarm.select_next_some() => {
-                handle_event(&mut swarm, event);
+                swarm::handle_common(&mut swarm, event);
                 continue;
             }
         }
@@ -153,51 +119,5 @@ pub async fn run(
                 Err(e) => tracing::warn!("advert not published: {e}"),
             }
         }
-    }
-}
-
-fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    addr.iter().find_map(|p| match p {
-        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
-}
-
-fn handle_event(
-    swarm: &mut libp2p::Swarm<swarm::PoolBehaviour>,
-    event: SwarmEvent<PoolBehaviourEvent>,
-) {
-    match event {
-        SwarmEvent::NewListenAddr { address, .. } => {
-            println!("listening {address}/p2p/{}", swarm.local_peer_id());
-        }
-        SwarmEvent::ConnectionEstablished {
-            peer_id, endpoint, ..
-        } => {
-            tracing::info!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
-        }
-        SwarmEvent::Behaviour(PoolBehaviourEvent::Identify(
-            libp2p::identify::Event::Received { peer_id, info, .. },
-        )) => {
-            if info.protocol_version != swarm::IDENTIFY_PROTOCOL {
-                tracing::warn!(%peer_id, version = %info.protocol_version, "not a Potluck peer; disconnecting");
-                let _ = swarm.disconnect_peer_id(peer_id);
-                return;
-            }
-            for addr in info.listen_addrs {
-                swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-            }
-        }
-        SwarmEvent::Behaviour(PoolBehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
-            for (peer_id, addr) in found {
-                tracing::info!(%peer_id, %addr, "found on the LAN");
-                swarm
-                    .behaviour_mut()
-                    .kad
-                    .add_address(&peer_id, addr.clone());
-                let _ = swarm.dial(addr);
-            }
-        }
-        _ => {}
     }
 }
