@@ -2,10 +2,10 @@
 //! table, and drop peers whose adverts expire. Prints its listen addresses for nodes'
 //! `--bootstrap`, and one line per peer that joins or leaves.
 
-use crate::peer_table::{Accepted, PeerTable};
+use crate::peer_table::{Accepted, AdvertRejection, PeerTable};
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{gossipsub, Multiaddr};
+use libp2p::{gossipsub, Multiaddr, PeerId};
 use potluck_net::swarm::{self, peer_id_of, unix_now, PoolBehaviourEvent};
 use potluck_protocol::codec::decode_frame;
 use potluck_protocol::messages::Message;
@@ -46,7 +46,10 @@ pub async fn run(
             }
             event = swarm.select_next_some() => match swarm::handle_common(&mut swarm, event) {
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }))) => {
-                    on_gossip(&mut table, message);
+                    if let Err(why) = check_gossip(&mut table, &message.data, message.source, unix_now()) {
+                        let from = message.source.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
+                        tracing::warn!(%from, "dropped gossip: {why}");
+                    }
                 }
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Ping(libp2p::ping::Event { peer, result: Ok(rtt), .. }))) => {
                     let key = table.peers().iter().find(|p| peer_id_of(&p.key) == Some(peer)).map(|p| p.key);
@@ -60,43 +63,52 @@ pub async fn run(
     }
 }
 
-/// Checks one gossiped frame: a valid advert, signed by the peer that published it.
-fn on_gossip(table: &mut PeerTable, message: gossipsub::Message) {
-    let from = message
-        .source
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| "unknown".into());
-    let signed = match decode_frame::<Message>(&message.data) {
-        Ok((Message::Advert(signed), _)) => signed,
-        Ok((other, _)) => {
-            tracing::warn!(%from, "dropped gossip: not an advert ({other:?})");
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(%from, "dropped gossip: {e}");
-            return;
-        }
+/// Why a gossiped frame was dropped.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum GossipRejection {
+    /// The bytes are not a frame of our protocol (malformed, oversized, other version).
+    #[error(transparent)]
+    Frame(#[from] potluck_protocol::ProtocolError),
+    /// A valid frame, but not an advert.
+    #[error("not an advert")]
+    NotAnAdvert,
+    /// The advert is signed by a key other than the publishing peer's.
+    #[error("signed by another peer's key")]
+    SignerMismatch,
+    /// The peer table refused the advert.
+    #[error(transparent)]
+    Advert(#[from] AdvertRejection),
+}
+
+/// Checks one gossiped frame from `source`: a valid advert, signed by the peer that
+/// published it, accepted into `table` at unix time `now`.
+pub fn check_gossip(
+    table: &mut PeerTable,
+    data: &[u8],
+    source: Option<PeerId>,
+    now: u64,
+) -> Result<Accepted, GossipRejection> {
+    let signed = match decode_frame::<Message>(data)? {
+        (Message::Advert(signed), _) => signed,
+        _ => return Err(GossipRejection::NotAnAdvert),
     };
-    if peer_id_of(&signed.signer) != message.source {
-        tracing::warn!(%from, "dropped advert: signed by another peer's key");
-        return;
+    if source.is_none() || peer_id_of(&signed.signer) != source {
+        return Err(GossipRejection::SignerMismatch);
     }
-    match table.accept(&signed, unix_now()) {
-        Ok(Accepted::New) => {
-            if let Some(p) = table.get(&signed.signer) {
-                let a = &p.advert;
-                println!(
-                    "peer joined {from} device {:?} memory {} MB threads {} gflops {:.1} mem {:.1} GB/s",
-                    a.device,
-                    a.memory_bytes >> 20,
-                    a.threads,
-                    a.gflops,
-                    a.mem_gbps
-                );
-            }
+    let accepted = table.accept(&signed, now)?;
+    if accepted == Accepted::New {
+        if let Some(p) = table.get(&signed.signer) {
+            let a = &p.advert;
+            println!(
+                "peer joined {} device {:?} memory {} MB threads {} gflops {:.1} mem {:.1} GB/s",
+                source.map(|s| s.to_string()).unwrap_or_default(),
+                a.device,
+                a.memory_bytes >> 20,
+                a.threads,
+                a.gflops,
+                a.mem_gbps
+            );
         }
-        Ok(Accepted::Changed) => tracing::info!(%from, "capacity changed"),
-        Ok(Accepted::Refreshed) => {}
-        Err(e) => tracing::warn!(%from, "dropped advert: {e}"),
     }
+    Ok(accepted)
 }

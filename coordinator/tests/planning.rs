@@ -251,3 +251,67 @@ fn the_peer_table_admits_only_verified_current_adverts() {
     assert_eq!(t.expire(now + 31), vec![k.public()]);
     assert!(t.is_empty());
 }
+
+#[test]
+fn gossip_from_hostile_peers_is_dropped_with_a_reason() {
+    use potluck_coordinator::daemon::{check_gossip, GossipRejection};
+    use potluck_net::swarm::peer_id_of;
+    use potluck_protocol::codec::{encode_frame, PROTOCOL_VERSION};
+    use potluck_protocol::messages::{Heartbeat, Message};
+    let now = 1_000_000;
+    let honest = Keypair::from_secret(&[1; 32]);
+    let source = peer_id_of(&honest.public());
+    let frame = |a: &CapacityAdvert, k: &Keypair| {
+        encode_frame(&Message::Advert(Signed::sign(a, ADVERT_DOMAIN, k).unwrap())).unwrap()
+    };
+    let mut t = PeerTable::new("lab");
+    // Malformed, oversized, wrong-version, non-advert, mis-signed: each refused, typed.
+    assert!(matches!(
+        check_gossip(&mut t, b"\x01\x02garbage", source, now),
+        Err(GossipRejection::Frame(_))
+    ));
+    let mut huge = frame(&advert("lab", 1, now, now + 30), &honest);
+    huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        check_gossip(&mut t, &huge, source, now),
+        Err(GossipRejection::Frame(_))
+    ));
+    let mut old = frame(&advert("lab", 1, now, now + 30), &honest);
+    old[4..6].copy_from_slice(&(PROTOCOL_VERSION + 7).to_le_bytes());
+    assert!(matches!(
+        check_gossip(&mut t, &old, source, now),
+        Err(GossipRejection::Frame(_))
+    ));
+    let hb = encode_frame(&Message::Heartbeat(Heartbeat {
+        seq: 1,
+        sent_at_ms: 1,
+    }))
+    .unwrap();
+    assert_eq!(
+        check_gossip(&mut t, &hb, source, now),
+        Err(GossipRejection::NotAnAdvert)
+    );
+    // Someone relaying (or forging) another peer's advert under their own id.
+    let mallory = peer_id_of(&Keypair::from_secret(&[66; 32]).public());
+    let good = frame(&advert("lab", 1, now, now + 30), &honest);
+    assert_eq!(
+        check_gossip(&mut t, &good, mallory, now),
+        Err(GossipRejection::SignerMismatch)
+    );
+    assert_eq!(
+        check_gossip(&mut t, &good, None, now),
+        Err(GossipRejection::SignerMismatch)
+    );
+    let mut forged =
+        Signed::sign(&advert("lab", 2, now, now + 30), ADVERT_DOMAIN, &honest).unwrap();
+    forged.body[5] ^= 1;
+    let forged = encode_frame(&Message::Advert(forged)).unwrap();
+    assert!(matches!(
+        check_gossip(&mut t, &forged, source, now),
+        Err(GossipRejection::Advert(_))
+    ));
+    assert!(t.is_empty());
+    // After all that, the honest advert is accepted.
+    assert_eq!(check_gossip(&mut t, &good, source, now), Ok(Accepted::New));
+    assert_eq!(t.len(), 1);
+}
