@@ -9,6 +9,7 @@ use libp2p::{gossipsub, Multiaddr, PeerId};
 use potluck_net::swarm::{self, peer_id_of, unix_now, PoolBehaviourEvent};
 use potluck_protocol::codec::decode_frame;
 use potluck_protocol::messages::Message;
+use potluck_protocol::signed::PublicKey;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -46,9 +47,24 @@ pub async fn run(
             }
             event = swarm.select_next_some() => match swarm::handle_common(&mut swarm, event) {
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }))) => {
-                    if let Err(why) = check_gossip(&mut table, &message.data, message.source, unix_now()) {
-                        let from = message.source.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
-                        tracing::warn!(%from, "dropped gossip: {why}");
+                    let from = message.source.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
+                    match check_gossip(&mut table, &message.data, message.source, unix_now()) {
+                        Ok((Accepted::New, key)) => {
+                            if let Some(p) = table.get(&key) {
+                                let a = &p.advert;
+                                println!(
+                                    "peer joined {from} device {:?} memory {} MB threads {} gflops {:.1} mem {:.1} GB/s",
+                                    a.device,
+                                    a.memory_bytes >> 20,
+                                    a.threads,
+                                    a.gflops,
+                                    a.mem_gbps
+                                );
+                            }
+                        }
+                        Ok((Accepted::Changed, _)) => tracing::info!(%from, "capacity changed"),
+                        Ok((Accepted::Refreshed, _)) => {}
+                        Err(why) => tracing::warn!(%from, "dropped gossip: {why}"),
                     }
                 }
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Ping(libp2p::ping::Event { peer, result: Ok(rtt), .. }))) => {
@@ -81,13 +97,14 @@ pub enum GossipRejection {
 }
 
 /// Checks one gossiped frame from `source`: a valid advert, signed by the peer that
-/// published it, accepted into `table` at unix time `now`.
+/// published it, accepted into `table` at unix time `now`. Returns what changed and the
+/// signer's key.
 pub fn check_gossip(
     table: &mut PeerTable,
     data: &[u8],
     source: Option<PeerId>,
     now: u64,
-) -> Result<Accepted, GossipRejection> {
+) -> Result<(Accepted, PublicKey), GossipRejection> {
     let signed = match decode_frame::<Message>(data)? {
         (Message::Advert(signed), _) => signed,
         _ => return Err(GossipRejection::NotAnAdvert),
@@ -95,20 +112,5 @@ pub fn check_gossip(
     if source.is_none() || peer_id_of(&signed.signer) != source {
         return Err(GossipRejection::SignerMismatch);
     }
-    let accepted = table.accept(&signed, now)?;
-    if accepted == Accepted::New {
-        if let Some(p) = table.get(&signed.signer) {
-            let a = &p.advert;
-            println!(
-                "peer joined {} device {:?} memory {} MB threads {} gflops {:.1} mem {:.1} GB/s",
-                source.map(|s| s.to_string()).unwrap_or_default(),
-                a.device,
-                a.memory_bytes >> 20,
-                a.threads,
-                a.gflops,
-                a.mem_gbps
-            );
-        }
-    }
-    Ok(accepted)
+    Ok((table.accept(&signed, now)?, signed.signer))
 }

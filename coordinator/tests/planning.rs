@@ -312,6 +312,9 @@ fn gossip_from_hostile_peers_is_dropped_with_a_reason() {
     ));
     assert!(t.is_empty());
     // After all that, the honest advert is accepted.
-    assert_eq!(check_gossip(&mut t, &good, source, now), Ok(Accepted::New));
+    assert_eq!(
+        check_gossip(&mut t, &good, source, now),
+        Ok((Accepted::New, honest.public()))
+    );
     assert_eq!(t.len(), 1);
 }
