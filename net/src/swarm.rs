@@ -1,5 +1,6 @@
-//! The libp2p swarm every Potluck peer (node or coordinator) runs: QUIC and TCP (noise, yamux), identify, ping, gossipsub for signed
-//! adverts, Kademlia for finding peers across the internet, and mDNS on a LAN.
+//! The libp2p swarm every Potluck peer (node or coordinator) runs: QUIC and TCP (noise,
+//! yamux), identify, ping, gossipsub for signed adverts, Kademlia for finding peers across the
+//! internet, and mDNS on a LAN.
 
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
