@@ -4,7 +4,7 @@
 use crate::models::ModelCache;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use potluck_engine::chat::{render_chat, ChatMessage};
+use potluck_engine::chat::{chat_prompt_ids, ChatMessage};
 use potluck_engine::generate::{generate, load_tokenizer, GenerateRequest};
 use potluck_engine::llama::{Stage, DEFAULT_KV_BUDGET};
 use potluck_engine::sampling::{Sampler, SamplingParams};
@@ -114,23 +114,15 @@ pub fn prompt_ids(
     if prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
-    let text = if chat {
-        let mut msgs = Vec::new();
-        if let Some(s) = system {
-            msgs.push(ChatMessage::new("system", s));
-        }
-        msgs.push(ChatMessage::new("user", prompt));
-        render_chat(
-            tok.chat_template(),
-            &msgs,
-            &tok.bos_text(),
-            &tok.eos_text(),
-            true,
-        )?
-    } else {
-        prompt.to_string()
-    };
-    Ok(tok.encode(&text)?)
+    if !chat {
+        return Ok(tok.encode(prompt)?);
+    }
+    let mut msgs = Vec::new();
+    if let Some(s) = system {
+        msgs.push(ChatMessage::new("system", s));
+    }
+    msgs.push(ChatMessage::new("user", prompt));
+    Ok(chat_prompt_ids(tok, &msgs)?)
 }
 
 /// Runs `potluck generate`.

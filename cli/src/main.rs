@@ -1,4 +1,4 @@
-//! `potluck`: the one binary of a Potluck pool: `node` and `coordinator` run a pool;
+//! `potluck`: the one binary of a Potluck pool: `up`, `node` and `coordinator` run a pool;
 //! `generate`, `bench` and `model fetch|list|verify` work on this machine.
 
 mod bench;
@@ -28,9 +28,11 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode speed.
     Bench(bench::BenchArgs),
+    /// Bring up a pool on this machine: a coordinator and a node, serving the API.
+    Up(pool::UpArgs),
     /// Volunteer this machine to a pool.
     Node(pool::NodeArgs),
-    /// Coordinate a pool: track its peers and plan their work.
+    /// Coordinate a pool: track its peers, plan their work, serve the API.
     Coordinator(pool::CoordinatorArgs),
     /// Manage the local model cache.
     Model {
@@ -108,8 +110,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(&cache()?, args),
         Command::Bench(args) => bench::run(&cache()?, args),
-        Command::Node(args) => pool::run_node(args),
-        Command::Coordinator(args) => pool::run_coordinator(args),
+        Command::Up(args) => pool::run_up(&cache()?, args),
+        Command::Node(args) => pool::run_node(&cache()?, args),
+        Command::Coordinator(args) => pool::run_coordinator(&cache()?, args),
         Command::Model { command } => match command {
             ModelCommand::Fetch { name, from } => {
                 let path = cache()?.fetch(&name, from.as_deref())?;

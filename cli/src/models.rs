@@ -4,6 +4,7 @@
 use crate::catalog::{self, CatalogEntry};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use potluck_protocol::messages::ModelRef;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -90,6 +91,44 @@ impl ModelCache {
             self.fetch(model, None)?;
         }
         self.verify(model)
+    }
+
+    /// Resolves `model` like [`ModelCache::resolve`] and names it for the pool: the short
+    /// name and the blake3 digest of its bytes.
+    pub fn model_ref(&self, model: &str) -> Result<(PathBuf, ModelRef)> {
+        let path = self.resolve(model)?;
+        if let Some(entry) = self.manifest()?.get(model) {
+            return Ok((
+                path,
+                ModelRef {
+                    name: model.to_string(),
+                    digest: parse_digest(&entry.blake3)?,
+                },
+            ));
+        }
+        let name = path
+            .file_stem()
+            .map_or_else(|| model.to_string(), |s| s.to_string_lossy().into_owned());
+        let digest = digest_path(&path)?;
+        Ok((path, ModelRef { name, digest }))
+    }
+
+    /// Every cached model whose bytes still match the manifest, for a node to offer.
+    pub fn offered(&self) -> Result<Vec<(PathBuf, ModelRef)>> {
+        let mut out = Vec::new();
+        for (name, entry) in self.manifest()? {
+            match self.verify(&name) {
+                Ok(path) => out.push((
+                    path,
+                    ModelRef {
+                        name,
+                        digest: parse_digest(&entry.blake3)?,
+                    },
+                )),
+                Err(e) => tracing::warn!("not offering {name}: {e:#}"),
+            }
+        }
+        Ok(out)
     }
 
     /// Checks a cached model's size and blake3 digest; returns its path.
@@ -325,4 +364,28 @@ pub fn hash_file(path: &Path, show: bool) -> Result<(u64, String)> {
     }
     pb.finish_and_clear();
     Ok((total, h.finalize().to_hex().to_string()))
+}
+
+fn parse_digest(hex: &str) -> Result<[u8; 32]> {
+    Ok(*blake3::Hash::from_hex(hex)
+        .map_err(|e| anyhow!("bad digest '{hex}' in the manifest: {e}"))?
+        .as_bytes())
+}
+
+/// blake3 of a weights file, or of a folder's files (name and digest of each, in name order).
+fn digest_path(path: &Path) -> Result<[u8; 32]> {
+    if !path.is_dir() {
+        return parse_digest(&hash_file(path, true)?.1);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut h = blake3::Hasher::new();
+    for f in files {
+        h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
+        h.update(hash_file(&f, true)?.1.as_bytes());
+    }
+    Ok(*h.finalize().as_bytes())
 }

@@ -1,10 +1,19 @@
-//! `potluck node` and `potluck coordinator`: the two daemons of a pool.
+//! `potluck node`, `potluck coordinator` and `potluck up` (both in one process): the
+//! daemons of a pool.
 
+use crate::generate::{prompt_ids, SamplingArgs};
+use crate::models::ModelCache;
 use anyhow::{Context, Result};
 use clap::Args;
 use potluck_coordinator::daemon::{self as coordinator, CoordinatorConfig};
+use potluck_coordinator::model::ServedModel;
+use potluck_coordinator::pool::{Coordinator, SessionRequest};
+use potluck_engine::llama::DEFAULT_KV_BUDGET;
 use potluck_node::daemon::{self as node, NodeConfig};
 use potluck_node::probe::Limits;
+use potluck_node::serve::LocalModel;
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,7 +22,7 @@ use std::time::Duration;
 pub struct PoolArgs {
     /// Identity, caches and state live here (one per process on a machine).
     #[arg(long)]
-    pub data_dir: PathBuf,
+    pub data_dir: Option<PathBuf>,
     /// The pool to join.
     #[arg(long, default_value = "public")]
     pub pool: String,
@@ -26,6 +35,16 @@ pub struct PoolArgs {
 }
 
 impl PoolArgs {
+    /// The data folder: the flag, else `potluck/<role>` in the user's data folder.
+    fn data_dir(&self, role: &str) -> Result<PathBuf> {
+        if let Some(d) = &self.data_dir {
+            return Ok(d.clone());
+        }
+        let models = potluck_engine::cache::default_models_dir()
+            .context("cannot find a data folder; pass --data-dir")?;
+        Ok(models.parent().unwrap_or(&models).join(role))
+    }
+
     fn listen(&self) -> Vec<libp2p::Multiaddr> {
         if !self.listen.is_empty() {
             return self.listen.clone();
@@ -45,6 +64,13 @@ pub struct NodeArgs {
     /// A peer to join through, as a multiaddr ending in /p2p/<id> (repeatable).
     #[arg(long)]
     pub bootstrap: Vec<libp2p::Multiaddr>,
+    #[command(flatten)]
+    pub limits: NodeLimits,
+}
+
+/// What a volunteer lets its node use.
+#[derive(Args, Clone)]
+pub struct NodeLimits {
     /// Most memory to use, e.g. 4G or 512M.
     #[arg(long, value_parser = parse_bytes)]
     pub max_memory: Option<u64>,
@@ -64,6 +90,38 @@ pub struct NodeArgs {
 pub struct CoordinatorArgs {
     #[command(flatten)]
     pub pool: PoolArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// What a coordinator serves and where.
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Model to serve: short name, Hugging Face id or path.
+    #[arg(long, default_value = crate::catalog::DEFAULT_MODEL)]
+    pub model: String,
+    /// Address of the OpenAI-compatible HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+}
+
+/// Flags of `potluck up`.
+#[derive(Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub limits: NodeLimits,
+    /// Answer this prompt (as a chat message) once the pool is ready, then exit.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Most tokens to generate for --prompt.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 /// Parses sizes like `4G`, `512M`, `1024K` or plain bytes.
@@ -121,47 +179,209 @@ async fn stop_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Runs `potluck node`.
-pub fn run_node(args: NodeArgs) -> Result<()> {
-    if args.device != "cpu" {
-        anyhow::bail!(
-            "--device {} is not available in this build (cpu only)",
-            args.device
+impl NodeLimits {
+    fn check(&self) -> Result<()> {
+        if self.device != "cpu" {
+            anyhow::bail!(
+                "--device {} is not available in this build (cpu only)",
+                self.device
+            );
+        }
+        if self.advert_interval == 0 {
+            anyhow::bail!("--advert-interval must be at least 1 second");
+        }
+        crate::set_threads(self.threads)
+    }
+}
+
+/// The node's configuration: the cache's verified models, the owner's limits.
+fn node_config(
+    cache: &ModelCache,
+    pool: &PoolArgs,
+    data_dir: PathBuf,
+    listen: Vec<libp2p::Multiaddr>,
+    bootstrap: Vec<libp2p::Multiaddr>,
+    limits: &NodeLimits,
+) -> Result<NodeConfig> {
+    let models: Vec<LocalModel> = cache
+        .offered()?
+        .into_iter()
+        .map(|(path, model)| LocalModel { model, path })
+        .collect();
+    if models.is_empty() {
+        tracing::warn!(
+            "no models cached; this node cannot serve until one is (potluck model fetch {})",
+            crate::catalog::DEFAULT_MODEL
         );
     }
-    if args.threads == Some(0) {
-        anyhow::bail!("--threads must be at least 1");
-    }
-    if args.advert_interval == 0 {
-        anyhow::bail!("--advert-interval must be at least 1 second");
-    }
-    crate::set_threads(args.threads)?;
-    let interval = Duration::from_secs(args.advert_interval);
-    let cfg = NodeConfig {
-        data_dir: args.pool.data_dir.clone(),
-        pool: args.pool.pool.clone(),
-        listen: args.pool.listen(),
-        bootstrap: args.bootstrap,
-        mdns: !args.pool.no_mdns,
+    let interval = Duration::from_secs(limits.advert_interval);
+    // KV caches may take a quarter of what the owner allows.
+    let kv_budget = limits
+        .max_memory
+        .map_or(DEFAULT_KV_BUDGET, |m| (m / 4) as usize)
+        .min(DEFAULT_KV_BUDGET);
+    Ok(NodeConfig {
+        data_dir,
+        pool: pool.pool.clone(),
+        listen,
+        bootstrap,
+        mdns: !pool.no_mdns,
         limits: Limits {
-            max_memory: args.max_memory,
-            threads: args.threads,
+            max_memory: limits.max_memory,
+            threads: limits.threads,
         },
         advert_interval: interval,
         advert_ttl: interval * 3,
-    };
+        models,
+        kv_budget,
+    })
+}
+
+/// Runs `potluck node`.
+pub fn run_node(cache: &ModelCache, args: NodeArgs) -> Result<()> {
+    args.limits.check()?;
+    let cfg = node_config(
+        cache,
+        &args.pool,
+        args.pool.data_dir("node")?,
+        args.pool.listen(),
+        args.bootstrap,
+        &args.limits,
+    )?;
     runtime()?.block_on(node::run(cfg, stop_signal()))?;
     Ok(())
 }
 
+/// The model a coordinator serves, read from the cache.
+fn served_model(cache: &ModelCache, model: &str) -> Result<ServedModel> {
+    let (path, model_ref) = cache.model_ref(model)?;
+    ServedModel::open(&path, model_ref).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Binds the HTTP API and serves it on a task; prints where.
+async fn start_http(addr: SocketAddr, c: Coordinator) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the HTTP API to {addr}"))?;
+    let bound = listener.local_addr()?;
+    println!("api listening on http://{bound}");
+    tokio::spawn(async move {
+        if let Err(e) = potluck_coordinator::http::serve(listener, c).await {
+            tracing::error!("HTTP API stopped: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+fn coordinator_config(pool: &PoolArgs, data_dir: PathBuf) -> CoordinatorConfig {
+    CoordinatorConfig {
+        data_dir,
+        pool: pool.pool.clone(),
+        listen: pool.listen(),
+        mdns: !pool.no_mdns,
+    }
+}
+
 /// Runs `potluck coordinator`.
-pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
-    let cfg = CoordinatorConfig {
-        data_dir: args.pool.data_dir.clone(),
-        pool: args.pool.pool.clone(),
-        listen: args.pool.listen(),
-        mdns: !args.pool.no_mdns,
+pub fn run_coordinator(cache: &ModelCache, args: CoordinatorArgs) -> Result<()> {
+    let model = served_model(cache, &args.serve.model)?;
+    let cfg = coordinator_config(&args.pool, args.pool.data_dir("coordinator")?);
+    runtime()?.block_on(async {
+        let running = coordinator::start(cfg, model)?;
+        start_http(args.serve.http, running.coordinator.clone()).await?;
+        stop_signal().await;
+        Ok(())
+    })
+}
+
+/// Runs `potluck up`: a coordinator and a node in one process, joined over loopback.
+pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
+    args.limits.check()?;
+    let params = args.sampling.params()?;
+    if args.max_tokens == 0 {
+        anyhow::bail!("--max-tokens must be at least 1");
+    }
+    let model = served_model(cache, &args.serve.model)?;
+    let base = args.pool.data_dir("up")?;
+    let cfg = coordinator_config(&args.pool, base.join("coordinator"));
+    runtime()?.block_on(async {
+        let running = coordinator::start(cfg, model)?;
+        let c = running.coordinator.clone();
+        let bootstrap = local_address(running.listening).await?;
+        let node_cfg = node_config(
+            cache,
+            &args.pool,
+            base.join("node"),
+            vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+            vec![bootstrap.clone()],
+            &args.limits,
+        )?;
+        tokio::spawn(async move {
+            if let Err(e) = node::run(node_cfg, std::future::pending()).await {
+                tracing::error!("the local node stopped: {e}");
+            }
+        });
+        c.wait_ready(Duration::from_secs(120))
+            .await
+            .context("the pool did not become ready")?;
+        let Some(prompt) = args.prompt else {
+            let http = start_http(args.serve.http, c.clone()).await?;
+            println!("pool ready; add machines with: potluck node --bootstrap <one of the listening addresses above>");
+            println!("try: curl http://{http}/v1/chat/completions -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'");
+            stop_signal().await;
+            return Ok(());
+        };
+        let ids = prompt_ids(&c.model().tokenizer, &prompt, true, None)?;
+        let req = SessionRequest {
+            prompt: ids,
+            max_tokens: args.max_tokens,
+            stop: Vec::new(),
+            sampling: params,
+        };
+        let (_, stats) = c
+            .generate(req, |piece| {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            })
+            .await?;
+        println!();
+        eprintln!(
+            "prefill: {} tokens, {:.1} t/s; decode: {} tokens, {:.1} t/s",
+            stats.prompt_tokens,
+            stats.prefill_tps(),
+            stats.generated_tokens,
+            stats.decode_tps()
+        );
+        Ok(())
+    })
+}
+
+/// The coordinator's first loopback TCP address, once it listens.
+async fn local_address(
+    mut listening: tokio::sync::watch::Receiver<Vec<libp2p::Multiaddr>>,
+) -> Result<libp2p::Multiaddr> {
+    let pick = |addrs: &[libp2p::Multiaddr]| {
+        addrs
+            .iter()
+            .find(|a| {
+                let s = a.to_string();
+                s.starts_with("/ip4/127.0.0.1/tcp/")
+            })
+            .or_else(|| addrs.first())
+            .cloned()
     };
-    runtime()?.block_on(coordinator::run(cfg, stop_signal()))?;
-    Ok(())
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(a) = pick(&listening.borrow_and_update()) {
+                return Ok(a);
+            }
+            listening
+                .changed()
+                .await
+                .context("the coordinator stopped")?;
+        }
+    })
+    .await
+    .context("the coordinator did not start listening")?
 }

@@ -2,120 +2,20 @@
 //! their signed adverts land in its peer table, pools stay apart, and a node that stops
 //! advertising is dropped when its advert expires.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+mod common;
+
+use common::node;
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A running `potluck` process whose stdout lines arrive on a channel; killed on drop.
-struct Proc {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_potluck"))
-            .args(args)
-            .env("POTLUCK_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start potluck");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The first line (already seen or arriving before `deadline`) that satisfies `pred`.
-    fn wait_for(&mut self, deadline: Instant, pred: impl Fn(&str) -> bool) -> Option<String> {
-        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
-            return Some(l.clone());
-        }
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if pred(&l) {
-                        return Some(l);
-                    }
-                }
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn node(dir: &std::path::Path, name: &str, pool: &str, bootstrap: &str) -> (Proc, String) {
-    let data = dir.join(name);
-    let data = data.to_string_lossy();
-    let mut p = Proc::start(&[
-        "node",
-        "--data-dir",
-        &data,
-        "--pool",
-        pool,
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--bootstrap",
-        bootstrap,
-        "--advert-interval",
-        "1",
-        "--threads",
-        "1",
-    ]);
-    let id = p
-        .wait_for(Instant::now() + Duration::from_secs(30), |l| {
-            l.starts_with("peer id ")
-        })
-        .expect("node printed no peer id")
-        .trim_start_matches("peer id ")
-        .to_string();
-    (p, id)
-}
 
 #[test]
 fn nodes_join_by_bootstrap_pools_stay_apart_and_silent_nodes_expire() {
     let dir = tempfile::tempdir().unwrap();
-    let cdata = dir.path().join("coordinator");
-    let mut coord = Proc::start(&[
-        "coordinator",
-        "--data-dir",
-        &cdata.to_string_lossy(),
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-    ]);
+    let (mut coord, addr, _) = common::coordinator(dir.path(), &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    let addr = coord
-        .wait_for(deadline, |l| l.starts_with("listening /ip4/127.0.0.1/tcp/"))
-        .expect("coordinator printed no listen address")
-        .trim_start_matches("listening ")
-        .to_string();
-    let (mut a, id_a) = node(dir.path(), "a", "public", &addr);
-    let (_b, id_b) = node(dir.path(), "b", "public", &addr);
-    let (_other, id_other) = node(dir.path(), "other", "elsewhere", &addr);
+    let (mut a, id_a) = node(dir.path(), "a", "public", &addr, &[]);
+    let (_b, id_b) = node(dir.path(), "b", "public", &addr, &[]);
+    let (_other, id_other) = node(dir.path(), "other", "elsewhere", &addr, &[]);
     for id in [&id_a, &id_b] {
         let joined = coord.wait_for(deadline, |l| l.starts_with(&format!("peer joined {id} ")));
         assert!(
@@ -124,7 +24,9 @@ fn nodes_join_by_bootstrap_pools_stay_apart_and_silent_nodes_expire() {
             coord.seen
         );
     }
-    let line = coord.wait_for(deadline, |l| l.contains(&id_a)).unwrap();
+    let line = coord
+        .wait_for(deadline, |l| l.starts_with(&format!("peer joined {id_a} ")))
+        .unwrap();
     assert!(
         line.contains("device Cpu") && line.contains("threads 1"),
         "{line}"
@@ -132,7 +34,9 @@ fn nodes_join_by_bootstrap_pools_stay_apart_and_silent_nodes_expire() {
     // A node of another pool shares the swarm but never the pool's topic.
     let soon = Instant::now() + Duration::from_secs(3);
     assert!(
-        coord.wait_for(soon, |l| l.contains(&id_other)).is_none(),
+        coord
+            .wait_for(soon, |l| l.starts_with(&format!("peer joined {id_other}")))
+            .is_none(),
         "{:?}",
         coord.seen
     );

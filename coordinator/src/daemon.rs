@@ -1,8 +1,11 @@
 //! `potluck coordinator`: join the pool's swarm, verify every capacity advert into the peer
-//! table, and drop peers whose adverts expire. Prints its listen addresses for nodes'
-//! `--bootstrap`, and one line per peer that joins or leaves.
+//! table, drop peers whose adverts expire, re-plan as peers come and go, and send each peer
+//! its span. Prints its listen addresses for nodes' `--bootstrap`, one line per peer that
+//! joins or leaves, and each new plan.
 
+use crate::model::ServedModel;
 use crate::peer_table::{Accepted, AdvertRejection, PeerTable};
+use crate::pool::Coordinator;
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, Multiaddr, PeerId};
@@ -12,6 +15,7 @@ use potluck_protocol::messages::Message;
 use potluck_protocol::signed::PublicKey;
 use std::path::PathBuf;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// How a coordinator is run.
 #[derive(Debug, Clone)]
@@ -26,56 +30,117 @@ pub struct CoordinatorConfig {
     pub mdns: bool,
 }
 
-/// Runs the coordinator until `shutdown` resolves.
-pub async fn run(
-    cfg: CoordinatorConfig,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), swarm::StartError> {
+/// A started coordinator: its handle, and the addresses it listens on as they appear.
+pub struct Running {
+    /// Sessions and pool state.
+    pub coordinator: Coordinator,
+    /// Listen addresses (with /p2p/ id), for nodes' `--bootstrap`.
+    pub listening: watch::Receiver<Vec<Multiaddr>>,
+}
+
+/// Starts the coordinator for `model`; its swarm runs on a task until the process ends.
+pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, swarm::StartError> {
     let swarm::Started { mut swarm, .. } =
         swarm::start(&cfg.data_dir, &cfg.pool, &cfg.listen, &[], cfg.mdns)?;
-    let mut table = PeerTable::new(&cfg.pool);
-    let mut expiry = tokio::time::interval(Duration::from_secs(1));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            _ = expiry.tick() => {
-                for gone in table.expire(unix_now()) {
-                    let id = peer_id_of(&gone).map(|p| p.to_string()).unwrap_or_default();
-                    println!("peer left {id} (advert expired)");
-                }
-            }
-            event = swarm.select_next_some() => match swarm::handle_common(&mut swarm, event) {
-                Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }))) => {
-                    let from = message.source.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
-                    match check_gossip(&mut table, &message.data, message.source, unix_now()) {
-                        Ok((Accepted::New, key)) => {
-                            if let Some(p) = table.get(&key) {
-                                let a = &p.advert;
-                                println!(
-                                    "peer joined {from} device {:?} memory {} MB threads {} gflops {:.1} mem {:.1} GB/s",
-                                    a.device,
-                                    a.memory_bytes >> 20,
-                                    a.threads,
-                                    a.gflops,
-                                    a.mem_gbps
-                                );
-                            }
-                        }
-                        Ok((Accepted::Changed, _)) => tracing::info!(%from, "capacity changed"),
-                        Ok((Accepted::Refreshed, _)) => {}
-                        Err(why) => tracing::warn!(%from, "dropped gossip: {why}"),
+    let coordinator = Coordinator::new(model, &cfg.pool, swarm.behaviour().streams.new_control());
+    let (addrs_tx, listening) = watch::channel(Vec::new());
+    let handle = coordinator.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let event = tokio::select! {
+                _ = tick.tick() => {
+                    let gone = handle.state().table.expire(unix_now());
+                    for key in &gone {
+                        let id = peer_id_of(key).map(|p| p.to_string()).unwrap_or_default();
+                        println!("peer left {id} (advert expired)");
                     }
+                    if !gone.is_empty() {
+                        handle.sync_loaded();
+                    }
+                    handle.replan();
+                    continue;
                 }
-                Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Ping(libp2p::ping::Event { peer, result: Ok(rtt), .. }))) => {
-                    let key = table.peers().iter().find(|p| peer_id_of(&p.key) == Some(peer)).map(|p| p.key);
+                event = swarm.select_next_some() => event,
+            };
+            if let SwarmEvent::NewListenAddr { address, .. } = &event {
+                let full = address
+                    .clone()
+                    .with(libp2p::multiaddr::Protocol::P2p(*swarm.local_peer_id()));
+                addrs_tx.send_modify(|a| a.push(full));
+            }
+            match swarm::handle_common(&mut swarm, event) {
+                Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(
+                    gossipsub::Event::Message { message, .. },
+                ))) => on_gossip(&handle, &message.data, message.source),
+                Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Ping(libp2p::ping::Event {
+                    peer,
+                    result: Ok(rtt),
+                    ..
+                }))) => {
+                    let mut st = handle.state();
+                    let key = st
+                        .table
+                        .peers()
+                        .iter()
+                        .find(|p| peer_id_of(&p.key) == Some(peer))
+                        .map(|p| p.key);
                     if let Some(key) = key {
-                        table.set_rtt(&key, rtt.as_secs_f32() * 1000.0);
+                        st.table.set_rtt(&key, rtt.as_secs_f32() * 1000.0);
                     }
                 }
                 _ => {}
             }
         }
+    });
+    Ok(Running {
+        coordinator,
+        listening,
+    })
+}
+
+/// Runs the coordinator until `shutdown` resolves.
+pub async fn run(
+    cfg: CoordinatorConfig,
+    model: ServedModel,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), swarm::StartError> {
+    let _running = start(cfg, model)?;
+    shutdown.await;
+    Ok(())
+}
+
+/// Takes one gossiped frame into the pool: prints joins, logs drops, re-plans on change.
+fn on_gossip(handle: &Coordinator, data: &[u8], source: Option<PeerId>) {
+    let from = source.map_or_else(|| "unknown".into(), |p| p.to_string());
+    let outcome = {
+        let mut st = handle.state();
+        let outcome = check_gossip(&mut st.table, data, source, unix_now());
+        if let Ok((Accepted::New, key)) = &outcome {
+            if let Some(p) = st.table.get(key) {
+                let a = &p.advert;
+                println!(
+                    "peer joined {from} device {:?} memory {} MB threads {} gflops {:.1} mem {:.1} GB/s",
+                    a.device,
+                    a.memory_bytes >> 20,
+                    a.threads,
+                    a.gflops,
+                    a.mem_gbps
+                );
+            }
+        }
+        outcome
+    };
+    match outcome {
+        Ok((Accepted::Refreshed, _)) => handle.sync_loaded(),
+        Ok((change, _)) => {
+            if change == Accepted::Changed {
+                tracing::info!(%from, "capacity changed");
+            }
+            handle.sync_loaded();
+            handle.replan();
+        }
+        Err(why) => tracing::warn!(%from, "dropped gossip: {why}"),
     }
 }
 

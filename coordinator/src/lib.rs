@@ -1,9 +1,16 @@
 //! The pool operator's side. Its decisions are free of any network or clock of their own
 //! (the caller passes the time), so the simulator can drive the same code: which peers are in
-//! the pool (`peer_table`), which blocks each holds (`planner`), and which chain serves a
-//! session (`router`). `daemon` runs them on the pool's swarm.
+//! the pool (`peer_table`), which blocks each holds (`planner`), which chain serves a session
+//! (`router`), and whether a stage's result stands (`verify`). `pool` keeps the live state and
+//! runs sessions through `pipeline`; `daemon` runs it all on the pool's swarm; `http` serves
+//! the API.
 
 pub mod daemon;
+pub mod http;
+pub mod model;
 pub mod peer_table;
+pub mod pipeline;
 pub mod planner;
+pub mod pool;
 pub mod router;
+pub mod verify;

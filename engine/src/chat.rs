@@ -60,3 +60,19 @@ pub fn render_chat(
     })
     .map_err(|e| EngineError::Template(e.to_string()))
 }
+
+/// Token ids of `messages` in `tok`'s chat template (ChatML when it has none), ending with
+/// the assistant's opening: what a chat request prefills.
+pub fn chat_prompt_ids(
+    tok: &crate::tokenizer::TextTokenizer,
+    messages: &[ChatMessage],
+) -> Result<Vec<u32>> {
+    let text = render_chat(
+        tok.chat_template(),
+        messages,
+        &tok.bos_text(),
+        &tok.eos_text(),
+        true,
+    )?;
+    tok.encode(&text)
+}

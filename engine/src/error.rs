@@ -48,6 +48,9 @@ pub enum EngineError {
     /// Chat template failure.
     #[error("chat template: {0}")]
     Template(String),
+    /// A stage on another peer failed, refused, or could not be reached.
+    #[error("pipeline: {0}")]
+    Pipeline(String),
     /// A numeric failure inside candle.
     #[error("tensor op failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -149,6 +149,42 @@ pub struct GenerateRequest<'a> {
     pub stop: &'a [String],
 }
 
+/// Where the next token comes from: stages in this process with a local sampler, or a
+/// pipeline across peers whose last stage samples. The generation loop is the same for both.
+pub trait TokenSource {
+    /// The model's context window, in positions.
+    fn context(&self) -> usize;
+    /// Runs `input` at positions `pos..pos + input.len()` and returns the next token.
+    /// `history` is every token so far (prompt and generated), for repetition penalties.
+    fn next_token(&mut self, pos: usize, input: &[u32], history: &[u32]) -> Result<u32>;
+}
+
+/// Stages held in this process, run in order, sampled here.
+pub struct LocalPipeline<'a> {
+    /// The stages, first to last.
+    pub stages: &'a mut [Stage],
+    /// The session's cache key.
+    pub session: SessionId,
+    /// Picks tokens from the last stage's logits.
+    pub sampler: &'a mut Sampler,
+}
+
+impl TokenSource for LocalPipeline<'_> {
+    fn context(&self) -> usize {
+        self.stages.first().map_or(0, |s| s.config().context)
+    }
+
+    fn next_token(&mut self, pos: usize, input: &[u32], history: &[u32]) -> Result<u32> {
+        let logits = run_pipeline(
+            self.stages,
+            self.session,
+            pos,
+            StageInput::Tokens(input.to_vec()),
+        )?;
+        self.sampler.sample(&logits, history)
+    }
+}
+
 /// Generates from `req.prompt` through `stages`, calling `on_text` with each piece of text as
 /// it completes. Returns the whole text and the run's statistics. The session's caches are
 /// freed when it ends, by success or error.
@@ -160,25 +196,27 @@ pub fn generate(
     sampler: &mut Sampler,
     on_text: impl FnMut(&str),
 ) -> Result<(String, GenerateStats)> {
-    let result = generate_session(stages, tok, session, req, sampler, on_text);
-    for s in stages.iter_mut() {
+    let mut local = LocalPipeline {
+        stages,
+        session,
+        sampler,
+    };
+    let result = generate_with(&mut local, tok, req, on_text);
+    for s in local.stages.iter_mut() {
         s.end_session(session);
     }
     result
 }
 
-fn generate_session(
-    stages: &mut [Stage],
+/// Generates from `req.prompt` with tokens from `source`, calling `on_text` with each piece
+/// of text as it completes. Returns the whole text and the run's statistics.
+pub fn generate_with(
+    source: &mut impl TokenSource,
     tok: &TextTokenizer,
-    session: SessionId,
     req: &GenerateRequest<'_>,
-    sampler: &mut Sampler,
     mut on_text: impl FnMut(&str),
 ) -> Result<(String, GenerateStats)> {
-    let context = stages
-        .first()
-        .map(|s| s.config().context)
-        .ok_or_else(|| EngineError::bad_input("no stages"))?;
+    let context = source.context();
     if req.prompt.is_empty() {
         return Err(EngineError::bad_input("the prompt is empty"));
     }
@@ -190,9 +228,9 @@ fn generate_session(
     }
     let started = Instant::now();
     let mut history: Vec<u32> = req.prompt.to_vec();
-    let mut logits = run_pipeline(stages, session, 0, StageInput::Tokens(req.prompt.to_vec()))?;
-    let mut prefill_secs = 0.0;
-    let mut first_token_at = Instant::now();
+    let mut next = source.next_token(0, req.prompt, &history)?;
+    let prefill_secs = started.elapsed().as_secs_f64();
+    let first_token_at = Instant::now();
     let mut decoder = tok.stream();
     let mut filter = StopFilter {
         stops: req.stop,
@@ -202,11 +240,6 @@ fn generate_session(
     let mut generated = 0;
     let mut finish = FinishReason::Length;
     while generated < req.max_tokens {
-        let next = sampler.sample(&logits, &history)?;
-        if generated == 0 {
-            prefill_secs = started.elapsed().as_secs_f64();
-            first_token_at = Instant::now();
-        }
         if tok.is_eos(next) {
             finish = FinishReason::Stop;
             break;
@@ -224,12 +257,7 @@ fn generate_session(
         if generated == req.max_tokens || history.len() >= context {
             break;
         }
-        logits = run_pipeline(
-            stages,
-            session,
-            history.len() - 1,
-            StageInput::Tokens(vec![next]),
-        )?;
+        next = source.next_token(history.len() - 1, &[next], &history)?;
     }
     if finish == FinishReason::Length {
         let rest = filter.finish();

@@ -201,6 +201,49 @@ impl WeightFile {
         }
     }
 
+    /// Bytes the weights take once loaded: the largest decoder block, and everything outside
+    /// the blocks (embedding, head, final norm). Planners size stages with it.
+    pub fn footprint(&self) -> (u64, u64) {
+        let (block_prefix, sizes): (&str, Vec<(String, u64)>) = match self {
+            WeightFile::Gguf(g) => (
+                "blk.",
+                g.content()
+                    .tensor_infos
+                    .iter()
+                    .map(|(name, t)| {
+                        let elems = t.shape.elem_count() as u64;
+                        let block = t.ggml_dtype.block_size().max(1) as u64;
+                        (
+                            name.clone(),
+                            elems / block * t.ggml_dtype.type_size() as u64,
+                        )
+                    })
+                    .collect(),
+            ),
+            // Held as f32 whatever the stored type.
+            WeightFile::Safetensors { tensors, .. } => (
+                "model.layers.",
+                tensors
+                    .tensors()
+                    .into_iter()
+                    .map(|(name, v)| (name, v.shape().iter().product::<usize>() as u64 * 4))
+                    .collect(),
+            ),
+        };
+        let mut blocks: std::collections::HashMap<String, u64> = Default::default();
+        let mut edge = 0u64;
+        for (name, bytes) in sizes {
+            match name
+                .strip_prefix(block_prefix)
+                .and_then(|rest| rest.split('.').next())
+            {
+                Some(index) => *blocks.entry(index.to_string()).or_default() += bytes,
+                None => edge += bytes,
+            }
+        }
+        (blocks.values().copied().max().unwrap_or(0), edge)
+    }
+
     /// Whether RoPE pairs adjacent dimensions (llama.cpp's GGUF layout, where the converter
     /// permuted Q/K rows) rather than the two halves of a head (HF layout).
     pub fn rope_interleaved(&self) -> bool {

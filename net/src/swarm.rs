@@ -1,6 +1,6 @@
 //! The libp2p swarm every Potluck peer (node or coordinator) runs: QUIC and TCP (noise,
 //! yamux), identify, ping, gossipsub for signed adverts, Kademlia for finding peers across the
-//! internet, and mDNS on a LAN.
+//! internet, mDNS on a LAN, and libp2p streams for stage traffic and control.
 
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
@@ -31,6 +31,9 @@ pub struct PoolBehaviour {
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     /// LAN discovery, when enabled.
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Stage and control streams, opened and accepted through a [`libp2p_stream::Control`]
+    /// outside the event loop.
+    pub streams: libp2p_stream::Behaviour,
 }
 
 /// Why the swarm could not be built.
@@ -90,6 +93,7 @@ pub fn build(key: identity::Keypair, use_mdns: bool) -> Result<Swarm<PoolBehavio
                 gossipsub,
                 kad: kad::Behaviour::new(peer_id, kad::store::MemoryStore::new(peer_id)),
                 mdns: mdns.into(),
+                streams: libp2p_stream::Behaviour::new(),
             })
         })
         .map_err(|e| err(&e))?

@@ -1,12 +1,14 @@
-//! `potluck node`: measure the machine, join the pool's swarm, and keep a signed capacity
-//! advert on the pool's gossip topic (on start, on change, and every interval, with expiry).
+//! `potluck node`: measure the machine, join the pool's swarm, keep a signed capacity advert
+//! on the pool's gossip topic (on start, on change, and every interval, with expiry), and
+//! serve the layers the coordinator assigns.
 
 use crate::probe::{probe, Capacity, Limits};
+use crate::serve::{LocalModel, Server};
 use futures::StreamExt;
 use libp2p::{gossipsub, Multiaddr};
 use potluck_net::swarm;
 use potluck_protocol::codec::encode_frame;
-use potluck_protocol::messages::{CapacityAdvert, Message, ADVERT_DOMAIN};
+use potluck_protocol::messages::{CapacityAdvert, LayerRange, Message, ModelRef, ADVERT_DOMAIN};
 use potluck_protocol::signed::{Keypair, Signed};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,6 +32,19 @@ pub struct NodeConfig {
     pub advert_interval: Duration,
     /// How long an advert stays valid.
     pub advert_ttl: Duration,
+    /// Models in the local cache that the node offers.
+    pub models: Vec<LocalModel>,
+    /// Bytes the KV caches of all sessions may take.
+    pub kv_budget: usize,
+}
+
+/// What an advert says besides the measured capacity.
+#[derive(Debug, Clone, Default)]
+pub struct Offer {
+    /// Models the node can load.
+    pub models: Vec<ModelRef>,
+    /// Blocks loaded now.
+    pub loaded: Option<(ModelRef, LayerRange)>,
 }
 
 /// Builds and signs the advert for `cap`.
@@ -37,6 +52,7 @@ pub fn signed_advert(
     key: &Keypair,
     pool: &str,
     cap: &Capacity,
+    offer: &Offer,
     seq: u64,
     ttl: Duration,
 ) -> Option<Signed> {
@@ -48,8 +64,8 @@ pub fn signed_advert(
         gflops: cap.gflops,
         mem_gbps: cap.mem_gbps,
         threads: cap.threads,
-        models: Vec::new(),
-        loaded: None,
+        models: offer.models.clone(),
+        loaded: offer.loaded.clone(),
         seq,
         issued_at: now,
         expires_at: now + ttl.as_secs().max(1),
@@ -75,6 +91,19 @@ pub async fn run(
     )?;
     let capacity = probe(&cfg.limits);
     tracing::info!(?capacity, "capacity measured");
+    let server = Server::new(
+        cfg.models.clone(),
+        Keypair::from_secret(&key.secret()),
+        cfg.kv_budget,
+    );
+    server
+        .accept(swarm.behaviour().streams.new_control())
+        .map_err(swarm::StartError::Address)?;
+    let mut loaded = server.loaded();
+    let mut offer = Offer {
+        models: server.models(),
+        loaded: None,
+    };
     // Sequence numbers start from the clock so a restarted node's adverts are never stale.
     let mut seq = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -91,6 +120,10 @@ pub async fn run(
                 return Ok(());
             }
             _ = ticker.tick() => published = false,
+            Ok(()) = loaded.changed() => {
+                offer.loaded = loaded.borrow_and_update().clone();
+                published = false;
+            }
             _ = retry.tick(), if !published => {}
             event = swarm.select_next_some() => {
                 swarm::handle_common(&mut swarm, event);
@@ -99,7 +132,8 @@ pub async fn run(
         }
         if !published {
             seq += 1;
-            let Some(advert) = signed_advert(&key, &cfg.pool, &capacity, seq, cfg.advert_ttl)
+            let Some(advert) =
+                signed_advert(&key, &cfg.pool, &capacity, &offer, seq, cfg.advert_ttl)
             else {
                 continue;
             };

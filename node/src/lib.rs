@@ -4,4 +4,5 @@
 
 pub mod daemon;
 pub mod probe;
+pub mod serve;
 pub mod shard;

@@ -77,13 +77,14 @@ impl ShardServer {
         self.stage.end_session(session)
     }
 
-    /// Runs one request and signs the result.
-    pub fn handle(&mut self, req: &StageForward) -> Result<StageResult, WireError> {
+    /// Runs one request and signs the result. `cache` keys the session's KV cache on this
+    /// node; the server picks it (one per stream) so no peer can touch another's session.
+    pub fn handle(&mut self, cache: u64, req: &StageForward) -> Result<StageResult, WireError> {
         let input = self.input(&req.input)?;
         let pos = req.position as usize;
         let output = match self
             .stage
-            .forward(req.session, pos, input)
+            .forward(cache, pos, input)
             .map_err(engine_error)?
         {
             StageOutput::Hidden(h) => {

@@ -46,7 +46,7 @@ fn hop(server: &mut ShardServer, req: StageForward) -> Result<StageResult, WireE
     let (Message::Forward(req), _) = decode_frame::<Message>(&frame).unwrap() else {
         panic!("not a forward")
     };
-    let answer = match server.handle(&req) {
+    let answer = match server.handle(req.session, &req) {
         Ok(r) => Message::Result(Box::new(r)),
         Err(e) => Message::Error(e),
     };

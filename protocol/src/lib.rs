@@ -7,6 +7,7 @@ pub mod error;
 pub mod messages;
 pub mod receipt;
 pub mod signed;
+pub mod stream;
 pub mod tensor;
 
 pub use error::{ProtocolError, Result};

@@ -1,0 +1,166 @@
+//! Helpers the multi-process tests share: `potluck` child processes whose output lines can
+//! be waited for, killed when dropped.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+fn forward(from: impl std::io::Read, to: std::sync::mpsc::Sender<String>) {
+    for line in BufReader::new(from).lines().map_while(Result::ok) {
+        if to.send(line).is_err() {
+            break;
+        }
+    }
+}
+
+/// A running `potluck` process whose stdout lines arrive on a channel; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    pub fn start(args: &[&str]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_potluck"))
+            .args(args)
+            .env("POTLUCK_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start potluck");
+        // Output and logs arrive on one channel, so tests can wait for either.
+        let (tx, lines) = channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let tx2 = tx.clone();
+        std::thread::spawn(move || forward(out, tx));
+        std::thread::spawn(move || forward(err, tx2));
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line (already seen or arriving before `deadline`) that satisfies `pred`.
+    pub fn wait_for(&mut self, deadline: Instant, pred: impl Fn(&str) -> bool) -> Option<String> {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return Some(l.clone());
+        }
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if pred(&l) {
+                        return Some(l);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a coordinator on loopback with its API on a free port; returns it, the address
+/// nodes bootstrap from, and the API's `host:port`.
+pub fn coordinator(dir: &std::path::Path, extra: &[&str]) -> (Proc, String, String) {
+    let data = dir.join("coordinator");
+    let mut args = vec![
+        "coordinator",
+        "--data-dir",
+        data.to_str().expect("utf-8 temp path"),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--http",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Proc::start(&args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let addr = p
+        .wait_for(deadline, |l| l.starts_with("listening /ip4/127.0.0.1/tcp/"))
+        .expect("coordinator printed no listen address")
+        .trim_start_matches("listening ")
+        .to_string();
+    let http = p
+        .wait_for(deadline, |l| l.starts_with("api listening on http://"))
+        .expect("coordinator printed no API address")
+        .trim_start_matches("api listening on http://")
+        .to_string();
+    (p, addr, http)
+}
+
+/// Starts a node of `pool` on loopback that joins through `bootstrap`; returns it and its
+/// peer id.
+pub fn node(
+    dir: &std::path::Path,
+    name: &str,
+    pool: &str,
+    bootstrap: &str,
+    extra: &[&str],
+) -> (Proc, String) {
+    let data = dir.join(name);
+    let mut args = vec![
+        "node",
+        "--data-dir",
+        data.to_str().expect("utf-8 temp path"),
+        "--pool",
+        pool,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--bootstrap",
+        bootstrap,
+        "--advert-interval",
+        "1",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Proc::start(&args);
+    let id = p
+        .wait_for(Instant::now() + Duration::from_secs(30), |l| {
+            l.starts_with("peer id ")
+        })
+        .expect("node printed no peer id")
+        .trim_start_matches("peer id ")
+        .to_string();
+    (p, id)
+}
+
+/// POSTs `body` as JSON to `http://{addr}{path}`; returns the status code and the body.
+pub fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let body = body.to_string();
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the API");
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the answer");
+    let (head, rest) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    let json = serde_json::from_str(rest).unwrap_or_else(|e| panic!("{e}: {rest}"));
+    (status, json)
+}

@@ -1,0 +1,52 @@
+//! The model a coordinator serves: its name and digest (what nodes must hold), its geometry
+//! (what the planner sizes stages by) and its tokenizer and chat template (what sessions
+//! need). The coordinator never loads the weights themselves.
+
+use crate::planner::ModelShape;
+use potluck_engine::config::LlamaConfig;
+use potluck_engine::generate::load_tokenizer;
+use potluck_engine::tokenizer::TextTokenizer;
+use potluck_engine::weights::WeightFile;
+use potluck_engine::EngineError;
+use potluck_protocol::messages::ModelRef;
+use std::path::Path;
+
+/// Positions of KV cache the planner keeps room for on every block.
+pub const PLANNED_CONTEXT: u64 = 2048;
+/// Scratch memory every stage needs besides weights and caches.
+pub const STAGE_SCRATCH_BYTES: u64 = 32 << 20;
+
+/// Everything the coordinator knows about its model.
+pub struct ServedModel {
+    /// Name and digest, as nodes advertise it.
+    pub model: ModelRef,
+    /// What the planner needs.
+    pub shape: ModelShape,
+    /// Geometry.
+    pub config: LlamaConfig,
+    /// Tokenizer and chat template.
+    pub tokenizer: TextTokenizer,
+}
+
+impl ServedModel {
+    /// Reads `path`'s metadata and tokenizer; `model` is its name and checked digest.
+    pub fn open(path: &Path, model: ModelRef) -> Result<Self, EngineError> {
+        let file = WeightFile::open(path)?;
+        let config = file.config()?;
+        let (block_bytes, edge_bytes) = file.footprint();
+        let kv_per_block = config.kv_bytes_per_position() as u64;
+        let shape = ModelShape {
+            layers: config.layers as u32,
+            layer_bytes: block_bytes + kv_per_block * PLANNED_CONTEXT,
+            edge_bytes,
+            reserve_bytes: STAGE_SCRATCH_BYTES,
+        };
+        let tokenizer = load_tokenizer(&file)?;
+        Ok(Self {
+            model,
+            shape,
+            config,
+            tokenizer,
+        })
+    }
+}

@@ -1,0 +1,365 @@
+//! The coordinator's live view of its pool and what it does with it: peers from verified
+//! adverts, the current plan, which peers have confirmed loading their span, assignments
+//! sent over control streams, and sessions routed through confirmed spans.
+
+use crate::model::ServedModel;
+use crate::peer_table::PeerTable;
+use crate::pipeline::{ChainModel, RemotePipeline};
+use crate::planner::{plan, Plan, PlanPeer, Span};
+use crate::router::{route, PeerCost};
+use libp2p::{PeerId, StreamProtocol};
+use potluck_engine::generate::{generate_with, GenerateRequest, GenerateStats};
+use potluck_engine::sampling::SamplingParams;
+use potluck_net::swarm::peer_id_of;
+use potluck_protocol::messages::{LayerRange, Message, ShardAssignment};
+use potluck_protocol::signed::PublicKey;
+use potluck_protocol::stream::{
+    read_frame_async, write_frame_async, CONTROL_PROTOCOL, MAX_CONTROL_FRAME,
+};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::Notify;
+
+/// How long a node may take to load its span.
+pub const ASSIGN_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long to wait before re-sending a failed assignment.
+pub const ASSIGN_RETRY: Duration = Duration::from_secs(10);
+/// Round trip assumed for peers not yet pinged, milliseconds.
+const DEFAULT_RTT_MS: f64 = 1.0;
+
+/// Why a session could not run.
+#[derive(Debug, Error, PartialEq)]
+pub enum SessionError {
+    /// The pool cannot serve the model now (too few peers, spans still loading).
+    #[error("the pool is not ready: {0}")]
+    NotReady(String),
+    /// The request itself is invalid.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A stage failed mid-generation.
+    #[error("generation failed: {0}")]
+    Failed(String),
+}
+
+/// One generation, already tokenized.
+#[derive(Debug, Clone)]
+pub struct SessionRequest {
+    /// Prompt token ids (templated).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// How tokens are picked.
+    pub sampling: SamplingParams,
+}
+
+/// What the coordinator tracks about the pool.
+pub struct PoolState {
+    /// Verified peers.
+    pub table: PeerTable,
+    /// The current plan, if the pool can hold the model.
+    pub plan: Option<Plan>,
+    /// Why there is no plan.
+    pub plan_error: Option<String>,
+    /// Spans each peer confirmed it serves.
+    loaded: HashMap<PublicKey, LayerRange>,
+    /// Assignments in flight.
+    pending: HashSet<PublicKey>,
+    /// When failed assignments may be sent again.
+    retry_at: HashMap<PublicKey, Instant>,
+}
+
+/// A handle on the running coordinator; cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    model: Arc<ServedModel>,
+    state: Arc<Mutex<PoolState>>,
+    control: libp2p_stream::Control,
+    next_session: Arc<AtomicU64>,
+    changed: Arc<Notify>,
+}
+
+impl Coordinator {
+    /// A coordinator for `model` in `pool`, opening streams through `control`.
+    pub fn new(model: ServedModel, pool: &str, control: libp2p_stream::Control) -> Self {
+        let mut seed = [0u8; 8];
+        // Session ids only need to differ between sessions; the clock is a fine fallback.
+        if getrandom::fill(&mut seed).is_err() {
+            seed = potluck_net::swarm::unix_now().to_le_bytes();
+        }
+        Self {
+            model: Arc::new(model),
+            state: Arc::new(Mutex::new(PoolState {
+                table: PeerTable::new(pool),
+                plan: None,
+                plan_error: None,
+                loaded: HashMap::new(),
+                pending: HashSet::new(),
+                retry_at: HashMap::new(),
+            })),
+            control,
+            next_session: Arc::new(AtomicU64::new(u64::from_le_bytes(seed) >> 1)),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The served model.
+    pub fn model(&self) -> &ServedModel {
+        &self.model
+    }
+
+    /// The pool state, locked. Poisoning is recovered from: the state stays consistent
+    /// because every update is a single assignment.
+    pub fn state(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what a peer's advert says it holds, and forgets departed peers' spans.
+    pub fn sync_loaded(&self) {
+        {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let present: HashSet<PublicKey> = st.table.peers().iter().map(|p| p.key).collect();
+            st.loaded.retain(|k, _| present.contains(k));
+            st.pending.retain(|k| present.contains(k));
+            for p in st.table.peers() {
+                if let Some((m, range)) = &p.advert.loaded {
+                    if m == &self.model.model {
+                        st.loaded.entry(p.key).or_insert(*range);
+                    }
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn planning_peers(&self, st: &PoolState) -> Vec<PlanPeer> {
+        st.table
+            .peers()
+            .iter()
+            .filter(|p| p.advert.models.contains(&self.model.model))
+            .map(|p| PlanPeer {
+                id: p.key,
+                speed: f64::from(p.advert.mem_gbps).max(1e-3),
+                memory_bytes: p.advert.memory_bytes,
+            })
+            .collect()
+    }
+
+    /// Re-plans for the peers now known and sends every assignment not yet confirmed.
+    pub fn replan(&self) {
+        let mut st = self.state();
+        let peers = self.planning_peers(&st);
+        if peers.is_empty() && st.plan.is_none() {
+            st.plan_error = Some("no peer offers the model yet".into());
+            return;
+        }
+        match plan(&self.model.shape, &peers, st.plan.as_ref()) {
+            Ok(p) => {
+                if st.plan.as_ref().map(|q| q.epoch) != Some(p.epoch) {
+                    println!("plan epoch {}: {}", p.epoch, describe(&p));
+                }
+                st.plan = Some(p);
+                st.plan_error = None;
+            }
+            Err(e) => {
+                if st.plan_error.as_deref() != Some(&e.to_string()) {
+                    println!("no plan: {e}");
+                }
+                st.plan = None;
+                st.plan_error = Some(e.to_string());
+            }
+        }
+        let now = Instant::now();
+        let Some(p) = st.plan.clone() else { return };
+        for span in p.spans {
+            let done = st.loaded.get(&span.peer) == Some(&span.range);
+            let waiting = st.pending.contains(&span.peer)
+                || st.retry_at.get(&span.peer).is_some_and(|t| *t > now);
+            if done || waiting {
+                continue;
+            }
+            st.pending.insert(span.peer);
+            let assignment = ShardAssignment {
+                model: self.model.model.clone(),
+                layers: span.range,
+                total_layers: self.model.shape.layers,
+                epoch: p.epoch,
+            };
+            let this = self.clone();
+            let peer = span.peer;
+            tokio::spawn(async move { this.assign(peer, assignment).await });
+        }
+    }
+
+    /// Sends one assignment and records the answer.
+    async fn assign(&self, key: PublicKey, a: ShardAssignment) {
+        let outcome = match peer_id_of(&key) {
+            None => Err("not a valid peer key".to_string()),
+            Some(peer) => self.send_assignment(peer, &a).await,
+        };
+        let mut st = self.state();
+        st.pending.remove(&key);
+        let who = peer_id_of(&key).map(|p| p.to_string()).unwrap_or_default();
+        match outcome {
+            Ok(()) => {
+                println!(
+                    "peer {who} serves blocks {}..{} (epoch {})",
+                    a.layers.start, a.layers.end, a.epoch
+                );
+                st.loaded.insert(key, a.layers);
+                st.retry_at.remove(&key);
+            }
+            Err(e) => {
+                tracing::warn!(peer = %who, "assignment failed: {e}");
+                st.retry_at.insert(key, Instant::now() + ASSIGN_RETRY);
+            }
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    async fn send_assignment(&self, peer: PeerId, a: &ShardAssignment) -> Result<(), String> {
+        let mut control = self.control.clone();
+        let exchange = async {
+            let mut stream = control
+                .open_stream(peer, StreamProtocol::new(CONTROL_PROTOCOL))
+                .await
+                .map_err(|e| e.to_string())?;
+            write_frame_async(&mut stream, &Message::Assign(a.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+            read_frame_async::<Message>(&mut stream, MAX_CONTROL_FRAME)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(ASSIGN_TIMEOUT, exchange).await {
+            Err(_) => Err("no answer in time".into()),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Some(Message::Assigned(b)))) if &b == a => Ok(()),
+            Ok(Ok(Some(Message::Error(e)))) => Err(format!("{:?}: {}", e.code, e.message)),
+            Ok(Ok(_)) => Err("unexpected answer".into()),
+        }
+    }
+
+    /// The cheapest chain of confirmed spans, with each span's peer id.
+    pub fn chain(&self) -> Result<Vec<(Span, PeerId)>, SessionError> {
+        let st = self.state();
+        let plan = st.plan.as_ref().ok_or_else(|| {
+            SessionError::NotReady(
+                st.plan_error
+                    .clone()
+                    .unwrap_or_else(|| "no peers yet".into()),
+            )
+        })?;
+        let confirmed = Plan {
+            epoch: plan.epoch,
+            spans: plan
+                .spans
+                .iter()
+                .filter(|s| st.loaded.get(&s.peer) == Some(&s.range))
+                .cloned()
+                .collect(),
+        };
+        let layer_bytes = self.model.shape.layer_bytes as f64;
+        let cost = |key: &PublicKey| {
+            let peer = st.table.get(key)?;
+            Some(PeerCost {
+                rtt_ms: peer.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from),
+                ms_per_block: layer_bytes / (f64::from(peer.advert.mem_gbps).max(1e-3) * 1e6),
+            })
+        };
+        let path = route(&confirmed, self.model.shape.layers, cost, &HashSet::new())
+            .ok_or_else(|| SessionError::NotReady("spans are still loading".into()))?;
+        path.into_iter()
+            .map(|s| {
+                let peer = peer_id_of(&s.peer)
+                    .ok_or_else(|| SessionError::NotReady("a planned peer has a bad key".into()))?;
+                Ok((s, peer))
+            })
+            .collect()
+    }
+
+    /// Waits until a chain covers the model, or `timeout` passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), SessionError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            match self.chain() {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => {
+                    let _ = tokio::time::timeout_at(deadline, notified).await;
+                }
+            }
+        }
+    }
+
+    /// Runs one generation through the pool, calling `on_text` with each piece of text.
+    pub async fn generate(
+        &self,
+        req: SessionRequest,
+        on_text: impl FnMut(&str) + Send + 'static,
+    ) -> Result<(String, GenerateStats), SessionError> {
+        req.sampling
+            .validate()
+            .map_err(|e| SessionError::BadRequest(e.to_string()))?;
+        if req.prompt.is_empty() {
+            return Err(SessionError::BadRequest("the prompt is empty".into()));
+        }
+        let context = self.model.config.context;
+        if req.prompt.len() >= context {
+            return Err(SessionError::BadRequest(format!(
+                "the prompt has {} tokens; the model's context is {context}",
+                req.prompt.len()
+            )));
+        }
+        let chain = self.chain()?;
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let cfg = &self.model.config;
+        let chain_model = ChainModel {
+            digest: self.model.model.digest,
+            hidden: cfg.hidden,
+            vocab: cfg.vocab,
+            context,
+        };
+        let mut control = self.control.clone();
+        let mut pipe =
+            RemotePipeline::open(&mut control, chain, session, chain_model, req.sampling)
+                .await
+                .map_err(|e| SessionError::Failed(e.to_string()))?;
+        let model = self.model.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let request = GenerateRequest {
+                prompt: &req.prompt,
+                max_tokens: req.max_tokens,
+                stop: &req.stop,
+            };
+            let out = generate_with(&mut pipe, &model.tokenizer, &request, on_text);
+            (pipe, out)
+        })
+        .await
+        .map_err(|e| SessionError::Failed(e.to_string()))?;
+        let (pipe, out) = joined;
+        pipe.close().await;
+        out.map_err(|e| SessionError::Failed(e.to_string()))
+    }
+}
+
+/// One line per span, for operators.
+pub fn describe(plan: &Plan) -> String {
+    plan.spans
+        .iter()
+        .map(|s| {
+            let who = peer_id_of(&s.peer)
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            format!("{who} {}..{}", s.range.start, s.range.end)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

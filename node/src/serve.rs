@@ -1,0 +1,306 @@
+//! What a node serves on its libp2p streams: control requests (load these layers) and stage
+//! sessions, one stream each. Compute runs on blocking threads; a bad frame ends only the
+//! stream that sent it, with a logged reason.
+
+use crate::shard::ShardServer;
+use futures::StreamExt;
+use libp2p::{PeerId, Stream, StreamProtocol};
+use potluck_engine::llama::Stage;
+use potluck_engine::weights::WeightFile;
+use potluck_protocol::codec::MAX_FRAME;
+use potluck_protocol::messages::{
+    ErrorCode, LayerRange, Message, ModelRef, ShardAssignment, WireError,
+};
+use potluck_protocol::signed::Keypair;
+use potluck_protocol::stream::{
+    read_frame_async, write_frame_async, CONTROL_PROTOCOL, MAX_CONTROL_FRAME, STAGE_PROTOCOL,
+};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long a control request may take to arrive.
+const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A stage stream with no request for this long is closed and its cache freed.
+const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A model file in the node's cache, as the pool names it.
+#[derive(Debug, Clone)]
+pub struct LocalModel {
+    /// Name and digest.
+    pub model: ModelRef,
+    /// Where the weights are.
+    pub path: PathBuf,
+}
+
+/// The layers a node holds now and the server that runs them.
+pub struct Serving {
+    /// What was assigned.
+    pub assignment: ShardAssignment,
+    server: Mutex<ShardServer>,
+}
+
+struct Inner {
+    models: Vec<LocalModel>,
+    key: Keypair,
+    kv_budget: usize,
+    current: Mutex<Option<Arc<Serving>>>,
+    // One load at a time: two assignments racing would both hold memory.
+    loading: tokio::sync::Mutex<()>,
+    next_cache: AtomicU64,
+    loaded: watch::Sender<Option<(ModelRef, LayerRange)>>,
+}
+
+/// The node's serving side; cheap to clone into stream tasks.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+fn wire_error(code: ErrorCode, message: impl Into<String>) -> WireError {
+    WireError {
+        code,
+        message: message.into(),
+    }
+}
+
+impl Server {
+    /// A server for the models in the node's cache, signing with `key`; each stage's KV
+    /// caches get at most `kv_budget` bytes.
+    pub fn new(models: Vec<LocalModel>, key: Keypair, kv_budget: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                models,
+                key,
+                kv_budget,
+                current: Mutex::new(None),
+                loading: tokio::sync::Mutex::new(()),
+                next_cache: AtomicU64::new(1),
+                loaded: watch::channel(None).0,
+            }),
+        }
+    }
+
+    /// The models this node can serve.
+    pub fn models(&self) -> Vec<ModelRef> {
+        self.inner.models.iter().map(|m| m.model.clone()).collect()
+    }
+
+    /// What is loaded now; changes whenever an assignment completes.
+    pub fn loaded(&self) -> watch::Receiver<Option<(ModelRef, LayerRange)>> {
+        self.inner.loaded.subscribe()
+    }
+
+    fn current(&self) -> Option<Arc<Serving>> {
+        self.inner.current.lock().ok().and_then(|c| c.clone())
+    }
+
+    /// Loads the assigned layers from the local cache (a no-op when they are already
+    /// loaded) and returns the assignment once they serve.
+    pub async fn assign(&self, a: ShardAssignment) -> Result<ShardAssignment, WireError> {
+        let _one_at_a_time = self.inner.loading.lock().await;
+        if let Some(cur) = self.current() {
+            if cur.assignment.model == a.model && cur.assignment.layers == a.layers {
+                return Ok(a);
+            }
+        }
+        let local = self
+            .inner
+            .models
+            .iter()
+            .find(|m| m.model == a.model)
+            .cloned()
+            .ok_or_else(|| {
+                wire_error(
+                    ErrorCode::NotServing,
+                    format!("model {} is not in this node's cache", a.model.name),
+                )
+            })?;
+        let (key, budget, range) = (
+            Keypair::from_secret(&self.inner.key.secret()),
+            self.inner.kv_budget,
+            a.layers,
+        );
+        let expected_total = a.total_layers;
+        let model = a.model.clone();
+        let server = tokio::task::spawn_blocking(move || {
+            let file = WeightFile::open(&local.path)?;
+            let total = file.config()?.layers;
+            if total != expected_total as usize {
+                return Err(potluck_engine::EngineError::bad_input(format!(
+                    "the assignment says {expected_total} blocks, the model has {total}"
+                )));
+            }
+            let weights = weight_label(&file);
+            let stage = Stage::load(&file, range.start as usize..range.end as usize, budget)?;
+            Ok(ShardServer::new(stage, model, key, &weights))
+        })
+        .await
+        .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| wire_error(ErrorCode::BadRequest, e.to_string()))?;
+        let serving = Arc::new(Serving {
+            assignment: a.clone(),
+            server: Mutex::new(server),
+        });
+        if let Ok(mut cur) = self.inner.current.lock() {
+            *cur = Some(serving);
+        }
+        self.inner
+            .loaded
+            .send_replace(Some((a.model.clone(), a.layers)));
+        tracing::info!(model = %a.model.name, start = a.layers.start, end = a.layers.end, "layers loaded");
+        Ok(a)
+    }
+
+    /// Accepts control and stage streams from `control` until it is dropped.
+    pub fn accept(&self, mut control: libp2p_stream::Control) -> Result<(), String> {
+        for (name, stage) in [(CONTROL_PROTOCOL, false), (STAGE_PROTOCOL, true)] {
+            let mut incoming = control
+                .accept(StreamProtocol::new(name))
+                .map_err(|e| format!("{name}: {e}"))?;
+            let this = self.clone();
+            tokio::spawn(async move {
+                while let Some((peer, stream)) = incoming.next().await {
+                    let this = this.clone();
+                    tokio::spawn(async move {
+                        if stage {
+                            this.serve_stage(peer, stream).await;
+                        } else {
+                            this.serve_control(peer, stream).await;
+                        }
+                    });
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn serve_control(&self, peer: PeerId, mut stream: Stream) {
+        let request = tokio::time::timeout(
+            CONTROL_READ_TIMEOUT,
+            read_frame_async::<Message>(&mut stream, MAX_CONTROL_FRAME),
+        )
+        .await;
+        let answer = match request {
+            Err(_) => {
+                tracing::warn!(%peer, "dropped control stream: no request in time");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, "dropped control stream: {e}");
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(Message::Assign(a)))) => {
+                tracing::info!(%peer, start = a.layers.start, end = a.layers.end, epoch = a.epoch, "assignment");
+                match self.assign(a).await {
+                    Ok(a) => Message::Assigned(a),
+                    Err(e) => Message::Error(e),
+                }
+            }
+            Ok(Ok(Some(other))) => Message::Error(wire_error(
+                ErrorCode::BadRequest,
+                format!("not a control request: {}", kind(&other)),
+            )),
+        };
+        if let Err(e) = write_frame_async(&mut stream, &answer).await {
+            tracing::warn!(%peer, "control answer not sent: {e}");
+        }
+    }
+
+    /// One session: requests in order on one stream, its cache freed when the stream ends.
+    async fn serve_stage(&self, peer: PeerId, mut stream: Stream) {
+        let cache = self.inner.next_cache.fetch_add(1, Ordering::Relaxed);
+        let mut pinned: Option<Arc<Serving>> = None;
+        loop {
+            let frame = tokio::time::timeout(
+                SESSION_IDLE_TIMEOUT,
+                read_frame_async::<Message>(&mut stream, MAX_FRAME),
+            )
+            .await;
+            let req = match frame {
+                Err(_) => {
+                    tracing::info!(%peer, "stage stream idle; closing");
+                    break;
+                }
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, "dropped stage stream: {e}");
+                    break;
+                }
+                Ok(Ok(Some(Message::Forward(req)))) => req,
+                Ok(Ok(Some(other))) => {
+                    tracing::warn!(%peer, "dropped stage stream: unexpected {}", kind(&other));
+                    break;
+                }
+            };
+            let serving = match (&pinned, self.current()) {
+                (Some(p), Some(c)) if Arc::ptr_eq(p, &c) => Ok(c),
+                (None, Some(c)) => {
+                    pinned = Some(c.clone());
+                    Ok(c)
+                }
+                (Some(_), _) => Err(wire_error(
+                    ErrorCode::NotServing,
+                    "this node was re-assigned; the session's layers are gone",
+                )),
+                (None, None) => Err(wire_error(ErrorCode::NotServing, "no layers loaded")),
+            };
+            let answer = match serving {
+                Err(e) => Message::Error(e),
+                Ok(s) => {
+                    let result = tokio::task::spawn_blocking(move || match s.server.lock() {
+                        Ok(mut server) => server.handle(cache, &req),
+                        Err(_) => Err(wire_error(ErrorCode::Internal, "stage poisoned")),
+                    })
+                    .await;
+                    match result {
+                        Ok(Ok(r)) => Message::Result(Box::new(r)),
+                        Ok(Err(e)) => Message::Error(e),
+                        Err(e) => Message::Error(wire_error(ErrorCode::Internal, e.to_string())),
+                    }
+                }
+            };
+            if let Err(e) = write_frame_async(&mut stream, &answer).await {
+                tracing::warn!(%peer, "stage answer not sent: {e}");
+                break;
+            }
+        }
+        if let Some(s) = pinned {
+            tokio::task::spawn_blocking(move || {
+                if let Ok(mut server) = s.server.lock() {
+                    server.end_session(cache);
+                }
+            });
+        }
+    }
+}
+
+/// The weight type receipts name: the type of the first block's down projection in a GGUF,
+/// the stored float type's stand-in for safetensors (held as f32).
+fn weight_label(file: &WeightFile) -> String {
+    match file {
+        WeightFile::Gguf(g) => g
+            .content()
+            .tensor_infos
+            .get("blk.0.ffn_down.weight")
+            .map_or_else(|| "unknown".into(), |t| format!("{:?}", t.ggml_dtype)),
+        WeightFile::Safetensors { .. } => "F32".into(),
+    }
+}
+
+/// A message's kind, for logs (never its contents).
+fn kind(m: &Message) -> &'static str {
+    match m {
+        Message::Advert(_) => "advert",
+        Message::Assign(_) => "assign",
+        Message::Assigned(_) => "assigned",
+        Message::Forward(_) => "forward",
+        Message::Result(_) => "result",
+        Message::Heartbeat(_) => "heartbeat",
+        Message::Leave(_) => "leave",
+        Message::Error(_) => "error",
+    }
+}

@@ -1,0 +1,67 @@
+//! Frames on a byte stream: the libp2p protocol names peers open, and async reading and
+//! writing of [`codec`](crate::codec) frames over any `futures` reader or writer, with a
+//! per-protocol size limit below [`MAX_FRAME`]. Timeouts belong to the caller, who owns a clock.
+
+use crate::codec::{decode_body, decode_header, encode_frame, HEADER, MAX_FRAME};
+use crate::error::{ProtocolError, Result};
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Stage traffic: one long-lived stream per session and stage; the session's KV cache lives
+/// as long as the stream.
+pub const STAGE_PROTOCOL: &str = "/potluck/stage/1";
+
+/// Control: one request and one answer per stream (assignments and their acknowledgement).
+pub const CONTROL_PROTOCOL: &str = "/potluck/control/1";
+
+/// Largest control frame: control messages are small.
+pub const MAX_CONTROL_FRAME: usize = 64 << 10;
+
+/// Reads one frame of at most `max` body bytes. `Ok(None)` when the stream ends cleanly
+/// before a frame starts; a stream that ends inside a frame is [`ProtocolError::Truncated`].
+pub async fn read_frame_async<T: DeserializeOwned>(
+    r: &mut (impl AsyncRead + Unpin),
+    max: usize,
+) -> Result<Option<T>> {
+    let mut header = [0u8; HEADER];
+    let mut got = 0;
+    while got < HEADER {
+        let n = r
+            .read(&mut header[got..])
+            .await
+            .map_err(|_| ProtocolError::Truncated("header"))?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(ProtocolError::Truncated("header"))
+            };
+        }
+        got += n;
+    }
+    let len = decode_header(&header)?;
+    let max = max.min(MAX_FRAME);
+    if len > max {
+        return Err(ProtocolError::FrameTooLarge {
+            len: len as u64,
+            max: max as u64,
+        });
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)
+        .await
+        .map_err(|_| ProtocolError::Truncated("body"))?;
+    decode_body(&body).map(Some)
+}
+
+/// Writes one frame and flushes it.
+pub async fn write_frame_async<T: Serialize>(
+    w: &mut (impl AsyncWrite + Unpin),
+    value: &T,
+) -> std::io::Result<()> {
+    let frame = encode_frame(value)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    w.write_all(&frame).await?;
+    w.flush().await
+}
