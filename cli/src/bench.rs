@@ -1,10 +1,12 @@
-//! `potluck bench`: prefill and decode speed on this machine, as medians of several runs.
+//! `potluck bench`: prefill and decode speed on this machine, as medians of several runs;
+//! with `--pool N`, the same through a pipeline of N nodes on loopback, measured in the same
+//! run as one process, with the cost of each hop.
 
 use crate::models::ModelCache;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use potluck_engine::generate::run_pipeline;
-use potluck_engine::llama::{argmax, StageInput};
+use potluck_engine::generate::{LocalPipeline, TokenSource};
+use potluck_engine::sampling::{Sampler, SamplingParams};
 use std::time::Instant;
 
 /// Flags of `potluck bench`.
@@ -28,6 +30,110 @@ pub struct BenchArgs {
     /// Split the model into this many in-process stages.
     #[arg(long, default_value_t = 1)]
     pub stages: usize,
+    /// Also run through a pool of this many nodes (in this process, over loopback libp2p),
+    /// each allowed about 1/N of the model.
+    #[arg(long)]
+    pub pool: Option<usize>,
+}
+
+/// Medians of one configuration.
+struct Speeds {
+    prefill_tps: f64,
+    decode_tps: f64,
+    /// Seconds of one prefill and of one decode token.
+    prefill_secs: f64,
+    token_secs: f64,
+}
+
+/// One run: prefill `prompt`, then decode `gen_tokens` greedily; seconds of each part.
+fn one_run(source: &mut impl TokenSource, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
+    let mut history = prompt.to_vec();
+    let t = Instant::now();
+    let mut next = source.next_token(0, prompt, &history)?;
+    let pf = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..gen_tokens {
+        history.push(next);
+        next = source.next_token(history.len() - 1, &[next], &history)?;
+    }
+    Ok((pf, t.elapsed().as_secs_f64()))
+}
+
+/// One warm-up run, then the medians of `runs` measured ones; `run` gets a session id.
+fn medians(
+    runs: usize,
+    prompt_len: usize,
+    gen_tokens: usize,
+    mut run: impl FnMut(u64) -> Result<(f64, f64)>,
+) -> Result<Speeds> {
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for i in 0..=runs {
+        let (pf, dc) = run(i as u64 + 1)?;
+        if i > 0 {
+            prefill.push(pf);
+            decode.push(dc / gen_tokens as f64);
+        }
+    }
+    let (prefill_secs, token_secs) = (median(&mut prefill), median(&mut decode));
+    Ok(Speeds {
+        prefill_tps: prompt_len as f64 / prefill_secs,
+        decode_tps: 1.0 / token_secs,
+        prefill_secs,
+        token_secs,
+    })
+}
+
+/// The same measurement through a pool of `nodes` in-process nodes on loopback.
+fn pool_speeds(
+    cache: &ModelCache,
+    args: &BenchArgs,
+    nodes: usize,
+    prompt: &[u32],
+    greedy: SamplingParams,
+) -> Result<Speeds> {
+    use crate::pool::{runtime, served_model, start_local_pool, NodeLimits, PoolArgs};
+    let model = served_model(cache, &args.model)?;
+    let shape = model.shape.clone();
+    if nodes == 0 || nodes > shape.layers as usize {
+        bail!(
+            "--pool must be between 1 and the model's {} blocks",
+            shape.layers
+        );
+    }
+    // Room for a 1/N share plus one block, so exactly N nodes are needed.
+    let blocks = (shape.layers as u64).div_ceil(nodes as u64) + 1;
+    let cap = shape.reserve_bytes + shape.edge_bytes + blocks * shape.layer_bytes;
+    let limits = NodeLimits {
+        max_memory: Some(cap),
+        threads: args.threads,
+        device: "cpu".into(),
+        advert_interval: 1,
+        probe_interval: 300,
+    };
+    let base = std::env::temp_dir().join(format!("potluck-bench-{}", std::process::id()));
+    let pool = PoolArgs {
+        data_dir: Some(base.clone()),
+        pool: format!("bench-{}", std::process::id()),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        no_mdns: true,
+    };
+    let speeds = runtime()?.block_on(async {
+        let c = start_local_pool(cache, &pool, model, &base, &vec![limits; nodes]).await?;
+        let (prompt, gen, runs) = (prompt.to_vec(), args.gen_tokens, args.runs);
+        tokio::task::spawn_blocking(move || {
+            let handle = tokio::runtime::Handle::current();
+            medians(runs, prompt.len(), gen, |_| {
+                let mut pipe = handle.block_on(c.open_session(greedy.clone()))?;
+                let r = one_run(&mut pipe, &prompt, gen);
+                handle.block_on(pipe.close());
+                r
+            })
+        })
+        .await
+        .context("the pool bench stopped")?
+    });
+    let _ = std::fs::remove_dir_all(&base);
+    speeds
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -49,33 +155,20 @@ pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
     let seed_text = "The quick brown fox jumps over the lazy dog. Potluck pools idle computers. ";
     let mut prompt = tok.encode(&seed_text.repeat(1 + args.prompt_tokens / 8))?;
     prompt.truncate(args.prompt_tokens);
-    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    // One warm-up run, then the measured ones.
-    for run in 0..=args.runs {
-        let session = run as u64 + 1;
-        let t = Instant::now();
-        let logits = run_pipeline(&mut stages, session, 0, StageInput::Tokens(prompt.clone()))?;
-        let pf = t.elapsed().as_secs_f64();
-        let mut next = argmax(&logits).unwrap_or(0);
-        let t = Instant::now();
-        for i in 0..args.gen_tokens {
-            let logits = run_pipeline(
-                &mut stages,
-                session,
-                prompt.len() + i,
-                StageInput::Tokens(vec![next]),
-            )?;
-            next = argmax(&logits).unwrap_or(0);
-        }
-        let dc = t.elapsed().as_secs_f64();
+    let greedy = SamplingParams::default();
+    let mut sampler = Sampler::new(greedy.clone())?;
+    let local = medians(args.runs, prompt.len(), args.gen_tokens, |session| {
+        let mut p = LocalPipeline {
+            stages: &mut stages,
+            session,
+            sampler: &mut sampler,
+        };
+        let r = one_run(&mut p, &prompt, args.gen_tokens);
         for s in stages.iter_mut() {
             s.end_session(session);
         }
-        if run > 0 {
-            prefill.push(prompt.len() as f64 / pf);
-            decode.push(args.gen_tokens as f64 / dc);
-        }
-    }
+        r
+    })?;
     let threads: usize = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -85,10 +178,26 @@ pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
         args.model,
         args.stages,
         prompt.len(),
-        median(&mut prefill),
+        local.prefill_tps,
         args.gen_tokens,
-        median(&mut decode),
+        local.decode_tps,
         args.runs
+    );
+    let Some(nodes) = args.pool else {
+        return Ok(());
+    };
+    drop(stages);
+    let pool = pool_speeds(cache, &args, nodes, &prompt, greedy)?;
+    let hops = nodes as f64;
+    println!(
+        "pool of {nodes} nodes: prefill {:.1} t/s ({:.2}x one process), decode {:.1} t/s ({:.2}x); cost per hop: {:.2} ms per decode token, {:.2} ms per {}-token prefill",
+        pool.prefill_tps,
+        pool.prefill_tps / local.prefill_tps,
+        pool.decode_tps,
+        pool.decode_tps / local.decode_tps,
+        (pool.token_secs - local.token_secs) * 1000.0 / hops,
+        (pool.prefill_secs - local.prefill_secs) * 1000.0 / hops,
+        prompt.len(),
     );
     Ok(())
 }

@@ -83,6 +83,9 @@ pub struct NodeLimits {
     /// Seconds between adverts.
     #[arg(long, default_value_t = 10)]
     pub advert_interval: u64,
+    /// Seconds between measurements of free memory and speed.
+    #[arg(long, default_value_t = 300)]
+    pub probe_interval: u64,
 }
 
 /// Flags of `potluck coordinator`.
@@ -150,7 +153,8 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+/// The multi-threaded runtime the daemons run on.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -187,8 +191,8 @@ impl NodeLimits {
                 self.device
             );
         }
-        if self.advert_interval == 0 {
-            anyhow::bail!("--advert-interval must be at least 1 second");
+        if self.advert_interval == 0 || self.probe_interval == 0 {
+            anyhow::bail!("--advert-interval and --probe-interval must be at least 1 second");
         }
         crate::set_threads(self.threads)
     }
@@ -234,6 +238,7 @@ fn node_config(
         advert_ttl: interval * 3,
         models,
         kv_budget,
+        probe_interval: Duration::from_secs(limits.probe_interval),
     })
 }
 
@@ -253,7 +258,7 @@ pub fn run_node(cache: &ModelCache, args: NodeArgs) -> Result<()> {
 }
 
 /// The model a coordinator serves, read from the cache.
-fn served_model(cache: &ModelCache, model: &str) -> Result<ServedModel> {
+pub fn served_model(cache: &ModelCache, model: &str) -> Result<ServedModel> {
     let (path, model_ref) = cache.model_ref(model)?;
     ServedModel::open(&path, model_ref).with_context(|| format!("reading {}", path.display()))
 }
@@ -273,7 +278,8 @@ async fn start_http(addr: SocketAddr, c: Coordinator) -> Result<SocketAddr> {
     Ok(bound)
 }
 
-fn coordinator_config(pool: &PoolArgs, data_dir: PathBuf) -> CoordinatorConfig {
+/// The coordinator's configuration from the shared flags.
+pub fn coordinator_config(pool: &PoolArgs, data_dir: PathBuf) -> CoordinatorConfig {
     CoordinatorConfig {
         data_dir,
         pool: pool.pool.clone(),
@@ -303,27 +309,14 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
     }
     let model = served_model(cache, &args.serve.model)?;
     let base = args.pool.data_dir("up")?;
-    let cfg = coordinator_config(&args.pool, base.join("coordinator"));
     runtime()?.block_on(async {
-        let running = coordinator::start(cfg, model)?;
-        let c = running.coordinator.clone();
-        let bootstrap = local_address(running.listening).await?;
-        let node_cfg = node_config(
+        let c = start_local_pool(
             cache,
             &args.pool,
-            base.join("node"),
-            vec!["/ip4/127.0.0.1/tcp/0".parse()?],
-            vec![bootstrap.clone()],
-            &args.limits,
-        )?;
-        tokio::spawn(async move {
-            if let Err(e) = node::run(node_cfg, std::future::pending()).await {
-                tracing::error!("the local node stopped: {e}");
-            }
-        });
-        c.wait_ready(Duration::from_secs(120))
-            .await
-            .context("the pool did not become ready")?;
+            model,
+            &base,
+            std::slice::from_ref(&args.limits),
+        ).await?;
         let Some(prompt) = args.prompt else {
             let http = start_http(args.serve.http, c.clone()).await?;
             println!("pool ready; add machines with: potluck node --bootstrap <one of the listening addresses above>");
@@ -355,6 +348,45 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// Starts a coordinator and one node per entry of `nodes` in this process, the nodes joined
+/// to it over loopback; returns once a chain of loaded spans covers the model.
+pub async fn start_local_pool(
+    cache: &ModelCache,
+    pool: &PoolArgs,
+    model: ServedModel,
+    base: &std::path::Path,
+    nodes: &[NodeLimits],
+) -> Result<Coordinator> {
+    let cfg = coordinator_config(pool, base.join("coordinator"));
+    let running = coordinator::start(cfg, model)?;
+    let c = running.coordinator.clone();
+    let bootstrap = local_address(running.listening).await?;
+    for (i, limits) in nodes.iter().enumerate() {
+        let dir = if nodes.len() == 1 {
+            base.join("node")
+        } else {
+            base.join(format!("node{i}"))
+        };
+        let node_cfg = node_config(
+            cache,
+            pool,
+            dir,
+            vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+            vec![bootstrap.clone()],
+            limits,
+        )?;
+        tokio::spawn(async move {
+            if let Err(e) = node::run(node_cfg, std::future::pending()).await {
+                tracing::error!("a local node stopped: {e}");
+            }
+        });
+    }
+    c.wait_ready(Duration::from_secs(120))
+        .await
+        .context("the pool did not become ready")?;
+    Ok(c)
 }
 
 /// The coordinator's first loopback TCP address, once it listens.

@@ -79,13 +79,7 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, swar
                     ..
                 }))) => {
                     let mut st = handle.state();
-                    let key = st
-                        .table
-                        .peers()
-                        .iter()
-                        .find(|p| peer_id_of(&p.key) == Some(peer))
-                        .map(|p| p.key);
-                    if let Some(key) = key {
+                    if let Some(key) = st.key_of(peer) {
                         st.table.set_rtt(&key, rtt.as_secs_f32() * 1000.0);
                     }
                 }

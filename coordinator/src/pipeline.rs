@@ -42,6 +42,14 @@ pub enum PipelineError {
         /// What failed.
         reason: String,
     },
+    /// The peer sent a frame that is not valid protocol.
+    #[error("stage on {peer} sent a bad frame: {why}")]
+    BadFrame {
+        /// The peer.
+        peer: PeerId,
+        /// What was wrong.
+        why: potluck_protocol::ProtocolError,
+    },
     /// The peer refused the step.
     #[error("stage on {peer} refused: {reason}")]
     Refused {
@@ -61,6 +69,19 @@ pub enum PipelineError {
         /// Why.
         why: ResultRejection,
     },
+}
+
+impl PipelineError {
+    /// The peer that broke the protocol or sent a result that does not verify: one to drop
+    /// from the pool, unlike a peer that was merely slow, busy or gone.
+    pub fn misbehaving_peer(&self) -> Option<PeerId> {
+        match self {
+            PipelineError::BadFrame { peer, .. } | PipelineError::Rejected { peer, .. } => {
+                Some(*peer)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// One hop: a span, its peer, and the session's stream to it.
@@ -94,6 +115,7 @@ pub struct RemotePipeline {
     sampling: SamplingParams,
     receipts: Vec<Receipt>,
     runtime: tokio::runtime::Handle,
+    misbehaving: Option<(PeerId, String)>,
 }
 
 impl RemotePipeline {
@@ -135,7 +157,13 @@ impl RemotePipeline {
             sampling,
             receipts: Vec::new(),
             runtime: tokio::runtime::Handle::current(),
+            misbehaving: None,
         })
+    }
+
+    /// The peer whose bad frame or unverifiable result ended the session, and why.
+    pub fn misbehaving(&self) -> Option<&(PeerId, String)> {
+        self.misbehaving.as_ref()
     }
 
     /// Every verified receipt so far, hop by hop and step by step.
@@ -195,7 +223,7 @@ impl RemotePipeline {
                     .map_err(|e| stage_err(e.to_string()))?;
                 read_frame_async::<Message>(&mut hop.stream, MAX_FRAME)
                     .await
-                    .map_err(|e| stage_err(e.to_string()))
+                    .map_err(|why| PipelineError::BadFrame { peer, why })
             })
             .await
             .map_err(|_| stage_err(format!("no answer within {timeout:?}")))??;
@@ -259,6 +287,11 @@ impl TokenSource for RemotePipeline {
         let runtime = self.runtime.clone();
         runtime
             .block_on(self.step(pos, input, history))
-            .map_err(|e| EngineError::Pipeline(e.to_string()))
+            .map_err(|e| {
+                if let Some(peer) = e.misbehaving_peer() {
+                    self.misbehaving = Some((peer, e.to_string()));
+                }
+                EngineError::Pipeline(e.to_string())
+            })
     }
 }

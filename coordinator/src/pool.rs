@@ -27,6 +27,8 @@ use tokio::sync::Notify;
 pub const ASSIGN_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long to wait before re-sending a failed assignment.
 pub const ASSIGN_RETRY: Duration = Duration::from_secs(10);
+/// How long a peer that broke the protocol or sent an unverifiable result stays out.
+pub const BAN: Duration = Duration::from_secs(600);
 /// Round trip assumed for peers not yet pinged, milliseconds.
 const DEFAULT_RTT_MS: f64 = 1.0;
 
@@ -71,6 +73,19 @@ pub struct PoolState {
     pending: HashSet<PublicKey>,
     /// When failed assignments may be sent again.
     retry_at: HashMap<PublicKey, Instant>,
+    /// Peers left out of plans until the given time.
+    banned: HashMap<PublicKey, Instant>,
+}
+
+impl PoolState {
+    /// The key of a known peer, by its libp2p id.
+    pub fn key_of(&self, peer: PeerId) -> Option<PublicKey> {
+        self.table
+            .peers()
+            .iter()
+            .find(|p| peer_id_of(&p.key) == Some(peer))
+            .map(|p| p.key)
+    }
 }
 
 /// A handle on the running coordinator; cheap to clone.
@@ -100,6 +115,7 @@ impl Coordinator {
                 loaded: HashMap::new(),
                 pending: HashSet::new(),
                 retry_at: HashMap::new(),
+                banned: HashMap::new(),
             })),
             control,
             next_session: Arc::new(AtomicU64::new(u64::from_le_bytes(seed) >> 1)),
@@ -137,10 +153,24 @@ impl Coordinator {
         self.changed.notify_waiters();
     }
 
+    /// Leaves `peer` out of every plan for [`BAN`] and re-plans around it.
+    pub fn drop_peer(&self, peer: PeerId, reason: &str) {
+        {
+            let mut st = self.state();
+            let Some(key) = st.key_of(peer) else { return };
+            println!("peer dropped {peer}: {reason}");
+            st.banned.insert(key, Instant::now() + BAN);
+            st.loaded.remove(&key);
+        }
+        self.replan();
+    }
+
     fn planning_peers(&self, st: &PoolState) -> Vec<PlanPeer> {
+        let now = Instant::now();
         st.table
             .peers()
             .iter()
+            .filter(|p| st.banned.get(&p.key).is_none_or(|until| *until <= now))
             .filter(|p| p.advert.models.contains(&self.model.model))
             .map(|p| PlanPeer {
                 id: p.key,
@@ -299,6 +329,26 @@ impl Coordinator {
         }
     }
 
+    /// Opens a session on the cheapest chain of confirmed spans: a stream to each.
+    pub async fn open_session(
+        &self,
+        sampling: SamplingParams,
+    ) -> Result<RemotePipeline, SessionError> {
+        let chain = self.chain()?;
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let cfg = &self.model.config;
+        let chain_model = ChainModel {
+            digest: self.model.model.digest,
+            hidden: cfg.hidden,
+            vocab: cfg.vocab,
+            context: cfg.context,
+        };
+        let mut control = self.control.clone();
+        RemotePipeline::open(&mut control, chain, session, chain_model, sampling)
+            .await
+            .map_err(|e| SessionError::Failed(e.to_string()))
+    }
+
     /// Runs one generation through the pool, calling `on_text` with each piece of text.
     pub async fn generate(
         &self,
@@ -318,20 +368,7 @@ impl Coordinator {
                 req.prompt.len()
             )));
         }
-        let chain = self.chain()?;
-        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let cfg = &self.model.config;
-        let chain_model = ChainModel {
-            digest: self.model.model.digest,
-            hidden: cfg.hidden,
-            vocab: cfg.vocab,
-            context,
-        };
-        let mut control = self.control.clone();
-        let mut pipe =
-            RemotePipeline::open(&mut control, chain, session, chain_model, req.sampling)
-                .await
-                .map_err(|e| SessionError::Failed(e.to_string()))?;
+        let mut pipe = self.open_session(req.sampling.clone()).await?;
         let model = self.model.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let request = GenerateRequest {
@@ -345,6 +382,9 @@ impl Coordinator {
         .await
         .map_err(|e| SessionError::Failed(e.to_string()))?;
         let (pipe, out) = joined;
+        if let Some((peer, reason)) = pipe.misbehaving().cloned() {
+            self.drop_peer(peer, &reason);
+        }
         pipe.close().await;
         out.map_err(|e| SessionError::Failed(e.to_string()))
     }

@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub models: Vec<LocalModel>,
     /// Bytes the KV caches of all sessions may take.
     pub kv_budget: usize,
+    /// How often to measure the machine again (free memory and speed change).
+    pub probe_interval: Duration,
 }
 
 /// What an advert says besides the measured capacity.
@@ -89,8 +91,10 @@ pub async fn run(
         &cfg.bootstrap,
         cfg.mdns,
     )?;
-    let capacity = probe(&cfg.limits);
+    let mut capacity = probe(&cfg.limits);
     tracing::info!(?capacity, "capacity measured");
+    let mut reprobe = tokio::time::interval(cfg.probe_interval);
+    reprobe.tick().await;
     let server = Server::new(
         cfg.models.clone(),
         Keypair::from_secret(&key.secret()),
@@ -120,6 +124,16 @@ pub async fn run(
                 return Ok(());
             }
             _ = ticker.tick() => published = false,
+            _ = reprobe.tick() => {
+                let limits = cfg.limits.clone();
+                if let Ok(now) = tokio::task::spawn_blocking(move || probe(&limits)).await {
+                    if now != capacity {
+                        tracing::info!(?now, "capacity re-measured");
+                        capacity = now;
+                        published = false;
+                    }
+                }
+            }
             Ok(()) = loaded.changed() => {
                 offer.loaded = loaded.borrow_and_update().clone();
                 published = false;

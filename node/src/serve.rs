@@ -9,11 +9,12 @@ use potluck_engine::llama::Stage;
 use potluck_engine::weights::WeightFile;
 use potluck_protocol::codec::MAX_FRAME;
 use potluck_protocol::messages::{
-    ErrorCode, LayerRange, Message, ModelRef, ShardAssignment, WireError,
+    ErrorCode, LayerRange, Message, ModelRef, ShardAssignment, StageForward, WireError,
 };
 use potluck_protocol::signed::Keypair;
 use potluck_protocol::stream::{
-    read_frame_async, write_frame_async, CONTROL_PROTOCOL, MAX_CONTROL_FRAME, STAGE_PROTOCOL,
+    read_body_async, read_frame_async, read_header_async, write_frame_async, CONTROL_PROTOCOL,
+    MAX_CONTROL_FRAME, STAGE_PROTOCOL,
 };
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,8 @@ use tokio::sync::watch;
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stage stream with no request for this long is closed and its cache freed.
 const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Once a frame's header has arrived, its body must follow within this.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A model file in the node's cache, as the pool names it.
 #[derive(Debug, Clone)]
@@ -215,24 +218,11 @@ impl Server {
         let cache = self.inner.next_cache.fetch_add(1, Ordering::Relaxed);
         let mut pinned: Option<Arc<Serving>> = None;
         loop {
-            let frame = tokio::time::timeout(
-                SESSION_IDLE_TIMEOUT,
-                read_frame_async::<Message>(&mut stream, MAX_FRAME),
-            )
-            .await;
-            let req = match frame {
-                Err(_) => {
-                    tracing::info!(%peer, "stage stream idle; closing");
-                    break;
-                }
-                Ok(Ok(None)) => break,
-                Ok(Err(e)) => {
-                    tracing::warn!(%peer, "dropped stage stream: {e}");
-                    break;
-                }
-                Ok(Ok(Some(Message::Forward(req)))) => req,
-                Ok(Ok(Some(other))) => {
-                    tracing::warn!(%peer, "dropped stage stream: unexpected {}", kind(&other));
+            let req = match self.next_request(&mut stream).await {
+                Ok(Some(req)) => req,
+                Ok(None) => break,
+                Err(why) => {
+                    tracing::warn!(%peer, "dropped stage stream: {why}");
                     break;
                 }
             };
@@ -274,6 +264,34 @@ impl Server {
                     server.end_session(cache);
                 }
             });
+        }
+    }
+
+    /// The next request on a stage stream: `Ok(None)` when the peer ends the session or
+    /// stays idle too long, an error (to log) for anything that is not a forward request.
+    async fn next_request(&self, stream: &mut Stream) -> Result<Option<StageForward>, String> {
+        let header = tokio::time::timeout(
+            SESSION_IDLE_TIMEOUT,
+            read_header_async(&mut *stream, MAX_FRAME),
+        )
+        .await;
+        let len = match header {
+            Err(_) => {
+                tracing::info!("stage stream idle; closing");
+                return Ok(None);
+            }
+            Ok(Ok(None)) => return Ok(None),
+            Ok(Ok(Some(len))) => len,
+            Ok(Err(e)) => return Err(e.to_string()),
+        };
+        // Once a frame has started, the rest must follow promptly.
+        match tokio::time::timeout(FRAME_TIMEOUT, read_body_async::<Message>(stream, len)).await {
+            Err(_) => Err(format!(
+                "a {len}-byte frame did not arrive within {FRAME_TIMEOUT:?}"
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(Message::Forward(req))) => Ok(Some(req)),
+            Ok(Ok(other)) => Err(format!("unexpected {}", kind(&other))),
         }
     }
 }

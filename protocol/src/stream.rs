@@ -24,6 +24,19 @@ pub async fn read_frame_async<T: DeserializeOwned>(
     r: &mut (impl AsyncRead + Unpin),
     max: usize,
 ) -> Result<Option<T>> {
+    match read_header_async(r, max).await? {
+        None => Ok(None),
+        Some(len) => read_body_async(r, len).await.map(Some),
+    }
+}
+
+/// Reads a frame header and returns the body length, checked against the version and
+/// `max`. `Ok(None)` when the stream ends cleanly first. Callers that wait long for a
+/// frame to start but not for one to finish time the two reads apart.
+pub async fn read_header_async(
+    r: &mut (impl AsyncRead + Unpin),
+    max: usize,
+) -> Result<Option<usize>> {
     let mut header = [0u8; HEADER];
     let mut got = 0;
     while got < HEADER {
@@ -48,11 +61,19 @@ pub async fn read_frame_async<T: DeserializeOwned>(
             max: max as u64,
         });
     }
-    let mut body = vec![0u8; len];
+    Ok(Some(len))
+}
+
+/// Reads and decodes a body of `len` bytes (a length [`read_header_async`] accepted).
+pub async fn read_body_async<T: DeserializeOwned>(
+    r: &mut (impl AsyncRead + Unpin),
+    len: usize,
+) -> Result<T> {
+    let mut body = vec![0u8; len.min(MAX_FRAME)];
     r.read_exact(&mut body)
         .await
         .map_err(|_| ProtocolError::Truncated("body"))?;
-    decode_body(&body).map(Some)
+    decode_body(&body)
 }
 
 /// Writes one frame and flushes it.

@@ -23,9 +23,16 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `potluck` with `args`.
     pub fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_potluck"))
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_potluck"));
+        cmd.args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Starts `cmd` (which runs `potluck` somehow) with info logs.
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
             .env("POTLUCK_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())

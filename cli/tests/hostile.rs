@@ -1,0 +1,376 @@
+//! Hostile peers against real processes: a peer that sends a node malformed, oversized,
+//! wrong-version or out-of-place frames loses that stream with a logged reason; one that
+//! gossips adverts it did not sign, or garbage, is dropped by the coordinator with a logged
+//! reason; and the pool keeps serving everyone else.
+
+mod common;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use potluck_protocol::codec::encode_frame;
+use potluck_protocol::messages::{
+    CapacityAdvert, DeviceKind, ErrorCode, Heartbeat, LayerRange, Message, ModelRef,
+    ShardAssignment, StageForward, StageInputWire, ADVERT_DOMAIN,
+};
+use potluck_protocol::signed::{Keypair, Signed};
+use potluck_protocol::stream::{CONTROL_PROTOCOL, STAGE_PROTOCOL};
+use potluck_protocol::tensor::{WireDType, WireTensor};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+/// Frame header (length, version) followed by `body`.
+fn raw_frame(len: u32, version: u16, body: &[u8]) -> Vec<u8> {
+    let mut f = len.to_le_bytes().to_vec();
+    f.extend_from_slice(&version.to_le_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// Sends `bytes` on a new stream and returns what comes back before the node closes it.
+async fn send_raw(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+    protocol: &'static str,
+    bytes: &[u8],
+) -> Vec<u8> {
+    let mut s = control
+        .open_stream(peer, StreamProtocol::new(protocol))
+        .await
+        .expect("open a stream to the node");
+    s.write_all(bytes).await.expect("write");
+    // Half-close: the node sees the end of what we sent, whole or cut off.
+    s.close().await.expect("close");
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut back)).await;
+    back
+}
+
+/// Sends one frame and decodes the one answer.
+async fn ask(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+    protocol: &'static str,
+    msg: &Message,
+) -> Message {
+    let mut s = control
+        .open_stream(peer, StreamProtocol::new(protocol))
+        .await
+        .expect("open a stream to the node");
+    s.write_all(&encode_frame(msg).unwrap()).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        potluck_protocol::stream::read_frame_async::<Message>(&mut s, 1 << 20),
+    )
+    .await
+    .expect("an answer in time")
+    .expect("a valid frame")
+    .expect("not closed")
+}
+
+fn peer_of(addr: &str) -> PeerId {
+    addr.rsplit('/').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, coord_addr, http) = common::coordinator(dir.path(), &[]);
+    let (mut node, _) = common::node(dir.path(), "n", "public", &coord_addr, &[]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let node_addr = node
+        .wait_for(deadline, |l| l.starts_with("listening /ip4/127.0.0.1/tcp/"))
+        .expect("node address")
+        .trim_start_matches("listening ")
+        .to_string();
+    assert!(
+        coord
+            .wait_for(deadline, |l| l.contains(" serves blocks 0..30"))
+            .is_some(),
+        "{:?}",
+        coord.seen
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let attacker = Keypair::from_secret(&[42; 32]);
+    let impostor = Keypair::from_secret(&[43; 32]);
+    rt.block_on(async {
+        let key = potluck_net::swarm::libp2p_keypair(attacker.secret()).unwrap();
+        let mut swarm = potluck_net::swarm::build(key, false).unwrap();
+        let mut control = swarm.behaviour().streams.new_control();
+        let topic = potluck_net::swarm::advert_topic("public");
+        swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
+        for a in [&node_addr, &coord_addr] {
+            swarm.dial(a.parse::<Multiaddr>().unwrap()).unwrap();
+        }
+        // Gossip needs the swarm polled; streams run beside it.
+        let (gossip_tx, mut gossip_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        tokio::spawn(async move {
+            let mut queued: Vec<Vec<u8>> = Vec::new();
+            let mut retry = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tokio::select! {
+                    _ = swarm.select_next_some() => {}
+                    Some(frame) = gossip_rx.recv() => queued.push(frame),
+                    _ = retry.tick() => {
+                        queued.retain(|f| swarm.behaviour_mut().gossipsub.publish(topic.clone(), f.clone()).is_err());
+                    }
+                }
+            }
+        });
+        let node_peer = peer_of(&node_addr);
+
+        // Garbage where a message should be.
+        send_raw(&mut control, node_peer, STAGE_PROTOCOL, &raw_frame(3, 1, &[0xff, 0xff, 0xff])).await;
+        // A length far beyond the limit: refused from the header, nothing allocated.
+        send_raw(&mut control, node_peer, STAGE_PROTOCOL, &raw_frame(1 << 30, 1, &[])).await;
+        // Another protocol version.
+        let hb = Message::Heartbeat(Heartbeat { seq: 1, sent_at_ms: 0 });
+        let mut wrong_version = encode_frame(&hb).unwrap();
+        wrong_version[4] = 99;
+        send_raw(&mut control, node_peer, STAGE_PROTOCOL, &wrong_version).await;
+        // A valid frame that has no business on a stage stream.
+        send_raw(&mut control, node_peer, STAGE_PROTOCOL, &encode_frame(&hb).unwrap()).await;
+        // A stream cut off inside a frame.
+        send_raw(&mut control, node_peer, STAGE_PROTOCOL, &raw_frame(100, 1, &[1, 2, 3])).await;
+
+        // Requests that parse but do not fit get typed errors on a stream that stays open.
+        let bad_shape = Message::Forward(StageForward {
+            session: 1,
+            step: 0,
+            position: 0,
+            input: StageInputWire::Hidden(WireTensor::from_f32(&[0.0; 6], &[2, 3], WireDType::F32).unwrap()),
+            sample: None,
+        });
+        match ask(&mut control, node_peer, STAGE_PROTOCOL, &bad_shape).await {
+            Message::Error(e) => assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        let foreign = Message::Assign(ShardAssignment {
+            model: ModelRef { name: "nothing-here".into(), digest: [9; 32] },
+            layers: LayerRange { start: 0, end: 1 },
+            total_layers: 1,
+            epoch: 1,
+        });
+        match ask(&mut control, node_peer, CONTROL_PROTOCOL, &foreign).await {
+            Message::Error(e) => assert_eq!(e.code, ErrorCode::NotServing, "{e:?}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+
+        // Gossip: an advert signed by a key that is not the sender's, and garbage.
+        let now = potluck_net::swarm::unix_now();
+        let advert = CapacityAdvert {
+            pool: "public".into(),
+            device: DeviceKind::Cpu,
+            memory_bytes: 1 << 40,
+            gflops: 1e6,
+            mem_gbps: 1e6,
+            threads: 64,
+            models: Vec::new(),
+            loaded: None,
+            seq: 1,
+            issued_at: now,
+            expires_at: now + 30,
+        };
+        let forged = Signed::sign(&advert, ADVERT_DOMAIN, &impostor).unwrap();
+        gossip_tx.send(encode_frame(&Message::Advert(forged)).unwrap()).await.unwrap();
+        gossip_tx.send(raw_frame(2, 1, &[0xde, 0xad])).await.unwrap();
+    });
+
+    let reasons = [
+        "dropped stage stream: malformed message",
+        "dropped stage stream: frame of 1073741824 bytes exceeds",
+        "dropped stage stream: protocol version 99 is not supported",
+        "dropped stage stream: unexpected heartbeat",
+        "dropped stage stream: truncated frame: body",
+    ];
+    for reason in reasons {
+        assert!(
+            node.wait_for(deadline, |l| l.contains(reason)).is_some(),
+            "node never logged {reason:?}: {:?}",
+            node.seen
+        );
+    }
+    for reason in [
+        "dropped gossip: signed by another peer's key",
+        "dropped gossip: malformed message",
+    ] {
+        assert!(
+            coord.wait_for(deadline, |l| l.contains(reason)).is_some(),
+            "coordinator never logged {reason:?}: {:?}",
+            coord.seen
+        );
+    }
+    // The impostor never joined, and the pool still answers.
+    assert!(!coord
+        .seen
+        .iter()
+        .any(|l| l.starts_with("peer joined") && l.contains(&peer_of_key(&impostor))));
+    let (status, v) = common::post_json(
+        &http,
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "temperature": 0, "max_tokens": 8}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{v}"
+    );
+    drop(rt);
+}
+
+fn peer_of_key(k: &Keypair) -> String {
+    potluck_net::swarm::peer_id_of(&k.public())
+        .map(|p| p.to_string())
+        .unwrap_or_default()
+}
+
+/// A peer that advertises great capacity, accepts its assignment, then answers a stage with
+/// a result whose output was changed after signing.
+async fn run_rogue(key: Keypair, coordinator: Multiaddr, model: ModelRef) {
+    use potluck_protocol::messages::{
+        NumericClass, Receipt, ReceiptBody, StageOutputWire, StageResult,
+    };
+    use potluck_protocol::receipt::{input_id, job_id, output_id};
+    use potluck_protocol::stream::{read_frame_async, write_frame_async};
+    let lkey = potluck_net::swarm::libp2p_keypair(key.secret()).unwrap();
+    let mut swarm = potluck_net::swarm::build(lkey, false).unwrap();
+    let mut control = swarm.behaviour().streams.new_control();
+    let mut assigns = control
+        .accept(StreamProtocol::new(CONTROL_PROTOCOL))
+        .unwrap();
+    let mut stages = control.accept(StreamProtocol::new(STAGE_PROTOCOL)).unwrap();
+    tokio::spawn(async move {
+        while let Some((_, mut s)) = assigns.next().await {
+            if let Ok(Some(Message::Assign(a))) = read_frame_async::<Message>(&mut s, 1 << 16).await
+            {
+                let _ = write_frame_async(&mut s, &Message::Assigned(a)).await;
+            }
+        }
+    });
+    let signer = Keypair::from_secret(&key.secret());
+    let model_digest = model.digest;
+    tokio::spawn(async move {
+        while let Some((_, mut s)) = stages.next().await {
+            while let Ok(Some(Message::Forward(req))) =
+                read_frame_async::<Message>(&mut s, 1 << 26).await
+            {
+                let honest = StageOutputWire::Token {
+                    token: 1,
+                    logprob: -0.5,
+                    top: Vec::new(),
+                };
+                let body = ReceiptBody {
+                    job: job_id(&req).unwrap(),
+                    input: input_id(&req.input).unwrap(),
+                    output: output_id(&honest).unwrap(),
+                    model: model_digest,
+                    layers: LayerRange { start: 0, end: 30 },
+                    numeric: NumericClass {
+                        weights: "Q4_1".into(),
+                        accumulation: "f32".into(),
+                        device: DeviceKind::Cpu,
+                    },
+                };
+                let result = StageResult {
+                    session: req.session,
+                    step: req.step,
+                    // Not what the receipt vouches for.
+                    output: StageOutputWire::Token {
+                        token: 2,
+                        logprob: -0.5,
+                        top: Vec::new(),
+                    },
+                    receipt: Receipt::sign(body, &signer).unwrap(),
+                };
+                let _ = write_frame_async(&mut s, &Message::Result(Box::new(result))).await;
+            }
+        }
+    });
+    let topic = potluck_net::swarm::advert_topic("public");
+    swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
+    swarm.dial(coordinator).unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
+    let mut seq = 0;
+    loop {
+        tokio::select! {
+            _ = swarm.select_next_some() => {}
+            _ = tick.tick() => {
+                seq += 1;
+                let now = potluck_net::swarm::unix_now();
+                let advert = CapacityAdvert {
+                    pool: "public".into(),
+                    device: DeviceKind::Cpu,
+                    memory_bytes: 64 << 30,
+                    gflops: 1e4,
+                    mem_gbps: 1e4,
+                    threads: 64,
+                    models: vec![model.clone()],
+                    loaded: None,
+                    seq,
+                    issued_at: now,
+                    expires_at: now + 30,
+                };
+                let signed = Signed::sign(&advert, ADVERT_DOMAIN, &key).unwrap();
+                let frame = encode_frame(&Message::Advert(signed)).unwrap();
+                let _ = swarm.behaviour_mut().gossipsub.publish(topic.clone(), frame);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_peer_whose_result_does_not_verify_is_dropped_and_the_honest_node_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, coord_addr, http) = common::coordinator(dir.path(), &[]);
+    let (_node, node_id) = common::node(dir.path(), "n", "public", &coord_addr, &[]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let path = potluck_engine::cache::default_model_path().expect("a model cache");
+    let digest =
+        *blake3::hash(&std::fs::read(path).expect("the default model is cached")).as_bytes();
+    let model = ModelRef {
+        name: "smollm2-135m-instruct".into(),
+        digest,
+    };
+    let rogue = Keypair::from_secret(&[44; 32]);
+    let rogue_id = peer_of_key(&rogue);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.spawn(run_rogue(rogue, coord_addr.parse().unwrap(), model));
+    // The rogue looks fastest, so the router picks it once it has "loaded" its span.
+    for who in [&rogue_id, &node_id] {
+        let line = format!("peer {who} serves blocks 0..30");
+        assert!(
+            coord.wait_for(deadline, |l| l.starts_with(&line)).is_some(),
+            "{line:?} never printed: {:?}",
+            coord.seen
+        );
+    }
+    let body = json!({"prompt": "The capital of France is", "temperature": 0, "max_tokens": 8});
+    let (status, v) = common::post_json(&http, "/v1/completions", &body);
+    assert_eq!(status, 502, "the rogue's result was accepted: {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("output digest")),
+        "{v}"
+    );
+    let dropped = format!("peer dropped {rogue_id}: ");
+    assert!(
+        coord
+            .wait_for(deadline, |l| l.starts_with(&dropped))
+            .is_some(),
+        "{:?}",
+        coord.seen
+    );
+    let (status, v) = common::post_json(&http, "/v1/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Paris")),
+        "{v}"
+    );
+    drop(rt);
+}
