@@ -34,6 +34,13 @@ pub struct BenchArgs {
     /// each allowed about 1/N of the model.
     #[arg(long)]
     pub pool: Option<usize>,
+    /// Instead: this many streaming API clients at once (against --url, or a pool of
+    /// --pool nodes, default 1, started here), each generating --gen-tokens tokens.
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// The API to load (host:port); default: a pool started in this process.
+    #[arg(long)]
+    pub url: Option<String>,
 }
 
 /// Medians of one configuration.
@@ -91,7 +98,34 @@ fn pool_speeds(
     prompt: &[u32],
     greedy: SamplingParams,
 ) -> Result<Speeds> {
-    use crate::pool::{runtime, served_model, start_local_pool, NodeLimits, PoolArgs};
+    crate::pool::runtime()?.block_on(async {
+        let (c, base) = bench_pool(cache, args, nodes).await?;
+        let (prompt, gen, runs) = (prompt.to_vec(), args.gen_tokens, args.runs);
+        let speeds = tokio::task::spawn_blocking(move || {
+            let handle = tokio::runtime::Handle::current();
+            medians(runs, prompt.len(), gen, |_| {
+                let (_, _, mut pipe) =
+                    handle.block_on(c.open_session(greedy.clone(), Default::default()))?;
+                let r = one_run(&mut pipe, &prompt, gen);
+                handle.block_on(pipe.close());
+                r
+            })
+        })
+        .await
+        .context("the pool bench stopped")?;
+        let _ = std::fs::remove_dir_all(&base);
+        speeds
+    })
+}
+
+/// A pool of `nodes` nodes in this process on loopback, each allowed a 1/N share of the
+/// model plus one block (so exactly N are needed), and the folder it keeps its state in.
+async fn bench_pool(
+    cache: &ModelCache,
+    args: &BenchArgs,
+    nodes: usize,
+) -> Result<(potluck_coordinator::pool::Coordinator, std::path::PathBuf)> {
+    use crate::pool::{served_model, start_local_pool, NodeLimits, PoolArgs};
     let model = served_model(cache, &args.model)?;
     let shape = model.shape.clone();
     if nodes == 0 || nodes > shape.layers as usize {
@@ -100,40 +134,24 @@ fn pool_speeds(
             shape.layers
         );
     }
-    // Room for a 1/N share plus one block, so exactly N nodes are needed.
     let blocks = (shape.layers as u64).div_ceil(nodes as u64) + 1;
-    let cap = shape.reserve_bytes + shape.edge_bytes + blocks * shape.layer_bytes;
     let limits = NodeLimits {
-        max_memory: Some(cap),
+        max_memory: Some(shape.reserve_bytes + shape.edge_bytes + blocks * shape.layer_bytes),
         threads: args.threads,
         device: "cpu".into(),
         advert_interval: 1,
         probe_interval: 300,
     };
-    let base = std::env::temp_dir().join(format!("potluck-bench-{}", std::process::id()));
+    let id = std::process::id();
+    let base = std::env::temp_dir().join(format!("potluck-bench-{id}"));
     let pool = PoolArgs {
         data_dir: Some(base.clone()),
-        pool: format!("bench-{}", std::process::id()),
+        pool: format!("bench-{id}"),
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         no_mdns: true,
     };
-    let speeds = runtime()?.block_on(async {
-        let c = start_local_pool(cache, &pool, model, &base, &vec![limits; nodes]).await?;
-        let (prompt, gen, runs) = (prompt.to_vec(), args.gen_tokens, args.runs);
-        tokio::task::spawn_blocking(move || {
-            let handle = tokio::runtime::Handle::current();
-            medians(runs, prompt.len(), gen, |_| {
-                let mut pipe = handle.block_on(c.open_session(greedy.clone()))?;
-                let r = one_run(&mut pipe, &prompt, gen);
-                handle.block_on(pipe.close());
-                r
-            })
-        })
-        .await
-        .context("the pool bench stopped")?
-    });
-    let _ = std::fs::remove_dir_all(&base);
-    speeds
+    let c = start_local_pool(cache, &pool, model, &base, &vec![limits; nodes]).await?;
+    Ok((c, base))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -144,6 +162,9 @@ fn median(v: &mut [f64]) -> f64 {
 /// Runs `potluck bench`.
 pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
     crate::set_threads(args.threads)?;
+    if let Some(clients) = args.clients {
+        return load(cache, &args, clients);
+    }
     if args.runs == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 {
         bail!("--runs, --prompt-tokens and --gen-tokens must be at least 1");
     }
@@ -199,5 +220,38 @@ pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
         (pool.prefill_secs - local.prefill_secs) * 1000.0 / hops,
         prompt.len(),
     );
+    Ok(())
+}
+
+/// `--clients N`: the load run.
+fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
+    if clients == 0 || args.gen_tokens == 0 {
+        bail!("--clients and --gen-tokens must be at least 1");
+    }
+    let report = crate::pool::runtime()?.block_on(async {
+        if let Some(url) = &args.url {
+            let addr = url.trim_start_matches("http://").trim_end_matches('/');
+            return Ok::<_, anyhow::Error>(crate::load::run(addr, clients, args.gen_tokens).await);
+        }
+        let (c, base) = bench_pool(cache, args, args.pool.unwrap_or(1)).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        tokio::spawn(potluck_coordinator::http::serve(
+            listener,
+            c,
+            potluck_coordinator::http::HttpOptions::default(),
+        ));
+        let report = crate::load::run(&addr, clients, args.gen_tokens).await;
+        let _ = std::fs::remove_dir_all(&base);
+        Ok(report)
+    })?;
+    println!("{}", report.line());
+    if report.completed < report.clients {
+        bail!(
+            "{} of {} clients failed",
+            report.clients - report.completed,
+            report.clients
+        );
+    }
     Ok(())
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod catalog;
 mod generate;
+mod load;
 mod models;
 mod pool;
 

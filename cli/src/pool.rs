@@ -6,6 +6,7 @@ use crate::models::ModelCache;
 use anyhow::{Context, Result};
 use clap::Args;
 use potluck_coordinator::daemon::{self as coordinator, CoordinatorConfig};
+use potluck_coordinator::http::HttpOptions;
 use potluck_coordinator::model::ServedModel;
 use potluck_coordinator::pool::{Coordinator, SessionRequest};
 use potluck_engine::llama::DEFAULT_KV_BUDGET;
@@ -103,9 +104,45 @@ pub struct ServeArgs {
     /// Model to serve: short name, Hugging Face id or path.
     #[arg(long, default_value = crate::catalog::DEFAULT_MODEL)]
     pub model: String,
-    /// Address of the OpenAI-compatible HTTP API.
+    /// Address of the OpenAI-compatible HTTP API and the dashboard.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
+    /// An API key clients must send as a bearer token (repeatable); none: the API is open.
+    #[arg(long)]
+    pub api_key: Vec<String>,
+    /// A file of API keys, one per line (blank lines and # comments are skipped).
+    #[arg(long)]
+    pub api_keys_file: Option<PathBuf>,
+    /// Seconds a client gets to send its request headers (and three times that for a body).
+    #[arg(long, default_value_t = 10)]
+    pub http_header_timeout: u64,
+}
+
+impl ServeArgs {
+    fn http_options(&self) -> Result<HttpOptions> {
+        let mut keys = self.api_key.clone();
+        if let Some(f) = &self.api_keys_file {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading API keys from {}", f.display()))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+        }
+        if keys.iter().any(|k| k.len() < 8) {
+            anyhow::bail!("API keys must be at least 8 characters");
+        }
+        if self.http_header_timeout == 0 {
+            anyhow::bail!("--http-header-timeout must be at least 1 second");
+        }
+        Ok(HttpOptions {
+            api_keys: keys,
+            header_timeout: Duration::from_secs(self.http_header_timeout),
+            body_timeout: Duration::from_secs(3 * self.http_header_timeout),
+        })
+    }
 }
 
 /// Flags of `potluck up`.
@@ -264,14 +301,16 @@ pub fn served_model(cache: &ModelCache, model: &str) -> Result<ServedModel> {
 }
 
 /// Binds the HTTP API and serves it on a task; prints where.
-async fn start_http(addr: SocketAddr, c: Coordinator) -> Result<SocketAddr> {
+async fn start_http(serve: &ServeArgs, c: Coordinator) -> Result<SocketAddr> {
+    let opts = serve.http_options()?;
+    let addr = serve.http;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the HTTP API to {addr}"))?;
     let bound = listener.local_addr()?;
     println!("api listening on http://{bound}");
     tokio::spawn(async move {
-        if let Err(e) = potluck_coordinator::http::serve(listener, c).await {
+        if let Err(e) = potluck_coordinator::http::serve(listener, c, opts).await {
             tracing::error!("HTTP API stopped: {e}");
         }
     });
@@ -294,7 +333,7 @@ pub fn run_coordinator(cache: &ModelCache, args: CoordinatorArgs) -> Result<()> 
     let cfg = coordinator_config(&args.pool, args.pool.data_dir("coordinator")?);
     runtime()?.block_on(async {
         let running = coordinator::start(cfg, model)?;
-        start_http(args.serve.http, running.coordinator.clone()).await?;
+        start_http(&args.serve, running.coordinator.clone()).await?;
         stop_signal().await;
         Ok(())
     })
@@ -318,7 +357,7 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
             std::slice::from_ref(&args.limits),
         ).await?;
         let Some(prompt) = args.prompt else {
-            let http = start_http(args.serve.http, c.clone()).await?;
+            let http = start_http(&args.serve, c.clone()).await?;
             println!("pool ready; add machines with: potluck node --bootstrap <one of the listening addresses above>");
             println!("try: curl http://{http}/v1/chat/completions -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'");
             stop_signal().await;
@@ -330,6 +369,7 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
             max_tokens: args.max_tokens,
             stop: Vec::new(),
             sampling: params,
+            handle: Default::default(),
         };
         let (_, stats) = c
             .generate(req, |piece| {

@@ -5,44 +5,7 @@
 mod common;
 
 use serde_json::json;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// `potluck generate` in one process: the text and the number of tokens generated.
-fn local(prompt: &str, chat: bool, max_tokens: usize) -> (String, u64) {
-    let max = max_tokens.to_string();
-    let mut args = vec![
-        "generate",
-        "--prompt",
-        prompt,
-        "--max-tokens",
-        &max,
-        "--threads",
-        "1",
-    ];
-    if chat {
-        args.push("--chat");
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args(&args)
-        .output()
-        .expect("run potluck generate");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let text = String::from_utf8(out.stdout).expect("utf-8 output");
-    let text = text
-        .strip_suffix('\n')
-        .expect("a final newline")
-        .to_string();
-    // "prefill: P tokens, X t/s; decode: N tokens, Y t/s"
-    let generated = err
-        .split("decode: ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no token count in {err}"));
-    (text, generated)
-}
 
 /// Blocks `start..end` of each "peer X serves blocks start..end" line.
 fn served_range(line: &str) -> (String, u32, u32) {
@@ -96,7 +59,7 @@ fn three_nodes_split_the_model_and_generate_exactly_like_one_process() {
         ("1, 2, 3, 4,", false, 32),
     ];
     for (prompt, chat, max_tokens) in cases {
-        let (want, want_tokens) = local(prompt, chat, max_tokens);
+        let (want, want_tokens) = common::local_generate(prompt, chat, max_tokens);
         let (path, body) = if chat {
             (
                 "/v1/chat/completions",

@@ -53,7 +53,9 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, swar
                     let gone = handle.state().table.expire(unix_now());
                     for key in &gone {
                         let id = peer_id_of(key).map(|p| p.to_string()).unwrap_or_default();
-                        println!("peer left {id} (advert expired)");
+                        let line = format!("peer left {id} (advert expired)");
+                        println!("{line}");
+                        handle.event("peer", line);
                     }
                     if !gone.is_empty() {
                         handle.sync_loaded();
@@ -107,13 +109,14 @@ pub async fn run(
 /// Takes one gossiped frame into the pool: prints joins, logs drops, re-plans on change.
 fn on_gossip(handle: &Coordinator, data: &[u8], source: Option<PeerId>) {
     let from = source.map_or_else(|| "unknown".into(), |p| p.to_string());
+    let mut joined = None;
     let outcome = {
         let mut st = handle.state();
         let outcome = check_gossip(&mut st.table, data, source, unix_now());
         if let Ok((Accepted::New, key)) = &outcome {
             if let Some(p) = st.table.get(key) {
                 let a = &p.advert;
-                println!(
+                let line = format!(
                     "peer joined {from} device {:?} memory {} MB threads {} gflops {:.1} mem {:.1} GB/s",
                     a.device,
                     a.memory_bytes >> 20,
@@ -121,10 +124,15 @@ fn on_gossip(handle: &Coordinator, data: &[u8], source: Option<PeerId>) {
                     a.gflops,
                     a.mem_gbps
                 );
+                println!("{line}");
+                joined = Some(line);
             }
         }
         outcome
     };
+    if let Some(line) = joined {
+        handle.event("peer", line);
+    }
     match outcome {
         Ok((Accepted::Refreshed, _)) => handle.sync_loaded(),
         Ok((change, _)) => {

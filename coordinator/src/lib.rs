@@ -7,6 +7,7 @@
 
 pub mod daemon;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod peer_table;
 pub mod pipeline;

@@ -3,6 +3,7 @@
 //! result verified before its output moves on, and every stage's inputs and receipts kept
 //! for replay and later checks.
 
+use crate::metrics::Metrics;
 use crate::planner::Span;
 use crate::verify::{check_result, Expected, ResultRejection};
 use libp2p::{PeerId, Stream, StreamProtocol};
@@ -15,13 +16,21 @@ use potluck_protocol::messages::{
 };
 use potluck_protocol::signed::Digest;
 use potluck_protocol::stream::{read_frame_async, write_frame_async, STAGE_PROTOCOL};
-use std::time::Duration;
+use potluck_protocol::ProtocolError;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// Base time a stage gets to answer a step.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Extra time per input position (prefill of long prompts on slow peers).
 pub const STEP_TIMEOUT_PER_POSITION: Duration = Duration::from_millis(20);
+
+/// Times a hop's stream is reopened (and its journal replayed) after it breaks.
+pub const STREAM_RETRIES: u32 = 3;
+/// Wait before reopening, times the attempt number.
+const RETRY_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Why a step through the chain failed.
 #[derive(Debug, Error)]
@@ -34,7 +43,15 @@ pub enum PipelineError {
         /// What failed.
         reason: String,
     },
-    /// The peer did not answer in time, closed the stream, or sent an unreadable frame.
+    /// The peer did not answer in time.
+    #[error("stage on {peer} gave no answer within {after:?}")]
+    Timeout {
+        /// The peer.
+        peer: PeerId,
+        /// How long it had.
+        after: Duration,
+    },
+    /// The stream to the peer broke or closed.
     #[error("stage on {peer} failed: {reason}")]
     Stage {
         /// The peer.
@@ -58,6 +75,9 @@ pub enum PipelineError {
         /// Its error.
         reason: String,
     },
+    /// The client went away; the session was ended on purpose.
+    #[error("cancelled")]
+    Cancelled,
     /// The chain has no last stage (an empty or truncated route).
     #[error("the chain ended without a token")]
     NoToken,
@@ -84,10 +104,78 @@ impl PipelineError {
     }
 }
 
+/// What others may see of a running session, and the switch that ends it.
+#[derive(Debug, Default)]
+pub struct SessionHandle {
+    /// Tokens sampled so far.
+    pub tokens: AtomicU64,
+    /// Set to end the session before its next step.
+    pub cancelled: AtomicBool,
+}
+
+/// Opens a stage stream to `peer`.
+async fn open_stream(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+) -> Result<Stream, PipelineError> {
+    tokio::time::timeout(
+        STEP_TIMEOUT,
+        control.open_stream(peer, StreamProtocol::new(STAGE_PROTOCOL)),
+    )
+    .await
+    .map_err(|_| PipelineError::Unreachable {
+        peer,
+        reason: "timed out".into(),
+    })?
+    .map_err(|e| PipelineError::Unreachable {
+        peer,
+        reason: e.to_string(),
+    })
+}
+
+/// One request and its answer on `hop`'s stream, unchecked. A stream that breaks or ends
+/// is a [`PipelineError::Stage`]; bytes that are not protocol are a
+/// [`PipelineError::BadFrame`].
+async fn exchange(
+    hop: &mut Hop,
+    req: &StageForward,
+    timeout: Duration,
+) -> Result<Box<StageResult>, PipelineError> {
+    let peer = hop.peer;
+    let stage_err = |reason: String| PipelineError::Stage { peer, reason };
+    let answer = tokio::time::timeout(timeout, async {
+        write_frame_async(&mut hop.stream, &Message::Forward(req.clone()))
+            .await
+            .map_err(|e| stage_err(e.to_string()))?;
+        read_frame_async::<Message>(&mut hop.stream, MAX_FRAME)
+            .await
+            .map_err(|why| match why {
+                ProtocolError::Truncated(_) => stage_err(why.to_string()),
+                why => PipelineError::BadFrame { peer, why },
+            })
+    })
+    .await
+    .map_err(|_| PipelineError::Timeout {
+        peer,
+        after: timeout,
+    })??;
+    match answer {
+        Some(Message::Result(r)) => Ok(r),
+        Some(Message::Error(e)) => Err(PipelineError::Refused {
+            peer,
+            reason: format!("{:?}: {}", e.code, e.message),
+        }),
+        Some(_) => Err(stage_err("answered with a non-result".into())),
+        None => Err(stage_err("closed the stream".into())),
+    }
+}
+
 /// One hop: a span, its peer, and the session's stream to it.
 struct Hop {
     span: Span,
     peer: PeerId,
+    /// The peer as a metrics label.
+    label: String,
     stream: Stream,
     /// Every request this hop was sent, in order: its inputs, for replay and spot checks.
     journal: Vec<StageForward>,
@@ -108,6 +196,7 @@ pub struct ChainModel {
 
 /// A session's pipeline across peers.
 pub struct RemotePipeline {
+    control: libp2p_stream::Control,
     hops: Vec<Hop>,
     session: u64,
     step: u64,
@@ -116,40 +205,34 @@ pub struct RemotePipeline {
     receipts: Vec<Receipt>,
     runtime: tokio::runtime::Handle,
     misbehaving: Option<(PeerId, String)>,
+    metrics: Arc<Metrics>,
+    handle: Arc<SessionHandle>,
 }
 
 impl RemotePipeline {
-    /// Opens a stream to every span of `chain` (with its peer id), in order.
+    /// Opens a stream to every span of `chain` (with its peer id), in order. Steps are
+    /// counted in `metrics` and shown (and can be cancelled) through `handle`.
     pub async fn open(
         control: &mut libp2p_stream::Control,
         chain: Vec<(Span, PeerId)>,
         session: u64,
         model: ChainModel,
         sampling: SamplingParams,
+        metrics: Arc<Metrics>,
+        handle: Arc<SessionHandle>,
     ) -> Result<Self, PipelineError> {
         let mut hops = Vec::with_capacity(chain.len());
         for (span, peer) in chain {
-            let stream = tokio::time::timeout(
-                STEP_TIMEOUT,
-                control.open_stream(peer, StreamProtocol::new(STAGE_PROTOCOL)),
-            )
-            .await
-            .map_err(|_| PipelineError::Unreachable {
-                peer,
-                reason: "timed out".into(),
-            })?
-            .map_err(|e| PipelineError::Unreachable {
-                peer,
-                reason: e.to_string(),
-            })?;
             hops.push(Hop {
                 span,
                 peer,
-                stream,
+                label: peer.to_string(),
+                stream: open_stream(control, peer).await?,
                 journal: Vec::new(),
             });
         }
         Ok(Self {
+            control: control.clone(),
             hops,
             session,
             step: 0,
@@ -158,6 +241,8 @@ impl RemotePipeline {
             receipts: Vec::new(),
             runtime: tokio::runtime::Handle::current(),
             misbehaving: None,
+            metrics,
+            handle,
         })
     }
 
@@ -203,11 +288,15 @@ impl RemotePipeline {
         tokens: &[u32],
         history: &[u32],
     ) -> Result<u32, PipelineError> {
+        if self.handle.cancelled.load(Ordering::Relaxed) {
+            return Err(PipelineError::Cancelled);
+        }
+        let started = Instant::now();
         let sample = self.sample_spec(history);
         let last = self.hops.len().saturating_sub(1);
         let timeout = STEP_TIMEOUT + STEP_TIMEOUT_PER_POSITION * tokens.len() as u32;
         let mut input = StageInputWire::Tokens(tokens.to_vec());
-        for (i, hop) in self.hops.iter_mut().enumerate() {
+        for i in 0..self.hops.len() {
             let req = StageForward {
                 session: self.session,
                 step: self.step,
@@ -215,39 +304,19 @@ impl RemotePipeline {
                 input,
                 sample: (i == last).then(|| sample.clone()),
             };
-            let peer = hop.peer;
-            let stage_err = |reason: String| PipelineError::Stage { peer, reason };
-            let answer = tokio::time::timeout(timeout, async {
-                write_frame_async(&mut hop.stream, &Message::Forward(req.clone()))
-                    .await
-                    .map_err(|e| stage_err(e.to_string()))?;
-                read_frame_async::<Message>(&mut hop.stream, MAX_FRAME)
-                    .await
-                    .map_err(|why| PipelineError::BadFrame { peer, why })
-            })
-            .await
-            .map_err(|_| stage_err(format!("no answer within {timeout:?}")))??;
-            let result = match answer {
-                Some(Message::Result(r)) => r,
-                Some(Message::Error(e)) => {
-                    return Err(PipelineError::Refused {
-                        peer,
-                        reason: format!("{:?}: {}", e.code, e.message),
-                    })
+            let hop_started = Instant::now();
+            let result = match self.call(i, &req, timeout).await {
+                Ok(r) => r,
+                Err(e @ PipelineError::Rejected { .. }) => {
+                    self.metrics.check("rejected");
+                    return Err(e);
                 }
-                Some(_) => return Err(stage_err("answered with a non-result".into())),
-                None => return Err(stage_err("closed the stream".into())),
+                Err(e) => return Err(e),
             };
-            let want = Expected {
-                signer: &hop.span.peer,
-                model: &self.model.digest,
-                layers: hop.span.range,
-                last: i == last,
-                hidden: self.model.hidden,
-                vocab: self.model.vocab,
-            };
-            check_result(&req, &result, &want)
-                .map_err(|why| PipelineError::Rejected { peer, why })?;
+            self.metrics.check("verified");
+            let hop = &mut self.hops[i];
+            self.metrics
+                .stage(&hop.label, hop_started.elapsed().as_secs_f64());
             hop.journal.push(req);
             let StageResult {
                 output, receipt, ..
@@ -256,12 +325,81 @@ impl RemotePipeline {
             match output {
                 StageOutputWire::Hidden(h) => input = StageInputWire::Hidden(h),
                 StageOutputWire::Token { token, .. } => {
+                    if self.step > 0 {
+                        self.metrics
+                            .time_per_token
+                            .observe(started.elapsed().as_secs_f64());
+                    }
                     self.step += 1;
+                    self.metrics.token();
+                    self.handle.tokens.fetch_add(1, Ordering::Relaxed);
                     return Ok(token);
                 }
             }
         }
         Err(PipelineError::NoToken)
+    }
+
+    /// Sends `req` to hop `i` and returns its verified result. A broken stream is reopened
+    /// and the hop's journal replayed (rebuilding the session's cache on the node) before
+    /// `req` is sent again, up to [`STREAM_RETRIES`] times.
+    async fn call(
+        &mut self,
+        i: usize,
+        req: &StageForward,
+        timeout: Duration,
+    ) -> Result<Box<StageResult>, PipelineError> {
+        let mut attempt = 0;
+        loop {
+            let answer = exchange(&mut self.hops[i], req, timeout).await;
+            match answer {
+                Err(PipelineError::Stage { peer, reason }) if attempt < STREAM_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(%peer, attempt, "stage stream broke ({reason}); reopening");
+                    tokio::time::sleep(RETRY_BACKOFF * attempt).await;
+                    self.reopen(i, timeout).await?;
+                }
+                Err(e) => return Err(e),
+                Ok(result) => {
+                    self.check(i, req, &result)?;
+                    return Ok(result);
+                }
+            }
+        }
+    }
+
+    /// Checks hop `i`'s result for `req`.
+    fn check(
+        &self,
+        i: usize,
+        req: &StageForward,
+        result: &StageResult,
+    ) -> Result<(), PipelineError> {
+        let hop = &self.hops[i];
+        let want = Expected {
+            signer: &hop.span.peer,
+            model: &self.model.digest,
+            layers: hop.span.range,
+            last: i + 1 == self.hops.len(),
+            hidden: self.model.hidden,
+            vocab: self.model.vocab,
+        };
+        check_result(req, result, &want).map_err(|why| PipelineError::Rejected {
+            peer: hop.peer,
+            why,
+        })
+    }
+
+    /// A new stream to hop `i`'s peer, with every request it was sent replayed in order.
+    async fn reopen(&mut self, i: usize, timeout: Duration) -> Result<(), PipelineError> {
+        let peer = self.hops[i].peer;
+        self.hops[i].stream = open_stream(&mut self.control, peer).await?;
+        let journal = self.hops[i].journal.clone();
+        for req in &journal {
+            let result = exchange(&mut self.hops[i], req, timeout).await?;
+            self.check(i, req, &result)?;
+        }
+        Ok(())
     }
 
     /// Ends the session: closes every stream so each node frees the session's cache.

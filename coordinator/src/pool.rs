@@ -2,9 +2,10 @@
 //! adverts, the current plan, which peers have confirmed loading their span, assignments
 //! sent over control streams, and sessions routed through confirmed spans.
 
+use crate::metrics::Metrics;
 use crate::model::ServedModel;
 use crate::peer_table::PeerTable;
-use crate::pipeline::{ChainModel, RemotePipeline};
+use crate::pipeline::{ChainModel, RemotePipeline, SessionHandle};
 use crate::planner::{plan, Plan, PlanPeer, Span};
 use crate::router::{route, PeerCost};
 use libp2p::{PeerId, StreamProtocol};
@@ -16,7 +17,7 @@ use potluck_protocol::signed::PublicKey;
 use potluck_protocol::stream::{
     read_frame_async, write_frame_async, CONTROL_PROTOCOL, MAX_CONTROL_FRAME,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -29,6 +30,8 @@ pub const ASSIGN_TIMEOUT: Duration = Duration::from_secs(300);
 pub const ASSIGN_RETRY: Duration = Duration::from_secs(10);
 /// How long a peer that broke the protocol or sent an unverifiable result stays out.
 pub const BAN: Duration = Duration::from_secs(600);
+/// Events the dashboard keeps.
+pub const EVENT_LOG: usize = 50;
 /// Round trip assumed for peers not yet pinged, milliseconds.
 const DEFAULT_RTT_MS: f64 = 1.0;
 
@@ -44,6 +47,45 @@ pub enum SessionError {
     /// A stage failed mid-generation.
     #[error("generation failed: {0}")]
     Failed(String),
+    /// The client went away and the session was ended.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl SessionError {
+    /// A short name for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SessionError::NotReady(_) => "not_ready",
+            SessionError::BadRequest(_) => "bad_request",
+            SessionError::Failed(_) => "stage",
+            SessionError::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Something that happened in the pool, for the dashboard.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolEvent {
+    /// Unix seconds.
+    pub at: u64,
+    /// `peer`, `plan`, `failure` or `check`.
+    pub kind: &'static str,
+    /// What happened.
+    pub message: String,
+}
+
+/// A running session, as the dashboard shows it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// When it started, unix seconds.
+    pub started: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Its chain: peer id and blocks.
+    pub chain: Vec<(String, LayerRange)>,
+    /// Its live counters and cancel switch.
+    pub handle: Arc<SessionHandle>,
 }
 
 /// One generation, already tokenized.
@@ -57,6 +99,8 @@ pub struct SessionRequest {
     pub stop: Vec<String>,
     /// How tokens are picked.
     pub sampling: SamplingParams,
+    /// Counts the session's tokens and ends it when cancelled.
+    pub handle: Arc<SessionHandle>,
 }
 
 /// What the coordinator tracks about the pool.
@@ -96,6 +140,26 @@ pub struct Coordinator {
     control: libp2p_stream::Control,
     next_session: Arc<AtomicU64>,
     changed: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    sessions: Arc<Mutex<BTreeMap<u64, SessionInfo>>>,
+    events: Arc<Mutex<VecDeque<PoolEvent>>>,
+}
+
+/// Removes a session from the registry however its generation ends.
+struct Registered {
+    sessions: Arc<Mutex<BTreeMap<u64, SessionInfo>>>,
+    id: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        self.metrics.sessions.dec();
+    }
 }
 
 impl Coordinator {
@@ -120,7 +184,60 @@ impl Coordinator {
             control,
             next_session: Arc::new(AtomicU64::new(u64::from_le_bytes(seed) >> 1)),
             changed: Arc::new(Notify::new()),
+            metrics: Arc::new(Metrics::new()),
+            sessions: Arc::new(Mutex::new(BTreeMap::new())),
+            events: Arc::new(Mutex::new(VecDeque::new())),
         }
+    }
+
+    /// The coordinator's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Notes an event for the dashboard (the newest [`EVENT_LOG`] are kept).
+    pub fn event(&self, kind: &'static str, message: String) {
+        let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        ev.push_back(PoolEvent {
+            at: potluck_net::swarm::unix_now(),
+            kind,
+            message,
+        });
+        while ev.len() > EVENT_LOG {
+            ev.pop_front();
+        }
+    }
+
+    /// Recent events, oldest first.
+    pub fn events(&self) -> Vec<PoolEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Sessions running now, by id.
+    pub fn sessions(&self) -> BTreeMap<u64, SessionInfo> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether `key`'s span is confirmed loaded, and whether it is banned now.
+    pub fn peer_status(&self, key: &PublicKey) -> (Option<LayerRange>, bool, bool) {
+        let st = self.state();
+        let banned = st
+            .banned
+            .get(key)
+            .is_some_and(|until| *until > Instant::now());
+        (
+            st.loaded.get(key).copied(),
+            st.pending.contains(key),
+            banned,
+        )
     }
 
     /// The served model.
@@ -159,6 +276,7 @@ impl Coordinator {
             let mut st = self.state();
             let Some(key) = st.key_of(peer) else { return };
             println!("peer dropped {peer}: {reason}");
+            self.event("check", format!("peer dropped {peer}: {reason}"));
             st.banned.insert(key, Instant::now() + BAN);
             st.loaded.remove(&key);
         }
@@ -191,7 +309,10 @@ impl Coordinator {
         match plan(&self.model.shape, &peers, st.plan.as_ref()) {
             Ok(p) => {
                 if st.plan.as_ref().map(|q| q.epoch) != Some(p.epoch) {
-                    println!("plan epoch {}: {}", p.epoch, describe(&p));
+                    let line = format!("plan epoch {}: {}", p.epoch, describe(&p));
+                    println!("{line}");
+                    self.metrics.plan_changes.inc();
+                    self.event("plan", line);
                 }
                 st.plan = Some(p);
                 st.plan_error = None;
@@ -333,7 +454,8 @@ impl Coordinator {
     pub async fn open_session(
         &self,
         sampling: SamplingParams,
-    ) -> Result<RemotePipeline, SessionError> {
+        handle: Arc<SessionHandle>,
+    ) -> Result<(u64, Vec<(Span, PeerId)>, RemotePipeline), SessionError> {
         let chain = self.chain()?;
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         let cfg = &self.model.config;
@@ -344,13 +466,44 @@ impl Coordinator {
             context: cfg.context,
         };
         let mut control = self.control.clone();
-        RemotePipeline::open(&mut control, chain, session, chain_model, sampling)
-            .await
-            .map_err(|e| SessionError::Failed(e.to_string()))
+        let pipe = RemotePipeline::open(
+            &mut control,
+            chain.clone(),
+            session,
+            chain_model,
+            sampling,
+            self.metrics.clone(),
+            handle,
+        )
+        .await
+        .map_err(|e| SessionError::Failed(e.to_string()))?;
+        Ok((session, chain, pipe))
     }
 
     /// Runs one generation through the pool, calling `on_text` with each piece of text.
     pub async fn generate(
+        &self,
+        req: SessionRequest,
+        on_text: impl FnMut(&str) + Send + 'static,
+    ) -> Result<(String, GenerateStats), SessionError> {
+        let started = Instant::now();
+        let out = self.run_session(req, on_text).await;
+        match &out {
+            Ok((_, stats)) => self
+                .metrics
+                .time_to_first_token
+                .observe(started.elapsed().as_secs_f64() - stats.decode_secs),
+            Err(e) => {
+                self.metrics.failure(e.kind());
+                if !matches!(e, SessionError::BadRequest(_) | SessionError::Cancelled) {
+                    self.event("failure", e.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    async fn run_session(
         &self,
         req: SessionRequest,
         on_text: impl FnMut(&str) + Send + 'static,
@@ -368,7 +521,32 @@ impl Coordinator {
                 req.prompt.len()
             )));
         }
-        let mut pipe = self.open_session(req.sampling.clone()).await?;
+        let handle = req.handle.clone();
+        let (id, chain, mut pipe) = self
+            .open_session(req.sampling.clone(), handle.clone())
+            .await?;
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                SessionInfo {
+                    started: potluck_net::swarm::unix_now(),
+                    prompt_tokens: req.prompt.len(),
+                    chain: chain
+                        .iter()
+                        .map(|(s, p)| (p.to_string(), s.range))
+                        .collect(),
+                    handle: handle.clone(),
+                },
+            );
+        self.metrics.sessions.inc();
+        let _registered = Registered {
+            sessions: self.sessions.clone(),
+            id,
+            metrics: self.metrics.clone(),
+        };
+        self.metrics.tokens_in.inc_by(req.prompt.len() as u64);
         let model = self.model.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let request = GenerateRequest {
@@ -386,7 +564,13 @@ impl Coordinator {
             self.drop_peer(peer, &reason);
         }
         pipe.close().await;
-        out.map_err(|e| SessionError::Failed(e.to_string()))
+        out.map_err(|e| {
+            if handle.cancelled.load(Ordering::Relaxed) {
+                SessionError::Cancelled
+            } else {
+                SessionError::Failed(e.to_string())
+            }
+        })
     }
 }
 

@@ -171,3 +171,117 @@ pub fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> (u16, serd
     let json = serde_json::from_str(rest).unwrap_or_else(|e| panic!("{e}: {rest}"));
     (status, json)
 }
+
+/// Sends raw `request` bytes to `addr` and returns everything the server sends back until
+/// it closes the connection.
+pub fn raw_http(addr: &str, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the API");
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    s.write_all(request).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+/// A request with `headers` (each "Name: value") and a JSON `body`, over HTTP/1.0 so
+/// streamed answers arrive unchunked.
+pub fn request(method: &str, path: &str, headers: &[&str], body: &str) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\n");
+    for h in headers {
+        r.push_str(h);
+        r.push_str("\r\n");
+    }
+    r.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    r.into_bytes()
+}
+
+/// Status code and body of a raw answer.
+pub fn split_answer(raw: &str) -> (u16, &str) {
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body)
+}
+
+/// The JSON events of a server-sent-event body, up to (not including) `[DONE]`, and
+/// whether `[DONE]` came.
+pub fn sse_events(body: &str) -> (Vec<serde_json::Value>, bool) {
+    let mut events = Vec::new();
+    for line in body.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            return (events, true);
+        }
+        events.push(serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}")));
+    }
+    (events, false)
+}
+
+/// The text a stream of chat or completion chunks carries.
+pub fn streamed_text(events: &[serde_json::Value]) -> String {
+    events
+        .iter()
+        .filter_map(|e| {
+            let c = e["choices"].get(0)?;
+            c["delta"]["content"].as_str().or(c["text"].as_str())
+        })
+        .collect()
+}
+
+/// `potluck generate` in one process, greedy: the text and the number of tokens generated.
+pub fn local_generate(prompt: &str, chat: bool, max_tokens: usize) -> (String, u64) {
+    let max = max_tokens.to_string();
+    let mut args = vec![
+        "generate",
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        &max,
+        "--threads",
+        "1",
+    ];
+    if chat {
+        args.push("--chat");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(&args)
+        .output()
+        .expect("run potluck generate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let text = String::from_utf8(out.stdout).expect("utf-8 output");
+    let text = text
+        .strip_suffix('\n')
+        .expect("a final newline")
+        .to_string();
+    // "prefill: P tokens, X t/s; decode: N tokens, Y t/s"
+    let generated = err
+        .split("decode: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token count in {err}"));
+    (text, generated)
+}
+
+/// A coordinator and one node (the whole model) on loopback, with `extra` coordinator
+/// flags; returns both, the API address, once the node serves.
+pub fn small_pool(dir: &std::path::Path, extra: &[&str]) -> (Proc, Proc, String) {
+    let (mut coord, addr, http) = coordinator(dir, extra);
+    let (node, _) = node(dir, "n", "public", &addr, &[]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    assert!(
+        coord
+            .wait_for(deadline, |l| l.contains(" serves blocks 0..30"))
+            .is_some(),
+        "the node never loaded the model: {:?}",
+        coord.seen
+    );
+    (coord, node, http)
+}

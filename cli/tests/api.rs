@@ -1,0 +1,289 @@
+//! The OpenAI-compatible API of a real pool (coordinator + node processes on loopback):
+//! keys, bad input of every kind answered with OpenAI-shaped 4xx errors while the server
+//! keeps serving, slow clients cut off, a client that hangs up mid-stream freeing its
+//! session, streaming equal to whole answers, metrics and the pool JSON, and 64 streaming
+//! clients at once.
+
+mod common;
+
+use common::{raw_http, request, split_answer, sse_events, streamed_text};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::time::{Duration, Instant};
+
+const KEY: &str = "sk-potluck-test-key";
+
+fn auth() -> String {
+    format!("Authorization: Bearer {KEY}")
+}
+
+/// POSTs `body` with the key; status and parsed JSON.
+fn post(http: &str, path: &str, body: &str) -> (u16, Value) {
+    let raw = raw_http(http, &request("POST", path, &[&auth()], body));
+    let (status, body) = split_answer(&raw);
+    let v = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {raw}"));
+    (status, v)
+}
+
+/// Asserts an OpenAI-shaped error with `status`, returning its message.
+fn error(http: &str, path: &str, body: &str, status: u16) -> String {
+    let (got, v) = post(http, path, body);
+    assert_eq!(got, status, "{body} -> {v}");
+    let msg = v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an OpenAI error: {v}"));
+    assert!(v["error"]["type"].is_string(), "{v}");
+    msg.to_string()
+}
+
+fn metric(http: &str, name: &str) -> f64 {
+    let raw = raw_http(http, b"GET /metrics HTTP/1.0\r\n\r\n");
+    split_answer(&raw)
+        .1
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn pool_json(http: &str) -> Value {
+    let raw = raw_http(http, b"GET /api/pool HTTP/1.0\r\n\r\n");
+    serde_json::from_str(split_answer(&raw).1).expect("pool JSON")
+}
+
+#[test]
+fn bad_input_gets_clear_errors_slow_and_vanishing_clients_are_cut_and_serving_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, _node, http) = common::small_pool(
+        dir.path(),
+        &["--api-key", KEY, "--http-header-timeout", "1"],
+    );
+    let chat = "/v1/chat/completions";
+    let good = r#"{"messages":[{"role":"user","content":"What is the capital of Japan?"}],"temperature":0,"max_tokens":12}"#;
+
+    // Keys.
+    for headers in [vec![], vec!["Authorization: Bearer wrong-key-123"]] {
+        let raw = raw_http(&http, &request("POST", chat, &headers, good));
+        let (status, body) = split_answer(&raw);
+        assert_eq!(status, 401, "{raw}");
+        assert!(body.contains("invalid_api_key"), "{body}");
+    }
+
+    // Bad bodies and fields.
+    let cases = [
+        (
+            r#"{"messages": [ {"role": "user", "content": "hi"} "#,
+            400,
+            "invalid request",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":"ten"}"#,
+            400,
+            "invalid type",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":-5}"#,
+            400,
+            "invalid value",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":1000000}"#,
+            400,
+            "max_tokens",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":0}"#,
+            400,
+            "max_tokens",
+        ),
+        (r#"{"messages":[]}"#, 400, "messages must not be empty"),
+        (
+            r#"{"prompt":"no messages here"}"#,
+            400,
+            "missing field `messages`",
+        ),
+        (
+            r#"{"messages":[{"role":"wizard","content":"hi"}]}"#,
+            400,
+            "role 'wizard'",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+            400,
+            "only text",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"temperature":7}"#,
+            400,
+            "temperature",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"top_p":0}"#,
+            400,
+            "top_p",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"n":3}"#,
+            400,
+            "n = 1",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"stop":["a","b","c","d","e"]}"#,
+            400,
+            "stop",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o"}"#,
+            404,
+            "does not exist",
+        ),
+        ("[1, 2, 3]", 400, "invalid request"),
+        ("", 400, "invalid request"),
+    ];
+    for (body, status, says) in cases {
+        let msg = error(&http, chat, body, status);
+        assert!(msg.contains(says), "{body}: {msg}");
+    }
+    error(&http, "/v1/completions", r#"{"prompt":""}"#, 400);
+    error(&http, "/v1/completions", r#"{"prompt":5}"#, 400);
+    let huge = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(2 << 20)
+    );
+    let msg = error(&http, chat, &huge, 413);
+    assert!(msg.contains("exceeds"), "{msg}");
+    let raw = raw_http(&http, &request("GET", "/v1/nothing", &[&auth()], ""));
+    assert_eq!(split_answer(&raw).0, 404, "{raw}");
+
+    // A client that never finishes its headers is cut off after the header timeout.
+    let mut slow = std::net::TcpStream::connect(&http).unwrap();
+    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the slow client was never cut"
+    );
+    // One that sends its headers but dawdles over the body gets a 400 after the body timeout.
+    let mut slow = std::net::TcpStream::connect(&http).unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.0\r\n{}\r\nContent-Length: 100\r\n\r\n{{\"prompt\"",
+        auth()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    let _ = slow.read_to_string(&mut answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "the slow body was never cut"
+    );
+    assert_eq!(split_answer(&answer).0, 400, "{answer}");
+
+    // A client that hangs up mid-stream: its session ends and is freed.
+    let body = r#"{"prompt":"1, 2, 3, 4, 5,","temperature":0,"max_tokens":400,"stream":true}"#;
+    let mut s = std::net::TcpStream::connect(&http).unwrap();
+    s.write_all(&request("POST", "/v1/completions", &[&auth()], body))
+        .unwrap();
+    let mut lines = BufReader::new(s.try_clone().unwrap()).lines();
+    let mut chunks = 0;
+    while chunks < 4 {
+        match lines.next() {
+            Some(Ok(l)) if l.starts_with("data: ") => chunks += 1,
+            Some(Ok(_)) => {}
+            other => panic!("the stream ended early: {other:?}"),
+        }
+    }
+    drop(lines);
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = pool_json(&http);
+        let cancelled = metric(&http, "potluck_failures_total{kind=\"cancelled\"}");
+        if p["sessions"].as_array().is_some_and(|s| s.is_empty()) && cancelled >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session was never freed: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        metric(&http, "potluck_tokens_out_total") < 400.0,
+        "the abandoned session ran to the end"
+    );
+
+    // And the server still serves, whole and streamed alike.
+    let (status, v) = post(&http, chat, good);
+    assert_eq!(status, 200, "{v}");
+    let whole = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(whole, "The capital of Japan is Tokyo.");
+    let streamed = good.replace(
+        "\"max_tokens\":12",
+        "\"max_tokens\":12,\"stream\":true,\"stream_options\":{\"include_usage\":true}",
+    );
+    let raw = raw_http(&http, &request("POST", chat, &[&auth()], &streamed));
+    let (status, body) = split_answer(&raw);
+    assert_eq!(status, 200, "{raw}");
+    let (events, done) = sse_events(body);
+    assert!(done, "no [DONE]: {body}");
+    assert_eq!(streamed_text(&events), whole);
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    let last = events.last().unwrap();
+    assert_eq!(last["usage"], v["usage"], "{last}");
+    let finish = &events[events.len() - 2]["choices"][0]["finish_reason"];
+    assert_eq!(finish, "stop");
+
+    // Metrics and the pool JSON saw it all.
+    assert!(metric(&http, "potluck_tokens_in_total") > 0.0);
+    assert!(metric(&http, "potluck_time_to_first_token_seconds_count") >= 2.0);
+    assert!(metric(&http, "potluck_checks_total{kind=\"verified\"}") > 0.0);
+    let p = pool_json(&http);
+    assert_eq!(p["peers"].as_array().map(Vec::len), Some(1), "{p}");
+    assert_eq!(p["peers"][0]["status"], "serving", "{p}");
+    assert_eq!(p["plan"]["spans"][0]["end"], 30, "{p}");
+}
+
+#[test]
+fn sixty_four_streaming_clients_at_once_all_complete_with_the_same_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, _node, http) = common::small_pool(dir.path(), &[]);
+    let body = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                      "temperature": 0, "max_tokens": 8, "stream": true})
+    .to_string();
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            let (http, body) = (http.clone(), body.clone());
+            std::thread::spawn(move || {
+                let raw = raw_http(&http, &request("POST", "/v1/chat/completions", &[], &body));
+                let (status, body) = split_answer(&raw);
+                assert_eq!(status, 200, "{raw}");
+                let (events, done) = sse_events(body);
+                assert!(done, "a stream ended without [DONE]: {body}");
+                assert!(
+                    events.iter().all(|e| e.get("error").is_none()),
+                    "a stream failed: {body}"
+                );
+                streamed_text(&events)
+            })
+        })
+        .collect();
+    let texts: Vec<String> = clients
+        .into_iter()
+        .map(|c| c.join().expect("a client failed"))
+        .collect();
+    assert!(!texts[0].is_empty());
+    assert!(texts.iter().all(|t| t == &texts[0]), "{texts:?}");
+    assert_eq!(metric(&http, "potluck_sessions "), 0.0);
+}

@@ -1,0 +1,57 @@
+"""Drives a Potluck pool with the official `openai` client and prints what it saw as JSON.
+
+Usage: openai_client.py BASE_URL API_KEY MODEL
+"""
+import json
+import sys
+
+import openai
+
+base_url, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300)
+question = [{"role": "user", "content": "What is the capital of Japan?"}]
+out = {}
+
+chat = client.chat.completions.create(
+    model=model, messages=question, temperature=0, seed=1, max_tokens=24
+)
+out["chat"] = chat.choices[0].message.content
+out["chat_finish"] = chat.choices[0].finish_reason
+out["chat_usage"] = chat.usage.completion_tokens
+
+pieces = []
+usage = None
+for chunk in client.chat.completions.create(
+    model=model,
+    messages=question,
+    temperature=0,
+    seed=1,
+    max_tokens=24,
+    stream=True,
+    stream_options={"include_usage": True},
+):
+    if chunk.usage is not None:
+        usage = chunk.usage.completion_tokens
+    for choice in chunk.choices:
+        if choice.delta.content:
+            pieces.append(choice.delta.content)
+out["stream"] = "".join(pieces)
+out["stream_usage"] = usage
+
+done = client.completions.create(
+    model=model, prompt="The capital of France is", temperature=0, max_tokens=16
+)
+out["completion"] = done.choices[0].text
+
+out["models"] = [m.id for m in client.models.list().data]
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=question)
+except openai.NotFoundError as e:
+    out["unknown_model"] = e.status_code
+try:
+    openai.OpenAI(base_url=base_url, api_key="sk-wrong-key", max_retries=0).models.list()
+except openai.AuthenticationError as e:
+    out["wrong_key"] = e.status_code
+
+print(json.dumps(out))

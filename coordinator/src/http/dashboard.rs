@@ -1,0 +1,115 @@
+//! The dashboard: one static page (HTML, CSS and JS embedded in the binary, no build step)
+//! that polls `/api/pool`, the pool's state as JSON: peers with their capacity, span, status
+//! and round trip; the plan's layer map; running sessions; live tokens/s; recent events.
+
+use crate::pool::Coordinator;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use axum::{Json, Router};
+use potluck_net::swarm::peer_id_of;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+
+const PAGE: &str = include_str!("../../assets/dashboard.html");
+
+/// The dashboard's routes.
+pub fn routes() -> Router<Coordinator> {
+    Router::new()
+        .route("/", get(page))
+        .route("/api/pool", get(pool))
+}
+
+async fn page() -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, "no-cache")], Html(PAGE))
+}
+
+async fn pool(State(c): State<Coordinator>) -> Json<Value> {
+    Json(snapshot(&c))
+}
+
+/// The pool's state as the dashboard (and scripts) read it.
+pub fn snapshot(c: &Coordinator) -> Value {
+    let model = c.model();
+    let (peers, plan) = {
+        let st = c.state();
+        let plan = st.plan.clone();
+        let peers: Vec<_> = st
+            .table
+            .peers()
+            .iter()
+            .map(|p| (p.key, p.advert.clone(), p.rtt_ms))
+            .collect();
+        (peers, plan)
+    };
+    let peers: Vec<Value> = peers
+        .into_iter()
+        .map(|(key, a, rtt)| {
+            let (loaded, loading, banned) = c.peer_status(&key);
+            let planned = plan.as_ref().and_then(|p| p.span_of(&key)).map(|s| s.range);
+            let status = if banned {
+                "dropped"
+            } else if loaded.is_some() && loaded == planned {
+                "serving"
+            } else if loading {
+                "loading"
+            } else if planned.is_some() {
+                "assigned"
+            } else {
+                "idle"
+            };
+            json!({
+                "id": peer_id_of(&key).map(|p| p.to_string()).unwrap_or_default(),
+                "device": format!("{:?}", a.device),
+                "memory_bytes": a.memory_bytes,
+                "threads": a.threads,
+                "gflops": a.gflops,
+                "mem_gbps": a.mem_gbps,
+                "rtt_ms": rtt,
+                "layers": planned.map(|r| [r.start, r.end]),
+                "status": status,
+                "reputation": null,
+                "advert_expires_at": a.expires_at,
+            })
+        })
+        .collect();
+    let spans: Vec<Value> = plan
+        .as_ref()
+        .map(|p| {
+            p.spans
+                .iter()
+                .map(|s| {
+                    json!({
+                        "peer": peer_id_of(&s.peer).map(|p| p.to_string()).unwrap_or_default(),
+                        "start": s.range.start,
+                        "end": s.range.end,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let sessions: Vec<Value> = c
+        .sessions()
+        .into_iter()
+        .map(|(id, s)| {
+            json!({
+                "id": format!("{id:016x}"),
+                "started": s.started,
+                "prompt_tokens": s.prompt_tokens,
+                "generated": s.handle.tokens.load(Ordering::Relaxed),
+                "chain": s.chain.iter().map(|(p, r)| json!({"peer": p, "start": r.start, "end": r.end})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let plan_error = c.state().plan_error.clone();
+    json!({
+        "model": {"name": model.model.name, "layers": model.shape.layers,
+                  "digest": blake3::Hash::from(model.model.digest).to_hex().to_string()},
+        "peers": peers,
+        "plan": {"epoch": plan.as_ref().map(|p| p.epoch), "spans": spans, "error": plan_error},
+        "sessions": sessions,
+        "tokens_per_second": c.metrics().tokens_per_second(),
+        "events": c.events(),
+    })
+}

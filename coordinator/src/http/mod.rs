@@ -1,0 +1,212 @@
+//! The coordinator's HTTP side: the OpenAI-compatible API under `/v1` (`openai`), the
+//! dashboard and its JSON (`dashboard`), and `/metrics`. Every error is JSON in OpenAI's
+//! shape; bodies are size-limited; connections that dawdle over their headers or bodies are
+//! cut, so slow clients cannot tie the server up.
+
+pub mod dashboard;
+pub mod openai;
+
+use crate::pool::{Coordinator, SessionError};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tower::Service;
+
+/// Largest request body.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// How the HTTP server guards itself.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Bearer keys accepted on `/v1`; none means open.
+    pub api_keys: Vec<String>,
+    /// Time a client gets to send its request headers.
+    pub header_timeout: Duration,
+    /// Time a client gets to send its request body.
+    pub body_timeout: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An error in OpenAI's shape, with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    message: String,
+}
+
+impl ApiError {
+    /// A 400 `invalid_request_error`.
+    pub fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    /// An error with any status and type.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    /// The same error with OpenAI's machine-readable code.
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// The JSON body, also sent as the last event of a failed stream.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        let (status, kind) = match &e {
+            SessionError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+            SessionError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            SessionError::Failed(_) => (StatusCode::BAD_GATEWAY, "server_error"),
+            // Nobody is left to read it.
+            SessionError::Cancelled => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        };
+        Self::new(status, kind, e.to_string())
+    }
+}
+
+/// All routes over `coordinator`.
+pub fn router(coordinator: Coordinator, opts: &HttpOptions) -> Router {
+    let keys: Arc<Vec<[u8; 32]>> = Arc::new(
+        opts.api_keys
+            .iter()
+            .map(|k| *blake3::hash(k.as_bytes()).as_bytes())
+            .collect(),
+    );
+    let api = openai::routes().route_layer(middleware::from_fn_with_state(keys, require_key));
+    Router::new()
+        .merge(api)
+        .merge(dashboard::routes())
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            opts.body_timeout,
+        ))
+        .with_state(coordinator)
+}
+
+/// Serves `router` on `listener` until the process ends. Each connection gets
+/// `opts.header_timeout` to send its headers.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    coordinator: Coordinator,
+    opts: HttpOptions,
+) -> std::io::Result<()> {
+    let app = router(coordinator, &opts);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, keep serving.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        let header_timeout = opts.header_timeout;
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                app.clone().call(req)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// Lets a request through when no keys are set or it carries one of them as a bearer token.
+async fn require_key(State(keys): State<Arc<Vec<[u8; 32]>>>, req: Request, next: Next) -> Response {
+    if keys.is_empty() {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|k| *blake3::hash(k.trim().as_bytes()).as_bytes());
+    // Comparing digests keeps the comparison's time independent of the keys.
+    match presented {
+        Some(d)
+            if keys
+                .iter()
+                .any(|k| blake3::Hash::from(*k) == blake3::Hash::from(d)) =>
+        {
+            next.run(req).await
+        }
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "incorrect API key",
+        )
+        .with_code("invalid_api_key")
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "this pool needs an API key: send 'Authorization: Bearer KEY'",
+        )
+        .with_code("invalid_api_key")
+        .into_response(),
+    }
+}
+
+async fn metrics(State(c): State<Coordinator>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        c.metrics().encode(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "no such route",
+    )
+}

@@ -1,0 +1,487 @@
+//! OpenAI's API shape over the pool: `/v1/chat/completions` and `/v1/completions`, whole or
+//! streamed as server-sent events, and `/v1/models`. Fields are checked before a session
+//! starts; a client that goes away mid-generation ends its session.
+
+use super::ApiError;
+use crate::pipeline::SessionHandle;
+use crate::pool::{Coordinator, SessionRequest};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use potluck_engine::chat::{chat_prompt_ids, ChatMessage};
+use potluck_engine::generate::{FinishReason, GenerateStats};
+use potluck_engine::sampling::SamplingParams;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Most tokens one request may ask for.
+pub const MAX_TOKENS_LIMIT: u64 = 8192;
+/// Tokens generated when a request does not say.
+pub const DEFAULT_MAX_TOKENS: u64 = 256;
+/// Most stop sequences (OpenAI's limit).
+pub const MAX_STOPS: usize = 4;
+/// Most messages in one chat request.
+pub const MAX_MESSAGES: usize = 1024;
+
+/// The API routes.
+pub fn routes() -> Router<Coordinator> {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+}
+
+/// `stop` is a string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// Fields both endpoints share. Fields this server does not use are ignored, as OpenAI's
+/// clients send many.
+#[derive(Deserialize)]
+struct Common {
+    model: Option<String>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+}
+
+/// A message's content: a string, or a list of parts of which text parts are read.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct MessageIn {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    messages: Vec<MessageIn>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    prompt: String,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// Which endpoint's shape answers are in.
+#[derive(Clone, Copy)]
+enum Shape {
+    Chat,
+    Completion,
+}
+
+/// A checked request, ready to run.
+struct Checked {
+    req: SessionRequest,
+    model: String,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("the request body exceeds {} bytes", super::MAX_BODY_BYTES),
+            )
+        }
+        other => ApiError::bad(format!("could not read the request body: {other}")),
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("invalid request: {e}")))
+}
+
+fn chat_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad("messages must not be empty"));
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(ApiError::bad(format!("at most {MAX_MESSAGES} messages")));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" | "assistant" | "tool" => m.role.as_str(),
+                other => {
+                    return Err(ApiError::bad(format!(
+                        "messages[{i}].role '{other}' is not system, developer, user, assistant or tool"
+                    )))
+                }
+            };
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(ApiError::bad(format!(
+                                    "messages[{i}] has a '{kind}' part; only text is supported"
+                                )))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage::new(role, &content))
+        })
+        .collect()
+}
+
+fn check(c: &Coordinator, common: Common, prompt: Vec<u32>) -> Result<Checked, ApiError> {
+    let served = c.model().model.name.clone();
+    if let Some(m) = &common.model {
+        if m != &served {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("the model '{m}' does not exist; this pool serves '{served}'"),
+            )
+            .with_code("model_not_found"));
+        }
+    }
+    if common.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad("only n = 1 is supported"));
+    }
+    let max_tokens = common
+        .max_completion_tokens
+        .or(common.max_tokens)
+        .unwrap_or(DEFAULT_MAX_TOKENS);
+    if max_tokens == 0 || max_tokens > MAX_TOKENS_LIMIT {
+        return Err(ApiError::bad(format!(
+            "max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"
+        )));
+    }
+    let temperature = common.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad("temperature must be between 0 and 2"));
+    }
+    let top_p = common.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad("top_p must be in (0, 1]"));
+    }
+    let stop = match common.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOPS || stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(ApiError::bad(format!(
+            "stop takes at most {MAX_STOPS} non-empty strings of up to 256 bytes"
+        )));
+    }
+    let context = c.model().config.context;
+    if prompt.len() >= context {
+        return Err(ApiError::bad(format!(
+            "the prompt has {} tokens; the model's context is {context}",
+            prompt.len()
+        ))
+        .with_code("context_length_exceeded"));
+    }
+    let sampling = SamplingParams {
+        temperature,
+        top_k: 0,
+        top_p,
+        min_p: 0.0,
+        seed: common.seed.unwrap_or_else(random_u64),
+        ..SamplingParams::default()
+    };
+    sampling
+        .validate()
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    let stream = common.stream.unwrap_or(false);
+    Ok(Checked {
+        req: SessionRequest {
+            prompt,
+            max_tokens: max_tokens as usize,
+            stop,
+            sampling,
+            handle: Arc::new(SessionHandle::default()),
+        },
+        model: served,
+        stream,
+        include_usage: stream
+            && common
+                .stream_options
+                .unwrap_or_default()
+                .include_usage
+                .unwrap_or(false),
+    })
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // A failed draw leaves zeros: still a valid seed.
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage(stats: &GenerateStats) -> Value {
+    json!({
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.generated_tokens,
+        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+    })
+}
+
+/// Ends the session if the handler is dropped (the client hung up) before it finishes.
+struct CancelOnDrop(Arc<SessionHandle>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn models(State(c): State<Coordinator>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_card(&c)]}))
+}
+
+async fn model(
+    State(c): State<Coordinator>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if id != c.model().model.name {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("the model '{id}' does not exist"),
+        )
+        .with_code("model_not_found"));
+    }
+    Ok(Json(model_card(&c)))
+}
+
+fn model_card(c: &Coordinator) -> Value {
+    json!({"id": c.model().model.name, "object": "model", "created": 0, "owned_by": "potluck"})
+}
+
+async fn chat(State(c): State<Coordinator>, body: Result<Bytes, BytesRejection>) -> Response {
+    let run = || -> Result<Checked, ApiError> {
+        let body: ChatBody = parse(body)?;
+        let messages = chat_messages(body.messages)?;
+        let prompt = chat_prompt_ids(&c.model().tokenizer, &messages)
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        check(&c, body.common, prompt)
+    };
+    match run() {
+        Ok(checked) => answer(c, checked, Shape::Chat).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(
+    State(c): State<Coordinator>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = || -> Result<Checked, ApiError> {
+        let body: CompletionBody = parse(body)?;
+        if body.prompt.is_empty() {
+            return Err(ApiError::bad("prompt must not be empty"));
+        }
+        let prompt = c
+            .model()
+            .tokenizer
+            .encode(&body.prompt)
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        check(&c, body.common, prompt)
+    };
+    match run() {
+        Ok(checked) => answer(c, checked, Shape::Completion).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Runs a checked request and answers whole or as a stream.
+async fn answer(c: Coordinator, checked: Checked, shape: Shape) -> Response {
+    // Refuse before any stream starts when the pool cannot serve.
+    if let Err(e) = c.chain() {
+        c.metrics().failure(e.kind());
+        return ApiError::from(e).into_response();
+    }
+    let id = match shape {
+        Shape::Chat => format!("chatcmpl-{:016x}", random_u64()),
+        Shape::Completion => format!("cmpl-{:016x}", random_u64()),
+    };
+    let created = potluck_net::swarm::unix_now();
+    let meta = Meta {
+        id,
+        created,
+        model: checked.model.clone(),
+        shape,
+    };
+    if checked.stream {
+        return stream(c, checked, meta).into_response();
+    }
+    let _cancel = CancelOnDrop(checked.req.handle.clone());
+    match c.generate(checked.req, |_| {}).await {
+        Ok((text, stats)) => Json(meta.whole(&text, &stats)).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// What every answer and chunk of one request repeats.
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    shape: Shape,
+}
+
+impl Meta {
+    fn whole(&self, text: &str, stats: &GenerateStats) -> Value {
+        let (object, choice) = match self.shape {
+            Shape::Chat => (
+                "chat.completion",
+                json!({"index": 0, "message": {"role": "assistant", "content": text},
+                       "logprobs": null, "finish_reason": finish_reason(stats.finish)}),
+            ),
+            Shape::Completion => (
+                "text_completion",
+                json!({"index": 0, "text": text, "logprobs": null,
+                       "finish_reason": finish_reason(stats.finish)}),
+            ),
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [choice], "usage": usage(stats)})
+    }
+
+    /// A streamed chunk carrying `text` (and the role, on a chat's first chunk).
+    fn chunk(&self, text: Option<&str>, first: bool, finish: Option<FinishReason>) -> Value {
+        let reason = finish.map(finish_reason);
+        let (object, choice) = match self.shape {
+            Shape::Chat => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                (
+                    "chat.completion.chunk",
+                    json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason}),
+                )
+            }
+            Shape::Completion => (
+                "text_completion",
+                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null,
+                       "finish_reason": reason}),
+            ),
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [choice]})
+    }
+
+    fn usage_chunk(&self, stats: &GenerateStats) -> Value {
+        let object = match self.shape {
+            Shape::Chat => "chat.completion.chunk",
+            Shape::Completion => "text_completion",
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [], "usage": usage(stats)})
+    }
+}
+
+/// Streams a generation as server-sent events: a chunk per piece of text, a final chunk with
+/// the finish reason, the usage when asked, then `[DONE]`. If the client goes away, sending
+/// fails and the session is cancelled before its next step.
+fn stream(c: Coordinator, checked: Checked, meta: Meta) -> impl IntoResponse {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    let handle = checked.req.handle.clone();
+    let include_usage = checked.include_usage;
+    tokio::spawn(async move {
+        let meta = Arc::new(meta);
+        let first = Event::default().data(meta.chunk(None, true, None).to_string());
+        if tx.send(first).await.is_err() {
+            return;
+        }
+        let (pieces, m) = (tx.clone(), meta.clone());
+        let cancel = handle.clone();
+        let result = c
+            .generate(checked.req, move |piece| {
+                let ev = Event::default().data(m.chunk(Some(piece), false, None).to_string());
+                if pieces.blocking_send(ev).is_err() {
+                    cancel.cancelled.store(true, Ordering::Relaxed);
+                }
+            })
+            .await;
+        let mut tail = Vec::new();
+        match result {
+            Ok((_, stats)) => {
+                tail.push(meta.chunk(None, false, Some(stats.finish)));
+                if include_usage {
+                    tail.push(meta.usage_chunk(&stats));
+                }
+            }
+            Err(e) => tail.push(ApiError::from(e).body()),
+        }
+        for v in tail {
+            if tx.send(Event::default().data(v.to_string())).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
