@@ -5,6 +5,7 @@
 use crate::models::ModelCache;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use potluck_coordinator::pool::DEFAULT_MAX_SESSIONS;
 use potluck_engine::generate::{LocalPipeline, TokenSource};
 use potluck_engine::sampling::{Sampler, SamplingParams};
 use std::time::Instant;
@@ -150,7 +151,15 @@ async fn bench_pool(
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         no_mdns: true,
     };
-    let c = start_local_pool(cache, &pool, model, &base, &vec![limits; nodes]).await?;
+    let c = start_local_pool(
+        cache,
+        &pool,
+        model,
+        &base,
+        &vec![limits; nodes],
+        DEFAULT_MAX_SESSIONS,
+    )
+    .await?;
     Ok((c, base))
 }
 

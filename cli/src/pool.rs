@@ -9,7 +9,6 @@ use potluck_coordinator::daemon::{self as coordinator, CoordinatorConfig};
 use potluck_coordinator::http::HttpOptions;
 use potluck_coordinator::model::ServedModel;
 use potluck_coordinator::pool::{Coordinator, SessionRequest};
-use potluck_engine::llama::DEFAULT_KV_BUDGET;
 use potluck_node::daemon::{self as node, NodeConfig};
 use potluck_node::probe::Limits;
 use potluck_node::serve::LocalModel;
@@ -113,6 +112,9 @@ pub struct ServeArgs {
     /// A file of API keys, one per line (blank lines and # comments are skipped).
     #[arg(long)]
     pub api_keys_file: Option<PathBuf>,
+    /// Most sessions the pool runs at once; further requests wait their turn.
+    #[arg(long, default_value_t = potluck_coordinator::pool::DEFAULT_MAX_SESSIONS)]
+    pub max_sessions: usize,
     /// Seconds a client gets to send its request headers (and three times that for a body).
     #[arg(long, default_value_t = 10)]
     pub http_header_timeout: u64,
@@ -256,11 +258,6 @@ fn node_config(
         );
     }
     let interval = Duration::from_secs(limits.advert_interval);
-    // KV caches may take a quarter of what the owner allows.
-    let kv_budget = limits
-        .max_memory
-        .map_or(DEFAULT_KV_BUDGET, |m| (m / 4) as usize)
-        .min(DEFAULT_KV_BUDGET);
     Ok(NodeConfig {
         data_dir,
         pool: pool.pool.clone(),
@@ -274,7 +271,7 @@ fn node_config(
         advert_interval: interval,
         advert_ttl: interval * 3,
         models,
-        kv_budget,
+        memory_cap: limits.max_memory,
         probe_interval: Duration::from_secs(limits.probe_interval),
     })
 }
@@ -318,19 +315,28 @@ async fn start_http(serve: &ServeArgs, c: Coordinator) -> Result<SocketAddr> {
 }
 
 /// The coordinator's configuration from the shared flags.
-pub fn coordinator_config(pool: &PoolArgs, data_dir: PathBuf) -> CoordinatorConfig {
+pub fn coordinator_config(
+    pool: &PoolArgs,
+    data_dir: PathBuf,
+    max_sessions: usize,
+) -> CoordinatorConfig {
     CoordinatorConfig {
         data_dir,
         pool: pool.pool.clone(),
         listen: pool.listen(),
         mdns: !pool.no_mdns,
+        max_sessions,
     }
 }
 
 /// Runs `potluck coordinator`.
 pub fn run_coordinator(cache: &ModelCache, args: CoordinatorArgs) -> Result<()> {
     let model = served_model(cache, &args.serve.model)?;
-    let cfg = coordinator_config(&args.pool, args.pool.data_dir("coordinator")?);
+    let cfg = coordinator_config(
+        &args.pool,
+        args.pool.data_dir("coordinator")?,
+        args.serve.max_sessions,
+    );
     runtime()?.block_on(async {
         let running = coordinator::start(cfg, model)?;
         start_http(&args.serve, running.coordinator.clone()).await?;
@@ -355,6 +361,7 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
             model,
             &base,
             std::slice::from_ref(&args.limits),
+            args.serve.max_sessions,
         ).await?;
         let Some(prompt) = args.prompt else {
             let http = start_http(&args.serve, c.clone()).await?;
@@ -398,8 +405,9 @@ pub async fn start_local_pool(
     model: ServedModel,
     base: &std::path::Path,
     nodes: &[NodeLimits],
+    max_sessions: usize,
 ) -> Result<Coordinator> {
-    let cfg = coordinator_config(pool, base.join("coordinator"));
+    let cfg = coordinator_config(pool, base.join("coordinator"), max_sessions);
     let running = coordinator::start(cfg, model)?;
     let c = running.coordinator.clone();
     let bootstrap = local_address(running.listening).await?;

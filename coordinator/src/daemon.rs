@@ -28,6 +28,8 @@ pub struct CoordinatorConfig {
     pub listen: Vec<Multiaddr>,
     /// Whether to discover peers on the LAN.
     pub mdns: bool,
+    /// Most sessions at once; more wait.
+    pub max_sessions: usize,
 }
 
 /// A started coordinator: its handle, and the addresses it listens on as they appear.
@@ -42,7 +44,12 @@ pub struct Running {
 pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, swarm::StartError> {
     let swarm::Started { mut swarm, .. } =
         swarm::start(&cfg.data_dir, &cfg.pool, &cfg.listen, &[], cfg.mdns)?;
-    let coordinator = Coordinator::new(model, &cfg.pool, swarm.behaviour().streams.new_control());
+    let coordinator = Coordinator::new(
+        model,
+        &cfg.pool,
+        swarm.behaviour().streams.new_control(),
+        cfg.max_sessions,
+    );
     let (addrs_tx, listening) = watch::channel(Vec::new());
     let handle = coordinator.clone();
     tokio::spawn(async move {

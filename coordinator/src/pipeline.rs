@@ -12,7 +12,8 @@ use potluck_engine::sampling::SamplingParams;
 use potluck_engine::EngineError;
 use potluck_protocol::codec::MAX_FRAME;
 use potluck_protocol::messages::{
-    Message, Receipt, SampleSpec, StageForward, StageInputWire, StageOutputWire, StageResult,
+    ErrorCode, Message, Receipt, SampleSpec, StageForward, StageInputWire, StageOutputWire,
+    StageResult,
 };
 use potluck_protocol::signed::Digest;
 use potluck_protocol::stream::{read_frame_async, write_frame_async, STAGE_PROTOCOL};
@@ -31,6 +32,8 @@ pub const STEP_TIMEOUT_PER_POSITION: Duration = Duration::from_millis(20);
 pub const STREAM_RETRIES: u32 = 3;
 /// Wait before reopening, times the attempt number.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a step waits, in total, on a node whose caches are full before giving up.
+pub const OVERLOAD_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Why a step through the chain failed.
 #[derive(Debug, Error)]
@@ -68,10 +71,12 @@ pub enum PipelineError {
         why: potluck_protocol::ProtocolError,
     },
     /// The peer refused the step.
-    #[error("stage on {peer} refused: {reason}")]
+    #[error("stage on {peer} refused: {code:?}: {reason}")]
     Refused {
         /// The peer.
         peer: PeerId,
+        /// Its error's kind.
+        code: ErrorCode,
         /// Its error.
         reason: String,
     },
@@ -163,7 +168,8 @@ async fn exchange(
         Some(Message::Result(r)) => Ok(r),
         Some(Message::Error(e)) => Err(PipelineError::Refused {
             peer,
-            reason: format!("{:?}: {}", e.code, e.message),
+            code: e.code,
+            reason: e.message,
         }),
         Some(_) => Err(stage_err("answered with a non-result".into())),
         None => Err(stage_err("closed the stream".into())),
@@ -340,9 +346,10 @@ impl RemotePipeline {
         Err(PipelineError::NoToken)
     }
 
-    /// Sends `req` to hop `i` and returns its verified result. A broken stream is reopened
-    /// and the hop's journal replayed (rebuilding the session's cache on the node) before
-    /// `req` is sent again, up to [`STREAM_RETRIES`] times.
+    /// Sends `req` to hop `i` and returns its verified result. A broken stream, or a node
+    /// that no longer has the session (its cache was evicted, or it restarted), is reopened
+    /// and the hop's journal replayed (rebuilding the session's cache there) before `req` is
+    /// sent again, up to [`STREAM_RETRIES`] times.
     async fn call(
         &mut self,
         i: usize,
@@ -350,12 +357,29 @@ impl RemotePipeline {
         timeout: Duration,
     ) -> Result<Box<StageResult>, PipelineError> {
         let mut attempt = 0;
+        let mut waited = Duration::ZERO;
+        let mut wait = Duration::from_millis(20);
         loop {
             let answer = exchange(&mut self.hops[i], req, timeout).await;
             match answer {
-                Err(PipelineError::Stage { peer, reason }) if attempt < STREAM_RETRIES => {
+                // Full caches free up as other sessions end: wait our turn.
+                Err(PipelineError::Refused {
+                    code: ErrorCode::Overloaded,
+                    ..
+                }) if waited < OVERLOAD_PATIENCE => {
+                    tokio::time::sleep(wait).await;
+                    waited += wait;
+                    wait = (wait * 2).min(Duration::from_millis(500));
+                }
+                Err(
+                    e @ (PipelineError::Stage { .. }
+                    | PipelineError::Refused {
+                        code: ErrorCode::UnknownSession,
+                        ..
+                    }),
+                ) if attempt < STREAM_RETRIES => {
                     attempt += 1;
-                    tracing::debug!(%peer, attempt, "stage stream broke ({reason}); reopening");
+                    tracing::debug!(attempt, "{e}; reopening and replaying");
                     tokio::time::sleep(RETRY_BACKOFF * attempt).await;
                     self.reopen(i, timeout).await?;
                 }

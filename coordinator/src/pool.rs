@@ -30,6 +30,8 @@ pub const ASSIGN_TIMEOUT: Duration = Duration::from_secs(300);
 pub const ASSIGN_RETRY: Duration = Duration::from_secs(10);
 /// How long a peer that broke the protocol or sent an unverifiable result stays out.
 pub const BAN: Duration = Duration::from_secs(600);
+/// Sessions a coordinator runs at once unless told otherwise.
+pub const DEFAULT_MAX_SESSIONS: usize = 32;
 /// Events the dashboard keeps.
 pub const EVENT_LOG: usize = 50;
 /// Round trip assumed for peers not yet pinged, milliseconds.
@@ -143,6 +145,7 @@ pub struct Coordinator {
     metrics: Arc<Metrics>,
     sessions: Arc<Mutex<BTreeMap<u64, SessionInfo>>>,
     events: Arc<Mutex<VecDeque<PoolEvent>>>,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Removes a session from the registry however its generation ends.
@@ -163,8 +166,14 @@ impl Drop for Registered {
 }
 
 impl Coordinator {
-    /// A coordinator for `model` in `pool`, opening streams through `control`.
-    pub fn new(model: ServedModel, pool: &str, control: libp2p_stream::Control) -> Self {
+    /// A coordinator for `model` in `pool`, opening streams through `control`, running at
+    /// most `max_sessions` sessions at once (more wait their turn).
+    pub fn new(
+        model: ServedModel,
+        pool: &str,
+        control: libp2p_stream::Control,
+        max_sessions: usize,
+    ) -> Self {
         let mut seed = [0u8; 8];
         // Session ids only need to differ between sessions; the clock is a fine fallback.
         if getrandom::fill(&mut seed).is_err() {
@@ -187,6 +196,7 @@ impl Coordinator {
             metrics: Arc::new(Metrics::new()),
             sessions: Arc::new(Mutex::new(BTreeMap::new())),
             events: Arc::new(Mutex::new(VecDeque::new())),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_sessions.max(1))),
         }
     }
 
@@ -521,6 +531,13 @@ impl Coordinator {
                 req.prompt.len()
             )));
         }
+        // Waiting here, rather than overfilling the nodes' caches, keeps every session whole.
+        let _slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SessionError::NotReady("the coordinator is shutting down".into()))?;
         let handle = req.handle.clone();
         let (id, chain, mut pipe) = self
             .open_session(req.sampling.clone(), handle.clone())

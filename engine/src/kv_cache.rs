@@ -69,6 +69,7 @@ pub struct KvStore {
     context: usize,
     budget: usize,
     clock: u64,
+    evict: bool,
 }
 
 impl KvStore {
@@ -88,7 +89,15 @@ impl KvStore {
             context,
             budget,
             clock: 0,
+            evict: true,
         }
+    }
+
+    /// Whether other sessions may be evicted (least recently used first) to make room. A
+    /// server whose sessions are all live turns this off: a full store then refuses with
+    /// [`EngineError::KvBudget`] instead of breaking a running session.
+    pub fn set_eviction(&mut self, evict: bool) {
+        self.evict = evict;
     }
 
     fn bytes_for(&self, capacity: usize) -> usize {
@@ -155,7 +164,22 @@ impl KvStore {
                 budget: self.budget,
             });
         }
-        self.evict_for(id, needed_bytes);
+        if self.evict {
+            self.evict_for(id, needed_bytes);
+        } else {
+            let others: usize = self
+                .sessions
+                .iter()
+                .filter(|(other, _)| **other != id)
+                .map(|(_, s)| self.bytes_for(s.capacity))
+                .sum();
+            if others + needed_bytes > self.budget {
+                return Err(EngineError::KvBudget {
+                    needed: needed_bytes,
+                    budget: self.budget.saturating_sub(others),
+                });
+            }
+        }
         self.clock += 1;
         let clock = self.clock;
         let (layers, kv_heads, head_dim) = (self.layers, self.kv_heads, self.head_dim);

@@ -192,6 +192,11 @@ impl Stage {
         &self.kv
     }
 
+    /// Whether a full KV store may evict other sessions (see [`KvStore::set_eviction`]).
+    pub fn set_kv_eviction(&mut self, evict: bool) {
+        self.kv.set_eviction(evict);
+    }
+
     /// Drops a session's cache.
     pub fn end_session(&mut self, id: SessionId) -> bool {
         self.kv.remove(id)

@@ -113,6 +113,29 @@ fn kv_caches_stay_in_budget_with_lru_eviction() {
 }
 
 #[test]
+fn without_eviction_a_full_store_refuses_new_sessions_and_keeps_running_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, file) = synthetic(&dir, spec(GgmlDType::F32));
+    let cfg = file.config().unwrap();
+    let per_session = 32 * cfg.kv_bytes_per_position() * cfg.layers;
+    let mut stage = Stage::load(&file, 0..cfg.layers, 2 * per_session + 1).unwrap();
+    stage.set_kv_eviction(false);
+    for id in 1..=2u64 {
+        assert!(stage.forward(id, 0, StageInput::Tokens(vec![1, 2])).is_ok());
+    }
+    assert!(matches!(
+        stage.forward(3, 0, StageInput::Tokens(vec![1, 2])),
+        Err(EngineError::KvBudget { .. })
+    ));
+    assert_eq!(stage.kv().session_len(1), Some(2), "running sessions are kept");
+    assert_eq!(stage.kv().session_len(3), None);
+    // Once one ends, the waiting one fits.
+    stage.end_session(1);
+    assert!(stage.forward(3, 0, StageInput::Tokens(vec![1, 2])).is_ok());
+    assert!(stage.forward(2, 2, StageInput::Tokens(vec![3])).is_ok());
+}
+
+#[test]
 fn last_stage_returns_the_sampled_token_with_top_logprobs() {
     let dir = tempfile::tempdir().unwrap();
     let (_, file) = synthetic(&dir, spec(GgmlDType::Q8_0));

@@ -34,8 +34,9 @@ pub struct NodeConfig {
     pub advert_ttl: Duration,
     /// Models in the local cache that the node offers.
     pub models: Vec<LocalModel>,
-    /// Bytes the KV caches of all sessions may take.
-    pub kv_budget: usize,
+    /// The owner's memory cap, which weights and KV caches share (none: caches get the
+    /// engine's default budget).
+    pub memory_cap: Option<u64>,
     /// How often to measure the machine again (free memory and speed change).
     pub probe_interval: Duration,
 }
@@ -98,7 +99,7 @@ pub async fn run(
     let server = Server::new(
         cfg.models.clone(),
         Keypair::from_secret(&key.secret()),
-        cfg.kv_budget,
+        cfg.memory_cap,
     );
     server
         .accept(swarm.behaviour().streams.new_control())

@@ -5,7 +5,7 @@
 use crate::shard::ShardServer;
 use futures::StreamExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
-use potluck_engine::llama::Stage;
+use potluck_engine::llama::{Stage, DEFAULT_KV_BUDGET};
 use potluck_engine::weights::WeightFile;
 use potluck_protocol::codec::MAX_FRAME;
 use potluck_protocol::messages::{
@@ -26,6 +26,10 @@ use tokio::sync::watch;
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stage stream with no request for this long is closed and its cache freed.
 const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Memory a stage needs besides weights and caches.
+const STAGE_SCRATCH_BYTES: u64 = 32 << 20;
+/// KV budget a stage gets however tight the owner's cap.
+const MIN_KV_BUDGET: usize = 16 << 20;
 /// Once a frame's header has arrived, its body must follow within this.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -48,7 +52,7 @@ pub struct Serving {
 struct Inner {
     models: Vec<LocalModel>,
     key: Keypair,
-    kv_budget: usize,
+    memory_cap: Option<u64>,
     current: Mutex<Option<Arc<Serving>>>,
     // One load at a time: two assignments racing would both hold memory.
     loading: tokio::sync::Mutex<()>,
@@ -70,14 +74,15 @@ fn wire_error(code: ErrorCode, message: impl Into<String>) -> WireError {
 }
 
 impl Server {
-    /// A server for the models in the node's cache, signing with `key`; each stage's KV
-    /// caches get at most `kv_budget` bytes.
-    pub fn new(models: Vec<LocalModel>, key: Keypair, kv_budget: usize) -> Self {
+    /// A server for the models in the node's cache, signing with `key`. With a
+    /// `memory_cap`, a stage's KV caches get what the cap leaves after its weights; without,
+    /// [`DEFAULT_KV_BUDGET`].
+    pub fn new(models: Vec<LocalModel>, key: Keypair, memory_cap: Option<u64>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 models,
                 key,
-                kv_budget,
+                memory_cap,
                 current: Mutex::new(None),
                 loading: tokio::sync::Mutex::new(()),
                 next_cache: AtomicU64::new(1),
@@ -121,9 +126,9 @@ impl Server {
                     format!("model {} is not in this node's cache", a.model.name),
                 )
             })?;
-        let (key, budget, range) = (
+        let (key, cap, range) = (
             Keypair::from_secret(&self.inner.key.secret()),
-            self.inner.kv_budget,
+            self.inner.memory_cap,
             a.layers,
         );
         let expected_total = a.total_layers;
@@ -137,7 +142,11 @@ impl Server {
                 )));
             }
             let weights = weight_label(&file);
-            let stage = Stage::load(&file, range.start as usize..range.end as usize, budget)?;
+            let budget = kv_budget(&file, range, total, cap);
+            let mut stage = Stage::load(&file, range.start as usize..range.end as usize, budget)?;
+            // Every cached session here has a live stream: refuse new work when full
+            // (the coordinator waits) rather than break a running session.
+            stage.set_kv_eviction(false);
             Ok(ShardServer::new(stage, model, key, &weights))
         })
         .await
@@ -294,6 +303,20 @@ impl Server {
             Ok(Ok(other)) => Err(format!("unexpected {}", kind(&other))),
         }
     }
+}
+
+/// Bytes the KV caches of a stage holding `range` of `total` blocks may take: what
+/// `memory_cap` leaves after the weights and scratch, at least [`MIN_KV_BUDGET`]; without a
+/// cap, [`DEFAULT_KV_BUDGET`].
+fn kv_budget(file: &WeightFile, range: LayerRange, total: usize, memory_cap: Option<u64>) -> usize {
+    let Some(cap) = memory_cap else {
+        return DEFAULT_KV_BUDGET;
+    };
+    let (block, edge) = file.footprint();
+    let edges = u64::from(range.start == 0) + u64::from(range.end as usize == total);
+    let weights = block * u64::from(range.end - range.start) + edge * edges;
+    let left = cap.saturating_sub(weights + STAGE_SCRATCH_BYTES);
+    (left as usize).clamp(MIN_KV_BUDGET, DEFAULT_KV_BUDGET)
 }
 
 /// The weight type receipts name: the type of the first block's down projection in a GGUF,

@@ -82,11 +82,15 @@ impl ShardServer {
     pub fn handle(&mut self, cache: u64, req: &StageForward) -> Result<StageResult, WireError> {
         let input = self.input(&req.input)?;
         let pos = req.position as usize;
-        let output = match self
-            .stage
-            .forward(cache, pos, input)
-            .map_err(engine_error)?
-        {
+        let total = self.stage.kv().budget();
+        let output = match self.stage.forward(cache, pos, input).map_err(|e| match e {
+            // Never fits, however long it waits.
+            EngineError::KvBudget { needed, .. } if needed > total => wire_error(
+                ErrorCode::BadRequest,
+                format!("the session needs {needed} bytes of cache; this stage has {total}"),
+            ),
+            e => engine_error(e),
+        })? {
             StageOutput::Hidden(h) => {
                 let dims = h.dims().to_vec();
                 let values = h
