@@ -322,7 +322,7 @@ async fn run_rogue(key: Keypair, coordinator: Multiaddr, model: ModelRef) {
 }
 
 #[test]
-fn a_peer_whose_result_does_not_verify_is_dropped_and_the_honest_node_takes_over() {
+fn a_peer_whose_result_does_not_verify_is_dropped_and_its_session_goes_on_on_an_honest_node() {
     let dir = tempfile::tempdir().unwrap();
     let (mut coord, coord_addr, http) = common::coordinator(dir.path(), &[]);
     let (_node, node_id) = common::node(dir.path(), "n", "public", &coord_addr, &[]);
@@ -347,30 +347,25 @@ fn a_peer_whose_result_does_not_verify_is_dropped_and_the_honest_node_takes_over
             coord.seen
         );
     }
+    // The session that met the rogue goes on on the honest node, from the same token.
     let body = json!({"prompt": "The capital of France is", "temperature": 0, "max_tokens": 8});
     let (status, v) = common::post_json(&http, "/v1/completions", &body);
-    assert_eq!(status, 502, "the rogue's result was accepted: {v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("output digest")),
-        "{v}"
-    );
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(text.contains("Paris"), "{v}");
     let dropped = format!("peer dropped {rogue_id}: ");
+    let line = coord.wait_for(deadline, |l| l.starts_with(&dropped));
     assert!(
-        coord
-            .wait_for(deadline, |l| l.starts_with(&dropped))
-            .is_some(),
+        line.as_deref().is_some_and(|l| l.contains("output digest")),
         "{:?}",
         coord.seen
     );
-    let (status, v) = common::post_json(&http, "/v1/completions", &body);
-    assert_eq!(status, 200, "{v}");
-    assert!(
-        v["choices"][0]["text"]
-            .as_str()
-            .is_some_and(|t| t.contains("Paris")),
-        "{v}"
-    );
+    // And it stays out.
+    let (status, again) = common::post_json(&http, "/v1/completions", &body);
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["choices"][0]["text"], text.as_str());
     drop(rt);
 }

@@ -82,6 +82,16 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, swar
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(
                     gossipsub::Event::Message { message, .. },
                 ))) => on_gossip(&handle, &message.data, message.source),
+                Some(SwarmEvent::ConnectionClosed {
+                    peer_id,
+                    num_established: 0,
+                    ..
+                }) => {
+                    let known = handle.state().key_of(peer_id).is_some();
+                    if known {
+                        handle.suspect(peer_id, "connection closed");
+                    }
+                }
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Ping(libp2p::ping::Event {
                     peer,
                     result: Ok(rtt),

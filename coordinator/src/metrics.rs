@@ -61,6 +61,8 @@ pub struct Metrics {
     pub checks: Family<KindLabel, Counter>,
     /// Sessions running now.
     pub sessions: Gauge,
+    /// Seconds from a hop's failure until its replacement has replayed the session.
+    pub failovers: Histogram,
     recent_tokens: Mutex<VecDeque<Instant>>,
 }
 
@@ -84,6 +86,7 @@ impl Metrics {
             failures: Family::default(),
             checks: Family::default(),
             sessions: Gauge::default(),
+            failovers: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             recent_tokens: Mutex::new(VecDeque::new()),
             registry: Registry::default(),
         };
@@ -116,6 +119,11 @@ impl Metrics {
             m.checks.clone(),
         );
         registry.register("sessions", "Sessions running now", m.sessions.clone());
+        registry.register(
+            "failover_seconds",
+            "Seconds from a hop's failure until its replacement has replayed the session",
+            m.failovers.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -127,6 +135,11 @@ impl Metrics {
     /// Counts a checked result with `outcome`.
     pub fn check(&self, outcome: &str) {
         count(&self.checks, outcome);
+    }
+
+    /// Records a failover that took `secs`.
+    pub fn failover(&self, secs: f64) {
+        self.failovers.observe(secs);
     }
 
     /// Records a step's time on `peer`.

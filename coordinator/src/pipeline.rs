@@ -18,6 +18,7 @@ use potluck_protocol::messages::{
 use potluck_protocol::signed::Digest;
 use potluck_protocol::stream::{read_frame_async, write_frame_async, STAGE_PROTOCOL};
 use potluck_protocol::ProtocolError;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +33,11 @@ pub const STEP_TIMEOUT_PER_POSITION: Duration = Duration::from_millis(20);
 pub const STREAM_RETRIES: u32 = 3;
 /// Wait before reopening, times the attempt number.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a failed hop waits for the pool to offer a replacement (a replica, or spans
+/// re-planned onto other nodes and loaded) before the session fails.
+pub const FAILOVER_PATIENCE: Duration = Duration::from_secs(120);
+/// How often a waiting failover asks again.
+const FAILOVER_POLL: Duration = Duration::from_millis(100);
 /// How long a step waits, in total, on a node whose caches are full before giving up.
 pub const OVERLOAD_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -83,6 +89,18 @@ pub enum PipelineError {
     /// The client went away; the session was ended on purpose.
     #[error("cancelled")]
     Cancelled,
+    /// A hop failed and nothing in the pool can take its blocks over.
+    #[error("no node can take over blocks {start}..{end} ({why}) after: {cause}")]
+    NoReplacement {
+        /// First block of the failed hop.
+        start: u32,
+        /// One past its last block.
+        end: u32,
+        /// Why nothing can.
+        why: String,
+        /// What failed.
+        cause: String,
+    },
     /// The chain has no last stage (an empty or truncated route).
     #[error("the chain ended without a token")]
     NoToken,
@@ -118,6 +136,74 @@ pub struct SessionHandle {
     pub cancelled: AtomicBool,
 }
 
+/// What a pipeline asks of its pool when a hop fails.
+pub trait Reroute: Send + Sync {
+    /// Loaded spans covering blocks `start..end` as a chain, avoiding `avoid`: `Ok(None)`
+    /// while the pool is still loading a replacement, `Err(why)` when no plan can cover the
+    /// blocks now (waiting would be a hang).
+    fn reroute(
+        &self,
+        start: u32,
+        end: u32,
+        avoid: &HashSet<PeerId>,
+    ) -> Result<Option<Vec<(Span, PeerId)>>, String>;
+    /// Reports that `peer` failed a step, so plans and routes stop counting on it.
+    fn failed(&self, peer: PeerId, why: &PipelineError);
+}
+
+impl PipelineError {
+    /// Whether another peer may succeed where this one failed.
+    fn worth_failing_over(&self) -> bool {
+        !matches!(
+            self,
+            PipelineError::Cancelled
+                | PipelineError::NoToken
+                | PipelineError::NoReplacement { .. }
+                | PipelineError::Refused {
+                    code: ErrorCode::BadRequest,
+                    ..
+                }
+        )
+    }
+
+    /// The peer this error is about, if any.
+    fn peer(&self) -> Option<PeerId> {
+        match self {
+            PipelineError::Unreachable { peer, .. }
+            | PipelineError::Timeout { peer, .. }
+            | PipelineError::Stage { peer, .. }
+            | PipelineError::BadFrame { peer, .. }
+            | PipelineError::Refused { peer, .. }
+            | PipelineError::Rejected { peer, .. } => Some(*peer),
+            PipelineError::Cancelled
+            | PipelineError::NoToken
+            | PipelineError::NoReplacement { .. } => None,
+        }
+    }
+}
+
+/// Checks `result` as hop `hop`'s answer to `req` (`last`: the hop ends the model).
+fn check_hop(
+    model: &ChainModel,
+    hop: &Hop,
+    last: bool,
+    req: &StageForward,
+    result: &StageResult,
+) -> Result<(), PipelineError> {
+    let want = Expected {
+        signer: &hop.span.peer,
+        model: &model.digest,
+        layers: hop.span.range,
+        last,
+        hidden: model.hidden,
+        vocab: model.vocab,
+    };
+    check_result(req, result, &want).map_err(|why| PipelineError::Rejected {
+        peer: hop.peer,
+        why,
+    })
+}
+
 /// Opens a stage stream to `peer`.
 async fn open_stream(
     control: &mut libp2p_stream::Control,
@@ -136,6 +222,24 @@ async fn open_stream(
         peer,
         reason: e.to_string(),
     })
+}
+
+/// A hop with a fresh stream for each span of `chain`, in order.
+async fn open_hops(
+    control: &mut libp2p_stream::Control,
+    chain: Vec<(Span, PeerId)>,
+) -> Result<Vec<Hop>, PipelineError> {
+    let mut hops = Vec::with_capacity(chain.len());
+    for (span, peer) in chain {
+        hops.push(Hop {
+            span,
+            peer,
+            label: peer.to_string(),
+            stream: open_stream(control, peer).await?,
+            journal: Vec::new(),
+        });
+    }
+    Ok(hops)
 }
 
 /// One request and its answer on `hop`'s stream, unchecked. A stream that breaks or ends
@@ -200,6 +304,22 @@ pub struct ChainModel {
     pub context: usize,
 }
 
+/// Everything a session's pipeline needs besides its chain.
+pub struct SessionContext {
+    /// The session's id (echoed in receipts).
+    pub session: u64,
+    /// The model's identity and geometry.
+    pub model: ChainModel,
+    /// How tokens are picked.
+    pub sampling: SamplingParams,
+    /// Where steps, checks and failovers are counted.
+    pub metrics: Arc<Metrics>,
+    /// Live counters and the cancel switch.
+    pub handle: Arc<SessionHandle>,
+    /// The pool to ask for replacements when a hop fails (none: fail instead).
+    pub reroute: Option<Arc<dyn Reroute>>,
+}
+
 /// A session's pipeline across peers.
 pub struct RemotePipeline {
     control: libp2p_stream::Control,
@@ -210,33 +330,28 @@ pub struct RemotePipeline {
     sampling: SamplingParams,
     receipts: Vec<Receipt>,
     runtime: tokio::runtime::Handle,
-    misbehaving: Option<(PeerId, String)>,
     metrics: Arc<Metrics>,
     handle: Arc<SessionHandle>,
+    reroute: Option<Arc<dyn Reroute>>,
+    avoid: HashSet<PeerId>,
 }
 
 impl RemotePipeline {
-    /// Opens a stream to every span of `chain` (with its peer id), in order. Steps are
-    /// counted in `metrics` and shown (and can be cancelled) through `handle`.
+    /// Opens a stream to every span of `chain` (with its peer id), in order.
     pub async fn open(
         control: &mut libp2p_stream::Control,
         chain: Vec<(Span, PeerId)>,
-        session: u64,
-        model: ChainModel,
-        sampling: SamplingParams,
-        metrics: Arc<Metrics>,
-        handle: Arc<SessionHandle>,
+        ctx: SessionContext,
     ) -> Result<Self, PipelineError> {
-        let mut hops = Vec::with_capacity(chain.len());
-        for (span, peer) in chain {
-            hops.push(Hop {
-                span,
-                peer,
-                label: peer.to_string(),
-                stream: open_stream(control, peer).await?,
-                journal: Vec::new(),
-            });
-        }
+        let SessionContext {
+            session,
+            model,
+            sampling,
+            metrics,
+            handle,
+            reroute,
+        } = ctx;
+        let hops = open_hops(control, chain).await?;
         Ok(Self {
             control: control.clone(),
             hops,
@@ -246,15 +361,11 @@ impl RemotePipeline {
             sampling,
             receipts: Vec::new(),
             runtime: tokio::runtime::Handle::current(),
-            misbehaving: None,
             metrics,
             handle,
+            reroute,
+            avoid: HashSet::new(),
         })
-    }
-
-    /// The peer whose bad frame or unverifiable result ended the session, and why.
-    pub fn misbehaving(&self) -> Option<&(PeerId, String)> {
-        self.misbehaving.as_ref()
     }
 
     /// Every verified receipt so far, hop by hop and step by step.
@@ -287,7 +398,8 @@ impl RemotePipeline {
         }
     }
 
-    /// Runs one step through every hop and returns the sampled token.
+    /// Runs one step through every hop and returns the sampled token. A hop that fails is
+    /// replaced (see [`RemotePipeline::failover`]) and the step goes on from that hop.
     pub async fn step(
         &mut self,
         pos: usize,
@@ -299,25 +411,31 @@ impl RemotePipeline {
         }
         let started = Instant::now();
         let sample = self.sample_spec(history);
-        let last = self.hops.len().saturating_sub(1);
         let timeout = STEP_TIMEOUT + STEP_TIMEOUT_PER_POSITION * tokens.len() as u32;
         let mut input = StageInputWire::Tokens(tokens.to_vec());
-        for i in 0..self.hops.len() {
+        let mut i = 0;
+        while i < self.hops.len() {
+            let last = i + 1 == self.hops.len();
             let req = StageForward {
                 session: self.session,
                 step: self.step,
                 position: pos as u32,
-                input,
-                sample: (i == last).then(|| sample.clone()),
+                input: input.clone(),
+                sample: last.then(|| sample.clone()),
             };
             let hop_started = Instant::now();
             let result = match self.call(i, &req, timeout).await {
                 Ok(r) => r,
-                Err(e @ PipelineError::Rejected { .. }) => {
-                    self.metrics.check("rejected");
-                    return Err(e);
+                Err(e) => {
+                    if matches!(e, PipelineError::Rejected { .. }) {
+                        self.metrics.check("rejected");
+                    }
+                    if !e.worth_failing_over() {
+                        return Err(e);
+                    }
+                    self.failover(i, e, timeout).await?;
+                    continue;
                 }
-                Err(e) => return Err(e),
             };
             self.metrics.check("verified");
             let hop = &mut self.hops[i];
@@ -329,7 +447,10 @@ impl RemotePipeline {
             } = *result;
             self.receipts.push(receipt);
             match output {
-                StageOutputWire::Hidden(h) => input = StageInputWire::Hidden(h),
+                StageOutputWire::Hidden(h) => {
+                    input = StageInputWire::Hidden(h);
+                    i += 1;
+                }
                 StageOutputWire::Token { token, .. } => {
                     if self.step > 0 {
                         self.metrics
@@ -349,7 +470,8 @@ impl RemotePipeline {
     /// Sends `req` to hop `i` and returns its verified result. A broken stream, or a node
     /// that no longer has the session (its cache was evicted, or it restarted), is reopened
     /// and the hop's journal replayed (rebuilding the session's cache there) before `req` is
-    /// sent again, up to [`STREAM_RETRIES`] times.
+    /// sent again, up to [`STREAM_RETRIES`] times. A node whose caches are full is waited
+    /// for, up to [`OVERLOAD_PATIENCE`].
     async fn call(
         &mut self,
         i: usize,
@@ -359,6 +481,7 @@ impl RemotePipeline {
         let mut attempt = 0;
         let mut waited = Duration::ZERO;
         let mut wait = Duration::from_millis(20);
+        let last = i + 1 == self.hops.len();
         loop {
             let answer = exchange(&mut self.hops[i], req, timeout).await;
             match answer {
@@ -381,49 +504,125 @@ impl RemotePipeline {
                     attempt += 1;
                     tracing::debug!(attempt, "{e}; reopening and replaying");
                     tokio::time::sleep(RETRY_BACKOFF * attempt).await;
-                    self.reopen(i, timeout).await?;
+                    let peer = self.hops[i].peer;
+                    self.hops[i].stream = open_stream(&mut self.control, peer).await?;
+                    let journal = self.hops[i].journal.clone();
+                    for old in &journal {
+                        let result = exchange(&mut self.hops[i], old, timeout).await?;
+                        check_hop(&self.model, &self.hops[i], last, old, &result)?;
+                    }
                 }
                 Err(e) => return Err(e),
                 Ok(result) => {
-                    self.check(i, req, &result)?;
+                    check_hop(&self.model, &self.hops[i], last, req, &result)?;
                     return Ok(result);
                 }
             }
         }
     }
 
-    /// Checks hop `i`'s result for `req`.
-    fn check(
-        &self,
+    /// Replaces hop `i`, which failed with `cause`, by spans of other peers covering the same
+    /// blocks: a replica at once, or whatever the pool re-plans and loads within
+    /// [`FAILOVER_PATIENCE`]. The hop's journal is replayed through the replacement, which
+    /// rebuilds the session's caches there, so the step goes on from the same token.
+    async fn failover(
+        &mut self,
         i: usize,
-        req: &StageForward,
-        result: &StageResult,
+        cause: PipelineError,
+        timeout: Duration,
     ) -> Result<(), PipelineError> {
-        let hop = &self.hops[i];
-        let want = Expected {
-            signer: &hop.span.peer,
-            model: &self.model.digest,
-            layers: hop.span.range,
-            last: i + 1 == self.hops.len(),
-            hidden: self.model.hidden,
-            vocab: self.model.vocab,
+        let Some(reroute) = self.reroute.clone() else {
+            return Err(cause);
         };
-        check_result(req, result, &want).map_err(|why| PipelineError::Rejected {
-            peer: hop.peer,
-            why,
-        })
+        let failed = cause.peer().unwrap_or(self.hops[i].peer);
+        reroute.failed(failed, &cause);
+        self.avoid.insert(failed);
+        let range = self.hops[i].span.range;
+        let was_last = i + 1 == self.hops.len();
+        let journal = self.hops[i].journal.clone();
+        let started = Instant::now();
+        loop {
+            if self.handle.cancelled.load(Ordering::Relaxed) {
+                return Err(PipelineError::Cancelled);
+            }
+            let offer = reroute
+                .reroute(range.start, range.end, &self.avoid)
+                .map_err(|why| PipelineError::NoReplacement {
+                    start: range.start,
+                    end: range.end,
+                    why,
+                    cause: cause.to_string(),
+                })?;
+            if let Some(chain) = offer {
+                match self.replacement(chain, &journal, was_last, timeout).await {
+                    Ok(hops) => {
+                        let took = started.elapsed();
+                        tracing::info!(
+                            session = self.session,
+                            %failed,
+                            start = range.start,
+                            end = range.end,
+                            replayed = journal.len(),
+                            ?took,
+                            "failed over: {cause}"
+                        );
+                        self.metrics.failover(took.as_secs_f64());
+                        self.hops.splice(i..=i, hops);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        if let Some(peer) = e.peer() {
+                            reroute.failed(peer, &e);
+                            self.avoid.insert(peer);
+                        }
+                        continue;
+                    }
+                }
+            }
+            if started.elapsed() >= FAILOVER_PATIENCE {
+                return Err(PipelineError::NoReplacement {
+                    start: range.start,
+                    end: range.end,
+                    why: format!("none loaded within {FAILOVER_PATIENCE:?}"),
+                    cause: cause.to_string(),
+                });
+            }
+            tokio::time::sleep(FAILOVER_POLL).await;
+        }
     }
 
-    /// A new stream to hop `i`'s peer, with every request it was sent replayed in order.
-    async fn reopen(&mut self, i: usize, timeout: Duration) -> Result<(), PipelineError> {
-        let peer = self.hops[i].peer;
-        self.hops[i].stream = open_stream(&mut self.control, peer).await?;
-        let journal = self.hops[i].journal.clone();
-        for req in &journal {
-            let result = exchange(&mut self.hops[i], req, timeout).await?;
-            self.check(i, req, &result)?;
+    /// Opens `chain` and replays `journal` (the requests a failed hop was sent) through it.
+    async fn replacement(
+        &mut self,
+        chain: Vec<(Span, PeerId)>,
+        journal: &[StageForward],
+        was_last: bool,
+        timeout: Duration,
+    ) -> Result<Vec<Hop>, PipelineError> {
+        let mut hops = open_hops(&mut self.control, chain).await?;
+        let n = hops.len();
+        for old in journal {
+            let mut input = old.input.clone();
+            for (j, hop) in hops.iter_mut().enumerate() {
+                let last = was_last && j + 1 == n;
+                let req = StageForward {
+                    session: old.session,
+                    step: old.step,
+                    position: old.position,
+                    input,
+                    sample: if last { old.sample.clone() } else { None },
+                };
+                let result = exchange(hop, &req, timeout).await?;
+                check_hop(&self.model, hop, last, &req, &result)?;
+                hop.journal.push(req);
+                input = match result.output {
+                    StageOutputWire::Hidden(h) => StageInputWire::Hidden(h),
+                    // Only the model's last block samples, and nothing follows it.
+                    StageOutputWire::Token { .. } => break,
+                };
+            }
         }
-        Ok(())
+        Ok(hops)
     }
 
     /// Ends the session: closes every stream so each node frees the session's cache.
@@ -449,11 +648,6 @@ impl TokenSource for RemotePipeline {
         let runtime = self.runtime.clone();
         runtime
             .block_on(self.step(pos, input, history))
-            .map_err(|e| {
-                if let Some(peer) = e.misbehaving_peer() {
-                    self.misbehaving = Some((peer, e.to_string()));
-                }
-                EngineError::Pipeline(e.to_string())
-            })
+            .map_err(|e| EngineError::Pipeline(e.to_string()))
     }
 }

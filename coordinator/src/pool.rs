@@ -5,9 +5,11 @@
 use crate::metrics::Metrics;
 use crate::model::ServedModel;
 use crate::peer_table::PeerTable;
-use crate::pipeline::{ChainModel, RemotePipeline, SessionHandle};
+use crate::pipeline::{
+    ChainModel, PipelineError, RemotePipeline, Reroute, SessionContext, SessionHandle,
+};
 use crate::planner::{plan, Plan, PlanPeer, Span};
-use crate::router::{route, PeerCost};
+use crate::router::{route_range, PeerCost};
 use libp2p::{PeerId, StreamProtocol};
 use potluck_engine::generate::{generate_with, GenerateRequest, GenerateStats};
 use potluck_engine::sampling::SamplingParams;
@@ -28,6 +30,9 @@ use tokio::sync::Notify;
 pub const ASSIGN_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long to wait before re-sending a failed assignment.
 pub const ASSIGN_RETRY: Duration = Duration::from_secs(10);
+/// How long a peer that failed a step stays out of plans and routes (it comes back after,
+/// if it is still advertising).
+pub const SUSPECT_FOR: Duration = Duration::from_secs(20);
 /// How long a peer that broke the protocol or sent an unverifiable result stays out.
 pub const BAN: Duration = Duration::from_secs(600);
 /// Sessions a coordinator runs at once unless told otherwise.
@@ -409,20 +414,36 @@ impl Coordinator {
 
     /// The cheapest chain of confirmed spans, with each span's peer id.
     pub fn chain(&self) -> Result<Vec<(Span, PeerId)>, SessionError> {
+        {
+            let st = self.state();
+            if st.plan.is_none() {
+                return Err(SessionError::NotReady(
+                    st.plan_error
+                        .clone()
+                        .unwrap_or_else(|| "no peers yet".into()),
+                ));
+            }
+        }
+        self.route_blocks(0, self.model.shape.layers, &HashSet::new())
+            .ok_or_else(|| SessionError::NotReady("spans are still loading".into()))
+    }
+
+    /// The cheapest chain of confirmed spans over blocks `start..end`, avoiding `avoid`.
+    fn route_blocks(
+        &self,
+        start: u32,
+        end: u32,
+        avoid: &HashSet<PeerId>,
+    ) -> Option<Vec<(Span, PeerId)>> {
         let st = self.state();
-        let plan = st.plan.as_ref().ok_or_else(|| {
-            SessionError::NotReady(
-                st.plan_error
-                    .clone()
-                    .unwrap_or_else(|| "no peers yet".into()),
-            )
-        })?;
+        let plan = st.plan.as_ref()?;
         let confirmed = Plan {
             epoch: plan.epoch,
             spans: plan
                 .spans
                 .iter()
                 .filter(|s| st.loaded.get(&s.peer) == Some(&s.range))
+                .filter(|s| peer_id_of(&s.peer).is_some_and(|p| !avoid.contains(&p)))
                 .cloned()
                 .collect(),
         };
@@ -434,15 +455,25 @@ impl Coordinator {
                 ms_per_block: layer_bytes / (f64::from(peer.advert.mem_gbps).max(1e-3) * 1e6),
             })
         };
-        let path = route(&confirmed, self.model.shape.layers, cost, &HashSet::new())
-            .ok_or_else(|| SessionError::NotReady("spans are still loading".into()))?;
-        path.into_iter()
-            .map(|s| {
-                let peer = peer_id_of(&s.peer)
-                    .ok_or_else(|| SessionError::NotReady("a planned peer has a bad key".into()))?;
-                Ok((s, peer))
-            })
+        route_range(&confirmed, start, end, cost, &HashSet::new())?
+            .into_iter()
+            .map(|s| peer_id_of(&s.peer).map(|p| (s, p)))
             .collect()
+    }
+
+    /// Leaves a peer that failed a step out of plans and routes for [`SUSPECT_FOR`] and
+    /// re-plans around it.
+    pub fn suspect(&self, peer: PeerId, reason: &str) {
+        {
+            let mut st = self.state();
+            let Some(key) = st.key_of(peer) else { return };
+            st.banned.insert(key, Instant::now() + SUSPECT_FOR);
+            st.loaded.remove(&key);
+        }
+        let line = format!("peer failed {peer}: {reason}");
+        println!("{line}");
+        self.event("failure", line);
+        self.replan();
     }
 
     /// Waits until a chain covers the model, or `timeout` passes.
@@ -476,17 +507,17 @@ impl Coordinator {
             context: cfg.context,
         };
         let mut control = self.control.clone();
-        let pipe = RemotePipeline::open(
-            &mut control,
-            chain.clone(),
+        let ctx = SessionContext {
             session,
-            chain_model,
+            model: chain_model,
             sampling,
-            self.metrics.clone(),
+            metrics: self.metrics.clone(),
             handle,
-        )
-        .await
-        .map_err(|e| SessionError::Failed(e.to_string()))?;
+            reroute: Some(Arc::new(self.clone())),
+        };
+        let pipe = RemotePipeline::open(&mut control, chain.clone(), ctx)
+            .await
+            .map_err(|e| SessionError::Failed(e.to_string()))?;
         Ok((session, chain, pipe))
     }
 
@@ -577,9 +608,6 @@ impl Coordinator {
         .await
         .map_err(|e| SessionError::Failed(e.to_string()))?;
         let (pipe, out) = joined;
-        if let Some((peer, reason)) = pipe.misbehaving().cloned() {
-            self.drop_peer(peer, &reason);
-        }
         pipe.close().await;
         out.map_err(|e| {
             if handle.cancelled.load(Ordering::Relaxed) {
@@ -603,4 +631,32 @@ pub fn describe(plan: &Plan) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+impl Reroute for Coordinator {
+    fn reroute(
+        &self,
+        start: u32,
+        end: u32,
+        avoid: &HashSet<PeerId>,
+    ) -> Result<Option<Vec<(Span, PeerId)>>, String> {
+        {
+            let st = self.state();
+            if st.plan.is_none() {
+                return Err(st
+                    .plan_error
+                    .clone()
+                    .unwrap_or_else(|| "the pool has no plan".into()));
+            }
+        }
+        Ok(self.route_blocks(start, end, avoid))
+    }
+
+    fn failed(&self, peer: PeerId, why: &PipelineError) {
+        self.metrics.failure("stage");
+        match why.misbehaving_peer() {
+            Some(p) => self.drop_peer(p, &why.to_string()),
+            None => self.suspect(peer, &why.to_string()),
+        }
+    }
 }

@@ -27,19 +27,36 @@ pub fn route(
     cost: impl Fn(&PublicKey) -> Option<PeerCost>,
     excluded: &HashSet<PublicKey>,
 ) -> Option<Vec<Span>> {
-    let n = layers as usize;
+    route_range(plan, 0, layers, cost, excluded)
+}
+
+/// Like [`route`], for blocks `start..end` only: what replaces a failed part of a chain.
+pub fn route_range(
+    plan: &Plan,
+    start: u32,
+    end: u32,
+    cost: impl Fn(&PublicKey) -> Option<PeerCost>,
+    excluded: &HashSet<PublicKey>,
+) -> Option<Vec<Span>> {
+    let (first, n) = (start as usize, end as usize);
+    if first >= n {
+        return None;
+    }
     let mut best: Vec<Option<(f64, Option<usize>)>> = vec![None; n + 1];
-    best[0] = Some((0.0, None));
+    best[first] = Some((0.0, None));
     let spans: Vec<(usize, &Span, PeerCost)> = plan
         .spans
         .iter()
         .enumerate()
         .filter(|(_, s)| {
-            !excluded.contains(&s.peer) && s.range.start < s.range.end && s.range.end <= layers
+            !excluded.contains(&s.peer)
+                && s.range.start >= start
+                && s.range.start < s.range.end
+                && s.range.end <= end
         })
         .filter_map(|(i, s)| cost(&s.peer).map(|c| (i, s, c)))
         .collect();
-    for b in 0..n {
+    for b in first..n {
         let Some((here, _)) = best[b] else { continue };
         for &(i, s, c) in spans.iter().filter(|(_, s, _)| s.range.start as usize == b) {
             let hop =
@@ -52,7 +69,7 @@ pub fn route(
     }
     let mut path = Vec::new();
     let mut at = n;
-    while at > 0 {
+    while at > first {
         let (_, via) = best[at]?;
         let span = &plan.spans[via?];
         path.push(span.clone());

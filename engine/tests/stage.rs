@@ -127,7 +127,11 @@ fn without_eviction_a_full_store_refuses_new_sessions_and_keeps_running_ones() {
         stage.forward(3, 0, StageInput::Tokens(vec![1, 2])),
         Err(EngineError::KvBudget { .. })
     ));
-    assert_eq!(stage.kv().session_len(1), Some(2), "running sessions are kept");
+    assert_eq!(
+        stage.kv().session_len(1),
+        Some(2),
+        "running sessions are kept"
+    );
     assert_eq!(stage.kv().session_len(3), None);
     // Once one ends, the waiting one fits.
     stage.end_session(1);
