@@ -142,6 +142,7 @@ async fn bench_pool(
         device: "cpu".into(),
         advert_interval: 1,
         probe_interval: 300,
+        leave_deadline: 10,
     };
     let id = std::process::id();
     let base = std::env::temp_dir().join(format!("potluck-bench-{id}"));

@@ -86,6 +86,9 @@ pub struct NodeLimits {
     /// Seconds between measurements of free memory and speed.
     #[arg(long, default_value_t = 300)]
     pub probe_interval: u64,
+    /// On Ctrl-C or SIGTERM, seconds running sessions get to move to other nodes.
+    #[arg(long, default_value_t = 10)]
+    pub leave_deadline: u64,
 }
 
 /// Flags of `potluck coordinator`.
@@ -273,6 +276,7 @@ fn node_config(
         models,
         memory_cap: limits.max_memory,
         probe_interval: Duration::from_secs(limits.probe_interval),
+        leave_deadline: Duration::from_secs(limits.leave_deadline),
     })
 }
 

@@ -176,3 +176,70 @@ fn when_every_node_is_gone_clients_get_a_clear_error_not_a_hang() {
     assert_eq!(status, 503, "{raw}");
     assert!(body.contains("not ready"), "{body}");
 }
+
+#[test]
+fn a_node_that_leaves_gracefully_hands_its_sessions_over_and_exits_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, http) = common::coordinator(dir.path(), &[]);
+    let mut nodes = HashMap::new();
+    for n in ["n0", "n1", "n2"] {
+        add_node(dir.path(), n, &mut coord, &addr, &mut nodes);
+    }
+    let (want, _, done) = stream_and_kill(&http, usize::MAX, |_| {});
+    assert!(done);
+    for (round, leave_after) in [5, 60, 150].into_iter().enumerate() {
+        let mut leaver = None;
+        let (got, events, done) = stream_and_kill(&http, leave_after, |peer| {
+            let p = nodes
+                .remove(peer)
+                .unwrap_or_else(|| panic!("{peer} is not a node"));
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &p.child.id().to_string()])
+                .status()
+                .expect("kill -TERM");
+            assert!(status.success());
+            leaver = Some((peer.to_string(), p, Instant::now()));
+        });
+        assert!(
+            done && events.iter().all(|e| e.get("error").is_none()),
+            "round {round}: {events:?}"
+        );
+        assert_eq!(got, want, "round {round}: the text changed");
+        let (id, mut p, since) = leaver.expect("nobody left");
+        let line = format!("peer leaving {id}");
+        assert!(
+            coord
+                .wait_for(Instant::now() + Duration::from_secs(10), |l| l
+                    .starts_with(&line))
+                .is_some(),
+            "the leave was never seen: {:?}",
+            coord.seen
+        );
+        // It exits by itself, well within the 10 s deadline, once its session moved.
+        let exited = loop {
+            if let Some(status) = p.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(15),
+                "{id} did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(exited.success(), "{id} exited with {exited}");
+        assert!(
+            p.wait_for(Instant::now() + Duration::from_secs(5), |l| l
+                .starts_with("left the pool"))
+                .is_some(),
+            "{:?}",
+            p.seen
+        );
+        add_node(
+            dir.path(),
+            &format!("r{round}"),
+            &mut coord,
+            &addr,
+            &mut nodes,
+        );
+    }
+}

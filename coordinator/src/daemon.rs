@@ -123,9 +123,15 @@ pub async fn run(
     Ok(())
 }
 
-/// Takes one gossiped frame into the pool: prints joins, logs drops, re-plans on change.
+/// Takes one gossiped frame into the pool: prints joins and leaves, logs drops, re-plans
+/// on change. A leave counts only from the peer that published it (gossipsub signs and
+/// checks the source).
 fn on_gossip(handle: &Coordinator, data: &[u8], source: Option<PeerId>) {
     let from = source.map_or_else(|| "unknown".into(), |p| p.to_string());
+    if let (Ok((Message::Leave(leave), _)), Some(peer)) = (decode_frame::<Message>(data), source) {
+        handle.leaving(peer, &leave.reason);
+        return;
+    }
     let mut joined = None;
     let outcome = {
         let mut st = handle.state();

@@ -147,6 +147,9 @@ pub trait Reroute: Send + Sync {
         end: u32,
         avoid: &HashSet<PeerId>,
     ) -> Result<Option<Vec<(Span, PeerId)>>, String>;
+    /// Whether `peer` is out of plans and routes now (leaving, failed or dropped), so
+    /// sessions should move off it before their next step.
+    fn excluded(&self, peer: PeerId) -> bool;
     /// Reports that `peer` failed a step, so plans and routes stop counting on it.
     fn failed(&self, peer: PeerId, why: &PipelineError);
 }
@@ -412,6 +415,21 @@ impl RemotePipeline {
         let started = Instant::now();
         let sample = self.sample_spec(history);
         let timeout = STEP_TIMEOUT + STEP_TIMEOUT_PER_POSITION * tokens.len() as u32;
+        // Move off peers that are leaving (or were dropped) before they are gone.
+        if let Some(reroute) = self.reroute.clone() {
+            let mut i = 0;
+            while i < self.hops.len() {
+                let peer = self.hops[i].peer;
+                if reroute.excluded(peer) {
+                    let cause = PipelineError::Stage {
+                        peer,
+                        reason: "leaving the pool".into(),
+                    };
+                    self.failover(i, cause, timeout).await?;
+                }
+                i += 1;
+            }
+        }
         let mut input = StageInputWire::Tokens(tokens.to_vec());
         let mut i = 0;
         while i < self.hops.len() {
@@ -535,7 +553,9 @@ impl RemotePipeline {
             return Err(cause);
         };
         let failed = cause.peer().unwrap_or(self.hops[i].peer);
-        reroute.failed(failed, &cause);
+        if !reroute.excluded(failed) {
+            reroute.failed(failed, &cause);
+        }
         self.avoid.insert(failed);
         let range = self.hops[i].span.range;
         let was_last = i + 1 == self.hops.len();

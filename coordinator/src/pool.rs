@@ -33,6 +33,8 @@ pub const ASSIGN_RETRY: Duration = Duration::from_secs(10);
 /// How long a peer that failed a step stays out of plans and routes (it comes back after,
 /// if it is still advertising).
 pub const SUSPECT_FOR: Duration = Duration::from_secs(20);
+/// How long a leaving peer stays out of plans (its adverts stop; it is gone by then).
+pub const LEAVE_BAN: Duration = Duration::from_secs(60);
 /// How long a peer that broke the protocol or sent an unverifiable result stays out.
 pub const BAN: Duration = Duration::from_secs(600);
 /// Sessions a coordinator runs at once unless told otherwise.
@@ -275,10 +277,18 @@ impl Coordinator {
             st.loaded.retain(|k, _| present.contains(k));
             st.pending.retain(|k| present.contains(k));
             for p in st.table.peers() {
-                if let Some((m, range)) = &p.advert.loaded {
-                    if m == &self.model.model {
-                        st.loaded.entry(p.key).or_insert(*range);
-                    }
+                let Some((m, range)) = &p.advert.loaded else {
+                    continue;
+                };
+                if m == &self.model.model && !st.loaded.contains_key(&p.key) {
+                    st.loaded.insert(p.key, *range);
+                    let who = peer_id_of(&p.key)
+                        .map(|i| i.to_string())
+                        .unwrap_or_default();
+                    println!(
+                        "peer {who} serves blocks {}..{} (already loaded)",
+                        range.start, range.end
+                    );
                 }
             }
         }
@@ -321,7 +331,21 @@ impl Coordinator {
             st.plan_error = Some("no peer offers the model yet".into());
             return;
         }
-        match plan(&self.model.shape, &peers, st.plan.as_ref()) {
+        // A restarted coordinator starts from what the nodes say they hold, so it comes back
+        // to the same plan instead of making them reload.
+        let previous = st.plan.clone().or_else(|| {
+            let mut spans: Vec<Span> = st
+                .loaded
+                .iter()
+                .map(|(k, r)| Span {
+                    peer: *k,
+                    range: *r,
+                })
+                .collect();
+            spans.sort_by_key(|s| (s.range.start, s.peer.0));
+            (!spans.is_empty()).then_some(Plan { epoch: 1, spans })
+        });
+        match plan(&self.model.shape, &peers, previous.as_ref()) {
             Ok(p) => {
                 if st.plan.as_ref().map(|q| q.epoch) != Some(p.epoch) {
                     let line = format!("plan epoch {}: {}", p.epoch, describe(&p));
@@ -459,6 +483,29 @@ impl Coordinator {
             .into_iter()
             .map(|s| peer_id_of(&s.peer).map(|p| (s, p)))
             .collect()
+    }
+
+    /// A peer announced it is leaving: plan and route around it at once; its running
+    /// sessions move away at their next step.
+    pub fn leaving(&self, peer: PeerId, reason: &str) {
+        {
+            let mut st = self.state();
+            let Some(key) = st.key_of(peer) else { return };
+            st.banned.insert(key, Instant::now() + LEAVE_BAN);
+            st.loaded.remove(&key);
+        }
+        let line = format!("peer leaving {peer}: {reason}");
+        println!("{line}");
+        self.event("peer", line);
+        self.replan();
+    }
+
+    /// Whether `peer` is out of plans and routes now (failed, dropped or leaving).
+    pub fn excluded(&self, peer: PeerId) -> bool {
+        let st = self.state();
+        st.key_of(peer)
+            .and_then(|k| st.banned.get(&k))
+            .is_some_and(|until| *until > Instant::now())
     }
 
     /// Leaves a peer that failed a step out of plans and routes for [`SUSPECT_FOR`] and
@@ -650,6 +697,10 @@ impl Reroute for Coordinator {
             }
         }
         Ok(self.route_blocks(start, end, avoid))
+    }
+
+    fn excluded(&self, peer: PeerId) -> bool {
+        Coordinator::excluded(self, peer)
     }
 
     fn failed(&self, peer: PeerId, why: &PipelineError) {

@@ -8,7 +8,9 @@ use futures::StreamExt;
 use libp2p::{gossipsub, Multiaddr};
 use potluck_net::swarm;
 use potluck_protocol::codec::encode_frame;
-use potluck_protocol::messages::{CapacityAdvert, LayerRange, Message, ModelRef, ADVERT_DOMAIN};
+use potluck_protocol::messages::{
+    CapacityAdvert, LayerRange, Leave, Message, ModelRef, ADVERT_DOMAIN,
+};
 use potluck_protocol::signed::{Keypair, Signed};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -39,6 +41,8 @@ pub struct NodeConfig {
     pub memory_cap: Option<u64>,
     /// How often to measure the machine again (free memory and speed change).
     pub probe_interval: Duration,
+    /// On shutdown, how long running sessions get to move away before the node exits.
+    pub leave_deadline: Duration,
 }
 
 /// What an advert says besides the measured capacity.
@@ -76,7 +80,9 @@ pub fn signed_advert(
     Signed::sign(&advert, ADVERT_DOMAIN, key).ok()
 }
 
-/// Runs the node until `shutdown` resolves.
+/// Runs the node until `shutdown` resolves, then leaves gracefully: it announces its leave,
+/// takes no new sessions, and exits once running sessions have moved away or the leave
+/// deadline has passed.
 pub async fn run(
     cfg: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
@@ -118,13 +124,45 @@ pub async fn run(
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     let mut published = false;
     tokio::pin!(shutdown);
+    let mut leave_by: Option<tokio::time::Instant> = None;
+    // Bootstrap peers are dialled again, with exponential backoff, whenever the node is not
+    // connected to them (a restarted coordinator, a network blip).
+    let mut redial = tokio::time::interval(Duration::from_secs(1));
+    let mut backoff = RedialBackoff::new(&cfg.bootstrap);
     loop {
-        tokio::select! {
-            _ = &mut shutdown => {
-                tracing::info!("shutting down");
+        if let Some(by) = leave_by {
+            let active = server.active_sessions();
+            if active == 0 || tokio::time::Instant::now() >= by {
+                println!("left the pool ({active} sessions still open)");
                 return Ok(());
             }
+        }
+        tokio::select! {
+            _ = &mut shutdown, if leave_by.is_none() => {
+                println!("leaving the pool: {} sessions to move away", server.active_sessions());
+                server.start_leaving();
+                leave_by = Some(tokio::time::Instant::now() + cfg.leave_deadline);
+                let leave = Leave {
+                    reason: "the owner stopped the node".into(),
+                    deadline_ms: cfg.leave_deadline.as_millis().min(u32::MAX as u128) as u32,
+                };
+                if let Ok(frame) = encode_frame(&Message::Leave(leave)) {
+                    if let Err(e) = swarm.behaviour_mut().gossipsub.publish(topic.clone(), frame) {
+                        tracing::warn!("leave not announced: {e}");
+                    }
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)), if leave_by.is_some() => continue,
             _ = ticker.tick() => published = false,
+            _ = redial.tick(), if leave_by.is_none() => {
+                for addr in backoff.due(|p| swarm.is_connected(p)) {
+                    tracing::info!(%addr, "dialling the bootstrap peer again");
+                    if let Err(e) = swarm.dial(addr) {
+                        tracing::debug!("redial failed: {e}");
+                    }
+                }
+            }
             _ = reprobe.tick() => {
                 let limits = cfg.limits.clone();
                 if let Ok(now) = tokio::task::spawn_blocking(move || probe(&limits)).await {
@@ -145,7 +183,7 @@ pub async fn run(
                 continue;
             }
         }
-        if !published {
+        if !published && leave_by.is_none() {
             seq += 1;
             let Some(advert) =
                 signed_advert(&key, &cfg.pool, &capacity, &offer, seq, cfg.advert_ttl)
@@ -168,5 +206,47 @@ pub async fn run(
                 Err(e) => tracing::warn!("advert not published: {e}"),
             }
         }
+    }
+}
+
+/// When to dial each bootstrap peer again: at once when first missed, then after 1, 2, 4 ...
+/// up to 30 seconds while it stays unreachable.
+struct RedialBackoff {
+    peers: Vec<(libp2p::PeerId, Multiaddr, Duration, tokio::time::Instant)>,
+}
+
+impl RedialBackoff {
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new(bootstrap: &[Multiaddr]) -> Self {
+        let now = tokio::time::Instant::now();
+        let peers = bootstrap
+            .iter()
+            .filter_map(|a| {
+                a.iter().find_map(|p| match p {
+                    libp2p::multiaddr::Protocol::P2p(id) => Some((id, a.clone())),
+                    _ => None,
+                })
+            })
+            .map(|(id, a)| (id, a, Duration::from_secs(1), now))
+            .collect();
+        Self { peers }
+    }
+
+    /// Addresses to dial now, given which peers are connected.
+    fn due(&mut self, connected: impl Fn(&libp2p::PeerId) -> bool) -> Vec<Multiaddr> {
+        let now = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        for (id, addr, wait, next) in &mut self.peers {
+            if connected(id) {
+                *wait = Duration::from_secs(1);
+                *next = now + *wait;
+            } else if now >= *next {
+                out.push(addr.clone());
+                *next = now + *wait;
+                *wait = (*wait * 2).min(Self::MAX);
+            }
+        }
+        out
     }
 }

@@ -17,7 +17,7 @@ use potluck_protocol::stream::{
     MAX_CONTROL_FRAME, STAGE_PROTOCOL,
 };
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -58,6 +58,19 @@ struct Inner {
     loading: tokio::sync::Mutex<()>,
     next_cache: AtomicU64,
     loaded: watch::Sender<Option<(ModelRef, LayerRange)>>,
+    /// Stage streams open now.
+    active: AtomicUsize,
+    /// Set when the node is leaving: new sessions are refused.
+    leaving: AtomicBool,
+}
+
+/// Counts a stage stream as active while it lives.
+struct ActiveStream<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveStream<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The node's serving side; cheap to clone into stream tasks.
@@ -87,6 +100,8 @@ impl Server {
                 loading: tokio::sync::Mutex::new(()),
                 next_cache: AtomicU64::new(1),
                 loaded: watch::channel(None).0,
+                active: AtomicUsize::new(0),
+                leaving: AtomicBool::new(false),
             }),
         }
     }
@@ -166,6 +181,16 @@ impl Server {
         Ok(a)
     }
 
+    /// Stage sessions (streams) open now.
+    pub fn active_sessions(&self) -> usize {
+        self.inner.active.load(Ordering::Relaxed)
+    }
+
+    /// Refuses new sessions from now on; running ones go on until their streams close.
+    pub fn start_leaving(&self) {
+        self.inner.leaving.store(true, Ordering::Relaxed);
+    }
+
     /// Accepts control and stage streams from `control` until it is dropped.
     pub fn accept(&self, mut control: libp2p_stream::Control) -> Result<(), String> {
         for (name, stage) in [(CONTROL_PROTOCOL, false), (STAGE_PROTOCOL, true)] {
@@ -224,6 +249,8 @@ impl Server {
 
     /// One session: requests in order on one stream, its cache freed when the stream ends.
     async fn serve_stage(&self, peer: PeerId, mut stream: Stream) {
+        self.inner.active.fetch_add(1, Ordering::Relaxed);
+        let _active = ActiveStream(&self.inner.active);
         let cache = self.inner.next_cache.fetch_add(1, Ordering::Relaxed);
         let mut pinned: Option<Arc<Serving>> = None;
         loop {
@@ -235,7 +262,12 @@ impl Server {
                     break;
                 }
             };
+            let leaving = self.inner.leaving.load(Ordering::Relaxed);
             let serving = match (&pinned, self.current()) {
+                (None, _) if leaving => Err(wire_error(
+                    ErrorCode::NotServing,
+                    "this node is leaving the pool",
+                )),
                 (Some(p), Some(c)) if Arc::ptr_eq(p, &c) => Ok(c),
                 (None, Some(c)) => {
                     pinned = Some(c.clone());
