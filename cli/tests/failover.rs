@@ -76,14 +76,39 @@ fn stream_and_kill(
     (streamed_text(&events), events, done)
 }
 
+/// A running pool: the coordinator, its bootstrap address, its API, and its nodes by id.
+struct Pool {
+    coord: Proc,
+    addr: String,
+    http: String,
+    nodes: HashMap<String, Proc>,
+}
+
+/// A coordinator and `n` nodes that each hold the whole model (one serves, the rest are
+/// replicas).
+fn pool(dir: &std::path::Path, n: usize) -> Pool {
+    let (mut coord, addr, http) = common::coordinator(dir, &[]);
+    let mut nodes = HashMap::new();
+    for i in 0..n {
+        add_node(dir, &format!("n{i}"), &mut coord, &addr, &mut nodes);
+    }
+    Pool {
+        coord,
+        addr,
+        http,
+        nodes,
+    }
+}
+
 #[test]
 fn killing_the_serving_node_mid_stream_never_changes_the_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut coord, addr, http) = common::coordinator(dir.path(), &[]);
-    let mut nodes = HashMap::new();
-    for n in ["n0", "n1", "n2"] {
-        add_node(dir.path(), n, &mut coord, &addr, &mut nodes);
-    }
+    let Pool {
+        mut coord,
+        addr,
+        http,
+        mut nodes,
+    } = pool(dir.path(), 3);
     let (want, events, done) = stream_and_kill(&http, usize::MAX, |_| {});
     assert!(done && !want.is_empty(), "{events:?}");
     let usage = events.iter().rev().find_map(|e| e.get("usage").cloned());
@@ -147,11 +172,13 @@ fn killing_the_serving_node_mid_stream_never_changes_the_answer() {
 #[test]
 fn when_every_node_is_gone_clients_get_a_clear_error_not_a_hang() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut coord, addr, http) = common::coordinator(dir.path(), &[]);
-    let mut nodes = HashMap::new();
-    for n in ["n0", "n1"] {
-        add_node(dir.path(), n, &mut coord, &addr, &mut nodes);
-    }
+    // The coordinator must outlive the test body: bind it.
+    let Pool {
+        coord: _coord,
+        http,
+        mut nodes,
+        ..
+    } = pool(dir.path(), 2);
     let started = Instant::now();
     let (_, events, _) = stream_and_kill(&http, 5, |_| {
         for (_, mut p) in nodes.drain() {
@@ -180,11 +207,12 @@ fn when_every_node_is_gone_clients_get_a_clear_error_not_a_hang() {
 #[test]
 fn a_node_that_leaves_gracefully_hands_its_sessions_over_and_exits_in_time() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut coord, addr, http) = common::coordinator(dir.path(), &[]);
-    let mut nodes = HashMap::new();
-    for n in ["n0", "n1", "n2"] {
-        add_node(dir.path(), n, &mut coord, &addr, &mut nodes);
-    }
+    let Pool {
+        mut coord,
+        addr,
+        http,
+        mut nodes,
+    } = pool(dir.path(), 3);
     let (want, _, done) = stream_and_kill(&http, usize::MAX, |_| {});
     assert!(done);
     for (round, leave_after) in [5, 60, 150].into_iter().enumerate() {

@@ -297,14 +297,21 @@ impl Coordinator {
 
     /// Leaves `peer` out of every plan for [`BAN`] and re-plans around it.
     pub fn drop_peer(&self, peer: PeerId, reason: &str) {
+        let line = format!("peer dropped {peer}: {reason}");
+        self.exclude(peer, BAN, "check", line);
+    }
+
+    /// Leaves `peer` out of plans and routes for `span`, tells operators why (`kind` on the
+    /// dashboard) and re-plans around it.
+    fn exclude(&self, peer: PeerId, span: Duration, kind: &'static str, line: String) {
         {
             let mut st = self.state();
             let Some(key) = st.key_of(peer) else { return };
-            println!("peer dropped {peer}: {reason}");
-            self.event("check", format!("peer dropped {peer}: {reason}"));
-            st.banned.insert(key, Instant::now() + BAN);
+            st.banned.insert(key, Instant::now() + span);
             st.loaded.remove(&key);
         }
+        println!("{line}");
+        self.event(kind, line);
         self.replan();
     }
 
@@ -488,16 +495,8 @@ impl Coordinator {
     /// A peer announced it is leaving: plan and route around it at once; its running
     /// sessions move away at their next step.
     pub fn leaving(&self, peer: PeerId, reason: &str) {
-        {
-            let mut st = self.state();
-            let Some(key) = st.key_of(peer) else { return };
-            st.banned.insert(key, Instant::now() + LEAVE_BAN);
-            st.loaded.remove(&key);
-        }
         let line = format!("peer leaving {peer}: {reason}");
-        println!("{line}");
-        self.event("peer", line);
-        self.replan();
+        self.exclude(peer, LEAVE_BAN, "peer", line);
     }
 
     /// Whether `peer` is out of plans and routes now (failed, dropped or leaving).
@@ -511,16 +510,8 @@ impl Coordinator {
     /// Leaves a peer that failed a step out of plans and routes for [`SUSPECT_FOR`] and
     /// re-plans around it.
     pub fn suspect(&self, peer: PeerId, reason: &str) {
-        {
-            let mut st = self.state();
-            let Some(key) = st.key_of(peer) else { return };
-            st.banned.insert(key, Instant::now() + SUSPECT_FOR);
-            st.loaded.remove(&key);
-        }
         let line = format!("peer failed {peer}: {reason}");
-        println!("{line}");
-        self.event("failure", line);
-        self.replan();
+        self.exclude(peer, SUSPECT_FOR, "failure", line);
     }
 
     /// Waits until a chain covers the model, or `timeout` passes.
