@@ -271,3 +271,72 @@ fn a_node_that_leaves_gracefully_hands_its_sessions_over_and_exits_in_time() {
         );
     }
 }
+
+#[test]
+fn a_span_without_replica_is_re_planned_onto_the_others_and_replayed() {
+    // Four nodes that each hold about 12 of the 30 blocks: three form the chain and the
+    // fourth replicates one span. Killing a node whose span has no replica makes the
+    // coordinator re-plan those blocks onto the others, which load them; the session's
+    // journal is replayed there and the stream goes on.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, http) = common::coordinator(dir.path(), &[]);
+    let limit = ["--max-memory", "130M"];
+    let mut nodes: HashMap<String, Proc> = (0..4)
+        .map(|i| {
+            let (p, id) = common::node(dir.path(), &format!("n{i}"), "public", &addr, &limit);
+            (id, p)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut served: Vec<(String, String)> = Vec::new();
+    while served.len() < 4 {
+        let line = coord
+            .wait_for(deadline, |l| {
+                l.contains(" serves blocks ") && !served.iter().any(|(_, s)| s == l)
+            })
+            .unwrap_or_else(|| panic!("spans never loaded: {:?}", coord.seen));
+        let id = line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        let range = line
+            .split_whitespace()
+            .nth(4)
+            .unwrap_or_default()
+            .to_string();
+        served.push((id, line.clone()));
+        let _ = range;
+    }
+    // The span held by one node only.
+    let ranges: Vec<String> = served
+        .iter()
+        .map(|(_, l)| l.split_whitespace().nth(4).unwrap_or_default().to_string())
+        .collect();
+    let lonely: Vec<&String> = served
+        .iter()
+        .zip(&ranges)
+        .filter(|(_, r)| ranges.iter().filter(|o| o == r).count() == 1)
+        .map(|((id, _), _)| id)
+        .collect();
+    assert!(!lonely.is_empty(), "no unreplicated span: {served:?}");
+    let victim = lonely[0].clone();
+
+    let (want, events, done) = stream_and_kill(&http, usize::MAX, |_| {});
+    assert!(done, "{events:?} {:?}", coord.seen);
+    let (got, events, done) = stream_and_kill(&http, 30, |_| {
+        let mut p = nodes.remove(&victim).expect("the victim runs");
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    });
+    assert!(
+        done && events.iter().all(|e| e.get("error").is_none()),
+        "{events:?}\n{:?}",
+        coord.seen
+    );
+    assert_eq!(got, want, "the text changed");
+    let replanned = coord.wait_for(Instant::now() + Duration::from_secs(5), |l| {
+        l.starts_with("plan epoch ") && !l.contains(&victim)
+    });
+    assert!(replanned.is_some(), "{:?}", coord.seen);
+}

@@ -227,6 +227,16 @@ async fn open_stream(
     })
 }
 
+/// Runs of hops `(lo, hi)` around hop `i` of `n`, smallest first: what a failover tries
+/// to replace, from the failed hop alone up to the whole chain.
+fn windows_around(i: usize, n: usize) -> Vec<(usize, usize)> {
+    let mut w: Vec<(usize, usize)> = (0..=i)
+        .flat_map(|lo| (i..n).map(move |hi| (lo, hi)))
+        .collect();
+    w.sort_by_key(|&(lo, hi)| (hi - lo, i - lo));
+    w
+}
+
 /// A hop with a fresh stream for each span of `chain`, in order.
 async fn open_hops(
     control: &mut libp2p_stream::Control,
@@ -425,7 +435,9 @@ impl RemotePipeline {
                         peer,
                         reason: "leaving the pool".into(),
                     };
-                    self.failover(i, cause, timeout).await?;
+                    // Nothing of this step has run yet: the input stays the step's own.
+                    let (resume, _) = self.failover(i, cause, timeout).await?;
+                    i = resume;
                 }
                 i += 1;
             }
@@ -451,7 +463,11 @@ impl RemotePipeline {
                     if !e.worth_failing_over() {
                         return Err(e);
                     }
-                    self.failover(i, e, timeout).await?;
+                    let (resume, resent) = self.failover(i, e, timeout).await?;
+                    if let Some(earlier) = resent {
+                        input = earlier;
+                    }
+                    i = resume;
                     continue;
                 }
             };
@@ -539,56 +555,85 @@ impl RemotePipeline {
         }
     }
 
-    /// Replaces hop `i`, which failed with `cause`, by spans of other peers covering the same
-    /// blocks: a replica at once, or whatever the pool re-plans and loads within
-    /// [`FAILOVER_PATIENCE`]. The hop's journal is replayed through the replacement, which
-    /// rebuilds the session's caches there, so the step goes on from the same token.
+    /// Replaces hop `i`, which failed with `cause`, by spans of other peers: a replica of its
+    /// blocks at once, or whatever the pool re-plans and loads within [`FAILOVER_PATIENCE`].
+    /// A re-plan may cut the blocks differently, so the smallest run of hops around `i` that
+    /// the pool can cover is replaced. The first replaced hop's journal (its inputs before
+    /// this step) is replayed through the replacement, which rebuilds the session's caches
+    /// there. Returns where the step goes on: the first replaced hop, and the input it was
+    /// sent this step when that is not hop `i`.
     async fn failover(
         &mut self,
         i: usize,
         cause: PipelineError,
         timeout: Duration,
-    ) -> Result<(), PipelineError> {
+    ) -> Result<(usize, Option<StageInputWire>), PipelineError> {
         let Some(reroute) = self.reroute.clone() else {
             return Err(cause);
         };
         let failed = cause.peer().unwrap_or(self.hops[i].peer);
-        if !reroute.excluded(failed) {
-            reroute.failed(failed, &cause);
+        // A node re-planned onto other blocks is healthy: only its old span is gone, and
+        // the pool no longer offers it.
+        let reassigned = matches!(
+            cause,
+            PipelineError::Refused {
+                code: ErrorCode::NotServing,
+                ..
+            }
+        );
+        if !reassigned {
+            if !reroute.excluded(failed) {
+                reroute.failed(failed, &cause);
+            }
+            self.avoid.insert(failed);
         }
-        self.avoid.insert(failed);
-        let range = self.hops[i].span.range;
-        let was_last = i + 1 == self.hops.len();
-        let journal = self.hops[i].journal.clone();
+        let failed_range = self.hops[i].span.range;
+        let no_replacement = |why: String| PipelineError::NoReplacement {
+            start: failed_range.start,
+            end: failed_range.end,
+            why,
+            cause: cause.to_string(),
+        };
         let started = Instant::now();
         loop {
             if self.handle.cancelled.load(Ordering::Relaxed) {
                 return Err(PipelineError::Cancelled);
             }
-            let offer = reroute
-                .reroute(range.start, range.end, &self.avoid)
-                .map_err(|why| PipelineError::NoReplacement {
-                    start: range.start,
-                    end: range.end,
-                    why,
-                    cause: cause.to_string(),
-                })?;
-            if let Some(chain) = offer {
-                match self.replacement(chain, &journal, was_last, timeout).await {
+            let mut offer = None;
+            for (lo, hi) in windows_around(i, self.hops.len()) {
+                let (a, b) = (self.hops[lo].span.range.start, self.hops[hi].span.range.end);
+                if let Some(chain) = reroute
+                    .reroute(a, b, &self.avoid)
+                    .map_err(&no_replacement)?
+                {
+                    offer = Some((lo, hi, chain));
+                    break;
+                }
+            }
+            if let Some((lo, hi, chain)) = offer {
+                // Requests of this step already answered by hop `lo` are sent again after.
+                let (history, now): (Vec<StageForward>, Vec<StageForward>) = self.hops[lo]
+                    .journal
+                    .iter()
+                    .cloned()
+                    .partition(|r| r.step < self.step);
+                let was_last = hi + 1 == self.hops.len();
+                match self.replacement(chain, &history, was_last, timeout).await {
                     Ok(hops) => {
                         let took = started.elapsed();
                         tracing::info!(
                             session = self.session,
                             %failed,
-                            start = range.start,
-                            end = range.end,
-                            replayed = journal.len(),
+                            start = self.hops[lo].span.range.start,
+                            end = self.hops[hi].span.range.end,
+                            replayed = history.len(),
                             ?took,
                             "failed over: {cause}"
                         );
                         self.metrics.failover(took.as_secs_f64());
-                        self.hops.splice(i..=i, hops);
-                        return Ok(());
+                        self.hops.splice(lo..=hi, hops);
+                        let resume = (lo < i).then(|| now.into_iter().next().map(|r| r.input));
+                        return Ok((lo, resume.flatten()));
                     }
                     Err(e) => {
                         if let Some(peer) = e.peer() {
@@ -600,12 +645,9 @@ impl RemotePipeline {
                 }
             }
             if started.elapsed() >= FAILOVER_PATIENCE {
-                return Err(PipelineError::NoReplacement {
-                    start: range.start,
-                    end: range.end,
-                    why: format!("none loaded within {FAILOVER_PATIENCE:?}"),
-                    cause: cause.to_string(),
-                });
+                return Err(no_replacement(format!(
+                    "none loaded within {FAILOVER_PATIENCE:?}"
+                )));
             }
             tokio::time::sleep(FAILOVER_POLL).await;
         }

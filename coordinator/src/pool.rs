@@ -280,7 +280,9 @@ impl Coordinator {
                 let Some((m, range)) = &p.advert.loaded else {
                     continue;
                 };
-                if m == &self.model.model && !st.loaded.contains_key(&p.key) {
+                // An assignment in flight reports itself when it is answered.
+                let answering = st.pending.contains(&p.key);
+                if m == &self.model.model && !answering && !st.loaded.contains_key(&p.key) {
                     st.loaded.insert(p.key, *range);
                     let who = peer_id_of(&p.key)
                         .map(|i| i.to_string())
