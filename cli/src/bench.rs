@@ -159,6 +159,7 @@ async fn bench_pool(
         &base,
         &vec![limits; nodes],
         DEFAULT_MAX_SESSIONS,
+        potluck_coordinator::peer_table::DEFAULT_MISSED_HEARTBEATS,
     )
     .await?;
     Ok((c, base))

@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// A file of API keys, one per line (blank lines and # comments are skipped).
     #[arg(long)]
     pub api_keys_file: Option<PathBuf>,
+    /// Adverts a node may miss before it is dropped from routing (at least 2; the node's own
+    /// advert validity, 3 intervals, also ends it).
+    #[arg(long, default_value_t = potluck_coordinator::peer_table::DEFAULT_MISSED_HEARTBEATS)]
+    pub missed_heartbeats: u32,
     /// Most sessions the pool runs at once; further requests wait their turn.
     #[arg(long, default_value_t = potluck_coordinator::pool::DEFAULT_MAX_SESSIONS)]
     pub max_sessions: usize,
@@ -323,6 +327,7 @@ pub fn coordinator_config(
     pool: &PoolArgs,
     data_dir: PathBuf,
     max_sessions: usize,
+    missed_heartbeats: u32,
 ) -> CoordinatorConfig {
     CoordinatorConfig {
         data_dir,
@@ -330,6 +335,7 @@ pub fn coordinator_config(
         listen: pool.listen(),
         mdns: !pool.no_mdns,
         max_sessions,
+        missed_heartbeats,
     }
 }
 
@@ -340,6 +346,7 @@ pub fn run_coordinator(cache: &ModelCache, args: CoordinatorArgs) -> Result<()> 
         &args.pool,
         args.pool.data_dir("coordinator")?,
         args.serve.max_sessions,
+        args.serve.missed_heartbeats,
     );
     runtime()?.block_on(async {
         let running = coordinator::start(cfg, model)?;
@@ -366,6 +373,7 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
             &base,
             std::slice::from_ref(&args.limits),
             args.serve.max_sessions,
+            args.serve.missed_heartbeats,
         ).await?;
         let Some(prompt) = args.prompt else {
             let http = start_http(&args.serve, c.clone()).await?;
@@ -410,8 +418,14 @@ pub async fn start_local_pool(
     base: &std::path::Path,
     nodes: &[NodeLimits],
     max_sessions: usize,
+    missed_heartbeats: u32,
 ) -> Result<Coordinator> {
-    let cfg = coordinator_config(pool, base.join("coordinator"), max_sessions);
+    let cfg = coordinator_config(
+        pool,
+        base.join("coordinator"),
+        max_sessions,
+        missed_heartbeats,
+    );
     let running = coordinator::start(cfg, model)?;
     let c = running.coordinator.clone();
     let bootstrap = local_address(running.listening).await?;

@@ -30,6 +30,8 @@ pub struct CoordinatorConfig {
     pub mdns: bool,
     /// Most sessions at once; more wait.
     pub max_sessions: usize,
+    /// Adverts a peer may miss before it is dropped.
+    pub missed_heartbeats: u32,
 }
 
 /// A started coordinator: its handle, and the addresses it listens on as they appear.
@@ -49,6 +51,7 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, swar
         &cfg.pool,
         swarm.behaviour().streams.new_control(),
         cfg.max_sessions,
+        cfg.missed_heartbeats,
     );
     let (addrs_tx, listening) = watch::channel(Vec::new());
     let handle = coordinator.clone();

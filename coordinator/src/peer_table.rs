@@ -49,6 +49,21 @@ pub struct Peer {
     pub advert: CapacityAdvert,
     /// Measured round-trip time, when known.
     pub rtt_ms: Option<f32>,
+    /// Unix time its latest advert arrived.
+    pub last_heard: u64,
+    /// Seconds between its recent adverts, newest last (at most [`HEARTBEAT_GAPS`]).
+    pub gaps: Vec<u64>,
+}
+
+/// Gaps between adverts kept per peer to estimate its heartbeat.
+pub const HEARTBEAT_GAPS: usize = 4;
+
+impl Peer {
+    /// Its heartbeat: the longest recent gap between adverts. Adverts sent on a change come
+    /// early, so the longest gap is the regular interval.
+    pub fn interval(&self) -> Option<u64> {
+        self.gaps.iter().copied().max()
+    }
 }
 
 /// What accepting an advert changed.
@@ -67,7 +82,11 @@ pub enum Accepted {
 pub struct PeerTable {
     pool: String,
     peers: HashMap<PublicKey, Peer>,
+    missed: u32,
 }
+
+/// Adverts a peer may miss before it is dropped, unless told otherwise.
+pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
 
 impl PeerTable {
     /// An empty table for `pool`.
@@ -75,7 +94,15 @@ impl PeerTable {
         Self {
             pool: pool.to_string(),
             peers: HashMap::new(),
+            missed: DEFAULT_MISSED_HEARTBEATS,
         }
+    }
+
+    /// Drops peers after `k` missed adverts (at their own pace), or when an advert
+    /// expires, whichever comes first; one late advert is never enough (`k` is at least 2).
+    pub fn with_missed_heartbeats(mut self, k: u32) -> Self {
+        self.missed = k.max(2);
+        self
     }
 
     /// Verifies and records a signed advert received at unix time `now`.
@@ -101,6 +128,14 @@ impl PeerTable {
             }),
             Some(p) => {
                 let changed = !same_capacity(&p.advert, &advert);
+                let gap = now.saturating_sub(p.last_heard);
+                if gap > 0 {
+                    if p.gaps.len() == HEARTBEAT_GAPS {
+                        p.gaps.remove(0);
+                    }
+                    p.gaps.push(gap);
+                }
+                p.last_heard = now;
                 p.advert = advert;
                 Ok(if changed {
                     Accepted::Changed
@@ -115,6 +150,8 @@ impl PeerTable {
                         key: signed.signer,
                         advert,
                         rtt_ms: None,
+                        last_heard: now,
+                        gaps: Vec::new(),
                     },
                 );
                 Ok(Accepted::New)
@@ -122,12 +159,19 @@ impl PeerTable {
         }
     }
 
-    /// Drops peers whose adverts expired by `now`; returns them.
+    /// Drops peers whose adverts expired by `now`, or that missed the set number of
+    /// heartbeats; returns them.
     pub fn expire(&mut self, now: u64) -> Vec<PublicKey> {
+        let missed = u64::from(self.missed);
         let gone: Vec<PublicKey> = self
             .peers
             .values()
-            .filter(|p| p.advert.expires_at <= now)
+            .filter(|p| {
+                let silent = p
+                    .interval()
+                    .is_some_and(|i| now > p.last_heard + missed * i);
+                p.advert.expires_at <= now || silent
+            })
             .map(|p| p.key)
             .collect();
         for k in &gone {

@@ -174,12 +174,14 @@ impl Drop for Registered {
 
 impl Coordinator {
     /// A coordinator for `model` in `pool`, opening streams through `control`, running at
-    /// most `max_sessions` sessions at once (more wait their turn).
+    /// most `max_sessions` sessions at once (more wait their turn) and dropping peers after
+    /// `missed_heartbeats` missed adverts.
     pub fn new(
         model: ServedModel,
         pool: &str,
         control: libp2p_stream::Control,
         max_sessions: usize,
+        missed_heartbeats: u32,
     ) -> Self {
         let mut seed = [0u8; 8];
         // Session ids only need to differ between sessions; the clock is a fine fallback.
@@ -189,7 +191,7 @@ impl Coordinator {
         Self {
             model: Arc::new(model),
             state: Arc::new(Mutex::new(PoolState {
-                table: PeerTable::new(pool),
+                table: PeerTable::new(pool).with_missed_heartbeats(missed_heartbeats),
                 plan: None,
                 plan_error: None,
                 loaded: HashMap::new(),

@@ -253,6 +253,39 @@ fn the_peer_table_admits_only_verified_current_adverts() {
 }
 
 #[test]
+fn a_peer_is_dropped_after_k_missed_heartbeats_not_one_late_one() {
+    let k = Keypair::from_secret(&[1; 32]);
+    let sign = |a: &CapacityAdvert| Signed::sign(a, ADVERT_DOMAIN, &k).unwrap();
+    let now = 1_000_000;
+    // Adverts every 10 s, valid for 60 s; the coordinator allows 2 missed ones.
+    let mut t = PeerTable::new("lab").with_missed_heartbeats(2);
+    t.accept(&sign(&advert("lab", 1, now, now + 60)), now)
+        .unwrap();
+    t.accept(&sign(&advert("lab", 2, now + 10, now + 70)), now + 10)
+        .unwrap();
+    assert_eq!(t.get(&k.public()).unwrap().interval(), Some(10));
+    // An advert sent early (on a change) does not shorten the heartbeat.
+    t.accept(&sign(&advert("lab", 3, now + 11, now + 71)), now + 11)
+        .unwrap();
+    assert_eq!(t.get(&k.public()).unwrap().interval(), Some(10));
+    // One late heartbeat is not enough...
+    assert!(t.expire(now + 25).is_empty());
+    assert!(t.expire(now + 30).is_empty());
+    // ...two missed ones are (counted from the last advert, at +11), long before the advert
+    // itself expires.
+    assert!(t.expire(now + 31).is_empty());
+    assert_eq!(t.expire(now + 32), vec![k.public()]);
+    // With the default of 3 it would still be there.
+    let mut t = PeerTable::new("lab");
+    t.accept(&sign(&advert("lab", 1, now, now + 60)), now)
+        .unwrap();
+    t.accept(&sign(&advert("lab", 2, now + 10, now + 70)), now + 10)
+        .unwrap();
+    assert!(t.expire(now + 31).is_empty());
+    assert_eq!(t.expire(now + 41), vec![k.public()]);
+}
+
+#[test]
 fn gossip_from_hostile_peers_is_dropped_with_a_reason() {
     use potluck_coordinator::daemon::{check_gossip, GossipRejection};
     use potluck_net::swarm::peer_id_of;
