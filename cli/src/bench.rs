@@ -42,6 +42,12 @@ pub struct BenchArgs {
     /// The API to load (host:port); default: a pool started in this process.
     #[arg(long)]
     pub url: Option<String>,
+    /// Instead: the stall a node crash costs a running session, with --prompt-tokens of
+    /// context: `replica` (2 nodes holding the whole model; the serving one crashes) or
+    /// `replan` (3 nodes holding half each; one whose span has no replica crashes and its
+    /// blocks are re-planned onto the others).
+    #[arg(long)]
+    pub failover: Option<String>,
 }
 
 /// Medians of one configuration.
@@ -100,7 +106,8 @@ fn pool_speeds(
     greedy: SamplingParams,
 ) -> Result<Speeds> {
     crate::pool::runtime()?.block_on(async {
-        let (c, base) = bench_pool(cache, args, nodes).await?;
+        let (pool, base) = bench_pool(cache, args, nodes).await?;
+        let c = pool.coordinator;
         let (prompt, gen, runs) = (prompt.to_vec(), args.gen_tokens, args.runs);
         let speeds = tokio::task::spawn_blocking(move || {
             let handle = tokio::runtime::Handle::current();
@@ -125,7 +132,17 @@ async fn bench_pool(
     cache: &ModelCache,
     args: &BenchArgs,
     nodes: usize,
-) -> Result<(potluck_coordinator::pool::Coordinator, std::path::PathBuf)> {
+) -> Result<(crate::pool::LocalPool, std::path::PathBuf)> {
+    bench_pool_with(cache, args, nodes, nodes).await
+}
+
+/// Like [`bench_pool`], each node allowed a 1/`share` of the model plus one block.
+async fn bench_pool_with(
+    cache: &ModelCache,
+    args: &BenchArgs,
+    nodes: usize,
+    share: usize,
+) -> Result<(crate::pool::LocalPool, std::path::PathBuf)> {
     use crate::pool::{served_model, start_local_pool, NodeLimits, PoolArgs};
     let model = served_model(cache, &args.model)?;
     let shape = model.shape.clone();
@@ -135,7 +152,7 @@ async fn bench_pool(
             shape.layers
         );
     }
-    let blocks = (shape.layers as u64).div_ceil(nodes as u64) + 1;
+    let blocks = (shape.layers as u64).div_ceil(share.max(1) as u64) + 1;
     let limits = NodeLimits {
         max_memory: Some(shape.reserve_bytes + shape.edge_bytes + blocks * shape.layer_bytes),
         threads: args.threads,
@@ -175,6 +192,9 @@ pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
     crate::set_threads(args.threads)?;
     if let Some(clients) = args.clients {
         return load(cache, &args, clients);
+    }
+    if let Some(mode) = &args.failover {
+        return failover(cache, &args, mode);
     }
     if args.runs == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 {
         bail!("--runs, --prompt-tokens and --gen-tokens must be at least 1");
@@ -244,7 +264,8 @@ fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
             let addr = url.trim_start_matches("http://").trim_end_matches('/');
             return Ok::<_, anyhow::Error>(crate::load::run(addr, clients, args.gen_tokens).await);
         }
-        let (c, base) = bench_pool(cache, args, args.pool.unwrap_or(1)).await?;
+        let (pool, base) = bench_pool(cache, args, args.pool.unwrap_or(1)).await?;
+        let c = pool.coordinator;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
         tokio::spawn(potluck_coordinator::http::serve(
@@ -265,4 +286,74 @@ fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--failover MODE`: the time from a node's crash to the session's next token, beside the
+/// time of an ordinary token in the same session.
+fn failover(cache: &ModelCache, args: &BenchArgs, mode: &str) -> Result<()> {
+    let (nodes, share) = match mode {
+        "replica" => (2, 1),
+        "replan" => (3, 2),
+        other => bail!("--failover takes replica or replan, not {other}"),
+    };
+    if args.prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    crate::pool::runtime()?.block_on(async {
+        let (pool, base) = bench_pool_with(cache, args, nodes, share).await?;
+        let c = pool.coordinator.clone();
+        let text = "The quick brown fox jumps over the lazy dog. Potluck pools idle computers. ";
+        let mut prompt = c
+            .model()
+            .tokenizer
+            .encode(&text.repeat(1 + args.prompt_tokens / 8))?;
+        prompt.truncate(args.prompt_tokens);
+        let (_, chain, mut pipe) = c
+            .open_session(SamplingParams::default(), Default::default())
+            .await?;
+        // The crash: the serving node, or one whose blocks have no replica.
+        let victim = {
+            let st = c.state();
+            let spans = st.plan.as_ref().map(|p| p.spans.clone()).unwrap_or_default();
+            chain
+                .iter()
+                .find(|(s, _)| mode == "replica" || spans.iter().filter(|o| o.range == s.range).count() == 1)
+                .map(|(_, p)| *p)
+                .context("no node to crash")?
+        };
+        let crash = pool
+            .nodes
+            .iter()
+            .find(|(p, _)| *p == victim)
+            .map(|(_, t)| t.abort_handle())
+            .context("the victim is not a local node")?;
+        let (ordinary, stall, replayed) = tokio::task::spawn_blocking(move || -> Result<(f64, f64, usize)> {
+            let mut history = prompt.clone();
+            let mut next = pipe.next_token(0, &prompt, &history)?;
+            let mut step = |next: u32, history: &mut Vec<u32>| -> Result<(u32, f64)> {
+                history.push(next);
+                let t = Instant::now();
+                let token = pipe.next_token(history.len() - 1, &[next], history)?;
+                Ok((token, t.elapsed().as_secs_f64()))
+            };
+            let mut times = Vec::new();
+            for _ in 0..8 {
+                let (t, secs) = step(next, &mut history)?;
+                next = t;
+                times.push(secs);
+            }
+            crash.abort();
+            let (_, stall) = step(next, &mut history)?;
+            Ok((median(&mut times), stall, history.len()))
+        })
+        .await
+        .context("the failover bench stopped")??;
+        let _ = std::fs::remove_dir_all(&base);
+        println!(
+            "failover ({mode}) with {replayed} tokens of context: ordinary token {:.1} ms, crash to next token {:.1} ms",
+            ordinary * 1000.0,
+            stall * 1000.0
+        );
+        Ok(())
+    })
 }

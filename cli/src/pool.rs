@@ -366,7 +366,7 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
     let model = served_model(cache, &args.serve.model)?;
     let base = args.pool.data_dir("up")?;
     runtime()?.block_on(async {
-        let c = start_local_pool(
+        let LocalPool { coordinator: c, .. } = start_local_pool(
             cache,
             &args.pool,
             model,
@@ -409,6 +409,15 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
     })
 }
 
+/// A pool started in this process: its coordinator and each node's peer id and task
+/// (aborting a task is the node crashing: its connections close).
+pub struct LocalPool {
+    /// The coordinator.
+    pub coordinator: Coordinator,
+    /// The nodes.
+    pub nodes: Vec<(libp2p::PeerId, tokio::task::JoinHandle<()>)>,
+}
+
 /// Starts a coordinator and one node per entry of `nodes` in this process, the nodes joined
 /// to it over loopback; returns once a chain of loaded spans covers the model.
 pub async fn start_local_pool(
@@ -419,7 +428,7 @@ pub async fn start_local_pool(
     nodes: &[NodeLimits],
     max_sessions: usize,
     missed_heartbeats: u32,
-) -> Result<Coordinator> {
+) -> Result<LocalPool> {
     let cfg = coordinator_config(
         pool,
         base.join("coordinator"),
@@ -429,6 +438,7 @@ pub async fn start_local_pool(
     let running = coordinator::start(cfg, model)?;
     let c = running.coordinator.clone();
     let bootstrap = local_address(running.listening).await?;
+    let mut tasks = Vec::new();
     for (i, limits) in nodes.iter().enumerate() {
         let dir = if nodes.len() == 1 {
             base.join("node")
@@ -443,16 +453,23 @@ pub async fn start_local_pool(
             vec![bootstrap.clone()],
             limits,
         )?;
-        tokio::spawn(async move {
+        let key = potluck_net::identity::load_or_create(&node_cfg.data_dir)?;
+        let peer = potluck_net::swarm::peer_id_of(&key.public())
+            .context("the node's key is not a libp2p key")?;
+        let task = tokio::spawn(async move {
             if let Err(e) = node::run(node_cfg, std::future::pending()).await {
                 tracing::error!("a local node stopped: {e}");
             }
         });
+        tasks.push((peer, task));
     }
     c.wait_ready(Duration::from_secs(120))
         .await
         .context("the pool did not become ready")?;
-    Ok(c)
+    Ok(LocalPool {
+        coordinator: c,
+        nodes: tasks,
+    })
 }
 
 /// The coordinator's first loopback TCP address, once it listens.
