@@ -27,6 +27,14 @@ fn examples(readme: &str, heading: &str) -> Vec<String> {
 
 #[test]
 fn the_readme_curl_examples_work_against_a_running_pool() {
+    if !Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("SKIPPED: no curl on this host (.ci/run installs it)");
+        return;
+    }
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md");
     let commands = examples(&readme, "## The API and the dashboard");
