@@ -340,3 +340,56 @@ fn a_span_without_replica_is_re_planned_onto_the_others_and_replayed() {
     });
     assert!(replanned.is_some(), "{:?}", coord.seen);
 }
+
+#[test]
+fn a_node_that_comes_back_is_planned_again_and_takes_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, http) = common::coordinator(dir.path(), &[]);
+    let mut nodes = HashMap::new();
+    add_node(dir.path(), "a", &mut coord, &addr, &mut nodes);
+    let a = nodes.keys().next().cloned().expect("node a");
+    add_node(dir.path(), "b", &mut coord, &addr, &mut nodes);
+    let (want, _, done) = stream_and_kill(&http, usize::MAX, |_| {});
+    assert!(done);
+    // a crashes and the pool plans around it...
+    let mut p = nodes.remove(&a).unwrap();
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    let failed = format!("peer failed {a}");
+    assert!(
+        coord
+            .wait_for(Instant::now() + Duration::from_secs(20), |l| l
+                .starts_with(&failed))
+            .is_some(),
+        "{:?}",
+        coord.seen
+    );
+    // ...then restarts with the same identity, and is planned and loaded again once its
+    // suspicion (20 s) has passed.
+    let (p, id) = common::node(dir.path(), "a", "public", &addr, &[]);
+    assert_eq!(id, a);
+    nodes.insert(id, p);
+    let back = format!("peer {a} serves blocks 0..30 (epoch");
+    let before = coord.seen.iter().filter(|l| l.starts_with(&back)).count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while coord.seen.iter().filter(|l| l.starts_with(&back)).count() == before {
+        assert!(
+            Instant::now() < deadline,
+            "{a} never served again: {:?}",
+            coord.seen
+        );
+        // Reads what arrives for a moment (the predicate takes nothing).
+        let _ = coord.wait_for(Instant::now() + Duration::from_millis(200), |_| false);
+    }
+    // It takes the work when the other node goes.
+    let b = nodes.keys().find(|k| **k != a).cloned().unwrap();
+    let mut p = nodes.remove(&b).unwrap();
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    let (got, events, done) = stream_and_kill(&http, usize::MAX, |_| {});
+    assert!(
+        done && events.iter().all(|e| e.get("error").is_none()),
+        "{events:?}"
+    );
+    assert_eq!(got, want);
+}

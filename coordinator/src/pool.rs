@@ -282,9 +282,15 @@ impl Coordinator {
                 let Some((m, range)) = &p.advert.loaded else {
                     continue;
                 };
-                // An assignment in flight reports itself when it is answered.
+                // An assignment in flight reports itself when it is answered; an excluded
+                // peer's span does not count until it is back.
                 let answering = st.pending.contains(&p.key);
-                if m == &self.model.model && !answering && !st.loaded.contains_key(&p.key) {
+                let excluded = st.banned.get(&p.key).is_some_and(|t| *t > Instant::now());
+                if m == &self.model.model
+                    && !answering
+                    && !excluded
+                    && !st.loaded.contains_key(&p.key)
+                {
                     st.loaded.insert(p.key, *range);
                     let who = peer_id_of(&p.key)
                         .map(|i| i.to_string())
