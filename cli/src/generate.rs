@@ -149,6 +149,12 @@ pub fn run(cache: &ModelCache, args: GenerateArgs) -> Result<()> {
         let _ = out.flush();
     })?;
     let _ = writeln!(out);
+    print_stats(&stats);
+    Ok(())
+}
+
+/// The speed line on stderr after a generation (scripts and tests read its counts).
+pub fn print_stats(stats: &potluck_engine::generate::GenerateStats) {
     eprintln!(
         "prefill: {} tokens, {:.1} t/s; decode: {} tokens, {:.1} t/s",
         stats.prompt_tokens,
@@ -156,5 +162,4 @@ pub fn run(cache: &ModelCache, args: GenerateArgs) -> Result<()> {
         stats.generated_tokens,
         stats.decode_tps()
     );
-    Ok(())
 }

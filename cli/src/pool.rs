@@ -398,13 +398,7 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
             })
             .await?;
         println!();
-        eprintln!(
-            "prefill: {} tokens, {:.1} t/s; decode: {} tokens, {:.1} t/s",
-            stats.prompt_tokens,
-            stats.prefill_tps(),
-            stats.generated_tokens,
-            stats.decode_tps()
-        );
+        crate::generate::print_stats(&stats);
         Ok(())
     })
 }

@@ -78,11 +78,7 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
     let (mut coord, coord_addr, http) = common::coordinator(dir.path(), &[]);
     let (mut node, _) = common::node(dir.path(), "n", "public", &coord_addr, &[]);
     let deadline = Instant::now() + Duration::from_secs(90);
-    let node_addr = node
-        .wait_for(deadline, |l| l.starts_with("listening /ip4/127.0.0.1/tcp/"))
-        .expect("node address")
-        .trim_start_matches("listening ")
-        .to_string();
+    let node_addr = node.loopback_addr(deadline);
     assert!(
         coord
             .wait_for(deadline, |l| l.contains(" serves blocks 0..30"))

@@ -538,12 +538,12 @@ impl RemotePipeline {
                     attempt += 1;
                     tracing::debug!(attempt, "{e}; reopening and replaying");
                     tokio::time::sleep(RETRY_BACKOFF * attempt).await;
-                    let peer = self.hops[i].peer;
-                    self.hops[i].stream = open_stream(&mut self.control, peer).await?;
+                    // The same span on the same peer, replayed like any replacement.
+                    let same = vec![(self.hops[i].span.clone(), self.hops[i].peer)];
                     let journal = self.hops[i].journal.clone();
-                    for old in &journal {
-                        let result = exchange(&mut self.hops[i], old, timeout).await?;
-                        check_hop(&self.model, &self.hops[i], last, old, &result)?;
+                    let mut fresh = self.replacement(same, &journal, last, timeout).await?;
+                    if let Some(hop) = fresh.pop() {
+                        self.hops[i] = hop;
                     }
                 }
                 Err(e) => return Err(e),
@@ -653,7 +653,8 @@ impl RemotePipeline {
         }
     }
 
-    /// Opens `chain` and replays `journal` (the requests a failed hop was sent) through it.
+    /// Opens `chain` and replays `journal` (the requests a failed hop was sent) through it;
+    /// `was_last`: the failed hop ended the model. Also reopens a hop on its own peer.
     async fn replacement(
         &mut self,
         chain: Vec<(Span, PeerId)>,

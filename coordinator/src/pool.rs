@@ -131,6 +131,13 @@ pub struct PoolState {
 }
 
 impl PoolState {
+    /// Whether `key` is out of plans and routes now (failed, dropped or leaving).
+    pub fn is_excluded(&self, key: &PublicKey) -> bool {
+        self.banned
+            .get(key)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
     /// The key of a known peer, by its libp2p id.
     pub fn key_of(&self, peer: PeerId) -> Option<PublicKey> {
         self.table
@@ -248,14 +255,10 @@ impl Coordinator {
     /// Whether `key`'s span is confirmed loaded, and whether it is banned now.
     pub fn peer_status(&self, key: &PublicKey) -> (Option<LayerRange>, bool, bool) {
         let st = self.state();
-        let banned = st
-            .banned
-            .get(key)
-            .is_some_and(|until| *until > Instant::now());
         (
             st.loaded.get(key).copied(),
             st.pending.contains(key),
-            banned,
+            st.is_excluded(key),
         )
     }
 
@@ -285,10 +288,9 @@ impl Coordinator {
                 // An assignment in flight reports itself when it is answered; an excluded
                 // peer's span does not count until it is back.
                 let answering = st.pending.contains(&p.key);
-                let excluded = st.banned.get(&p.key).is_some_and(|t| *t > Instant::now());
                 if m == &self.model.model
                     && !answering
-                    && !excluded
+                    && !st.is_excluded(&p.key)
                     && !st.loaded.contains_key(&p.key)
                 {
                     st.loaded.insert(p.key, *range);
@@ -326,11 +328,10 @@ impl Coordinator {
     }
 
     fn planning_peers(&self, st: &PoolState) -> Vec<PlanPeer> {
-        let now = Instant::now();
         st.table
             .peers()
             .iter()
-            .filter(|p| st.banned.get(&p.key).is_none_or(|until| *until <= now))
+            .filter(|p| !st.is_excluded(&p.key))
             .filter(|p| p.advert.models.contains(&self.model.model))
             .map(|p| PlanPeer {
                 id: p.key,
@@ -512,9 +513,7 @@ impl Coordinator {
     /// Whether `peer` is out of plans and routes now (failed, dropped or leaving).
     pub fn excluded(&self, peer: PeerId) -> bool {
         let st = self.state();
-        st.key_of(peer)
-            .and_then(|k| st.banned.get(&k))
-            .is_some_and(|until| *until > Instant::now())
+        st.key_of(peer).is_some_and(|k| st.is_excluded(&k))
     }
 
     /// Leaves a peer that failed a step out of plans and routes for [`SUSPECT_FOR`] and

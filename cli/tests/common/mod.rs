@@ -73,6 +73,16 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// The first loopback TCP address the process says it listens on (with its /p2p/ id).
+    pub fn loopback_addr(&mut self, deadline: Instant) -> String {
+        self.wait_for(deadline, |l| l.starts_with("listening /ip4/127.0.0.1/tcp/"))
+            .expect("no loopback listen address printed")
+            .trim_start_matches("listening ")
+            .to_string()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -97,11 +107,7 @@ pub fn coordinator(dir: &std::path::Path, extra: &[&str]) -> (Proc, String, Stri
     args.extend_from_slice(extra);
     let mut p = Proc::start(&args);
     let deadline = Instant::now() + Duration::from_secs(60);
-    let addr = p
-        .wait_for(deadline, |l| l.starts_with("listening /ip4/127.0.0.1/tcp/"))
-        .expect("coordinator printed no listen address")
-        .trim_start_matches("listening ")
-        .to_string();
+    let addr = p.loopback_addr(deadline);
     let http = p
         .wait_for(deadline, |l| l.starts_with("api listening on http://"))
         .expect("coordinator printed no API address")
@@ -150,25 +156,9 @@ pub fn node(
 
 /// POSTs `body` as JSON to `http://{addr}{path}`; returns the status code and the body.
 pub fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-    use std::io::{Read, Write};
-    let body = body.to_string();
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the API");
-    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read the answer");
-    let (head, rest) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    let json = serde_json::from_str(rest).unwrap_or_else(|e| panic!("{e}: {rest}"));
+    let raw = raw_http(addr, &request("POST", path, &[], &body.to_string()));
+    let (status, rest) = split_answer(&raw);
+    let json = serde_json::from_str(rest).unwrap_or_else(|e| panic!("{e}: {raw}"));
     (status, json)
 }
 
