@@ -215,7 +215,11 @@ fn a_node_that_leaves_gracefully_hands_its_sessions_over_and_exits_in_time() {
     } = pool(dir.path(), 3);
     let (want, _, done) = stream_and_kill(&http, usize::MAX, |_| {});
     assert!(done);
-    for (round, leave_after) in [5, 60, 150].into_iter().enumerate() {
+    // Different points of the stream, as for crashes; a fresh volunteer replaces each one.
+    for (round, leave_after) in [5, 60, 150, 2, 20, 40, 95, 120, 175, 195]
+        .into_iter()
+        .enumerate()
+    {
         let mut leaver = None;
         let (got, events, done) = stream_and_kill(&http, leave_after, |peer| {
             let p = nodes
@@ -342,37 +346,49 @@ fn a_span_without_replica_is_re_planned_onto_the_others_and_replayed() {
 }
 
 #[test]
-fn a_node_that_comes_back_is_planned_again_and_takes_work() {
+fn a_node_that_comes_back_is_planned_again_and_a_node_that_stays_away_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     let (mut coord, addr, http) = common::coordinator(dir.path(), &[]);
     let mut nodes = HashMap::new();
     add_node(dir.path(), "a", &mut coord, &addr, &mut nodes);
     let a = nodes.keys().next().cloned().expect("node a");
     add_node(dir.path(), "b", &mut coord, &addr, &mut nodes);
+    let b = nodes.keys().find(|k| **k != a).cloned().expect("node b");
     let (want, _, done) = stream_and_kill(&http, usize::MAX, |_| {});
     assert!(done);
-    // a crashes and the pool plans around it...
+    let soon = || Instant::now() + Duration::from_secs(20);
+
+    // a crashes: the pool routes around it and dials it again, waiting longer each time...
     let mut p = nodes.remove(&a).unwrap();
     let _ = p.child.kill();
     let _ = p.child.wait();
-    let failed = format!("peer failed {a}");
-    assert!(
-        coord
-            .wait_for(Instant::now() + Duration::from_secs(20), |l| l
-                .starts_with(&failed))
-            .is_some(),
-        "{:?}",
-        coord.seen
-    );
-    // ...then restarts with the same identity, and is planned and loaded again once its
-    // suspicion (20 s) has passed.
+    for line in [
+        format!("peer unreachable {a}"),
+        format!("peer {a} not back; dialling it (try 1), next step in 1.0 s"),
+        format!("peer {a} not back; dialling it (try 2), next step in 2.0 s"),
+    ] {
+        assert!(
+            coord.wait_for(soon(), |l| l.starts_with(&line)).is_some(),
+            "no {line:?}: {:?}",
+            coord.seen
+        );
+    }
+    // ...and once it restarts with the same identity it is back at once, is planned and
+    // loads its span again.
+    let serves = format!("peer {a} serves blocks 0..30 (epoch");
+    let before = coord.seen.iter().filter(|l| l.starts_with(&serves)).count();
+    let restarted = Instant::now();
     let (p, id) = common::node(dir.path(), "a", "public", &addr, &[]);
     assert_eq!(id, a);
     nodes.insert(id, p);
-    let back = format!("peer {a} serves blocks 0..30 (epoch");
-    let before = coord.seen.iter().filter(|l| l.starts_with(&back)).count();
+    let back = format!("peer back {a} after ");
+    assert!(
+        coord.wait_for(soon(), |l| l.starts_with(&back)).is_some(),
+        "{:?}",
+        coord.seen
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
-    while coord.seen.iter().filter(|l| l.starts_with(&back)).count() == before {
+    while coord.seen.iter().filter(|l| l.starts_with(&serves)).count() == before {
         assert!(
             Instant::now() < deadline,
             "{a} never served again: {:?}",
@@ -381,15 +397,40 @@ fn a_node_that_comes_back_is_planned_again_and_takes_work() {
         // Reads what arrives for a moment (the predicate takes nothing).
         let _ = coord.wait_for(Instant::now() + Duration::from_millis(200), |_| false);
     }
-    // It takes the work when the other node goes.
-    let b = nodes.keys().find(|k| **k != a).cloned().unwrap();
+    eprintln!(
+        "{a} served again {:.1} s after it restarted",
+        restarted.elapsed().as_secs_f32()
+    );
+
+    // b crashes and stays away: its dials come 1, 2 and 4 s apart, it is gone 8 s after the
+    // last, and a takes the work.
     let mut p = nodes.remove(&b).unwrap();
     let _ = p.child.kill();
     let _ = p.child.wait();
+    for line in [
+        format!("peer unreachable {b}"),
+        format!("peer {b} not back; dialling it (try 1), next step in 1.0 s"),
+        format!("peer {b} not back; dialling it (try 2), next step in 2.0 s"),
+        format!("peer {b} not back; dialling it (try 3), next step in 4.0 s"),
+        format!("peer {b} not back; dialling it (try 4), next step in 8.0 s"),
+        format!("peer gone {b}: not back after 4 dials"),
+    ] {
+        assert!(
+            coord.wait_for(soon(), |l| l.starts_with(&line)).is_some(),
+            "no {line:?}: {:?}",
+            coord.seen
+        );
+    }
     let (got, events, done) = stream_and_kill(&http, usize::MAX, |_| {});
     assert!(
         done && events.iter().all(|e| e.get("error").is_none()),
         "{events:?}"
     );
     assert_eq!(got, want);
+    let peers = pool_json(&http)["peers"].clone();
+    let ids: Vec<&str> = peers
+        .as_array()
+        .map(|v| v.iter().filter_map(|p| p["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, vec![a.as_str()], "{peers}");
 }

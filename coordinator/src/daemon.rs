@@ -1,6 +1,6 @@
 //! `potluck coordinator`: join the pool's swarm, verify every capacity advert into the peer
-//! table, drop peers whose adverts expire, re-plan as peers come and go, and send each peer
-//! its span. Prints its listen addresses for nodes' `--bootstrap`, one line per peer that
+//! table, route around peers that disconnect or go quiet (dialling them again until they
+//! come back or count as gone), re-plan as peers come and go, and send each peer its span. Prints its listen addresses for nodes' `--bootstrap`, one line per peer that
 //! joins or leaves, and each new plan.
 
 use crate::model::ServedModel;
@@ -57,19 +57,21 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, swar
     let handle = coordinator.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut redial_tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             let event = tokio::select! {
+                _ = redial_tick.tick() => {
+                    for peer in handle.due_redials() {
+                        if !swarm.is_connected(&peer) {
+                            if let Err(e) = swarm.dial(peer) {
+                                tracing::debug!(%peer, "dial failed: {e}");
+                            }
+                        }
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {
-                    let gone = handle.state().table.expire(unix_now());
-                    for key in &gone {
-                        let id = peer_id_of(key).map(|p| p.to_string()).unwrap_or_default();
-                        let line = format!("peer left {id} (advert expired)");
-                        println!("{line}");
-                        handle.event("peer", line);
-                    }
-                    if !gone.is_empty() {
-                        handle.sync_loaded();
-                    }
+                    handle.expire_silent(unix_now());
                     handle.replan();
                     continue;
                 }
@@ -89,12 +91,7 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, swar
                     peer_id,
                     num_established: 0,
                     ..
-                }) => {
-                    let known = handle.state().key_of(peer_id).is_some();
-                    if known {
-                        handle.suspect(peer_id, "connection closed");
-                    }
-                }
+                }) => handle.unreachable(peer_id, "connection closed"),
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Ping(libp2p::ping::Event {
                     peer,
                     result: Ok(rtt),

@@ -13,5 +13,6 @@ pub mod peer_table;
 pub mod pipeline;
 pub mod planner;
 pub mod pool;
+pub mod redial;
 pub mod router;
 pub mod verify;

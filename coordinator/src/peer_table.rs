@@ -1,5 +1,5 @@
 //! The pool as the coordinator sees it: peers whose signed capacity adverts verified, each
-//! kept until its advert expires or it leaves. Anything doubtful is refused with a reason.
+//! kept until the coordinator decides it is gone (see `silent`). Anything doubtful is refused with a reason.
 
 use potluck_protocol::messages::{CapacityAdvert, ADVERT_DOMAIN};
 use potluck_protocol::signed::{PublicKey, Signed};
@@ -98,8 +98,9 @@ impl PeerTable {
         }
     }
 
-    /// Drops peers after `k` missed adverts (at their own pace), or when an advert
-    /// expires, whichever comes first; one late advert is never enough (`k` is at least 2).
+    /// Counts peers as silent after `k` missed adverts (at their own pace), or when an
+    /// advert expires, whichever comes first; one late advert is never enough (`k` is at
+    /// least 2).
     pub fn with_missed_heartbeats(mut self, k: u32) -> Self {
         self.missed = k.max(2);
         self
@@ -159,25 +160,23 @@ impl PeerTable {
         }
     }
 
-    /// Drops peers whose adverts expired by `now`, or that missed the set number of
-    /// heartbeats; returns them.
-    pub fn expire(&mut self, now: u64) -> Vec<PublicKey> {
+    /// Peers whose adverts expired by `now`, or that missed the set number of heartbeats.
+    /// They stay in the table: the caller decides whether they are gone.
+    pub fn silent(&self, now: u64) -> Vec<PublicKey> {
         let missed = u64::from(self.missed);
-        let gone: Vec<PublicKey> = self
+        let mut silent: Vec<PublicKey> = self
             .peers
             .values()
             .filter(|p| {
-                let silent = p
+                let missed_beats = p
                     .interval()
                     .is_some_and(|i| now > p.last_heard + missed * i);
-                p.advert.expires_at <= now || silent
+                p.advert.expires_at <= now || missed_beats
             })
             .map(|p| p.key)
             .collect();
-        for k in &gone {
-            self.peers.remove(k);
-        }
-        gone
+        silent.sort_by_key(|k| k.0);
+        silent
     }
 
     /// Forgets a peer (it left, or was banned).

@@ -9,6 +9,7 @@ use crate::pipeline::{
     ChainModel, PipelineError, RemotePipeline, Reroute, SessionContext, SessionHandle,
 };
 use crate::planner::{plan, Plan, PlanPeer, Span};
+use crate::redial::{Due, Redials};
 use crate::router::{route_range, PeerCost};
 use libp2p::{PeerId, StreamProtocol};
 use potluck_engine::generate::{generate_with, GenerateRequest, GenerateStats};
@@ -43,6 +44,32 @@ pub const DEFAULT_MAX_SESSIONS: usize = 32;
 pub const EVENT_LOG: usize = 50;
 /// Round trip assumed for peers not yet pinged, milliseconds.
 const DEFAULT_RTT_MS: f64 = 1.0;
+
+/// Why a peer is out of plans and routes, weakest first: a stronger reason is never
+/// overridden by a weaker one while it lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Exclusion {
+    /// It failed a step; it comes back after [`SUSPECT_FOR`].
+    Failed,
+    /// Its connection closed; it is back when it can be reached again.
+    Unreachable,
+    /// It announced it is leaving.
+    Leaving,
+    /// It broke the protocol or sent a result that failed its checks.
+    Dropped,
+}
+
+impl Exclusion {
+    /// A short name for the dashboard.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Exclusion::Failed => "failed",
+            Exclusion::Unreachable => "unreachable",
+            Exclusion::Leaving => "leaving",
+            Exclusion::Dropped => "dropped",
+        }
+    }
+}
 
 /// Why a session could not run.
 #[derive(Debug, Error, PartialEq)]
@@ -126,16 +153,27 @@ pub struct PoolState {
     pending: HashSet<PublicKey>,
     /// When failed assignments may be sent again.
     retry_at: HashMap<PublicKey, Instant>,
-    /// Peers left out of plans until the given time.
-    banned: HashMap<PublicKey, Instant>,
+    /// Peers left out of plans until the given time, and why.
+    banned: HashMap<PublicKey, (Instant, Exclusion)>,
+    /// Peers whose connection closed at the given unix time: what their adverts from before
+    /// then say they hold is not trusted (a restarted node has lost its layers).
+    stale_since: HashMap<PublicKey, u64>,
+    /// Unreachable peers being tried again.
+    redials: Redials<PublicKey>,
 }
 
 impl PoolState {
     /// Whether `key` is out of plans and routes now (failed, dropped or leaving).
     pub fn is_excluded(&self, key: &PublicKey) -> bool {
+        self.exclusion(key).is_some()
+    }
+
+    /// Why `key` is out of plans and routes now, if it is.
+    pub fn exclusion(&self, key: &PublicKey) -> Option<Exclusion> {
         self.banned
             .get(key)
-            .is_some_and(|until| *until > Instant::now())
+            .filter(|(until, _)| *until > Instant::now())
+            .map(|(_, why)| *why)
     }
 
     /// The key of a known peer, by its libp2p id.
@@ -205,6 +243,8 @@ impl Coordinator {
                 pending: HashSet::new(),
                 retry_at: HashMap::new(),
                 banned: HashMap::new(),
+                stale_since: HashMap::new(),
+                redials: Redials::new(),
             })),
             control,
             next_session: Arc::new(AtomicU64::new(u64::from_le_bytes(seed) >> 1)),
@@ -252,13 +292,14 @@ impl Coordinator {
             .clone()
     }
 
-    /// Whether `key`'s span is confirmed loaded, and whether it is banned now.
-    pub fn peer_status(&self, key: &PublicKey) -> (Option<LayerRange>, bool, bool) {
+    /// `key`'s confirmed span, whether an assignment to it is in flight, and why it is
+    /// excluded now, if it is.
+    pub fn peer_status(&self, key: &PublicKey) -> (Option<LayerRange>, bool, Option<Exclusion>) {
         let st = self.state();
         (
             st.loaded.get(key).copied(),
             st.pending.contains(key),
-            st.is_excluded(key),
+            st.exclusion(key),
         )
     }
 
@@ -275,16 +316,35 @@ impl Coordinator {
 
     /// Records what a peer's advert says it holds, and forgets departed peers' spans.
     pub fn sync_loaded(&self) {
+        let mut back = Vec::new();
         {
             let mut guard = self.state();
             let st = &mut *guard;
             let present: HashSet<PublicKey> = st.table.peers().iter().map(|p| p.key).collect();
             st.loaded.retain(|k, _| present.contains(k));
             st.pending.retain(|k| present.contains(k));
+            // An advert issued after a peer was found unreachable brings it back.
+            let fresh: Vec<PublicKey> = st
+                .stale_since
+                .iter()
+                .filter(|(k, since)| st.table.get(k).is_none_or(|p| p.advert.issued_at > **since))
+                .map(|(k, _)| *k)
+                .collect();
+            for key in fresh {
+                st.stale_since.remove(&key);
+                let tries = st.redials.reached(&key);
+                if st.exclusion(&key) == Some(Exclusion::Unreachable) && present.contains(&key) {
+                    st.banned.remove(&key);
+                    back.push((key, tries.unwrap_or(0)));
+                }
+            }
             for p in st.table.peers() {
                 let Some((m, range)) = &p.advert.loaded else {
                     continue;
                 };
+                if st.stale_since.contains_key(&p.key) {
+                    continue;
+                }
                 // An assignment in flight reports itself when it is answered; an excluded
                 // peer's span does not count until it is back.
                 let answering = st.pending.contains(&p.key);
@@ -304,27 +364,132 @@ impl Coordinator {
                 }
             }
         }
+        for (key, tries) in &back {
+            let who = peer_id_of(key).map(|p| p.to_string()).unwrap_or_default();
+            let line = format!("peer back {who} after {tries} dials");
+            println!("{line}");
+            self.event("peer", line);
+        }
+        if !back.is_empty() {
+            self.replan();
+        }
         self.changed.notify_waiters();
     }
 
     /// Leaves `peer` out of every plan for [`BAN`] and re-plans around it.
     pub fn drop_peer(&self, peer: PeerId, reason: &str) {
         let line = format!("peer dropped {peer}: {reason}");
-        self.exclude(peer, BAN, "check", line);
+        self.exclude(peer, BAN, Exclusion::Dropped, "check", line);
     }
 
-    /// Leaves `peer` out of plans and routes for `span`, tells operators why (`kind` on the
-    /// dashboard) and re-plans around it.
-    fn exclude(&self, peer: PeerId, span: Duration, kind: &'static str, line: String) {
+    /// Leaves `peer` out of plans and routes for `span` (unless a stronger exclusion is in
+    /// force), tells operators why (`kind` on the dashboard) and re-plans around it.
+    /// Returns whether it took effect.
+    fn exclude(
+        &self,
+        peer: PeerId,
+        span: Duration,
+        why: Exclusion,
+        kind: &'static str,
+        line: String,
+    ) -> bool {
         {
             let mut st = self.state();
-            let Some(key) = st.key_of(peer) else { return };
-            st.banned.insert(key, Instant::now() + span);
+            let Some(key) = st.key_of(peer) else {
+                return false;
+            };
+            if st.exclusion(&key).is_some_and(|now| now > why) {
+                return false;
+            }
+            st.banned.insert(key, (Instant::now() + span, why));
             st.loaded.remove(&key);
+            if why == Exclusion::Unreachable {
+                st.stale_since.insert(key, potluck_net::swarm::unix_now());
+                st.redials.start(key, Instant::now());
+            }
         }
         println!("{line}");
         self.event(kind, line);
         self.replan();
+        true
+    }
+
+    /// `peer` cannot be reached (`why`: its connection closed, it missed its adverts):
+    /// routes avoid it while it is dialled again, until it advertises anew or is gone (see
+    /// [`crate::redial`]). Nothing happens if it is unknown, already unreachable, leaving or
+    /// dropped.
+    pub fn unreachable(&self, peer: PeerId, why: &str) {
+        let already = {
+            let st = self.state();
+            st.key_of(peer)
+                .is_none_or(|k| st.exclusion(&k) >= Some(Exclusion::Unreachable))
+        };
+        if !already {
+            let line = format!("peer unreachable {peer}: {why}");
+            self.exclude(peer, BAN, Exclusion::Unreachable, "failure", line);
+        }
+    }
+
+    /// Peers whose adverts stopped (missed heartbeats or expired at unix time `now`):
+    /// unreachable, unless they were on their way out anyway, then forgotten.
+    pub fn expire_silent(&self, now: u64) {
+        let silent = self.state().table.silent(now);
+        for key in silent {
+            let Some(peer) = peer_id_of(&key) else {
+                self.state().table.remove(&key);
+                continue;
+            };
+            let leaving = self
+                .state()
+                .exclusion(&key)
+                .is_some_and(|w| w > Exclusion::Unreachable);
+            if leaving {
+                self.state().table.remove(&key);
+                let line = format!("peer left {peer} (advert expired)");
+                println!("{line}");
+                self.event("peer", line);
+                self.sync_loaded();
+            } else {
+                self.unreachable(peer, "its adverts stopped");
+            }
+        }
+    }
+
+    /// Peers to dial again now; peers whose tries are spent are gone from the pool (they
+    /// join anew if they advertise again).
+    pub fn due_redials(&self) -> Vec<PeerId> {
+        let due = self.state().redials.due(Instant::now());
+        let mut dial = Vec::new();
+        for (key, what) in due {
+            let who = peer_id_of(&key);
+            let name = who.map(|p| p.to_string()).unwrap_or_default();
+            match what {
+                Due::Dial { try_no, next_in } => {
+                    println!(
+                        "peer {name} not back; dialling it (try {try_no}), next step in {:.1} s",
+                        next_in.as_secs_f32()
+                    );
+                    dial.extend(who);
+                }
+                Due::Gone => {
+                    {
+                        let mut st = self.state();
+                        st.table.remove(&key);
+                        st.banned.remove(&key);
+                        st.stale_since.remove(&key);
+                    }
+                    let line = format!(
+                        "peer gone {name}: not back after {} dials",
+                        crate::redial::TRIES
+                    );
+                    println!("{line}");
+                    self.event("peer", line);
+                    self.sync_loaded();
+                    self.replan();
+                }
+            }
+        }
+        dial
     }
 
     fn planning_peers(&self, st: &PoolState) -> Vec<PlanPeer> {
@@ -507,7 +672,7 @@ impl Coordinator {
     /// sessions move away at their next step.
     pub fn leaving(&self, peer: PeerId, reason: &str) {
         let line = format!("peer leaving {peer}: {reason}");
-        self.exclude(peer, LEAVE_BAN, "peer", line);
+        self.exclude(peer, LEAVE_BAN, Exclusion::Leaving, "peer", line);
     }
 
     /// Whether `peer` is out of plans and routes now (failed, dropped or leaving).
@@ -520,7 +685,7 @@ impl Coordinator {
     /// re-plans around it.
     pub fn suspect(&self, peer: PeerId, reason: &str) {
         let line = format!("peer failed {peer}: {reason}");
-        self.exclude(peer, SUSPECT_FOR, "failure", line);
+        self.exclude(peer, SUSPECT_FOR, Exclusion::Failed, "failure", line);
     }
 
     /// Waits until a chain covers the model, or `timeout` passes.

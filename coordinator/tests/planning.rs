@@ -246,9 +246,10 @@ fn the_peer_table_admits_only_verified_current_adverts() {
     ));
     assert_eq!(t.len(), 1);
     assert_eq!(t.get(&k.public()).unwrap().advert.memory_bytes, 8 << 30);
-    // Expiry removes it.
-    assert!(t.expire(now + 10).is_empty());
-    assert_eq!(t.expire(now + 31), vec![k.public()]);
+    // Once its advert expires it is silent; the caller decides when it is gone.
+    assert!(t.silent(now + 10).is_empty());
+    assert_eq!(t.silent(now + 31), vec![k.public()]);
+    assert!(t.remove(&k.public()));
     assert!(t.is_empty());
 }
 
@@ -269,20 +270,20 @@ fn a_peer_is_dropped_after_k_missed_heartbeats_not_one_late_one() {
         .unwrap();
     assert_eq!(t.get(&k.public()).unwrap().interval(), Some(10));
     // One late heartbeat is not enough...
-    assert!(t.expire(now + 25).is_empty());
-    assert!(t.expire(now + 30).is_empty());
+    assert!(t.silent(now + 25).is_empty());
+    assert!(t.silent(now + 30).is_empty());
     // ...two missed ones are (counted from the last advert, at +11), long before the advert
     // itself expires.
-    assert!(t.expire(now + 31).is_empty());
-    assert_eq!(t.expire(now + 32), vec![k.public()]);
+    assert!(t.silent(now + 31).is_empty());
+    assert_eq!(t.silent(now + 32), vec![k.public()]);
     // With the default of 3 it would still be there.
     let mut t = PeerTable::new("lab");
     t.accept(&sign(&advert("lab", 1, now, now + 60)), now)
         .unwrap();
     t.accept(&sign(&advert("lab", 2, now + 10, now + 70)), now + 10)
         .unwrap();
-    assert!(t.expire(now + 31).is_empty());
-    assert_eq!(t.expire(now + 41), vec![k.public()]);
+    assert!(t.silent(now + 31).is_empty());
+    assert_eq!(t.silent(now + 41), vec![k.public()]);
 }
 
 #[test]

@@ -164,21 +164,22 @@ pub fn start(
 }
 
 /// Handles the swarm events every peer treats alike (listen addresses, identify, mDNS) and
-/// returns the rest for the caller.
+/// returns the rest for the caller (new connections too, after logging them).
 pub fn handle_common(
     swarm: &mut Swarm<PoolBehaviour>,
     event: libp2p::swarm::SwarmEvent<PoolBehaviourEvent>,
 ) -> Option<libp2p::swarm::SwarmEvent<PoolBehaviourEvent>> {
     use libp2p::swarm::SwarmEvent;
+    if let SwarmEvent::ConnectionEstablished {
+        peer_id, endpoint, ..
+    } = &event
+    {
+        tracing::info!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
+        return Some(event);
+    }
     match event {
         SwarmEvent::NewListenAddr { address, .. } => {
             println!("listening {address}/p2p/{}", swarm.local_peer_id());
-            None
-        }
-        SwarmEvent::ConnectionEstablished {
-            peer_id, endpoint, ..
-        } => {
-            tracing::info!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
             None
         }
         SwarmEvent::Behaviour(PoolBehaviourEvent::Identify(identify::Event::Received {

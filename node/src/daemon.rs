@@ -5,6 +5,7 @@
 use crate::probe::{probe, Capacity, Limits};
 use crate::serve::{LocalModel, Server};
 use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, Multiaddr};
 use potluck_net::swarm;
 use potluck_protocol::codec::encode_frame;
@@ -179,7 +180,13 @@ pub async fn run(
             }
             _ = retry.tick(), if !published => {}
             event = swarm.select_next_some() => {
-                swarm::handle_common(&mut swarm, event);
+                // A new connection (a restarted coordinator, one that dialled us back) hears
+                // from us at once rather than at the next heartbeat.
+                if let Some(SwarmEvent::ConnectionEstablished { .. }) =
+                    swarm::handle_common(&mut swarm, event)
+                {
+                    published = false;
+                }
                 continue;
             }
         }

@@ -46,10 +46,10 @@ pub fn snapshot(c: &Coordinator) -> Value {
     let peers: Vec<Value> = peers
         .into_iter()
         .map(|(key, a, rtt)| {
-            let (loaded, loading, banned) = c.peer_status(&key);
+            let (loaded, loading, excluded) = c.peer_status(&key);
             let planned = plan.as_ref().and_then(|p| p.span_of(&key)).map(|s| s.range);
-            let status = if banned {
-                "dropped"
+            let status = if let Some(why) = excluded {
+                why.as_str()
             } else if loaded.is_some() && loaded == planned {
                 "serving"
             } else if loading {
