@@ -1,5 +1,5 @@
 //! `potluck`: the one binary of a Potluck pool: `up`, `node` and `coordinator` run a pool;
-//! `generate`, `bench` and `model fetch|list|verify` work on this machine.
+//! `generate`, `bench`, `model fetch|list|verify` and `audit verify` work on this machine.
 
 mod bench;
 mod catalog;
@@ -39,6 +39,24 @@ enum Command {
     Model {
         #[command(subcommand)]
         command: ModelCommand,
+    },
+    /// Work with a coordinator's audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check a log offline: its hash chain, the coordinator's signature on every line and
+    /// every node receipt inside. Exits 1 at the first line that fails.
+    Verify {
+        /// The log (`audit.log` in the coordinator's data directory).
+        file: PathBuf,
+        /// The coordinator's public key (hex) the log must be signed by.
+        #[arg(long)]
+        key: Option<String>,
     },
 }
 
@@ -143,7 +161,35 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
+        Command::Audit {
+            command: AuditCommand::Verify { file, key },
+        } => audit_verify(&file, key.as_deref()),
     }
+}
+
+/// `potluck audit verify`: prints what the log holds once every line checks out.
+fn audit_verify(file: &std::path::Path, key: Option<&str>) -> Result<()> {
+    use potluck_coordinator::audit::{from_hex, to_hex, verify_file};
+    let key = key
+        .map(|k| {
+            from_hex(k)
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .map(potluck_protocol::signed::PublicKey)
+                .ok_or_else(|| anyhow::anyhow!("--key must be 64 hex digits"))
+        })
+        .transpose()?;
+    let sum = verify_file(file, key).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    println!(
+        "{}: ok, {} entries, {} receipts verified, signed by {}",
+        file.display(),
+        sum.entries,
+        sum.receipts,
+        sum.key.map(|k| to_hex(&k.0)).unwrap_or_default()
+    );
+    for (verdict, n) in &sum.verdicts {
+        println!("  {verdict}: {n}");
+    }
+    Ok(())
 }
 
 /// Sets the compute thread count before any pool starts; 0 is refused.

@@ -1,6 +1,7 @@
 //! A pool of real processes: a coordinator and three nodes on 127.0.0.1 split SmolLM2's 30
 //! blocks between them, and greedy generation through that pipeline gives exactly what
-//! `potluck generate` gives in one process, for raw and chat prompts, short and long.
+//! `potluck generate` gives in one process, for raw and chat prompts, short and long; every
+//! stage result lands in the coordinator's audit log, which `potluck audit verify` checks.
 
 mod common;
 
@@ -58,6 +59,7 @@ fn three_nodes_split_the_model_and_generate_exactly_like_one_process() {
         ),
         ("1, 2, 3, 4,", false, 32),
     ];
+    let mut tokens = 0;
     for (prompt, chat, max_tokens) in cases {
         let (want, want_tokens) = common::local_generate(prompt, chat, max_tokens);
         let (path, body) = if chat {
@@ -87,5 +89,55 @@ fn three_nodes_split_the_model_and_generate_exactly_like_one_process() {
             Some(want_tokens),
             "{v}"
         );
+        tokens += want_tokens;
     }
+
+    // Every stage result is in the coordinator's audit log, with its receipt, and the log
+    // checks out offline; an edited copy does not.
+    let log = dir.path().join("coordinator").join("audit.log");
+    let verify = |file: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+            .args(["audit", "verify", file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    // The writer flushes as soon as its queue drains; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = verify(&log);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verified: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("result verified: "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no verified results: {text}"));
+    // Three hops per token (prefill counts as one step).
+    assert!(
+        verified >= 3 * tokens,
+        "{verified} results for {tokens} tokens"
+    );
+    let edited = dir.path().join("edited.log");
+    let original = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(
+        &edited,
+        original.replacen("\"verified\"", "\"rejected\"", 1),
+    )
+    .unwrap();
+    let out = verify(&edited);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 2: the entry does not match its hash"),
+        "{err}"
+    );
 }

@@ -3,6 +3,7 @@
 //! come back or count as gone), re-plan as peers come and go, and send each peer its span. Prints its listen addresses for nodes' `--bootstrap`, one line per peer that
 //! joins or leaves, and each new plan.
 
+use crate::audit::{AuditError, AuditLog, AUDIT_FILE};
 use crate::model::ServedModel;
 use crate::peer_table::{Accepted, AdvertRejection, PeerTable};
 use crate::pool::Coordinator;
@@ -42,16 +43,30 @@ pub struct Running {
     pub listening: watch::Receiver<Vec<Multiaddr>>,
 }
 
+/// Why a coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The swarm could not start (identity, addresses).
+    #[error(transparent)]
+    Swarm(#[from] swarm::StartError),
+    /// The audit log could not be opened or its end does not verify.
+    #[error("audit log: {0}")]
+    Audit(#[from] AuditError),
+}
+
 /// Starts the coordinator for `model`; its swarm runs on a task until the process ends.
-pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, swarm::StartError> {
-    let swarm::Started { mut swarm, .. } =
+/// Verdicts go to the audit log in its data directory.
+pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, StartError> {
+    let swarm::Started { mut swarm, key, .. } =
         swarm::start(&cfg.data_dir, &cfg.pool, &cfg.listen, &[], cfg.mdns)?;
+    let audit = AuditLog::open(&cfg.data_dir.join(AUDIT_FILE), key, &cfg.pool)?;
     let coordinator = Coordinator::new(
         model,
         &cfg.pool,
         swarm.behaviour().streams.new_control(),
         cfg.max_sessions,
         cfg.missed_heartbeats,
+        Some(audit),
     );
     let (addrs_tx, listening) = watch::channel(Vec::new());
     let handle = coordinator.clone();
@@ -117,7 +132,7 @@ pub async fn run(
     cfg: CoordinatorConfig,
     model: ServedModel,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), swarm::StartError> {
+) -> Result<(), StartError> {
     let _running = start(cfg, model)?;
     shutdown.await;
     Ok(())

@@ -5,6 +5,7 @@
 //! runs sessions through `pipeline`; `daemon` runs it all on the pool's swarm; `http` serves
 //! the API.
 
+pub mod audit;
 pub mod daemon;
 pub mod http;
 pub mod metrics;

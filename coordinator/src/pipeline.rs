@@ -3,6 +3,7 @@
 //! result verified before its output moves on, and every stage's inputs and receipts kept
 //! for replay and later checks.
 
+use crate::audit::{receipt_hex, AuditLog, Record};
 use crate::metrics::Metrics;
 use crate::planner::Span;
 use crate::verify::{check_result, Expected, ResultRejection};
@@ -185,9 +186,11 @@ impl PipelineError {
     }
 }
 
-/// Checks `result` as hop `hop`'s answer to `req` (`last`: the hop ends the model).
+/// Checks `result` as hop `hop`'s answer to `req` (`last`: the hop ends the model) and
+/// records the verdict, with the node's receipt, in `audit`.
 fn check_hop(
     model: &ChainModel,
+    audit: Option<&AuditLog>,
     hop: &Hop,
     last: bool,
     req: &StageForward,
@@ -201,7 +204,27 @@ fn check_hop(
         hidden: model.hidden,
         vocab: model.vocab,
     };
-    check_result(req, result, &want).map_err(|why| PipelineError::Rejected {
+    let outcome = check_result(req, result, &want);
+    if let Some(audit) = audit {
+        audit.record(Record::Result {
+            peer: hop.label.clone(),
+            session: req.session,
+            step: req.step,
+            verdict: if outcome.is_ok() {
+                "verified"
+            } else {
+                "rejected"
+            }
+            .into(),
+            detail: outcome
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            receipt: Some(receipt_hex(&result.receipt)),
+        });
+    }
+    outcome.map_err(|why| PipelineError::Rejected {
         peer: hop.peer,
         why,
     })
@@ -331,6 +354,8 @@ pub struct SessionContext {
     pub handle: Arc<SessionHandle>,
     /// The pool to ask for replacements when a hop fails (none: fail instead).
     pub reroute: Option<Arc<dyn Reroute>>,
+    /// Where every verdict on a stage result is recorded (none: nowhere).
+    pub audit: Option<AuditLog>,
 }
 
 /// A session's pipeline across peers.
@@ -346,6 +371,7 @@ pub struct RemotePipeline {
     metrics: Arc<Metrics>,
     handle: Arc<SessionHandle>,
     reroute: Option<Arc<dyn Reroute>>,
+    audit: Option<AuditLog>,
     avoid: HashSet<PeerId>,
 }
 
@@ -363,6 +389,7 @@ impl RemotePipeline {
             metrics,
             handle,
             reroute,
+            audit,
         } = ctx;
         let hops = open_hops(control, chain).await?;
         Ok(Self {
@@ -377,6 +404,7 @@ impl RemotePipeline {
             metrics,
             handle,
             reroute,
+            audit,
             avoid: HashSet::new(),
         })
     }
@@ -548,7 +576,14 @@ impl RemotePipeline {
                 }
                 Err(e) => return Err(e),
                 Ok(result) => {
-                    check_hop(&self.model, &self.hops[i], last, req, &result)?;
+                    check_hop(
+                        &self.model,
+                        self.audit.as_ref(),
+                        &self.hops[i],
+                        last,
+                        req,
+                        &result,
+                    )?;
                     return Ok(result);
                 }
             }
@@ -676,7 +711,7 @@ impl RemotePipeline {
                     sample: if last { old.sample.clone() } else { None },
                 };
                 let result = exchange(hop, &req, timeout).await?;
-                check_hop(&self.model, hop, last, &req, &result)?;
+                check_hop(&self.model, self.audit.as_ref(), hop, last, &req, &result)?;
                 hop.journal.push(req);
                 input = match result.output {
                     StageOutputWire::Hidden(h) => StageInputWire::Hidden(h),

@@ -2,6 +2,7 @@
 //! adverts, the current plan, which peers have confirmed loading their span, assignments
 //! sent over control streams, and sessions routed through confirmed spans.
 
+use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::model::ServedModel;
 use crate::peer_table::PeerTable;
@@ -198,6 +199,7 @@ pub struct Coordinator {
     sessions: Arc<Mutex<BTreeMap<u64, SessionInfo>>>,
     events: Arc<Mutex<VecDeque<PoolEvent>>>,
     slots: Arc<tokio::sync::Semaphore>,
+    audit: Option<AuditLog>,
 }
 
 /// Removes a session from the registry however its generation ends.
@@ -220,13 +222,14 @@ impl Drop for Registered {
 impl Coordinator {
     /// A coordinator for `model` in `pool`, opening streams through `control`, running at
     /// most `max_sessions` sessions at once (more wait their turn) and dropping peers after
-    /// `missed_heartbeats` missed adverts.
+    /// `missed_heartbeats` missed adverts, and recording every verdict in `audit`.
     pub fn new(
         model: ServedModel,
         pool: &str,
         control: libp2p_stream::Control,
         max_sessions: usize,
         missed_heartbeats: u32,
+        audit: Option<AuditLog>,
     ) -> Self {
         let mut seed = [0u8; 8];
         // Session ids only need to differ between sessions; the clock is a fine fallback.
@@ -253,6 +256,7 @@ impl Coordinator {
             sessions: Arc::new(Mutex::new(BTreeMap::new())),
             events: Arc::new(Mutex::new(VecDeque::new())),
             slots: Arc::new(tokio::sync::Semaphore::new(max_sessions.max(1))),
+            audit,
         }
     }
 
@@ -726,6 +730,7 @@ impl Coordinator {
             metrics: self.metrics.clone(),
             handle,
             reroute: Some(Arc::new(self.clone())),
+            audit: self.audit.clone(),
         };
         let pipe = RemotePipeline::open(&mut control, chain.clone(), ctx)
             .await

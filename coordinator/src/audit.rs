@@ -1,0 +1,532 @@
+//! The coordinator's audit log: every verdict on a node's work (each stage result checked,
+//! each spot check, each quarantine) appended to a file as one JSON line, chained by blake3
+//! and signed by the coordinator, with the node's signed receipt inside. Anyone holding the
+//! file can check it offline ([`verify_file`], `potluck audit verify`): no line can be
+//! changed, dropped or reordered without breaking the chain, and no receipt forged.
+//!
+//! A line is `{"hash": H, "sig": S, "entry": E}` where `H` is blake3 of `E`'s exact bytes,
+//! `S` the coordinator's signature over `H`, and `E` carries the previous line's hash.
+
+use potluck_net::swarm::peer_id_of;
+use potluck_protocol::codec::{decode_body, encode_body};
+use potluck_protocol::messages::Receipt;
+use potluck_protocol::signed::{digest, Keypair, PublicKey, Signature};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Domain of the coordinator's signatures over audit lines.
+pub const AUDIT_DOMAIN: &str = "potluck/audit/1";
+/// File name of the log in the coordinator's data directory.
+pub const AUDIT_FILE: &str = "audit.log";
+/// Entries waiting for the writer before recording blocks (back-pressure, never loss).
+const QUEUE: usize = 65_536;
+/// Longest line accepted when reading a log back.
+const MAX_LINE: usize = 1 << 20;
+/// How often written entries are synced to disk.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// What a line records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    /// The coordinator (re)opened the log: its key signs every line.
+    Open {
+        /// The coordinator's public key, hex.
+        key: String,
+        /// The pool.
+        pool: String,
+    },
+    /// A stage result was checked on arrival (signature, content ids, model, layers, shape).
+    Result {
+        /// The node, as a libp2p peer id.
+        peer: String,
+        /// The session.
+        session: u64,
+        /// The step.
+        step: u64,
+        /// `verified` or `rejected`.
+        verdict: String,
+        /// Why it was rejected, if it was.
+        detail: String,
+        /// The node's receipt (hex of its encoding), when it sent one.
+        receipt: Option<String>,
+    },
+    /// A result was recomputed on another node and compared.
+    Check {
+        /// The node checked.
+        peer: String,
+        /// The node that recomputed it.
+        checker: String,
+        /// The session.
+        session: u64,
+        /// The step.
+        step: u64,
+        /// `pass`, `fail` or `inconclusive`.
+        verdict: String,
+        /// The measured distance.
+        detail: String,
+        /// Both receipts (checked first), hex.
+        receipts: Vec<String>,
+    },
+    /// A node was quarantined.
+    Quarantine {
+        /// The node.
+        peer: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+impl Record {
+    /// The verdict's name for summaries: the kind, and the verdict where there is one.
+    fn label(&self) -> String {
+        match self {
+            Record::Open { .. } => "open".into(),
+            Record::Result { verdict, .. } => format!("result {verdict}"),
+            Record::Check { verdict, .. } => format!("check {verdict}"),
+            Record::Quarantine { .. } => "quarantine".into(),
+        }
+    }
+
+    /// The receipts it carries, and the peer each must be signed by.
+    fn receipts(&self) -> Vec<(&str, &str)> {
+        match self {
+            Record::Result {
+                peer,
+                receipt: Some(r),
+                ..
+            } => vec![(peer.as_str(), r.as_str())],
+            Record::Check {
+                peer,
+                checker,
+                receipts,
+                ..
+            } => receipts
+                .iter()
+                .zip([peer, checker])
+                .map(|(r, p)| (p.as_str(), r.as_str()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// One entry: its place in the chain, when, and what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Position in the log, from 0.
+    pub seq: u64,
+    /// Hash of the previous line's entry, hex (zeros for the first).
+    pub prev: String,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub record: Record,
+}
+
+#[derive(Serialize)]
+struct LineOut<'a> {
+    hash: String,
+    sig: String,
+    entry: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct LineIn<'a> {
+    hash: String,
+    sig: String,
+    #[serde(borrow)]
+    entry: &'a RawValue,
+}
+
+/// Why a log cannot be opened or does not verify.
+#[derive(Debug, Error)]
+pub enum AuditError {
+    /// Reading or writing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A line is not what the log's rules demand.
+    #[error("line {line}: {why}")]
+    Broken {
+        /// 1-based line number.
+        line: u64,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// What a verified log holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Lines.
+    pub entries: u64,
+    /// Receipts whose signatures verified.
+    pub receipts: u64,
+    /// The coordinator key that signed every line.
+    pub key: Option<PublicKey>,
+    /// Lines per kind and verdict.
+    pub verdicts: BTreeMap<String, u64>,
+    /// Hash of the last line's entry (where the next line chains from).
+    pub head: [u8; 32],
+}
+
+/// Lowercase hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bytes from hex, if it is hex.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    // An odd length leaves a last pair that `get` cannot take: None.
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn from_hex_array<const N: usize>(s: &str) -> Option<[u8; N]> {
+    from_hex(s)?.try_into().ok()
+}
+
+/// The hex of a receipt's encoding, for a [`Record`].
+pub fn receipt_hex(r: &Receipt) -> String {
+    encode_body(r).map(|b| to_hex(&b)).unwrap_or_default()
+}
+
+/// Checks one line against the chain so far, updating `sum`.
+fn check_line(line_no: u64, text: &str, sum: &mut Summary) -> Result<Entry, AuditError> {
+    let broken = |why: String| AuditError::Broken { line: line_no, why };
+    let line: LineIn<'_> =
+        serde_json::from_str(text).map_err(|e| broken(format!("not a log line: {e}")))?;
+    let raw = line.entry.get();
+    let hash = digest(raw.as_bytes());
+    if from_hex_array::<32>(&line.hash) != Some(hash) {
+        return Err(broken("the entry does not match its hash".into()));
+    }
+    let entry: Entry =
+        serde_json::from_str(raw).map_err(|e| broken(format!("not an entry: {e}")))?;
+    if entry.seq != sum.entries {
+        return Err(broken(format!(
+            "entry {} where {} belongs (a line was dropped or moved)",
+            entry.seq, sum.entries
+        )));
+    }
+    if from_hex_array::<32>(&entry.prev) != Some(sum.head) {
+        return Err(broken("does not chain from the line before".into()));
+    }
+    if let Record::Open { key, .. } = &entry.record {
+        let key = from_hex_array::<32>(key)
+            .map(PublicKey)
+            .ok_or_else(|| broken("bad coordinator key".into()))?;
+        match sum.key {
+            Some(k) if k != key => {
+                return Err(broken("opened by another coordinator key".into()));
+            }
+            _ => sum.key = Some(key),
+        }
+    }
+    let key = sum
+        .key
+        .ok_or_else(|| broken("the log does not start by naming its key".into()))?;
+    let sig = from_hex_array::<64>(&line.sig)
+        .map(Signature)
+        .ok_or_else(|| broken("bad signature encoding".into()))?;
+    key.verify(AUDIT_DOMAIN, &hash, &sig)
+        .map_err(|_| broken("the coordinator's signature does not verify".into()))?;
+    for (peer, hex) in entry.record.receipts() {
+        let bytes = from_hex(hex).ok_or_else(|| broken("receipt is not hex".into()))?;
+        let receipt: Receipt =
+            decode_body(&bytes).map_err(|e| broken(format!("receipt does not decode: {e}")))?;
+        receipt
+            .verify()
+            .map_err(|e| broken(format!("receipt signature: {e}")))?;
+        if peer_id_of(&receipt.signer)
+            .map(|p| p.to_string())
+            .as_deref()
+            != Some(peer)
+        {
+            return Err(broken(format!("receipt not signed by {peer}")));
+        }
+        sum.receipts += 1;
+    }
+    *sum.verdicts.entry(entry.record.label()).or_default() += 1;
+    sum.entries += 1;
+    sum.head = hash;
+    Ok(entry)
+}
+
+fn empty_summary() -> Summary {
+    Summary {
+        entries: 0,
+        receipts: 0,
+        key: None,
+        verdicts: BTreeMap::new(),
+        head: [0; 32],
+    }
+}
+
+/// Checks a whole log offline: every hash, the chain, every coordinator signature (one key
+/// throughout, `key` if given) and every receipt's signature and signer.
+pub fn verify_file(path: &Path, key: Option<PublicKey>) -> Result<Summary, AuditError> {
+    let io = |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut reader = BufReader::new(File::open(path).map_err(io)?);
+    let mut sum = empty_summary();
+    sum.key = key;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        let line_no = sum.entries + 1;
+        if buf.last() != Some(&b'\n') {
+            return Err(AuditError::Broken {
+                line: line_no,
+                why: if n > MAX_LINE {
+                    "line too long".into()
+                } else {
+                    "the last line is cut short".into()
+                },
+            });
+        }
+        let text = std::str::from_utf8(&buf[..n - 1]).map_err(|_| AuditError::Broken {
+            line: line_no,
+            why: "not UTF-8".into(),
+        })?;
+        check_line(line_no, text, &mut sum)?;
+    }
+    Ok(sum)
+}
+
+/// Where an existing log ends: its last entry's seq + 1 and hash. A last line cut short by
+/// a crash is cut off; any other damage refuses to append (the operator decides).
+fn tail(path: &Path, key: &PublicKey) -> Result<(u64, [u8; 32]), AuditError> {
+    let io = |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, [0; 32])),
+        Err(e) => return Err(io(e)),
+    };
+    let len = f.metadata().map_err(io)?.len();
+    let from = len.saturating_sub(2 * MAX_LINE as u64);
+    f.seek(SeekFrom::Start(from)).map_err(io)?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).map_err(io)?;
+    let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else {
+        if from == 0 {
+            // Nothing whole was ever written.
+            f.set_len(0).map_err(io)?;
+            return Ok((0, [0; 32]));
+        }
+        return Err(AuditError::Broken {
+            line: 0,
+            why: "no line end near the end of the log".into(),
+        });
+    };
+    if end + 1 < bytes.len() {
+        tracing::warn!(path = %path.display(), "cutting off a last line a crash left unfinished");
+        f.set_len(from + end as u64 + 1).map_err(io)?;
+    }
+    let start = bytes[..end]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let text = std::str::from_utf8(&bytes[start..end]).map_err(|_| AuditError::Broken {
+        line: 0,
+        why: "the last line is not UTF-8".into(),
+    })?;
+    let broken = |why: &str| AuditError::Broken {
+        line: 0,
+        why: format!("the last line {why}"),
+    };
+    let line: LineIn<'_> = serde_json::from_str(text).map_err(|_| broken("is not a log line"))?;
+    let hash = digest(line.entry.get().as_bytes());
+    if from_hex_array::<32>(&line.hash) != Some(hash) {
+        return Err(broken("does not match its hash"));
+    }
+    let sig = from_hex_array::<64>(&line.sig)
+        .map(Signature)
+        .ok_or_else(|| broken("has a bad signature"))?;
+    key.verify(AUDIT_DOMAIN, &hash, &sig)
+        .map_err(|_| broken("is not signed by this coordinator"))?;
+    let entry: Entry =
+        serde_json::from_str(line.entry.get()).map_err(|_| broken("is not an entry"))?;
+    Ok((entry.seq + 1, hash))
+}
+
+/// The writing end of the log; cheap to clone. Lines are written in order by one thread.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: SyncSender<Msg>,
+    path: PathBuf,
+}
+
+enum Msg {
+    Record(Record),
+    /// Answer once everything before is on disk.
+    Sync(std::sync::mpsc::Sender<()>),
+}
+
+impl AuditLog {
+    /// Opens (or starts) the log at `path`, signing with `key`, and records that it did.
+    pub fn open(path: &Path, key: Keypair, pool: &str) -> Result<Self, AuditError> {
+        let (seq, head) = tail(path, &key.public())?;
+        let io = |source| AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
+        let (tx, rx) = sync_channel(QUEUE);
+        let open = Record::Open {
+            key: to_hex(&key.public().0),
+            pool: pool.to_string(),
+        };
+        let writer = Writer {
+            out: BufWriter::new(file),
+            key,
+            seq,
+            head,
+            path: path.to_path_buf(),
+        };
+        std::thread::Builder::new()
+            .name("audit-log".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io)?;
+        let log = Self {
+            tx,
+            path: path.to_path_buf(),
+        };
+        log.record(open);
+        Ok(log)
+    }
+
+    /// Appends `record` (in the order records arrive; blocks only if the writer is far
+    /// behind).
+    pub fn record(&self, record: Record) {
+        if self.tx.send(Msg::Record(record)).is_err() {
+            tracing::error!(path = %self.path.display(), "the audit log writer stopped");
+        }
+    }
+
+    /// Waits until everything recorded so far is written and synced to disk.
+    pub fn sync(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Msg::Sync(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    /// The log's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+struct Writer {
+    out: BufWriter<File>,
+    key: Keypair,
+    seq: u64,
+    head: [u8; 32],
+    path: PathBuf,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>) {
+        let mut synced = Instant::now();
+        let mut unsynced = false;
+        loop {
+            match rx.recv_timeout(SYNC_EVERY) {
+                Ok(first) => {
+                    // Whatever else is queued goes in the same write; then it reaches the
+                    // OS, so a crash of the process loses nothing accepted.
+                    let mut waiting = Vec::new();
+                    for msg in std::iter::once(first).chain(rx.try_iter().take(1024)) {
+                        match msg {
+                            Msg::Record(r) => self.append_logged(r),
+                            Msg::Sync(done) => waiting.push(done),
+                        }
+                    }
+                    if let Err(e) = self.out.flush() {
+                        tracing::error!(path = %self.path.display(), "audit log flush failed: {e}");
+                    }
+                    unsynced = true;
+                    if !waiting.is_empty() {
+                        let _ = self.out.get_ref().sync_data();
+                        synced = Instant::now();
+                        unsynced = false;
+                        for done in waiting {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if unsynced && synced.elapsed() >= SYNC_EVERY {
+                let _ = self.out.get_ref().sync_data();
+                synced = Instant::now();
+                unsynced = false;
+            }
+        }
+        let _ = self.out.flush();
+        let _ = self.out.get_ref().sync_data();
+    }
+
+    fn append_logged(&mut self, record: Record) {
+        if let Err(e) = self.append(record) {
+            tracing::error!(path = %self.path.display(), "audit log write failed: {e}");
+        }
+    }
+
+    fn append(&mut self, record: Record) -> std::io::Result<()> {
+        let entry = Entry {
+            seq: self.seq,
+            prev: to_hex(&self.head),
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            record,
+        };
+        let raw = serde_json::to_string(&entry).map_err(std::io::Error::other)?;
+        let hash = digest(raw.as_bytes());
+        let raw = RawValue::from_string(raw).map_err(std::io::Error::other)?;
+        let line = LineOut {
+            hash: to_hex(&hash),
+            sig: to_hex(&self.key.sign(AUDIT_DOMAIN, &hash).0),
+            entry: &raw,
+        };
+        let mut text = serde_json::to_string(&line).map_err(std::io::Error::other)?;
+        text.push('\n');
+        self.out.write_all(text.as_bytes())?;
+        self.seq += 1;
+        self.head = hash;
+        Ok(())
+    }
+}

@@ -1,0 +1,181 @@
+//! The audit log holds up offline: a log written by the real writer verifies, with every
+//! receipt inside; changing, dropping or reordering any line, forging a receipt, or signing
+//! with another key is caught at the line where it happened; a line a crash cut short is cut
+//! off when the log is reopened, and the chain goes on.
+
+use potluck_coordinator::audit::{
+    from_hex, receipt_hex, to_hex, verify_file, AuditError, AuditLog, Record,
+};
+use potluck_net::swarm::peer_id_of;
+use potluck_protocol::codec::{decode_body, encode_body};
+use potluck_protocol::messages::{DeviceKind, LayerRange, NumericClass, Receipt, ReceiptBody};
+use potluck_protocol::signed::Keypair;
+use std::path::Path;
+
+fn receipt(key: &Keypair, n: u8) -> Receipt {
+    let body = ReceiptBody {
+        job: [n; 32],
+        input: [n.wrapping_add(1); 32],
+        output: [n.wrapping_add(2); 32],
+        model: [7; 32],
+        layers: LayerRange { start: 0, end: 30 },
+        numeric: NumericClass {
+            weights: "Q4_1".into(),
+            accumulation: "f32".into(),
+            device: DeviceKind::Cpu,
+        },
+    };
+    Receipt::sign(body, key).unwrap()
+}
+
+fn result(node: &Keypair, step: u64) -> Record {
+    Record::Result {
+        peer: peer_id_of(&node.public()).unwrap().to_string(),
+        session: 9,
+        step,
+        verdict: "verified".into(),
+        detail: String::new(),
+        receipt: Some(receipt_hex(&receipt(node, step as u8))),
+    }
+}
+
+/// Writes `steps` results from `node` to a log at `path` signed by `coordinator`.
+fn write(path: &Path, coordinator: [u8; 32], node: &Keypair, steps: std::ops::Range<u64>) {
+    let log = AuditLog::open(path, Keypair::from_secret(&coordinator), "lab").unwrap();
+    for step in steps {
+        log.record(result(node, step));
+    }
+    log.sync();
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn save(path: &Path, lines: &[String]) {
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+fn broken_at(path: &Path) -> (u64, String) {
+    match verify_file(path, None) {
+        Err(AuditError::Broken { line, why }) => (line, why),
+        other => panic!("tampering not caught: {other:?}"),
+    }
+}
+
+#[test]
+fn a_written_log_verifies_and_every_tampering_is_caught_where_it_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let node = Keypair::from_secret(&[3; 32]);
+    write(&path, [1; 32], &node, 0..20);
+    let sum = verify_file(&path, None).unwrap();
+    assert_eq!((sum.entries, sum.receipts), (21, 20));
+    assert_eq!(sum.key, Some(Keypair::from_secret(&[1; 32]).public()));
+    assert_eq!(sum.verdicts.get("result verified"), Some(&20));
+    // Pinning the coordinator's key: the right one passes, another fails at line 1.
+    assert!(verify_file(&path, sum.key).is_ok());
+    let stranger = Keypair::from_secret(&[2; 32]).public();
+    assert!(matches!(
+        verify_file(&path, Some(stranger)),
+        Err(AuditError::Broken { line: 1, .. })
+    ));
+    let good = lines(&path);
+
+    // An edited verdict.
+    let mut v = good.clone();
+    v[5] = v[5].replace("\"verified\"", "\"rejected\"");
+    save(&path, &v);
+    assert_eq!(broken_at(&path).0, 6);
+    // A dropped line.
+    let mut v = good.clone();
+    v.remove(7);
+    save(&path, &v);
+    assert_eq!(broken_at(&path).0, 8);
+    // Two lines swapped.
+    let mut v = good.clone();
+    v.swap(3, 4);
+    save(&path, &v);
+    assert_eq!(broken_at(&path).0, 4);
+    // A line rewritten with a matching hash and chain, but no coordinator key to sign it.
+    let mut v = good.clone();
+    let line: serde_json::Value = serde_json::from_str(&v[2]).unwrap();
+    let mut entry = line["entry"].clone();
+    entry["step"] = serde_json::json!(99);
+    let raw = serde_json::to_string(&entry).unwrap();
+    let forged = serde_json::json!({
+        "hash": to_hex(blake3::hash(raw.as_bytes()).as_bytes()),
+        "sig": line["sig"],
+        "entry": entry,
+    });
+    v[2] = forged.to_string();
+    save(&path, &v);
+    let (at, why) = broken_at(&path);
+    assert_eq!(at, 3);
+    assert!(why.contains("signature") || why.contains("chain"), "{why}");
+
+    // A forged receipt: signed by the coordinator (a dishonest one), but the node never
+    // signed what it claims.
+    std::fs::remove_file(&path).unwrap();
+    let log = AuditLog::open(&path, Keypair::from_secret(&[1; 32]), "lab").unwrap();
+    let mut r = receipt(&node, 1);
+    r.body.output = [0; 32];
+    log.record(Record::Result {
+        peer: peer_id_of(&node.public()).unwrap().to_string(),
+        session: 9,
+        step: 1,
+        verdict: "verified".into(),
+        detail: String::new(),
+        receipt: Some(receipt_hex(&r)),
+    });
+    log.sync();
+    let (at, why) = broken_at(&path);
+    assert_eq!(at, 2);
+    assert!(why.contains("receipt signature"), "{why}");
+    // A real receipt credited to another node.
+    std::fs::remove_file(&path).unwrap();
+    let log = AuditLog::open(&path, Keypair::from_secret(&[1; 32]), "lab").unwrap();
+    let other = Keypair::from_secret(&[4; 32]);
+    log.record(Record::Result {
+        peer: peer_id_of(&other.public()).unwrap().to_string(),
+        session: 9,
+        step: 1,
+        verdict: "verified".into(),
+        detail: String::new(),
+        receipt: Some(receipt_hex(&receipt(&node, 1))),
+    });
+    log.sync();
+    let (at, why) = broken_at(&path);
+    assert_eq!(at, 2);
+    assert!(why.contains("not signed by"), "{why}");
+}
+
+#[test]
+fn a_reopened_log_continues_its_chain_and_a_torn_last_line_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let node = Keypair::from_secret(&[3; 32]);
+    write(&path, [1; 32], &node, 0..5);
+    // A crash mid-write leaves half a line.
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    let half = lines(&path)[3].clone();
+    text.push_str(&half[..half.len() / 2]);
+    std::fs::write(&path, text).unwrap();
+    assert!(verify_file(&path, None).is_err(), "a torn line is reported");
+    write(&path, [1; 32], &node, 5..10);
+    let sum = verify_file(&path, None).unwrap();
+    assert_eq!((sum.entries, sum.receipts), (12, 10));
+    assert_eq!(sum.verdicts.get("open"), Some(&2));
+    // Another coordinator key cannot take the log over.
+    assert!(AuditLog::open(&path, Keypair::from_secret(&[2; 32]), "lab").is_err());
+    // Receipts inside decode to what was recorded.
+    let line: serde_json::Value = serde_json::from_str(&lines(&path)[1]).unwrap();
+    let bytes = from_hex(line["entry"]["receipt"].as_str().unwrap()).unwrap();
+    let r: Receipt = decode_body(&bytes).unwrap();
+    assert_eq!(encode_body(&r).unwrap(), bytes);
+    assert_eq!(r, receipt(&node, 0));
+}
