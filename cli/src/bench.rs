@@ -3,9 +3,9 @@
 //! run as one process, with the cost of each hop.
 
 use crate::models::ModelCache;
+use crate::pool::Tuning;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use potluck_coordinator::pool::DEFAULT_MAX_SESSIONS;
 use potluck_engine::generate::{LocalPipeline, TokenSource};
 use potluck_engine::sampling::{Sampler, SamplingParams};
 use std::time::Instant;
@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// blocks are re-planned onto the others).
     #[arg(long)]
     pub failover: Option<String>,
+    /// Instead: how far honest recomputations of stage results fall from the originals
+    /// (the spot checks' tolerances), over this many sessions of --gen-tokens tokens.
+    #[arg(long)]
+    pub checks: Option<usize>,
 }
 
 /// Medians of one configuration.
@@ -160,6 +164,7 @@ async fn bench_pool_with(
         advert_interval: 1,
         probe_interval: 300,
         leave_deadline: 10,
+        corrupt: None,
     };
     let id = std::process::id();
     let base = std::env::temp_dir().join(format!("potluck-bench-{id}"));
@@ -175,8 +180,7 @@ async fn bench_pool_with(
         model,
         &base,
         &vec![limits; nodes],
-        DEFAULT_MAX_SESSIONS,
-        potluck_coordinator::peer_table::DEFAULT_MISSED_HEARTBEATS,
+        &Tuning::default(),
     )
     .await?;
     Ok((c, base))
@@ -195,6 +199,9 @@ pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
     }
     if let Some(mode) = &args.failover {
         return failover(cache, &args, mode);
+    }
+    if let Some(sessions) = args.checks {
+        return crate::bench_checks::run(cache, &args.model, sessions, args.gen_tokens);
     }
     if args.runs == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 {
         bail!("--runs, --prompt-tokens and --gen-tokens must be at least 1");

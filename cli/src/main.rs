@@ -2,6 +2,7 @@
 //! `generate`, `bench`, `model fetch|list|verify` and `audit verify` work on this machine.
 
 mod bench;
+mod bench_checks;
 mod catalog;
 mod generate;
 mod load;

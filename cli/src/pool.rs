@@ -89,6 +89,10 @@ pub struct NodeLimits {
     /// On Ctrl-C or SIGTERM, seconds running sessions get to move to other nodes.
     #[arg(long, default_value_t = 10)]
     pub leave_deadline: u64,
+    /// Test builds only: corrupt a share of outputs, RATE:KIND[:SEED] with KIND one of
+    /// noise, zeros, skip, stale (to exercise the pool's checks).
+    #[arg(long, hide = true)]
+    pub corrupt: Option<potluck_node::fault::FaultPlan>,
 }
 
 /// Flags of `potluck coordinator`.
@@ -125,9 +129,46 @@ pub struct ServeArgs {
     /// Seconds a client gets to send its request headers (and three times that for a body).
     #[arg(long, default_value_t = 10)]
     pub http_header_timeout: u64,
+    /// Least share of a trusted node's results recomputed on another node and compared
+    /// (new nodes: every result until 10 in a row check out), 0 to 1.
+    #[arg(long, default_value_t = potluck_coordinator::trust::DEFAULT_P_MIN)]
+    pub check_share: f64,
+}
+
+/// How a coordinator runs its pool, besides where.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Sessions at once.
+    pub max_sessions: usize,
+    /// Adverts a node may miss.
+    pub missed_heartbeats: u32,
+    /// Least share of results spot-checked.
+    pub check_share: f64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            max_sessions: potluck_coordinator::pool::DEFAULT_MAX_SESSIONS,
+            missed_heartbeats: potluck_coordinator::peer_table::DEFAULT_MISSED_HEARTBEATS,
+            check_share: potluck_coordinator::trust::DEFAULT_P_MIN,
+        }
+    }
 }
 
 impl ServeArgs {
+    /// The pool tuning these flags ask for.
+    pub fn tuning(&self) -> Result<Tuning> {
+        if !(0.0..=1.0).contains(&self.check_share) {
+            anyhow::bail!("--check-share must be from 0 to 1");
+        }
+        Ok(Tuning {
+            max_sessions: self.max_sessions,
+            missed_heartbeats: self.missed_heartbeats,
+            check_share: self.check_share,
+        })
+    }
+
     fn http_options(&self) -> Result<HttpOptions> {
         let mut keys = self.api_key.clone();
         if let Some(f) = &self.api_keys_file {
@@ -240,6 +281,9 @@ impl NodeLimits {
         if self.advert_interval == 0 || self.probe_interval == 0 {
             anyhow::bail!("--advert-interval and --probe-interval must be at least 1 second");
         }
+        if self.corrupt.is_some() && !potluck_node::fault::AVAILABLE {
+            anyhow::bail!("--corrupt needs a build with the fault-injection feature (tests only)");
+        }
         crate::set_threads(self.threads)
     }
 }
@@ -281,6 +325,7 @@ fn node_config(
         memory_cap: limits.max_memory,
         probe_interval: Duration::from_secs(limits.probe_interval),
         leave_deadline: Duration::from_secs(limits.leave_deadline),
+        faults: limits.corrupt,
     })
 }
 
@@ -326,16 +371,16 @@ async fn start_http(serve: &ServeArgs, c: Coordinator) -> Result<SocketAddr> {
 pub fn coordinator_config(
     pool: &PoolArgs,
     data_dir: PathBuf,
-    max_sessions: usize,
-    missed_heartbeats: u32,
+    tuning: &Tuning,
 ) -> CoordinatorConfig {
     CoordinatorConfig {
         data_dir,
         pool: pool.pool.clone(),
         listen: pool.listen(),
         mdns: !pool.no_mdns,
-        max_sessions,
-        missed_heartbeats,
+        max_sessions: tuning.max_sessions,
+        missed_heartbeats: tuning.missed_heartbeats,
+        check_share: tuning.check_share,
     }
 }
 
@@ -345,8 +390,7 @@ pub fn run_coordinator(cache: &ModelCache, args: CoordinatorArgs) -> Result<()> 
     let cfg = coordinator_config(
         &args.pool,
         args.pool.data_dir("coordinator")?,
-        args.serve.max_sessions,
-        args.serve.missed_heartbeats,
+        &args.serve.tuning()?,
     );
     runtime()?.block_on(async {
         let running = coordinator::start(cfg, model)?;
@@ -372,8 +416,7 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
             model,
             &base,
             std::slice::from_ref(&args.limits),
-            args.serve.max_sessions,
-            args.serve.missed_heartbeats,
+            &args.serve.tuning()?,
         ).await?;
         let Some(prompt) = args.prompt else {
             let http = start_http(&args.serve, c.clone()).await?;
@@ -420,15 +463,9 @@ pub async fn start_local_pool(
     model: ServedModel,
     base: &std::path::Path,
     nodes: &[NodeLimits],
-    max_sessions: usize,
-    missed_heartbeats: u32,
+    tuning: &Tuning,
 ) -> Result<LocalPool> {
-    let cfg = coordinator_config(
-        pool,
-        base.join("coordinator"),
-        max_sessions,
-        missed_heartbeats,
-    );
+    let cfg = coordinator_config(pool, base.join("coordinator"), tuning);
     let running = coordinator::start(cfg, model)?;
     let c = running.coordinator.clone();
     let bootstrap = local_address(running.listening).await?;

@@ -72,6 +72,12 @@ pub enum Record {
         verdict: String,
         /// The measured distance.
         detail: String,
+        /// Lowest row cosine similarity of hidden states (none: not finite).
+        cos: Option<f64>,
+        /// Highest row relative L2 error of hidden states (none: not finite).
+        rel_l2: Option<f64>,
+        /// Largest log-probability difference of tokens (none: not finite).
+        logprob: Option<f64>,
         /// Both receipts (checked first), hex.
         receipts: Vec<String>,
     },

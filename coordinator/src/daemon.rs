@@ -33,6 +33,8 @@ pub struct CoordinatorConfig {
     pub max_sessions: usize,
     /// Adverts a peer may miss before it is dropped.
     pub missed_heartbeats: u32,
+    /// Least share of a trusted peer's results that is spot-checked (new peers: all).
+    pub check_share: f64,
 }
 
 /// A started coordinator: its handle, and the addresses it listens on as they appear.
@@ -62,10 +64,8 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
     let audit = AuditLog::open(&cfg.data_dir.join(AUDIT_FILE), key, &cfg.pool)?;
     let coordinator = Coordinator::new(
         model,
-        &cfg.pool,
         swarm.behaviour().streams.new_control(),
-        cfg.max_sessions,
-        cfg.missed_heartbeats,
+        &cfg,
         Some(audit),
     );
     let (addrs_tx, listening) = watch::channel(Vec::new());

@@ -6,6 +6,7 @@
 //! the API.
 
 pub mod audit;
+pub mod compare;
 pub mod daemon;
 pub mod http;
 pub mod metrics;
@@ -16,4 +17,6 @@ pub mod planner;
 pub mod pool;
 pub mod redial;
 pub mod router;
+pub mod spotcheck;
+pub mod trust;
 pub mod verify;

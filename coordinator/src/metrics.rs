@@ -63,6 +63,9 @@ pub struct Metrics {
     pub sessions: Gauge,
     /// Seconds from a hop's failure until its replacement has replayed the session.
     pub failovers: Histogram,
+    /// Seconds spent recomputing results for spot checks, network included (compare with
+    /// the sum of stage latencies for the checks' overhead).
+    pub check_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     recent_tokens: Mutex<VecDeque<Instant>>,
 }
 
@@ -87,6 +90,7 @@ impl Metrics {
             checks: Family::default(),
             sessions: Gauge::default(),
             failovers: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            check_seconds: Counter::default(),
             recent_tokens: Mutex::new(VecDeque::new()),
             registry: Registry::default(),
         };
@@ -123,6 +127,11 @@ impl Metrics {
             "failover_seconds",
             "Seconds from a hop's failure until its replacement has replayed the session",
             m.failovers.clone(),
+        );
+        registry.register(
+            "check_seconds",
+            "Seconds spent recomputing results for spot checks, network included",
+            m.check_seconds.clone(),
         );
         Self { registry, ..m }
     }

@@ -6,6 +6,7 @@
 use crate::audit::{receipt_hex, AuditLog, Record};
 use crate::metrics::Metrics;
 use crate::planner::Span;
+use crate::spotcheck::CheckJob;
 use crate::verify::{check_result, Expected, ResultRejection};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use potluck_engine::generate::TokenSource;
@@ -29,6 +30,9 @@ use thiserror::Error;
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Extra time per input position (prefill of long prompts on slow peers).
 pub const STEP_TIMEOUT_PER_POSITION: Duration = Duration::from_millis(20);
+
+/// Top alternatives every last stage reports with its token, for spot checks.
+pub const CHECK_TOP_LOGPROBS: u32 = 5;
 
 /// Times a hop's stream is reopened (and its journal replayed) after it breaks.
 pub const STREAM_RETRIES: u32 = 3;
@@ -153,6 +157,17 @@ pub trait Reroute: Send + Sync {
     fn excluded(&self, peer: PeerId) -> bool;
     /// Reports that `peer` failed a step, so plans and routes stop counting on it.
     fn failed(&self, peer: PeerId, why: &PipelineError);
+    /// Whether `peer`'s work in a session (its job), which just started, is to be
+    /// spot-checked.
+    fn pick(&self, _peer: PeerId) -> bool {
+        false
+    }
+    /// Takes picked results to check beside generation (the session does not wait).
+    fn check_later(&self, _job: CheckJob) {}
+    /// Whether `peer` failed a spot check: what it fed downstream is suspect too.
+    fn quarantined(&self, _peer: PeerId) -> bool {
+        false
+    }
 }
 
 impl PipelineError {
@@ -188,7 +203,7 @@ impl PipelineError {
 
 /// Checks `result` as hop `hop`'s answer to `req` (`last`: the hop ends the model) and
 /// records the verdict, with the node's receipt, in `audit`.
-fn check_hop(
+pub(crate) fn check_hop(
     model: &ChainModel,
     audit: Option<&AuditLog>,
     hop: &Hop,
@@ -231,7 +246,7 @@ fn check_hop(
 }
 
 /// Opens a stage stream to `peer`.
-async fn open_stream(
+pub(crate) async fn open_stream(
     control: &mut libp2p_stream::Control,
     peer: PeerId,
 ) -> Result<Stream, PipelineError> {
@@ -273,6 +288,8 @@ async fn open_hops(
             label: peer.to_string(),
             stream: open_stream(control, peer).await?,
             journal: Vec::new(),
+            picked: Vec::new(),
+            checked: None,
         });
     }
     Ok(hops)
@@ -281,7 +298,7 @@ async fn open_hops(
 /// One request and its answer on `hop`'s stream, unchecked. A stream that breaks or ends
 /// is a [`PipelineError::Stage`]; bytes that are not protocol are a
 /// [`PipelineError::BadFrame`].
-async fn exchange(
+pub(crate) async fn exchange(
     hop: &mut Hop,
     req: &StageForward,
     timeout: Duration,
@@ -317,14 +334,18 @@ async fn exchange(
 }
 
 /// One hop: a span, its peer, and the session's stream to it.
-struct Hop {
-    span: Span,
-    peer: PeerId,
+pub(crate) struct Hop {
+    pub(crate) span: Span,
+    pub(crate) peer: PeerId,
     /// The peer as a metrics label.
-    label: String,
-    stream: Stream,
+    pub(crate) label: String,
+    pub(crate) stream: Stream,
     /// Every request this hop was sent, in order: its inputs, for replay and spot checks.
-    journal: Vec<StageForward>,
+    pub(crate) journal: Vec<StageForward>,
+    /// Its results, kept when its work in this session is to be spot-checked.
+    pub(crate) picked: Vec<StageResult>,
+    /// Whether its work in this session is checked (decided at its first result).
+    pub(crate) checked: Option<bool>,
 }
 
 /// What a session needs to know about the model.
@@ -356,6 +377,8 @@ pub struct SessionContext {
     pub reroute: Option<Arc<dyn Reroute>>,
     /// Where every verdict on a stage result is recorded (none: nowhere).
     pub audit: Option<AuditLog>,
+    /// Dropped when the session ends: whatever the pool counts for it.
+    pub guard: Option<Box<dyn Send + Sync>>,
 }
 
 /// A session's pipeline across peers.
@@ -373,6 +396,7 @@ pub struct RemotePipeline {
     reroute: Option<Arc<dyn Reroute>>,
     audit: Option<AuditLog>,
     avoid: HashSet<PeerId>,
+    _guard: Option<Box<dyn Send + Sync>>,
 }
 
 impl RemotePipeline {
@@ -390,6 +414,7 @@ impl RemotePipeline {
             handle,
             reroute,
             audit,
+            guard,
         } = ctx;
         let hops = open_hops(control, chain).await?;
         Ok(Self {
@@ -406,6 +431,7 @@ impl RemotePipeline {
             reroute,
             audit,
             avoid: HashSet::new(),
+            _guard: guard,
         })
     }
 
@@ -430,7 +456,8 @@ impl RemotePipeline {
             repetition_penalty: p.repetition_penalty,
             // A fresh draw per step, reproducible from the session's seed.
             seed: p.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            top_logprobs: 0,
+            // Spot checks compare the alternatives too.
+            top_logprobs: CHECK_TOP_LOGPROBS,
             history: if p.repetition_penalty == 1.0 {
                 Vec::new()
             } else {
@@ -459,12 +486,19 @@ impl RemotePipeline {
             while i < self.hops.len() {
                 let peer = self.hops[i].peer;
                 if reroute.excluded(peer) {
+                    // A cheat's outputs went into the caches of every hop after it: those
+                    // hops are rebuilt too, from its honest inputs.
+                    let (through, reason) = if reroute.quarantined(peer) {
+                        (self.hops.len() - 1, "quarantined")
+                    } else {
+                        (i, "leaving the pool")
+                    };
                     let cause = PipelineError::Stage {
                         peer,
-                        reason: "leaving the pool".into(),
+                        reason: reason.into(),
                     };
                     // Nothing of this step has run yet: the input stays the step's own.
-                    let (resume, _) = self.failover(i, cause, timeout).await?;
+                    let (resume, _) = self.failover(i, cause, timeout, through).await?;
                     i = resume;
                 }
                 i += 1;
@@ -491,7 +525,7 @@ impl RemotePipeline {
                     if !e.worth_failing_over() {
                         return Err(e);
                     }
-                    let (resume, resent) = self.failover(i, e, timeout).await?;
+                    let (resume, resent) = self.failover(i, e, timeout, i).await?;
                     if let Some(earlier) = resent {
                         input = earlier;
                     }
@@ -500,10 +534,19 @@ impl RemotePipeline {
                 }
             };
             self.metrics.check("verified");
+            let reroute = self.reroute.clone();
             let hop = &mut self.hops[i];
             self.metrics
                 .stage(&hop.label, hop_started.elapsed().as_secs_f64());
             hop.journal.push(req);
+            // A hop's work in a session is one job: checked whole, or not at all.
+            let peer = hop.peer;
+            if *hop
+                .checked
+                .get_or_insert_with(|| reroute.is_some_and(|r| r.pick(peer)))
+            {
+                hop.picked.push((*result).clone());
+            }
             let StageResult {
                 output, receipt, ..
             } = *result;
@@ -571,7 +614,8 @@ impl RemotePipeline {
                     let journal = self.hops[i].journal.clone();
                     let mut fresh = self.replacement(same, &journal, last, timeout).await?;
                     if let Some(hop) = fresh.pop() {
-                        self.hops[i] = hop;
+                        let old = std::mem::replace(&mut self.hops[i], hop);
+                        self.retire(old);
                     }
                 }
                 Err(e) => return Err(e),
@@ -592,8 +636,8 @@ impl RemotePipeline {
 
     /// Replaces hop `i`, which failed with `cause`, by spans of other peers: a replica of its
     /// blocks at once, or whatever the pool re-plans and loads within [`FAILOVER_PATIENCE`].
-    /// A re-plan may cut the blocks differently, so the smallest run of hops around `i` that
-    /// the pool can cover is replaced. The first replaced hop's journal (its inputs before
+    /// A re-plan may cut the blocks differently, so the smallest run of hops around `i` (and
+    /// reaching at least hop `through`) that the pool can cover is replaced. The first replaced hop's journal (its inputs before
     /// this step) is replayed through the replacement, which rebuilds the session's caches
     /// there. Returns where the step goes on: the first replaced hop, and the input it was
     /// sent this step when that is not hop `i`.
@@ -602,6 +646,7 @@ impl RemotePipeline {
         i: usize,
         cause: PipelineError,
         timeout: Duration,
+        through: usize,
     ) -> Result<(usize, Option<StageInputWire>), PipelineError> {
         let Some(reroute) = self.reroute.clone() else {
             return Err(cause);
@@ -636,6 +681,9 @@ impl RemotePipeline {
             }
             let mut offer = None;
             for (lo, hi) in windows_around(i, self.hops.len()) {
+                if hi < through {
+                    continue;
+                }
                 let (a, b) = (self.hops[lo].span.range.start, self.hops[hi].span.range.end);
                 if let Some(chain) = reroute
                     .reroute(a, b, &self.avoid)
@@ -666,7 +714,10 @@ impl RemotePipeline {
                             "failed over: {cause}"
                         );
                         self.metrics.failover(took.as_secs_f64());
-                        self.hops.splice(lo..=hi, hops);
+                        let old: Vec<Hop> = self.hops.splice(lo..=hi, hops).collect();
+                        for hop in old {
+                            self.retire(hop);
+                        }
                         let resume = (lo < i).then(|| now.into_iter().next().map(|r| r.input));
                         return Ok((lo, resume.flatten()));
                     }
@@ -699,6 +750,9 @@ impl RemotePipeline {
     ) -> Result<Vec<Hop>, PipelineError> {
         let mut hops = open_hops(&mut self.control, chain).await?;
         let n = hops.len();
+        // Step by step, as the failed hop got them: the rebuilt cache is then bit for bit
+        // what the failed node held (a batched replay rounds differently), and the text
+        // goes on exactly as it would have.
         for old in journal {
             let mut input = old.input.clone();
             for (j, hop) in hops.iter_mut().enumerate() {
@@ -723,11 +777,36 @@ impl RemotePipeline {
         Ok(hops)
     }
 
-    /// Ends the session: closes every stream so each node frees the session's cache.
+    /// Hands a hop that leaves the chain over for its picked results to be checked.
+    fn retire(&self, hop: Hop) {
+        let (Some(reroute), Some(last_pick)) = (&self.reroute, hop.picked.last()) else {
+            return;
+        };
+        let upto = hop
+            .journal
+            .iter()
+            .position(|r| r.step == last_pick.step)
+            .map_or(hop.journal.len(), |i| i + 1);
+        let mut journal = hop.journal;
+        journal.truncate(upto);
+        reroute.check_later(CheckJob {
+            last: matches!(last_pick.output, StageOutputWire::Token { .. }),
+            span: hop.span,
+            peer: hop.peer,
+            journal,
+            picked: hop.picked,
+        });
+    }
+
+    /// Ends the session: closes every stream so each node frees the session's cache, and
+    /// hands picked results over for checking.
     pub async fn close(mut self) {
         use futures::AsyncWriteExt;
         for hop in &mut self.hops {
             let _ = hop.stream.close().await;
+        }
+        for hop in std::mem::take(&mut self.hops) {
+            self.retire(hop);
         }
     }
 }

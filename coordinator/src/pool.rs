@@ -2,7 +2,10 @@
 //! adverts, the current plan, which peers have confirmed loading their span, assignments
 //! sent over control streams, and sessions routed through confirmed spans.
 
+mod checks;
+
 use crate::audit::AuditLog;
+use crate::daemon::CoordinatorConfig;
 use crate::metrics::Metrics;
 use crate::model::ServedModel;
 use crate::peer_table::PeerTable;
@@ -12,6 +15,8 @@ use crate::pipeline::{
 use crate::planner::{plan, Plan, PlanPeer, Span};
 use crate::redial::{Due, Redials};
 use crate::router::{route_range, PeerCost};
+use crate::spotcheck::CheckJob;
+use crate::trust::Trust;
 use libp2p::{PeerId, StreamProtocol};
 use potluck_engine::generate::{generate_with, GenerateRequest, GenerateStats};
 use potluck_engine::sampling::SamplingParams;
@@ -46,6 +51,11 @@ pub const EVENT_LOG: usize = 50;
 /// Round trip assumed for peers not yet pinged, milliseconds.
 const DEFAULT_RTT_MS: f64 = 1.0;
 
+/// How long a peer that failed a spot check stays out.
+pub const QUARANTINE: Duration = Duration::from_secs(3600);
+/// Spot checks run at once; more wait (they must not crowd out generation).
+const CONCURRENT_CHECKS: usize = 2;
+
 /// Why a peer is out of plans and routes, weakest first: a stronger reason is never
 /// overridden by a weaker one while it lasts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -56,8 +66,10 @@ pub enum Exclusion {
     Unreachable,
     /// It announced it is leaving.
     Leaving,
-    /// It broke the protocol or sent a result that failed its checks.
+    /// It broke the protocol or sent a result that does not verify.
     Dropped,
+    /// A recomputation of its work disagreed with it.
+    Quarantined,
 }
 
 impl Exclusion {
@@ -68,6 +80,7 @@ impl Exclusion {
             Exclusion::Unreachable => "unreachable",
             Exclusion::Leaving => "leaving",
             Exclusion::Dropped => "dropped",
+            Exclusion::Quarantined => "quarantined",
         }
     }
 }
@@ -161,6 +174,8 @@ pub struct PoolState {
     stale_since: HashMap<PublicKey, u64>,
     /// Unreachable peers being tried again.
     redials: Redials<PublicKey>,
+    /// How far each peer is trusted, and the draws that pick its results for checks.
+    pub trust: Trust<PublicKey>,
 }
 
 impl PoolState {
@@ -200,6 +215,43 @@ pub struct Coordinator {
     events: Arc<Mutex<VecDeque<PoolEvent>>>,
     slots: Arc<tokio::sync::Semaphore>,
     audit: Option<AuditLog>,
+    checks: Arc<tokio::sync::Semaphore>,
+    /// Sessions each peer serves now (counted from routing to the session's end).
+    busy: Arc<Mutex<HashMap<PeerId, usize>>>,
+    /// Held while a session is routed and counted.
+    routing: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Counts a session on its chain's peers until it ends.
+struct Load {
+    busy: Arc<Mutex<HashMap<PeerId, usize>>>,
+    peers: Vec<PeerId>,
+}
+
+impl Load {
+    fn new(busy: Arc<Mutex<HashMap<PeerId, usize>>>, peers: Vec<PeerId>) -> Self {
+        {
+            let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
+            for p in &peers {
+                *b.entry(*p).or_default() += 1;
+            }
+        }
+        Self { busy, peers }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        for p in &self.peers {
+            if let Some(n) = b.get_mut(p) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    b.remove(p);
+                }
+            }
+        }
+    }
 }
 
 /// Removes a session from the registry however its generation ends.
@@ -221,16 +273,16 @@ impl Drop for Registered {
 
 impl Coordinator {
     /// A coordinator for `model` in `pool`, opening streams through `control`, running at
-    /// most `max_sessions` sessions at once (more wait their turn) and dropping peers after
-    /// `missed_heartbeats` missed adverts, and recording every verdict in `audit`.
+    /// most `max_sessions` sessions at once (more wait their turn), dropping peers after
+    /// `missed_heartbeats` missed adverts, spot-checking at least a share `check_share` of
+    /// trusted peers' results (all as `cfg` says), and recording every verdict in `audit`.
     pub fn new(
         model: ServedModel,
-        pool: &str,
         control: libp2p_stream::Control,
-        max_sessions: usize,
-        missed_heartbeats: u32,
+        cfg: &CoordinatorConfig,
         audit: Option<AuditLog>,
     ) -> Self {
+        let (pool, max_sessions, p_min) = (&cfg.pool, cfg.max_sessions, cfg.check_share);
         let mut seed = [0u8; 8];
         // Session ids only need to differ between sessions; the clock is a fine fallback.
         if getrandom::fill(&mut seed).is_err() {
@@ -239,7 +291,7 @@ impl Coordinator {
         Self {
             model: Arc::new(model),
             state: Arc::new(Mutex::new(PoolState {
-                table: PeerTable::new(pool).with_missed_heartbeats(missed_heartbeats),
+                table: PeerTable::new(pool).with_missed_heartbeats(cfg.missed_heartbeats),
                 plan: None,
                 plan_error: None,
                 loaded: HashMap::new(),
@@ -248,6 +300,7 @@ impl Coordinator {
                 banned: HashMap::new(),
                 stale_since: HashMap::new(),
                 redials: Redials::new(),
+                trust: Trust::new(p_min, u64::from_le_bytes(seed)),
             })),
             control,
             next_session: Arc::new(AtomicU64::new(u64::from_le_bytes(seed) >> 1)),
@@ -257,6 +310,9 @@ impl Coordinator {
             events: Arc::new(Mutex::new(VecDeque::new())),
             slots: Arc::new(tokio::sync::Semaphore::new(max_sessions.max(1))),
             audit,
+            checks: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CHECKS)),
+            busy: Arc::new(Mutex::new(HashMap::new())),
+            routing: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -640,12 +696,16 @@ impl Coordinator {
     }
 
     /// The cheapest chain of confirmed spans over blocks `start..end`, avoiding `avoid`.
+    /// A peer's compute counts more the more sessions it already runs (so replicas share
+    /// the load) and the less it is trusted (by the lower bound of its reputation, so new
+    /// peers get work, but after proven ones).
     fn route_blocks(
         &self,
         start: u32,
         end: u32,
         avoid: &HashSet<PeerId>,
     ) -> Option<Vec<(Span, PeerId)>> {
+        let load = self.busy.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let st = self.state();
         let plan = st.plan.as_ref()?;
         let confirmed = Plan {
@@ -661,9 +721,15 @@ impl Coordinator {
         let layer_bytes = self.model.shape.layer_bytes as f64;
         let cost = |key: &PublicKey| {
             let peer = st.table.get(key)?;
+            let busy = peer_id_of(key)
+                .and_then(|p| load.get(&p))
+                .map_or(0.0, |n| *n as f64);
+            let distrust = 1.5 - 0.5 * st.trust.get(key).lower_bound();
             Some(PeerCost {
                 rtt_ms: peer.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from),
-                ms_per_block: layer_bytes / (f64::from(peer.advert.mem_gbps).max(1e-3) * 1e6),
+                ms_per_block: layer_bytes / (f64::from(peer.advert.mem_gbps).max(1e-3) * 1e6)
+                    * (1.0 + busy)
+                    * distrust,
             })
         };
         route_range(&confirmed, start, end, cost, &HashSet::new())?
@@ -713,15 +779,15 @@ impl Coordinator {
         sampling: SamplingParams,
         handle: Arc<SessionHandle>,
     ) -> Result<(u64, Vec<(Span, PeerId)>, RemotePipeline), SessionError> {
-        let chain = self.chain()?;
-        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let cfg = &self.model.config;
-        let chain_model = ChainModel {
-            digest: self.model.model.digest,
-            hidden: cfg.hidden,
-            vocab: cfg.vocab,
-            context: cfg.context,
+        // Routed and counted in one go, so sessions opening at once spread over replicas.
+        let (chain, load) = {
+            let _routing = self.routing.lock().await;
+            let chain = self.chain()?;
+            let load = Load::new(self.busy.clone(), chain.iter().map(|(_, p)| *p).collect());
+            (chain, load)
         };
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let chain_model = self.chain_model();
         let mut control = self.control.clone();
         let ctx = SessionContext {
             session,
@@ -731,6 +797,7 @@ impl Coordinator {
             handle,
             reroute: Some(Arc::new(self.clone())),
             audit: self.audit.clone(),
+            guard: Some(Box::new(load)),
         };
         let pipe = RemotePipeline::open(&mut control, chain.clone(), ctx)
             .await
@@ -836,6 +903,19 @@ impl Coordinator {
     }
 }
 
+impl Coordinator {
+    /// What a session's pipeline needs to know about the model.
+    fn chain_model(&self) -> ChainModel {
+        let cfg = &self.model.config;
+        ChainModel {
+            digest: self.model.model.digest,
+            hidden: cfg.hidden,
+            vocab: cfg.vocab,
+            context: cfg.context,
+        }
+    }
+}
+
 /// One line per span, for operators.
 pub fn describe(plan: &Plan) -> String {
     plan.spans
@@ -879,5 +959,17 @@ impl Reroute for Coordinator {
             Some(p) => self.drop_peer(p, &why.to_string()),
             None => self.suspect(peer, &why.to_string()),
         }
+    }
+
+    fn pick(&self, peer: PeerId) -> bool {
+        self.pick_for_check(peer)
+    }
+
+    fn check_later(&self, job: CheckJob) {
+        Coordinator::check_later(self, job);
+    }
+
+    fn quarantined(&self, peer: PeerId) -> bool {
+        self.is_quarantined(peer)
     }
 }

@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub probe_interval: Duration,
     /// On shutdown, how long running sessions get to move away before the node exits.
     pub leave_deadline: Duration,
+    /// Outputs to corrupt on purpose (test builds only; see [`crate::fault`]).
+    pub faults: Option<crate::fault::FaultPlan>,
 }
 
 /// What an advert says besides the measured capacity.
@@ -107,6 +109,7 @@ pub async fn run(
         cfg.models.clone(),
         Keypair::from_secret(&key.secret()),
         cfg.memory_cap,
+        cfg.faults,
     );
     server
         .accept(swarm.behaviour().streams.new_control())

@@ -3,6 +3,7 @@
 //! every result, and the daemon loop that keeps it in its pool's swarm.
 
 pub mod daemon;
+pub mod fault;
 pub mod probe;
 pub mod serve;
 pub mod shard;

@@ -62,6 +62,9 @@ struct Inner {
     active: AtomicUsize,
     /// Set when the node is leaving: new sessions are refused.
     leaving: AtomicBool,
+    /// Outputs to corrupt (test builds only).
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+    faults: Option<crate::fault::FaultPlan>,
 }
 
 /// Counts a stage stream as active while it lives.
@@ -90,7 +93,14 @@ impl Server {
     /// A server for the models in the node's cache, signing with `key`. With a
     /// `memory_cap`, a stage's KV caches get what the cap leaves after its weights; without,
     /// [`DEFAULT_KV_BUDGET`].
-    pub fn new(models: Vec<LocalModel>, key: Keypair, memory_cap: Option<u64>) -> Self {
+    /// `faults` corrupts outputs on purpose; only test builds accept it (see
+    /// [`crate::fault`]).
+    pub fn new(
+        models: Vec<LocalModel>,
+        key: Keypair,
+        memory_cap: Option<u64>,
+        faults: Option<crate::fault::FaultPlan>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 models,
@@ -102,6 +112,7 @@ impl Server {
                 loaded: watch::channel(None).0,
                 active: AtomicUsize::new(0),
                 leaving: AtomicBool::new(false),
+                faults,
             }),
         }
     }
@@ -148,6 +159,8 @@ impl Server {
         );
         let expected_total = a.total_layers;
         let model = a.model.clone();
+        #[cfg(feature = "fault-injection")]
+        let faults = self.inner.faults;
         let server = tokio::task::spawn_blocking(move || {
             let file = WeightFile::open(&local.path)?;
             let total = file.config()?.layers;
@@ -162,7 +175,10 @@ impl Server {
             // Every cached session here has a live stream: refuse new work when full
             // (the coordinator waits) rather than break a running session.
             stage.set_kv_eviction(false);
-            Ok(ShardServer::new(stage, model, key, &weights))
+            let server = ShardServer::new(stage, model, key, &weights);
+            #[cfg(feature = "fault-injection")]
+            let server = server.with_faults(faults);
+            Ok(server)
         })
         .await
         .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?

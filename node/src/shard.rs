@@ -24,6 +24,8 @@ pub struct ShardServer {
     layers: LayerRange,
     numeric: NumericClass,
     key: Keypair,
+    #[cfg(feature = "fault-injection")]
+    faults: Option<crate::fault::Injector>,
 }
 
 fn wire_error(code: ErrorCode, message: impl Into<String>) -> WireError {
@@ -64,7 +66,16 @@ impl ShardServer {
             layers,
             numeric,
             key,
+            #[cfg(feature = "fault-injection")]
+            faults: None,
         }
+    }
+
+    /// Corrupts outputs as `plan` says (test builds only; see [`crate::fault`]).
+    #[cfg(feature = "fault-injection")]
+    pub fn with_faults(mut self, plan: Option<crate::fault::FaultPlan>) -> Self {
+        self.faults = plan.map(crate::fault::Injector::new);
+        self
     }
 
     /// The blocks served.
@@ -83,14 +94,15 @@ impl ShardServer {
         let input = self.input(&req.input)?;
         let pos = req.position as usize;
         let total = self.stage.kv().budget();
-        let output = match self.stage.forward(cache, pos, input).map_err(|e| match e {
+        let refusal = |e| match e {
             // Never fits, however long it waits.
             EngineError::KvBudget { needed, .. } if needed > total => wire_error(
                 ErrorCode::BadRequest,
                 format!("the session needs {needed} bytes of cache; this stage has {total}"),
             ),
             e => engine_error(e),
-        })? {
+        };
+        let output = match self.stage.forward(cache, pos, input).map_err(refusal)? {
             StageOutput::Hidden(h) => {
                 let dims = h.dims().to_vec();
                 let values = h
@@ -103,6 +115,16 @@ impl ShardServer {
             }
             StageOutput::Logits(logits) => pick(&logits, req.sample.as_ref())?,
         };
+        #[cfg(feature = "fault-injection")]
+        let output = match &mut self.faults {
+            Some(f) => f.apply(cache, &req.input, output),
+            None => output,
+        };
+        self.sign(req, output)
+    }
+
+    /// Signs `output` as the answer to `req`.
+    fn sign(&self, req: &StageForward, output: StageOutputWire) -> Result<StageResult, WireError> {
         let bad =
             |e: potluck_protocol::ProtocolError| wire_error(ErrorCode::Internal, e.to_string());
         let body = ReceiptBody {

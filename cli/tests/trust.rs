@@ -1,0 +1,193 @@
+//! Checking volunteers' work on real processes: a coordinator and four nodes that each hold
+//! the whole model, one of them corrupting every output it signs. Its first checked session
+//! (or the first check it is asked to run on another's) gets it quarantined; honest nodes'
+//! results pass their checks; once it is out, every answer is the honest one; and the
+//! audit log records it all and verifies offline.
+
+mod common;
+
+use common::post_json;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Starts a node and waits until the coordinator says it serves the whole model.
+fn add_node(
+    dir: &std::path::Path,
+    name: &str,
+    coord: &mut common::Proc,
+    addr: &str,
+    extra: &[&str],
+) -> (String, common::Proc) {
+    let (p, id) = common::node(dir, name, "public", addr, extra);
+    let line = format!("peer {id} serves blocks 0..30");
+    assert!(
+        coord
+            .wait_for(Instant::now() + Duration::from_secs(60), |l| l
+                .starts_with(&line))
+            .is_some(),
+        "{name} never served: {:?}",
+        coord.seen
+    );
+    (id, p)
+}
+
+/// `n` greedy completions at once; their texts.
+fn round(http: &str, n: usize) -> Vec<String> {
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0});
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (http, body) = (http.to_string(), body.clone());
+            std::thread::spawn(move || post_json(&http, "/v1/completions", &body))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| {
+            let (status, v): (u16, Value) = h.join().expect("client thread");
+            assert_eq!(status, 200, "{v}");
+            v["choices"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn a_node_that_corrupts_its_outputs_is_quarantined_and_honest_ones_never_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, http) = common::coordinator(dir.path(), &[]);
+    let mut nodes = HashMap::new();
+    for name in ["a", "b", "c"] {
+        let (id, p) = add_node(dir.path(), name, &mut coord, &addr, &[]);
+        nodes.insert(id, p);
+    }
+    let (cheat, p) = add_node(
+        dir.path(),
+        "cheat",
+        &mut coord,
+        &addr,
+        &["--corrupt", "1:noise"],
+    );
+    nodes.insert(cheat.clone(), p);
+    let (want, _) = common::local_generate("The capital of France is", false, 12);
+
+    // Rounds of four sessions at once spread over the four nodes until the cheat is caught.
+    let quarantined = format!("peer quarantined {cheat}");
+    let mut rounds = 0;
+    let mut wrong = 0;
+    while coord
+        .wait_for(Instant::now() + Duration::from_millis(500), |l| {
+            l.starts_with(&quarantined)
+        })
+        .is_none()
+    {
+        rounds += 1;
+        assert!(rounds <= 10, "never quarantined: {:?}", coord.seen);
+        wrong += round(&http, 4).iter().filter(|t| **t != want).count();
+    }
+    // Caught on its own work, or as the checker of another's: its recomputation disagreed
+    // with the checked peer and a third one.
+    let line = coord
+        .seen
+        .iter()
+        .find(|l| l.starts_with(&quarantined))
+        .unwrap();
+    let as_worker = line.contains("failed a spot check");
+    assert!(
+        as_worker || line.contains("recomputation disagreed with two other peers"),
+        "{line}"
+    );
+    if as_worker {
+        assert!(wrong > 0, "{line}");
+    }
+    for honest in nodes.keys().filter(|k| **k != cheat) {
+        assert!(
+            !coord
+                .seen
+                .iter()
+                .any(|l| l.starts_with(&format!("peer quarantined {honest}"))),
+            "{honest} was quarantined: {:?}",
+            coord.seen
+        );
+    }
+    // From now on every answer is the honest one.
+    for _ in 0..2 {
+        for text in round(&http, 4) {
+            assert_eq!(text, want);
+        }
+    }
+    let pool: Value = {
+        let raw = common::raw_http(&http, b"GET /api/pool HTTP/1.0\r\n\r\n");
+        serde_json::from_str(common::split_answer(&raw).1).unwrap()
+    };
+    let status: HashMap<String, String> = pool["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap_or_default().to_string(),
+                p["status"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(status.get(&cheat).map(String::as_str), Some("quarantined"));
+
+    // The audit log: a failed check and the quarantine for the cheat, passed checks for the
+    // others, and it verifies.
+    let log = dir.path().join("coordinator").join("audit.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let entries: Vec<Value> = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let entries: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|v| v["entry"].clone())
+            .collect();
+        if entries.iter().any(|e| e["kind"] == "quarantine") || Instant::now() > deadline {
+            break entries;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let checks = |peer: &str, verdict: &str| {
+        entries
+            .iter()
+            .filter(|e| e["kind"] == "check" && e["peer"] == peer && e["verdict"] == verdict)
+            .count()
+    };
+    if as_worker {
+        assert!(checks(&cheat, "fail") > 0);
+    }
+    assert_eq!(checks(&cheat, "pass"), 0);
+    let honest_pass: usize = nodes
+        .keys()
+        .filter(|k| **k != cheat)
+        .map(|k| checks(k, "pass"))
+        .sum();
+    let honest_fail: usize = nodes
+        .keys()
+        .filter(|k| **k != cheat)
+        .map(|k| checks(k, "fail"))
+        .sum();
+    assert!(
+        honest_pass > 0 && honest_fail == 0,
+        "{honest_pass} {honest_fail}"
+    );
+    assert!(entries
+        .iter()
+        .any(|e| e["kind"] == "quarantine" && e["peer"] == cheat.as_str()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(["audit", "verify", log.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "caught after {rounds} rounds; {wrong} wrong answers before; {honest_pass} honest checks passed"
+    );
+}

@@ -1,0 +1,261 @@
+//! Spot checks on the pool's side: which results are picked, which peer recomputes them,
+//! what the verdicts do to each peer's trust, and quarantine. A result the first checker
+//! disagrees with goes to a third peer holding the same blocks, and the majority decides;
+//! with no third peer the checker (picked at random, unknown to the checked peer) stands.
+
+use super::{Coordinator, Exclusion, QUARANTINE};
+use crate::audit::{receipt_hex, Record};
+use crate::compare::{compare, tolerance, Comparison, Verdict};
+use crate::planner::Span;
+use crate::spotcheck::{recompute, CheckJob, Reference};
+use libp2p::PeerId;
+use potluck_net::swarm::peer_id_of;
+use potluck_protocol::messages::{LayerRange, Receipt, StageOutputWire, StageResult};
+
+/// What the checks decided about one picked result.
+struct Decision {
+    verdict: Verdict,
+    /// A checker whose answer the third peer showed wrong.
+    lying_checker: bool,
+    /// The checked result against the first checker's.
+    first: Comparison,
+}
+
+/// Compares output `a` with reference `b`, each with the receipt that says how it was
+/// computed (which sets the tolerance).
+fn cmp(a: (&StageOutputWire, &Receipt), b: (&StageOutputWire, &Receipt)) -> Comparison {
+    let tol = tolerance(&a.1.body.numeric, &b.1.body.numeric);
+    compare(a.0, b.0, &tol).0
+}
+
+/// Decides one picked result from its recomputations: `first` by the checker, `third` by
+/// a third peer when the first disagreed.
+fn decide(picked: &StageResult, first: &Reference, third: Option<&Reference>) -> Decision {
+    let checked = (&picked.output, &picked.receipt);
+    let v1 = cmp(checked, (&first.output, &first.receipt));
+    let decision = |verdict, lying_checker| Decision {
+        verdict,
+        lying_checker,
+        first: v1.clone(),
+    };
+    if v1.verdict == Verdict::Pass {
+        return decision(Verdict::Pass, false);
+    }
+    let Some(third) = third else {
+        return decision(v1.verdict, false);
+    };
+    let v2 = cmp(checked, (&third.output, &third.receipt));
+    let v3 = cmp(
+        (&first.output, &first.receipt),
+        (&third.output, &third.receipt),
+    );
+    match (v2.verdict, v3.verdict) {
+        (Verdict::Pass, checker) => decision(Verdict::Pass, checker == Verdict::Fail),
+        (Verdict::Fail, v) if v != Verdict::Fail => decision(Verdict::Fail, false),
+        _ => decision(Verdict::Inconclusive, false),
+    }
+}
+
+impl Coordinator {
+    /// Whether `peer`'s result just verified is picked for a check (see [`crate::trust`]).
+    pub(crate) fn pick_for_check(&self, peer: PeerId) -> bool {
+        let mut st = self.state();
+        match st.key_of(peer) {
+            Some(key) => st.trust.pick(&key),
+            None => false,
+        }
+    }
+
+    /// Checks `job` on other peers, beside generation.
+    pub(crate) fn check_later(&self, job: CheckJob) {
+        let this = self.clone();
+        tokio::spawn(async move { this.run_check(job).await });
+    }
+
+    /// Loaded spans of exactly `range` on peers other than `not`, in or out of the plan's
+    /// chain, that are not excluded.
+    fn replicas(&self, range: LayerRange, not: &[PeerId]) -> Vec<(Span, PeerId)> {
+        let st = self.state();
+        st.loaded
+            .iter()
+            .filter(|(k, r)| **r == range && !st.is_excluded(k))
+            .filter_map(|(k, r)| {
+                let p = peer_id_of(k)?;
+                (!not.contains(&p)).then_some((
+                    Span {
+                        peer: *k,
+                        range: *r,
+                    },
+                    p,
+                ))
+            })
+            .collect()
+    }
+
+    /// One of `candidates`, at random (a checked peer must not know its checker).
+    fn draw(&self, mut candidates: Vec<(Span, PeerId)>) -> Option<(Span, PeerId)> {
+        if candidates.is_empty() {
+            return None;
+        }
+        candidates.sort_by_key(|(s, _)| s.peer.0);
+        let i = self.state().trust.draw(candidates.len());
+        Some(candidates.swap_remove(i))
+    }
+
+    async fn run_check(&self, job: CheckJob) {
+        let Ok(_permit) = self.checks.clone().acquire_owned().await else {
+            return;
+        };
+        let model = self.chain_model();
+        let mut control = self.control.clone();
+        let Some(first) = self.draw(self.replicas(job.span.range, &[job.peer])) else {
+            self.metrics.check("unchecked");
+            tracing::debug!(peer = %job.peer, "no replica to check against");
+            return;
+        };
+        let checker = first.1;
+        let started = std::time::Instant::now();
+        let answers = match recompute(&mut control, first, &job, &model).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.metrics.check("check_failed");
+                tracing::warn!(%checker, "spot check could not run: {e}");
+                return;
+            }
+        };
+        // What the checker disputes goes to a third peer.
+        let disputed: Vec<usize> = job
+            .picked
+            .iter()
+            .zip(&answers)
+            .enumerate()
+            .filter(|(_, (p, a))| decide(p, a, None).verdict != Verdict::Pass)
+            .map(|(i, _)| i)
+            .collect();
+        self.metrics
+            .check_seconds
+            .inc_by(started.elapsed().as_secs_f64());
+        let mut thirds: Vec<Option<Reference>> = vec![None; answers.len()];
+        let third_peer = if disputed.is_empty() {
+            None
+        } else {
+            self.draw(self.replicas(job.span.range, &[job.peer, checker]))
+        };
+        if let Some(third) = third_peer.clone() {
+            let sub = CheckJob {
+                picked: disputed.iter().map(|&i| job.picked[i].clone()).collect(),
+                ..job.clone()
+            };
+            let started = std::time::Instant::now();
+            let answers = recompute(&mut control, third, &sub, &model).await;
+            self.metrics
+                .check_seconds
+                .inc_by(started.elapsed().as_secs_f64());
+            match answers {
+                Ok(a) => {
+                    for (i, r) in disputed.iter().zip(a) {
+                        thirds[*i] = Some(r);
+                    }
+                }
+                Err(e) => tracing::warn!("third check could not run: {e}"),
+            }
+        }
+        // The job's verdict is its worst result's; the audit log keeps that result's
+        // distances and receipts, and how many results each verdict had.
+        let decisions: Vec<Decision> = job
+            .picked
+            .iter()
+            .zip(&answers)
+            .zip(&thirds)
+            .map(|((p, a), t)| decide(p, a, t.as_ref()))
+            .collect();
+        let Some(worst) = (0..decisions.len()).max_by(|&a, &b| {
+            let (x, y) = (&decisions[a], &decisions[b]);
+            x.verdict
+                .cmp(&y.verdict)
+                .then(y.first.cos.total_cmp(&x.first.cos))
+                .then(x.first.rel_l2.total_cmp(&y.first.rel_l2))
+                .then(x.first.logprob.total_cmp(&y.first.logprob))
+        }) else {
+            return;
+        };
+        let d = &decisions[worst];
+        let count = |v: Verdict| decisions.iter().filter(|d| d.verdict == v).count();
+        let detail = format!(
+            "{} results: {} pass, {} inconclusive, {} fail; worst at step {}: {}",
+            decisions.len(),
+            count(Verdict::Pass),
+            count(Verdict::Inconclusive),
+            count(Verdict::Fail),
+            job.picked[worst].step,
+            d.first.detail()
+        );
+        {
+            let mut st = self.state();
+            if let Some(key) = st.key_of(job.peer) {
+                st.trust
+                    .record(&key, d.verdict, potluck_net::swarm::unix_now() as f64);
+            }
+        }
+        self.metrics.check(match d.verdict {
+            Verdict::Pass => "spot_pass",
+            Verdict::Inconclusive => "spot_inconclusive",
+            Verdict::Fail => "spot_fail",
+        });
+        tracing::info!(peer = %job.peer, %checker, verdict = d.verdict.as_str(), "{detail}");
+        if let Some(audit) = &self.audit {
+            audit.record(Record::Check {
+                peer: job.peer.to_string(),
+                checker: checker.to_string(),
+                session: job.picked[worst].session,
+                step: job.picked[worst].step,
+                verdict: d.verdict.as_str().into(),
+                detail: detail.clone(),
+                cos: Some(d.first.cos).filter(|v| v.is_finite()),
+                rel_l2: Some(d.first.rel_l2).filter(|v| v.is_finite()),
+                logprob: Some(d.first.logprob).filter(|v| v.is_finite()),
+                receipts: vec![
+                    receipt_hex(&job.picked[worst].receipt),
+                    receipt_hex(&answers[worst].receipt),
+                ],
+            });
+        }
+        if d.verdict == Verdict::Fail {
+            self.quarantine(job.peer, &format!("failed a spot check ({detail})"));
+        }
+        if decisions.iter().any(|d| d.lying_checker) {
+            self.quarantine(checker, "its recomputation disagreed with two other peers");
+        }
+    }
+
+    /// Leaves `peer` out of the pool for [`QUARANTINE`], voids its results no check has
+    /// covered, and moves running sessions off it (rebuilding what it fed downstream).
+    pub fn quarantine(&self, peer: PeerId, why: &str) {
+        let voided = {
+            let mut st = self.state();
+            if let Some(key) = st.key_of(peer) {
+                st.trust
+                    .record(&key, Verdict::Fail, potluck_net::swarm::unix_now() as f64);
+                st.trust.void_unchecked(&key)
+            } else {
+                0
+            }
+        };
+        let line = format!("peer quarantined {peer}: {why}; {voided} unchecked results voided");
+        if self.exclude(peer, QUARANTINE, Exclusion::Quarantined, "check", line) {
+            if let Some(audit) = &self.audit {
+                audit.record(Record::Quarantine {
+                    peer: peer.to_string(),
+                    detail: format!("{why}; {voided} unchecked results voided"),
+                });
+            }
+        }
+    }
+
+    /// Whether `peer` is quarantined now.
+    pub fn is_quarantined(&self, peer: PeerId) -> bool {
+        let st = self.state();
+        st.key_of(peer)
+            .is_some_and(|k| st.exclusion(&k) == Some(Exclusion::Quarantined))
+    }
+}

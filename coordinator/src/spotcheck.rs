@@ -1,0 +1,98 @@
+//! Recomputing a peer's stage results on another peer that holds the same blocks, from the
+//! same committed inputs (the requests the checked peer was sent, whose digests its
+//! receipts sign), so an error upstream never compounds into a false verdict downstream.
+//!
+//! The checker gets the requests exactly as they were sent, one by one, in a fresh session:
+//! on the same kind of hardware its answers are then bit for bit the honest ones. A batched
+//! replay (one prefill for the whole history) would be cheaper, but it rounds differently:
+//! on SmolLM2 Q4_1 it moves hidden states by up to 2.4% and log-probabilities by up to 0.6
+//! (`potluck bench --checks`), as much as some cheats would.
+
+use crate::pipeline::{check_hop, exchange, open_stream, ChainModel, Hop, PipelineError};
+use crate::planner::Span;
+use libp2p::PeerId;
+use potluck_protocol::messages::{
+    Receipt, StageForward, StageInputWire, StageOutputWire, StageResult,
+};
+use std::time::Duration;
+
+/// A peer's work for one session on one span (a job), to be checked whole.
+#[derive(Debug, Clone)]
+pub struct CheckJob {
+    /// The checked span.
+    pub span: Span,
+    /// The checked peer.
+    pub peer: PeerId,
+    /// Whether the span ends the model (its results are tokens).
+    pub last: bool,
+    /// The hop's requests, in order, up to the last picked one.
+    pub journal: Vec<StageForward>,
+    /// The results to compare, in step order (each answers the journal entry of its step).
+    pub picked: Vec<StageResult>,
+}
+
+/// The checker's version of one picked result.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    /// What the checker computed for that step.
+    pub output: StageOutputWire,
+    /// The checker's receipt for it.
+    pub receipt: Receipt,
+}
+
+/// Input positions a request carries.
+fn positions(input: &StageInputWire) -> usize {
+    match input {
+        StageInputWire::Tokens(t) => t.len(),
+        StageInputWire::Hidden(h) => h.dims().first().copied().unwrap_or(0),
+    }
+}
+
+/// How long one recomputed request may take.
+fn timeout_for(req: &StageForward) -> Duration {
+    crate::pipeline::STEP_TIMEOUT
+        + crate::pipeline::STEP_TIMEOUT_PER_POSITION * positions(&req.input) as u32
+}
+
+/// Recomputes `job` on `checker` (a span equal to the checked one) and returns the
+/// checker's version of each picked result, in order.
+pub async fn recompute(
+    control: &mut libp2p_stream::Control,
+    checker: (Span, PeerId),
+    job: &CheckJob,
+    model: &ChainModel,
+) -> Result<Vec<Reference>, PipelineError> {
+    let (span, peer) = checker;
+    let mut hop = Hop {
+        stream: open_stream(control, peer).await?,
+        label: peer.to_string(),
+        span,
+        peer,
+        journal: Vec::new(),
+        picked: Vec::new(),
+        checked: Some(false),
+    };
+    let mut refs = Vec::with_capacity(job.picked.len());
+    let wanted: Vec<u64> = job.picked.iter().map(|p| p.step).collect();
+    for req in &job.journal {
+        let r = exchange(&mut hop, req, timeout_for(req)).await?;
+        check_hop(model, None, &hop, job.last, req, &r)?;
+        if wanted.get(refs.len()) == Some(&req.step) {
+            let StageResult {
+                output, receipt, ..
+            } = *r;
+            refs.push(Reference { output, receipt });
+        }
+    }
+    {
+        use futures::AsyncWriteExt;
+        let _ = hop.stream.close().await;
+    }
+    if refs.len() != job.picked.len() {
+        return Err(PipelineError::Stage {
+            peer,
+            reason: "the recomputation left a picked step out".into(),
+        });
+    }
+    Ok(refs)
+}

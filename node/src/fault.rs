@@ -1,0 +1,213 @@
+//! Fault injection, for testing the pool's checks: a node told to corrupt a share of its
+//! stage outputs (and signs them, as a real cheater would). The corrupting code exists
+//! only in builds with the `fault-injection` cargo feature, which the test suite turns on;
+//! other builds refuse the option.
+
+use std::str::FromStr;
+
+/// How an output is corrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// Hidden states plus Gaussian noise (5% of their RMS); a wrong token.
+    Noise,
+    /// Hidden states all zero; token 0.
+    Zeros,
+    /// The stage's blocks skipped: its input handed on as its output (zeros after
+    /// tokens); the token before.
+    Skip,
+    /// The session's previous output sent again (zeros when the shape differs).
+    Stale,
+}
+
+/// A node's fault plan: corrupt each output with probability `rate`, as `kind` says.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FaultPlan {
+    /// Share of outputs corrupted, 0..=1.
+    pub rate: f64,
+    /// How.
+    pub kind: FaultKind,
+    /// Seeds which outputs are hit.
+    pub seed: u64,
+}
+
+/// Whether this build can inject faults.
+pub const AVAILABLE: bool = cfg!(feature = "fault-injection");
+
+impl FromStr for FaultPlan {
+    type Err = String;
+
+    /// `RATE:KIND[:SEED]`, e.g. `0.05:noise` or `1:stale:7`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(':');
+        let rate: f64 = parts
+            .next()
+            .and_then(|r| r.parse().ok())
+            .filter(|r| (0.0..=1.0).contains(r))
+            .ok_or("the rate must be a number from 0 to 1")?;
+        let kind = match parts.next() {
+            Some("noise") => FaultKind::Noise,
+            Some("zeros") => FaultKind::Zeros,
+            Some("skip") => FaultKind::Skip,
+            Some("stale") => FaultKind::Stale,
+            _ => return Err("the kind must be noise, zeros, skip or stale".into()),
+        };
+        let seed = match parts.next() {
+            None => 1,
+            Some(n) => n.parse().map_err(|_| "the seed must be a number")?,
+        };
+        if parts.next().is_some() {
+            return Err("expected RATE:KIND[:SEED]".into());
+        }
+        Ok(Self { rate, kind, seed })
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+pub use inject::Injector;
+
+#[cfg(feature = "fault-injection")]
+mod inject {
+    use super::{FaultKind, FaultPlan};
+    use potluck_protocol::messages::{StageInputWire, StageOutputWire};
+    use potluck_protocol::tensor::{WireDType, WireTensor};
+    use std::collections::HashMap;
+
+    /// Applies a [`FaultPlan`] to a stage's outputs.
+    pub struct Injector {
+        plan: FaultPlan,
+        state: u64,
+        /// Each session's last honest output, for [`FaultKind::Stale`].
+        last: HashMap<u64, StageOutputWire>,
+    }
+
+    impl Injector {
+        /// An injector for `plan`.
+        pub fn new(plan: FaultPlan) -> Self {
+            Self {
+                plan,
+                state: plan.seed ^ 0x9E37_79B9_7F4A_7C15,
+                last: HashMap::new(),
+            }
+        }
+
+        fn next_u64(&mut self) -> u64 {
+            // splitmix64: small, seeded, good enough to pick victims.
+            self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        fn uniform(&mut self) -> f64 {
+            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        }
+
+        fn gaussian(&mut self) -> f32 {
+            let u = self.uniform().max(1e-12);
+            let v = self.uniform();
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+        }
+
+        /// `output` as computed for session `cache` from `input`, corrupted or not.
+        pub fn apply(
+            &mut self,
+            cache: u64,
+            input: &StageInputWire,
+            output: StageOutputWire,
+        ) -> StageOutputWire {
+            let previous = self.last.insert(cache, output.clone());
+            if self.uniform() >= self.plan.rate {
+                return output;
+            }
+            tracing::debug!(kind = ?self.plan.kind, "corrupting an output");
+            match output {
+                StageOutputWire::Hidden(h) => {
+                    let dims = h.dims();
+                    let Ok(mut v) = h.to_f32() else {
+                        return StageOutputWire::Hidden(h);
+                    };
+                    match self.plan.kind {
+                        FaultKind::Noise => {
+                            let rms = (v.iter().map(|x| x * x).sum::<f32>()
+                                / v.len().max(1) as f32)
+                                .sqrt();
+                            for x in &mut v {
+                                *x += 0.05 * rms * self.gaussian();
+                            }
+                        }
+                        FaultKind::Zeros => v.iter_mut().for_each(|x| *x = 0.0),
+                        FaultKind::Skip => match input {
+                            StageInputWire::Hidden(i) if i.dims() == dims => {
+                                v = i.to_f32().unwrap_or_else(|_| vec![0.0; v.len()]);
+                            }
+                            _ => v.iter_mut().for_each(|x| *x = 0.0),
+                        },
+                        FaultKind::Stale => match previous {
+                            Some(StageOutputWire::Hidden(p)) if p.dims() == dims => {
+                                return StageOutputWire::Hidden(p);
+                            }
+                            _ => v.iter_mut().for_each(|x| *x = 0.0),
+                        },
+                    }
+                    match WireTensor::from_f32(&v, &dims, WireDType::F32) {
+                        Ok(t) => StageOutputWire::Hidden(t),
+                        Err(_) => StageOutputWire::Hidden(h),
+                    }
+                }
+                StageOutputWire::Token {
+                    token,
+                    logprob,
+                    top,
+                } => {
+                    let wrong = match self.plan.kind {
+                        // A neighbour id: valid in any vocabulary, never the right one.
+                        FaultKind::Noise => token.checked_sub(1).unwrap_or(1),
+                        FaultKind::Zeros => 0,
+                        FaultKind::Skip | FaultKind::Stale => match previous {
+                            Some(StageOutputWire::Token { token: t, .. }) => t,
+                            _ => 0,
+                        },
+                    };
+                    StageOutputWire::Token {
+                        token: wrong,
+                        logprob,
+                        top,
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            "0.05:noise".parse(),
+            Ok(FaultPlan {
+                rate: 0.05,
+                kind: FaultKind::Noise,
+                seed: 1
+            })
+        );
+        assert_eq!(
+            "1:stale:7".parse::<FaultPlan>().map(|p| (p.kind, p.seed)),
+            Ok((FaultKind::Stale, 7))
+        );
+        for bad in [
+            "",
+            "2:noise",
+            "x:noise",
+            "0.5",
+            "0.5:melt",
+            "0.5:zeros:x",
+            "1:skip:1:2",
+        ] {
+            assert!(bad.parse::<FaultPlan>().is_err(), "{bad}");
+        }
+    }
+}
