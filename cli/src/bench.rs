@@ -52,6 +52,21 @@ pub struct BenchArgs {
     /// (the spot checks' tolerances), over this many sessions of --gen-tokens tokens.
     #[arg(long)]
     pub checks: Option<usize>,
+    /// With --clients: copies of each span in the pool started here (spot checks need a
+    /// second copy to recompute on).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// With --clients: rounds of the load run on the same pool (later rounds show the
+    /// checks' cost once nodes are trusted).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// With --clients: least share of jobs spot-checked (new nodes: all).
+    #[arg(long, default_value_t = potluck_coordinator::trust::DEFAULT_P_MIN)]
+    pub check_share: f64,
+    /// Instead: how soon the check policy catches a cheating peer, simulated over this
+    /// many peers per setting.
+    #[arg(long)]
+    pub detection: Option<usize>,
 }
 
 /// Medians of one configuration.
@@ -180,7 +195,10 @@ async fn bench_pool_with(
         model,
         &base,
         &vec![limits; nodes],
-        &Tuning::default(),
+        &Tuning {
+            check_share: args.check_share,
+            ..Tuning::default()
+        },
     )
     .await?;
     Ok((c, base))
@@ -199,6 +217,9 @@ pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
     }
     if let Some(mode) = &args.failover {
         return failover(cache, &args, mode);
+    }
+    if let Some(trials) = args.detection {
+        return crate::bench_checks::detection(trials);
     }
     if let Some(sessions) = args.checks {
         return crate::bench_checks::run(cache, &args.model, sessions, args.gen_tokens);
@@ -261,6 +282,64 @@ pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Running totals of the spot checks' cost, from the coordinator's metrics.
+#[derive(Default)]
+struct CheckTotals {
+    /// Stage results served and verified.
+    served: f64,
+    /// Requests recomputed by checkers.
+    redone: f64,
+    /// Seconds of stage latency, summed over results.
+    work: f64,
+    /// Seconds spent recomputing.
+    checking: f64,
+    /// Job verdicts: pass, inconclusive, fail.
+    verdicts: [f64; 3],
+}
+
+impl CheckTotals {
+    fn read(metrics: &str) -> Self {
+        let sum = |prefix: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let kind = |k: &str| sum(&format!("potluck_checks_total{{kind=\"{k}\"}}"));
+        Self {
+            served: kind("verified"),
+            redone: kind("recomputed"),
+            work: sum("potluck_stage_latency_seconds_sum"),
+            checking: sum("potluck_check_seconds_total"),
+            verdicts: [
+                kind("spot_pass"),
+                kind("spot_inconclusive"),
+                kind("spot_fail"),
+            ],
+        }
+    }
+
+    /// What happened between `before` and now, as one line.
+    fn since(&self, before: &Self) -> String {
+        let (served, redone) = (self.served - before.served, self.redone - before.redone);
+        let (work, checking) = (self.work - before.work, self.checking - before.checking);
+        let v: Vec<f64> = (0..3)
+            .map(|i| self.verdicts[i] - before.verdicts[i])
+            .collect();
+        format!(
+            "spot checks recomputed {} of {} stage results ({:.1}%), {checking:.1} s beside {work:.1} s of stage latency ({:.1}%); jobs: {} pass, {} inconclusive, {} fail",
+            redone as u64,
+            served as u64,
+            100.0 * redone / served.max(1.0),
+            100.0 * checking / work.max(1e-9),
+            v[0] as u64,
+            v[1] as u64,
+            v[2] as u64
+        )
+    }
+}
+
 /// `--clients N`: the load run.
 fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
     if clients == 0 || args.gen_tokens == 0 {
@@ -269,22 +348,40 @@ fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
     let report = crate::pool::runtime()?.block_on(async {
         if let Some(url) = &args.url {
             let addr = url.trim_start_matches("http://").trim_end_matches('/');
-            return Ok::<_, anyhow::Error>(crate::load::run(addr, clients, args.gen_tokens).await);
+            let r = crate::load::run(addr, clients, args.gen_tokens).await;
+            println!("{}", r.line());
+            return Ok::<_, anyhow::Error>(r);
         }
-        let (pool, base) = bench_pool(cache, args, args.pool.unwrap_or(1)).await?;
+        let spans = args.pool.unwrap_or(1);
+        let (pool, base) =
+            bench_pool_with(cache, args, spans * args.replicas.max(1), spans).await?;
         let c = pool.coordinator;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
         tokio::spawn(potluck_coordinator::http::serve(
             listener,
-            c,
+            c.clone(),
             potluck_coordinator::http::HttpOptions::default(),
         ));
-        let report = crate::load::run(&addr, clients, args.gen_tokens).await;
+        let mut report = None;
+        let mut before = CheckTotals::default();
+        for round in 1..=args.rounds.max(1) {
+            let r = crate::load::run(&addr, clients, args.gen_tokens).await;
+            // Checks run after their sessions; let them finish before counting their cost.
+            c.wait_checks().await;
+            let now = CheckTotals::read(&c.metrics().encode());
+            println!("round {round}: {}", r.line());
+            println!("round {round}: {}", now.since(&before));
+            before = now;
+            let failed = r.completed < r.clients;
+            report = Some(r);
+            if failed {
+                break;
+            }
+        }
         let _ = std::fs::remove_dir_all(&base);
-        Ok(report)
+        report.context("no round ran")
     })?;
-    println!("{}", report.line());
     if report.completed < report.clients {
         bail!(
             "{} of {} clients failed",

@@ -184,3 +184,67 @@ pub fn run(cache: &ModelCache, model: &str, sessions: usize, gen: usize) -> Resu
     }
     Ok(())
 }
+
+/// Runs `potluck bench --detection`: how soon the pool's check policy (the real
+/// [`potluck_coordinator::trust::Trust`]) catches a peer that corrupts a share `x` of its
+/// jobs, for several floors `p_min`, over `trials` simulated peers, beside the
+/// `1 - (1 - x p)^N` a fixed check rate `p` would give.
+pub fn detection(trials: usize) -> Result<()> {
+    use potluck_coordinator::trust::Trust;
+    let horizons = [10usize, 50, 100, 500, 1000, 2000, 5000];
+    println!(
+        "detection probability within N jobs ({trials} simulated peers each; warm-up of {} checked jobs included)",
+        potluck_coordinator::trust::WARMUP
+    );
+    println!(
+        "  {:>6} {:>6}  {}",
+        "p_min",
+        "x",
+        horizons
+            .iter()
+            .map(|n| format!("{:>15}", format!("N={n}")))
+            .collect::<String>()
+    );
+    let mut rng = 0x5EED_u64;
+    let mut uniform = move || {
+        rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let max = *horizons.last().unwrap_or(&0);
+    for p_min in [0.01, 0.05, 0.1] {
+        for x in [0.01, 0.05, 0.2, 1.0] {
+            // The job at which each simulated peer is caught (max + 1: never).
+            let mut caught = Vec::with_capacity(trials);
+            for t in 0..trials {
+                let mut trust = Trust::new(p_min, t as u64);
+                let mut at = max + 1;
+                for job in 1..=max {
+                    let checked = trust.pick(&0u8);
+                    let corrupt = uniform() < x;
+                    if checked && corrupt {
+                        at = job;
+                        break;
+                    }
+                    if checked {
+                        trust.record(&0u8, potluck_coordinator::compare::Verdict::Pass, 0.0);
+                    }
+                }
+                caught.push(at);
+            }
+            let cells: String = horizons
+                .iter()
+                .map(|&n| {
+                    let got = caught.iter().filter(|&&c| c <= n).count() as f64 / trials as f64;
+                    let formula = 1.0 - (1.0 - x * p_min).powi(n as i32);
+                    format!("{:>15}", format!("{got:.3} ({formula:.3})"))
+                })
+                .collect();
+            println!("  {p_min:>6} {x:>6}  {cells}");
+        }
+    }
+    println!("  (each cell: simulated, and in brackets 1 - (1 - x p_min)^N)");
+    Ok(())
+}

@@ -191,3 +191,213 @@ fn a_node_that_corrupts_its_outputs_is_quarantined_and_honest_ones_never_are() {
         "caught after {rounds} rounds; {wrong} wrong answers before; {honest_pass} honest checks passed"
     );
 }
+
+/// A counter from the coordinator's `/metrics`.
+fn metric(http: &str, name: &str) -> f64 {
+    let raw = common::raw_http(http, b"GET /metrics HTTP/1.0\r\n\r\n");
+    common::split_answer(&raw)
+        .1
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A coordinator serving a tiny quantized model (the engine writes it from a fixed seed)
+/// from a private cache, so thousands of checks take seconds; `extra` goes to the
+/// coordinator. Returns it, its bootstrap address, its API and the cache folder.
+fn tiny_pool(dir: &std::path::Path, extra: &[&str]) -> (common::Proc, String, String, String) {
+    let models = dir.join("models");
+    let file = dir.join("tiny.gguf");
+    let spec = potluck_engine::synthetic::SyntheticSpec {
+        dtype: candle_core::quantized::GgmlDType::Q4_1,
+        context: 1024,
+        ..Default::default()
+    };
+    potluck_engine::synthetic::write_gguf(&spec, &file).unwrap();
+    let models = models.to_str().unwrap().to_string();
+    let fetched = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(["--models-dir", &models, "model", "fetch", "tiny", "--from"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(fetched.status.success(), "{fetched:?}");
+    let mut args = vec!["--models-dir", &models, "--model", "tiny"];
+    args.extend_from_slice(extra);
+    let (coord, addr, http) = common::coordinator(dir, &args);
+    (coord, addr, http, models)
+}
+
+/// Starts a node on the tiny model's cache and waits until it serves the whole model.
+fn add_tiny_node(
+    dir: &std::path::Path,
+    name: &str,
+    coord: &mut common::Proc,
+    addr: &str,
+    models: &str,
+    extra: &[&str],
+) -> (String, common::Proc) {
+    let mut args = vec!["--models-dir", models];
+    args.extend_from_slice(extra);
+    let (p, id) = common::node(dir, name, "public", addr, &args);
+    let line = format!("peer {id} serves blocks 0..8");
+    assert!(
+        coord
+            .wait_for(Instant::now() + Duration::from_secs(60), |l| l
+                .starts_with(&line))
+            .is_some(),
+        "{name} never served: {:?}",
+        coord.seen
+    );
+    (id, p)
+}
+
+/// `n` sampled completions at once on the tiny model, each with its own seed.
+fn tiny_round(http: &str, n: usize, round: usize) {
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            let http = http.to_string();
+            let body = json!({"prompt": "Once upon a time", "max_tokens": 200,
+                              "temperature": 0.8, "seed": round * 10 + i});
+            std::thread::spawn(move || post_json(&http, "/v1/completions", &body))
+        })
+        .collect();
+    for c in clients {
+        let (status, v) = c.join().expect("client");
+        assert_eq!(status, 200, "{v}");
+    }
+}
+
+/// Waits until the count `name` in `/metrics` stops moving (checks run after sessions).
+fn settle(http: &str, name: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = -1.0;
+    loop {
+        let now = metric(http, name);
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn honest_nodes_pass_ten_thousand_checks_and_are_never_quarantined() {
+    // Every job checked; the nodes differ in thread count, as volunteers' machines do, and
+    // tokens are sampled.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, http, models) = tiny_pool(dir.path(), &["--check-share", "1"]);
+    let _nodes: Vec<_> = [("a", "1"), ("b", "2"), ("c", "1")]
+        .iter()
+        .map(|(name, threads)| {
+            add_tiny_node(
+                dir.path(),
+                name,
+                &mut coord,
+                &addr,
+                &models,
+                &["--threads", threads],
+            )
+        })
+        .collect();
+    let recomputed = "potluck_checks_total{kind=\"recomputed\"}";
+    let mut rounds = 0;
+    while metric(&http, recomputed) < 10_000.0 {
+        rounds += 1;
+        assert!(
+            rounds <= 100,
+            "too slow: {} checks",
+            metric(&http, recomputed)
+        );
+        tiny_round(&http, 6, rounds);
+        settle(&http, recomputed);
+    }
+    let fails = metric(&http, "potluck_checks_total{kind=\"spot_fail\"}");
+    let unsure = metric(&http, "potluck_checks_total{kind=\"spot_inconclusive\"}");
+    let passes = metric(&http, "potluck_checks_total{kind=\"spot_pass\"}");
+    assert_eq!((fails, unsure), (0.0, 0.0), "honest work failed checks");
+    assert!(passes > 0.0);
+    assert!(
+        !coord.seen.iter().any(|l| l.starts_with("peer quarantined")),
+        "{:?}",
+        coord.seen
+    );
+    eprintln!(
+        "{} results recomputed in {passes} checked jobs over {rounds} rounds: none failed",
+        metric(&http, recomputed)
+    );
+}
+
+#[test]
+fn a_node_corrupting_five_percent_of_its_outputs_is_caught_within_its_first_jobs() {
+    // Default check share. The cheat is new, so its first job is checked whole; with 5% of
+    // 200 outputs corrupt, nearly every job of it holds a corrupt one.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, http, models) = tiny_pool(dir.path(), &[]);
+    let mut honest = Vec::new();
+    for name in ["a", "b", "c"] {
+        honest.push(add_tiny_node(
+            dir.path(),
+            name,
+            &mut coord,
+            &addr,
+            &models,
+            &[],
+        ));
+    }
+    let (cheat, _p) = add_tiny_node(
+        dir.path(),
+        "cheat",
+        &mut coord,
+        &addr,
+        &models,
+        &["--corrupt", "0.05:zeros:11"],
+    );
+    let quarantined = format!("peer quarantined {cheat}");
+    let mut rounds = 0;
+    while coord
+        .wait_for(Instant::now() + Duration::from_millis(200), |l| {
+            l.starts_with(&quarantined)
+        })
+        .is_none()
+    {
+        rounds += 1;
+        assert!(rounds <= 20, "never quarantined: {:?}", coord.seen);
+        tiny_round(&http, 4, rounds);
+        settle(&http, "potluck_checks_total{kind=\"recomputed\"}");
+    }
+    // Its jobs before the quarantine, from the audit log: sessions it served.
+    let log = dir.path().join("coordinator").join("audit.log");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let mut sessions = std::collections::HashSet::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let e = &v["entry"];
+        if e["kind"] == "quarantine" && e["peer"] == cheat.as_str() {
+            break;
+        }
+        if e["kind"] == "result" && e["peer"] == cheat.as_str() {
+            sessions.insert(e["session"].as_u64());
+        }
+    }
+    eprintln!(
+        "caught after {} of its jobs ({rounds} rounds)",
+        sessions.len()
+    );
+    // In warm-up every job is checked: it is caught by its first job's check, give or take
+    // the jobs it took on while that check ran (and one more if that job was clean, 0.95^200).
+    assert!(
+        sessions.len() <= 8,
+        "{} jobs before it was caught",
+        sessions.len()
+    );
+    for (id, _) in &honest {
+        assert!(!coord
+            .seen
+            .iter()
+            .any(|l| l.starts_with(&format!("peer quarantined {id}"))));
+    }
+}

@@ -8,6 +8,7 @@
 //! on SmolLM2 Q4_1 it moves hidden states by up to 2.4% and log-probabilities by up to 0.6
 //! (`potluck bench --checks`), as much as some cheats would.
 
+use crate::metrics::Metrics;
 use crate::pipeline::{check_hop, exchange, open_stream, ChainModel, Hop, PipelineError};
 use crate::planner::Span;
 use libp2p::PeerId;
@@ -55,12 +56,14 @@ fn timeout_for(req: &StageForward) -> Duration {
 }
 
 /// Recomputes `job` on `checker` (a span equal to the checked one) and returns the
-/// checker's version of each picked result, in order.
+/// checker's version of each picked result, in order. Each request replayed counts as
+/// `recomputed` in `metrics`.
 pub async fn recompute(
     control: &mut libp2p_stream::Control,
     checker: (Span, PeerId),
     job: &CheckJob,
     model: &ChainModel,
+    metrics: &Metrics,
 ) -> Result<Vec<Reference>, PipelineError> {
     let (span, peer) = checker;
     let mut hop = Hop {
@@ -75,6 +78,7 @@ pub async fn recompute(
     let mut refs = Vec::with_capacity(job.picked.len());
     let wanted: Vec<u64> = job.picked.iter().map(|p| p.step).collect();
     for req in &job.journal {
+        metrics.check("recomputed");
         let r = exchange(&mut hop, req, timeout_for(req)).await?;
         check_hop(model, None, &hop, job.last, req, &r)?;
         if wanted.get(refs.len()) == Some(&req.step) {

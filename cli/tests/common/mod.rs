@@ -139,9 +139,11 @@ pub fn node(
         bootstrap,
         "--advert-interval",
         "1",
-        "--threads",
-        "1",
     ];
+    // One compute thread each unless the test says otherwise.
+    if !extra.contains(&"--threads") {
+        args.extend_from_slice(&["--threads", "1"]);
+    }
     args.extend_from_slice(extra);
     let mut p = Proc::start(&args);
     let id = p

@@ -115,7 +115,7 @@ impl Coordinator {
         };
         let checker = first.1;
         let started = std::time::Instant::now();
-        let answers = match recompute(&mut control, first, &job, &model).await {
+        let answers = match recompute(&mut control, first, &job, &model, &self.metrics).await {
             Ok(a) => a,
             Err(e) => {
                 self.metrics.check("check_failed");
@@ -147,7 +147,7 @@ impl Coordinator {
                 ..job.clone()
             };
             let started = std::time::Instant::now();
-            let answers = recompute(&mut control, third, &sub, &model).await;
+            let answers = recompute(&mut control, third, &sub, &model, &self.metrics).await;
             self.metrics
                 .check_seconds
                 .inc_by(started.elapsed().as_secs_f64());
@@ -250,6 +250,15 @@ impl Coordinator {
                 });
             }
         }
+    }
+
+    /// Waits until every spot check started so far has finished.
+    pub async fn wait_checks(&self) {
+        // The semaphore is fair: all of it comes free only after the checks queued before.
+        let _all = self
+            .checks
+            .acquire_many(super::CONCURRENT_CHECKS as u32)
+            .await;
     }
 
     /// Whether `peer` is quarantined now.
