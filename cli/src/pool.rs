@@ -133,6 +133,10 @@ pub struct ServeArgs {
     /// (new nodes: every result until 10 in a row check out), 0 to 1.
     #[arg(long, default_value_t = potluck_coordinator::trust::DEFAULT_P_MIN)]
     pub check_share: f64,
+    /// How nodes' results are verified: `sampled` (spot checks beside generation) or
+    /// `strict` (every hop on two nodes; a token goes out only when they agree).
+    #[arg(long, default_value = "sampled")]
+    pub verify: String,
 }
 
 /// How a coordinator runs its pool, besides where.
@@ -144,6 +148,8 @@ pub struct Tuning {
     pub missed_heartbeats: u32,
     /// Least share of results spot-checked.
     pub check_share: f64,
+    /// Every hop on two nodes that must agree.
+    pub strict: bool,
 }
 
 impl Default for Tuning {
@@ -152,6 +158,7 @@ impl Default for Tuning {
             max_sessions: potluck_coordinator::pool::DEFAULT_MAX_SESSIONS,
             missed_heartbeats: potluck_coordinator::peer_table::DEFAULT_MISSED_HEARTBEATS,
             check_share: potluck_coordinator::trust::DEFAULT_P_MIN,
+            strict: false,
         }
     }
 }
@@ -162,10 +169,16 @@ impl ServeArgs {
         if !(0.0..=1.0).contains(&self.check_share) {
             anyhow::bail!("--check-share must be from 0 to 1");
         }
+        let strict = match self.verify.as_str() {
+            "sampled" => false,
+            "strict" => true,
+            other => anyhow::bail!("--verify takes sampled or strict, not {other}"),
+        };
         Ok(Tuning {
             max_sessions: self.max_sessions,
             missed_heartbeats: self.missed_heartbeats,
             check_share: self.check_share,
+            strict,
         })
     }
 
@@ -381,6 +394,7 @@ pub fn coordinator_config(
         max_sessions: tuning.max_sessions,
         missed_heartbeats: tuning.missed_heartbeats,
         check_share: tuning.check_share,
+        strict: tuning.strict,
     }
 }
 

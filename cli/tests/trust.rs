@@ -401,3 +401,82 @@ fn a_node_corrupting_five_percent_of_its_outputs_is_caught_within_its_first_jobs
             .any(|l| l.starts_with(&format!("peer quarantined {id}"))));
     }
 }
+
+#[test]
+fn in_strict_mode_no_corrupted_token_reaches_the_client() {
+    // Every hop runs on two nodes and a token goes out only when they agree; one of four
+    // nodes corrupts a third of its outputs.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, http, models) = tiny_pool(dir.path(), &["--verify", "strict"]);
+    let _honest: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|name| add_tiny_node(dir.path(), name, &mut coord, &addr, &models, &[]))
+        .collect();
+    let (cheat, _p) = add_tiny_node(
+        dir.path(),
+        "cheat",
+        &mut coord,
+        &addr,
+        &models,
+        &["--corrupt", "0.3:noise:5"],
+    );
+    let prompt = "Once upon a time";
+    let want = {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+            .args(["--models-dir", &models, "generate", "--model", "tiny"])
+            .args([
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "40",
+                "--temperature",
+                "0",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .trim_end_matches('\n')
+            .to_string()
+    };
+    let body = json!({"prompt": prompt, "max_tokens": 40, "temperature": 0});
+    let quarantined = format!("peer quarantined {cheat}");
+    let mut answers = 0;
+    for round in 0..8 {
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let (http, body) = (http.clone(), body.clone());
+                std::thread::spawn(move || post_json(&http, "/v1/completions", &body))
+            })
+            .collect();
+        for c in clients {
+            let (status, v) = c.join().expect("client");
+            if status != 200 {
+                let _ = coord.wait_for(Instant::now() + Duration::from_millis(500), |_| false);
+                panic!("round {round}: {v}\n{:?}", coord.seen);
+            }
+            let text = v["choices"][0]["text"].as_str().unwrap_or_default();
+            assert_eq!(text, want, "round {round}: a corrupted token got out");
+            answers += 1;
+        }
+        if round >= 1 && coord.seen.iter().any(|l| l.starts_with(&quarantined)) {
+            break;
+        }
+    }
+    let _ = coord.wait_for(Instant::now() + Duration::from_secs(5), |l| {
+        l.starts_with(&quarantined)
+    });
+    let disputes = metric(&http, "potluck_checks_total{kind=\"strict_dispute\"}");
+    let agreed = metric(&http, "potluck_checks_total{kind=\"strict_agree\"}");
+    eprintln!("{answers} answers, all honest; {agreed} steps agreed, {disputes} disputed");
+    assert!(
+        disputes > 0.0,
+        "the cheat was never in a chain: {:?}",
+        coord.seen
+    );
+    assert!(
+        coord.seen.iter().any(|l| l.starts_with(&quarantined)),
+        "{:?}",
+        coord.seen
+    );
+}

@@ -35,6 +35,8 @@ pub struct CoordinatorConfig {
     pub missed_heartbeats: u32,
     /// Least share of a trusted peer's results that is spot-checked (new peers: all).
     pub check_share: f64,
+    /// Every hop on two peers, a token released only when they agree.
+    pub strict: bool,
 }
 
 /// A started coordinator: its handle, and the addresses it listens on as they appear.

@@ -3,6 +3,8 @@
 //! result verified before its output moves on, and every stage's inputs and receipts kept
 //! for replay and later checks.
 
+mod strict;
+
 use crate::audit::{receipt_hex, AuditLog, Record};
 use crate::metrics::Metrics;
 use crate::planner::Span;
@@ -14,8 +16,8 @@ use potluck_engine::sampling::SamplingParams;
 use potluck_engine::EngineError;
 use potluck_protocol::codec::MAX_FRAME;
 use potluck_protocol::messages::{
-    ErrorCode, Message, Receipt, SampleSpec, StageForward, StageInputWire, StageOutputWire,
-    StageResult,
+    ErrorCode, LayerRange, Message, Receipt, SampleSpec, StageForward, StageInputWire,
+    StageOutputWire, StageResult,
 };
 use potluck_protocol::signed::Digest;
 use potluck_protocol::stream::{read_frame_async, write_frame_async, STAGE_PROTOCOL};
@@ -109,6 +111,16 @@ pub enum PipelineError {
     /// The chain has no last stage (an empty or truncated route).
     #[error("the chain ended without a token")]
     NoToken,
+    /// Strict mode could not get two agreeing results for a hop (no token is released).
+    #[error("no agreed result for blocks {start}..{end}: {why}")]
+    Disputed {
+        /// First block of the hop.
+        start: u32,
+        /// One past its last block.
+        end: u32,
+        /// Why.
+        why: String,
+    },
     /// The peer's result did not verify.
     #[error("result from {peer} rejected: {why}")]
     Rejected {
@@ -168,6 +180,13 @@ pub trait Reroute: Send + Sync {
     fn quarantined(&self, _peer: PeerId) -> bool {
         false
     }
+    /// A loaded span of exactly `range` on a peer other than `not` (strict mode's second
+    /// and third opinions).
+    fn twin(&self, _range: LayerRange, _not: &[PeerId]) -> Option<(Span, PeerId)> {
+        None
+    }
+    /// Reports that two other peers agreed against `peer`'s result.
+    fn disputed(&self, _peer: PeerId, _why: &str) {}
 }
 
 impl PipelineError {
@@ -178,6 +197,7 @@ impl PipelineError {
             PipelineError::Cancelled
                 | PipelineError::NoToken
                 | PipelineError::NoReplacement { .. }
+                | PipelineError::Disputed { .. }
                 | PipelineError::Refused {
                     code: ErrorCode::BadRequest,
                     ..
@@ -196,7 +216,8 @@ impl PipelineError {
             | PipelineError::Rejected { peer, .. } => Some(*peer),
             PipelineError::Cancelled
             | PipelineError::NoToken
-            | PipelineError::NoReplacement { .. } => None,
+            | PipelineError::NoReplacement { .. }
+            | PipelineError::Disputed { .. } => None,
         }
     }
 }
@@ -290,6 +311,7 @@ async fn open_hops(
             journal: Vec::new(),
             picked: Vec::new(),
             checked: None,
+            twin: None,
         });
     }
     Ok(hops)
@@ -346,6 +368,8 @@ pub(crate) struct Hop {
     pub(crate) picked: Vec<StageResult>,
     /// Whether its work in this session is checked (decided at its first result).
     pub(crate) checked: Option<bool>,
+    /// Strict mode: the same blocks on a second peer, sent every request this hop is.
+    pub(crate) twin: Option<Box<Hop>>,
 }
 
 /// What a session needs to know about the model.
@@ -379,6 +403,8 @@ pub struct SessionContext {
     pub audit: Option<AuditLog>,
     /// Dropped when the session ends: whatever the pool counts for it.
     pub guard: Option<Box<dyn Send + Sync>>,
+    /// Every hop on two peers, a step going on only when they agree.
+    pub strict: bool,
 }
 
 /// A session's pipeline across peers.
@@ -397,6 +423,7 @@ pub struct RemotePipeline {
     audit: Option<AuditLog>,
     avoid: HashSet<PeerId>,
     _guard: Option<Box<dyn Send + Sync>>,
+    strict: bool,
 }
 
 impl RemotePipeline {
@@ -415,6 +442,7 @@ impl RemotePipeline {
             reroute,
             audit,
             guard,
+            strict,
         } = ctx;
         let hops = open_hops(control, chain).await?;
         Ok(Self {
@@ -432,6 +460,7 @@ impl RemotePipeline {
             audit,
             avoid: HashSet::new(),
             _guard: guard,
+            strict,
         })
     }
 
@@ -516,7 +545,12 @@ impl RemotePipeline {
                 sample: last.then(|| sample.clone()),
             };
             let hop_started = Instant::now();
-            let result = match self.call(i, &req, timeout).await {
+            let answer = if self.strict {
+                self.call_strict(i, &req, timeout).await
+            } else {
+                self.call(i, &req, timeout).await
+            };
+            let result = match answer {
                 Ok(r) => r,
                 Err(e) => {
                     if matches!(e, PipelineError::Rejected { .. }) {
@@ -534,7 +568,8 @@ impl RemotePipeline {
                 }
             };
             self.metrics.check("verified");
-            let reroute = self.reroute.clone();
+            // Strict mode compares every result already.
+            let reroute = self.reroute.clone().filter(|_| !self.strict);
             let hop = &mut self.hops[i];
             self.metrics
                 .stage(&hop.label, hop_started.elapsed().as_secs_f64());

@@ -220,6 +220,8 @@ pub struct Coordinator {
     busy: Arc<Mutex<HashMap<PeerId, usize>>>,
     /// Held while a session is routed and counted.
     routing: Arc<tokio::sync::Mutex<()>>,
+    /// Every hop on two peers that must agree (`--verify strict`).
+    strict: bool,
 }
 
 /// Counts a session on its chain's peers until it ends.
@@ -313,6 +315,7 @@ impl Coordinator {
             checks: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CHECKS)),
             busy: Arc::new(Mutex::new(HashMap::new())),
             routing: Arc::new(tokio::sync::Mutex::new(())),
+            strict: cfg.strict,
         }
     }
 
@@ -798,6 +801,7 @@ impl Coordinator {
             reroute: Some(Arc::new(self.clone())),
             audit: self.audit.clone(),
             guard: Some(Box::new(load)),
+            strict: self.strict,
         };
         let pipe = RemotePipeline::open(&mut control, chain.clone(), ctx)
             .await
@@ -971,5 +975,13 @@ impl Reroute for Coordinator {
 
     fn quarantined(&self, peer: PeerId) -> bool {
         self.is_quarantined(peer)
+    }
+
+    fn twin(&self, range: LayerRange, not: &[PeerId]) -> Option<(Span, PeerId)> {
+        self.replica(range, not)
+    }
+
+    fn disputed(&self, peer: PeerId, why: &str) {
+        self.quarantine(peer, why);
     }
 }

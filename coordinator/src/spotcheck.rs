@@ -74,6 +74,7 @@ pub async fn recompute(
         journal: Vec::new(),
         picked: Vec::new(),
         checked: Some(false),
+        twin: None,
     };
     let mut refs = Vec::with_capacity(job.picked.len());
     let wanted: Vec<u64> = job.picked.iter().map(|p| p.step).collect();

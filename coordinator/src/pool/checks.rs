@@ -92,6 +92,11 @@ impl Coordinator {
             .collect()
     }
 
+    /// A replica of `range` on a peer other than `not`, at random.
+    pub(crate) fn replica(&self, range: LayerRange, not: &[PeerId]) -> Option<(Span, PeerId)> {
+        self.draw(self.replicas(range, not))
+    }
+
     /// One of `candidates`, at random (a checked peer must not know its checker).
     fn draw(&self, mut candidates: Vec<(Span, PeerId)>) -> Option<(Span, PeerId)> {
         if candidates.is_empty() {

@@ -1,0 +1,167 @@
+//! Strict verification (`--verify strict`): every hop runs on two peers that hold the same
+//! blocks, and a step's output moves on only when both agree within tolerance, so no
+//! corrupted hidden state or token ever reaches the next hop or the client. When they
+//! disagree a third peer replays the hop's history and runs the step; the one it agrees with
+//! goes on and the other is quarantined. With no third peer, or no majority, the step fails
+//! rather than release a token nobody vouches for.
+
+use super::{check_hop, exchange, open_stream, Hop, PipelineError, RemotePipeline};
+use crate::compare::{compare, tolerance, Verdict};
+use potluck_protocol::messages::{StageForward, StageResult};
+use std::time::Duration;
+
+/// Times a hop looks for a working twin before the step fails.
+const TWIN_ATTEMPTS: usize = 3;
+
+impl RemotePipeline {
+    /// A fresh hop on another peer holding hop `i`'s blocks (none of `not`), its history
+    /// replayed; `None` when the pool has no such peer now.
+    async fn replica_of(
+        &mut self,
+        i: usize,
+        not: &[libp2p::PeerId],
+        timeout: Duration,
+    ) -> Result<Option<Hop>, PipelineError> {
+        let Some(reroute) = self.reroute.clone() else {
+            return Ok(None);
+        };
+        let range = self.hops[i].span.range;
+        let last = i + 1 == self.hops.len();
+        let mut avoid: Vec<libp2p::PeerId> = not.to_vec();
+        avoid.extend(self.avoid.iter().copied());
+        for _ in 0..TWIN_ATTEMPTS {
+            let Some((span, peer)) = reroute.twin(range, &avoid) else {
+                return Ok(None);
+            };
+            avoid.push(peer);
+            let stream = match open_stream(&mut self.control, peer).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, "twin unreachable: {e}");
+                    continue;
+                }
+            };
+            let mut hop = Hop {
+                span,
+                peer,
+                label: peer.to_string(),
+                stream,
+                journal: Vec::new(),
+                picked: Vec::new(),
+                checked: Some(false),
+                twin: None,
+            };
+            let mut ok = true;
+            for req in self.hops[i].journal.clone() {
+                let replayed = match exchange(&mut hop, &req, timeout).await {
+                    Ok(r) => check_hop(&self.model, self.audit.as_ref(), &hop, last, &req, &r),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = replayed {
+                    tracing::debug!(%peer, "twin replay failed: {e}");
+                    ok = false;
+                    break;
+                }
+                hop.journal.push(req);
+            }
+            if ok {
+                return Ok(Some(hop));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs `req` on hop `i` and on its twin (found and brought up to date first) and
+    /// returns the result they agree on.
+    pub(super) async fn call_strict(
+        &mut self,
+        i: usize,
+        req: &StageForward,
+        timeout: Duration,
+    ) -> Result<Box<StageResult>, PipelineError> {
+        let range = self.hops[i].span.range;
+        let no_twin = |why: &str| PipelineError::Disputed {
+            start: range.start,
+            end: range.end,
+            why: why.to_string(),
+        };
+        let last = i + 1 == self.hops.len();
+        for _ in 0..TWIN_ATTEMPTS {
+            let mut twin = match self.hops[i].twin.take() {
+                Some(t) => *t,
+                None => {
+                    let primary = self.hops[i].peer;
+                    match self.replica_of(i, &[primary], timeout).await? {
+                        Some(t) => t,
+                        None => return Err(no_twin("no second node holds these blocks")),
+                    }
+                }
+            };
+            let (model, audit) = (self.model.clone(), self.audit.clone());
+            let (mine, theirs) = tokio::join!(self.call(i, req, timeout), async {
+                let r = exchange(&mut twin, req, timeout).await?;
+                check_hop(&model, audit.as_ref(), &twin, last, req, &r)?;
+                Ok::<_, PipelineError>(r)
+            });
+            let mine = mine?;
+            let theirs = match theirs {
+                Ok(r) => r,
+                Err(e) => {
+                    // The twin failed, not disagreed: find another.
+                    tracing::debug!(peer = %twin.peer, "twin failed: {e}");
+                    self.avoid.insert(twin.peer);
+                    continue;
+                }
+            };
+            let agree = |a: &StageResult, b: &StageResult| {
+                let tol = tolerance(&a.receipt.body.numeric, &b.receipt.body.numeric);
+                compare(&a.output, &b.output, &tol).0.verdict == Verdict::Pass
+            };
+            if agree(&mine, &theirs) {
+                twin.journal.push(req.clone());
+                self.hops[i].twin = Some(Box::new(twin));
+                self.metrics.check("strict_agree");
+                return Ok(mine);
+            }
+            // A third peer decides.
+            self.metrics.check("strict_dispute");
+            let primary = self.hops[i].peer;
+            let Some(mut third) = self.replica_of(i, &[primary, twin.peer], timeout).await? else {
+                return Err(no_twin(
+                    "the two nodes disagree and no third holds these blocks",
+                ));
+            };
+            let decider = exchange(&mut third, req, timeout).await?;
+            check_hop(
+                &self.model,
+                self.audit.as_ref(),
+                &third,
+                last,
+                req,
+                &decider,
+            )?;
+            third.journal.push(req.clone());
+            let reroute = self.reroute.clone();
+            let loser = if agree(&mine, &decider) {
+                let loser = twin.peer;
+                self.hops[i].twin = Some(Box::new(third));
+                (loser, mine)
+            } else if agree(&theirs, &decider) {
+                let loser = primary;
+                twin.journal.push(req.clone());
+                let old = std::mem::replace(&mut self.hops[i], twin);
+                self.hops[i].twin = Some(Box::new(third));
+                drop(old);
+                (loser, theirs)
+            } else {
+                return Err(no_twin("three nodes gave three different results"));
+            };
+            if let Some(r) = reroute {
+                r.disputed(loser.0, "its result disagreed with two other nodes'");
+            }
+            self.avoid.insert(loser.0);
+            return Ok(loser.1);
+        }
+        Err(no_twin("no second node answered"))
+    }
+}
