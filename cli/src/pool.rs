@@ -137,6 +137,10 @@ pub struct ServeArgs {
     /// `strict` (every hop on two nodes; a token goes out only when they agree).
     #[arg(long, default_value = "sampled")]
     pub verify: String,
+    /// Seconds between rounds of canaries (jobs with known answers, sent as new work);
+    /// 0: none.
+    #[arg(long, default_value_t = 60)]
+    pub canary_interval: u64,
 }
 
 /// How a coordinator runs its pool, besides where.
@@ -150,6 +154,8 @@ pub struct Tuning {
     pub check_share: f64,
     /// Every hop on two nodes that must agree.
     pub strict: bool,
+    /// Seconds between canary rounds (0: none).
+    pub canary_interval: u64,
 }
 
 impl Default for Tuning {
@@ -159,6 +165,7 @@ impl Default for Tuning {
             missed_heartbeats: potluck_coordinator::peer_table::DEFAULT_MISSED_HEARTBEATS,
             check_share: potluck_coordinator::trust::DEFAULT_P_MIN,
             strict: false,
+            canary_interval: 60,
         }
     }
 }
@@ -179,6 +186,7 @@ impl ServeArgs {
             missed_heartbeats: self.missed_heartbeats,
             check_share: self.check_share,
             strict,
+            canary_interval: self.canary_interval,
         })
     }
 
@@ -395,6 +403,8 @@ pub fn coordinator_config(
         missed_heartbeats: tuning.missed_heartbeats,
         check_share: tuning.check_share,
         strict: tuning.strict,
+        canary_interval: (tuning.canary_interval > 0)
+            .then(|| Duration::from_secs(tuning.canary_interval)),
     }
 }
 

@@ -480,3 +480,52 @@ fn in_strict_mode_no_corrupted_token_reaches_the_client() {
         coord.seen
     );
 }
+
+#[test]
+fn canaries_catch_a_cheat_that_no_session_has_used_yet() {
+    // Two honest nodes serve and check each other: their agreed jobs become known answers.
+    // Then an honest node and a cheat join; no session runs, yet canaries (those jobs,
+    // replayed as new work) pass the honest one and quarantine the cheat.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, http, models) = tiny_pool(dir.path(), &["--canary-interval", "1"]);
+    let mut nodes: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|name| add_tiny_node(dir.path(), name, &mut coord, &addr, &models, &[]))
+        .collect();
+    tiny_round(&http, 4, 1);
+    settle(&http, "potluck_checks_total{kind=\"spot_pass\"}");
+    assert!(metric(&http, "potluck_checks_total{kind=\"spot_pass\"}") > 0.0);
+    nodes.push(add_tiny_node(
+        dir.path(),
+        "c",
+        &mut coord,
+        &addr,
+        &models,
+        &[],
+    ));
+    let (cheat, _p) = add_tiny_node(
+        dir.path(),
+        "cheat",
+        &mut coord,
+        &addr,
+        &models,
+        &["--corrupt", "1:zeros"],
+    );
+    let line = coord
+        .wait_for(Instant::now() + Duration::from_secs(30), |l| {
+            l.starts_with(&format!("peer quarantined {cheat}"))
+        })
+        .unwrap_or_else(|| panic!("the cheat was never caught: {:?}", coord.seen));
+    assert!(line.contains("failed a canary"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&http, "potluck_checks_total{kind=\"canary_pass\"}") == 0.0 {
+        assert!(Instant::now() < deadline, "no canary passed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (id, _) in &nodes {
+        assert!(!coord
+            .seen
+            .iter()
+            .any(|l| l.starts_with(&format!("peer quarantined {id}"))));
+    }
+}

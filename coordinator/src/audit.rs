@@ -81,6 +81,21 @@ pub enum Record {
         /// Both receipts (checked first), hex.
         receipts: Vec<String>,
     },
+    /// A node was sent a job with a known answer (a canary) and its answer compared.
+    Canary {
+        /// The node.
+        peer: String,
+        /// The canary's (fresh) session.
+        session: u64,
+        /// The step of the worst result.
+        step: u64,
+        /// `pass`, `fail` or `inconclusive`.
+        verdict: String,
+        /// The measured distance.
+        detail: String,
+        /// The node's receipt for the worst result, hex.
+        receipt: String,
+    },
     /// A node was quarantined.
     Quarantine {
         /// The node.
@@ -97,6 +112,7 @@ impl Record {
             Record::Open { .. } => "open".into(),
             Record::Result { verdict, .. } => format!("result {verdict}"),
             Record::Check { verdict, .. } => format!("check {verdict}"),
+            Record::Canary { verdict, .. } => format!("canary {verdict}"),
             Record::Quarantine { .. } => "quarantine".into(),
         }
     }
@@ -119,6 +135,7 @@ impl Record {
                 .zip([peer, checker])
                 .map(|(r, p)| (p.as_str(), r.as_str()))
                 .collect(),
+            Record::Canary { peer, receipt, .. } => vec![(peer.as_str(), receipt.as_str())],
             _ => Vec::new(),
         }
     }

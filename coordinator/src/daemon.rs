@@ -37,6 +37,8 @@ pub struct CoordinatorConfig {
     pub check_share: f64,
     /// Every hop on two peers, a token released only when they agree.
     pub strict: bool,
+    /// Time between rounds of canaries (none: no canaries).
+    pub canary_interval: Option<Duration>,
 }
 
 /// A started coordinator: its handle, and the addresses it listens on as they appear.
@@ -75,6 +77,9 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut redial_tick = tokio::time::interval(Duration::from_millis(250));
+        let canary_every = cfg.canary_interval.unwrap_or(Duration::from_secs(3600));
+        let mut canary_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + canary_every, canary_every);
         loop {
             let event = tokio::select! {
                 _ = redial_tick.tick() => {
@@ -85,6 +90,10 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                             }
                         }
                     }
+                    continue;
+                }
+                _ = canary_tick.tick(), if cfg.canary_interval.is_some() => {
+                    handle.canary_round();
                     continue;
                 }
                 _ = tick.tick() => {

@@ -2,6 +2,7 @@
 //! adverts, the current plan, which peers have confirmed loading their span, assignments
 //! sent over control streams, and sessions routed through confirmed spans.
 
+mod canary;
 mod checks;
 
 use crate::audit::AuditLog;
@@ -222,6 +223,8 @@ pub struct Coordinator {
     routing: Arc<tokio::sync::Mutex<()>>,
     /// Every hop on two peers that must agree (`--verify strict`).
     strict: bool,
+    /// Jobs two peers agreed on, for canaries.
+    canaries: Arc<Mutex<canary::CanaryBank>>,
 }
 
 /// Counts a session on its chain's peers until it ends.
@@ -316,6 +319,7 @@ impl Coordinator {
             busy: Arc::new(Mutex::new(HashMap::new())),
             routing: Arc::new(tokio::sync::Mutex::new(())),
             strict: cfg.strict,
+            canaries: Arc::new(Mutex::new(canary::CanaryBank::default())),
         }
     }
 

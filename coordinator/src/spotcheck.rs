@@ -32,6 +32,21 @@ pub struct CheckJob {
     pub picked: Vec<StageResult>,
 }
 
+impl CheckJob {
+    /// The same job under session id `session`: replayed so, it cannot be told from new work
+    /// (nor linked to the session it came from).
+    pub fn under_session(&self, session: u64) -> Self {
+        let mut job = self.clone();
+        for r in &mut job.journal {
+            r.session = session;
+        }
+        for p in &mut job.picked {
+            p.session = session;
+        }
+        job
+    }
+}
+
 /// The checker's version of one picked result.
 #[derive(Debug, Clone)]
 pub struct Reference {

@@ -11,6 +11,7 @@ use crate::spotcheck::{recompute, CheckJob, Reference};
 use libp2p::PeerId;
 use potluck_net::swarm::peer_id_of;
 use potluck_protocol::messages::{LayerRange, Receipt, StageOutputWire, StageResult};
+use std::sync::atomic::Ordering;
 
 /// What the checks decided about one picked result.
 struct Decision {
@@ -119,8 +120,10 @@ impl Coordinator {
             return;
         };
         let checker = first.1;
+        // Replayed under a fresh id, the job cannot be linked to the session it came from.
+        let fresh = job.under_session(self.next_session.fetch_add(1, Ordering::Relaxed));
         let started = std::time::Instant::now();
-        let answers = match recompute(&mut control, first, &job, &model, &self.metrics).await {
+        let answers = match recompute(&mut control, first, &fresh, &model, &self.metrics).await {
             Ok(a) => a,
             Err(e) => {
                 self.metrics.check("check_failed");
@@ -148,8 +151,8 @@ impl Coordinator {
         };
         if let Some(third) = third_peer.clone() {
             let sub = CheckJob {
-                picked: disputed.iter().map(|&i| job.picked[i].clone()).collect(),
-                ..job.clone()
+                picked: disputed.iter().map(|&i| fresh.picked[i].clone()).collect(),
+                ..fresh.clone()
             };
             let started = std::time::Instant::now();
             let answers = recompute(&mut control, third, &sub, &model, &self.metrics).await;
@@ -227,6 +230,12 @@ impl Coordinator {
         }
         if d.verdict == Verdict::Fail {
             self.quarantine(job.peer, &format!("failed a spot check ({detail})"));
+        } else if d.verdict == Verdict::Pass && !decisions.iter().any(|d| d.lying_checker) {
+            // Two nodes agree on it: a known answer for canaries.
+            self.canaries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keep(&job, checker);
         }
         if decisions.iter().any(|d| d.lying_checker) {
             self.quarantine(checker, "its recomputation disagreed with two other peers");

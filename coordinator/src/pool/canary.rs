@@ -1,0 +1,162 @@
+//! Canaries: work whose answers are already known, sent to nodes as if it were new. The
+//! answers come from jobs that two nodes agreed on in a spot check, a few kept per span; a
+//! canary replays one under a fresh session id, so on the wire it is a session like any
+//! other. Canaries reach what spot checks cannot: a span only one node holds now (there is
+//! nobody to recompute on), and nodes that the router rarely picks.
+
+use super::Coordinator;
+use crate::audit::{receipt_hex, Record};
+use crate::compare::{compare, tolerance, Verdict};
+use crate::planner::Span;
+use crate::spotcheck::{recompute, CheckJob};
+use libp2p::PeerId;
+use potluck_net::swarm::peer_id_of;
+use potluck_protocol::messages::LayerRange;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+
+/// Known-good jobs kept per span.
+const BANK_PER_SPAN: usize = 8;
+/// Longest job kept (requests), so the bank stays small.
+const MAX_CANARY_STEPS: usize = 256;
+
+/// A job two nodes agreed on, and who they were.
+#[derive(Debug, Clone)]
+pub(crate) struct Canary {
+    job: CheckJob,
+    vouched: [PeerId; 2],
+}
+
+/// Known-good jobs by span.
+#[derive(Debug, Default)]
+pub(crate) struct CanaryBank {
+    jobs: HashMap<LayerRange, VecDeque<Canary>>,
+}
+
+impl CanaryBank {
+    /// Keeps `job`, which `checker` agreed with, newest first out.
+    pub(crate) fn keep(&mut self, job: &CheckJob, checker: PeerId) {
+        if job.journal.len() > MAX_CANARY_STEPS || job.picked.is_empty() {
+            return;
+        }
+        let q = self.jobs.entry(job.span.range).or_default();
+        if q.len() == BANK_PER_SPAN {
+            q.pop_front();
+        }
+        q.push_back(Canary {
+            job: job.clone(),
+            vouched: [job.peer, checker],
+        });
+    }
+
+    /// A kept job for `range` that `peer` had no part in.
+    fn for_peer(&self, range: LayerRange, peer: PeerId, draw: usize) -> Option<Canary> {
+        let fit: Vec<&Canary> = self
+            .jobs
+            .get(&range)?
+            .iter()
+            .filter(|c| !c.vouched.contains(&peer))
+            .collect();
+        (!fit.is_empty()).then(|| fit[draw % fit.len()].clone())
+    }
+}
+
+impl Coordinator {
+    /// Sends a canary to every serving node that a kept job fits (at most two at a time,
+    /// sharing the spot checks' slots).
+    pub fn canary_round(&self) {
+        let serving: Vec<(Span, PeerId)> = {
+            let st = self.state();
+            st.loaded
+                .iter()
+                .filter(|(k, _)| !st.is_excluded(k))
+                .filter_map(|(k, r)| {
+                    Some((
+                        Span {
+                            peer: *k,
+                            range: *r,
+                        },
+                        peer_id_of(k)?,
+                    ))
+                })
+                .collect()
+        };
+        for (span, peer) in serving {
+            let draw = self.state().trust.draw(usize::MAX);
+            let canary = self
+                .canaries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .for_peer(span.range, peer, draw);
+            if let Some(c) = canary {
+                let this = self.clone();
+                tokio::spawn(async move { this.run_canary((span, peer), c).await });
+            }
+        }
+    }
+
+    async fn run_canary(&self, target: (Span, PeerId), canary: Canary) {
+        let Ok(_permit) = self.checks.clone().acquire_owned().await else {
+            return;
+        };
+        let peer = target.1;
+        let job = canary
+            .job
+            .under_session(self.next_session.fetch_add(1, Ordering::Relaxed));
+        let model = self.chain_model();
+        let mut control = self.control.clone();
+        let started = std::time::Instant::now();
+        let answers = recompute(&mut control, target, &job, &model, &self.metrics).await;
+        self.metrics
+            .check_seconds
+            .inc_by(started.elapsed().as_secs_f64());
+        let answers = match answers {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(%peer, "canary could not run: {e}");
+                return;
+            }
+        };
+        // The kept results are the known answers; the node's new ones are under check.
+        let mut worst: Option<(usize, crate::compare::Comparison)> = None;
+        for (i, (known, got)) in job.picked.iter().zip(&answers).enumerate() {
+            let tol = tolerance(&got.receipt.body.numeric, &known.receipt.body.numeric);
+            let (c, _) = compare(&got.output, &known.output, &tol);
+            if worst.as_ref().is_none_or(|(_, w)| c.verdict > w.verdict) {
+                worst = Some((i, c));
+            }
+        }
+        let Some((i, c)) = worst else { return };
+        let detail = format!(
+            "{} results; worst at step {}: {}",
+            answers.len(),
+            job.picked[i].step,
+            c.detail()
+        );
+        {
+            let mut st = self.state();
+            if let Some(key) = st.key_of(peer) {
+                st.trust
+                    .record(&key, c.verdict, potluck_net::swarm::unix_now() as f64);
+            }
+        }
+        self.metrics.check(match c.verdict {
+            Verdict::Pass => "canary_pass",
+            Verdict::Inconclusive => "canary_inconclusive",
+            Verdict::Fail => "canary_fail",
+        });
+        if let Some(audit) = &self.audit {
+            audit.record(Record::Canary {
+                peer: peer.to_string(),
+                session: job.picked[i].session,
+                step: job.picked[i].step,
+                verdict: c.verdict.as_str().into(),
+                detail: detail.clone(),
+                receipt: receipt_hex(&answers[i].receipt),
+            });
+        }
+        if c.verdict == Verdict::Fail {
+            self.quarantine(peer, &format!("failed a canary ({detail})"));
+        }
+    }
+}
