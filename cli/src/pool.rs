@@ -90,7 +90,8 @@ pub struct NodeLimits {
     #[arg(long, default_value_t = 10)]
     pub leave_deadline: u64,
     /// Test builds only: corrupt a share of outputs, RATE:KIND[:SEED] with KIND one of
-    /// noise, zeros, skip, stale (to exercise the pool's checks).
+    /// noise, zeros, skip, stale (wrong results, honestly signed) or forge, replay (receipts
+    /// that do not match), to exercise the pool's checks.
     #[arg(long, hide = true)]
     pub corrupt: Option<potluck_node::fault::FaultPlan>,
 }

@@ -529,3 +529,66 @@ fn canaries_catch_a_cheat_that_no_session_has_used_yet() {
             .any(|l| l.starts_with(&format!("peer quarantined {id}"))));
     }
 }
+
+#[test]
+fn forged_and_replayed_receipts_are_refused_and_their_nodes_dropped() {
+    // One node changes outputs after signing them, another answers with an earlier step's
+    // signed result. Both are refused on arrival and dropped; their sessions move to the
+    // honest node and every client call succeeds with the honest text.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, http, models) = tiny_pool(dir.path(), &[]);
+    let honest = add_tiny_node(dir.path(), "honest", &mut coord, &addr, &models, &[]);
+    let (forger, _f) = add_tiny_node(
+        dir.path(),
+        "forger",
+        &mut coord,
+        &addr,
+        &models,
+        &["--corrupt", "0.5:forge"],
+    );
+    let (replayer, _r) = add_tiny_node(
+        dir.path(),
+        "replayer",
+        &mut coord,
+        &addr,
+        &models,
+        &["--corrupt", "0.5:replay"],
+    );
+    let prompt = "Once upon a time";
+    let body = json!({"prompt": prompt, "max_tokens": 30, "temperature": 0});
+    let mut texts = std::collections::HashSet::new();
+    for round in 0..6 {
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                let (http, body) = (http.clone(), body.clone());
+                std::thread::spawn(move || post_json(&http, "/v1/completions", &body))
+            })
+            .collect();
+        for c in clients {
+            let (status, v) = c.join().expect("client");
+            assert_eq!(status, 200, "round {round}: {v}");
+            texts.insert(
+                v["choices"][0]["text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+    }
+    assert_eq!(texts.len(), 1, "answers differ: {texts:?}");
+    for (cheat, why) in [(&forger, "output"), (&replayer, "job")] {
+        let line = coord
+            .wait_for(Instant::now() + Duration::from_secs(10), |l| {
+                l.starts_with(&format!("peer dropped {cheat}"))
+            })
+            .unwrap_or_else(|| panic!("{cheat} was not dropped: {:?}", coord.seen));
+        assert!(
+            line.contains(&format!("receipt's {why} digest does not match")),
+            "{line}"
+        );
+    }
+    assert!(!coord
+        .seen
+        .iter()
+        .any(|l| l.starts_with(&format!("peer dropped {}", honest.0))));
+}

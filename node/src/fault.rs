@@ -17,6 +17,10 @@ pub enum FaultKind {
     Skip,
     /// The session's previous output sent again (zeros when the shape differs).
     Stale,
+    /// The output changed after the receipt was signed (the receipt no longer matches).
+    Forge,
+    /// The session's previous result, receipt and all, sent again as this step's answer.
+    Replay,
 }
 
 /// A node's fault plan: corrupt each output with probability `rate`, as `kind` says.
@@ -49,7 +53,9 @@ impl FromStr for FaultPlan {
             Some("zeros") => FaultKind::Zeros,
             Some("skip") => FaultKind::Skip,
             Some("stale") => FaultKind::Stale,
-            _ => return Err("the kind must be noise, zeros, skip or stale".into()),
+            Some("forge") => FaultKind::Forge,
+            Some("replay") => FaultKind::Replay,
+            _ => return Err("the kind must be noise, zeros, skip, stale, forge or replay".into()),
         };
         let seed = match parts.next() {
             None => 1,
@@ -68,7 +74,7 @@ pub use inject::Injector;
 #[cfg(feature = "fault-injection")]
 mod inject {
     use super::{FaultKind, FaultPlan};
-    use potluck_protocol::messages::{StageInputWire, StageOutputWire};
+    use potluck_protocol::messages::{StageInputWire, StageOutputWire, StageResult};
     use potluck_protocol::tensor::{WireDType, WireTensor};
     use std::collections::HashMap;
 
@@ -78,6 +84,8 @@ mod inject {
         state: u64,
         /// Each session's last honest output, for [`FaultKind::Stale`].
         last: HashMap<u64, StageOutputWire>,
+        /// Each session's last signed result, for [`FaultKind::Replay`].
+        last_result: HashMap<u64, StageResult>,
     }
 
     impl Injector {
@@ -87,6 +95,37 @@ mod inject {
                 plan,
                 state: plan.seed ^ 0x9E37_79B9_7F4A_7C15,
                 last: HashMap::new(),
+                last_result: HashMap::new(),
+            }
+        }
+
+        /// A signed result for session `cache`, tampered with as receipt-level faults say.
+        pub fn tamper(&mut self, cache: u64, mut result: StageResult) -> StageResult {
+            let kind = self.plan.kind;
+            if !matches!(kind, FaultKind::Forge | FaultKind::Replay) {
+                return result;
+            }
+            let previous = self.last_result.insert(cache, result.clone());
+            if self.uniform() >= self.plan.rate {
+                return result;
+            }
+            match (kind, previous) {
+                (FaultKind::Replay, Some(mut old)) => {
+                    // The echo is rewritten; the receipt cannot be.
+                    old.session = result.session;
+                    old.step = result.step;
+                    old
+                }
+                _ => {
+                    if let StageOutputWire::Token { token, .. } = &mut result.output {
+                        *token = token.checked_sub(1).unwrap_or(1);
+                    } else if let StageOutputWire::Hidden(h) = &mut result.output {
+                        if let Some(b) = h.data.first_mut() {
+                            *b ^= 0x40;
+                        }
+                    }
+                    result
+                }
             }
         }
 
@@ -117,7 +156,9 @@ mod inject {
             output: StageOutputWire,
         ) -> StageOutputWire {
             let previous = self.last.insert(cache, output.clone());
-            if self.uniform() >= self.plan.rate {
+            if matches!(self.plan.kind, FaultKind::Forge | FaultKind::Replay)
+                || self.uniform() >= self.plan.rate
+            {
                 return output;
             }
             tracing::debug!(kind = ?self.plan.kind, "corrupting an output");
@@ -149,6 +190,8 @@ mod inject {
                             }
                             _ => v.iter_mut().for_each(|x| *x = 0.0),
                         },
+                        // Receipt-level faults: see `tamper`.
+                        FaultKind::Forge | FaultKind::Replay => {}
                     }
                     match WireTensor::from_f32(&v, &dims, WireDType::F32) {
                         Ok(t) => StageOutputWire::Hidden(t),
@@ -168,6 +211,7 @@ mod inject {
                             Some(StageOutputWire::Token { token: t, .. }) => t,
                             _ => 0,
                         },
+                        FaultKind::Forge | FaultKind::Replay => token,
                     };
                     StageOutputWire::Token {
                         token: wrong,

@@ -120,7 +120,13 @@ impl ShardServer {
             Some(f) => f.apply(cache, &req.input, output),
             None => output,
         };
-        self.sign(req, output)
+        let signed = self.sign(req, output)?;
+        #[cfg(feature = "fault-injection")]
+        let signed = match &mut self.faults {
+            Some(f) => f.tamper(cache, signed),
+            None => signed,
+        };
+        Ok(signed)
     }
 
     /// Signs `output` as the answer to `req`.
