@@ -60,7 +60,8 @@ pub struct BenchArgs {
     /// checks' cost once nodes are trusted).
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
-    /// With --clients: least share of jobs spot-checked (new nodes: all).
+    /// With --clients or --failover: least share of jobs spot-checked (new nodes: all);
+    /// 0: no spot checks.
     #[arg(long, default_value_t = potluck_coordinator::trust::DEFAULT_P_MIN)]
     pub check_share: f64,
     /// Instead: how soon the check policy catches a cheating peer, simulated over this

@@ -130,8 +130,8 @@ pub struct ServeArgs {
     /// Seconds a client gets to send its request headers (and three times that for a body).
     #[arg(long, default_value_t = 10)]
     pub http_header_timeout: u64,
-    /// Least share of a trusted node's results recomputed on another node and compared
-    /// (new nodes: every result until 10 in a row check out), 0 to 1.
+    /// Least share of a trusted node's jobs recomputed on another node and compared (new
+    /// nodes: every job until 10 in a row check out), 0 to 1; 0 turns spot checks off.
     #[arg(long, default_value_t = potluck_coordinator::trust::DEFAULT_P_MIN)]
     pub check_share: f64,
     /// How nodes' results are verified: `sampled` (spot checks beside generation) or

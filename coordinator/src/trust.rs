@@ -103,8 +103,12 @@ impl<K: Hash + Eq + Clone> Trust<K> {
         ((self.uniform() * n as f64) as usize).min(n.saturating_sub(1))
     }
 
-    /// Decides whether `peer`'s new result is checked.
+    /// Decides whether `peer`'s new result is checked. A floor of 0 turns checks off,
+    /// warm-up included.
     pub fn pick(&mut self, peer: &K) -> bool {
+        if self.p_min == 0.0 {
+            return false;
+        }
         let p = self
             .peers
             .get(peer)
@@ -192,6 +196,11 @@ mod tests {
         );
         assert_eq!(t.void_unchecked(&peer), 100_000 - picked as u64);
         assert_eq!(t.void_unchecked(&peer), 0);
+        let mut off = Trust::new(0.0, 7);
+        assert!(
+            (0..1000).all(|_| !off.pick(&peer)),
+            "a floor of 0 checks nothing"
+        );
     }
 
     #[test]
