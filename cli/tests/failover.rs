@@ -28,16 +28,7 @@ fn add_node(
     addr: &str,
     nodes: &mut HashMap<String, Proc>,
 ) {
-    let (p, id) = common::node(dir, name, "public", addr, &[]);
-    let line = format!("peer {id} serves blocks 0..30");
-    assert!(
-        coord
-            .wait_for(Instant::now() + Duration::from_secs(60), |l| l
-                .starts_with(&line))
-            .is_some(),
-        "{name} never served: {:?}",
-        coord.seen
-    );
+    let (id, p) = common::serving_node(dir, name, coord, addr, &[], "0..30");
     nodes.insert(id, p);
 }
 

@@ -19,17 +19,7 @@ fn add_node(
     addr: &str,
     extra: &[&str],
 ) -> (String, common::Proc) {
-    let (p, id) = common::node(dir, name, "public", addr, extra);
-    let line = format!("peer {id} serves blocks 0..30");
-    assert!(
-        coord
-            .wait_for(Instant::now() + Duration::from_secs(60), |l| l
-                .starts_with(&line))
-            .is_some(),
-        "{name} never served: {:?}",
-        coord.seen
-    );
-    (id, p)
+    common::serving_node(dir, name, coord, addr, extra, "0..30")
 }
 
 /// `n` greedy completions at once; their texts.
@@ -102,16 +92,7 @@ fn a_node_that_corrupts_its_outputs_is_quarantined_and_honest_ones_never_are() {
     if as_worker {
         assert!(wrong > 0, "{line}");
     }
-    for honest in nodes.keys().filter(|k| **k != cheat) {
-        assert!(
-            !coord
-                .seen
-                .iter()
-                .any(|l| l.starts_with(&format!("peer quarantined {honest}"))),
-            "{honest} was quarantined: {:?}",
-            coord.seen
-        );
-    }
+    common::never_quarantined(&coord, nodes.keys().filter(|k| **k != cheat));
     // From now on every answer is the honest one.
     for _ in 0..2 {
         for text in round(&http, 4) {
@@ -239,17 +220,7 @@ fn add_tiny_node(
 ) -> (String, common::Proc) {
     let mut args = vec!["--models-dir", models];
     args.extend_from_slice(extra);
-    let (p, id) = common::node(dir, name, "public", addr, &args);
-    let line = format!("peer {id} serves blocks 0..8");
-    assert!(
-        coord
-            .wait_for(Instant::now() + Duration::from_secs(60), |l| l
-                .starts_with(&line))
-            .is_some(),
-        "{name} never served: {:?}",
-        coord.seen
-    );
-    (id, p)
+    common::serving_node(dir, name, coord, addr, &args, "0..8")
 }
 
 /// `n` sampled completions at once on the tiny model, each with its own seed.
@@ -394,12 +365,7 @@ fn a_node_corrupting_five_percent_of_its_outputs_is_caught_within_its_first_jobs
         "{} jobs before it was caught",
         sessions.len()
     );
-    for (id, _) in &honest {
-        assert!(!coord
-            .seen
-            .iter()
-            .any(|l| l.starts_with(&format!("peer quarantined {id}"))));
-    }
+    common::never_quarantined(&coord, honest.iter().map(|(id, _)| id));
 }
 
 #[test]
@@ -522,12 +488,7 @@ fn canaries_catch_a_cheat_that_no_session_has_used_yet() {
         assert!(Instant::now() < deadline, "no canary passed");
         std::thread::sleep(Duration::from_millis(200));
     }
-    for (id, _) in &nodes {
-        assert!(!coord
-            .seen
-            .iter()
-            .any(|l| l.starts_with(&format!("peer quarantined {id}"))));
-    }
+    common::never_quarantined(&coord, nodes.iter().map(|(id, _)| id));
 }
 
 #[test]

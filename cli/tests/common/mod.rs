@@ -277,3 +277,38 @@ pub fn small_pool(dir: &std::path::Path, extra: &[&str]) -> (Proc, Proc, String)
     );
     (coord, node, http)
 }
+
+/// Starts a node of the public pool (see [`node`]) and waits until the coordinator says it
+/// serves `blocks` (e.g. "0..30"); returns its peer id and process.
+pub fn serving_node(
+    dir: &std::path::Path,
+    name: &str,
+    coord: &mut Proc,
+    bootstrap: &str,
+    extra: &[&str],
+    blocks: &str,
+) -> (String, Proc) {
+    let (p, id) = node(dir, name, "public", bootstrap, extra);
+    let line = format!("peer {id} serves blocks {blocks}");
+    assert!(
+        coord
+            .wait_for(Instant::now() + Duration::from_secs(60), |l| l
+                .starts_with(&line))
+            .is_some(),
+        "{name} never served: {:?}",
+        coord.seen
+    );
+    (id, p)
+}
+
+/// Panics if the coordinator quarantined any of `ids`.
+pub fn never_quarantined<'a>(coord: &Proc, ids: impl IntoIterator<Item = &'a String>) {
+    for id in ids {
+        let line = format!("peer quarantined {id}");
+        assert!(
+            !coord.seen.iter().any(|l| l.starts_with(&line)),
+            "{id} was quarantined: {:?}",
+            coord.seen
+        );
+    }
+}

@@ -133,18 +133,7 @@ impl Coordinator {
             job.picked[i].step,
             c.detail()
         );
-        {
-            let mut st = self.state();
-            if let Some(key) = st.key_of(peer) {
-                st.trust
-                    .record(&key, c.verdict, potluck_net::swarm::unix_now() as f64);
-            }
-        }
-        self.metrics.check(match c.verdict {
-            Verdict::Pass => "canary_pass",
-            Verdict::Inconclusive => "canary_inconclusive",
-            Verdict::Fail => "canary_fail",
-        });
+        self.note_verdict(peer, c.verdict, "canary");
         if let Some(audit) = &self.audit {
             audit.record(Record::Canary {
                 peer: peer.to_string(),

@@ -198,18 +198,7 @@ impl Coordinator {
             job.picked[worst].step,
             d.first.detail()
         );
-        {
-            let mut st = self.state();
-            if let Some(key) = st.key_of(job.peer) {
-                st.trust
-                    .record(&key, d.verdict, potluck_net::swarm::unix_now() as f64);
-            }
-        }
-        self.metrics.check(match d.verdict {
-            Verdict::Pass => "spot_pass",
-            Verdict::Inconclusive => "spot_inconclusive",
-            Verdict::Fail => "spot_fail",
-        });
+        self.note_verdict(job.peer, d.verdict, "spot");
         tracing::info!(peer = %job.peer, %checker, verdict = d.verdict.as_str(), "{detail}");
         if let Some(audit) = &self.audit {
             audit.record(Record::Check {
@@ -264,6 +253,19 @@ impl Coordinator {
                 });
             }
         }
+    }
+
+    /// Counts a verdict on `peer`'s work in its trust record and in the metrics (as
+    /// `{what}_{verdict}`).
+    pub(super) fn note_verdict(&self, peer: PeerId, verdict: Verdict, what: &str) {
+        {
+            let mut st = self.state();
+            if let Some(key) = st.key_of(peer) {
+                st.trust
+                    .record(&key, verdict, potluck_net::swarm::unix_now() as f64);
+            }
+        }
+        self.metrics.check(&format!("{what}_{}", verdict.as_str()));
     }
 
     /// Waits until every spot check started so far has finished.
