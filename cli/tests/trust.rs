@@ -115,6 +115,20 @@ fn a_node_that_corrupts_its_outputs_is_quarantined_and_honest_ones_never_are() {
         })
         .collect();
     assert_eq!(status.get(&cheat).map(String::as_str), Some("quarantined"));
+    // Its reputation (the bound the router weighs peers by) is below every checked honest
+    // node's.
+    let reputation = |p: &Value| p["reputation"].as_f64().unwrap_or(f64::NAN);
+    let peers = pool["peers"].as_array().unwrap();
+    let cheat_rep = peers
+        .iter()
+        .find(|p| p["id"] == cheat.as_str())
+        .map(reputation)
+        .unwrap();
+    for p in peers.iter().filter(|p| p["id"] != cheat.as_str()) {
+        if p["checked_jobs"].as_u64().unwrap_or(0) > 0 {
+            assert!(reputation(p) > cheat_rep, "{p} vs {cheat_rep}");
+        }
+    }
 
     // The audit log: a failed check and the quarantine for the cheat, passed checks for the
     // others, and it verifies.

@@ -39,13 +39,13 @@ pub fn snapshot(c: &Coordinator) -> Value {
             .table
             .peers()
             .iter()
-            .map(|p| (p.key, p.advert.clone(), p.rtt_ms))
+            .map(|p| (p.key, p.advert.clone(), p.rtt_ms, st.trust.get(&p.key)))
             .collect();
         (peers, plan)
     };
     let peers: Vec<Value> = peers
         .into_iter()
-        .map(|(key, a, rtt)| {
+        .map(|(key, a, rtt, trust)| {
             let (loaded, loading, excluded) = c.peer_status(&key);
             let planned = plan.as_ref().and_then(|p| p.span_of(&key)).map(|s| s.range);
             let status = if let Some(why) = excluded {
@@ -69,7 +69,10 @@ pub fn snapshot(c: &Coordinator) -> Value {
                 "rtt_ms": rtt,
                 "layers": planned.map(|r| [r.start, r.end]),
                 "status": status,
-                "reputation": null,
+                // The lower confidence bound the router weighs peers by, and its evidence.
+                "reputation": trust.lower_bound(),
+                "checked_jobs": trust.checked,
+                "valid_streak": trust.consecutive_valid,
                 "advert_expires_at": a.expires_at,
             })
         })
