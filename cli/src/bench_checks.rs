@@ -205,14 +205,7 @@ pub fn detection(trials: usize) -> Result<()> {
             .map(|n| format!("{:>15}", format!("N={n}")))
             .collect::<String>()
     );
-    let mut rng = 0x5EED_u64;
-    let mut uniform = move || {
-        rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = potluck_engine::rng::Rng::new(0x5EED);
     let max = *horizons.last().unwrap_or(&0);
     for p_min in [0.01, 0.05, 0.1] {
         for x in [0.01, 0.05, 0.2, 1.0] {
@@ -223,7 +216,7 @@ pub fn detection(trials: usize) -> Result<()> {
                 let mut at = max + 1;
                 for job in 1..=max {
                     let checked = trust.pick(&0u8);
-                    let corrupt = uniform() < x;
+                    let corrupt = rng.next_f64() < x;
                     if checked && corrupt {
                         at = job;
                         break;

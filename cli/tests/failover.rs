@@ -120,11 +120,10 @@ fn killing_the_serving_node_mid_stream_never_changes_the_answer() {
     {
         let mut victim = None;
         let (got, events, done) = stream_and_kill(&http, kill_after, |peer| {
-            let mut p = nodes
+            nodes
                 .remove(peer)
-                .unwrap_or_else(|| panic!("{peer} is not a node"));
-            let _ = p.child.kill();
-            let _ = p.child.wait();
+                .unwrap_or_else(|| panic!("{peer} is not a node"))
+                .kill();
             victim = Some(peer.to_string());
         });
         assert!(victim.is_some(), "round {round}: nothing was killed");
@@ -172,9 +171,8 @@ fn when_every_node_is_gone_clients_get_a_clear_error_not_a_hang() {
     } = pool(dir.path(), 2);
     let started = Instant::now();
     let (_, events, _) = stream_and_kill(&http, 5, |_| {
-        for (_, mut p) in nodes.drain() {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
+        for (_, p) in nodes.drain() {
+            p.kill();
         }
     });
     assert!(
@@ -320,9 +318,7 @@ fn a_span_without_replica_is_re_planned_onto_the_others_and_replayed() {
     let (want, events, done) = stream_and_kill(&http, usize::MAX, |_| {});
     assert!(done, "{events:?} {:?}", coord.seen);
     let (got, events, done) = stream_and_kill(&http, 30, |_| {
-        let mut p = nodes.remove(&victim).expect("the victim runs");
-        let _ = p.child.kill();
-        let _ = p.child.wait();
+        nodes.remove(&victim).expect("the victim runs").kill();
     });
     assert!(
         done && events.iter().all(|e| e.get("error").is_none()),
@@ -334,6 +330,20 @@ fn a_span_without_replica_is_re_planned_onto_the_others_and_replayed() {
         l.starts_with("plan epoch ") && !l.contains(&victim)
     });
     assert!(replanned.is_some(), "{:?}", coord.seen);
+}
+
+/// Waits for a coordinator line starting with each of `lines`, each within 20 s.
+fn expect_lines(coord: &mut Proc, lines: &[String]) {
+    for line in lines {
+        assert!(
+            coord
+                .wait_for(Instant::now() + Duration::from_secs(20), |l| l
+                    .starts_with(line))
+                .is_some(),
+            "no {line:?}: {:?}",
+            coord.seen
+        );
+    }
 }
 
 #[test]
@@ -350,20 +360,15 @@ fn a_node_that_comes_back_is_planned_again_and_a_node_that_stays_away_is_gone() 
     let soon = || Instant::now() + Duration::from_secs(20);
 
     // a crashes: the pool routes around it and dials it again, waiting longer each time...
-    let mut p = nodes.remove(&a).unwrap();
-    let _ = p.child.kill();
-    let _ = p.child.wait();
-    for line in [
-        format!("peer unreachable {a}"),
-        format!("peer {a} not back; dialling it (try 1), next step in 1.0 s"),
-        format!("peer {a} not back; dialling it (try 2), next step in 2.0 s"),
-    ] {
-        assert!(
-            coord.wait_for(soon(), |l| l.starts_with(&line)).is_some(),
-            "no {line:?}: {:?}",
-            coord.seen
-        );
-    }
+    nodes.remove(&a).expect("node a").kill();
+    expect_lines(
+        &mut coord,
+        &[
+            format!("peer unreachable {a}"),
+            format!("peer {a} not back; dialling it (try 1), next step in 1.0 s"),
+            format!("peer {a} not back; dialling it (try 2), next step in 2.0 s"),
+        ],
+    );
     // ...and once it restarts with the same identity it is back at once, is planned and
     // loads its span again.
     let serves = format!("peer {a} serves blocks 0..30 (epoch");
@@ -395,23 +400,18 @@ fn a_node_that_comes_back_is_planned_again_and_a_node_that_stays_away_is_gone() 
 
     // b crashes and stays away: its dials come 1, 2 and 4 s apart, it is gone 8 s after the
     // last, and a takes the work.
-    let mut p = nodes.remove(&b).unwrap();
-    let _ = p.child.kill();
-    let _ = p.child.wait();
-    for line in [
-        format!("peer unreachable {b}"),
-        format!("peer {b} not back; dialling it (try 1), next step in 1.0 s"),
-        format!("peer {b} not back; dialling it (try 2), next step in 2.0 s"),
-        format!("peer {b} not back; dialling it (try 3), next step in 4.0 s"),
-        format!("peer {b} not back; dialling it (try 4), next step in 8.0 s"),
-        format!("peer gone {b}: not back after 4 dials"),
-    ] {
-        assert!(
-            coord.wait_for(soon(), |l| l.starts_with(&line)).is_some(),
-            "no {line:?}: {:?}",
-            coord.seen
-        );
-    }
+    nodes.remove(&b).expect("node b").kill();
+    expect_lines(
+        &mut coord,
+        &[
+            format!("peer unreachable {b}"),
+            format!("peer {b} not back; dialling it (try 1), next step in 1.0 s"),
+            format!("peer {b} not back; dialling it (try 2), next step in 2.0 s"),
+            format!("peer {b} not back; dialling it (try 3), next step in 4.0 s"),
+            format!("peer {b} not back; dialling it (try 4), next step in 8.0 s"),
+            format!("peer gone {b}: not back after 4 dials"),
+        ],
+    );
     let (got, events, done) = stream_and_kill(&http, usize::MAX, |_| {});
     assert!(
         done && events.iter().all(|e| e.get("error").is_none()),

@@ -69,9 +69,7 @@ fn a_restarted_coordinator_gets_its_nodes_and_plan_back() {
     let before = spans(&mut coord, &ids);
     let answer = chat(&http);
 
-    let _ = coord.child.kill();
-    let _ = coord.child.wait();
-    drop(coord);
+    coord.kill();
     let (mut coord, http) = start_coordinator(dir.path(), port);
     let after = spans(&mut coord, &ids);
     assert_eq!(before, after, "the plan changed");

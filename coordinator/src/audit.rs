@@ -229,18 +229,27 @@ pub fn receipt_hex(r: &Receipt) -> String {
     encode_body(r).map(|b| to_hex(&b)).unwrap_or_default()
 }
 
-/// Checks one line against the chain so far, updating `sum`.
-fn check_line(line_no: u64, text: &str, sum: &mut Summary) -> Result<Entry, AuditError> {
-    let broken = |why: String| AuditError::Broken { line: line_no, why };
+/// One line taken apart: its entry, the entry's hash (checked against the line's) and the
+/// signature over it (not yet verified).
+fn read_line(text: &str) -> Result<(Entry, [u8; 32], Signature), String> {
     let line: LineIn<'_> =
-        serde_json::from_str(text).map_err(|e| broken(format!("not a log line: {e}")))?;
+        serde_json::from_str(text).map_err(|e| format!("not a log line: {e}"))?;
     let raw = line.entry.get();
     let hash = digest(raw.as_bytes());
     if from_hex_array::<32>(&line.hash) != Some(hash) {
-        return Err(broken("the entry does not match its hash".into()));
+        return Err("the entry does not match its hash".into());
     }
-    let entry: Entry =
-        serde_json::from_str(raw).map_err(|e| broken(format!("not an entry: {e}")))?;
+    let entry: Entry = serde_json::from_str(raw).map_err(|e| format!("not an entry: {e}"))?;
+    let sig = from_hex_array::<64>(&line.sig)
+        .map(Signature)
+        .ok_or("bad signature encoding")?;
+    Ok((entry, hash, sig))
+}
+
+/// Checks one line against the chain so far, updating `sum`.
+fn check_line(line_no: u64, text: &str, sum: &mut Summary) -> Result<Entry, AuditError> {
+    let broken = |why: String| AuditError::Broken { line: line_no, why };
+    let (entry, hash, sig) = read_line(text).map_err(broken)?;
     if entry.seq != sum.entries {
         return Err(broken(format!(
             "entry {} where {} belongs (a line was dropped or moved)",
@@ -264,9 +273,6 @@ fn check_line(line_no: u64, text: &str, sum: &mut Summary) -> Result<Entry, Audi
     let key = sum
         .key
         .ok_or_else(|| broken("the log does not start by naming its key".into()))?;
-    let sig = from_hex_array::<64>(&line.sig)
-        .map(Signature)
-        .ok_or_else(|| broken("bad signature encoding".into()))?;
     key.verify(AUDIT_DOMAIN, &hash, &sig)
         .map_err(|_| broken("the coordinator's signature does not verify".into()))?;
     for (peer, hex) in entry.record.receipts() {
@@ -381,22 +387,13 @@ fn tail(path: &Path, key: &PublicKey) -> Result<(u64, [u8; 32]), AuditError> {
         line: 0,
         why: "the last line is not UTF-8".into(),
     })?;
-    let broken = |why: &str| AuditError::Broken {
+    let broken = |why: String| AuditError::Broken {
         line: 0,
-        why: format!("the last line {why}"),
+        why: format!("the last line: {why}"),
     };
-    let line: LineIn<'_> = serde_json::from_str(text).map_err(|_| broken("is not a log line"))?;
-    let hash = digest(line.entry.get().as_bytes());
-    if from_hex_array::<32>(&line.hash) != Some(hash) {
-        return Err(broken("does not match its hash"));
-    }
-    let sig = from_hex_array::<64>(&line.sig)
-        .map(Signature)
-        .ok_or_else(|| broken("has a bad signature"))?;
+    let (entry, hash, sig) = read_line(text).map_err(broken)?;
     key.verify(AUDIT_DOMAIN, &hash, &sig)
-        .map_err(|_| broken("is not signed by this coordinator"))?;
-    let entry: Entry =
-        serde_json::from_str(line.entry.get()).map_err(|_| broken("is not an entry"))?;
+        .map_err(|_| broken("not signed by this coordinator".into()))?;
     Ok((entry.seq + 1, hash))
 }
 

@@ -112,6 +112,16 @@ impl Comparison {
         )
     }
 
+    /// How much worse than `other` its distances are, verdict aside: lower cosine, then
+    /// higher relative L2, then larger log-probability difference.
+    pub fn severity(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .cos
+            .total_cmp(&self.cos)
+            .then(self.rel_l2.total_cmp(&other.rel_l2))
+            .then(self.logprob.total_cmp(&other.logprob))
+    }
+
     /// The distances, for logs and the audit log.
     pub fn detail(&self) -> String {
         format!(

@@ -1,7 +1,8 @@
 //! `potluck coordinator`: join the pool's swarm, verify every capacity advert into the peer
 //! table, route around peers that disconnect or go quiet (dialling them again until they
-//! come back or count as gone), re-plan as peers come and go, and send each peer its span. Prints its listen addresses for nodes' `--bootstrap`, one line per peer that
-//! joins or leaves, and each new plan.
+//! come back or count as gone), re-plan as peers come and go, and send each peer its span.
+//! Prints its listen addresses for nodes' `--bootstrap`, one line per peer that joins or
+//! leaves, and each new plan.
 
 use crate::audit::{AuditError, AuditLog, AUDIT_FILE};
 use crate::model::ServedModel;

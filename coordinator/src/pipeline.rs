@@ -33,6 +33,11 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Extra time per input position (prefill of long prompts on slow peers).
 pub const STEP_TIMEOUT_PER_POSITION: Duration = Duration::from_millis(20);
 
+/// How long a stage gets to answer a request of `positions` input positions.
+pub fn step_timeout(positions: usize) -> Duration {
+    STEP_TIMEOUT + STEP_TIMEOUT_PER_POSITION * positions.min(u32::MAX as usize) as u32
+}
+
 /// Top alternatives every last stage reports with its token, for spot checks.
 pub const CHECK_TOP_LOGPROBS: u32 = 5;
 
@@ -508,7 +513,7 @@ impl RemotePipeline {
         }
         let started = Instant::now();
         let sample = self.sample_spec(history);
-        let timeout = STEP_TIMEOUT + STEP_TIMEOUT_PER_POSITION * tokens.len() as u32;
+        let timeout = step_timeout(tokens.len());
         // Move off peers that are leaving (or were dropped) before they are gone.
         if let Some(reroute) = self.reroute.clone() {
             let mut i = 0;

@@ -909,9 +909,7 @@ impl Coordinator {
             }
         })
     }
-}
 
-impl Coordinator {
     /// What a session's pipeline needs to know about the model.
     fn chain_model(&self) -> ChainModel {
         let cfg = &self.model.config;
@@ -986,6 +984,7 @@ impl Reroute for Coordinator {
     }
 
     fn disputed(&self, peer: PeerId, why: &str) {
+        self.record_trust(peer, crate::compare::Verdict::Fail);
         self.quarantine(peer, why);
     }
 }

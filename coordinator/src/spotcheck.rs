@@ -9,13 +9,12 @@
 //! (`potluck bench --checks`), as much as some cheats would.
 
 use crate::metrics::Metrics;
-use crate::pipeline::{check_hop, exchange, open_stream, ChainModel, Hop, PipelineError};
+use crate::pipeline::{
+    check_hop, exchange, open_stream, step_timeout, ChainModel, Hop, PipelineError,
+};
 use crate::planner::Span;
 use libp2p::PeerId;
-use potluck_protocol::messages::{
-    Receipt, StageForward, StageInputWire, StageOutputWire, StageResult,
-};
-use std::time::Duration;
+use potluck_protocol::messages::{Receipt, StageForward, StageOutputWire, StageResult};
 
 /// A peer's work for one session on one span (a job), to be checked whole.
 #[derive(Debug, Clone)]
@@ -56,20 +55,6 @@ pub struct Reference {
     pub receipt: Receipt,
 }
 
-/// Input positions a request carries.
-fn positions(input: &StageInputWire) -> usize {
-    match input {
-        StageInputWire::Tokens(t) => t.len(),
-        StageInputWire::Hidden(h) => h.dims().first().copied().unwrap_or(0),
-    }
-}
-
-/// How long one recomputed request may take.
-fn timeout_for(req: &StageForward) -> Duration {
-    crate::pipeline::STEP_TIMEOUT
-        + crate::pipeline::STEP_TIMEOUT_PER_POSITION * positions(&req.input) as u32
-}
-
 /// Recomputes `job` on `checker` (a span equal to the checked one) and returns the
 /// checker's version of each picked result, in order. Each request replayed counts as
 /// `recomputed` in `metrics`.
@@ -95,7 +80,7 @@ pub async fn recompute(
     let wanted: Vec<u64> = job.picked.iter().map(|p| p.step).collect();
     for req in &job.journal {
         metrics.check("recomputed");
-        let r = exchange(&mut hop, req, timeout_for(req)).await?;
+        let r = exchange(&mut hop, req, step_timeout(req.input.positions())).await?;
         check_hop(model, None, &hop, job.last, req, &r)?;
         if wanted.get(refs.len()) == Some(&req.step) {
             let StageResult {

@@ -5,6 +5,7 @@
 //! decaying, and the router prefers peers by its lower confidence bound. No clock or network
 //! here: callers pass the time, so the simulator and benches drive the same code.
 
+use potluck_engine::rng::Rng;
 use std::collections::HashMap;
 use std::hash::Hash;
 
@@ -71,7 +72,8 @@ impl PeerTrust {
 pub struct Trust<K> {
     p_min: f64,
     peers: HashMap<K, PeerTrust>,
-    rng: u64,
+    // Draws must not be predictable from the wire, only reproducible here.
+    rng: Rng,
 }
 
 impl<K: Hash + Eq + Clone> Trust<K> {
@@ -80,7 +82,7 @@ impl<K: Hash + Eq + Clone> Trust<K> {
         Self {
             p_min: p_min.clamp(0.0, 1.0),
             peers: HashMap::new(),
-            rng: seed ^ 0xD1B5_4A32_D192_ED03,
+            rng: Rng::new(seed),
         }
     }
 
@@ -89,18 +91,9 @@ impl<K: Hash + Eq + Clone> Trust<K> {
         self.p_min
     }
 
-    fn uniform(&mut self) -> f64 {
-        // splitmix64: the draws must not be predictable from the wire, only reproducible here.
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
     /// A uniform pick among `n` choices (0 when `n` is 0).
     pub fn draw(&mut self, n: usize) -> usize {
-        ((self.uniform() * n as f64) as usize).min(n.saturating_sub(1))
+        ((self.rng.next_f64() * n as f64) as usize).min(n.saturating_sub(1))
     }
 
     /// Decides whether `peer`'s new result is checked. A floor of 0 turns checks off,
@@ -113,7 +106,7 @@ impl<K: Hash + Eq + Clone> Trust<K> {
             .peers
             .get(peer)
             .map_or(1.0, |t| t.check_probability(self.p_min));
-        let picked = self.uniform() < p;
+        let picked = self.rng.next_f64() < p;
         if !picked {
             self.peers.entry(peer.clone()).or_default().unchecked += 1;
         }

@@ -87,12 +87,7 @@ pub fn check_result(
     if r.body.layers != want.layers {
         return Err(ResultRejection::WrongLayers(r.body.layers));
     }
-    let positions = match &req.input {
-        potluck_protocol::messages::StageInputWire::Tokens(t) => t.len(),
-        potluck_protocol::messages::StageInputWire::Hidden(h) => {
-            h.dims().first().copied().unwrap_or(0)
-        }
-    };
+    let positions = req.input.positions();
     match (&res.output, want.last) {
         (StageOutputWire::Hidden(h), false) => {
             if h.dims() != [positions, want.hidden] {

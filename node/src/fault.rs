@@ -74,6 +74,7 @@ pub use inject::Injector;
 #[cfg(feature = "fault-injection")]
 mod inject {
     use super::{FaultKind, FaultPlan};
+    use potluck_engine::rng::Rng;
     use potluck_protocol::messages::{StageInputWire, StageOutputWire, StageResult};
     use potluck_protocol::tensor::{WireDType, WireTensor};
     use std::collections::HashMap;
@@ -81,7 +82,7 @@ mod inject {
     /// Applies a [`FaultPlan`] to a stage's outputs.
     pub struct Injector {
         plan: FaultPlan,
-        state: u64,
+        rng: Rng,
         /// Each session's last honest output, for [`FaultKind::Stale`].
         last: HashMap<u64, StageOutputWire>,
         /// Each session's last signed result, for [`FaultKind::Replay`].
@@ -93,7 +94,7 @@ mod inject {
         pub fn new(plan: FaultPlan) -> Self {
             Self {
                 plan,
-                state: plan.seed ^ 0x9E37_79B9_7F4A_7C15,
+                rng: Rng::new(plan.seed),
                 last: HashMap::new(),
                 last_result: HashMap::new(),
             }
@@ -106,7 +107,7 @@ mod inject {
                 return result;
             }
             let previous = self.last_result.insert(cache, result.clone());
-            if self.uniform() >= self.plan.rate {
+            if self.rng.next_f64() >= self.plan.rate {
                 return result;
             }
             match (kind, previous) {
@@ -129,25 +130,6 @@ mod inject {
             }
         }
 
-        fn next_u64(&mut self) -> u64 {
-            // splitmix64: small, seeded, good enough to pick victims.
-            self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
-        fn uniform(&mut self) -> f64 {
-            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-        }
-
-        fn gaussian(&mut self) -> f32 {
-            let u = self.uniform().max(1e-12);
-            let v = self.uniform();
-            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-        }
-
         /// `output` as computed for session `cache` from `input`, corrupted or not.
         pub fn apply(
             &mut self,
@@ -157,7 +139,7 @@ mod inject {
         ) -> StageOutputWire {
             let previous = self.last.insert(cache, output.clone());
             if matches!(self.plan.kind, FaultKind::Forge | FaultKind::Replay)
-                || self.uniform() >= self.plan.rate
+                || self.rng.next_f64() >= self.plan.rate
             {
                 return output;
             }
@@ -174,7 +156,7 @@ mod inject {
                                 / v.len().max(1) as f32)
                                 .sqrt();
                             for x in &mut v {
-                                *x += 0.05 * rms * self.gaussian();
+                                *x += 0.05 * rms * self.rng.normal();
                             }
                         }
                         FaultKind::Zeros => v.iter_mut().for_each(|x| *x = 0.0),

@@ -88,6 +88,16 @@ pub enum StageInputWire {
     Hidden(WireTensor),
 }
 
+impl StageInputWire {
+    /// How many positions it covers (0 for a tensor without dimensions).
+    pub fn positions(&self) -> usize {
+        match self {
+            StageInputWire::Tokens(t) => t.len(),
+            StageInputWire::Hidden(h) => h.dims().first().copied().unwrap_or(0),
+        }
+    }
+}
+
 /// How the last stage should pick a token, when it samples itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleSpec {

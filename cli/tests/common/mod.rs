@@ -83,6 +83,13 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// SIGKILLs the process and reaps it: a crash, as the pool sees it.
+    pub fn kill(self) {
+        drop(self);
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();

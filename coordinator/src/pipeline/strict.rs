@@ -5,7 +5,7 @@
 //! goes on and the other is quarantined. With no third peer, or no majority, the step fails
 //! rather than release a token nobody vouches for.
 
-use super::{check_hop, exchange, open_stream, Hop, PipelineError, RemotePipeline};
+use super::{check_hop, exchange, Hop, PipelineError, RemotePipeline};
 use crate::compare::{compare, tolerance, Verdict};
 use potluck_protocol::messages::{StageForward, StageResult};
 use std::time::Duration;
@@ -29,43 +29,23 @@ impl RemotePipeline {
         let last = i + 1 == self.hops.len();
         let mut avoid: Vec<libp2p::PeerId> = not.to_vec();
         avoid.extend(self.avoid.iter().copied());
+        let journal = self.hops[i].journal.clone();
         for _ in 0..TWIN_ATTEMPTS {
             let Some((span, peer)) = reroute.twin(range, &avoid) else {
                 return Ok(None);
             };
             avoid.push(peer);
-            let stream = match open_stream(&mut self.control, peer).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, "twin unreachable: {e}");
-                    continue;
+            // Opened and replayed like any replacement of the hop.
+            match self
+                .replacement(vec![(span, peer)], &journal, last, timeout)
+                .await
+            {
+                Ok(mut hops) => {
+                    if let Some(hop) = hops.pop() {
+                        return Ok(Some(hop));
+                    }
                 }
-            };
-            let mut hop = Hop {
-                span,
-                peer,
-                label: peer.to_string(),
-                stream,
-                journal: Vec::new(),
-                picked: Vec::new(),
-                checked: Some(false),
-                twin: None,
-            };
-            let mut ok = true;
-            for req in self.hops[i].journal.clone() {
-                let replayed = match exchange(&mut hop, &req, timeout).await {
-                    Ok(r) => check_hop(&self.model, self.audit.as_ref(), &hop, last, &req, &r),
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = replayed {
-                    tracing::debug!(%peer, "twin replay failed: {e}");
-                    ok = false;
-                    break;
-                }
-                hop.journal.push(req);
-            }
-            if ok {
-                return Ok(Some(hop));
+                Err(e) => tracing::debug!(%peer, "twin could not be brought up to date: {e}"),
             }
         }
         Ok(None)

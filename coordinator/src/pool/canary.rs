@@ -4,16 +4,15 @@
 //! other. Canaries reach what spot checks cannot: a span only one node holds now (there is
 //! nobody to recompute on), and nodes that the router rarely picks.
 
+use super::checks::cmp;
 use super::Coordinator;
 use crate::audit::{receipt_hex, Record};
-use crate::compare::{compare, tolerance, Verdict};
+use crate::compare::Verdict;
 use crate::planner::Span;
-use crate::spotcheck::{recompute, CheckJob};
+use crate::spotcheck::CheckJob;
 use libp2p::PeerId;
-use potluck_net::swarm::peer_id_of;
 use potluck_protocol::messages::LayerRange;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 
 /// Known-good jobs kept per span.
 const BANK_PER_SPAN: usize = 8;
@@ -65,23 +64,7 @@ impl Coordinator {
     /// Sends a canary to every serving node that a kept job fits (at most two at a time,
     /// sharing the spot checks' slots).
     pub fn canary_round(&self) {
-        let serving: Vec<(Span, PeerId)> = {
-            let st = self.state();
-            st.loaded
-                .iter()
-                .filter(|(k, _)| !st.is_excluded(k))
-                .filter_map(|(k, r)| {
-                    Some((
-                        Span {
-                            peer: *k,
-                            range: *r,
-                        },
-                        peer_id_of(k)?,
-                    ))
-                })
-                .collect()
-        };
-        for (span, peer) in serving {
+        for (span, peer) in self.serving() {
             let draw = self.state().trust.draw(usize::MAX);
             let canary = self
                 .canaries
@@ -100,17 +83,8 @@ impl Coordinator {
             return;
         };
         let peer = target.1;
-        let job = canary
-            .job
-            .under_session(self.next_session.fetch_add(1, Ordering::Relaxed));
-        let model = self.chain_model();
-        let mut control = self.control.clone();
-        let started = std::time::Instant::now();
-        let answers = recompute(&mut control, target, &job, &model, &self.metrics).await;
-        self.metrics
-            .check_seconds
-            .inc_by(started.elapsed().as_secs_f64());
-        let answers = match answers {
+        let (job, session) = (canary.job, self.fresh_session());
+        let answers = match self.replay_on(target, &job, session).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(%peer, "canary could not run: {e}");
@@ -118,15 +92,16 @@ impl Coordinator {
             }
         };
         // The kept results are the known answers; the node's new ones are under check.
-        let mut worst: Option<(usize, crate::compare::Comparison)> = None;
-        for (i, (known, got)) in job.picked.iter().zip(&answers).enumerate() {
-            let tol = tolerance(&got.receipt.body.numeric, &known.receipt.body.numeric);
-            let (c, _) = compare(&got.output, &known.output, &tol);
-            if worst.as_ref().is_none_or(|(_, w)| c.verdict > w.verdict) {
-                worst = Some((i, c));
-            }
-        }
-        let Some((i, c)) = worst else { return };
+        let Some((i, c)) = job
+            .picked
+            .iter()
+            .zip(&answers)
+            .map(|(known, got)| cmp((&got.output, &got.receipt), (&known.output, &known.receipt)))
+            .enumerate()
+            .max_by(|(_, a), (_, b)| a.verdict.cmp(&b.verdict).then(a.severity(b)))
+        else {
+            return;
+        };
         let detail = format!(
             "{} results; worst at step {}: {}",
             answers.len(),
@@ -137,7 +112,7 @@ impl Coordinator {
         if let Some(audit) = &self.audit {
             audit.record(Record::Canary {
                 peer: peer.to_string(),
-                session: job.picked[i].session,
+                session,
                 step: job.picked[i].step,
                 verdict: c.verdict.as_str().into(),
                 detail: detail.clone(),

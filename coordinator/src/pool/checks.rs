@@ -6,6 +6,7 @@
 use super::{Coordinator, Exclusion, QUARANTINE};
 use crate::audit::{receipt_hex, Record};
 use crate::compare::{compare, tolerance, Comparison, Verdict};
+use crate::pipeline::PipelineError;
 use crate::planner::Span;
 use crate::spotcheck::{recompute, CheckJob, Reference};
 use libp2p::PeerId;
@@ -24,7 +25,7 @@ struct Decision {
 
 /// Compares output `a` with reference `b`, each with the receipt that says how it was
 /// computed (which sets the tolerance).
-fn cmp(a: (&StageOutputWire, &Receipt), b: (&StageOutputWire, &Receipt)) -> Comparison {
+pub(super) fn cmp(a: (&StageOutputWire, &Receipt), b: (&StageOutputWire, &Receipt)) -> Comparison {
     let tol = tolerance(&a.1.body.numeric, &b.1.body.numeric);
     compare(a.0, b.0, &tol).0
 }
@@ -73,24 +74,60 @@ impl Coordinator {
         tokio::spawn(async move { this.run_check(job).await });
     }
 
-    /// Loaded spans of exactly `range` on peers other than `not`, in or out of the plan's
-    /// chain, that are not excluded.
-    fn replicas(&self, range: LayerRange, not: &[PeerId]) -> Vec<(Span, PeerId)> {
+    /// Every loaded span, in or out of the plan's chain, on a peer that is not excluded.
+    pub(super) fn serving(&self) -> Vec<(Span, PeerId)> {
         let st = self.state();
         st.loaded
             .iter()
-            .filter(|(k, r)| **r == range && !st.is_excluded(k))
+            .filter(|(k, _)| !st.is_excluded(k))
             .filter_map(|(k, r)| {
-                let p = peer_id_of(k)?;
-                (!not.contains(&p)).then_some((
+                Some((
                     Span {
                         peer: *k,
                         range: *r,
                     },
-                    p,
+                    peer_id_of(k)?,
                 ))
             })
             .collect()
+    }
+
+    /// Loaded spans of exactly `range` on serving peers other than `not`.
+    fn replicas(&self, range: LayerRange, not: &[PeerId]) -> Vec<(Span, PeerId)> {
+        self.serving()
+            .into_iter()
+            .filter(|(s, p)| s.range == range && !not.contains(p))
+            .collect()
+    }
+
+    /// A session id no session has had (replays under it cannot be linked to the session
+    /// they came from, nor told from new work).
+    pub(super) fn fresh_session(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Replays `job` on `target` under `session`; the time counts as checking.
+    pub(super) async fn replay_on(
+        &self,
+        target: (Span, PeerId),
+        job: &CheckJob,
+        session: u64,
+    ) -> Result<Vec<Reference>, PipelineError> {
+        let job = job.under_session(session);
+        let started = std::time::Instant::now();
+        let mut control = self.control.clone();
+        let answers = recompute(
+            &mut control,
+            target,
+            &job,
+            &self.chain_model(),
+            &self.metrics,
+        )
+        .await;
+        self.metrics
+            .check_seconds
+            .inc_by(started.elapsed().as_secs_f64());
+        answers
     }
 
     /// A replica of `range` on a peer other than `not`, at random.
@@ -112,18 +149,13 @@ impl Coordinator {
         let Ok(_permit) = self.checks.clone().acquire_owned().await else {
             return;
         };
-        let model = self.chain_model();
-        let mut control = self.control.clone();
         let Some(first) = self.draw(self.replicas(job.span.range, &[job.peer])) else {
             self.metrics.check("unchecked");
             tracing::debug!(peer = %job.peer, "no replica to check against");
             return;
         };
         let checker = first.1;
-        // Replayed under a fresh id, the job cannot be linked to the session it came from.
-        let fresh = job.under_session(self.next_session.fetch_add(1, Ordering::Relaxed));
-        let started = std::time::Instant::now();
-        let answers = match recompute(&mut control, first, &fresh, &model, &self.metrics).await {
+        let answers = match self.replay_on(first, &job, self.fresh_session()).await {
             Ok(a) => a,
             Err(e) => {
                 self.metrics.check("check_failed");
@@ -131,38 +163,30 @@ impl Coordinator {
                 return;
             }
         };
-        // What the checker disputes goes to a third peer.
-        let disputed: Vec<usize> = job
+        let mut decisions: Vec<Decision> = job
             .picked
             .iter()
             .zip(&answers)
-            .enumerate()
-            .filter(|(_, (p, a))| decide(p, a, None).verdict != Verdict::Pass)
-            .map(|(i, _)| i)
+            .map(|(p, a)| decide(p, a, None))
             .collect();
-        self.metrics
-            .check_seconds
-            .inc_by(started.elapsed().as_secs_f64());
-        let mut thirds: Vec<Option<Reference>> = vec![None; answers.len()];
-        let third_peer = if disputed.is_empty() {
+        // What the checker disputes goes to a third peer, whose answers decide it.
+        let disputed: Vec<usize> = (0..decisions.len())
+            .filter(|&i| decisions[i].verdict != Verdict::Pass)
+            .collect();
+        let third = if disputed.is_empty() {
             None
         } else {
             self.draw(self.replicas(job.span.range, &[job.peer, checker]))
         };
-        if let Some(third) = third_peer.clone() {
+        if let Some(third) = third {
             let sub = CheckJob {
-                picked: disputed.iter().map(|&i| fresh.picked[i].clone()).collect(),
-                ..fresh.clone()
+                picked: disputed.iter().map(|&i| job.picked[i].clone()).collect(),
+                ..job.clone()
             };
-            let started = std::time::Instant::now();
-            let answers = recompute(&mut control, third, &sub, &model, &self.metrics).await;
-            self.metrics
-                .check_seconds
-                .inc_by(started.elapsed().as_secs_f64());
-            match answers {
+            match self.replay_on(third, &sub, self.fresh_session()).await {
                 Ok(a) => {
-                    for (i, r) in disputed.iter().zip(a) {
-                        thirds[*i] = Some(r);
+                    for (&i, r) in disputed.iter().zip(&a) {
+                        decisions[i] = decide(&job.picked[i], &answers[i], Some(r));
                     }
                 }
                 Err(e) => tracing::warn!("third check could not run: {e}"),
@@ -170,20 +194,9 @@ impl Coordinator {
         }
         // The job's verdict is its worst result's; the audit log keeps that result's
         // distances and receipts, and how many results each verdict had.
-        let decisions: Vec<Decision> = job
-            .picked
-            .iter()
-            .zip(&answers)
-            .zip(&thirds)
-            .map(|((p, a), t)| decide(p, a, t.as_ref()))
-            .collect();
         let Some(worst) = (0..decisions.len()).max_by(|&a, &b| {
             let (x, y) = (&decisions[a], &decisions[b]);
-            x.verdict
-                .cmp(&y.verdict)
-                .then(y.first.cos.total_cmp(&x.first.cos))
-                .then(x.first.rel_l2.total_cmp(&y.first.rel_l2))
-                .then(x.first.logprob.total_cmp(&y.first.logprob))
+            x.verdict.cmp(&y.verdict).then(x.first.severity(&y.first))
         }) else {
             return;
         };
@@ -227,21 +240,20 @@ impl Coordinator {
                 .keep(&job, checker);
         }
         if decisions.iter().any(|d| d.lying_checker) {
+            self.record_trust(checker, Verdict::Fail);
             self.quarantine(checker, "its recomputation disagreed with two other peers");
         }
     }
 
     /// Leaves `peer` out of the pool for [`QUARANTINE`], voids its results no check has
-    /// covered, and moves running sessions off it (rebuilding what it fed downstream).
+    /// covered, and moves running sessions off it (rebuilding what it fed downstream). The
+    /// failure itself is for the caller to record (see [`Coordinator::record_trust`]).
     pub fn quarantine(&self, peer: PeerId, why: &str) {
         let voided = {
             let mut st = self.state();
-            if let Some(key) = st.key_of(peer) {
-                st.trust
-                    .record(&key, Verdict::Fail, potluck_net::swarm::unix_now() as f64);
-                st.trust.void_unchecked(&key)
-            } else {
-                0
+            match st.key_of(peer) {
+                Some(key) => st.trust.void_unchecked(&key),
+                None => 0,
             }
         };
         let line = format!("peer quarantined {peer}: {why}; {voided} unchecked results voided");
@@ -258,14 +270,17 @@ impl Coordinator {
     /// Counts a verdict on `peer`'s work in its trust record and in the metrics (as
     /// `{what}_{verdict}`).
     pub(super) fn note_verdict(&self, peer: PeerId, verdict: Verdict, what: &str) {
-        {
-            let mut st = self.state();
-            if let Some(key) = st.key_of(peer) {
-                st.trust
-                    .record(&key, verdict, potluck_net::swarm::unix_now() as f64);
-            }
-        }
+        self.record_trust(peer, verdict);
         self.metrics.check(&format!("{what}_{}", verdict.as_str()));
+    }
+
+    /// Records a verdict on `peer`'s work in its trust record, now.
+    pub(crate) fn record_trust(&self, peer: PeerId, verdict: Verdict) {
+        let mut st = self.state();
+        if let Some(key) = st.key_of(peer) {
+            st.trust
+                .record(&key, verdict, potluck_net::swarm::unix_now() as f64);
+        }
     }
 
     /// Waits until every spot check started so far has finished.
