@@ -3,7 +3,6 @@
 //! run as one process, with the cost of each hop.
 
 use crate::models::ModelCache;
-use crate::pool::Tuning;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use potluck_engine::generate::{LocalPipeline, TokenSource};
@@ -196,9 +195,9 @@ async fn bench_pool_with(
         model,
         &base,
         &vec![limits; nodes],
-        &Tuning {
+        potluck_coordinator::daemon::CoordinatorConfig {
             check_share: args.check_share,
-            ..Tuning::default()
+            ..pool.coordinator_config(base.join("coordinator"))
         },
     )
     .await?;

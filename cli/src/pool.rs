@@ -35,6 +35,11 @@ pub struct PoolArgs {
 }
 
 impl PoolArgs {
+    /// A coordinator of this pool keeping its state in `data_dir`, otherwise at defaults.
+    pub fn coordinator_config(&self, data_dir: PathBuf) -> CoordinatorConfig {
+        CoordinatorConfig::new(data_dir, &self.pool, self.listen(), !self.no_mdns)
+    }
+
     /// The data folder: the flag, else `potluck/<role>` in the user's data folder.
     fn data_dir(&self, role: &str) -> Result<PathBuf> {
         if let Some(d) = &self.data_dir {
@@ -140,40 +145,18 @@ pub struct ServeArgs {
     pub verify: String,
     /// Seconds between rounds of canaries (jobs with known answers, sent as new work);
     /// 0: none.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = potluck_coordinator::daemon::DEFAULT_CANARY_INTERVAL.as_secs())]
     pub canary_interval: u64,
-}
-
-/// How a coordinator runs its pool, besides where.
-#[derive(Debug, Clone)]
-pub struct Tuning {
-    /// Sessions at once.
-    pub max_sessions: usize,
-    /// Adverts a node may miss.
-    pub missed_heartbeats: u32,
-    /// Least share of results spot-checked.
-    pub check_share: f64,
-    /// Every hop on two nodes that must agree.
-    pub strict: bool,
-    /// Seconds between canary rounds (0: none).
-    pub canary_interval: u64,
-}
-
-impl Default for Tuning {
-    fn default() -> Self {
-        Self {
-            max_sessions: potluck_coordinator::pool::DEFAULT_MAX_SESSIONS,
-            missed_heartbeats: potluck_coordinator::peer_table::DEFAULT_MISSED_HEARTBEATS,
-            check_share: potluck_coordinator::trust::DEFAULT_P_MIN,
-            strict: false,
-            canary_interval: 60,
-        }
-    }
 }
 
 impl ServeArgs {
-    /// The pool tuning these flags ask for.
-    pub fn tuning(&self) -> Result<Tuning> {
+    /// The configuration of a coordinator of `pool` keeping its state in `data_dir`, as
+    /// these flags tune it.
+    pub fn coordinator_config(
+        &self,
+        pool: &PoolArgs,
+        data_dir: PathBuf,
+    ) -> Result<CoordinatorConfig> {
         if !(0.0..=1.0).contains(&self.check_share) {
             anyhow::bail!("--check-share must be from 0 to 1");
         }
@@ -182,12 +165,14 @@ impl ServeArgs {
             "strict" => true,
             other => anyhow::bail!("--verify takes sampled or strict, not {other}"),
         };
-        Ok(Tuning {
+        Ok(CoordinatorConfig {
             max_sessions: self.max_sessions,
             missed_heartbeats: self.missed_heartbeats,
             check_share: self.check_share,
             strict,
-            canary_interval: self.canary_interval,
+            canary_interval: (self.canary_interval > 0)
+                .then(|| Duration::from_secs(self.canary_interval)),
+            ..pool.coordinator_config(data_dir)
         })
     }
 
@@ -389,34 +374,12 @@ async fn start_http(serve: &ServeArgs, c: Coordinator) -> Result<SocketAddr> {
     Ok(bound)
 }
 
-/// The coordinator's configuration from the shared flags.
-pub fn coordinator_config(
-    pool: &PoolArgs,
-    data_dir: PathBuf,
-    tuning: &Tuning,
-) -> CoordinatorConfig {
-    CoordinatorConfig {
-        data_dir,
-        pool: pool.pool.clone(),
-        listen: pool.listen(),
-        mdns: !pool.no_mdns,
-        max_sessions: tuning.max_sessions,
-        missed_heartbeats: tuning.missed_heartbeats,
-        check_share: tuning.check_share,
-        strict: tuning.strict,
-        canary_interval: (tuning.canary_interval > 0)
-            .then(|| Duration::from_secs(tuning.canary_interval)),
-    }
-}
-
 /// Runs `potluck coordinator`.
 pub fn run_coordinator(cache: &ModelCache, args: CoordinatorArgs) -> Result<()> {
     let model = served_model(cache, &args.serve.model)?;
-    let cfg = coordinator_config(
-        &args.pool,
-        args.pool.data_dir("coordinator")?,
-        &args.serve.tuning()?,
-    );
+    let cfg = args
+        .serve
+        .coordinator_config(&args.pool, args.pool.data_dir("coordinator")?)?;
     runtime()?.block_on(async {
         let running = coordinator::start(cfg, model)?;
         start_http(&args.serve, running.coordinator.clone()).await?;
@@ -441,7 +404,7 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
             model,
             &base,
             std::slice::from_ref(&args.limits),
-            &args.serve.tuning()?,
+            args.serve.coordinator_config(&args.pool, base.join("coordinator"))?,
         ).await?;
         let Some(prompt) = args.prompt else {
             let http = start_http(&args.serve, c.clone()).await?;
@@ -480,17 +443,17 @@ pub struct LocalPool {
     pub nodes: Vec<(libp2p::PeerId, tokio::task::JoinHandle<()>)>,
 }
 
-/// Starts a coordinator and one node per entry of `nodes` in this process, the nodes joined
-/// to it over loopback; returns once a chain of loaded spans covers the model.
+/// Starts a coordinator as `cfg` says and one node per entry of `nodes` in this process,
+/// the nodes joined to it over loopback; returns once a chain of loaded spans covers the
+/// model.
 pub async fn start_local_pool(
     cache: &ModelCache,
     pool: &PoolArgs,
     model: ServedModel,
     base: &std::path::Path,
     nodes: &[NodeLimits],
-    tuning: &Tuning,
+    cfg: CoordinatorConfig,
 ) -> Result<LocalPool> {
-    let cfg = coordinator_config(pool, base.join("coordinator"), tuning);
     let running = coordinator::start(cfg, model)?;
     let c = running.coordinator.clone();
     let bootstrap = local_address(running.listening).await?;

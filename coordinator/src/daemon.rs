@@ -42,6 +42,27 @@ pub struct CoordinatorConfig {
     pub canary_interval: Option<Duration>,
 }
 
+/// Time between canary rounds unless told otherwise.
+pub const DEFAULT_CANARY_INTERVAL: Duration = Duration::from_secs(60);
+
+impl CoordinatorConfig {
+    /// A coordinator of `pool` keeping its state in `data_dir`, listening on `listen`
+    /// (and on the LAN with `mdns`), with every other setting at its default.
+    pub fn new(data_dir: PathBuf, pool: &str, listen: Vec<Multiaddr>, mdns: bool) -> Self {
+        Self {
+            data_dir,
+            pool: pool.to_string(),
+            listen,
+            mdns,
+            max_sessions: crate::pool::DEFAULT_MAX_SESSIONS,
+            missed_heartbeats: crate::peer_table::DEFAULT_MISSED_HEARTBEATS,
+            check_share: crate::trust::DEFAULT_P_MIN,
+            strict: false,
+            canary_interval: Some(DEFAULT_CANARY_INTERVAL),
+        }
+    }
+}
+
 /// A started coordinator: its handle, and the addresses it listens on as they appear.
 pub struct Running {
     /// Sessions and pool state.
