@@ -1,5 +1,6 @@
 //! The pool as the coordinator sees it: peers whose signed capacity adverts verified, each
-//! kept until the coordinator decides it is gone (see `silent`). Anything doubtful is refused with a reason.
+//! kept until the coordinator decides it is gone (see `silent`). Anything doubtful is
+//! refused with a reason.
 
 use potluck_protocol::messages::{CapacityAdvert, ADVERT_DOMAIN};
 use potluck_protocol::signed::{PublicKey, Signed};

@@ -677,9 +677,9 @@ impl RemotePipeline {
     /// Replaces hop `i`, which failed with `cause`, by spans of other peers: a replica of its
     /// blocks at once, or whatever the pool re-plans and loads within [`FAILOVER_PATIENCE`].
     /// A re-plan may cut the blocks differently, so the smallest run of hops around `i` (and
-    /// reaching at least hop `through`) that the pool can cover is replaced. The first replaced hop's journal (its inputs before
-    /// this step) is replayed through the replacement, which rebuilds the session's caches
-    /// there. Returns where the step goes on: the first replaced hop, and the input it was
+    /// reaching at least hop `through`) that the pool can cover is replaced. The first
+    /// replaced hop's journal (its inputs before this step) is replayed through the
+    /// replacement, which rebuilds the session's caches there. Returns where the step goes on: the first replaced hop, and the input it was
     /// sent this step when that is not hop `i`.
     async fn failover(
         &mut self,
