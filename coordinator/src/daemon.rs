@@ -5,7 +5,8 @@
 //! leaves, and each new plan.
 
 use crate::audit::{AuditError, AuditLog, AUDIT_FILE};
-use crate::model::ServedModel;
+use crate::batch::{Batches, Store, STORE_FILE};
+use crate::model::{EmbeddingModel, ServedModel};
 use crate::peer_table::{Accepted, AdvertRejection, PeerTable};
 use crate::pool::Coordinator;
 use futures::StreamExt;
@@ -16,6 +17,7 @@ use potluck_protocol::codec::decode_frame;
 use potluck_protocol::messages::Message;
 use potluck_protocol::signed::PublicKey;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -40,6 +42,10 @@ pub struct CoordinatorConfig {
     pub strict: bool,
     /// Time between rounds of canaries (none: no canaries).
     pub canary_interval: Option<Duration>,
+    /// The sentence encoder `/v1/embeddings` runs on nodes holding it (none: no embeddings).
+    pub embedding_model: Option<EmbeddingModel>,
+    /// Agreeing results that validate a batch unit.
+    pub batch_quorum: usize,
 }
 
 /// Time between canary rounds unless told otherwise.
@@ -59,6 +65,8 @@ impl CoordinatorConfig {
             check_share: crate::trust::DEFAULT_P_MIN,
             strict: false,
             canary_interval: Some(DEFAULT_CANARY_INTERVAL),
+            embedding_model: None,
+            batch_quorum: crate::batch::DEFAULT_QUORUM,
         }
     }
 }
@@ -80,6 +88,9 @@ pub enum StartError {
     /// The audit log could not be opened or its end does not verify.
     #[error("audit log: {0}")]
     Audit(#[from] AuditError),
+    /// The job store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::batch::StoreError),
 }
 
 /// Starts the coordinator for `model`; its swarm runs on a task until the process ends.
@@ -88,12 +99,16 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
     let swarm::Started { mut swarm, key, .. } =
         swarm::start(&cfg.data_dir, &cfg.pool, &cfg.listen, &[], cfg.mdns)?;
     let audit = AuditLog::open(&cfg.data_dir.join(AUDIT_FILE), key, &cfg.pool)?;
+    let store = Arc::new(Store::open(&cfg.data_dir.join(STORE_FILE))?);
+    let batches = Batches::new(store, cfg.batch_quorum);
     let coordinator = Coordinator::new(
         model,
         swarm.behaviour().streams.new_control(),
         &cfg,
         Some(audit),
-    );
+    )
+    .with_batches(batches.clone());
+    batches.spawn(coordinator.clone());
     let (addrs_tx, listening) = watch::channel(Vec::new());
     let handle = coordinator.clone();
     tokio::spawn(async move {

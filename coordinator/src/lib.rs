@@ -6,6 +6,7 @@
 //! the API.
 
 pub mod audit;
+pub mod batch;
 pub mod compare;
 pub mod daemon;
 pub mod http;

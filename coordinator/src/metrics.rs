@@ -66,6 +66,8 @@ pub struct Metrics {
     /// Seconds spent recomputing results for spot checks, network included (compare with
     /// the sum of stage latencies for the checks' overhead).
     pub check_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Texts embedded by the pool's nodes.
+    pub embedded_texts: Counter,
     recent_tokens: Mutex<VecDeque<Instant>>,
 }
 
@@ -91,6 +93,7 @@ impl Metrics {
             sessions: Gauge::default(),
             failovers: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             check_seconds: Counter::default(),
+            embedded_texts: Counter::default(),
             recent_tokens: Mutex::new(VecDeque::new()),
             registry: Registry::default(),
         };
@@ -132,6 +135,11 @@ impl Metrics {
             "check_seconds",
             "Seconds spent recomputing results for spot checks, network included",
             m.check_seconds.clone(),
+        );
+        registry.register(
+            "embedded_texts",
+            "Texts embedded by the pool's nodes",
+            m.embedded_texts.clone(),
         );
         Self { registry, ..m }
     }

@@ -50,3 +50,23 @@ impl ServedModel {
         })
     }
 }
+
+/// The sentence encoder a pool serves embeddings with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddingModel {
+    /// Name and digest, as nodes advertise it.
+    pub model: ModelRef,
+    /// Multiply-adds per token, for credit.
+    pub flops_per_token: u64,
+}
+
+impl EmbeddingModel {
+    /// Reads the encoder folder at `path`; `model` is its name and checked digest.
+    pub fn open(path: &Path, model: ModelRef) -> Result<Self, EngineError> {
+        let config = potluck_engine::bert::BertConfig::load(path)?;
+        Ok(Self {
+            model,
+            flops_per_token: config.flops_per_token(),
+        })
+    }
+}

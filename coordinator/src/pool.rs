@@ -4,11 +4,15 @@
 
 mod canary;
 mod checks;
+mod work;
+
+pub(crate) use work::{embeddings_of, verify_work, Refusal};
+pub use work::{Embedded, WorkTally};
 
 use crate::audit::AuditLog;
 use crate::daemon::CoordinatorConfig;
 use crate::metrics::Metrics;
-use crate::model::ServedModel;
+use crate::model::{EmbeddingModel, ServedModel};
 use crate::peer_table::PeerTable;
 use crate::pipeline::{
     ChainModel, PipelineError, RemotePipeline, Reroute, SessionContext, SessionHandle,
@@ -22,7 +26,7 @@ use libp2p::{PeerId, StreamProtocol};
 use potluck_engine::generate::{generate_with, GenerateRequest, GenerateStats};
 use potluck_engine::sampling::SamplingParams;
 use potluck_net::swarm::peer_id_of;
-use potluck_protocol::messages::{LayerRange, Message, ShardAssignment};
+use potluck_protocol::messages::{LayerRange, Message, ModelRef, ShardAssignment};
 use potluck_protocol::signed::PublicKey;
 use potluck_protocol::stream::{
     read_frame_async, write_frame_async, CONTROL_PROTOCOL, MAX_CONTROL_FRAME,
@@ -177,6 +181,8 @@ pub struct PoolState {
     redials: Redials<PublicKey>,
     /// How far each peer is trusted, and the draws that pick its results for checks.
     pub trust: Trust<PublicKey>,
+    /// Whole-model work each peer has done.
+    pub work: HashMap<PublicKey, WorkTally>,
 }
 
 impl PoolState {
@@ -225,6 +231,10 @@ pub struct Coordinator {
     strict: bool,
     /// Jobs two peers agreed on, for canaries.
     canaries: Arc<Mutex<canary::CanaryBank>>,
+    /// The sentence encoder embedding requests run on.
+    embedding_model: Option<EmbeddingModel>,
+    /// The batch runner and its store, when the coordinator keeps one.
+    batches: Option<Arc<crate::batch::Batches>>,
 }
 
 /// Counts a session on its chain's peers until it ends.
@@ -306,6 +316,7 @@ impl Coordinator {
                 stale_since: HashMap::new(),
                 redials: Redials::new(),
                 trust: Trust::new(p_min, u64::from_le_bytes(seed)),
+                work: HashMap::new(),
             })),
             control,
             next_session: Arc::new(AtomicU64::new(u64::from_le_bytes(seed) >> 1)),
@@ -320,6 +331,32 @@ impl Coordinator {
             routing: Arc::new(tokio::sync::Mutex::new(())),
             strict: cfg.strict,
             canaries: Arc::new(Mutex::new(canary::CanaryBank::default())),
+            embedding_model: cfg.embedding_model.clone(),
+            batches: None,
+        }
+    }
+
+    /// The same coordinator, running batches with `batches`.
+    pub fn with_batches(mut self, batches: Arc<crate::batch::Batches>) -> Self {
+        self.batches = Some(batches);
+        self
+    }
+
+    /// The batch runner, if this coordinator keeps a job store.
+    pub fn batches(&self) -> Option<&Arc<crate::batch::Batches>> {
+        self.batches.as_ref()
+    }
+
+    /// The sentence encoder embedding requests run on, if the pool offers embeddings.
+    pub fn embedding_model(&self) -> Option<&ModelRef> {
+        self.embedding_model.as_ref().map(|e| &e.model)
+    }
+
+    /// Multiply-adds per token of the model `kind` runs on, for credit.
+    pub fn flops_per_token(&self, embedding: bool) -> u64 {
+        match (&self.embedding_model, embedding) {
+            (Some(e), true) => e.flops_per_token,
+            _ => self.model.config.flops_per_token(),
         }
     }
 

@@ -26,3 +26,8 @@ pub fn default_model_path() -> Option<PathBuf> {
             .join("SmolLM2-135M-Instruct.Q4_1.gguf"),
     )
 }
+
+/// Where `potluck model fetch all-minilm-l6-v2` puts the default embedding model's folder.
+pub fn default_embedding_model_path() -> Option<PathBuf> {
+    Some(default_models_dir()?.join("all-minilm-l6-v2"))
+}

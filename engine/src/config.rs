@@ -50,6 +50,15 @@ const MAX_DIM: usize = 1 << 20;
 const MAX_LAYERS: usize = 1024;
 
 impl LlamaConfig {
+    /// Multiply-adds one token costs, roughly (twice the weights a token passes through):
+    /// the unit of work credit.
+    pub fn flops_per_token(&self) -> u64 {
+        let (h, ff, hd) = (self.hidden as u64, self.ff as u64, self.head_dim as u64);
+        let attention = h * hd * (2 * self.heads as u64 + 2 * self.kv_heads as u64);
+        let block = attention + 3 * h * ff;
+        2 * (self.layers as u64 * block + self.vocab as u64 * h)
+    }
+
     /// Checks internal consistency so later shape maths cannot divide by zero or overflow.
     pub fn validate(&self) -> Result<()> {
         let dims = [

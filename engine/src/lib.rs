@@ -2,6 +2,7 @@
 //! *stage*) on candle, from GGUF or safetensors weights, with per-session KV caches, a
 //! tokenizer, chat templates and seeded sampling. It knows nothing of networks or HTTP.
 
+pub mod bert;
 pub mod cache;
 pub mod chat;
 pub mod config;

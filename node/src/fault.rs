@@ -75,7 +75,7 @@ pub use inject::Injector;
 mod inject {
     use super::{FaultKind, FaultPlan};
     use potluck_engine::rng::Rng;
-    use potluck_protocol::messages::{StageInputWire, StageOutputWire, StageResult};
+    use potluck_protocol::messages::{StageInputWire, StageOutputWire, StageResult, WorkOutput};
     use potluck_protocol::tensor::{WireDType, WireTensor};
     use std::collections::HashMap;
 
@@ -127,6 +127,56 @@ mod inject {
                     }
                     result
                 }
+            }
+        }
+
+        /// A work unit's output, corrupted or not: noise moves each vector (kept unit
+        /// length, as a careful cheater would) or changes a completion's text; zeros and the
+        /// rest return one constant answer. Receipt-level kinds leave work alone.
+        pub fn corrupt_work(&mut self, output: WorkOutput) -> WorkOutput {
+            if matches!(self.plan.kind, FaultKind::Forge | FaultKind::Replay)
+                || self.rng.next_f64() >= self.plan.rate
+            {
+                return output;
+            }
+            match output {
+                WorkOutput::Embeddings(t) => {
+                    let dims = t.dims();
+                    let Ok(mut v) = t.to_f32() else {
+                        return WorkOutput::Embeddings(t);
+                    };
+                    let width = dims.get(1).copied().unwrap_or(1).max(1);
+                    for row in v.chunks_mut(width) {
+                        if self.plan.kind == FaultKind::Noise {
+                            let rms =
+                                (row.iter().map(|x| x * x).sum::<f32>() / width as f32).sqrt();
+                            for x in row.iter_mut() {
+                                *x += 0.3 * rms * self.rng.normal();
+                            }
+                        } else {
+                            row.iter_mut().for_each(|x| *x = 0.0);
+                            row[0] = 1.0;
+                        }
+                        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                        row.iter_mut().for_each(|x| *x /= norm);
+                    }
+                    match WireTensor::from_f32(&v, &dims, WireDType::F32) {
+                        Ok(c) => WorkOutput::Embeddings(c),
+                        Err(_) => WorkOutput::Embeddings(t),
+                    }
+                }
+                WorkOutput::Completion {
+                    text,
+                    generated,
+                    stopped,
+                } => WorkOutput::Completion {
+                    text: match self.plan.kind {
+                        FaultKind::Noise => format!("{text} (and a made-up ending)"),
+                        _ => String::new(),
+                    },
+                    generated,
+                    stopped,
+                },
             }
         }
 

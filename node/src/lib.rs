@@ -7,3 +7,4 @@ pub mod fault;
 pub mod probe;
 pub mod serve;
 pub mod shard;
+pub mod work;

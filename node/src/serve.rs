@@ -14,7 +14,7 @@ use potluck_protocol::messages::{
 use potluck_protocol::signed::Keypair;
 use potluck_protocol::stream::{
     read_body_async, read_frame_async, read_header_async, write_frame_async, CONTROL_PROTOCOL,
-    MAX_CONTROL_FRAME, STAGE_PROTOCOL,
+    MAX_CONTROL_FRAME, MAX_WORK_FRAME, STAGE_PROTOCOL, WORK_PROTOCOL,
 };
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -62,6 +62,8 @@ struct Inner {
     active: AtomicUsize,
     /// Set when the node is leaving: new sessions are refused.
     leaving: AtomicBool,
+    /// Runs whole-model work units.
+    workers: crate::work::Workers,
     /// Outputs to corrupt (test builds only).
     #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     faults: Option<crate::fault::FaultPlan>,
@@ -103,6 +105,11 @@ impl Server {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                workers: crate::work::Workers::new(
+                    models.clone(),
+                    Keypair::from_secret(&key.secret()),
+                    faults,
+                ),
                 models,
                 key,
                 memory_cap,
@@ -207,9 +214,9 @@ impl Server {
         self.inner.leaving.store(true, Ordering::Relaxed);
     }
 
-    /// Accepts control and stage streams from `control` until it is dropped.
+    /// Accepts control, stage and work streams from `control` until it is dropped.
     pub fn accept(&self, mut control: libp2p_stream::Control) -> Result<(), String> {
-        for (name, stage) in [(CONTROL_PROTOCOL, false), (STAGE_PROTOCOL, true)] {
+        for name in [CONTROL_PROTOCOL, STAGE_PROTOCOL, WORK_PROTOCOL] {
             let mut incoming = control
                 .accept(StreamProtocol::new(name))
                 .map_err(|e| format!("{name}: {e}"))?;
@@ -218,16 +225,53 @@ impl Server {
                 while let Some((peer, stream)) = incoming.next().await {
                     let this = this.clone();
                     tokio::spawn(async move {
-                        if stage {
-                            this.serve_stage(peer, stream).await;
-                        } else {
-                            this.serve_control(peer, stream).await;
+                        match name {
+                            STAGE_PROTOCOL => this.serve_stage(peer, stream).await,
+                            WORK_PROTOCOL => this.serve_work(peer, stream).await,
+                            _ => this.serve_control(peer, stream).await,
                         }
                     });
                 }
             });
         }
         Ok(())
+    }
+
+    /// One work unit: a request, its result (or why not), and the stream ends.
+    async fn serve_work(&self, peer: PeerId, mut stream: Stream) {
+        let request = tokio::time::timeout(
+            FRAME_TIMEOUT,
+            read_frame_async::<Message>(&mut stream, MAX_WORK_FRAME),
+        )
+        .await;
+        let answer = match request {
+            Err(_) => {
+                tracing::warn!(%peer, "dropped work stream: no request in time");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, "dropped work stream: {e}");
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(_))) if self.inner.leaving.load(Ordering::Relaxed) => Message::Error(
+                wire_error(ErrorCode::NotServing, "this node is leaving the pool"),
+            ),
+            Ok(Ok(Some(Message::Work(req)))) => match self.inner.workers.run(req).await {
+                Ok(r) => Message::WorkDone(Box::new(r)),
+                Err(e) => {
+                    tracing::info!(%peer, "work unit refused: {}", e.message);
+                    Message::Error(e)
+                }
+            },
+            Ok(Ok(Some(other))) => Message::Error(wire_error(
+                ErrorCode::BadRequest,
+                format!("not a work request: {}", kind(&other)),
+            )),
+        };
+        if let Err(e) = write_frame_async(&mut stream, &answer).await {
+            tracing::warn!(%peer, "work answer not sent: {e}");
+        }
     }
 
     async fn serve_control(&self, peer: PeerId, mut stream: Stream) {
@@ -369,7 +413,7 @@ fn kv_budget(file: &WeightFile, range: LayerRange, total: usize, memory_cap: Opt
 
 /// The weight type receipts name: the type of the first block's down projection in a GGUF,
 /// the stored float type's stand-in for safetensors (held as f32).
-fn weight_label(file: &WeightFile) -> String {
+pub(crate) fn weight_label(file: &WeightFile) -> String {
     match file {
         WeightFile::Gguf(g) => g
             .content()
@@ -391,5 +435,7 @@ fn kind(m: &Message) -> &'static str {
         Message::Heartbeat(_) => "heartbeat",
         Message::Leave(_) => "leave",
         Message::Error(_) => "error",
+        Message::Work(_) => "work",
+        Message::WorkDone(_) => "work result",
     }
 }

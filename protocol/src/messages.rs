@@ -244,6 +244,61 @@ pub struct WireError {
     pub message: String,
 }
 
+/// What a work unit asks of a node holding a whole model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkTask {
+    /// A unit-length sentence vector for each text, in order.
+    Embed(Vec<String>),
+    /// A greedy completion of a tokenized prompt.
+    Complete {
+        /// Prompt token ids (templated by the coordinator).
+        prompt: Vec<u32>,
+        /// Most tokens to generate.
+        max_tokens: u32,
+    },
+}
+
+/// Work a node runs whole on one model it holds entirely: one unit of a batch, or one slice
+/// of an online request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkRequest {
+    /// The coordinator's id for this piece of work, echoed in the answer.
+    pub unit: u64,
+    /// The model to run.
+    pub model: ModelRef,
+    /// What to compute.
+    pub task: WorkTask,
+}
+
+/// What a work unit produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkOutput {
+    /// One row per text (texts, dimensions), f32.
+    Embeddings(WireTensor),
+    /// A completion's text.
+    Completion {
+        /// The generated text.
+        text: String,
+        /// Tokens generated.
+        generated: u32,
+        /// Whether it ended at an end-of-sequence token (else at `max_tokens`).
+        stopped: bool,
+    },
+}
+
+/// A node's answer to a [`WorkRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkResult {
+    /// Echo of the request's unit.
+    pub unit: u64,
+    /// The output.
+    pub output: WorkOutput,
+    /// Tokens the work took (the measure of work done, for credit).
+    pub tokens: u64,
+    /// Signed receipt over the unit, its task and the output.
+    pub receipt: Receipt,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
@@ -263,4 +318,8 @@ pub enum Message {
     Leave(Leave),
     /// An error.
     Error(WireError),
+    /// Run a work unit (on the work protocol).
+    Work(WorkRequest),
+    /// A work unit's result.
+    WorkDone(Box<WorkResult>),
 }

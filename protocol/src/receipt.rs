@@ -4,7 +4,8 @@
 use crate::codec::encode_body;
 use crate::error::Result;
 use crate::messages::{
-    Receipt, ReceiptBody, StageForward, StageInputWire, StageOutputWire, RECEIPT_DOMAIN,
+    Receipt, ReceiptBody, StageForward, StageInputWire, StageOutputWire, WorkOutput, WorkRequest,
+    RECEIPT_DOMAIN,
 };
 use crate::signed::{digest, Digest, Keypair};
 use serde::Serialize;
@@ -51,6 +52,16 @@ pub fn output_id(output: &StageOutputWire) -> Result<Digest> {
             top,
         } => content_id(&(token, logprob, top)),
     }
+}
+
+/// The ids a work unit's receipt vouches for: (job, input, output). The job is the unit and
+/// model, the input its task.
+pub fn work_ids(req: &WorkRequest, output: &WorkOutput) -> Result<(Digest, Digest, Digest)> {
+    Ok((
+        content_id(&(req.unit, &req.model))?,
+        content_id(&req.task)?,
+        content_id(output)?,
+    ))
 }
 
 /// Content id of a request's job: everything but its input.

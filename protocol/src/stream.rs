@@ -15,6 +15,13 @@ pub const STAGE_PROTOCOL: &str = "/potluck/stage/1";
 /// Control: one request and one answer per stream (assignments and their acknowledgement).
 pub const CONTROL_PROTOCOL: &str = "/potluck/control/1";
 
+/// Work units: one request and one answer per stream, run on a node's whole model.
+pub const WORK_PROTOCOL: &str = "/potluck/work/1";
+
+/// Largest work frame: a slice of an embedding request (texts in, vectors out) fits with
+/// room; senders split bigger requests.
+pub const MAX_WORK_FRAME: usize = 8 << 20;
+
 /// Largest control frame: control messages are small.
 pub const MAX_CONTROL_FRAME: usize = 64 << 10;
 

@@ -45,6 +45,41 @@ out["completion"] = done.choices[0].text
 
 out["models"] = [m.id for m in client.models.list().data]
 
+# Left to itself the client asks for base64 and decodes it; floats when told.
+texts = ["The capital of Japan is Tokyo.", "Volunteers pool idle computers."]
+got = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+out["embeddings_default"] = [[float(x) for x in d.embedding] for d in got.data]
+out["embedding_tokens"] = got.usage.prompt_tokens
+got = client.embeddings.create(model="all-minilm-l6-v2", input=texts, encoding_format="float")
+out["embeddings_float"] = [d.embedding for d in got.data]
+
+# A batch through Files + Batches, as the client's own calls make it.
+import io
+import time
+
+lines = [
+    {"custom_id": f"b{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": "all-minilm-l6-v2", "input": t}}
+    for i, t in enumerate(texts)
+]
+upload = client.files.create(
+    file=("batch.jsonl", io.BytesIO("\n".join(json.dumps(l) for l in lines).encode())),
+    purpose="batch",
+)
+batch = client.batches.create(
+    input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h"
+)
+deadline = time.time() + 120
+while batch.status not in ("completed", "failed", "cancelled") and time.time() < deadline:
+    time.sleep(0.2)
+    batch = client.batches.retrieve(batch.id)
+out["batch_status"] = batch.status
+out["batch_counts"] = [batch.request_counts.completed, batch.request_counts.total]
+content = client.files.content(batch.output_file_id).text
+out["batch_lines"] = [
+    [json.loads(l)["custom_id"], json.loads(l)["response"]["body"]["data"][0]["embedding"]]
+    for l in content.splitlines()
+]
+
 try:
     client.chat.completions.create(model="no-such-model", messages=question)
 except openai.NotFoundError as e:

@@ -269,6 +269,13 @@ pub fn local_generate(prompt: &str, chat: bool, max_tokens: usize) -> (String, u
     (text, generated)
 }
 
+/// Vectors and token count for `texts` from all-MiniLM-L6-v2 run in this process.
+pub fn local_embed(texts: &[String]) -> (Vec<Vec<f32>>, u64) {
+    let path = potluck_engine::cache::default_embedding_model_path().expect("a model cache");
+    let enc = potluck_engine::bert::Encoder::load(&path).expect("all-minilm-l6-v2 is cached");
+    enc.embed(texts).expect("embed locally")
+}
+
 /// A coordinator and one node (the whole model) on loopback, with `extra` coordinator
 /// flags; returns both, the API address, once the node serves.
 pub fn small_pool(dir: &std::path::Path, extra: &[&str]) -> (Proc, Proc, String) {

@@ -39,13 +39,22 @@ pub fn snapshot(c: &Coordinator) -> Value {
             .table
             .peers()
             .iter()
-            .map(|p| (p.key, p.advert.clone(), p.rtt_ms, st.trust.get(&p.key)))
+            .map(|p| {
+                let work = st.work.get(&p.key).copied().unwrap_or_default();
+                (
+                    p.key,
+                    p.advert.clone(),
+                    p.rtt_ms,
+                    st.trust.get(&p.key),
+                    work,
+                )
+            })
             .collect();
         (peers, plan)
     };
     let peers: Vec<Value> = peers
         .into_iter()
-        .map(|(key, a, rtt, trust)| {
+        .map(|(key, a, rtt, trust, work)| {
             let (loaded, loading, excluded) = c.peer_status(&key);
             let planned = plan.as_ref().and_then(|p| p.span_of(&key)).map(|s| s.range);
             let status = if let Some(why) = excluded {
@@ -74,6 +83,8 @@ pub fn snapshot(c: &Coordinator) -> Value {
                 "checked_jobs": trust.checked,
                 "valid_streak": trust.consecutive_valid,
                 "advert_expires_at": a.expires_at,
+                // Whole-model work units (embedding slices) it ran.
+                "work": {"units": work.units, "items": work.items, "tokens": work.tokens},
             })
         })
         .collect();
@@ -106,7 +117,15 @@ pub fn snapshot(c: &Coordinator) -> Value {
         })
         .collect();
     let plan_error = c.state().plan_error.clone();
+    // The ledger and recent batches, when the coordinator keeps a job store.
+    let (credits, batches) = c.batches().map_or((Vec::new(), Vec::new()), |b| {
+        let credits = b.store.credits().unwrap_or_default();
+        let batches = b.store.batches(10).unwrap_or_default();
+        (credits, batches)
+    });
     json!({
+        "credits": credits,
+        "batches": batches,
         "model": {"name": model.model.name, "layers": model.shape.layers,
                   "digest": blake3::Hash::from(model.model.digest).to_hex().to_string()},
         "peers": peers,

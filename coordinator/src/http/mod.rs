@@ -3,7 +3,9 @@
 //! shape; bodies are size-limited; connections that dawdle over their headers or bodies are
 //! cut, so slow clients cannot tie the server up.
 
+pub mod batches;
 pub mod dashboard;
+pub mod embeddings;
 pub mod openai;
 
 use crate::pool::{Coordinator, SessionError};
@@ -107,7 +109,10 @@ pub fn router(coordinator: Coordinator, opts: &HttpOptions) -> Router {
             .map(|k| *blake3::hash(k.as_bytes()).as_bytes())
             .collect(),
     );
-    let api = openai::routes().route_layer(middleware::from_fn_with_state(keys, require_key));
+    let api = openai::routes()
+        .merge(embeddings::routes())
+        .merge(batches::routes())
+        .route_layer(middleware::from_fn_with_state(keys, require_key));
     Router::new()
         .merge(api)
         .merge(dashboard::routes())

@@ -119,15 +119,17 @@ struct Checked {
     include_usage: bool,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(
+/// The JSON body of a request whose route accepts at most `limit` bytes.
+pub(super) fn parse<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
+    limit: usize,
 ) -> Result<T, ApiError> {
     let body = body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
-                format!("the request body exceeds {} bytes", super::MAX_BODY_BYTES),
+                format!("the request body exceeds {limit} bytes"),
             )
         }
         other => ApiError::bad(format!("could not read the request body: {other}")),
@@ -291,14 +293,22 @@ impl Drop for CancelOnDrop {
 }
 
 async fn models(State(c): State<Coordinator>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_card(&c)]}))
+    let cards: Vec<Value> = model_names(&c).into_iter().map(model_card).collect();
+    Json(json!({"object": "list", "data": cards}))
+}
+
+/// The pool's models: the chat model, then the sentence encoder if there is one.
+fn model_names(c: &Coordinator) -> Vec<&str> {
+    let mut names = vec![c.model().model.name.as_str()];
+    names.extend(c.embedding_model().map(|m| m.name.as_str()));
+    names
 }
 
 async fn model(
     State(c): State<Coordinator>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if id != c.model().model.name {
+    if !model_names(&c).contains(&id.as_str()) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -306,16 +316,16 @@ async fn model(
         )
         .with_code("model_not_found"));
     }
-    Ok(Json(model_card(&c)))
+    Ok(Json(model_card(&id)))
 }
 
-fn model_card(c: &Coordinator) -> Value {
-    json!({"id": c.model().model.name, "object": "model", "created": 0, "owned_by": "potluck"})
+fn model_card(name: &str) -> Value {
+    json!({"id": name, "object": "model", "created": 0, "owned_by": "potluck"})
 }
 
 async fn chat(State(c): State<Coordinator>, body: Result<Bytes, BytesRejection>) -> Response {
     let run = || -> Result<Checked, ApiError> {
-        let body: ChatBody = parse(body)?;
+        let body: ChatBody = parse(body, super::MAX_BODY_BYTES)?;
         let messages = chat_messages(body.messages)?;
         let prompt = chat_prompt_ids(&c.model().tokenizer, &messages)
             .map_err(|e| ApiError::bad(e.to_string()))?;
@@ -332,7 +342,7 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = || -> Result<Checked, ApiError> {
-        let body: CompletionBody = parse(body)?;
+        let body: CompletionBody = parse(body, super::MAX_BODY_BYTES)?;
         if body.prompt.is_empty() {
             return Err(ApiError::bad("prompt must not be empty"));
         }

@@ -1,0 +1,346 @@
+//! SETI@home mode on real processes: `potluck batch submit` cuts a JSONL file into work units
+//! that run on two nodes, each unit validated by two agreeing results. The coordinator is
+//! killed with SIGKILL mid-batch and restarted on the same data: the batch resumes and its
+//! output has every valid line exactly once, right; bad lines are reported by number; the
+//! credit ledger names both nodes. A third node that corrupts its results is outvoted and
+//! quarantined, and its credit voided.
+
+mod common;
+
+use common::{node, Proc};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A coordinator also listening on `port`, so nodes find it again after a restart.
+fn start_coordinator(dir: &std::path::Path, port: u16) -> (Proc, String) {
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let (p, _, api) = common::coordinator(dir, &["--listen", &listen, "--canary-interval", "0"]);
+    (p, api)
+}
+
+/// Runs `potluck` with `args`; returns its stdout, panicking with stderr on failure.
+fn potluck(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(args)
+        .output()
+        .expect("run potluck");
+    assert!(
+        out.status.success(),
+        "potluck {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn status(api: &str, id: &str) -> Value {
+    let raw = common::raw_http(
+        api,
+        &common::request("GET", &format!("/v1/batches/{id}"), &[], ""),
+    );
+    let (code, body) = common::split_answer(&raw);
+    assert_eq!(code, 200, "{raw}");
+    serde_json::from_str(body).expect("batch JSON")
+}
+
+fn wait_status(api: &str, id: &str, deadline: Instant, pred: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        let s = status(api, id);
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "batch never got there: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn texts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "Work unit {i}: volunteers compute and the pool checks {}.",
+                i * 7
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (mut coord, api) = start_coordinator(dir.path(), port);
+    let bootstrap = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", {
+        let line = coord
+            .wait_for(Instant::now() + Duration::from_secs(30), |l| {
+                l.starts_with("peer id ")
+            })
+            .expect("coordinator id");
+        line.trim_start_matches("peer id ").to_string()
+    });
+    let (_a, id_a) = node(dir.path(), "a", "public", &bootstrap, &[]);
+    let (_b, id_b) = node(dir.path(), "b", "public", &bootstrap, &[]);
+    for id in [&id_a, &id_b] {
+        assert!(
+            coord
+                .wait_for(Instant::now() + Duration::from_secs(60), |l| l
+                    .starts_with(&format!("peer joined {id} ")))
+                .is_some(),
+            "{id} never joined: {:?}",
+            coord.seen
+        );
+    }
+
+    // 150 lines, two of them bad (lines 4 and 77).
+    let inputs = texts(150);
+    let mut file = String::new();
+    for (i, t) in inputs.iter().enumerate() {
+        let line = match i {
+            3 => "{not json".to_string(),
+            76 => json!({"custom_id": "bad", "body": {"input": []}}).to_string(),
+            _ => json!({"custom_id": format!("u{i}"), "method": "POST", "url": "/v1/embeddings", "body": {"input": t}}).to_string(),
+        };
+        file.push_str(&line);
+        file.push('\n');
+    }
+    let path = dir.path().join("in.jsonl");
+    std::fs::write(&path, &file).unwrap();
+    let url = format!("http://{api}");
+    let id = potluck(&[
+        "batch",
+        "submit",
+        path.to_str().unwrap(),
+        "--kind",
+        "embed",
+        "--coordinator",
+        &url,
+    ])
+    .trim()
+    .to_string();
+    assert!(id.starts_with("batch_"), "{id}");
+
+    // Kill -9 once some units are validated but not all.
+    let s = wait_status(&api, &id, Instant::now() + Duration::from_secs(120), |s| {
+        s["request_counts"]["completed"].as_u64().unwrap_or(0) >= 10
+    });
+    assert_eq!(s["request_counts"]["total"], 150, "{s}");
+    assert_eq!(
+        s["status"], "in_progress",
+        "the batch ended before the kill: {s}"
+    );
+    coord.kill();
+    let (coord, api) = start_coordinator(dir.path(), port);
+    let url = format!("http://{api}");
+    let s = wait_status(&api, &id, Instant::now() + Duration::from_secs(240), |s| {
+        s["status"] == "completed"
+    });
+    assert_eq!(s["request_counts"]["completed"], 148, "{s}");
+    assert_eq!(s["request_counts"]["failed"], 2, "{s}");
+
+    // Every good line exactly once, in order, with the right vectors.
+    let out = potluck(&["batch", "results", &id, "--coordinator", &url]);
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 148);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let wanted: Vec<(usize, &String)> = inputs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 76)
+        .collect();
+    let (vectors, _) =
+        common::local_embed(&wanted.iter().map(|(_, t)| (*t).clone()).collect::<Vec<_>>());
+    for (line, ((i, _), want)) in lines.iter().zip(wanted.iter().zip(&vectors)) {
+        let custom = line["custom_id"].as_str().expect("custom_id").to_string();
+        assert_eq!(custom, format!("u{i}"));
+        *seen.entry(custom).or_default() += 1;
+        let got: Vec<f32> =
+            serde_json::from_value(line["response"]["body"]["data"][0]["embedding"].clone())
+                .expect("vector");
+        let cos = potluck_engine::bert::cosine(&got, want);
+        assert!(cos >= 0.9999, "line {i}: cosine {cos}");
+    }
+    assert!(seen.values().all(|&n| n == 1));
+
+    // The bad lines, by number.
+    let errors = potluck(&["batch", "results", &id, "--errors", "--coordinator", &url]);
+    let numbers: Vec<u64> = errors
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("JSON")["error"]["line"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .collect();
+    assert_eq!(numbers, vec![4, 77], "{errors}");
+
+    // Both nodes are credited; each unit was computed twice.
+    let ledger = potluck(&["pool", "credits", "--coordinator", &url]);
+    for id in [&id_a, &id_b] {
+        assert!(ledger.contains(id.as_str()), "{id} missing from {ledger}");
+    }
+    let raw = common::raw_http(&api, &common::request("GET", "/api/credits", &[], ""));
+    let credits: Value = serde_json::from_str(common::split_answer(&raw).1).expect("credits");
+    let units: u64 = credits["credits"]
+        .as_array()
+        .expect("ledger")
+        .iter()
+        .map(|c| c["units"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(units >= 2 * 148, "every unit credits its quorum: {credits}");
+    // The dashboard's data carries the same ledger and the batch.
+    let raw = common::raw_http(&api, &common::request("GET", "/api/pool", &[], ""));
+    let pool: Value = serde_json::from_str(common::split_answer(&raw).1).expect("pool");
+    assert_eq!(pool["credits"], credits["credits"], "{pool}");
+    assert!(pool["batches"]
+        .as_array()
+        .expect("batches")
+        .iter()
+        .any(|b| b["id"] == id.as_str()));
+    common::never_quarantined(&coord, [&id_a, &id_b]);
+
+    // Chat units: greedy, so both nodes give the text one process gives.
+    let prompts = ["What is the capital of Japan?", "Name a primary colour."];
+    let mut chat = String::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let body = json!({"messages": [{"role": "user", "content": p}], "max_tokens": 12});
+        chat.push_str(&json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions", "body": body}).to_string());
+        chat.push('\n');
+    }
+    let chat_path = dir.path().join("chat.jsonl");
+    std::fs::write(&chat_path, chat).unwrap();
+    let chat_id = potluck(&[
+        "batch",
+        "submit",
+        chat_path.to_str().unwrap(),
+        "--kind",
+        "chat",
+        "--coordinator",
+        &url,
+    ])
+    .trim()
+    .to_string();
+    let s = wait_status(
+        &api,
+        &chat_id,
+        Instant::now() + Duration::from_secs(180),
+        |s| s["status"] == "completed",
+    );
+    assert_eq!(s["request_counts"]["completed"], 2, "{s}");
+    let out = potluck(&["batch", "results", &chat_id, "--coordinator", &url]);
+    for (line, p) in out.lines().zip(prompts) {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let (want, generated) = common::local_generate(p, true, 12);
+        let body = &v["response"]["body"];
+        assert_eq!(body["choices"][0]["message"]["content"], want, "{v}");
+        assert_eq!(body["usage"]["completion_tokens"], generated, "{v}");
+    }
+
+    // Bad submissions: clear errors.
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args([
+            "batch",
+            "submit",
+            empty.to_str().unwrap(),
+            "--kind",
+            "embed",
+            "--coordinator",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
+    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args([
+            "batch",
+            "submit",
+            path.to_str().unwrap(),
+            "--kind",
+            "images",
+            "--coordinator",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chat or embed"));
+}
+
+#[test]
+fn a_cheating_node_is_outvoted_quarantined_and_loses_its_credit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, api) = common::coordinator(dir.path(), &["--canary-interval", "0"]);
+    let (_a, id_a) = node(dir.path(), "a", "public", &addr, &[]);
+    let (_b, id_b) = node(dir.path(), "b", "public", &addr, &[]);
+    let (_c, id_c) = node(dir.path(), "c", "public", &addr, &["--corrupt", "1:noise"]);
+    for id in [&id_a, &id_b, &id_c] {
+        assert!(
+            coord
+                .wait_for(Instant::now() + Duration::from_secs(60), |l| l
+                    .starts_with(&format!("peer joined {id} ")))
+                .is_some(),
+            "{id} never joined"
+        );
+    }
+    let mut file = String::new();
+    for (i, t) in texts(30).iter().enumerate() {
+        file.push_str(&json!({"custom_id": format!("u{i}"), "body": {"input": t}}).to_string());
+        file.push('\n');
+    }
+    let path = dir.path().join("in.jsonl");
+    std::fs::write(&path, file).unwrap();
+    let url = format!("http://{api}");
+    let id = potluck(&[
+        "batch",
+        "submit",
+        path.to_str().unwrap(),
+        "--kind",
+        "embed",
+        "--coordinator",
+        &url,
+    ])
+    .trim()
+    .to_string();
+    let s = wait_status(&api, &id, Instant::now() + Duration::from_secs(180), |s| {
+        s["status"] == "completed"
+    });
+    assert_eq!(s["request_counts"]["completed"], 30, "{s}");
+    let line = format!("peer quarantined {id_c}");
+    assert!(
+        coord
+            .wait_for(Instant::now() + Duration::from_secs(5), |l| l
+                .starts_with(&line))
+            .is_some(),
+        "the cheat was never quarantined: {:?}",
+        coord.seen
+    );
+    common::never_quarantined(&coord, [&id_a, &id_b]);
+    // Every output line is the honest answer.
+    let out = potluck(&["batch", "results", &id, "--coordinator", &url]);
+    let (want, _) = common::local_embed(&texts(30));
+    for (line, w) in out.lines().zip(&want) {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let got: Vec<f32> =
+            serde_json::from_value(v["response"]["body"]["data"][0]["embedding"].clone()).unwrap();
+        assert!(potluck_engine::bert::cosine(&got, w) >= 0.9999);
+    }
+    let raw = common::raw_http(&api, &common::request("GET", "/api/credits", &[], ""));
+    let credits: Value = serde_json::from_str(common::split_answer(&raw).1).expect("credits");
+    for c in credits["credits"].as_array().expect("ledger") {
+        if c["peer"] == id_c.as_str() {
+            assert_eq!(c["flops"], 0.0, "the cheat keeps no credit: {credits}");
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! Runs open work units on the pool until quorum. Each unit goes to `quorum` different peers
+//! holding its model whole (least busy, then fastest, first); results that agree validate it
+//! and credit the peers that gave them. A disagreement asks one more peer, up to
+//! [`MAX_REPLICAS`]; peers outvoted by a quorum are quarantined and their credit voided. A
+//! unit whose peer fails or times out simply runs elsewhere.
+
+use super::input::{chat_line, embed_texts};
+use super::store::{Kind, OpenUnit, Store};
+use crate::compare::Verdict;
+use crate::pool::{embeddings_of, verify_work, Coordinator, Refusal};
+use libp2p::PeerId;
+use potluck_engine::bert::cosine;
+use potluck_engine::chat::{chat_prompt_ids, ChatMessage};
+use potluck_protocol::codec::encode_body;
+use potluck_protocol::messages::{ModelRef, WorkOutput, WorkRequest, WorkTask};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Results that must agree before a unit counts, unless configured otherwise.
+pub const DEFAULT_QUORUM: usize = 2;
+/// Most results one unit may collect before it is given up as unresolvable.
+pub const MAX_REPLICAS: usize = 5;
+/// Units one peer runs at once (a second one hides the round trip).
+const PER_PEER: usize = 2;
+/// Least cosine similarity at which two embedding results agree. Honest recomputations on
+/// CPUs agree to 1e-6 (see docs/batch.md); a corrupted vector falls far below.
+pub const EMBED_AGREEMENT: f32 = 0.999;
+/// How often the queue is looked at when nothing wakes it.
+const TICK: Duration = Duration::from_millis(250);
+/// Open units looked at per round.
+const WINDOW: usize = 512;
+
+/// A peer's answer as kept in the store until the unit is decided.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum Answer {
+    Embeddings {
+        vectors: Vec<Vec<f32>>,
+        tokens: u64,
+    },
+    Completion {
+        text: String,
+        generated: u32,
+        stopped: bool,
+        tokens: u64,
+    },
+}
+
+impl Answer {
+    fn tokens(&self) -> u64 {
+        match self {
+            Answer::Embeddings { tokens, .. } | Answer::Completion { tokens, .. } => *tokens,
+        }
+    }
+
+    /// Whether two honest peers could have given these two answers.
+    fn agrees(&self, other: &Answer) -> bool {
+        match (self, other) {
+            (Answer::Embeddings { vectors: a, .. }, Answer::Embeddings { vectors: b, .. }) => {
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|(x, y)| cosine(x, y) >= EMBED_AGREEMENT)
+            }
+            (
+                Answer::Completion {
+                    text: a,
+                    generated: x,
+                    ..
+                },
+                Answer::Completion {
+                    text: b,
+                    generated: y,
+                    ..
+                },
+            ) => a == b && x == y,
+            _ => false,
+        }
+    }
+}
+
+/// The batch runner: the store, the quorum, and what runs now.
+pub struct Batches {
+    /// The durable store.
+    pub store: Arc<Store>,
+    quorum: usize,
+    wake: Notify,
+    /// Units running on each peer now.
+    busy: Mutex<HashMap<PeerId, usize>>,
+}
+
+impl Batches {
+    /// A runner over `store` validating each unit by `quorum` agreeing results.
+    pub fn new(store: Arc<Store>, quorum: usize) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            quorum: quorum.clamp(1, MAX_REPLICAS),
+            wake: Notify::new(),
+            busy: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Results that must agree.
+    pub fn quorum(&self) -> usize {
+        self.quorum
+    }
+
+    /// Looks at the queue now (a batch arrived).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Runs units on `c`'s pool until the process ends.
+    pub fn spawn(self: &Arc<Self>, c: Coordinator) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = this.round(&c) {
+                    tracing::warn!("batch round: {e}");
+                }
+                let _ = tokio::time::timeout(TICK, this.wake.notified()).await;
+            }
+        });
+    }
+
+    /// One look at the open units: decide those with enough results, send the others.
+    fn round(self: &Arc<Self>, c: &Coordinator) -> Result<(), super::store::StoreError> {
+        let units = self.store.open_units(WINDOW)?;
+        if units.is_empty() {
+            return Ok(());
+        }
+        let mut holders: HashMap<Kind, Vec<PeerId>> = HashMap::new();
+        for unit in units {
+            let Some(model) = model_of(c, unit.kind) else {
+                self.store
+                    .fail_unit(unit.id, "this pool serves no model for this kind of unit")?;
+                continue;
+            };
+            if self.decide(c, &unit, &model)? {
+                continue;
+            }
+            let wanted = self.wanted(&unit);
+            if wanted == 0 {
+                continue;
+            }
+            let peers = holders
+                .entry(unit.kind)
+                .or_insert_with(|| c.holders(&model).into_iter().map(|(p, _)| p).collect());
+            for peer in self.pick(peers, &unit, wanted) {
+                let assignment = self.store.start_assignment(unit.id, &peer.to_string())?;
+                *self.lock_busy().entry(peer).or_default() += 1;
+                let (this, c, unit, model) = (self.clone(), c.clone(), unit.clone(), model.clone());
+                tokio::spawn(async move {
+                    this.run(&c, peer, assignment, &unit, model).await;
+                    if let Some(n) = this.lock_busy().get_mut(&peer) {
+                        *n = n.saturating_sub(1);
+                    }
+                    this.wake();
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_busy(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, usize>> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many more assignments `unit` needs now: enough for a quorum if every result
+    /// agreed, plus one per result that did not.
+    fn wanted(&self, unit: &OpenUnit) -> usize {
+        let answers: Vec<Answer> = unit
+            .results
+            .iter()
+            .filter_map(|(_, _, o)| serde_json::from_str(o).ok())
+            .collect();
+        let best = largest_agreeing(&answers).len();
+        let target = (self.quorum + answers.len() - best).min(MAX_REPLICAS);
+        target.saturating_sub(answers.len() + unit.running)
+    }
+
+    /// Up to `n` peers for `unit`: not already asked for it, not full, least busy first.
+    fn pick(&self, peers: &[PeerId], unit: &OpenUnit, n: usize) -> Vec<PeerId> {
+        let busy = self.lock_busy();
+        let mut free: Vec<(usize, usize, PeerId)> = peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !unit.peers.contains(&p.to_string()))
+            .map(|(rank, p)| (busy.get(p).copied().unwrap_or(0), rank, *p))
+            .filter(|(load, _, _)| *load < PER_PEER)
+            .collect();
+        free.sort();
+        free.into_iter().take(n).map(|(_, _, p)| p).collect()
+    }
+
+    /// Validates or gives up on `unit` if its results allow; true if it is decided.
+    fn decide(
+        &self,
+        c: &Coordinator,
+        unit: &OpenUnit,
+        model: &ModelRef,
+    ) -> Result<bool, super::store::StoreError> {
+        let parsed: Vec<(String, Answer)> = unit
+            .results
+            .iter()
+            .filter_map(|(_, peer, o)| Some((peer.clone(), serde_json::from_str(o).ok()?)))
+            .collect();
+        let answers: Vec<Answer> = parsed.iter().map(|(_, a)| a.clone()).collect();
+        let group = largest_agreeing(&answers);
+        if group.len() >= self.quorum {
+            let Some(&first) = group.first() else {
+                return Ok(false);
+            };
+            let Some((_, winner)) = parsed.get(first) else {
+                return Ok(false);
+            };
+            let credited: Vec<String> = group
+                .iter()
+                .filter_map(|&i| parsed.get(i).map(|(p, _)| p.clone()))
+                .collect();
+            let tokens = winner.tokens();
+            let flops = tokens as f64 * c.flops_per_token(unit.kind == Kind::Embed) as f64;
+            let body = response_body(unit, winner, &model.name);
+            if self
+                .store
+                .validate(unit.id, &body.to_string(), tokens, flops, &credited)?
+            {
+                for (i, (peer, _)) in parsed.iter().enumerate() {
+                    let Ok(id) = peer.parse::<PeerId>() else {
+                        continue;
+                    };
+                    if group.contains(&i) {
+                        c.record_trust(id, Verdict::Pass);
+                    } else {
+                        c.record_trust(id, Verdict::Fail);
+                        c.quarantine(id, &format!("outvoted on batch unit {}", unit.id));
+                        self.store.void_credit(peer)?;
+                    }
+                }
+            }
+            return Ok(true);
+        }
+        if answers.len() >= MAX_REPLICAS {
+            self.store.fail_unit(
+                unit.id,
+                &format!(
+                    "{MAX_REPLICAS} results and no {} of them agree",
+                    self.quorum
+                ),
+            )?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Runs one assignment and records what came of it.
+    async fn run(
+        &self,
+        c: &Coordinator,
+        peer: PeerId,
+        assignment: i64,
+        unit: &OpenUnit,
+        model: ModelRef,
+    ) {
+        let outcome = self.exchange(c, peer, assignment, unit, model).await;
+        let recorded = match outcome {
+            Ok((answer, receipt)) => match serde_json::to_string(&answer) {
+                Ok(json) => self
+                    .store
+                    .returned(assignment, &json, answer.tokens(), &receipt),
+                Err(e) => self.store.failed(assignment, &e.to_string()),
+            },
+            Err(Refusal::Declined(why)) => self.store.failed(assignment, &why),
+            // The unit's own input is at fault: no other peer would do better.
+            Err(Refusal::Rejected(why)) => self
+                .store
+                .failed(assignment, &why)
+                .and_then(|()| self.store.fail_unit(unit.id, &why)),
+            Err(Refusal::Failed(why)) => {
+                tracing::warn!(%peer, unit = unit.id, "batch unit failed: {why}");
+                c.suspect(peer, &format!("batch unit: {why}"));
+                self.store.failed(assignment, &why)
+            }
+        };
+        if let Err(e) = recorded {
+            tracing::warn!("recording assignment {assignment}: {e}");
+        }
+    }
+
+    async fn exchange(
+        &self,
+        c: &Coordinator,
+        peer: PeerId,
+        assignment: i64,
+        unit: &OpenUnit,
+        model: ModelRef,
+    ) -> Result<(Answer, Vec<u8>), Refusal> {
+        let body: Value = serde_json::from_str(&unit.body)
+            .map_err(|e| Refusal::Rejected(format!("stored body unreadable: {e}")))?;
+        let task = match unit.kind {
+            Kind::Embed => WorkTask::Embed(embed_texts(&body).map_err(Refusal::Rejected)?),
+            Kind::Chat => {
+                let line = chat_line(&body).map_err(Refusal::Rejected)?;
+                let messages: Vec<ChatMessage> = line
+                    .messages
+                    .into_iter()
+                    .map(|(role, content)| ChatMessage { role, content })
+                    .collect();
+                let prompt = chat_prompt_ids(&c.model().tokenizer, &messages)
+                    .map_err(|e| Refusal::Rejected(e.to_string()))?;
+                if prompt.len() >= c.model().config.context {
+                    return Err(Refusal::Rejected(format!(
+                        "the prompt has {} tokens; the model's context is {}",
+                        prompt.len(),
+                        c.model().config.context
+                    )));
+                }
+                WorkTask::Complete {
+                    prompt,
+                    max_tokens: line.max_tokens as u32,
+                }
+            }
+        };
+        let texts = match &task {
+            WorkTask::Embed(t) => t.len(),
+            WorkTask::Complete { .. } => 0,
+        };
+        let req = WorkRequest {
+            unit: assignment as u64,
+            model,
+            task,
+        };
+        let key = c
+            .state()
+            .key_of(peer)
+            .ok_or_else(|| Refusal::Declined("peer left".into()))?;
+        let result = c.send_work(peer, &req).await?;
+        verify_work(&key, &req, &result).map_err(Refusal::Failed)?;
+        let answer = match &result.output {
+            WorkOutput::Embeddings(_) => Answer::Embeddings {
+                vectors: embeddings_of(&result.output, texts).map_err(Refusal::Failed)?,
+                tokens: result.tokens,
+            },
+            WorkOutput::Completion {
+                text,
+                generated,
+                stopped,
+            } => Answer::Completion {
+                text: text.clone(),
+                generated: *generated,
+                stopped: *stopped,
+                tokens: result.tokens,
+            },
+        };
+        let receipt = encode_body(&result.receipt).map_err(|e| Refusal::Failed(e.to_string()))?;
+        Ok((answer, receipt))
+    }
+}
+
+/// The model units of `kind` run on, if the pool serves one.
+fn model_of(c: &Coordinator, kind: Kind) -> Option<ModelRef> {
+    match kind {
+        Kind::Embed => c.embedding_model().cloned(),
+        Kind::Chat => Some(c.model().model.clone()),
+    }
+}
+
+/// Indices of the largest set of answers that all agree with one of them.
+fn largest_agreeing(answers: &[Answer]) -> Vec<usize> {
+    (0..answers.len())
+        .map(|i| {
+            (0..answers.len())
+                .filter(|&j| {
+                    answers
+                        .get(i)
+                        .zip(answers.get(j))
+                        .is_some_and(|(a, b)| a.agrees(b))
+                })
+                .collect::<Vec<_>>()
+        })
+        .max_by_key(Vec::len)
+        .unwrap_or_default()
+}
+
+/// The OpenAI response body of a validated unit.
+fn response_body(unit: &OpenUnit, answer: &Answer, model: &str) -> Value {
+    match answer {
+        Answer::Embeddings { vectors, tokens } => json!({
+            "object": "list",
+            "data": vectors.iter().enumerate().map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v})).collect::<Vec<_>>(),
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }),
+        Answer::Completion {
+            text,
+            generated,
+            stopped,
+            tokens,
+        } => json!({
+            "id": format!("chatcmpl-{}-{}", unit.batch, unit.id),
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": if *stopped { "stop" } else { "length" },
+            }],
+            "usage": {
+                "prompt_tokens": tokens.saturating_sub(u64::from(*generated)),
+                "completion_tokens": generated,
+                "total_tokens": tokens,
+            },
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn emb(x: f32) -> Answer {
+        let v = vec![x, (1.0 - x * x).sqrt()];
+        Answer::Embeddings {
+            vectors: vec![v],
+            tokens: 3,
+        }
+    }
+
+    #[test]
+    fn the_largest_agreeing_group_wins() {
+        assert!(largest_agreeing(&[]).is_empty());
+        assert_eq!(largest_agreeing(&[emb(1.0)]), vec![0]);
+        // Two honest answers a hair apart agree; a corrupted one does not.
+        let answers = [emb(0.6), emb(0.0), emb(0.600_001)];
+        assert_eq!(largest_agreeing(&answers), vec![0, 2]);
+        let a = Answer::Completion {
+            text: "hi".into(),
+            generated: 1,
+            stopped: true,
+            tokens: 9,
+        };
+        let b = Answer::Completion {
+            text: "ho".into(),
+            generated: 1,
+            stopped: true,
+            tokens: 9,
+        };
+        assert!(!a.agrees(&b) && a.agrees(&a.clone()) && !a.agrees(&emb(1.0)));
+    }
+}

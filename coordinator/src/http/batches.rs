@@ -1,0 +1,314 @@
+//! OpenAI's Files and Batches API over the job store: upload a JSONL file
+//! (`POST /v1/files`), start a batch on it (`POST /v1/batches`), follow it
+//! (`GET /v1/batches/{id}`), cancel it, and download its output and error files
+//! (`GET /v1/files/{id}/content`). `GET /api/credits` shows the credit ledger.
+
+use super::ApiError;
+use crate::batch::input::{parse, MAX_FILE_BYTES};
+use crate::batch::{BatchInfo, Batches, Kind, StoreError};
+use crate::pool::Coordinator;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Prefix of a batch's output file id (the batch id follows).
+const OUTPUT_PREFIX: &str = "file-out-";
+/// Prefix of a batch's error file id.
+const ERRORS_PREFIX: &str = "file-err-";
+
+/// The Files, Batches and credit routes.
+pub fn routes() -> Router<Coordinator> {
+    Router::new()
+        .route(
+            "/v1/files",
+            post(upload).layer(DefaultBodyLimit::max(MAX_FILE_BYTES + (1 << 20))),
+        )
+        .route("/v1/files/{id}", get(file))
+        .route("/v1/files/{id}/content", get(file_content))
+        .route("/v1/batches", post(create).get(list))
+        .route("/v1/batches/{id}", get(batch))
+        .route("/v1/batches/{id}/cancel", post(cancel))
+        .route("/api/credits", get(credits))
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                e.to_string(),
+            ),
+            StoreError::Conflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_request_error", e.to_string())
+            }
+            StoreError::Sqlite(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+fn runner(c: &Coordinator) -> Result<&Arc<Batches>, ApiError> {
+    c.batches().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "this coordinator keeps no job store",
+        )
+    })
+}
+
+fn file_json(f: &crate::batch::FileInfo) -> Value {
+    json!({
+        "id": f.id, "object": "file", "bytes": f.bytes, "created_at": f.created_at,
+        "filename": f.filename, "purpose": f.purpose,
+    })
+}
+
+/// A batch in OpenAI's shape.
+fn batch_json(b: &BatchInfo) -> Value {
+    let finished = b.finished_at;
+    let done = matches!(b.status.as_str(), "completed" | "cancelled");
+    json!({
+        "id": b.id,
+        "object": "batch",
+        "endpoint": b.kind.endpoint(),
+        "model": b.model,
+        "errors": b.error.as_ref().map(|e| json!({"object": "list", "data": [{"code": "batch_failed", "message": e}]})),
+        "input_file_id": b.input_file_id,
+        "completion_window": "24h",
+        "status": b.status,
+        "output_file_id": (done && b.completed > 0).then(|| format!("{OUTPUT_PREFIX}{}", b.id)),
+        "error_file_id": (finished.is_some() && b.failed > 0).then(|| format!("{ERRORS_PREFIX}{}", b.id)),
+        "created_at": b.created_at,
+        "in_progress_at": b.created_at,
+        "expires_at": null,
+        "finalizing_at": null,
+        "completed_at": (b.status == "completed").then_some(finished).flatten(),
+        "failed_at": (b.status == "failed").then_some(finished).flatten(),
+        "cancelled_at": (b.status == "cancelled").then_some(finished).flatten(),
+        "request_counts": {"total": b.total, "completed": b.completed, "failed": b.failed},
+        "metadata": null,
+    })
+}
+
+async fn upload(
+    State(c): State<Coordinator>,
+    mut form: Multipart,
+) -> Result<Json<Value>, ApiError> {
+    let store = runner(&c)?.store.clone();
+    let (mut purpose, mut content, mut filename) = (None, None, String::from("upload.jsonl"));
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                return Err(ApiError::new(
+                    e.status(),
+                    "invalid_request_error",
+                    format!("could not read the upload: {}", e.body_text()),
+                ))
+            }
+        };
+        match field.name() {
+            Some("purpose") => {
+                purpose = Some(
+                    field
+                        .text()
+                        .await
+                        .map_err(|e| ApiError::bad(e.body_text()))?,
+                )
+            }
+            Some("file") => {
+                if let Some(name) = field.file_name() {
+                    filename = name.chars().take(256).collect();
+                }
+                let bytes = field.bytes().await.map_err(|e| {
+                    ApiError::new(e.status(), "invalid_request_error", e.body_text())
+                })?;
+                if bytes.len() > MAX_FILE_BYTES {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "invalid_request_error",
+                        format!(
+                            "the file has {} bytes; at most {MAX_FILE_BYTES}",
+                            bytes.len()
+                        ),
+                    ));
+                }
+                content = Some(bytes);
+            }
+            _ => {}
+        }
+    }
+    let purpose = purpose.ok_or_else(|| ApiError::bad("the upload needs a purpose field"))?;
+    if purpose != "batch" {
+        return Err(ApiError::bad(format!(
+            "purpose must be batch (this server keeps files only for batches), not {purpose}"
+        )));
+    }
+    let content = content.ok_or_else(|| ApiError::bad("the upload needs a file field"))?;
+    let info = tokio::task::spawn_blocking(move || store.add_file(&filename, &purpose, &content))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+            )
+        })??;
+    Ok(Json(file_json(&info)))
+}
+
+async fn file(
+    State(c): State<Coordinator>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = &runner(&c)?.store;
+    if let Some((batch, errors)) = derived(&id) {
+        let b = store.batch(batch)?;
+        let (out, err) = store.outputs(batch)?;
+        let bytes = if errors { err.len() } else { out.len() };
+        return Ok(Json(json!({
+            "id": id, "object": "file", "bytes": bytes, "created_at": b.finished_at.unwrap_or(b.created_at),
+            "filename": if errors { "batch_errors.jsonl" } else { "batch_output.jsonl" },
+            "purpose": "batch_output",
+        })));
+    }
+    Ok(Json(file_json(&store.file(&id)?)))
+}
+
+/// The batch (and whether its error file) a derived file id names.
+fn derived(id: &str) -> Option<(&str, bool)> {
+    id.strip_prefix(OUTPUT_PREFIX)
+        .map(|b| (b, false))
+        .or_else(|| id.strip_prefix(ERRORS_PREFIX).map(|b| (b, true)))
+}
+
+async fn file_content(
+    State(c): State<Coordinator>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let store = runner(&c)?.store.clone();
+    let body = tokio::task::spawn_blocking(move || match derived(&id) {
+        Some((batch, errors)) => {
+            let (out, err) = store.outputs(batch)?;
+            Ok::<_, StoreError>(if errors { err } else { out }.into_bytes())
+        }
+        None => store.file_content(&id),
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            e.to_string(),
+        )
+    })??;
+    Ok(([(header::CONTENT_TYPE, "application/jsonl")], body).into_response())
+}
+
+#[derive(Deserialize)]
+struct CreateBody {
+    input_file_id: String,
+    endpoint: String,
+    completion_window: Option<String>,
+}
+
+async fn create(
+    State(c): State<Coordinator>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let runner = runner(&c)?.clone();
+    let body: CreateBody = super::openai::parse(body, super::MAX_BODY_BYTES)?;
+    let kind = Kind::of_endpoint(&body.endpoint).ok_or_else(|| {
+        ApiError::bad(format!(
+            "endpoint must be /v1/chat/completions or /v1/embeddings, not {}",
+            body.endpoint
+        ))
+    })?;
+    if body
+        .completion_window
+        .as_deref()
+        .is_some_and(|w| w != "24h")
+    {
+        return Err(ApiError::bad("completion_window must be 24h"));
+    }
+    let model = match kind {
+        Kind::Chat => c.model().model.name.clone(),
+        Kind::Embed => c
+            .embedding_model()
+            .map(|m| m.name.clone())
+            .ok_or_else(|| ApiError::bad("this pool serves no embedding model"))?,
+    };
+    let store = runner.store.clone();
+    let info = tokio::task::spawn_blocking(move || {
+        let content = store.file_content(&body.input_file_id)?;
+        let (units, errors) = parse(&content, kind, &model)
+            .map_err(|e| StoreError::Conflict(format!("file {}: {e}", body.input_file_id)))?;
+        store.create_batch(kind, &model, &body.input_file_id, &units, &errors)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            e.to_string(),
+        )
+    })?
+    .map_err(|e| match e {
+        StoreError::Conflict(m) => ApiError::bad(m),
+        other => other.into(),
+    })?;
+    tracing::info!(batch = %info.id, units = info.total, "batch created");
+    runner.wake();
+    Ok(Json(batch_json(&info)))
+}
+
+async fn batch(
+    State(c): State<Coordinator>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(batch_json(&runner(&c)?.store.batch(&id)?)))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+async fn list(
+    State(c): State<Coordinator>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(20).clamp(1, 100);
+    let batches = runner(&c)?.store.batches(limit)?;
+    let data: Vec<Value> = batches.iter().map(batch_json).collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "first_id": batches.first().map(|b| b.id.clone()),
+        "last_id": batches.last().map(|b| b.id.clone()),
+        "has_more": false,
+    })))
+}
+
+async fn cancel(
+    State(c): State<Coordinator>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(batch_json(&runner(&c)?.store.cancel(&id)?)))
+}
+
+async fn credits(State(c): State<Coordinator>) -> Result<Json<Value>, ApiError> {
+    let ledger = runner(&c)?.store.credits()?;
+    Ok(Json(json!({"credits": ledger})))
+}

@@ -1,0 +1,146 @@
+//! `POST /v1/embeddings` in OpenAI's shape: the inputs are split across the nodes holding the
+//! pool's sentence encoder, and the vectors come back in order, as floats or base64.
+
+use super::openai::parse;
+use super::ApiError;
+use crate::pool::Coordinator;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::Engine as _;
+use potluck_engine::bert::{MAX_TEXTS, MAX_TEXT_BYTES};
+use potluck_protocol::messages::ModelRef;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Largest embeddings request body: many inputs at once is the point of the endpoint.
+pub const MAX_EMBED_BODY_BYTES: usize = 16 << 20;
+
+/// The embeddings route.
+pub fn routes() -> Router<Coordinator> {
+    Router::new().route(
+        "/v1/embeddings",
+        post(embeddings).layer(DefaultBodyLimit::max(MAX_EMBED_BODY_BYTES)),
+    )
+}
+
+/// `input` is one string, a list of strings, or token arrays (which this server refuses:
+/// nodes tokenize with the model's own tokenizer).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    One(String),
+    Many(Vec<String>),
+    Tokens(Vec<Value>),
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsBody {
+    input: Input,
+    model: Option<String>,
+    encoding_format: Option<String>,
+    dimensions: Option<usize>,
+}
+
+/// A checked request: the encoder, the texts, and whether to answer in base64.
+type Checked = (ModelRef, Vec<String>, bool);
+
+fn check(c: &Coordinator, body: EmbeddingsBody) -> Result<Checked, ApiError> {
+    let model = c.embedding_model().cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "this pool serves no embedding model (start the coordinator with --embedding-model)",
+        )
+    })?;
+    if let Some(asked) = body.model.as_deref().filter(|m| *m != model.name) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "the model '{asked}' does not exist; this pool embeds with '{}'",
+                model.name
+            ),
+        )
+        .with_code("model_not_found"));
+    }
+    let texts = match body.input {
+        Input::One(t) => vec![t],
+        Input::Many(t) => t,
+        Input::Tokens(items) => {
+            return Err(ApiError::bad(format!(
+                "input must be a string or a list of strings, not a list of {} other values (token arrays are not supported)",
+                items.len()
+            )))
+        }
+    };
+    if texts.is_empty() {
+        return Err(ApiError::bad("input must not be empty"));
+    }
+    if texts.len() > MAX_TEXTS {
+        return Err(ApiError::bad(format!(
+            "{} inputs; at most {MAX_TEXTS} per request",
+            texts.len()
+        )));
+    }
+    if let Some((i, t)) = texts
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.len() > MAX_TEXT_BYTES)
+    {
+        return Err(ApiError::bad(format!(
+            "input {i} has {} bytes; at most {MAX_TEXT_BYTES}",
+            t.len()
+        )));
+    }
+    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
+        return Err(ApiError::bad(format!("input {i} is empty")));
+    }
+    let base64 = match body.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "encoding_format must be float or base64, not {other}"
+            )))
+        }
+    };
+    if body.dimensions.is_some() {
+        return Err(ApiError::bad(
+            "dimensions is not supported: this model's vectors have a fixed width",
+        ));
+    }
+    Ok((model, texts, base64))
+}
+
+async fn embeddings(
+    State(c): State<Coordinator>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body: EmbeddingsBody = parse(body, MAX_EMBED_BODY_BYTES)?;
+    let (model, texts, base64) = check(&c, body)?;
+    let done = c.embed(&model, texts).await?;
+    let data: Vec<Value> = done
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model.name,
+        "usage": {"prompt_tokens": done.tokens, "total_tokens": done.tokens},
+    })))
+}

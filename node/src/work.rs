@@ -1,0 +1,280 @@
+//! Work units: whole-model jobs (embedding a slice of texts) that a node runs on a model it
+//! holds entirely, one at a time, signing a receipt for each result. Models load on first use
+//! and stay loaded; a bad unit gets a typed error and the node keeps serving.
+
+use crate::serve::LocalModel;
+use potluck_engine::bert::Encoder;
+use potluck_engine::generate::{generate, load_tokenizer, FinishReason, GenerateRequest};
+use potluck_engine::llama::{Stage, DEFAULT_KV_BUDGET};
+use potluck_engine::sampling::{Sampler, SamplingParams};
+use potluck_engine::tokenizer::TextTokenizer;
+use potluck_engine::weights::WeightFile;
+use potluck_engine::EngineError;
+use potluck_protocol::messages::{
+    DeviceKind, ErrorCode, LayerRange, ModelRef, NumericClass, Receipt, ReceiptBody, WireError,
+    WorkOutput, WorkRequest, WorkResult, WorkTask,
+};
+use potluck_protocol::receipt::work_ids;
+use potluck_protocol::signed::Keypair;
+use potluck_protocol::tensor::{WireDType, WireTensor};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// A whole decoder model held for completion units.
+struct Decoder {
+    stage: Stage,
+    tokenizer: TextTokenizer,
+    weights: String,
+}
+
+/// Runs work units on the node's cached models.
+pub struct Workers {
+    models: Vec<LocalModel>,
+    key: Keypair,
+    encoders: Mutex<HashMap<ModelRef, Arc<Encoder>>>,
+    decoders: Mutex<HashMap<ModelRef, Arc<Mutex<Decoder>>>>,
+    // Units share the node's compute threads: one at a time keeps each fast and the owner's
+    // thread limit true.
+    gate: tokio::sync::Semaphore,
+    /// Outputs to corrupt (test builds only).
+    #[cfg(feature = "fault-injection")]
+    faults: Option<Mutex<crate::fault::Injector>>,
+}
+
+fn wire_error(code: ErrorCode, message: impl Into<String>) -> WireError {
+    WireError {
+        code,
+        message: message.into(),
+    }
+}
+
+fn engine_error(e: EngineError) -> WireError {
+    let code = match &e {
+        EngineError::BadInput(_) | EngineError::Tokenizer(_) => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    wire_error(code, e.to_string())
+}
+
+impl Workers {
+    /// Workers for the cached `models`, signing with `key`; `faults` corrupts results on
+    /// purpose (test builds only, see [`crate::fault`]).
+    pub fn new(
+        models: Vec<LocalModel>,
+        key: Keypair,
+        #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))] faults: Option<
+            crate::fault::FaultPlan,
+        >,
+    ) -> Self {
+        Self {
+            #[cfg(feature = "fault-injection")]
+            faults: faults.map(|p| Mutex::new(crate::fault::Injector::new(p))),
+            models,
+            key,
+            encoders: Mutex::new(HashMap::new()),
+            decoders: Mutex::new(HashMap::new()),
+            gate: tokio::sync::Semaphore::new(1),
+        }
+    }
+
+    /// Runs `req` and signs its result.
+    pub async fn run(&self, req: WorkRequest) -> Result<WorkResult, WireError> {
+        let _turn = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| wire_error(ErrorCode::Internal, "work queue closed"))?;
+        let (output, tokens, weights) = match &req.task {
+            WorkTask::Embed(texts) => self.embed(&req.model, texts.clone()).await?,
+            WorkTask::Complete { prompt, max_tokens } => {
+                self.complete(&req.model, req.unit, prompt.clone(), *max_tokens)
+                    .await?
+            }
+        };
+        #[cfg(feature = "fault-injection")]
+        let output = match &self.faults {
+            Some(f) => match f.lock() {
+                Ok(mut f) => f.corrupt_work(output),
+                Err(_) => output,
+            },
+            None => output,
+        };
+        self.sign(&req, output, tokens, weights)
+    }
+
+    async fn embed(
+        &self,
+        model: &ModelRef,
+        texts: Vec<String>,
+    ) -> Result<(WorkOutput, u64, String), WireError> {
+        let encoder = self.encoder(model).await?;
+        let (vectors, tokens) = tokio::task::spawn_blocking(move || encoder.embed(&texts))
+            .await
+            .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?
+            .map_err(engine_error)?;
+        let dims = vectors.first().map_or(0, Vec::len);
+        let flat: Vec<f32> = vectors.concat();
+        let tensor = WireTensor::from_f32(&flat, &[vectors.len(), dims], WireDType::F32)
+            .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?;
+        Ok((WorkOutput::Embeddings(tensor), tokens, "F32".into()))
+    }
+
+    /// A greedy completion on the whole model; tokens counted are prompt plus generated.
+    async fn complete(
+        &self,
+        model: &ModelRef,
+        unit: u64,
+        prompt: Vec<u32>,
+        max_tokens: u32,
+    ) -> Result<(WorkOutput, u64, String), WireError> {
+        let decoder = self.decoder(model).await?;
+        tokio::task::spawn_blocking(move || {
+            let mut d = decoder
+                .lock()
+                .map_err(|_| wire_error(ErrorCode::Internal, "decoder poisoned"))?;
+            let Decoder {
+                stage,
+                tokenizer,
+                weights,
+            } = &mut *d;
+            let mut sampler = Sampler::new(SamplingParams::default()).map_err(engine_error)?;
+            let req = GenerateRequest {
+                prompt: &prompt,
+                max_tokens: max_tokens as usize,
+                stop: &[],
+            };
+            let (text, stats) = generate(
+                std::slice::from_mut(stage),
+                tokenizer,
+                unit,
+                &req,
+                &mut sampler,
+                |_| {},
+            )
+            .map_err(engine_error)?;
+            let output = WorkOutput::Completion {
+                text,
+                generated: stats.generated_tokens as u32,
+                stopped: stats.finish == FinishReason::Stop,
+            };
+            let tokens = (stats.prompt_tokens + stats.generated_tokens) as u64;
+            Ok((output, tokens, weights.clone()))
+        })
+        .await
+        .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?
+    }
+
+    fn sign(
+        &self,
+        req: &WorkRequest,
+        output: WorkOutput,
+        tokens: u64,
+        weights: String,
+    ) -> Result<WorkResult, WireError> {
+        let internal =
+            |e: potluck_protocol::ProtocolError| wire_error(ErrorCode::Internal, e.to_string());
+        let (job, input, out) = work_ids(req, &output).map_err(internal)?;
+        let body = ReceiptBody {
+            job,
+            input,
+            output: out,
+            model: req.model.digest,
+            // A whole-model unit: no layer range applies.
+            layers: LayerRange { start: 0, end: 0 },
+            numeric: NumericClass {
+                weights,
+                accumulation: "f32".into(),
+                device: DeviceKind::Cpu,
+            },
+        };
+        let receipt = Receipt::sign(body, &self.key).map_err(internal)?;
+        Ok(WorkResult {
+            unit: req.unit,
+            output,
+            tokens,
+            receipt,
+        })
+    }
+
+    /// Where `model` is in the cache.
+    fn path_of(&self, model: &ModelRef) -> Result<std::path::PathBuf, WireError> {
+        self.models
+            .iter()
+            .find(|m| &m.model == model)
+            .map(|m| m.path.clone())
+            .ok_or_else(|| {
+                wire_error(
+                    ErrorCode::NotServing,
+                    format!("model {} is not in this node's cache", model.name),
+                )
+            })
+    }
+
+    /// The whole decoder `model`, loading it on first use.
+    async fn decoder(&self, model: &ModelRef) -> Result<Arc<Mutex<Decoder>>, WireError> {
+        if let Some(d) = self
+            .decoders
+            .lock()
+            .ok()
+            .and_then(|m| m.get(model).cloned())
+        {
+            return Ok(d);
+        }
+        let path = self.path_of(model)?;
+        if Encoder::is_encoder_dir(&path) {
+            return Err(wire_error(
+                ErrorCode::NotServing,
+                format!("model {} is a sentence encoder, not a decoder", model.name),
+            ));
+        }
+        let decoder = tokio::task::spawn_blocking(move || {
+            let file = WeightFile::open(&path)?;
+            let layers = file.config()?.layers;
+            let stage = Stage::load(&file, 0..layers, DEFAULT_KV_BUDGET)?;
+            let tokenizer = load_tokenizer(&file)?;
+            Ok::<_, EngineError>(Decoder {
+                stage,
+                tokenizer,
+                weights: crate::serve::weight_label(&file),
+            })
+        })
+        .await
+        .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?
+        .map_err(engine_error)?;
+        let decoder = Arc::new(Mutex::new(decoder));
+        tracing::info!(model = %model.name, "whole model loaded for completion units");
+        if let Ok(mut m) = self.decoders.lock() {
+            m.insert(model.clone(), decoder.clone());
+        }
+        Ok(decoder)
+    }
+
+    /// The loaded encoder for `model`, loading it on first use.
+    async fn encoder(&self, model: &ModelRef) -> Result<Arc<Encoder>, WireError> {
+        if let Some(e) = self
+            .encoders
+            .lock()
+            .ok()
+            .and_then(|m| m.get(model).cloned())
+        {
+            return Ok(e);
+        }
+        let path = self.path_of(model)?;
+        if !Encoder::is_encoder_dir(&path) {
+            return Err(wire_error(
+                ErrorCode::NotServing,
+                format!("model {} is not a sentence encoder", model.name),
+            ));
+        }
+        let encoder = tokio::task::spawn_blocking(move || Encoder::load(&path))
+            .await
+            .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?
+            .map_err(engine_error)?;
+        let encoder = Arc::new(encoder);
+        tracing::info!(model = %model.name, "encoder loaded");
+        if let Ok(mut m) = self.encoders.lock() {
+            m.insert(model.clone(), encoder.clone());
+        }
+        Ok(encoder)
+    }
+}
