@@ -98,8 +98,9 @@ pub struct NodeLimits {
     #[arg(long, default_value_t = 10)]
     pub leave_deadline: u64,
     /// Test builds only: corrupt a share of outputs, RATE:KIND[:SEED] with KIND one of
-    /// noise, zeros, skip, stale (wrong results, honestly signed) or forge, replay (receipts
-    /// that do not match), to exercise the pool's checks.
+    /// noise, zeros, skip, stale (wrong results, honestly signed), forge, replay (receipts
+    /// that do not match) or stall (work units never answered), to exercise the pool's
+    /// checks.
     #[arg(long, hide = true)]
     pub corrupt: Option<potluck_node::fault::FaultPlan>,
 }
@@ -157,6 +158,10 @@ pub struct ServeArgs {
     /// Agreeing results, from different nodes, that validate a batch unit (1 to 5).
     #[arg(long, default_value_t = potluck_coordinator::batch::DEFAULT_QUORUM)]
     pub batch_quorum: usize,
+    /// Seconds a work unit (a batch unit or an embedding slice) may take on a node before
+    /// it goes to another.
+    #[arg(long, default_value_t = potluck_coordinator::daemon::DEFAULT_UNIT_TIMEOUT.as_secs())]
+    pub unit_timeout: u64,
 }
 
 impl ServeArgs {
@@ -170,6 +175,9 @@ impl ServeArgs {
     ) -> Result<CoordinatorConfig> {
         if !(0.0..=1.0).contains(&self.check_share) {
             anyhow::bail!("--check-share must be from 0 to 1");
+        }
+        if self.unit_timeout == 0 {
+            anyhow::bail!("--unit-timeout must be at least 1 second");
         }
         if !(1..=potluck_coordinator::batch::scheduler::MAX_REPLICAS).contains(&self.batch_quorum) {
             anyhow::bail!("--batch-quorum must be from 1 to 5");
@@ -188,6 +196,7 @@ impl ServeArgs {
                 .then(|| Duration::from_secs(self.canary_interval)),
             embedding_model: embedding_model(cache, self.embedding_model.as_deref())?,
             batch_quorum: self.batch_quorum,
+            unit_timeout: Duration::from_secs(self.unit_timeout),
             ..pool.coordinator_config(data_dir)
         })
     }

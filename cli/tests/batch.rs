@@ -2,8 +2,8 @@
 //! that run on two nodes, each unit validated by two agreeing results. The coordinator is
 //! killed with SIGKILL mid-batch and restarted on the same data: the batch resumes and its
 //! output has every valid line exactly once, right; bad lines are reported by number; the
-//! credit ledger names both nodes. A third node that corrupts its results is outvoted and
-//! quarantined, and its credit voided.
+//! credit ledger names both nodes. A node that corrupts its results is outvoted and
+//! quarantined, and its credit voided; units of a node that hangs time out and run elsewhere.
 
 mod common;
 
@@ -12,13 +12,6 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// A coordinator also listening on `port`, so nodes find it again after a restart.
 fn start_coordinator(dir: &std::path::Path, port: u16) -> (Proc, String) {
@@ -39,6 +32,42 @@ fn potluck(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes `lines` (JSONL) to `name` in `dir`; returns the path.
+fn write_lines(dir: &std::path::Path, name: &str, lines: &[String]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+/// `potluck batch submit PATH --kind KIND`: the answer and what it printed to stderr.
+fn submit(path: &std::path::Path, kind: &str, url: &str) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(["batch", "submit"])
+        .arg(path)
+        .args(["--kind", kind, "--coordinator", url])
+        .output()
+        .expect("run potluck");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The output lines of a finished batch.
+fn results(id: &str, url: &str) -> Vec<Value> {
+    potluck(&["batch", "results", id, "--coordinator", url])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// The first vector of an embedding output line.
+fn vector_of(line: &Value) -> Vec<f32> {
+    serde_json::from_value(line["response"]["body"]["data"][0]["embedding"].clone())
+        .expect("an embedding")
 }
 
 fn status(api: &str, id: &str) -> Value {
@@ -76,7 +105,7 @@ fn texts(n: usize) -> Vec<String> {
 #[test]
 fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let (mut coord, api) = start_coordinator(dir.path(), port);
     let bootstrap = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", {
         let line = coord
@@ -88,44 +117,23 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
     });
     let (_a, id_a) = node(dir.path(), "a", "public", &bootstrap, &[]);
     let (_b, id_b) = node(dir.path(), "b", "public", &bootstrap, &[]);
-    for id in [&id_a, &id_b] {
-        assert!(
-            coord
-                .wait_for(Instant::now() + Duration::from_secs(60), |l| l
-                    .starts_with(&format!("peer joined {id} ")))
-                .is_some(),
-            "{id} never joined: {:?}",
-            coord.seen
-        );
-    }
+    common::wait_joined(&mut coord, [&id_a, &id_b]);
 
     // 150 lines, two of them bad (lines 4 and 77).
     let inputs = texts(150);
-    let mut file = String::new();
-    for (i, t) in inputs.iter().enumerate() {
-        let line = match i {
+    let lines: Vec<String> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match i {
             3 => "{not json".to_string(),
             76 => json!({"custom_id": "bad", "body": {"input": []}}).to_string(),
             _ => json!({"custom_id": format!("u{i}"), "method": "POST", "url": "/v1/embeddings", "body": {"input": t}}).to_string(),
-        };
-        file.push_str(&line);
-        file.push('\n');
-    }
-    let path = dir.path().join("in.jsonl");
-    std::fs::write(&path, &file).unwrap();
+        })
+        .collect();
+    let path = write_lines(dir.path(), "in.jsonl", &lines);
     let url = format!("http://{api}");
-    let id = potluck(&[
-        "batch",
-        "submit",
-        path.to_str().unwrap(),
-        "--kind",
-        "embed",
-        "--coordinator",
-        &url,
-    ])
-    .trim()
-    .to_string();
-    assert!(id.starts_with("batch_"), "{id}");
+    let (ok, id, err) = submit(&path, "embed", &url);
+    assert!(ok && id.starts_with("batch_"), "{id} {err}");
 
     // Kill -9 once some units are validated but not all.
     let s = wait_status(&api, &id, Instant::now() + Duration::from_secs(120), |s| {
@@ -146,11 +154,7 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
     assert_eq!(s["request_counts"]["failed"], 2, "{s}");
 
     // Every good line exactly once, in order, with the right vectors.
-    let out = potluck(&["batch", "results", &id, "--coordinator", &url]);
-    let lines: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
+    let lines = results(&id, &url);
     assert_eq!(lines.len(), 148);
     let mut seen: HashMap<String, usize> = HashMap::new();
     let wanted: Vec<(usize, &String)> = inputs
@@ -164,10 +168,7 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
         let custom = line["custom_id"].as_str().expect("custom_id").to_string();
         assert_eq!(custom, format!("u{i}"));
         *seen.entry(custom).or_default() += 1;
-        let got: Vec<f32> =
-            serde_json::from_value(line["response"]["body"]["data"][0]["embedding"].clone())
-                .expect("vector");
-        let cos = potluck_engine::bert::cosine(&got, want);
+        let cos = potluck_engine::bert::cosine(&vector_of(line), want);
         assert!(cos >= 0.9999, "line {i}: cosine {cos}");
     }
     assert!(seen.values().all(|&n| n == 1));
@@ -211,25 +212,16 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
 
     // Chat units: greedy, so both nodes give the text one process gives.
     let prompts = ["What is the capital of Japan?", "Name a primary colour."];
-    let mut chat = String::new();
-    for (i, p) in prompts.iter().enumerate() {
-        let body = json!({"messages": [{"role": "user", "content": p}], "max_tokens": 12});
-        chat.push_str(&json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions", "body": body}).to_string());
-        chat.push('\n');
-    }
-    let chat_path = dir.path().join("chat.jsonl");
-    std::fs::write(&chat_path, chat).unwrap();
-    let chat_id = potluck(&[
-        "batch",
-        "submit",
-        chat_path.to_str().unwrap(),
-        "--kind",
-        "chat",
-        "--coordinator",
-        &url,
-    ])
-    .trim()
-    .to_string();
+    let chat: Vec<String> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let body = json!({"messages": [{"role": "user", "content": p}], "max_tokens": 12});
+            json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions", "body": body}).to_string()
+        })
+        .collect();
+    let (ok, chat_id, err) = submit(&write_lines(dir.path(), "chat.jsonl", &chat), "chat", &url);
+    assert!(ok, "{err}");
     let s = wait_status(
         &api,
         &chat_id,
@@ -237,9 +229,7 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
         |s| s["status"] == "completed",
     );
     assert_eq!(s["request_counts"]["completed"], 2, "{s}");
-    let out = potluck(&["batch", "results", &chat_id, "--coordinator", &url]);
-    for (line, p) in out.lines().zip(prompts) {
-        let v: Value = serde_json::from_str(line).unwrap();
+    for (v, p) in results(&chat_id, &url).iter().zip(prompts) {
         let (want, generated) = common::local_generate(p, true, 12);
         let body = &v["response"]["body"];
         assert_eq!(body["choices"][0]["message"]["content"], want, "{v}");
@@ -247,72 +237,32 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
     }
 
     // Bad submissions: clear errors.
-    let empty = dir.path().join("empty.jsonl");
-    std::fs::write(&empty, "\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args([
-            "batch",
-            "submit",
-            empty.to_str().unwrap(),
-            "--kind",
-            "embed",
-            "--coordinator",
-            &url,
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
-    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args([
-            "batch",
-            "submit",
-            path.to_str().unwrap(),
-            "--kind",
-            "images",
-            "--coordinator",
-            &url,
-        ])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("chat or embed"));
+    let (ok, _, err) = submit(&write_lines(dir.path(), "empty.jsonl", &[]), "embed", &url);
+    assert!(!ok && err.contains("empty"), "{err}");
+    let (ok, _, err) = submit(&path, "images", &url);
+    assert!(!ok && err.contains("chat or embed"), "{err}");
 }
 
 #[test]
-fn a_cheating_node_is_outvoted_quarantined_and_loses_its_credit() {
+fn a_cheating_node_is_outvoted_and_a_hung_one_timed_out() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut coord, addr, api) = common::coordinator(dir.path(), &["--canary-interval", "0"]);
+    let (mut coord, addr, api) = common::coordinator(
+        dir.path(),
+        &["--canary-interval", "0", "--unit-timeout", "3"],
+    );
     let (_a, id_a) = node(dir.path(), "a", "public", &addr, &[]);
     let (_b, id_b) = node(dir.path(), "b", "public", &addr, &[]);
     let (_c, id_c) = node(dir.path(), "c", "public", &addr, &["--corrupt", "1:noise"]);
-    for id in [&id_a, &id_b, &id_c] {
-        assert!(
-            coord
-                .wait_for(Instant::now() + Duration::from_secs(60), |l| l
-                    .starts_with(&format!("peer joined {id} ")))
-                .is_some(),
-            "{id} never joined"
-        );
-    }
-    let mut file = String::new();
-    for (i, t) in texts(30).iter().enumerate() {
-        file.push_str(&json!({"custom_id": format!("u{i}"), "body": {"input": t}}).to_string());
-        file.push('\n');
-    }
-    let path = dir.path().join("in.jsonl");
-    std::fs::write(&path, file).unwrap();
+    let (_d, id_d) = node(dir.path(), "d", "public", &addr, &["--corrupt", "1:stall"]);
+    common::wait_joined(&mut coord, [&id_a, &id_b, &id_c, &id_d]);
+    let lines: Vec<String> = texts(30)
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"custom_id": format!("u{i}"), "body": {"input": t}}).to_string())
+        .collect();
     let url = format!("http://{api}");
-    let id = potluck(&[
-        "batch",
-        "submit",
-        path.to_str().unwrap(),
-        "--kind",
-        "embed",
-        "--coordinator",
-        &url,
-    ])
-    .trim()
-    .to_string();
+    let (ok, id, err) = submit(&write_lines(dir.path(), "in.jsonl", &lines), "embed", &url);
+    assert!(ok, "{err}");
     let s = wait_status(&api, &id, Instant::now() + Duration::from_secs(180), |s| {
         s["status"] == "completed"
     });
@@ -327,14 +277,15 @@ fn a_cheating_node_is_outvoted_quarantined_and_loses_its_credit() {
         coord.seen
     );
     common::never_quarantined(&coord, [&id_a, &id_b]);
+    // The hung node's units timed out and ran elsewhere.
+    let timed_out = coord.wait_for(Instant::now() + Duration::from_secs(5), |l| {
+        l.contains("batch unit failed") && l.contains(&id_d) && l.contains("no answer within")
+    });
+    assert!(timed_out.is_some(), "{:?}", coord.seen);
     // Every output line is the honest answer.
-    let out = potluck(&["batch", "results", &id, "--coordinator", &url]);
     let (want, _) = common::local_embed(&texts(30));
-    for (line, w) in out.lines().zip(&want) {
-        let v: Value = serde_json::from_str(line).unwrap();
-        let got: Vec<f32> =
-            serde_json::from_value(v["response"]["body"]["data"][0]["embedding"].clone()).unwrap();
-        assert!(potluck_engine::bert::cosine(&got, w) >= 0.9999);
+    for (line, w) in results(&id, &url).iter().zip(&want) {
+        assert!(potluck_engine::bert::cosine(&vector_of(line), w) >= 0.9999);
     }
     let raw = common::raw_http(&api, &common::request("GET", "/api/credits", &[], ""));
     let credits: Value = serde_json::from_str(common::split_answer(&raw).1).expect("credits");

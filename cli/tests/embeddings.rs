@@ -50,11 +50,7 @@ fn embeddings_are_split_across_nodes_exact_and_survive_a_node_dying() {
     let (mut coord, addr, http) = common::coordinator(dir.path(), &[]);
     let (_a, id_a) = node(dir.path(), "a", "public", &addr, &[]);
     let (b, id_b) = node(dir.path(), "b", "public", &addr, &[]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for id in [&id_a, &id_b] {
-        let joined = coord.wait_for(deadline, |l| l.starts_with(&format!("peer joined {id} ")));
-        assert!(joined.is_some(), "{id} never joined: {:?}", coord.seen);
-    }
+    common::wait_joined(&mut coord, [&id_a, &id_b]);
 
     let inputs = texts(200);
     let (status, answer) = post_json(&http, "/v1/embeddings", &json!({"input": inputs}));
@@ -123,7 +119,7 @@ fn embeddings_are_split_across_nodes_exact_and_survive_a_node_dying() {
 
     // Node b dies while a big request is running: its slice goes to a, and the answer is
     // whole and right.
-    let many = texts(1200);
+    let many = texts(800);
     let (want, _) = common::local_embed(&many);
     let before = work_units(&http);
     let request = {

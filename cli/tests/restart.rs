@@ -7,13 +7,6 @@ mod common;
 use common::Proc;
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn start_coordinator(dir: &std::path::Path, port: u16) -> (Proc, String) {
     let listen = format!("/ip4/127.0.0.1/tcp/{port}");
     let (p, _, http) = common::coordinator(dir, &["--listen", &listen]);
@@ -51,7 +44,7 @@ fn chat(http: &str) -> String {
 #[test]
 fn a_restarted_coordinator_gets_its_nodes_and_plan_back() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let (mut coord, http) = start_coordinator(dir.path(), port);
     let addr = format!(
         "/ip4/127.0.0.1/tcp/{port}/p2p/{}",

@@ -46,7 +46,13 @@ pub struct CoordinatorConfig {
     pub embedding_model: Option<EmbeddingModel>,
     /// Agreeing results that validate a batch unit.
     pub batch_quorum: usize,
+    /// How long a work unit (a batch unit or an embedding slice) may take on a node before
+    /// it is given to another.
+    pub unit_timeout: Duration,
 }
+
+/// How long a work unit may take unless told otherwise.
+pub const DEFAULT_UNIT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Time between canary rounds unless told otherwise.
 pub const DEFAULT_CANARY_INTERVAL: Duration = Duration::from_secs(60);
@@ -67,6 +73,7 @@ impl CoordinatorConfig {
             canary_interval: Some(DEFAULT_CANARY_INTERVAL),
             embedding_model: None,
             batch_quorum: crate::batch::DEFAULT_QUORUM,
+            unit_timeout: DEFAULT_UNIT_TIMEOUT,
         }
     }
 }

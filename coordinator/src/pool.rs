@@ -235,6 +235,8 @@ pub struct Coordinator {
     embedding_model: Option<EmbeddingModel>,
     /// The batch runner and its store, when the coordinator keeps one.
     batches: Option<Arc<crate::batch::Batches>>,
+    /// How long a work unit may take on a node.
+    unit_timeout: Duration,
 }
 
 /// Counts a session on its chain's peers until it ends.
@@ -333,6 +335,7 @@ impl Coordinator {
             canaries: Arc::new(Mutex::new(canary::CanaryBank::default())),
             embedding_model: cfg.embedding_model.clone(),
             batches: None,
+            unit_timeout: cfg.unit_timeout,
         }
     }
 
@@ -701,26 +704,48 @@ impl Coordinator {
     }
 
     async fn send_assignment(&self, peer: PeerId, a: &ShardAssignment) -> Result<(), String> {
+        let answer = self
+            .request(
+                peer,
+                CONTROL_PROTOCOL,
+                &Message::Assign(a.clone()),
+                MAX_CONTROL_FRAME,
+                ASSIGN_TIMEOUT,
+            )
+            .await?;
+        match answer {
+            Some(Message::Assigned(b)) if &b == a => Ok(()),
+            Some(Message::Error(e)) => Err(format!("{:?}: {}", e.code, e.message)),
+            _ => Err("unexpected answer".into()),
+        }
+    }
+
+    /// One request on a fresh stream of `protocol` to `peer`, and its answer (at most `max`
+    /// bytes; `None` if the stream ended first), all within `timeout`.
+    pub(crate) async fn request(
+        &self,
+        peer: PeerId,
+        protocol: &'static str,
+        message: &Message,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Option<Message>, String> {
         let mut control = self.control.clone();
         let exchange = async {
             let mut stream = control
-                .open_stream(peer, StreamProtocol::new(CONTROL_PROTOCOL))
+                .open_stream(peer, StreamProtocol::new(protocol))
                 .await
                 .map_err(|e| e.to_string())?;
-            write_frame_async(&mut stream, &Message::Assign(a.clone()))
+            write_frame_async(&mut stream, message)
                 .await
                 .map_err(|e| e.to_string())?;
-            read_frame_async::<Message>(&mut stream, MAX_CONTROL_FRAME)
+            read_frame_async::<Message>(&mut stream, max)
                 .await
                 .map_err(|e| e.to_string())
         };
-        match tokio::time::timeout(ASSIGN_TIMEOUT, exchange).await {
-            Err(_) => Err("no answer in time".into()),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(Some(Message::Assigned(b)))) if &b == a => Ok(()),
-            Ok(Ok(Some(Message::Error(e)))) => Err(format!("{:?}: {}", e.code, e.message)),
-            Ok(Ok(_)) => Err("unexpected answer".into()),
-        }
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| format!("no answer within {timeout:?}"))?
     }
 
     /// The cheapest chain of confirmed spans, with each span's peer id.

@@ -7,7 +7,7 @@ use crate::error::{EngineError, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Texts encoded together; sorted by length first so a batch pads little.
 const BATCH: usize = 16;
@@ -190,7 +190,13 @@ impl Encoder {
                 ..Default::default()
             }))
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        let shards = safetensor_files(dir)?;
+        let shards = crate::weights::files_with_extension(dir, "safetensors")?;
+        if shards.is_empty() {
+            return Err(EngineError::invalid(format!(
+                "{} holds no .safetensors file",
+                dir.display()
+            )));
+        }
         // SAFETY: read-only mapping of files we do not modify while mapped.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&shards, DType::F32, &device) }
             .map_err(|e| EngineError::invalid(format!("safetensors: {e}")))?;
@@ -377,25 +383,6 @@ impl Encoder {
         let ff = b.down.forward(&b.up.forward(&x)?.gelu_erf()?)?;
         Ok(b.out_norm.forward(&(ff + x)?)?)
     }
-}
-
-fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| EngineError::Io {
-            path: dir.display().to_string(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    if shards.is_empty() {
-        return Err(EngineError::invalid(format!(
-            "{} holds no .safetensors file",
-            dir.display()
-        )));
-    }
-    shards.sort();
-    Ok(shards)
 }
 
 /// Cosine similarity of two vectors (0 when either is zero or they differ in length).

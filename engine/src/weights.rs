@@ -104,6 +104,20 @@ impl Embedding {
     }
 }
 
+/// The files in `dir` named `*.{ext}`, sorted (safetensors shards load in name order).
+pub fn files_with_extension(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| EngineError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// An open model file (or directory) of either format.
 pub enum WeightFile {
     /// A llama.cpp GGUF file.
@@ -139,25 +153,10 @@ impl WeightFile {
     }
 
     fn open_safetensors_dir(dir: &Path) -> Result<Self> {
-        let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|source| EngineError::Io {
-                path: dir.display().to_string(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-            .collect();
+        let shards = files_with_extension(dir, "safetensors")?;
         if shards.is_empty() {
             // A directory holding a single GGUF works too.
-            let ggufs: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|source| EngineError::Io {
-                    path: dir.display().to_string(),
-                    source,
-                })?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
-                .collect();
-            if let [one] = ggufs.as_slice() {
+            if let [one] = files_with_extension(dir, "gguf")?.as_slice() {
                 return Ok(WeightFile::Gguf(GgufFile::open(one)?));
             }
             return Err(EngineError::invalid(format!(
@@ -165,7 +164,6 @@ impl WeightFile {
                 dir.display()
             )));
         }
-        shards.sort();
         Self::open_safetensors(dir, shards)
     }
 

@@ -21,6 +21,8 @@ pub enum FaultKind {
     Forge,
     /// The session's previous result, receipt and all, sent again as this step's answer.
     Replay,
+    /// Work units only: the node takes the unit and never answers (a hung machine).
+    Stall,
 }
 
 /// A node's fault plan: corrupt each output with probability `rate`, as `kind` says.
@@ -55,7 +57,12 @@ impl FromStr for FaultPlan {
             Some("stale") => FaultKind::Stale,
             Some("forge") => FaultKind::Forge,
             Some("replay") => FaultKind::Replay,
-            _ => return Err("the kind must be noise, zeros, skip, stale, forge or replay".into()),
+            Some("stall") => FaultKind::Stall,
+            _ => {
+                return Err(
+                    "the kind must be noise, zeros, skip, stale, forge, replay or stall".into(),
+                )
+            }
         };
         let seed = match parts.next() {
             None => 1,
@@ -130,12 +137,19 @@ mod inject {
             }
         }
 
+        /// Whether this work unit should hang instead of answering.
+        pub fn stalls(&mut self) -> bool {
+            self.plan.kind == FaultKind::Stall && self.rng.next_f64() < self.plan.rate
+        }
+
         /// A work unit's output, corrupted or not: noise moves each vector (kept unit
         /// length, as a careful cheater would) or changes a completion's text; zeros and the
         /// rest return one constant answer. Receipt-level kinds leave work alone.
         pub fn corrupt_work(&mut self, output: WorkOutput) -> WorkOutput {
-            if matches!(self.plan.kind, FaultKind::Forge | FaultKind::Replay)
-                || self.rng.next_f64() >= self.plan.rate
+            if matches!(
+                self.plan.kind,
+                FaultKind::Forge | FaultKind::Replay | FaultKind::Stall
+            ) || self.rng.next_f64() >= self.plan.rate
             {
                 return output;
             }
@@ -188,8 +202,10 @@ mod inject {
             output: StageOutputWire,
         ) -> StageOutputWire {
             let previous = self.last.insert(cache, output.clone());
-            if matches!(self.plan.kind, FaultKind::Forge | FaultKind::Replay)
-                || self.rng.next_f64() >= self.plan.rate
+            if matches!(
+                self.plan.kind,
+                FaultKind::Forge | FaultKind::Replay | FaultKind::Stall
+            ) || self.rng.next_f64() >= self.plan.rate
             {
                 return output;
             }
@@ -222,8 +238,8 @@ mod inject {
                             }
                             _ => v.iter_mut().for_each(|x| *x = 0.0),
                         },
-                        // Receipt-level faults: see `tamper`.
-                        FaultKind::Forge | FaultKind::Replay => {}
+                        // Receipt-level faults: see `tamper`; stalls: see `stalls`.
+                        FaultKind::Forge | FaultKind::Replay | FaultKind::Stall => {}
                     }
                     match WireTensor::from_f32(&v, &dims, WireDType::F32) {
                         Ok(t) => StageOutputWire::Hidden(t),
@@ -243,7 +259,7 @@ mod inject {
                             Some(StageOutputWire::Token { token: t, .. }) => t,
                             _ => 0,
                         },
-                        FaultKind::Forge | FaultKind::Replay => token,
+                        FaultKind::Forge | FaultKind::Replay | FaultKind::Stall => token,
                     };
                     StageOutputWire::Token {
                         token: wrong,

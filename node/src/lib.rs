@@ -7,4 +7,5 @@ pub mod fault;
 pub mod probe;
 pub mod serve;
 pub mod shard;
+mod wire;
 pub mod work;

@@ -3,6 +3,7 @@
 //! stream that sent it, with a logged reason.
 
 use crate::shard::ShardServer;
+use crate::wire::wire_error;
 use futures::StreamExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
 use potluck_engine::llama::{Stage, DEFAULT_KV_BUDGET};
@@ -82,13 +83,6 @@ impl Drop for ActiveStream<'_> {
 #[derive(Clone)]
 pub struct Server {
     inner: Arc<Inner>,
-}
-
-fn wire_error(code: ErrorCode, message: impl Into<String>) -> WireError {
-    WireError {
-        code,
-        message: message.into(),
-    }
 }
 
 impl Server {

@@ -2,6 +2,7 @@
 //! from the wire with [`StageResult`]s, and signs a receipt for each. Bad requests get a typed
 //! [`WireError`] and the server keeps serving every session.
 
+use crate::wire::{engine_error, wire_error};
 use candle_core::{Device, Tensor};
 use potluck_engine::llama::{argmax, Stage, StageInput, StageOutput};
 use potluck_engine::sampling::{top_logprobs, Sampler, SamplingParams};
@@ -26,24 +27,6 @@ pub struct ShardServer {
     key: Keypair,
     #[cfg(feature = "fault-injection")]
     faults: Option<crate::fault::Injector>,
-}
-
-fn wire_error(code: ErrorCode, message: impl Into<String>) -> WireError {
-    WireError {
-        code,
-        message: message.into(),
-    }
-}
-
-/// The wire form of an engine refusal.
-fn engine_error(e: EngineError) -> WireError {
-    let code = match &e {
-        EngineError::BadInput(_) | EngineError::ContextOverflow { .. } => ErrorCode::BadRequest,
-        EngineError::UnknownSession(_) => ErrorCode::UnknownSession,
-        EngineError::KvBudget { .. } => ErrorCode::Overloaded,
-        _ => ErrorCode::Internal,
-    };
-    wire_error(code, e.to_string())
 }
 
 impl ShardServer {

@@ -1,8 +1,9 @@
-//! Work units: whole-model jobs (embedding a slice of texts) that a node runs on a model it
-//! holds entirely, one at a time, signing a receipt for each result. Models load on first use
+//! Work units: whole-model jobs (embedding a slice of texts, a greedy completion) that a node
+//! runs on a model it holds entirely, one at a time, signing a receipt for each result. Models load on first use
 //! and stay loaded; a bad unit gets a typed error and the node keeps serving.
 
 use crate::serve::LocalModel;
+use crate::wire::{engine_error, wire_error};
 use potluck_engine::bert::Encoder;
 use potluck_engine::generate::{generate, load_tokenizer, FinishReason, GenerateRequest};
 use potluck_engine::llama::{Stage, DEFAULT_KV_BUDGET};
@@ -19,6 +20,9 @@ use potluck_protocol::signed::Keypair;
 use potluck_protocol::tensor::{WireDType, WireTensor};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+/// Most tokens one completion unit may ask for.
+pub const MAX_UNIT_TOKENS: u32 = 4096;
 
 /// A whole decoder model held for completion units.
 struct Decoder {
@@ -39,21 +43,6 @@ pub struct Workers {
     /// Outputs to corrupt (test builds only).
     #[cfg(feature = "fault-injection")]
     faults: Option<Mutex<crate::fault::Injector>>,
-}
-
-fn wire_error(code: ErrorCode, message: impl Into<String>) -> WireError {
-    WireError {
-        code,
-        message: message.into(),
-    }
-}
-
-fn engine_error(e: EngineError) -> WireError {
-    let code = match &e {
-        EngineError::BadInput(_) | EngineError::Tokenizer(_) => ErrorCode::BadRequest,
-        _ => ErrorCode::Internal,
-    };
-    wire_error(code, e.to_string())
 }
 
 impl Workers {
@@ -84,6 +73,16 @@ impl Workers {
             .acquire()
             .await
             .map_err(|_| wire_error(ErrorCode::Internal, "work queue closed"))?;
+        #[cfg(feature = "fault-injection")]
+        if self
+            .faults
+            .as_ref()
+            .and_then(|f| f.lock().ok().map(|mut f| f.stalls()))
+            .unwrap_or(false)
+        {
+            // Hung, as a machine that froze: the coordinator's timeout must notice.
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
         let (output, tokens, weights) = match &req.task {
             WorkTask::Embed(texts) => self.embed(&req.model, texts.clone()).await?,
             WorkTask::Complete { prompt, max_tokens } => {
@@ -127,6 +126,12 @@ impl Workers {
         prompt: Vec<u32>,
         max_tokens: u32,
     ) -> Result<(WorkOutput, u64, String), WireError> {
+        if max_tokens > MAX_UNIT_TOKENS {
+            return Err(wire_error(
+                ErrorCode::BadRequest,
+                format!("{max_tokens} tokens asked; a unit may ask for at most {MAX_UNIT_TOKENS}"),
+            ));
+        }
         let decoder = self.decoder(model).await?;
         tokio::task::spawn_blocking(move || {
             let mut d = decoder

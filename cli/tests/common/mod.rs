@@ -269,6 +269,27 @@ pub fn local_generate(prompt: &str, chat: bool, max_tokens: usize) -> (String, u
     (text, generated)
 }
 
+/// A loopback TCP port free now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until the coordinator says each of `ids` joined (a minute at most).
+pub fn wait_joined<'a>(coord: &mut Proc, ids: impl IntoIterator<Item = &'a String>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in ids {
+        let line = format!("peer joined {id} ");
+        assert!(
+            coord.wait_for(deadline, |l| l.starts_with(&line)).is_some(),
+            "{id} never joined: {:?}",
+            coord.seen
+        );
+    }
+}
+
 /// Vectors and token count for `texts` from all-MiniLM-L6-v2 run in this process.
 pub fn local_embed(texts: &[String]) -> (Vec<Vec<f32>>, u64) {
     let path = potluck_engine::cache::default_embedding_model_path().expect("a model cache");

@@ -218,9 +218,11 @@ impl Batches {
             let Some((_, winner)) = parsed.get(first) else {
                 return Ok(false);
             };
+            // A quarantined peer earns nothing, even for a result that agrees.
             let credited: Vec<String> = group
                 .iter()
                 .filter_map(|&i| parsed.get(i).map(|(p, _)| p.clone()))
+                .filter(|p| p.parse::<PeerId>().is_ok_and(|id| !c.is_quarantined(id)))
                 .collect();
             let tokens = winner.tokens();
             let flops = tokens as f64 * c.flops_per_token(unit.kind == Kind::Embed) as f64;
@@ -238,7 +240,6 @@ impl Batches {
                     } else {
                         c.record_trust(id, Verdict::Fail);
                         c.quarantine(id, &format!("outvoted on batch unit {}", unit.id));
-                        self.store.void_credit(peer)?;
                     }
                 }
             }

@@ -56,6 +56,22 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// Runs store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
 fn runner(c: &Coordinator) -> Result<&Arc<Batches>, ApiError> {
     c.batches().ok_or_else(|| {
         ApiError::new(
@@ -156,15 +172,7 @@ async fn upload(
         )));
     }
     let content = content.ok_or_else(|| ApiError::bad("the upload needs a file field"))?;
-    let info = tokio::task::spawn_blocking(move || store.add_file(&filename, &purpose, &content))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                e.to_string(),
-            )
-        })??;
+    let info = blocking(move || store.add_file(&filename, &purpose, &content)).await?;
     Ok(Json(file_json(&info)))
 }
 
@@ -198,21 +206,14 @@ async fn file_content(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let store = runner(&c)?.store.clone();
-    let body = tokio::task::spawn_blocking(move || match derived(&id) {
+    let body = blocking(move || match derived(&id) {
         Some((batch, errors)) => {
             let (out, err) = store.outputs(batch)?;
-            Ok::<_, StoreError>(if errors { err } else { out }.into_bytes())
+            Ok(if errors { err } else { out }.into_bytes())
         }
         None => store.file_content(&id),
     })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            e.to_string(),
-        )
-    })??;
+    .await?;
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], body).into_response())
 }
 
@@ -250,23 +251,17 @@ async fn create(
             .ok_or_else(|| ApiError::bad("this pool serves no embedding model"))?,
     };
     let store = runner.store.clone();
-    let info = tokio::task::spawn_blocking(move || {
+    let info = blocking(move || {
         let content = store.file_content(&body.input_file_id)?;
         let (units, errors) = parse(&content, kind, &model)
             .map_err(|e| StoreError::Conflict(format!("file {}: {e}", body.input_file_id)))?;
         store.create_batch(kind, &model, &body.input_file_id, &units, &errors)
     })
     .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            e.to_string(),
-        )
-    })?
-    .map_err(|e| match e {
-        StoreError::Conflict(m) => ApiError::bad(m),
-        other => other.into(),
+    .map_err(|e| match e.status {
+        // A file that cannot become a batch is the request's fault.
+        StatusCode::CONFLICT => ApiError::bad(e.message),
+        _ => e,
     })?;
     tracing::info!(batch = %info.id, units = info.total, "batch created");
     runner.wake();

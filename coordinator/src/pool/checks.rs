@@ -246,8 +246,9 @@ impl Coordinator {
     }
 
     /// Leaves `peer` out of the pool for [`QUARANTINE`], voids its results no check has
-    /// covered, and moves running sessions off it (rebuilding what it fed downstream). The
-    /// failure itself is for the caller to record (see [`Coordinator::record_trust`]).
+    /// covered and its batch credit, and moves running sessions off it (rebuilding what it
+    /// fed downstream). The failure itself is for the caller to record (see
+    /// [`Coordinator::record_trust`]).
     pub fn quarantine(&self, peer: PeerId, why: &str) {
         let voided = {
             let mut st = self.state();
@@ -256,6 +257,12 @@ impl Coordinator {
                 None => 0,
             }
         };
+        // Its batch credit goes too: a cheat keeps nothing it was credited before it was caught.
+        if let Some(b) = &self.batches {
+            if let Err(e) = b.store.void_credit(&peer.to_string()) {
+                tracing::warn!(%peer, "voiding credit: {e}");
+            }
+        }
         let line = format!("peer quarantined {peer}: {why}; {voided} unchecked results voided");
         if self.exclude(peer, QUARANTINE, Exclusion::Quarantined, "check", line) {
             if let Some(audit) = &self.audit {

@@ -4,27 +4,22 @@
 //! every result must carry a valid receipt from the peer that sent it.
 
 use super::{Coordinator, SessionError};
-use libp2p::{PeerId, StreamProtocol};
+use libp2p::PeerId;
 use potluck_net::swarm::peer_id_of;
 use potluck_protocol::messages::{
     ErrorCode, Message, ModelRef, WorkOutput, WorkRequest, WorkResult, WorkTask,
 };
 use potluck_protocol::receipt::work_ids;
 use potluck_protocol::signed::PublicKey;
-use potluck_protocol::stream::{
-    read_frame_async, write_frame_async, MAX_WORK_FRAME, WORK_PROTOCOL,
-};
+use potluck_protocol::stream::{MAX_WORK_FRAME, WORK_PROTOCOL};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// Texts per slice at most: small enough that two peers share even a modest request, large
 /// enough that a slice's round trip is small beside its compute.
 pub const SLICE_TEXTS: usize = 32;
 /// Text bytes per slice at most, well inside [`MAX_WORK_FRAME`].
 const SLICE_BYTES: usize = MAX_WORK_FRAME / 4;
-/// How long one slice may take, its queueing on the node included.
-const SLICE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How far a returned vector's length may be from 1 before the result is refused.
 const NORM_SLACK: f32 = 1e-2;
 
@@ -275,35 +270,26 @@ impl Coordinator {
         peer: PeerId,
         req: &WorkRequest,
     ) -> Result<WorkResult, Refusal> {
-        let mut control = self.control.clone();
-        let exchange = async {
-            let mut stream = control
-                .open_stream(peer, StreamProtocol::new(WORK_PROTOCOL))
-                .await
-                .map_err(|e| e.to_string())?;
-            write_frame_async(&mut stream, &Message::Work(req.clone()))
-                .await
-                .map_err(|e| e.to_string())?;
-            read_frame_async::<Message>(&mut stream, MAX_WORK_FRAME)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        match tokio::time::timeout(SLICE_TIMEOUT, exchange).await {
-            Err(_) => Err(Refusal::Failed(format!(
-                "no answer within {SLICE_TIMEOUT:?}"
-            ))),
-            Ok(Err(e)) => Err(Refusal::Failed(e)),
-            Ok(Ok(Some(Message::WorkDone(r)))) => Ok(*r),
-            Ok(Ok(Some(Message::Error(e)))) if e.code == ErrorCode::NotServing => {
+        let answer = self
+            .request(
+                peer,
+                WORK_PROTOCOL,
+                &Message::Work(req.clone()),
+                MAX_WORK_FRAME,
+                self.unit_timeout,
+            )
+            .await
+            .map_err(Refusal::Failed)?;
+        match answer {
+            Some(Message::WorkDone(r)) => Ok(*r),
+            Some(Message::Error(e)) if e.code == ErrorCode::NotServing => {
                 Err(Refusal::Declined(e.message))
             }
-            Ok(Ok(Some(Message::Error(e)))) if e.code == ErrorCode::BadRequest => {
+            Some(Message::Error(e)) if e.code == ErrorCode::BadRequest => {
                 Err(Refusal::Rejected(e.message))
             }
-            Ok(Ok(Some(Message::Error(e)))) => {
-                Err(Refusal::Failed(format!("{:?}: {}", e.code, e.message)))
-            }
-            Ok(Ok(_)) => Err(Refusal::Failed("unexpected answer".into())),
+            Some(Message::Error(e)) => Err(Refusal::Failed(format!("{:?}: {}", e.code, e.message))),
+            _ => Err(Refusal::Failed("unexpected answer".into())),
         }
     }
 }
