@@ -187,7 +187,7 @@ fn upload(api: &Api, name: &str, content: &[u8]) -> Result<String> {
 
 fn summary(b: &Value) -> String {
     let counts = &b["request_counts"];
-    format!(
+    let mut line = format!(
         "{} {} {}: {} of {} done, {} failed",
         b["id"].as_str().unwrap_or("?"),
         b["endpoint"].as_str().unwrap_or("?"),
@@ -195,7 +195,11 @@ fn summary(b: &Value) -> String {
         counts["completed"],
         counts["total"],
         counts["failed"],
-    )
+    );
+    if let Some(why) = b["potluck"]["waiting"].as_str() {
+        line.push_str(&format!("; waiting: {why}"));
+    }
+    line
 }
 
 /// Runs a batch command.

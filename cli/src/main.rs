@@ -8,6 +8,7 @@ mod bench_embed;
 mod catalog;
 mod generate;
 mod load;
+mod membership;
 mod models;
 mod pool;
 
@@ -53,7 +54,7 @@ enum Command {
         #[command(subcommand)]
         command: batch::BatchCommand,
     },
-    /// A pool's shared state, as its coordinator keeps it.
+    /// A pool: its credit ledger, and for private pools its key and members' certificates.
     Pool {
         #[command(subcommand)]
         command: PoolCommand,
@@ -67,6 +68,8 @@ enum PoolCommand {
         #[command(flatten)]
         api: batch::Api,
     },
+    #[command(flatten)]
+    Membership(membership::MembershipCommand),
 }
 
 #[derive(Subcommand)]
@@ -157,9 +160,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(args) => pool::run_node(&cache()?, args),
         Command::Coordinator(args) => pool::run_coordinator(&cache()?, args),
         Command::Batch { command } => batch::run(command),
-        Command::Pool {
-            command: PoolCommand::Credits { api },
-        } => batch::credits(&api),
+        Command::Pool { command } => match command {
+            PoolCommand::Credits { api } => batch::credits(&api),
+            PoolCommand::Membership(cmd) => membership::run(cmd),
+        },
         Command::Model { command } => match command {
             ModelCommand::Fetch { names, from } => {
                 if from.is_some() && names.len() > 1 {

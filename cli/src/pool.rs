@@ -42,12 +42,10 @@ impl PoolArgs {
 
     /// The data folder: the flag, else `potluck/<role>` in the user's data folder.
     fn data_dir(&self, role: &str) -> Result<PathBuf> {
-        if let Some(d) = &self.data_dir {
-            return Ok(d.clone());
+        match &self.data_dir {
+            Some(d) => Ok(d.clone()),
+            None => default_data_dir(role),
         }
-        let models = potluck_engine::cache::default_models_dir()
-            .context("cannot find a data folder; pass --data-dir")?;
-        Ok(models.parent().unwrap_or(&models).join(role))
     }
 
     fn listen(&self) -> Vec<libp2p::Multiaddr> {
@@ -244,6 +242,14 @@ pub struct UpArgs {
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+/// Where a daemon of `role` (node, coordinator, up, pools) keeps its state by default:
+/// beside the model cache, in `$XDG_DATA_HOME/potluck/<role>`.
+pub fn default_data_dir(role: &str) -> Result<PathBuf> {
+    let models = potluck_engine::cache::default_models_dir()
+        .context("cannot find a data folder; pass --data-dir")?;
+    Ok(models.parent().unwrap_or(&models).join(role))
 }
 
 /// Parses sizes like `4G`, `512M`, `1024K` or plain bytes.

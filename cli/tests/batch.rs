@@ -144,6 +144,9 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
         s["status"], "in_progress",
         "the batch ended before the kill: {s}"
     );
+    assert_eq!(s["potluck"]["quorum"], 2, "{s}");
+    assert_eq!(s["potluck"]["nodes_holding_model"], 2, "{s}");
+    assert!(s["potluck"]["waiting"].is_null(), "{s}");
     coord.kill();
     let (coord, api) = start_coordinator(dir.path(), port);
     let url = format!("http://{api}");

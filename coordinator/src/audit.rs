@@ -206,19 +206,7 @@ pub struct Summary {
     pub head: [u8; 32],
 }
 
-/// Lowercase hex of `bytes`.
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Bytes from hex, if it is hex.
-pub fn from_hex(s: &str) -> Option<Vec<u8>> {
-    // An odd length leaves a last pair that `get` cannot take: None.
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+pub use potluck_protocol::hex::{from_hex, to_hex};
 
 fn from_hex_array<const N: usize>(s: &str) -> Option<[u8; N]> {
     from_hex(s)?.try_into().ok()

@@ -43,6 +43,19 @@ fn matches_sentence_transformers() {
         tokens > 256,
         "the long texts were truncated to 256 tokens each"
     );
+    let lowest = batched
+        .iter()
+        .zip(&r.vectors)
+        .map(|(g, w)| cosine(g, w))
+        .fold(1.0f32, f32::min);
+    let widest = batched
+        .iter()
+        .zip(&r.vectors)
+        .flat_map(|(g, w)| g.iter().zip(w).map(|(a, b)| (a - b).abs()))
+        .fold(0.0f32, f32::max);
+    eprintln!(
+        "against sentence-transformers: lowest cosine {lowest}, largest difference {widest:e}"
+    );
     for (i, (got, want)) in batched.iter().zip(&r.vectors).enumerate() {
         let cos = cosine(got, want);
         assert!(cos >= 0.9999, "text {i} {:?}: cosine {cos}", r.texts[i]);

@@ -4,6 +4,8 @@
 
 pub mod codec;
 pub mod error;
+pub mod hex;
+pub mod membership;
 pub mod messages;
 pub mod receipt;
 pub mod signed;

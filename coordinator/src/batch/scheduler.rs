@@ -363,7 +363,7 @@ impl Batches {
 }
 
 /// The model units of `kind` run on, if the pool serves one.
-fn model_of(c: &Coordinator, kind: Kind) -> Option<ModelRef> {
+pub(crate) fn model_of(c: &Coordinator, kind: Kind) -> Option<ModelRef> {
     match kind {
         Kind::Embed => c.embedding_model().cloned(),
         Kind::Chat => Some(c.model().model.clone()),

@@ -209,7 +209,7 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A fresh id with `prefix`: 16 random bytes in hex (the clock when no randomness is had).
+/// A fresh id with `prefix`: 12 random bytes in hex (the clock when no randomness is had).
 fn new_id(prefix: &str) -> String {
     let mut b = [0u8; 12];
     if getrandom::fill(&mut b).is_err() {
@@ -220,8 +220,7 @@ fn new_id(prefix: &str) -> String {
                 .to_le_bytes(),
         );
     }
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{prefix}{hex}")
+    format!("{prefix}{}", potluck_protocol::hex::to_hex(&b))
 }
 
 /// The job store; cheap to share behind an `Arc`.

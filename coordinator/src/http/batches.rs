@@ -5,6 +5,7 @@
 
 use super::ApiError;
 use crate::batch::input::{parse, MAX_FILE_BYTES};
+use crate::batch::scheduler::model_of;
 use crate::batch::{BatchInfo, Batches, Kind, StoreError};
 use crate::pool::Coordinator;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
@@ -89,8 +90,23 @@ fn file_json(f: &crate::batch::FileInfo) -> Value {
     })
 }
 
+/// A batch in OpenAI's shape, with what the pool can give it under `potluck`.
+fn batch_json(c: &Coordinator, b: &BatchInfo) -> Value {
+    let mut v = openai_batch(b);
+    let quorum = c.batches().map_or(0, |r| r.quorum());
+    let holders = model_of(c, b.kind).map_or(0, |m| c.holders(&m).len());
+    let waiting = (b.status == "in_progress" && holders < quorum).then(|| {
+        format!(
+            "each unit needs {quorum} agreeing results from different nodes, and {holders} node(s) hold {} now",
+            b.model
+        )
+    });
+    v["potluck"] = json!({"quorum": quorum, "nodes_holding_model": holders, "waiting": waiting});
+    v
+}
+
 /// A batch in OpenAI's shape.
-fn batch_json(b: &BatchInfo) -> Value {
+fn openai_batch(b: &BatchInfo) -> Value {
     let finished = b.finished_at;
     let done = matches!(b.status.as_str(), "completed" | "cancelled");
     json!({
@@ -243,13 +259,9 @@ async fn create(
     {
         return Err(ApiError::bad("completion_window must be 24h"));
     }
-    let model = match kind {
-        Kind::Chat => c.model().model.name.clone(),
-        Kind::Embed => c
-            .embedding_model()
-            .map(|m| m.name.clone())
-            .ok_or_else(|| ApiError::bad("this pool serves no embedding model"))?,
-    };
+    let model = model_of(&c, kind)
+        .map(|m| m.name)
+        .ok_or_else(|| ApiError::bad("this pool serves no embedding model"))?;
     let store = runner.store.clone();
     let info = blocking(move || {
         let content = store.file_content(&body.input_file_id)?;
@@ -265,14 +277,14 @@ async fn create(
     })?;
     tracing::info!(batch = %info.id, units = info.total, "batch created");
     runner.wake();
-    Ok(Json(batch_json(&info)))
+    Ok(Json(batch_json(&c, &info)))
 }
 
 async fn batch(
     State(c): State<Coordinator>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(batch_json(&runner(&c)?.store.batch(&id)?)))
+    Ok(Json(batch_json(&c, &runner(&c)?.store.batch(&id)?)))
 }
 
 #[derive(Deserialize)]
@@ -286,7 +298,7 @@ async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
     let batches = runner(&c)?.store.batches(limit)?;
-    let data: Vec<Value> = batches.iter().map(batch_json).collect();
+    let data: Vec<Value> = batches.iter().map(|b| batch_json(&c, b)).collect();
     Ok(Json(json!({
         "object": "list",
         "data": data,
@@ -300,7 +312,7 @@ async fn cancel(
     State(c): State<Coordinator>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(batch_json(&runner(&c)?.store.cancel(&id)?)))
+    Ok(Json(batch_json(&c, &runner(&c)?.store.cancel(&id)?)))
 }
 
 async fn credits(State(c): State<Coordinator>) -> Result<Json<Value>, ApiError> {
