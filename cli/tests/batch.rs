@@ -290,6 +290,36 @@ fn a_cheating_node_is_outvoted_and_a_hung_one_timed_out() {
     for (line, w) in results(&id, &url).iter().zip(&want) {
         assert!(potluck_engine::bert::cosine(&vector_of(line), w) >= 0.9999);
     }
+    // Bad API calls get OpenAI-shaped errors, and the coordinator keeps serving.
+    let cancel = format!("/v1/batches/{id}/cancel");
+    for (method, path, body, status, needle) in [
+        ("POST", "/v1/files", "{}", 400, "multipart/form-data"),
+        (
+            "POST",
+            "/v1/batches",
+            r#"{"input_file_id": "file-nope", "endpoint": "/v1/embeddings"}"#,
+            404,
+            "not found",
+        ),
+        (
+            "POST",
+            "/v1/batches",
+            r#"{"input_file_id": "x", "endpoint": "/v1/completions"}"#,
+            400,
+            "endpoint must be",
+        ),
+        ("POST", "/v1/batches", "[1]", 400, "invalid request"),
+        ("GET", "/v1/batches/batch_nope", "", 404, "not found"),
+        ("GET", "/v1/files/file-nope/content", "", 404, "not found"),
+        ("POST", cancel.as_str(), "", 409, "cannot be cancelled"),
+    ] {
+        let raw = common::raw_http(&api, &common::request(method, path, &[], body));
+        let (got, answer) = common::split_answer(&raw);
+        assert_eq!(got, status, "{method} {path}: {raw}");
+        let v: Value = serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {raw}"));
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{method} {path}: {raw}");
+    }
     let raw = common::raw_http(&api, &common::request("GET", "/api/credits", &[], ""));
     let credits: Value = serde_json::from_str(common::split_answer(&raw).1).expect("credits");
     for c in credits["credits"].as_array().expect("ledger") {

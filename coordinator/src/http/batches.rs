@@ -8,6 +8,7 @@ use crate::batch::input::{parse, MAX_FILE_BYTES};
 use crate::batch::scheduler::model_of;
 use crate::batch::{BatchInfo, Batches, Kind, StoreError};
 use crate::pool::Coordinator;
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -134,9 +135,16 @@ fn openai_batch(b: &BatchInfo) -> Value {
 
 async fn upload(
     State(c): State<Coordinator>,
-    mut form: Multipart,
+    form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let store = runner(&c)?.store.clone();
+    let mut form = form.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            "invalid_request_error",
+            format!("the upload must be multipart/form-data: {}", e.body_text()),
+        )
+    })?;
     let (mut purpose, mut content, mut filename) = (None, None, String::from("upload.jsonl"));
     loop {
         let field = match form.next_field().await {
