@@ -233,72 +233,57 @@ impl Server {
 
     /// One work unit: a request, its result (or why not), and the stream ends.
     async fn serve_work(&self, peer: PeerId, mut stream: Stream) {
-        let request = tokio::time::timeout(
-            FRAME_TIMEOUT,
-            read_frame_async::<Message>(&mut stream, MAX_WORK_FRAME),
-        )
-        .await;
+        let Some(request) =
+            one_request(peer, &mut stream, MAX_WORK_FRAME, FRAME_TIMEOUT, "work").await
+        else {
+            return;
+        };
         let answer = match request {
-            Err(_) => {
-                tracing::warn!(%peer, "dropped work stream: no request in time");
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(%peer, "dropped work stream: {e}");
-                return;
-            }
-            Ok(Ok(None)) => return,
-            Ok(Ok(Some(_))) if self.inner.leaving.load(Ordering::Relaxed) => Message::Error(
-                wire_error(ErrorCode::NotServing, "this node is leaving the pool"),
-            ),
-            Ok(Ok(Some(Message::Work(req)))) => match self.inner.workers.run(req).await {
+            _ if self.inner.leaving.load(Ordering::Relaxed) => Message::Error(wire_error(
+                ErrorCode::NotServing,
+                "this node is leaving the pool",
+            )),
+            Message::Work(req) => match self.inner.workers.run(req).await {
                 Ok(r) => Message::WorkDone(Box::new(r)),
                 Err(e) => {
                     tracing::info!(%peer, "work unit refused: {}", e.message);
                     Message::Error(e)
                 }
             },
-            Ok(Ok(Some(other))) => Message::Error(wire_error(
+            other => Message::Error(wire_error(
                 ErrorCode::BadRequest,
                 format!("not a work request: {}", kind(&other)),
             )),
         };
-        if let Err(e) = write_frame_async(&mut stream, &answer).await {
-            tracing::warn!(%peer, "work answer not sent: {e}");
-        }
+        send_answer(peer, &mut stream, &answer, "work").await;
     }
 
     async fn serve_control(&self, peer: PeerId, mut stream: Stream) {
-        let request = tokio::time::timeout(
+        let Some(request) = one_request(
+            peer,
+            &mut stream,
+            MAX_CONTROL_FRAME,
             CONTROL_READ_TIMEOUT,
-            read_frame_async::<Message>(&mut stream, MAX_CONTROL_FRAME),
+            "control",
         )
-        .await;
+        .await
+        else {
+            return;
+        };
         let answer = match request {
-            Err(_) => {
-                tracing::warn!(%peer, "dropped control stream: no request in time");
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(%peer, "dropped control stream: {e}");
-                return;
-            }
-            Ok(Ok(None)) => return,
-            Ok(Ok(Some(Message::Assign(a)))) => {
+            Message::Assign(a) => {
                 tracing::info!(%peer, start = a.layers.start, end = a.layers.end, epoch = a.epoch, "assignment");
                 match self.assign(a).await {
                     Ok(a) => Message::Assigned(a),
                     Err(e) => Message::Error(e),
                 }
             }
-            Ok(Ok(Some(other))) => Message::Error(wire_error(
+            other => Message::Error(wire_error(
                 ErrorCode::BadRequest,
                 format!("not a control request: {}", kind(&other)),
             )),
         };
-        if let Err(e) = write_frame_async(&mut stream, &answer).await {
-            tracing::warn!(%peer, "control answer not sent: {e}");
-        }
+        send_answer(peer, &mut stream, &answer, "control").await;
     }
 
     /// One session: requests in order on one stream, its cache freed when the stream ends.
@@ -388,6 +373,35 @@ impl Server {
             Ok(Ok(Message::Forward(req))) => Ok(Some(req)),
             Ok(Ok(other)) => Err(format!("unexpected {}", kind(&other))),
         }
+    }
+}
+
+/// The request on a one-shot `what` stream (at most `max` bytes, within `timeout`); `None`,
+/// logged, when none comes.
+async fn one_request(
+    peer: PeerId,
+    stream: &mut Stream,
+    max: usize,
+    timeout: Duration,
+    what: &str,
+) -> Option<Message> {
+    match tokio::time::timeout(timeout, read_frame_async::<Message>(stream, max)).await {
+        Err(_) => {
+            tracing::warn!(%peer, "dropped {what} stream: no request in time");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, "dropped {what} stream: {e}");
+            None
+        }
+        Ok(Ok(request)) => request,
+    }
+}
+
+/// Writes the answer on a one-shot `what` stream.
+async fn send_answer(peer: PeerId, stream: &mut Stream, answer: &Message, what: &str) {
+    if let Err(e) = write_frame_async(stream, answer).await {
+        tracing::warn!(%peer, "{what} answer not sent: {e}");
     }
 }
 

@@ -19,6 +19,7 @@ use potluck_protocol::receipt::work_ids;
 use potluck_protocol::signed::Keypair;
 use potluck_protocol::tensor::{WireDType, WireTensor};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Most tokens one completion unit may ask for.
@@ -202,7 +203,7 @@ impl Workers {
     }
 
     /// Where `model` is in the cache.
-    fn path_of(&self, model: &ModelRef) -> Result<std::path::PathBuf, WireError> {
+    fn path_of(&self, model: &ModelRef) -> Result<PathBuf, WireError> {
         self.models
             .iter()
             .find(|m| &m.model == model)
@@ -217,69 +218,57 @@ impl Workers {
 
     /// The whole decoder `model`, loading it on first use.
     async fn decoder(&self, model: &ModelRef) -> Result<Arc<Mutex<Decoder>>, WireError> {
-        if let Some(d) = self
-            .decoders
-            .lock()
-            .ok()
-            .and_then(|m| m.get(model).cloned())
-        {
-            return Ok(d);
-        }
-        let path = self.path_of(model)?;
-        if Encoder::is_encoder_dir(&path) {
-            return Err(wire_error(
-                ErrorCode::NotServing,
-                format!("model {} is a sentence encoder, not a decoder", model.name),
-            ));
-        }
-        let decoder = tokio::task::spawn_blocking(move || {
-            let file = WeightFile::open(&path)?;
+        self.load_once(&self.decoders, model, false, |path| {
+            let file = WeightFile::open(path)?;
             let layers = file.config()?.layers;
-            let stage = Stage::load(&file, 0..layers, DEFAULT_KV_BUDGET)?;
-            let tokenizer = load_tokenizer(&file)?;
-            Ok::<_, EngineError>(Decoder {
-                stage,
-                tokenizer,
+            Ok(Mutex::new(Decoder {
+                stage: Stage::load(&file, 0..layers, DEFAULT_KV_BUDGET)?,
+                tokenizer: load_tokenizer(&file)?,
                 weights: crate::serve::weight_label(&file),
-            })
+            }))
         })
         .await
-        .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?
-        .map_err(engine_error)?;
-        let decoder = Arc::new(Mutex::new(decoder));
-        tracing::info!(model = %model.name, "whole model loaded for completion units");
-        if let Ok(mut m) = self.decoders.lock() {
-            m.insert(model.clone(), decoder.clone());
-        }
-        Ok(decoder)
     }
 
     /// The loaded encoder for `model`, loading it on first use.
     async fn encoder(&self, model: &ModelRef) -> Result<Arc<Encoder>, WireError> {
-        if let Some(e) = self
-            .encoders
-            .lock()
-            .ok()
-            .and_then(|m| m.get(model).cloned())
-        {
-            return Ok(e);
+        self.load_once(&self.encoders, model, true, Encoder::load)
+            .await
+    }
+
+    /// `model` as `loaded` holds it, loaded by `load` (off the async threads) on first use.
+    /// `encoder` says whether it must be a sentence encoder or a decoder.
+    async fn load_once<T: Send + Sync + 'static>(
+        &self,
+        loaded: &Mutex<HashMap<ModelRef, Arc<T>>>,
+        model: &ModelRef,
+        encoder: bool,
+        load: impl FnOnce(&Path) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<Arc<T>, WireError> {
+        if let Some(m) = loaded.lock().ok().and_then(|m| m.get(model).cloned()) {
+            return Ok(m);
         }
         let path = self.path_of(model)?;
-        if !Encoder::is_encoder_dir(&path) {
+        if Encoder::is_encoder_dir(&path) != encoder {
+            let is = if encoder {
+                "is not a sentence encoder"
+            } else {
+                "is a sentence encoder, not a decoder"
+            };
             return Err(wire_error(
                 ErrorCode::NotServing,
-                format!("model {} is not a sentence encoder", model.name),
+                format!("model {} {is}", model.name),
             ));
         }
-        let encoder = tokio::task::spawn_blocking(move || Encoder::load(&path))
+        let value = tokio::task::spawn_blocking(move || load(&path))
             .await
             .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?
             .map_err(engine_error)?;
-        let encoder = Arc::new(encoder);
-        tracing::info!(model = %model.name, "encoder loaded");
-        if let Ok(mut m) = self.encoders.lock() {
-            m.insert(model.clone(), encoder.clone());
+        let value = Arc::new(value);
+        tracing::info!(model = %model.name, encoder, "model loaded for work units");
+        if let Ok(mut m) = loaded.lock() {
+            m.insert(model.clone(), value.clone());
         }
-        Ok(encoder)
+        Ok(value)
     }
 }

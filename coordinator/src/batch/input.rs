@@ -115,7 +115,7 @@ fn parse_line(raw: &str, kind: Kind, model: &str) -> LineResult {
             kind.endpoint()
         ));
     }
-    let Some(Value::Object(body)) = line.body else {
+    let Some(body) = line.body.filter(Value::is_object) else {
         return fail("body must be a JSON object".into());
     };
     if let Some(m) = body
@@ -126,40 +126,58 @@ fn parse_line(raw: &str, kind: Kind, model: &str) -> LineResult {
         return fail(format!("model {m} is not this batch's model {model}"));
     }
     let checked = match kind {
-        Kind::Embed => check_embed(&body),
-        Kind::Chat => check_chat(&body),
+        Kind::Embed => embed_texts(&body).map(|_| ()),
+        Kind::Chat => chat_line(&body).map(|_| ()),
     };
     match checked {
-        Ok(()) => Ok((custom_id, Value::Object(body).to_string())),
+        Ok(()) => Ok((custom_id, body.to_string())),
         Err(m) => fail(m),
     }
 }
 
-/// The texts of an embedding body: `input` is a string or a list of strings.
-pub fn embed_texts(body: &Value) -> Result<Vec<String>, String> {
-    let texts: Vec<String> = match body.get("input") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a
+/// The texts of an embedding request's `input`: one string, or a list of 1 to `max`
+/// strings, none empty or over [`MAX_TEXT_BYTES`]. The API endpoint and batch lines both read
+/// their input here.
+pub fn input_texts(input: &Value, max: usize) -> Result<Vec<String>, String> {
+    let texts: Vec<String> = match input {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
             .iter()
             .map(|v| v.as_str().map(str::to_string))
             .collect::<Option<_>>()
-            .ok_or("input must be a string or a list of strings")?,
+            .ok_or_else(|| {
+                format!(
+                    "input must be a string or a list of strings, not a list of {} other values (token arrays are not supported)",
+                    a.len()
+                )
+            })?,
         _ => return Err("input must be a string or a list of strings".into()),
     };
-    if texts.is_empty() || texts.len() > MAX_LINE_TEXTS {
-        return Err(format!("input must hold 1 to {MAX_LINE_TEXTS} texts"));
+    if texts.is_empty() {
+        return Err("input must not be empty".into());
     }
-    if let Some(i) = texts
+    if texts.len() > max {
+        return Err(format!("{} inputs; at most {max} per request", texts.len()));
+    }
+    if let Some((i, t)) = texts
         .iter()
-        .position(|t| t.is_empty() || t.len() > MAX_TEXT_BYTES)
+        .enumerate()
+        .find(|(_, t)| t.len() > MAX_TEXT_BYTES)
     {
-        return Err(format!("text {i} is empty or over {MAX_TEXT_BYTES} bytes"));
+        return Err(format!(
+            "input {i} has {} bytes; at most {MAX_TEXT_BYTES}",
+            t.len()
+        ));
+    }
+    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
+        return Err(format!("input {i} is empty"));
     }
     Ok(texts)
 }
 
-fn check_embed(body: &serde_json::Map<String, Value>) -> Result<(), String> {
-    embed_texts(&Value::Object(body.clone())).map(|_| ())
+/// The texts of a batch line's embedding body.
+pub fn embed_texts(body: &Value) -> Result<Vec<String>, String> {
+    input_texts(body.get("input").unwrap_or(&Value::Null), MAX_LINE_TEXTS)
 }
 
 /// What a chat line asks for, once read.
@@ -216,10 +234,6 @@ pub fn chat_line(body: &Value) -> Result<ChatLine, String> {
         messages,
         max_tokens,
     })
-}
-
-fn check_chat(body: &serde_json::Map<String, Value>) -> Result<(), String> {
-    chat_line(&Value::Object(body.clone())).map(|_| ())
 }
 
 #[cfg(test)]

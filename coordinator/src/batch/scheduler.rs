@@ -6,10 +6,9 @@
 
 use super::input::{chat_line, embed_texts};
 use super::store::{Kind, OpenUnit, Store};
-use crate::compare::Verdict;
+use crate::compare::{row_distances, Verdict};
 use crate::pool::{embeddings_of, verify_work, Coordinator, Refusal};
 use libp2p::PeerId;
-use potluck_engine::bert::cosine;
 use potluck_engine::chat::{chat_prompt_ids, ChatMessage};
 use potluck_protocol::codec::encode_body;
 use potluck_protocol::messages::{ModelRef, WorkOutput, WorkRequest, WorkTask};
@@ -61,10 +60,12 @@ impl Answer {
     fn agrees(&self, other: &Answer) -> bool {
         match (self, other) {
             (Answer::Embeddings { vectors: a, .. }, Answer::Embeddings { vectors: b, .. }) => {
+                // The same row comparison as hidden states under spot checks.
                 a.len() == b.len()
-                    && a.iter()
-                        .zip(b)
-                        .all(|(x, y)| cosine(x, y) >= EMBED_AGREEMENT)
+                    && a.iter().zip(b).all(|(x, y)| {
+                        x.len() == y.len()
+                            && row_distances(x, y, x.len()).0 >= f64::from(EMBED_AGREEMENT)
+                    })
             }
             (
                 Answer::Completion {
@@ -79,6 +80,30 @@ impl Answer {
                 },
             ) => a == b && x == y,
             _ => false,
+        }
+    }
+}
+
+/// A unit's results, read once per round: who gave each answer, and the largest group of
+/// answers that agree.
+struct Tally {
+    peers: Vec<String>,
+    answers: Vec<Answer>,
+    group: Vec<usize>,
+}
+
+impl Tally {
+    fn of(unit: &OpenUnit) -> Self {
+        let (peers, answers): (Vec<String>, Vec<Answer>) = unit
+            .results
+            .iter()
+            .filter_map(|(peer, o)| Some((peer.clone(), serde_json::from_str(o).ok()?)))
+            .unzip();
+        let group = largest_agreeing(&answers);
+        Self {
+            peers,
+            answers,
+            group,
         }
     }
 }
@@ -140,10 +165,11 @@ impl Batches {
                     .fail_unit(unit.id, "this pool serves no model for this kind of unit")?;
                 continue;
             };
-            if self.decide(c, &unit, &model)? {
+            let tally = Tally::of(&unit);
+            if self.decide(c, &unit, &model, &tally)? {
                 continue;
             }
-            let wanted = self.wanted(&unit);
+            let wanted = self.wanted(&unit, &tally);
             if wanted == 0 {
                 continue;
             }
@@ -172,15 +198,10 @@ impl Batches {
 
     /// How many more assignments `unit` needs now: enough for a quorum if every result
     /// agreed, plus one per result that did not.
-    fn wanted(&self, unit: &OpenUnit) -> usize {
-        let answers: Vec<Answer> = unit
-            .results
-            .iter()
-            .filter_map(|(_, _, o)| serde_json::from_str(o).ok())
-            .collect();
-        let best = largest_agreeing(&answers).len();
-        let target = (self.quorum + answers.len() - best).min(MAX_REPLICAS);
-        target.saturating_sub(answers.len() + unit.running)
+    fn wanted(&self, unit: &OpenUnit, tally: &Tally) -> usize {
+        let answers = tally.answers.len();
+        let target = (self.quorum + answers - tally.group.len()).min(MAX_REPLICAS);
+        target.saturating_sub(answers + unit.running.len())
     }
 
     /// Up to `n` peers for `unit`: not already asked for it, not full, least busy first.
@@ -189,7 +210,7 @@ impl Batches {
         let mut free: Vec<(usize, usize, PeerId)> = peers
             .iter()
             .enumerate()
-            .filter(|(_, p)| !unit.peers.contains(&p.to_string()))
+            .filter(|(_, p)| !unit.asked(&p.to_string()))
             .map(|(rank, p)| (busy.get(p).copied().unwrap_or(0), rank, *p))
             .filter(|(load, _, _)| *load < PER_PEER)
             .collect();
@@ -203,25 +224,21 @@ impl Batches {
         c: &Coordinator,
         unit: &OpenUnit,
         model: &ModelRef,
+        tally: &Tally,
     ) -> Result<bool, super::store::StoreError> {
-        let parsed: Vec<(String, Answer)> = unit
-            .results
-            .iter()
-            .filter_map(|(_, peer, o)| Some((peer.clone(), serde_json::from_str(o).ok()?)))
-            .collect();
-        let answers: Vec<Answer> = parsed.iter().map(|(_, a)| a.clone()).collect();
-        let group = largest_agreeing(&answers);
+        let Tally {
+            peers,
+            answers,
+            group,
+        } = tally;
         if group.len() >= self.quorum {
-            let Some(&first) = group.first() else {
-                return Ok(false);
-            };
-            let Some((_, winner)) = parsed.get(first) else {
+            let Some(winner) = group.first().and_then(|&i| answers.get(i)) else {
                 return Ok(false);
             };
             // A quarantined peer earns nothing, even for a result that agrees.
             let credited: Vec<String> = group
                 .iter()
-                .filter_map(|&i| parsed.get(i).map(|(p, _)| p.clone()))
+                .filter_map(|&i| peers.get(i).cloned())
                 .filter(|p| p.parse::<PeerId>().is_ok_and(|id| !c.is_quarantined(id)))
                 .collect();
             let tokens = winner.tokens();
@@ -231,7 +248,7 @@ impl Batches {
                 .store
                 .validate(unit.id, &body.to_string(), tokens, flops, &credited)?
             {
-                for (i, (peer, _)) in parsed.iter().enumerate() {
+                for (i, peer) in peers.iter().enumerate() {
                     let Ok(id) = peer.parse::<PeerId>() else {
                         continue;
                     };
@@ -275,16 +292,16 @@ impl Batches {
                     .returned(assignment, &json, answer.tokens(), &receipt),
                 Err(e) => self.store.failed(assignment, &e.to_string()),
             },
-            Err(Refusal::Declined(why)) => self.store.failed(assignment, &why),
-            // The unit's own input is at fault: no other peer would do better.
-            Err(Refusal::Rejected(why)) => self
-                .store
-                .failed(assignment, &why)
-                .and_then(|()| self.store.fail_unit(unit.id, &why)),
-            Err(Refusal::Failed(why)) => {
-                tracing::warn!(%peer, unit = unit.id, "batch unit failed: {why}");
-                c.suspect(peer, &format!("batch unit: {why}"));
-                self.store.failed(assignment, &why)
+            Err(refusal) => {
+                let why = c.blame(peer, &refusal, "batch unit");
+                let failed = self.store.failed(assignment, &why);
+                match refusal {
+                    // The unit's own input is at fault: no other peer would do better.
+                    Refusal::Rejected(_) => {
+                        failed.and_then(|()| self.store.fail_unit(unit.id, &why))
+                    }
+                    _ => failed,
+                }
             }
         };
         if let Err(e) = recorded {

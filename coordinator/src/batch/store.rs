@@ -127,12 +127,21 @@ pub struct OpenUnit {
     pub kind: Kind,
     /// The request body (JSON) of its line.
     pub body: String,
-    /// Peers that returned a result for it or are running it (replicas go elsewhere).
-    pub peers: Vec<String>,
-    /// Results returned so far: (assignment, peer, output JSON).
-    pub results: Vec<(i64, String, String)>,
-    /// Assignments running now.
-    pub running: usize,
+    /// Results returned so far: (peer, output JSON).
+    pub results: Vec<(String, String)>,
+    /// Peers running it now.
+    pub running: Vec<String>,
+}
+
+impl OpenUnit {
+    /// Whether `peer` returned a result for it or is running it (replicas go elsewhere; a
+    /// peer whose try failed or was lost may try again, the only way a small pool finishes).
+    pub fn asked(&self, peer: &str) -> bool {
+        self.running
+            .iter()
+            .chain(self.results.iter().map(|(p, _)| p))
+            .any(|p| p == peer)
+    }
 }
 
 /// One peer's line of the credit ledger.
@@ -443,9 +452,8 @@ impl Store {
             ))
         })?;
         let mut out = Vec::new();
-        let mut a = conn.prepare(
-            "SELECT id, peer, state, output FROM assignments WHERE unit = ?1 ORDER BY id",
-        )?;
+        let mut a = conn
+            .prepare("SELECT peer, state, output FROM assignments WHERE unit = ?1 ORDER BY id")?;
         for row in rows {
             let (id, batch, kind, body) = row?;
             let mut unit = OpenUnit {
@@ -453,31 +461,20 @@ impl Store {
                 batch,
                 kind: Kind::parse(&kind).unwrap_or(Kind::Chat),
                 body,
-                peers: Vec::new(),
                 results: Vec::new(),
-                running: 0,
+                running: Vec::new(),
             };
             let assigned = a.query_map([id], |r| {
                 Ok((
-                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(2)?,
                 ))
             })?;
             for x in assigned {
-                let (aid, peer, state, output) = x?;
-                // Replicas go to other peers; a peer whose try failed or was lost may try
-                // again (it is the only way a small pool finishes).
-                match (state.as_str(), output) {
-                    ("running", _) => {
-                        unit.running += 1;
-                        unit.peers.push(peer);
-                    }
-                    ("returned", Some(o)) => {
-                        unit.results.push((aid, peer.clone(), o));
-                        unit.peers.push(peer);
-                    }
+                match x? {
+                    (peer, state, _) if state == "running" => unit.running.push(peer),
+                    (peer, state, Some(o)) if state == "returned" => unit.results.push((peer, o)),
                     _ => {}
                 }
             }
@@ -710,9 +707,10 @@ mod tests {
         assert_eq!(s.file_content(&file.0).unwrap(), b"{}");
         let open = s.open_units(10).unwrap();
         assert_eq!(open.len(), 2);
-        assert_eq!(open[0].running, 0);
+        assert!(open[0].running.is_empty());
         assert_eq!(open[0].results.len(), 1);
-        assert_eq!(open[0].peers, vec!["peerA"], "B's lost try does not bar it");
+        assert!(open[0].asked("peerA"));
+        assert!(!open[0].asked("peerB"), "B's lost try does not bar it");
         assert!(s
             .validate(open[0].id, "{\"ok\":1}", 5, 10.0, &["peerA".into()])
             .unwrap());

@@ -6,7 +6,7 @@
 use super::ApiError;
 use crate::batch::input::{parse, MAX_FILE_BYTES};
 use crate::batch::scheduler::model_of;
-use crate::batch::{BatchInfo, Batches, Kind, StoreError};
+use crate::batch::{BatchInfo, Batches, Kind, Store, StoreError};
 use crate::pool::Coordinator;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
@@ -58,11 +58,14 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// Runs store work off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+/// Runs `f` on the coordinator's job store, off the async threads (SQLite writes sync to
+/// disk).
+async fn with_store<T: Send + 'static>(
+    c: &Coordinator,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
+    let store = runner(c)?.store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
         .await
         .map_err(|e| {
             ApiError::new(
@@ -137,7 +140,6 @@ async fn upload(
     State(c): State<Coordinator>,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let store = runner(&c)?.store.clone();
     let mut form = form.map_err(|e| {
         ApiError::new(
             e.status(),
@@ -196,7 +198,7 @@ async fn upload(
         )));
     }
     let content = content.ok_or_else(|| ApiError::bad("the upload needs a file field"))?;
-    let info = blocking(move || store.add_file(&filename, &purpose, &content)).await?;
+    let info = with_store(&c, move |s| s.add_file(&filename, &purpose, &content)).await?;
     Ok(Json(file_json(&info)))
 }
 
@@ -204,18 +206,20 @@ async fn file(
     State(c): State<Coordinator>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let store = &runner(&c)?.store;
-    if let Some((batch, errors)) = derived(&id) {
-        let b = store.batch(batch)?;
-        let (out, err) = store.outputs(batch)?;
-        let bytes = if errors { err.len() } else { out.len() };
-        return Ok(Json(json!({
-            "id": id, "object": "file", "bytes": bytes, "created_at": b.finished_at.unwrap_or(b.created_at),
-            "filename": if errors { "batch_errors.jsonl" } else { "batch_output.jsonl" },
-            "purpose": "batch_output",
-        })));
-    }
-    Ok(Json(file_json(&store.file(&id)?)))
+    let file = with_store(&c, move |s| match derived(&id) {
+        Some((batch, errors)) => {
+            let b = s.batch(batch)?;
+            let bytes = content(s, &id)?.len();
+            Ok(json!({
+                "id": id, "object": "file", "bytes": bytes, "created_at": b.finished_at.unwrap_or(b.created_at),
+                "filename": if errors { "batch_errors.jsonl" } else { "batch_output.jsonl" },
+                "purpose": "batch_output",
+            }))
+        }
+        None => Ok(file_json(&s.file(&id)?)),
+    })
+    .await?;
+    Ok(Json(file))
 }
 
 /// The batch (and whether its error file) a derived file id names.
@@ -225,19 +229,22 @@ fn derived(id: &str) -> Option<(&str, bool)> {
         .or_else(|| id.strip_prefix(ERRORS_PREFIX).map(|b| (b, true)))
 }
 
+/// The bytes of file `id`: an upload, or a batch's output or error file.
+fn content(s: &Store, id: &str) -> Result<Vec<u8>, StoreError> {
+    match derived(id) {
+        Some((batch, errors)) => {
+            let (out, err) = s.outputs(batch)?;
+            Ok(if errors { err } else { out }.into_bytes())
+        }
+        None => s.file_content(id),
+    }
+}
+
 async fn file_content(
     State(c): State<Coordinator>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let store = runner(&c)?.store.clone();
-    let body = blocking(move || match derived(&id) {
-        Some((batch, errors)) => {
-            let (out, err) = store.outputs(batch)?;
-            Ok(if errors { err } else { out }.into_bytes())
-        }
-        None => store.file_content(&id),
-    })
-    .await?;
+    let body = with_store(&c, move |s| content(s, &id)).await?;
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], body).into_response())
 }
 
@@ -270,19 +277,18 @@ async fn create(
     let model = model_of(&c, kind)
         .map(|m| m.name)
         .ok_or_else(|| ApiError::bad("this pool serves no embedding model"))?;
-    let store = runner.store.clone();
-    let info = blocking(move || {
-        let content = store.file_content(&body.input_file_id)?;
-        let (units, errors) = parse(&content, kind, &model)
-            .map_err(|e| StoreError::Conflict(format!("file {}: {e}", body.input_file_id)))?;
-        store.create_batch(kind, &model, &body.input_file_id, &units, &errors)
+    // A file that cannot become a batch is the request's fault (400), not the store's.
+    let info = with_store(&c, move |s| {
+        let content = s.file_content(&body.input_file_id)?;
+        Ok(match parse(&content, kind, &model) {
+            Ok((units, errors)) => {
+                Ok(s.create_batch(kind, &model, &body.input_file_id, &units, &errors)?)
+            }
+            Err(e) => Err(format!("file {}: {e}", body.input_file_id)),
+        })
     })
-    .await
-    .map_err(|e| match e.status {
-        // A file that cannot become a batch is the request's fault.
-        StatusCode::CONFLICT => ApiError::bad(e.message),
-        _ => e,
-    })?;
+    .await?
+    .map_err(ApiError::bad)?;
     tracing::info!(batch = %info.id, units = info.total, "batch created");
     runner.wake();
     Ok(Json(batch_json(&c, &info)))
@@ -292,7 +298,8 @@ async fn batch(
     State(c): State<Coordinator>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(batch_json(&c, &runner(&c)?.store.batch(&id)?)))
+    let b = with_store(&c, move |s| s.batch(&id)).await?;
+    Ok(Json(batch_json(&c, &b)))
 }
 
 #[derive(Deserialize)]
@@ -305,7 +312,7 @@ async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
-    let batches = runner(&c)?.store.batches(limit)?;
+    let batches = with_store(&c, move |s| s.batches(limit)).await?;
     let data: Vec<Value> = batches.iter().map(|b| batch_json(&c, b)).collect();
     Ok(Json(json!({
         "object": "list",
@@ -320,10 +327,11 @@ async fn cancel(
     State(c): State<Coordinator>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(batch_json(&c, &runner(&c)?.store.cancel(&id)?)))
+    let b = with_store(&c, move |s| s.cancel(&id)).await?;
+    Ok(Json(batch_json(&c, &b)))
 }
 
 async fn credits(State(c): State<Coordinator>) -> Result<Json<Value>, ApiError> {
-    let ledger = runner(&c)?.store.credits()?;
+    let ledger = with_store(&c, |s| s.credits()).await?;
     Ok(Json(json!({"credits": ledger})))
 }

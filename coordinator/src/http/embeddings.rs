@@ -3,6 +3,7 @@
 
 use super::openai::parse;
 use super::ApiError;
+use crate::batch::input::input_texts;
 use crate::pool::Coordinator;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -11,7 +12,7 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
-use potluck_engine::bert::{MAX_TEXTS, MAX_TEXT_BYTES};
+use potluck_engine::bert::MAX_TEXTS;
 use potluck_protocol::messages::ModelRef;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -27,19 +28,10 @@ pub fn routes() -> Router<Coordinator> {
     )
 }
 
-/// `input` is one string, a list of strings, or token arrays (which this server refuses:
-/// nodes tokenize with the model's own tokenizer).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Input {
-    One(String),
-    Many(Vec<String>),
-    Tokens(Vec<Value>),
-}
-
 #[derive(Deserialize)]
 struct EmbeddingsBody {
-    input: Input,
+    /// One string or a list of strings (see [`input_texts`]).
+    input: Value,
     model: Option<String>,
     encoding_format: Option<String>,
     dimensions: Option<usize>,
@@ -67,38 +59,7 @@ fn check(c: &Coordinator, body: EmbeddingsBody) -> Result<Checked, ApiError> {
         )
         .with_code("model_not_found"));
     }
-    let texts = match body.input {
-        Input::One(t) => vec![t],
-        Input::Many(t) => t,
-        Input::Tokens(items) => {
-            return Err(ApiError::bad(format!(
-                "input must be a string or a list of strings, not a list of {} other values (token arrays are not supported)",
-                items.len()
-            )))
-        }
-    };
-    if texts.is_empty() {
-        return Err(ApiError::bad("input must not be empty"));
-    }
-    if texts.len() > MAX_TEXTS {
-        return Err(ApiError::bad(format!(
-            "{} inputs; at most {MAX_TEXTS} per request",
-            texts.len()
-        )));
-    }
-    if let Some((i, t)) = texts
-        .iter()
-        .enumerate()
-        .find(|(_, t)| t.len() > MAX_TEXT_BYTES)
-    {
-        return Err(ApiError::bad(format!(
-            "input {i} has {} bytes; at most {MAX_TEXT_BYTES}",
-            t.len()
-        )));
-    }
-    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
-        return Err(ApiError::bad(format!("input {i} is empty")));
-    }
+    let texts = input_texts(&body.input, MAX_TEXTS).map_err(ApiError::bad)?;
     let base64 = match body.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

@@ -195,14 +195,7 @@ impl Coordinator {
                             }
                         }
                         Err(refusal) => {
-                            let why = match refusal {
-                                Refusal::Declined(why) | Refusal::Rejected(why) => why,
-                                Refusal::Failed(why) => {
-                                    tracing::warn!(%peer, "embedding slice failed: {why}");
-                                    self.suspect(peer, &format!("work unit: {why}"));
-                                    why
-                                }
-                            };
+                            let why = self.blame(peer, &refusal, "embedding slice");
                             if let Ok(mut f) = failures.lock() {
                                 f.push(format!("{peer}: {why}"));
                             }
@@ -243,6 +236,20 @@ impl Coordinator {
             tokens,
             by_peer,
         })
+    }
+
+    /// What a refused unit says of `peer`: a failure (`what` failed) suspects it, so it is
+    /// routed around for a while; a decline or a rejection of the input does not. Returns
+    /// why, for the caller's records.
+    pub(crate) fn blame(&self, peer: PeerId, refusal: &Refusal, what: &str) -> String {
+        match refusal {
+            Refusal::Declined(why) | Refusal::Rejected(why) => why.clone(),
+            Refusal::Failed(why) => {
+                tracing::warn!(%peer, "{what} failed: {why}");
+                self.suspect(peer, &format!("{what}: {why}"));
+                why.clone()
+            }
+        }
     }
 
     /// Sends one slice to `peer` and checks its answer.
