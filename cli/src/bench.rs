@@ -191,6 +191,7 @@ async fn bench_pool_with(
     let pool = PoolArgs {
         data_dir: Some(base.clone()),
         pool: format!("bench-{id}"),
+        pool_dir: None,
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         no_mdns: true,
     };
@@ -202,7 +203,7 @@ async fn bench_pool_with(
         &vec![limits; nodes],
         potluck_coordinator::daemon::CoordinatorConfig {
             check_share: args.check_share,
-            ..pool.coordinator_config(base.join("coordinator"))
+            ..pool.coordinator_config(base.join("coordinator"))?
         },
     )
     .await?;

@@ -136,7 +136,7 @@ pub fn run(cache: &ModelCache, args: &BenchArgs, n: usize) -> Result<()> {
     let pool = format!("bench-embed-{id}");
     let mut cfg = coordinator::CoordinatorConfig::new(
         base.join("coordinator"),
-        &pool,
+        potluck_net::gate::PoolMembership::Public { name: pool.clone() },
         vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         false,
     );

@@ -5,10 +5,12 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
+use potluck_net::gate::PoolMembership;
 use potluck_protocol::hex::{from_hex, to_hex};
-use potluck_protocol::membership::{Certificate, Membership, Revocation, Role, MAX_POOL_NAME};
+use potluck_protocol::membership::{
+    Certificate, Membership, PoolRecord, Revocation, Role, MAX_POOL_NAME, POOL_RECORD_FILE,
+};
 use potluck_protocol::signed::PublicKey;
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Folder, inside a member's data folder, holding its certificates.
@@ -71,19 +73,6 @@ pub enum MembershipCommand {
     },
 }
 
-/// What a pool's folder records besides its key.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct PoolRecord {
-    /// The pool's name.
-    pub name: String,
-    /// Its id: the pool key's public half, hex.
-    pub id: String,
-    /// The serial the next certificate gets.
-    pub next_serial: u64,
-    /// Withdrawn certificates.
-    pub revocations: Vec<Revocation>,
-}
-
 fn now() -> u64 {
     potluck_net::swarm::unix_now()
 }
@@ -101,7 +90,7 @@ fn member_dir(dir: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 fn record_path(dir: &Path) -> PathBuf {
-    dir.join("pool.json")
+    dir.join(POOL_RECORD_FILE)
 }
 
 /// Reads a pool's record.
@@ -149,13 +138,139 @@ fn parse_key(hex: &str) -> Result<PublicKey> {
     Ok(key)
 }
 
+/// Which pool `--pool NAME` names for a daemon keeping its identity in `data_dir`, and the
+/// pool folder to watch for revocations if this machine holds the pool key:
+/// - a private pool whose folder is here (`pool_dir`, or with `default_folder` the default
+///   one for NAME): the daemon signs itself a certificate with the pool key (serial 0,
+///   admin), and watches the folder for revocations;
+/// - a private pool this machine joined (`potluck pool join`), by name or id: its certificate;
+/// - a pool id (64 hex digits) with no certificate here: the daemon runs, and is refused;
+/// - anything else names a public pool.
+pub fn resolve(
+    pool: &str,
+    pool_dir_flag: Option<&Path>,
+    default_folder: bool,
+    data_dir: &Path,
+) -> Result<(PoolMembership, Option<PathBuf>)> {
+    let me = potluck_net::identity::load_or_create(data_dir)?.public();
+    let owned = match pool_dir_flag {
+        Some(d) => {
+            if !record_path(d).exists() {
+                bail!(
+                    "{} holds no pool (potluck pool create makes one)",
+                    d.display()
+                );
+            }
+            Some(d.to_path_buf())
+        }
+        None if !default_folder => None,
+        None => valid_name(pool)
+            .ok()
+            .and_then(|()| pool_dir(pool, None).ok())
+            .filter(|d| record_path(d).exists()),
+    };
+    if let Some(dir) = owned {
+        let record = load_record(&dir)?;
+        let key = potluck_net::identity::load_or_create(&dir)?;
+        if to_hex(&key.public().0) != record.id {
+            bail!("{}: the pool key does not match pool.json", dir.display());
+        }
+        let certificate = Certificate::issue(
+            &key,
+            Membership {
+                pool: key.public(),
+                pool_name: record.name.clone(),
+                member: me,
+                role: Role::Admin,
+                issued_at: now(),
+                expires_at: None,
+                serial: 0,
+            },
+        )?;
+        let membership = PoolMembership::Private {
+            pool: key.public(),
+            name: record.name,
+            certificate: Some(Box::new(certificate)),
+        };
+        return Ok((membership, Some(dir)));
+    }
+    let held = held_certificates(data_dir)?;
+    let mut matching = held
+        .into_iter()
+        .filter(|c| c.body.pool_name == pool || to_hex(&c.body.pool.0) == pool);
+    if let Some(cert) = matching.next() {
+        if matching.next().is_some() {
+            bail!("certificates of several pools named {pool} are held here; pass the pool's id");
+        }
+        if cert.body.member != me {
+            bail!("the certificate for pool {pool} names another key than this data folder's");
+        }
+        let membership = PoolMembership::Private {
+            pool: cert.body.pool,
+            name: cert.body.pool_name.clone(),
+            certificate: Some(Box::new(cert)),
+        };
+        return Ok((membership, None));
+    }
+    if let Ok(id) = parse_key(pool) {
+        tracing::warn!(
+            "no certificate for pool {pool} in {}; its peers will refuse this one (potluck pool join)",
+            data_dir.join(CERT_DIR).display()
+        );
+        let membership = PoolMembership::Private {
+            pool: id,
+            name: pool.chars().take(8).collect(),
+            certificate: None,
+        };
+        return Ok((membership, None));
+    }
+    valid_name(pool)?;
+    Ok((PoolMembership::Public { name: pool.into() }, None))
+}
+
+/// Checks a pool name: 1 to 64 letters, digits, `.`, `_` or `-` (it becomes part of topic
+/// and protocol names).
+fn valid_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_POOL_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !ok {
+        bail!("a pool name has 1 to {MAX_POOL_NAME} letters, digits, '.', '_' or '-'");
+    }
+    Ok(())
+}
+
+/// The certificates stored in `data_dir` by `potluck pool join` (unreadable ones are skipped
+/// with a warning).
+fn held_certificates(data_dir: &Path) -> Result<Vec<Certificate>> {
+    let folder = data_dir.join(CERT_DIR);
+    let Ok(entries) = std::fs::read_dir(&folder) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "cert") {
+            continue;
+        }
+        match std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| Certificate::from_text(&t).map_err(|e| e.to_string()))
+        {
+            Ok(c) => out.push(c),
+            Err(e) => tracing::warn!("skipping {}: {e}", path.display()),
+        }
+    }
+    Ok(out)
+}
+
 /// Runs a pool administration command.
 pub fn run(cmd: MembershipCommand) -> Result<()> {
     match cmd {
         MembershipCommand::Create { name, dir } => {
-            if name.is_empty() || name.len() > MAX_POOL_NAME || name.contains(['/', '\\']) {
-                bail!("a pool name has 1 to {MAX_POOL_NAME} bytes and no slashes");
-            }
+            valid_name(&name)?;
             let dir = pool_dir(&name, dir.as_deref())?;
             if record_path(&dir).exists() {
                 bail!("{} already holds a pool", dir.display());

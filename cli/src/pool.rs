@@ -9,6 +9,7 @@ use potluck_coordinator::daemon::{self as coordinator, CoordinatorConfig};
 use potluck_coordinator::http::HttpOptions;
 use potluck_coordinator::model::{EmbeddingModel, ServedModel};
 use potluck_coordinator::pool::{Coordinator, SessionRequest};
+use potluck_net::gate::PoolMembership;
 use potluck_node::daemon::{self as node, NodeConfig};
 use potluck_node::probe::Limits;
 use potluck_node::serve::LocalModel;
@@ -23,9 +24,14 @@ pub struct PoolArgs {
     /// Identity, caches and state live here (one per process on a machine).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// The pool to join.
+    /// The pool to join: a public pool's name, or a private pool's name or id (its folder
+    /// here, or a certificate from `potluck pool join`).
     #[arg(long, default_value = "public")]
     pub pool: String,
+    /// A private pool's folder (its key and pool.json), when not the default one for --pool;
+    /// a daemon holding it admits itself and watches it for revocations.
+    #[arg(long)]
+    pub pool_dir: Option<PathBuf>,
     /// Listen address (repeatable); default: all interfaces, TCP and QUIC, any port.
     #[arg(long)]
     pub listen: Vec<libp2p::Multiaddr>,
@@ -36,8 +42,23 @@ pub struct PoolArgs {
 
 impl PoolArgs {
     /// A coordinator of this pool keeping its state in `data_dir`, otherwise at defaults.
-    pub fn coordinator_config(&self, data_dir: PathBuf) -> CoordinatorConfig {
-        CoordinatorConfig::new(data_dir, &self.pool, self.listen(), !self.no_mdns)
+    pub fn coordinator_config(&self, data_dir: PathBuf) -> Result<CoordinatorConfig> {
+        let (pool, pool_dir) = self.membership(&data_dir, true)?;
+        Ok(CoordinatorConfig {
+            pool_dir,
+            ..CoordinatorConfig::new(data_dir, pool, self.listen(), !self.no_mdns)
+        })
+    }
+
+    /// The pool a daemon keeping its identity in `data_dir` joins (see
+    /// [`crate::membership::resolve`]); a coordinator looks for the pool's folder in the
+    /// default place too.
+    fn membership(
+        &self,
+        data_dir: &std::path::Path,
+        coordinator: bool,
+    ) -> Result<(PoolMembership, Option<PathBuf>)> {
+        crate::membership::resolve(&self.pool, self.pool_dir.as_deref(), coordinator, data_dir)
     }
 
     /// The data folder: the flag, else `potluck/<role>` in the user's data folder.
@@ -195,7 +216,7 @@ impl ServeArgs {
             embedding_model: embedding_model(cache, self.embedding_model.as_deref())?,
             batch_quorum: self.batch_quorum,
             unit_timeout: Duration::from_secs(self.unit_timeout),
-            ..pool.coordinator_config(data_dir)
+            ..pool.coordinator_config(data_dir)?
         })
     }
 
@@ -401,8 +422,8 @@ fn node_config(
     }
     let interval = Duration::from_secs(limits.advert_interval);
     Ok(NodeConfig {
+        pool: pool.membership(&data_dir, false)?.0,
         data_dir,
-        pool: pool.pool.clone(),
         listen,
         bootstrap,
         mdns: !pool.no_mdns,

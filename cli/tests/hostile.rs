@@ -13,7 +13,12 @@ use potluck_protocol::messages::{
     ShardAssignment, StageForward, StageInputWire, ADVERT_DOMAIN,
 };
 use potluck_protocol::signed::{Keypair, Signed};
-use potluck_protocol::stream::{CONTROL_PROTOCOL, STAGE_PROTOCOL};
+use potluck_protocol::stream::Channel;
+
+/// `channel`'s protocol in the public pool these tests run in.
+fn proto(channel: Channel) -> StreamProtocol {
+    StreamProtocol::try_from_owned(channel.protocol("public")).unwrap()
+}
 use potluck_protocol::tensor::{WireDType, WireTensor};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -30,11 +35,11 @@ fn raw_frame(len: u32, version: u16, body: &[u8]) -> Vec<u8> {
 async fn send_raw(
     control: &mut libp2p_stream::Control,
     peer: PeerId,
-    protocol: &'static str,
+    protocol: Channel,
     bytes: &[u8],
 ) -> Vec<u8> {
     let mut s = control
-        .open_stream(peer, StreamProtocol::new(protocol))
+        .open_stream(peer, proto(protocol))
         .await
         .expect("open a stream to the node");
     s.write_all(bytes).await.expect("write");
@@ -49,11 +54,11 @@ async fn send_raw(
 async fn ask(
     control: &mut libp2p_stream::Control,
     peer: PeerId,
-    protocol: &'static str,
+    protocol: Channel,
     msg: &Message,
 ) -> Message {
     let mut s = control
-        .open_stream(peer, StreamProtocol::new(protocol))
+        .open_stream(peer, proto(protocol))
         .await
         .expect("open a stream to the node");
     s.write_all(&encode_frame(msg).unwrap()).await.unwrap();
@@ -117,18 +122,18 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
         let node_peer = peer_of(&node_addr);
 
         // Garbage where a message should be.
-        send_raw(&mut control, node_peer, STAGE_PROTOCOL, &raw_frame(3, 1, &[0xff, 0xff, 0xff])).await;
+        send_raw(&mut control, node_peer, Channel::Stage, &raw_frame(3, 1, &[0xff, 0xff, 0xff])).await;
         // A length far beyond the limit: refused from the header, nothing allocated.
-        send_raw(&mut control, node_peer, STAGE_PROTOCOL, &raw_frame(1 << 30, 1, &[])).await;
+        send_raw(&mut control, node_peer, Channel::Stage, &raw_frame(1 << 30, 1, &[])).await;
         // Another protocol version.
         let hb = Message::Heartbeat(Heartbeat { seq: 1, sent_at_ms: 0 });
         let mut wrong_version = encode_frame(&hb).unwrap();
         wrong_version[4] = 99;
-        send_raw(&mut control, node_peer, STAGE_PROTOCOL, &wrong_version).await;
+        send_raw(&mut control, node_peer, Channel::Stage, &wrong_version).await;
         // A valid frame that has no business on a stage stream.
-        send_raw(&mut control, node_peer, STAGE_PROTOCOL, &encode_frame(&hb).unwrap()).await;
+        send_raw(&mut control, node_peer, Channel::Stage, &encode_frame(&hb).unwrap()).await;
         // A stream cut off inside a frame.
-        send_raw(&mut control, node_peer, STAGE_PROTOCOL, &raw_frame(100, 1, &[1, 2, 3])).await;
+        send_raw(&mut control, node_peer, Channel::Stage, &raw_frame(100, 1, &[1, 2, 3])).await;
 
         // Requests that parse but do not fit get typed errors on a stream that stays open.
         let bad_shape = Message::Forward(StageForward {
@@ -138,7 +143,7 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
             input: StageInputWire::Hidden(WireTensor::from_f32(&[0.0; 6], &[2, 3], WireDType::F32).unwrap()),
             sample: None,
         });
-        match ask(&mut control, node_peer, STAGE_PROTOCOL, &bad_shape).await {
+        match ask(&mut control, node_peer, Channel::Stage, &bad_shape).await {
             Message::Error(e) => assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}"),
             other => panic!("expected an error, got {other:?}"),
         }
@@ -148,7 +153,7 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
             total_layers: 1,
             epoch: 1,
         });
-        match ask(&mut control, node_peer, CONTROL_PROTOCOL, &foreign).await {
+        match ask(&mut control, node_peer, Channel::Control, &foreign).await {
             Message::Error(e) => assert_eq!(e.code, ErrorCode::NotServing, "{e:?}"),
             other => panic!("expected an error, got {other:?}"),
         }
@@ -234,10 +239,8 @@ async fn run_rogue(key: Keypair, coordinator: Multiaddr, model: ModelRef) {
     let lkey = potluck_net::swarm::libp2p_keypair(key.secret()).unwrap();
     let mut swarm = potluck_net::swarm::build(lkey, false).unwrap();
     let mut control = swarm.behaviour().streams.new_control();
-    let mut assigns = control
-        .accept(StreamProtocol::new(CONTROL_PROTOCOL))
-        .unwrap();
-    let mut stages = control.accept(StreamProtocol::new(STAGE_PROTOCOL)).unwrap();
+    let mut assigns = control.accept(proto(Channel::Control)).unwrap();
+    let mut stages = control.accept(proto(Channel::Stage)).unwrap();
     tokio::spawn(async move {
         while let Some((_, mut s)) = assigns.next().await {
             if let Ok(Some(Message::Assign(a))) = read_frame_async::<Message>(&mut s, 1 << 16).await

@@ -9,11 +9,14 @@ use crate::batch::{Batches, Store, STORE_FILE};
 use crate::model::{EmbeddingModel, ServedModel};
 use crate::peer_table::{Accepted, AdvertRejection, PeerTable};
 use crate::pool::Coordinator;
+use crate::revocations::RevocationWatch;
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, Multiaddr, PeerId};
+use potluck_net::gate::PoolMembership;
 use potluck_net::swarm::{self, peer_id_of, unix_now, PoolBehaviourEvent};
-use potluck_protocol::codec::decode_frame;
+use potluck_protocol::codec::{decode_frame, encode_frame};
+use potluck_protocol::membership::Revocation;
 use potluck_protocol::messages::Message;
 use potluck_protocol::signed::PublicKey;
 use std::path::PathBuf;
@@ -26,8 +29,11 @@ use tokio::sync::watch;
 pub struct CoordinatorConfig {
     /// Identity and state.
     pub data_dir: PathBuf,
-    /// The pool it coordinates.
-    pub pool: String,
+    /// The pool it coordinates, and what it presents to the pool's nodes.
+    pub pool: PoolMembership,
+    /// A private pool's folder, watched for revocations (none: the coordinator learns
+    /// them only from its peers).
+    pub pool_dir: Option<PathBuf>,
     /// Addresses to listen on.
     pub listen: Vec<Multiaddr>,
     /// Whether to discover peers on the LAN.
@@ -60,10 +66,16 @@ pub const DEFAULT_CANARY_INTERVAL: Duration = Duration::from_secs(60);
 impl CoordinatorConfig {
     /// A coordinator of `pool` keeping its state in `data_dir`, listening on `listen`
     /// (and on the LAN with `mdns`), with every other setting at its default.
-    pub fn new(data_dir: PathBuf, pool: &str, listen: Vec<Multiaddr>, mdns: bool) -> Self {
+    pub fn new(
+        data_dir: PathBuf,
+        pool: PoolMembership,
+        listen: Vec<Multiaddr>,
+        mdns: bool,
+    ) -> Self {
         Self {
             data_dir,
-            pool: pool.to_string(),
+            pool,
+            pool_dir: None,
             listen,
             mdns,
             max_sessions: crate::pool::DEFAULT_MAX_SESSIONS,
@@ -103,18 +115,20 @@ pub enum StartError {
 /// Starts the coordinator for `model`; its swarm runs on a task until the process ends.
 /// Verdicts go to the audit log in its data directory.
 pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, StartError> {
-    let swarm::Started { mut swarm, key, .. } =
-        swarm::start(&cfg.data_dir, &cfg.pool, &cfg.listen, &[], cfg.mdns)?;
-    let audit = AuditLog::open(&cfg.data_dir.join(AUDIT_FILE), key, &cfg.pool)?;
+    let swarm::Started {
+        mut swarm,
+        key,
+        topic,
+        gate,
+        mut drops,
+        streams,
+    } = swarm::start(&cfg.data_dir, &cfg.pool, &cfg.listen, &[], cfg.mdns)?;
+    let audit = AuditLog::open(&cfg.data_dir.join(AUDIT_FILE), key, gate.tag())?;
     let store = Arc::new(Store::open(&cfg.data_dir.join(STORE_FILE))?);
     let batches = Batches::new(store, cfg.batch_quorum);
-    let coordinator = Coordinator::new(
-        model,
-        swarm.behaviour().streams.new_control(),
-        &cfg,
-        Some(audit),
-    )
-    .with_batches(batches.clone());
+    let coordinator =
+        Coordinator::new(model, streams, &cfg, Some(audit)).with_batches(batches.clone());
+    let mut revocations = cfg.pool_dir.as_deref().map(RevocationWatch::new);
     batches.spawn(coordinator.clone());
     let (addrs_tx, listening) = watch::channel(Vec::new());
     let handle = coordinator.clone();
@@ -143,6 +157,15 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                 _ = tick.tick() => {
                     handle.expire_silent(unix_now());
                     handle.replan();
+                    gate.sweep(unix_now());
+                    if let Some(list) = revocations.as_mut().and_then(RevocationWatch::poll) {
+                        announce_revocations(&mut swarm, &topic, &gate.revoke(&list));
+                    }
+                    continue;
+                }
+                Some((peer, why)) = drops.next() => {
+                    handle.leaving(peer, &format!("refused: {why}"));
+                    let _ = swarm.disconnect_peer_id(peer);
                     continue;
                 }
                 event = swarm.select_next_some() => event,
@@ -153,7 +176,7 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                     .with(libp2p::multiaddr::Protocol::P2p(*swarm.local_peer_id()));
                 addrs_tx.send_modify(|a| a.push(full));
             }
-            match swarm::handle_common(&mut swarm, event) {
+            match swarm::handle_common(&mut swarm, &gate, event) {
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(
                     gossipsub::Event::Message { message, .. },
                 ))) => on_gossip(&handle, &message.data, message.source),
@@ -181,6 +204,38 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
         listening,
     })
 }
+
+/// Tells the pool's peers of `new` revocations, in gossip-sized batches; each peer checks
+/// the pool's signature on every one.
+fn announce_revocations(
+    swarm: &mut libp2p::Swarm<swarm::PoolBehaviour>,
+    topic: &gossipsub::IdentTopic,
+    new: &[Revocation],
+) {
+    if new.is_empty() {
+        return;
+    }
+    let serials: Vec<u64> = new.iter().map(|r| r.serial).collect();
+    println!("certificates revoked: {serials:?}; telling the pool");
+    for batch in new.chunks(REVOCATIONS_PER_MESSAGE) {
+        let published = encode_frame(&Message::Revoked(batch.to_vec()))
+            .map_err(|e| e.to_string())
+            .and_then(|frame| {
+                swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(topic.clone(), frame)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = published {
+            // Peers still learn them from the answer to their next hello.
+            tracing::warn!("revocations not gossiped: {e}");
+        }
+    }
+}
+
+/// Revocations per gossip message: well under the gossip size limit.
+const REVOCATIONS_PER_MESSAGE: usize = 256;
 
 /// Runs the coordinator until `shutdown` resolves.
 pub async fn run(

@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod planner;
 pub mod pool;
 pub mod redial;
+pub mod revocations;
 pub mod router;
 pub mod spotcheck;
 pub mod trust;

@@ -10,17 +10,18 @@ use crate::metrics::Metrics;
 use crate::planner::Span;
 use crate::spotcheck::CheckJob;
 use crate::verify::{check_result, Expected, ResultRejection};
-use libp2p::{PeerId, Stream, StreamProtocol};
+use libp2p::{PeerId, Stream};
 use potluck_engine::generate::TokenSource;
 use potluck_engine::sampling::SamplingParams;
 use potluck_engine::EngineError;
+use potluck_net::streams::PoolStreams;
 use potluck_protocol::codec::MAX_FRAME;
 use potluck_protocol::messages::{
     ErrorCode, LayerRange, Message, Receipt, SampleSpec, StageForward, StageInputWire,
     StageOutputWire, StageResult,
 };
 use potluck_protocol::signed::Digest;
-use potluck_protocol::stream::{read_frame_async, write_frame_async, STAGE_PROTOCOL};
+use potluck_protocol::stream::{read_frame_async, write_frame_async, Channel};
 use potluck_protocol::ProtocolError;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -273,22 +274,16 @@ pub(crate) fn check_hop(
 
 /// Opens a stage stream to `peer`.
 pub(crate) async fn open_stream(
-    control: &mut libp2p_stream::Control,
+    control: &mut PoolStreams,
     peer: PeerId,
 ) -> Result<Stream, PipelineError> {
-    tokio::time::timeout(
-        STEP_TIMEOUT,
-        control.open_stream(peer, StreamProtocol::new(STAGE_PROTOCOL)),
-    )
-    .await
-    .map_err(|_| PipelineError::Unreachable {
-        peer,
-        reason: "timed out".into(),
-    })?
-    .map_err(|e| PipelineError::Unreachable {
-        peer,
-        reason: e.to_string(),
-    })
+    tokio::time::timeout(STEP_TIMEOUT, control.open(peer, Channel::Stage))
+        .await
+        .map_err(|_| PipelineError::Unreachable {
+            peer,
+            reason: "timed out".into(),
+        })?
+        .map_err(|reason| PipelineError::Unreachable { peer, reason })
 }
 
 /// Runs of hops `(lo, hi)` around hop `i` of `n`, smallest first: what a failover tries
@@ -303,7 +298,7 @@ fn windows_around(i: usize, n: usize) -> Vec<(usize, usize)> {
 
 /// A hop with a fresh stream for each span of `chain`, in order.
 async fn open_hops(
-    control: &mut libp2p_stream::Control,
+    control: &mut PoolStreams,
     chain: Vec<(Span, PeerId)>,
 ) -> Result<Vec<Hop>, PipelineError> {
     let mut hops = Vec::with_capacity(chain.len());
@@ -414,7 +409,7 @@ pub struct SessionContext {
 
 /// A session's pipeline across peers.
 pub struct RemotePipeline {
-    control: libp2p_stream::Control,
+    control: PoolStreams,
     hops: Vec<Hop>,
     session: u64,
     step: u64,
@@ -434,7 +429,7 @@ pub struct RemotePipeline {
 impl RemotePipeline {
     /// Opens a stream to every span of `chain` (with its peer id), in order.
     pub async fn open(
-        control: &mut libp2p_stream::Control,
+        control: &mut PoolStreams,
         chain: Vec<(Span, PeerId)>,
         ctx: SessionContext,
     ) -> Result<Self, PipelineError> {

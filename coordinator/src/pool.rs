@@ -22,15 +22,14 @@ use crate::redial::{Due, Redials};
 use crate::router::{route_range, PeerCost};
 use crate::spotcheck::CheckJob;
 use crate::trust::Trust;
-use libp2p::{PeerId, StreamProtocol};
+use libp2p::PeerId;
 use potluck_engine::generate::{generate_with, GenerateRequest, GenerateStats};
 use potluck_engine::sampling::SamplingParams;
+use potluck_net::streams::PoolStreams;
 use potluck_net::swarm::peer_id_of;
 use potluck_protocol::messages::{LayerRange, Message, ModelRef, ShardAssignment};
 use potluck_protocol::signed::PublicKey;
-use potluck_protocol::stream::{
-    read_frame_async, write_frame_async, CONTROL_PROTOCOL, MAX_CONTROL_FRAME,
-};
+use potluck_protocol::stream::{read_frame_async, write_frame_async, Channel, MAX_CONTROL_FRAME};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -214,7 +213,7 @@ impl PoolState {
 pub struct Coordinator {
     model: Arc<ServedModel>,
     state: Arc<Mutex<PoolState>>,
-    control: libp2p_stream::Control,
+    control: PoolStreams,
     next_session: Arc<AtomicU64>,
     changed: Arc<Notify>,
     metrics: Arc<Metrics>,
@@ -295,11 +294,11 @@ impl Coordinator {
     /// trusted peers' results (all as `cfg` says), and recording every verdict in `audit`.
     pub fn new(
         model: ServedModel,
-        control: libp2p_stream::Control,
+        control: PoolStreams,
         cfg: &CoordinatorConfig,
         audit: Option<AuditLog>,
     ) -> Self {
-        let (pool, max_sessions, p_min) = (&cfg.pool, cfg.max_sessions, cfg.check_share);
+        let (pool, max_sessions, p_min) = (cfg.pool.tag(), cfg.max_sessions, cfg.check_share);
         let mut seed = [0u8; 8];
         // Session ids only need to differ between sessions; the clock is a fine fallback.
         if getrandom::fill(&mut seed).is_err() {
@@ -308,7 +307,7 @@ impl Coordinator {
         Self {
             model: Arc::new(model),
             state: Arc::new(Mutex::new(PoolState {
-                table: PeerTable::new(pool).with_missed_heartbeats(cfg.missed_heartbeats),
+                table: PeerTable::new(&pool).with_missed_heartbeats(cfg.missed_heartbeats),
                 plan: None,
                 plan_error: None,
                 loaded: HashMap::new(),
@@ -707,7 +706,7 @@ impl Coordinator {
         let answer = self
             .request(
                 peer,
-                CONTROL_PROTOCOL,
+                Channel::Control,
                 &Message::Assign(a.clone()),
                 MAX_CONTROL_FRAME,
                 ASSIGN_TIMEOUT,
@@ -720,22 +719,19 @@ impl Coordinator {
         }
     }
 
-    /// One request on a fresh stream of `protocol` to `peer`, and its answer (at most `max`
+    /// One request on a fresh stream of `channel` to `peer`, and its answer (at most `max`
     /// bytes; `None` if the stream ended first), all within `timeout`.
     pub(crate) async fn request(
         &self,
         peer: PeerId,
-        protocol: &'static str,
+        channel: Channel,
         message: &Message,
         max: usize,
         timeout: Duration,
     ) -> Result<Option<Message>, String> {
         let mut control = self.control.clone();
         let exchange = async {
-            let mut stream = control
-                .open_stream(peer, StreamProtocol::new(protocol))
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut stream = control.open(peer, channel).await?;
             write_frame_async(&mut stream, message)
                 .await
                 .map_err(|e| e.to_string())?;

@@ -14,6 +14,7 @@ use crate::pipeline::{
 };
 use crate::planner::Span;
 use libp2p::PeerId;
+use potluck_net::streams::PoolStreams;
 use potluck_protocol::messages::{Receipt, StageForward, StageOutputWire, StageResult};
 
 /// A peer's work for one session on one span (a job), to be checked whole.
@@ -59,7 +60,7 @@ pub struct Reference {
 /// checker's version of each picked result, in order. Each request replayed counts as
 /// `recomputed` in `metrics`.
 pub async fn recompute(
-    control: &mut libp2p_stream::Control,
+    control: &mut PoolStreams,
     checker: (Span, PeerId),
     job: &CheckJob,
     model: &ChainModel,

@@ -1,5 +1,8 @@
 //! The libp2p side shared by nodes and coordinators: one swarm definition, the pool's topic
-//! names, the persistent identity and its conversion to a libp2p key. Message contents live in `protocol`.
+//! and protocol names, admission at connection, the persistent identity and its conversion
+//! to a libp2p key. Message contents live in `protocol`.
 
+pub mod gate;
 pub mod identity;
+pub mod streams;
 pub mod swarm;

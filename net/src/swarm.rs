@@ -2,9 +2,13 @@
 //! yamux), identify, ping, gossipsub for signed adverts, Kademlia for finding peers across the
 //! internet, mDNS on a LAN, and libp2p streams for stage traffic and control.
 
+use crate::gate::{Drops, Gate, PoolMembership};
+use crate::streams::PoolStreams;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{gossipsub, identify, identity, kad, mdns, noise, ping, tcp, yamux, Swarm};
+use potluck_protocol::codec::decode_frame;
+use potluck_protocol::messages::Message;
 use std::time::Duration;
 
 /// The identify protocol version every Potluck peer announces.
@@ -116,7 +120,8 @@ pub enum StartError {
     Address(String),
 }
 
-/// A peer's running swarm, with the identity it signs with and its pool's advert topic.
+/// A peer's running swarm, with the identity it signs with, its pool's advert topic, the
+/// pool's gate and its streams.
 pub struct Started {
     /// The swarm, listening and subscribed.
     pub swarm: Swarm<PoolBehaviour>,
@@ -124,13 +129,20 @@ pub struct Started {
     pub key: potluck_protocol::signed::Keypair,
     /// The pool's advert topic.
     pub topic: gossipsub::IdentTopic,
+    /// Admission: who may be served; already answering hellos.
+    pub gate: Gate,
+    /// Peers the gate wants disconnected; the swarm loop carries it out.
+    pub drops: Drops,
+    /// Streams under the pool's protocol names.
+    pub streams: PoolStreams,
 }
 
 /// Loads (or creates) the identity in `data_dir`, builds the swarm, listens on `listen`, dials
-/// `bootstrap` and joins `pool`'s advert topic. Prints the peer id for operators and scripts.
+/// `bootstrap` and joins `pool`'s advert topic, answering hellos at its gate. Prints the peer
+/// id and the pool for operators and scripts.
 pub fn start(
     data_dir: &std::path::Path,
-    pool: &str,
+    pool: &PoolMembership,
     listen: &[libp2p::Multiaddr],
     bootstrap: &[libp2p::Multiaddr],
     use_mdns: bool,
@@ -138,6 +150,12 @@ pub fn start(
     let key = crate::identity::load_or_create(data_dir)?;
     let mut swarm = build(libp2p_keypair(key.secret())?, use_mdns)?;
     println!("peer id {}", swarm.local_peer_id());
+    println!("{}", pool.describe());
+    let (gate, drops) = Gate::new(pool.clone());
+    gate.serve(swarm.behaviour().streams.new_control())
+        .map_err(StartError::Address)?;
+    let streams = PoolStreams::new(swarm.behaviour().streams.new_control(), gate.tag())
+        .map_err(StartError::Address)?;
     for addr in listen {
         swarm
             .listen_on(addr.clone())
@@ -154,28 +172,71 @@ pub fn start(
             .dial(addr.clone())
             .map_err(|e| StartError::Address(format!("dial {addr}: {e}")))?;
     }
-    let topic = advert_topic(pool);
+    let topic = advert_topic(gate.tag());
     swarm
         .behaviour_mut()
         .gossipsub
         .subscribe(&topic)
         .map_err(|e| StartError::Address(format!("subscribe: {e}")))?;
-    Ok(Started { swarm, key, topic })
+    Ok(Started {
+        swarm,
+        key,
+        topic,
+        gate,
+        drops,
+        streams,
+    })
 }
 
-/// Handles the swarm events every peer treats alike (listen addresses, identify, mDNS) and
-/// returns the rest for the caller (new connections too, after logging them).
+/// Handles the swarm events every peer treats alike (listen addresses, identify, mDNS,
+/// admission at `gate`, gossiped revocations) and returns the rest for the caller: new and
+/// closed connections too, after the gate has seen them, and gossip only from peers the gate
+/// admits.
 pub fn handle_common(
     swarm: &mut Swarm<PoolBehaviour>,
+    gate: &Gate,
     event: libp2p::swarm::SwarmEvent<PoolBehaviourEvent>,
 ) -> Option<libp2p::swarm::SwarmEvent<PoolBehaviourEvent>> {
     use libp2p::swarm::SwarmEvent;
-    if let SwarmEvent::ConnectionEstablished {
-        peer_id, endpoint, ..
-    } = &event
-    {
-        tracing::info!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
-        return Some(event);
+    match &event {
+        SwarmEvent::ConnectionEstablished {
+            peer_id,
+            endpoint,
+            num_established,
+            ..
+        } => {
+            tracing::info!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
+            if num_established.get() == 1 {
+                gate.connected(*peer_id, swarm.behaviour().streams.new_control());
+            }
+            return Some(event);
+        }
+        SwarmEvent::ConnectionClosed {
+            peer_id,
+            num_established: 0,
+            ..
+        } => {
+            gate.disconnected(peer_id);
+            return Some(event);
+        }
+        SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(gossipsub::Event::Message {
+            message,
+            ..
+        })) => {
+            if !message.source.is_some_and(|p| gate.admitted(&p)) {
+                tracing::debug!(source = ?message.source, "dropped gossip from a peer not admitted");
+                return None;
+            }
+            if let Ok((Message::Revoked(list), _)) = decode_frame::<Message>(&message.data) {
+                let new = gate.revoke(&list);
+                if !new.is_empty() {
+                    tracing::info!("{} certificates revoked by the pool", new.len());
+                }
+                return None;
+            }
+            return Some(event);
+        }
+        _ => {}
     }
     match event {
         SwarmEvent::NewListenAddr { address, .. } => {

@@ -7,6 +7,7 @@ use crate::serve::{LocalModel, Server};
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, Multiaddr};
+use potluck_net::gate::PoolMembership;
 use potluck_net::swarm;
 use potluck_protocol::codec::encode_frame;
 use potluck_protocol::messages::{
@@ -21,8 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct NodeConfig {
     /// Identity, caches and state.
     pub data_dir: PathBuf,
-    /// Pool to join.
-    pub pool: String,
+    /// Pool to join, and what this node presents to join it.
+    pub pool: PoolMembership,
     /// Addresses to listen on.
     pub listen: Vec<Multiaddr>,
     /// Peers to dial first (each with its /p2p/ id).
@@ -94,6 +95,9 @@ pub async fn run(
         mut swarm,
         key,
         topic,
+        gate,
+        mut drops,
+        streams,
     } = swarm::start(
         &cfg.data_dir,
         &cfg.pool,
@@ -112,8 +116,9 @@ pub async fn run(
         cfg.faults,
     );
     server
-        .accept(swarm.behaviour().streams.new_control())
+        .accept(streams, gate.clone())
         .map_err(swarm::StartError::Address)?;
+    let mut accepted = gate.accepted_by_peers();
     let mut loaded = server.loaded();
     let mut offer = Offer {
         models: server.models(),
@@ -160,6 +165,7 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_millis(50)), if leave_by.is_some() => continue,
             _ = ticker.tick() => published = false,
             _ = redial.tick(), if leave_by.is_none() => {
+                gate.sweep(swarm::unix_now());
                 for addr in backoff.due(|p| swarm.is_connected(p)) {
                     tracing::info!(%addr, "dialling the bootstrap peer again");
                     if let Err(e) = swarm.dial(addr) {
@@ -182,11 +188,17 @@ pub async fn run(
                 published = false;
             }
             _ = retry.tick(), if !published => {}
+            // A peer that admits us (a restarted coordinator, one that dialled us back) hears
+            // from us at once rather than at the next heartbeat.
+            Ok(()) = accepted.changed() => published = false,
+            Some((peer, why)) = drops.next() => {
+                tracing::info!(%peer, "disconnecting: {why}");
+                let _ = swarm.disconnect_peer_id(peer);
+                continue;
+            }
             event = swarm.select_next_some() => {
-                // A new connection (a restarted coordinator, one that dialled us back) hears
-                // from us at once rather than at the next heartbeat.
                 if let Some(SwarmEvent::ConnectionEstablished { .. }) =
-                    swarm::handle_common(&mut swarm, event)
+                    swarm::handle_common(&mut swarm, &gate, event)
                 {
                     published = false;
                 }
@@ -196,7 +208,7 @@ pub async fn run(
         if !published && leave_by.is_none() {
             seq += 1;
             let Some(advert) =
-                signed_advert(&key, &cfg.pool, &capacity, &offer, seq, cfg.advert_ttl)
+                signed_advert(&key, gate.tag(), &capacity, &offer, seq, cfg.advert_ttl)
             else {
                 continue;
             };

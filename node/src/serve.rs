@@ -5,17 +5,19 @@
 use crate::shard::ShardServer;
 use crate::wire::wire_error;
 use futures::StreamExt;
-use libp2p::{PeerId, Stream, StreamProtocol};
+use libp2p::{PeerId, Stream};
 use potluck_engine::llama::{Stage, DEFAULT_KV_BUDGET};
 use potluck_engine::weights::WeightFile;
+use potluck_net::gate::Gate;
+use potluck_net::streams::PoolStreams;
 use potluck_protocol::codec::MAX_FRAME;
 use potluck_protocol::messages::{
     ErrorCode, LayerRange, Message, ModelRef, ShardAssignment, StageForward, WireError,
 };
 use potluck_protocol::signed::Keypair;
 use potluck_protocol::stream::{
-    read_body_async, read_frame_async, read_header_async, write_frame_async, CONTROL_PROTOCOL,
-    MAX_CONTROL_FRAME, MAX_WORK_FRAME, STAGE_PROTOCOL, WORK_PROTOCOL,
+    read_body_async, read_frame_async, read_header_async, write_frame_async, Channel,
+    MAX_CONTROL_FRAME, MAX_WORK_FRAME,
 };
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -208,21 +210,26 @@ impl Server {
         self.inner.leaving.store(true, Ordering::Relaxed);
     }
 
-    /// Accepts control, stage and work streams from `control` until it is dropped.
-    pub fn accept(&self, mut control: libp2p_stream::Control) -> Result<(), String> {
-        for name in [CONTROL_PROTOCOL, STAGE_PROTOCOL, WORK_PROTOCOL] {
-            let mut incoming = control
-                .accept(StreamProtocol::new(name))
-                .map_err(|e| format!("{name}: {e}"))?;
+    /// Accepts control, stage and work streams of `streams`' pool until it is dropped, from
+    /// peers its `gate` admits.
+    pub fn accept(&self, mut streams: PoolStreams, gate: Gate) -> Result<(), String> {
+        for channel in Channel::ALL {
+            let mut incoming = streams.accept(channel)?;
             let this = self.clone();
+            let gate = gate.clone();
             tokio::spawn(async move {
                 while let Some((peer, stream)) = incoming.next().await {
                     let this = this.clone();
+                    let gate = gate.clone();
                     tokio::spawn(async move {
-                        match name {
-                            STAGE_PROTOCOL => this.serve_stage(peer, stream).await,
-                            WORK_PROTOCOL => this.serve_work(peer, stream).await,
-                            _ => this.serve_control(peer, stream).await,
+                        if !gate.wait_admitted(&peer).await {
+                            tracing::warn!(%peer, "refused a {channel:?} stream from peer {peer}: not admitted to this pool");
+                            return;
+                        }
+                        match channel {
+                            Channel::Stage => this.serve_stage(peer, stream).await,
+                            Channel::Work => this.serve_work(peer, stream).await,
+                            Channel::Control => this.serve_control(peer, stream).await,
                         }
                     });
                 }
@@ -445,5 +452,8 @@ fn kind(m: &Message) -> &'static str {
         Message::Error(_) => "error",
         Message::Work(_) => "work",
         Message::WorkDone(_) => "work result",
+        Message::Hello(_) => "hello",
+        Message::Admission(_) => "admission",
+        Message::Revoked(_) => "revoked",
     }
 }

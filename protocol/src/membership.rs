@@ -205,6 +205,42 @@ impl Revocation {
     }
 }
 
+/// What a peer presents on connecting, before it is served anything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The pool it means to be in: a public pool's name or a private pool's id (hex).
+    pub pool: String,
+    /// Its certificate for that pool (none in a public pool).
+    pub certificate: Option<Certificate>,
+}
+
+/// The answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Admission {
+    /// Why the peer is refused; `None`: admitted.
+    pub refused: Option<String>,
+    /// The withdrawals the answering peer knows of, so that a member learns them on
+    /// connecting and refuses revoked peers too.
+    pub revocations: Vec<Revocation>,
+}
+
+/// What a private pool's folder records besides its key (`pool.json`): written by `potluck
+/// pool`, read by a coordinator that watches it for revocations.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct PoolRecord {
+    /// The pool's name.
+    pub name: String,
+    /// Its id: the pool key's public half, hex.
+    pub id: String,
+    /// The serial the next certificate gets.
+    pub next_serial: u64,
+    /// Withdrawn certificates.
+    pub revocations: Vec<Revocation>,
+}
+
+/// The file in a pool's folder holding its [`PoolRecord`].
+pub const POOL_RECORD_FILE: &str = "pool.json";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -322,4 +322,10 @@ pub enum Message {
     Work(WorkRequest),
     /// A work unit's result.
     WorkDone(Box<WorkResult>),
+    /// What a peer presents on connecting (on the admission protocol).
+    Hello(crate::membership::Hello),
+    /// The answer to a hello.
+    Admission(crate::membership::Admission),
+    /// Certificates a private pool withdrew (gossiped, each signed by the pool key).
+    Revoked(Vec<crate::membership::Revocation>),
 }

@@ -8,15 +8,42 @@ use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// Stage traffic: one long-lived stream per session and stage; the session's KV cache lives
-/// as long as the stream.
-pub const STAGE_PROTOCOL: &str = "/potluck/stage/1";
+/// The streams a pool's peers open to each other. Their protocol names carry the pool's tag
+/// (a public pool's name, a private pool's id), so peers of different pools sharing a
+/// network never take each other's streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Stage traffic: one long-lived stream per session and stage; the session's KV cache
+    /// lives as long as the stream.
+    Stage,
+    /// Control: one request and one answer per stream (assignments and their
+    /// acknowledgement).
+    Control,
+    /// Work units: one request and one answer per stream, run on a node's whole model.
+    Work,
+}
 
-/// Control: one request and one answer per stream (assignments and their acknowledgement).
-pub const CONTROL_PROTOCOL: &str = "/potluck/control/1";
+impl Channel {
+    /// Every channel.
+    pub const ALL: [Channel; 3] = [Channel::Stage, Channel::Control, Channel::Work];
 
-/// Work units: one request and one answer per stream, run on a node's whole model.
-pub const WORK_PROTOCOL: &str = "/potluck/work/1";
+    /// The protocol name of this channel in the pool tagged `pool`.
+    pub fn protocol(self, pool: &str) -> String {
+        let kind = match self {
+            Channel::Stage => "stage",
+            Channel::Control => "control",
+            Channel::Work => "work",
+        };
+        format!("/potluck/{pool}/{kind}/1")
+    }
+}
+
+/// Admission: one hello and one answer per connection, before anything else is served. Not
+/// pool-tagged, so a peer of another pool hears why it is refused.
+pub const ADMIT_PROTOCOL: &str = "/potluck/admit/1";
+
+/// Largest admission frame: a certificate, or an answer listing the pool's revocations.
+pub const MAX_ADMIT_FRAME: usize = 1 << 20;
 
 /// Largest work frame: a slice of an embedding request (texts in, vectors out) fits with
 /// room; senders split bigger requests.

@@ -11,7 +11,7 @@ use potluck_protocol::messages::{
 };
 use potluck_protocol::receipt::work_ids;
 use potluck_protocol::signed::PublicKey;
-use potluck_protocol::stream::{MAX_WORK_FRAME, WORK_PROTOCOL};
+use potluck_protocol::stream::{Channel, MAX_WORK_FRAME};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
@@ -280,7 +280,7 @@ impl Coordinator {
         let answer = self
             .request(
                 peer,
-                WORK_PROTOCOL,
+                Channel::Work,
                 &Message::Work(req.clone()),
                 MAX_WORK_FRAME,
                 self.unit_timeout,

@@ -1,0 +1,346 @@
+//! A private pool with real processes on loopback: only holders of a valid certificate join.
+//! Nodes without one, with an expired, forged or revoked one, or from another pool are
+//! refused at connection, with a log line on both sides, and never join. A certificate that
+//! expires, or is revoked while its node runs, takes the node out without a restart. Two
+//! pools on one network stay apart, and nodes refuse a coordinator that holds no certificate.
+
+mod common;
+
+use common::{coordinator, node, Proc};
+use potluck_protocol::hex::from_hex;
+use potluck_protocol::membership::Certificate;
+use potluck_protocol::signed::PublicKey;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// Runs `potluck` with `args` and returns its stdout; panics if it fails.
+fn ok(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(args)
+        .output()
+        .expect("run potluck");
+    assert!(
+        out.status.success(),
+        "potluck {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A pool made in `dir/<name>`; its id.
+fn create(dir: &Path, name: &str) -> String {
+    ok(&["pool", "create", name, "--dir", path(&dir.join(name))])
+}
+
+/// A certificate of the pool in `dir/<pool>` for the machine whose data folder is
+/// `dir/<member>`, with `extra` invite flags.
+fn invite(dir: &Path, pool: &str, member: &str, extra: &[&str]) -> String {
+    let key = ok(&["pool", "key", "--data-dir", path(&dir.join(member))]);
+    let pool_dir = dir.join(pool);
+    let mut args = vec![
+        "pool",
+        "invite",
+        "--pool",
+        pool,
+        "--dir",
+        path(&pool_dir),
+        "--member-key",
+        &key,
+    ];
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
+/// Stores `cert` as `member`'s certificate of pool `id` without any check (as a forger
+/// would).
+fn plant(dir: &Path, member: &str, id: &str, cert: &str) {
+    let folder = dir.join(member).join("membership");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join(format!("{id}.cert")), cert).unwrap();
+}
+
+fn secs(n: u64) -> Instant {
+    Instant::now() + Duration::from_secs(n)
+}
+
+/// Waits for a line containing all of `parts`.
+fn expect_line(p: &mut Proc, what: &str, parts: &[&str], within: u64) -> String {
+    p.wait_for(secs(within), |l| parts.iter().all(|s| l.contains(s)))
+        .unwrap_or_else(|| panic!("no line for {what} ({parts:?}): {:#?}", p.seen))
+}
+
+fn flags(f: &[String]) -> Vec<&str> {
+    f.iter().map(String::as_str).collect()
+}
+
+fn never_joined(coord: &Proc, id: &str) {
+    let line = format!("peer joined {id} ");
+    assert!(
+        !coord.seen.iter().any(|l| l.starts_with(&line)),
+        "{id} joined a pool it was refused from: {:#?}",
+        coord.seen
+    );
+}
+
+#[test]
+fn only_certified_members_join_and_revocation_takes_a_node_out_without_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lab = create(d, "lab");
+    let lab_dir = d.join("lab");
+    let (mut coord, addr, _http) = coordinator(
+        d,
+        &[
+            "--pool",
+            "lab",
+            "--pool-dir",
+            path(&lab_dir),
+            "--embedding-model",
+            "none",
+        ],
+    );
+    expect_line(
+        &mut coord,
+        "the pool's description",
+        &["pool lab (private, id", &lab],
+        10,
+    );
+
+    // A member joins and is given work.
+    ok(&[
+        "pool",
+        "join",
+        &invite(d, "lab", "good", &[]),
+        "--data-dir",
+        path(&d.join("good")),
+    ]);
+    let (mut good, good_id) = node(d, "good", "lab", &addr, &[]);
+    expect_line(
+        &mut good,
+        "the coordinator admitting the member",
+        &["admitted by peer"],
+        30,
+    );
+    common::wait_joined(&mut coord, [&good_id]);
+    expect_line(
+        &mut coord,
+        "work for the member",
+        &[&format!("peer {good_id} serves blocks")],
+        90,
+    );
+
+    // No certificate (the pool named by its id).
+    let (mut bare, bare_id) = node(d, "bare", &lab, &addr, &[]);
+    // Expired before it is used.
+    let short = invite(d, "lab", "late", &["--expires", "1s"]);
+    plant(d, "late", &lab, &short);
+    std::thread::sleep(Duration::from_millis(1100));
+    let (mut late, late_id) = node(d, "late", "lab", &addr, &[]);
+    // Forged: a certificate from another key that claims to be the lab's.
+    create(d, "evil");
+    let mut forged = Certificate::from_text(&invite(d, "evil", "forger", &[])).unwrap();
+    let lab_key: [u8; 32] = from_hex(&lab).unwrap().try_into().unwrap();
+    forged.body.pool = PublicKey(lab_key);
+    forged.body.pool_name = "lab".into();
+    plant(d, "forger", &lab, &forged.to_text().unwrap());
+    let (mut forger, forger_id) = node(d, "forger", "lab", &addr, &[]);
+
+    let cases = [
+        (
+            &mut bare,
+            &bare_id,
+            "no certificate",
+            "it presented no certificate",
+        ),
+        (&mut late, &late_id, "an expired certificate", "expired at"),
+        (
+            &mut forger,
+            &forger_id,
+            "a forged certificate",
+            "forged or altered",
+        ),
+    ];
+    for (proc, id, what, why) in cases {
+        expect_line(
+            &mut coord,
+            what,
+            &[&format!("refused peer {id}: "), why],
+            30,
+        );
+        expect_line(proc, what, &["refused this peer: ", why], 30);
+    }
+
+    // A certificate that runs out while its node serves takes the node out.
+    let brief = invite(d, "lab", "brief", &["--expires", "6s"]);
+    ok(&["pool", "join", &brief, "--data-dir", path(&d.join("brief"))]);
+    let (_brief, brief_id) = node(d, "brief", "lab", &addr, &[]);
+    common::wait_joined(&mut coord, [&brief_id]);
+    expect_line(
+        &mut coord,
+        "the expiry",
+        &[&format!(
+            "refused peer {brief_id}: its certificate expired at"
+        )],
+        30,
+    );
+
+    // Revoking the member's certificate (serial 1) takes it out, with no restart.
+    ok(&[
+        "pool",
+        "revoke",
+        "--pool",
+        "lab",
+        "--dir",
+        path(&lab_dir),
+        "--serial",
+        "1",
+    ]);
+    expect_line(
+        &mut coord,
+        "the revocation",
+        &["certificates revoked: [1]"],
+        10,
+    );
+    expect_line(
+        &mut coord,
+        "the revoked member's refusal",
+        &[&format!(
+            "refused peer {good_id}: its certificate (serial 1) was revoked"
+        )],
+        10,
+    );
+    // It hears of it, dials back, and is refused for the same reason.
+    expect_line(
+        &mut good,
+        "the gossiped revocation",
+        &["own certificate (serial 1) was revoked"],
+        10,
+    );
+    expect_line(
+        &mut good,
+        "the refusal of the revoked member",
+        &["refused this peer: the certificate (serial 1) was revoked"],
+        30,
+    );
+
+    // Over all of that, none of the refused nodes ever joined.
+    for id in [&bare_id, &late_id, &forger_id] {
+        never_joined(&coord, id);
+    }
+    let rejoined = coord
+        .seen
+        .iter()
+        .filter(|l| l.starts_with(&format!("peer joined {good_id} ")))
+        .count();
+    assert_eq!(
+        rejoined, 1,
+        "the revoked member joined again: {:#?}",
+        coord.seen
+    );
+}
+
+#[test]
+fn two_pools_on_one_network_stay_apart_and_nodes_refuse_an_uncertified_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lab = create(d, "lab");
+    let city = create(d, "city");
+    let pool_flags = |name: &str| {
+        vec![
+            "--pool".to_string(),
+            name.to_string(),
+            "--pool-dir".to_string(),
+            path(&d.join(name)).to_string(),
+            "--embedding-model".to_string(),
+            "none".to_string(),
+        ]
+    };
+    let lab_flags = pool_flags("lab");
+    let city_flags = pool_flags("city");
+    let (mut lab_coord, lab_addr, _) = coordinator(&d.join("lab-c"), &flags(&lab_flags));
+    let (mut city_coord, city_addr, _) = coordinator(&d.join("city-c"), &flags(&city_flags));
+
+    // A city member dials both coordinators: the city takes it, the lab refuses it.
+    ok(&[
+        "pool",
+        "join",
+        &invite(d, "city", "walker", &[]),
+        "--data-dir",
+        path(&d.join("walker")),
+    ]);
+    let (mut walker, walker_id) =
+        node(d, "walker", "city", &city_addr, &["--bootstrap", &lab_addr]);
+    common::wait_joined(&mut city_coord, [&walker_id]);
+    expect_line(
+        &mut lab_coord,
+        "the other pool's node",
+        &[&format!("refused peer {walker_id}: it is in pool {city}")],
+        30,
+    );
+    expect_line(
+        &mut walker,
+        "the lab's refusal",
+        &["refused this peer: it is in pool"],
+        30,
+    );
+
+    // A public-pool node dialling the lab is refused too.
+    let (mut stranger, stranger_id) = node(d, "stranger", "public", &lab_addr, &[]);
+    expect_line(
+        &mut lab_coord,
+        "the public node",
+        &[&format!("refused peer {stranger_id}: it is in pool public")],
+        30,
+    );
+    expect_line(
+        &mut stranger,
+        "the lab's refusal",
+        &["refused this peer: it is in pool"],
+        30,
+    );
+
+    // A coordinator that names the lab by id but holds no certificate gets no lab node.
+    let (mut rogue, rogue_addr, _) = coordinator(
+        &d.join("rogue-c"),
+        &["--pool", &lab, "--embedding-model", "none"],
+    );
+    ok(&[
+        "pool",
+        "join",
+        &invite(d, "lab", "member", &[]),
+        "--data-dir",
+        path(&d.join("member")),
+    ]);
+    let (mut member, member_id) =
+        node(d, "member", "lab", &lab_addr, &["--bootstrap", &rogue_addr]);
+    common::wait_joined(&mut lab_coord, [&member_id]);
+    expect_line(
+        &mut member,
+        "the rogue coordinator",
+        &["refused peer ", "it presented no certificate"],
+        30,
+    );
+    expect_line(
+        &mut rogue,
+        "the member's refusal",
+        &[&format!(
+            "peer {member_id} refused this peer: it presented no certificate"
+        )],
+        30,
+    );
+
+    std::thread::sleep(Duration::from_secs(2));
+    never_joined(&lab_coord, &walker_id);
+    never_joined(&lab_coord, &stranger_id);
+    let served_rogue = format!("peer {member_id} serves blocks");
+    assert!(
+        !rogue.seen.iter().any(|l| l.starts_with(&served_rogue)),
+        "a member served a coordinator it refused: {:#?}",
+        rogue.seen
+    );
+}
