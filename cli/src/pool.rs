@@ -148,6 +148,11 @@ pub struct ServeArgs {
     /// A file of API keys, one per line (blank lines and # comments are skipped).
     #[arg(long)]
     pub api_keys_file: Option<PathBuf>,
+    /// The pool's members (JSON: {"members": [{"name", "api_key", "certificate", "weight",
+    /// "requests_per_minute", "tokens_per_day", "reserved_sessions"}]}): their keys, shares,
+    /// limits and reserved sessions. See docs/pools.md.
+    #[arg(long)]
+    pub members: Option<PathBuf>,
     /// Adverts a node may miss before it is dropped from routing (at least 2; the node's own
     /// advert validity, 3 intervals, also ends it).
     #[arg(long, default_value_t = potluck_coordinator::peer_table::DEFAULT_MISSED_HEARTBEATS)]
@@ -216,11 +221,23 @@ impl ServeArgs {
             embedding_model: embedding_model(cache, self.embedding_model.as_deref())?,
             batch_quorum: self.batch_quorum,
             unit_timeout: Duration::from_secs(self.unit_timeout),
+            api_keys: self.api_keys()?,
+            members: self.member_specs()?,
             ..pool.coordinator_config(data_dir)?
         })
     }
 
-    fn http_options(&self) -> Result<HttpOptions> {
+    fn member_specs(&self) -> Result<Vec<potluck_coordinator::share::MemberSpec>> {
+        let Some(f) = &self.members else {
+            return Ok(Vec::new());
+        };
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading members from {}", f.display()))?;
+        potluck_coordinator::share::parse_members(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))
+    }
+
+    fn api_keys(&self) -> Result<Vec<String>> {
         let mut keys = self.api_key.clone();
         if let Some(f) = &self.api_keys_file {
             let text = std::fs::read_to_string(f)
@@ -235,11 +252,14 @@ impl ServeArgs {
         if keys.iter().any(|k| k.len() < 8) {
             anyhow::bail!("API keys must be at least 8 characters");
         }
+        Ok(keys)
+    }
+
+    fn http_options(&self) -> Result<HttpOptions> {
         if self.http_header_timeout == 0 {
             anyhow::bail!("--http-header-timeout must be at least 1 second");
         }
         Ok(HttpOptions {
-            api_keys: keys,
             header_timeout: Duration::from_secs(self.http_header_timeout),
             body_timeout: Duration::from_secs(3 * self.http_header_timeout),
         })
@@ -548,6 +568,7 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
             stop: Vec::new(),
             sampling: params,
             handle: Default::default(),
+            member: Default::default(),
         };
         let (_, stats) = c
             .generate(req, |piece| {

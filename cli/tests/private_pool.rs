@@ -93,7 +93,14 @@ fn only_certified_members_join_and_revocation_takes_a_node_out_without_restarts(
     let d = dir.path();
     let lab = create(d, "lab");
     let lab_dir = d.join("lab");
-    let (mut coord, addr, _http) = coordinator(
+    // The member's certificate ties its API key to its membership.
+    let good_cert = invite(d, "lab", "good", &[]);
+    let members = d.join("members.json");
+    let list = serde_json::json!({"members": [
+        {"name": "good", "api_key": "good-api-key", "certificate": good_cert},
+    ]});
+    std::fs::write(&members, list.to_string()).unwrap();
+    let (mut coord, addr, http) = coordinator(
         d,
         &[
             "--pool",
@@ -102,6 +109,8 @@ fn only_certified_members_join_and_revocation_takes_a_node_out_without_restarts(
             path(&lab_dir),
             "--embedding-model",
             "none",
+            "--members",
+            path(&members),
         ],
     );
     expect_line(
@@ -110,12 +119,18 @@ fn only_certified_members_join_and_revocation_takes_a_node_out_without_restarts(
         &["pool lab (private, id", &lab],
         10,
     );
+    let api_status = || {
+        let auth = "Authorization: Bearer good-api-key";
+        let raw = common::raw_http(&http, &common::request("GET", "/v1/models", &[auth], ""));
+        common::split_answer(&raw).0
+    };
+    assert_eq!(api_status(), 200);
 
     // A member joins and is given work.
     ok(&[
         "pool",
         "join",
-        &invite(d, "lab", "good", &[]),
+        &good_cert,
         "--data-dir",
         path(&d.join("good")),
     ]);
@@ -214,6 +229,8 @@ fn only_certified_members_join_and_revocation_takes_a_node_out_without_restarts(
         )],
         10,
     );
+    // Its API key stops working too.
+    assert_eq!(api_status(), 403);
     // It hears of it, dials back, and is refused for the same reason.
     expect_line(
         &mut good,

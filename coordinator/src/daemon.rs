@@ -10,6 +10,7 @@ use crate::model::{EmbeddingModel, ServedModel};
 use crate::peer_table::{Accepted, AdvertRejection, PeerTable};
 use crate::pool::Coordinator;
 use crate::revocations::RevocationWatch;
+use crate::share::{MemberSpec, Share};
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, Multiaddr, PeerId};
@@ -55,6 +56,10 @@ pub struct CoordinatorConfig {
     /// How long a work unit (a batch unit or an embedding slice) may take on a node before
     /// it is given to another.
     pub unit_timeout: Duration,
+    /// Members: API keys with weights, limits, reserved sessions and certificates.
+    pub members: Vec<MemberSpec>,
+    /// Plain API keys (the operator's), each its own member without limits.
+    pub api_keys: Vec<String>,
 }
 
 /// How long a work unit may take unless told otherwise.
@@ -86,6 +91,8 @@ impl CoordinatorConfig {
             embedding_model: None,
             batch_quorum: crate::batch::DEFAULT_QUORUM,
             unit_timeout: DEFAULT_UNIT_TIMEOUT,
+            members: Vec::new(),
+            api_keys: Vec::new(),
         }
     }
 }
@@ -110,11 +117,25 @@ pub enum StartError {
     /// The job store could not be opened.
     #[error(transparent)]
     Store(#[from] crate::batch::StoreError),
+    /// The members list is not usable.
+    #[error("members: {0}")]
+    Members(String),
 }
 
 /// Starts the coordinator for `model`; its swarm runs on a task until the process ends.
 /// Verdicts go to the audit log in its data directory.
 pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, StartError> {
+    if matches!(cfg.pool, PoolMembership::Private { .. })
+        && cfg.members.iter().any(|m| m.certificate.is_none())
+    {
+        return Err(StartError::Members(
+            "in a private pool every member needs its certificate (the operator's own keys go in --api-key)".into(),
+        ));
+    }
+    let share = Arc::new(
+        Share::new(cfg.members.clone(), &cfg.api_keys, cfg.max_sessions)
+            .map_err(StartError::Members)?,
+    );
     let swarm::Started {
         mut swarm,
         key,
@@ -126,14 +147,16 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
     let audit = AuditLog::open(&cfg.data_dir.join(AUDIT_FILE), key, gate.tag())?;
     let store = Arc::new(Store::open(&cfg.data_dir.join(STORE_FILE))?);
     let batches = Batches::new(store, cfg.batch_quorum);
-    let coordinator =
-        Coordinator::new(model, streams, &cfg, Some(audit)).with_batches(batches.clone());
+    let coordinator = Coordinator::new(model, streams, &cfg, Some(audit), share)
+        .with_batches(batches.clone())
+        .with_gate(gate.clone());
     let mut revocations = cfg.pool_dir.as_deref().map(RevocationWatch::new);
     batches.spawn(coordinator.clone());
     let (addrs_tx, listening) = watch::channel(Vec::new());
     let handle = coordinator.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut credit_tick = tokio::time::interval(CREDIT_REFRESH);
         let mut redial_tick = tokio::time::interval(Duration::from_millis(250));
         let canary_every = cfg.canary_interval.unwrap_or(Duration::from_secs(3600));
         let mut canary_tick =
@@ -148,6 +171,10 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                             }
                         }
                     }
+                    continue;
+                }
+                _ = credit_tick.tick() => {
+                    handle.refresh_member_credits();
                     continue;
                 }
                 _ = canary_tick.tick(), if cfg.canary_interval.is_some() => {
@@ -233,6 +260,9 @@ fn announce_revocations(
         }
     }
 }
+
+/// How often members' weights follow the credit their nodes earned.
+const CREDIT_REFRESH: Duration = Duration::from_secs(30);
 
 /// Revocations per gossip message: well under the gossip size limit.
 const REVOCATIONS_PER_MESSAGE: usize = 256;

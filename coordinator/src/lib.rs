@@ -19,6 +19,7 @@ pub mod pool;
 pub mod redial;
 pub mod revocations;
 pub mod router;
+pub mod share;
 pub mod spotcheck;
 pub mod trust;
 pub mod verify;

@@ -20,11 +20,13 @@ use crate::pipeline::{
 use crate::planner::{plan, Plan, PlanPeer, Span};
 use crate::redial::{Due, Redials};
 use crate::router::{route_range, PeerCost};
+use crate::share::{MemberId, Share};
 use crate::spotcheck::CheckJob;
 use crate::trust::Trust;
 use libp2p::PeerId;
 use potluck_engine::generate::{generate_with, GenerateRequest, GenerateStats};
 use potluck_engine::sampling::SamplingParams;
+use potluck_net::gate::{Gate, PoolMembership};
 use potluck_net::streams::PoolStreams;
 use potluck_net::swarm::peer_id_of;
 use potluck_protocol::messages::{LayerRange, Message, ModelRef, ShardAssignment};
@@ -155,6 +157,8 @@ pub struct SessionRequest {
     pub sampling: SamplingParams,
     /// Counts the session's tokens and ends it when cancelled.
     pub handle: Arc<SessionHandle>,
+    /// Who asked: its place in the fair share, and whose quota the tokens count against.
+    pub member: MemberId,
 }
 
 /// What the coordinator tracks about the pool.
@@ -219,7 +223,10 @@ pub struct Coordinator {
     metrics: Arc<Metrics>,
     sessions: Arc<Mutex<BTreeMap<u64, SessionInfo>>>,
     events: Arc<Mutex<VecDeque<PoolEvent>>>,
-    slots: Arc<tokio::sync::Semaphore>,
+    /// Members, their limits and usage, and the session slots they share.
+    share: Arc<Share>,
+    /// Who may connect (a private pool's certificates and revocations).
+    gate: Option<Gate>,
     audit: Option<AuditLog>,
     checks: Arc<tokio::sync::Semaphore>,
     /// Sessions each peer serves now (counted from routing to the session's end).
@@ -297,8 +304,9 @@ impl Coordinator {
         control: PoolStreams,
         cfg: &CoordinatorConfig,
         audit: Option<AuditLog>,
+        share: Arc<Share>,
     ) -> Self {
-        let (pool, max_sessions, p_min) = (cfg.pool.tag(), cfg.max_sessions, cfg.check_share);
+        let (pool, p_min) = (cfg.pool.tag(), cfg.check_share);
         let mut seed = [0u8; 8];
         // Session ids only need to differ between sessions; the clock is a fine fallback.
         if getrandom::fill(&mut seed).is_err() {
@@ -325,7 +333,8 @@ impl Coordinator {
             metrics: Arc::new(Metrics::new()),
             sessions: Arc::new(Mutex::new(BTreeMap::new())),
             events: Arc::new(Mutex::new(VecDeque::new())),
-            slots: Arc::new(tokio::sync::Semaphore::new(max_sessions.max(1))),
+            share,
+            gate: None,
             audit,
             checks: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CHECKS)),
             busy: Arc::new(Mutex::new(HashMap::new())),
@@ -336,6 +345,56 @@ impl Coordinator {
             batches: None,
             unit_timeout: cfg.unit_timeout,
         }
+    }
+
+    /// The same coordinator, checking members' certificates against `gate`'s pool.
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Members, their limits and usage.
+    pub fn share(&self) -> &Arc<Share> {
+        &self.share
+    }
+
+    /// Whether `member` may use the API now: in a private pool, a member whose key is tied
+    /// to a certificate needs it valid (unexpired, unrevoked); why not otherwise.
+    pub fn member_standing(&self, member: MemberId) -> Result<(), String> {
+        let (Some(gate), Some(cert)) = (&self.gate, self.share.certificate(member)) else {
+            return Ok(());
+        };
+        let PoolMembership::Private { pool, .. } = gate.pool() else {
+            return Ok(());
+        };
+        let revoked: Vec<u64> = gate.revocations().iter().map(|r| r.serial).collect();
+        cert.admits(
+            pool,
+            &cert.body.member,
+            potluck_net::swarm::unix_now(),
+            &revoked,
+        )
+        .map(|_| ())
+        .map_err(|e| format!("{}'s membership is not valid: {e}", self.share.name(member)))
+    }
+
+    /// Raises members' weights by the validated work their nodes were credited with (read
+    /// from the job store off the async threads).
+    pub fn refresh_member_credits(&self) {
+        let Some(store) = self.batches().map(|b| b.store.clone()) else {
+            return;
+        };
+        let share = self.share.clone();
+        tokio::task::spawn_blocking(move || match store.credits() {
+            Ok(credits) => {
+                let by_peer = credits
+                    .into_iter()
+                    .map(|c| (c.peer, c.tokens as f64))
+                    .collect();
+                share.set_credits(&by_peer);
+            }
+            Err(e) => tracing::warn!("reading the credit ledger: {e}"),
+        });
     }
 
     /// The same coordinator, running batches with `batches`.
@@ -878,12 +937,17 @@ impl Coordinator {
         on_text: impl FnMut(&str) + Send + 'static,
     ) -> Result<(String, GenerateStats), SessionError> {
         let started = Instant::now();
+        let member = req.member;
         let out = self.run_session(req, on_text).await;
         match &out {
-            Ok((_, stats)) => self
-                .metrics
-                .time_to_first_token
-                .observe(started.elapsed().as_secs_f64() - stats.decode_secs),
+            Ok((_, stats)) => {
+                self.metrics
+                    .time_to_first_token
+                    .observe(started.elapsed().as_secs_f64() - stats.decode_secs);
+                let tokens = (stats.prompt_tokens + stats.generated_tokens) as u64;
+                self.share
+                    .record(member, tokens, potluck_net::swarm::unix_now());
+            }
             Err(e) => {
                 self.metrics.failure(e.kind());
                 if !matches!(e, SessionError::BadRequest(_) | SessionError::Cancelled) {
@@ -913,12 +977,7 @@ impl Coordinator {
             )));
         }
         // Waiting here, rather than overfilling the nodes' caches, keeps every session whole.
-        let _slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| SessionError::NotReady("the coordinator is shutting down".into()))?;
+        let _slot = self.share.acquire(req.member).await;
         let handle = req.handle.clone();
         let (id, chain, mut pipe) = self
             .open_session(req.sampling.clone(), handle.clone())

@@ -124,6 +124,7 @@ pub fn snapshot(c: &Coordinator) -> Value {
         (credits, batches)
     });
     json!({
+        "members": c.share().usage(potluck_net::swarm::unix_now()),
         "credits": credits,
         "batches": batches,
         "model": {"name": model.model.name, "layers": model.shape.layers,

@@ -5,12 +5,13 @@ use super::openai::parse;
 use super::ApiError;
 use crate::batch::input::input_texts;
 use crate::pool::Coordinator;
+use crate::share::MemberId;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use base64::Engine as _;
 use potluck_engine::bert::MAX_TEXTS;
 use potluck_protocol::messages::ModelRef;
@@ -79,11 +80,14 @@ fn check(c: &Coordinator, body: EmbeddingsBody) -> Result<Checked, ApiError> {
 
 async fn embeddings(
     State(c): State<Coordinator>,
+    Extension(member): Extension<MemberId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body: EmbeddingsBody = parse(body, MAX_EMBED_BODY_BYTES)?;
     let (model, texts, base64) = check(&c, body)?;
     let done = c.embed(&model, texts).await?;
+    c.share()
+        .record(member, done.tokens, potluck_net::swarm::unix_now());
     let data: Vec<Value> = done
         .vectors
         .iter()

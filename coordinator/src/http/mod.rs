@@ -9,6 +9,7 @@ pub mod embeddings;
 pub mod openai;
 
 use crate::pool::{Coordinator, SessionError};
+use crate::share::{Limit, MemberId};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -17,18 +18,16 @@ use axum::routing::get;
 use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use std::sync::Arc;
 use std::time::Duration;
 use tower::Service;
 
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
-/// How the HTTP server guards itself.
+/// How the HTTP server guards itself (who may use the API is the coordinator's
+/// [`Share`](crate::share::Share)).
 #[derive(Debug, Clone)]
 pub struct HttpOptions {
-    /// Bearer keys accepted on `/v1`; none means open.
-    pub api_keys: Vec<String>,
     /// Time a client gets to send its request headers.
     pub header_timeout: Duration,
     /// Time a client gets to send its request body.
@@ -38,7 +37,6 @@ pub struct HttpOptions {
 impl Default for HttpOptions {
     fn default() -> Self {
         Self {
-            api_keys: Vec::new(),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
         }
@@ -103,16 +101,13 @@ impl From<SessionError> for ApiError {
 
 /// All routes over `coordinator`.
 pub fn router(coordinator: Coordinator, opts: &HttpOptions) -> Router {
-    let keys: Arc<Vec<[u8; 32]>> = Arc::new(
-        opts.api_keys
-            .iter()
-            .map(|k| *blake3::hash(k.as_bytes()).as_bytes())
-            .collect(),
-    );
     let api = openai::routes()
         .merge(embeddings::routes())
         .merge(batches::routes())
-        .route_layer(middleware::from_fn_with_state(keys, require_key));
+        .route_layer(middleware::from_fn_with_state(
+            coordinator.clone(),
+            require_member,
+        ));
     Router::new()
         .merge(api)
         .merge(dashboard::routes())
@@ -160,41 +155,54 @@ pub async fn serve(
     }
 }
 
-/// Lets a request through when no keys are set or it carries one of them as a bearer token.
-async fn require_key(State(keys): State<Arc<Vec<[u8; 32]>>>, req: Request, next: Next) -> Response {
-    if keys.is_empty() {
-        return next.run(req).await;
-    }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|k| *blake3::hash(k.trim().as_bytes()).as_bytes());
-    // Comparing digests keeps the comparison's time independent of the keys.
-    match presented {
-        Some(d)
-            if keys
-                .iter()
-                .any(|k| blake3::Hash::from(*k) == blake3::Hash::from(d)) =>
-        {
-            next.run(req).await
+/// Lets a request through as its member: anyone when the pool has no keys, else the member
+/// whose key it carries as a bearer token (401 otherwise), in good standing (403: its
+/// certificate expired or was revoked) and within its rate and quota (429, with
+/// Retry-After).
+async fn require_member(State(c): State<Coordinator>, mut req: Request, next: Next) -> Response {
+    let share = c.share().clone();
+    let member = if share.requires_key() {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let unauthorized = |message: &str| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+                .with_code("invalid_api_key")
+                .into_response()
+        };
+        match presented.map(|k| share.member_for_key(k)) {
+            Some(Some(m)) => m,
+            Some(None) => return unauthorized("incorrect API key"),
+            None => {
+                return unauthorized("this pool needs an API key: send 'Authorization: Bearer KEY'")
+            }
         }
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "incorrect API key",
-        )
-        .with_code("invalid_api_key")
-        .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "this pool needs an API key: send 'Authorization: Bearer KEY'",
-        )
-        .with_code("invalid_api_key")
-        .into_response(),
+    } else {
+        MemberId::POOL
+    };
+    if let Err(why) = c.member_standing(member) {
+        return ApiError::new(StatusCode::FORBIDDEN, "permission_error", why)
+            .with_code("membership_invalid")
+            .into_response();
     }
+    if let Err(limit) = share.admit(member, potluck_net::swarm::unix_now()) {
+        let code = match limit {
+            Limit::Rate { .. } => "rate_limit_exceeded",
+            Limit::Quota { .. } => "insufficient_quota",
+        };
+        let mut answer =
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "requests", limit.to_string())
+                .with_code(code)
+                .into_response();
+        if let Ok(v) = header::HeaderValue::from_str(&limit.retry_after().to_string()) {
+            answer.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return answer;
+    }
+    req.extensions_mut().insert(member);
+    next.run(req).await
 }
 
 async fn metrics(State(c): State<Coordinator>) -> Response {

@@ -5,6 +5,7 @@
 use super::ApiError;
 use crate::pipeline::SessionHandle;
 use crate::pool::{Coordinator, SessionRequest};
+use crate::share::MemberId;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -12,7 +13,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use potluck_engine::chat::{chat_prompt_ids, ChatMessage};
 use potluck_engine::generate::{FinishReason, GenerateStats};
 use potluck_engine::sampling::SamplingParams;
@@ -180,7 +181,12 @@ fn chat_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError>
         .collect()
 }
 
-fn check(c: &Coordinator, common: Common, prompt: Vec<u32>) -> Result<Checked, ApiError> {
+fn check(
+    c: &Coordinator,
+    common: Common,
+    prompt: Vec<u32>,
+    member: MemberId,
+) -> Result<Checked, ApiError> {
     let served = c.model().model.name.clone();
     if let Some(m) = &common.model {
         if m != &served {
@@ -249,6 +255,7 @@ fn check(c: &Coordinator, common: Common, prompt: Vec<u32>) -> Result<Checked, A
             stop,
             sampling,
             handle: Arc::new(SessionHandle::default()),
+            member,
         },
         model: served,
         stream,
@@ -323,13 +330,17 @@ fn model_card(name: &str) -> Value {
     json!({"id": name, "object": "model", "created": 0, "owned_by": "potluck"})
 }
 
-async fn chat(State(c): State<Coordinator>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat(
+    State(c): State<Coordinator>,
+    Extension(member): Extension<MemberId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = || -> Result<Checked, ApiError> {
         let body: ChatBody = parse(body, super::MAX_BODY_BYTES)?;
         let messages = chat_messages(body.messages)?;
         let prompt = chat_prompt_ids(&c.model().tokenizer, &messages)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-        check(&c, body.common, prompt)
+        check(&c, body.common, prompt, member)
     };
     match run() {
         Ok(checked) => answer(c, checked, Shape::Chat).await,
@@ -339,6 +350,7 @@ async fn chat(State(c): State<Coordinator>, body: Result<Bytes, BytesRejection>)
 
 async fn completions(
     State(c): State<Coordinator>,
+    Extension(member): Extension<MemberId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = || -> Result<Checked, ApiError> {
@@ -351,7 +363,7 @@ async fn completions(
             .tokenizer
             .encode(&body.prompt)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-        check(&c, body.common, prompt)
+        check(&c, body.common, prompt, member)
     };
     match run() {
         Ok(checked) => answer(c, checked, Shape::Completion).await,

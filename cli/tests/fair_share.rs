@@ -1,0 +1,122 @@
+//! Members of a pool with real processes: API keys map to members from the operator's
+//! members file; a member over its daily quota or its rate gets a 429 with Retry-After while
+//! the others are served, keys are checked, and the dashboard shows who used what.
+
+mod common;
+
+use common::{raw_http, request, small_pool, split_answer};
+use serde_json::{json, Value};
+
+/// `method path` with `key` as bearer token: status, headers and body.
+fn call(
+    http: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, String, Value) {
+    let auth = key.map(|k| format!("Authorization: Bearer {k}"));
+    let headers: Vec<&str> = auth.iter().map(String::as_str).collect();
+    let raw = raw_http(http, &request(method, path, &headers, body));
+    let (status, rest) = split_answer(&raw);
+    let head = raw
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let json = serde_json::from_str(rest).unwrap_or(Value::Null);
+    (status, head, json)
+}
+
+fn chat(http: &str, key: &str) -> (u16, String, Value) {
+    let body = json!({"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0});
+    call(
+        http,
+        "POST",
+        "/v1/chat/completions",
+        Some(key),
+        &body.to_string(),
+    )
+}
+
+#[test]
+fn members_over_quota_or_rate_get_429_while_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let members = dir.path().join("members.json");
+    let list = json!({"members": [
+        {"name": "light", "api_key": "light-key-1", "tokens_per_day": 10},
+        {"name": "heavy", "api_key": "heavy-key-1", "weight": 2},
+        {"name": "hasty", "api_key": "hasty-key-1", "requests_per_minute": 2},
+    ]});
+    std::fs::write(&members, list.to_string()).unwrap();
+    let (_coord, _node, http) = small_pool(
+        dir.path(),
+        &[
+            "--members",
+            members.to_str().unwrap(),
+            "--embedding-model",
+            "none",
+        ],
+    );
+
+    // Keys are required and checked.
+    assert_eq!(call(&http, "GET", "/v1/models", None, "").0, 401);
+    assert_eq!(
+        call(&http, "GET", "/v1/models", Some("nobody-key"), "").0,
+        401
+    );
+
+    // The light member's first request is served; it used its day's tokens.
+    let (status, _, answer) = chat(&http, "light-key-1");
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["usage"]["total_tokens"].as_u64().unwrap() > 10,
+        "{answer}"
+    );
+    let (status, head, answer) = chat(&http, "light-key-1");
+    assert_eq!(status, 429, "{answer}");
+    assert_eq!(answer["error"]["code"], "insufficient_quota", "{answer}");
+    assert!(head.contains("retry-after: "), "{head}");
+    // Others are served meanwhile.
+    let (status, _, answer) = chat(&http, "heavy-key-1");
+    assert_eq!(status, 200, "{answer}");
+
+    // The hasty member gets two requests a minute.
+    for _ in 0..2 {
+        assert_eq!(
+            call(&http, "GET", "/v1/models", Some("hasty-key-1"), "").0,
+            200
+        );
+    }
+    let (status, head, answer) = call(&http, "GET", "/v1/models", Some("hasty-key-1"), "");
+    assert_eq!(status, 429, "{answer}");
+    assert_eq!(answer["error"]["code"], "rate_limit_exceeded", "{answer}");
+    assert!(head.contains("retry-after: "), "{head}");
+    assert_eq!(
+        call(&http, "GET", "/v1/models", Some("heavy-key-1"), "").0,
+        200
+    );
+
+    // The dashboard shows who used what.
+    let (_, _, pool) = call(&http, "GET", "/api/pool", None, "");
+    let row = |name: &str| {
+        pool["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {pool}"))
+    };
+    let light = row("light");
+    assert_eq!(
+        (light["requests"].as_u64(), light["limited"].as_u64()),
+        (Some(1), Some(1)),
+        "{light}"
+    );
+    assert!(light["tokens_today"].as_u64().unwrap() > 10, "{light}");
+    let heavy = row("heavy");
+    assert_eq!(heavy["requests"].as_u64(), Some(2), "{heavy}");
+    assert_eq!(heavy["weight"].as_f64(), Some(2.0), "{heavy}");
+    assert_eq!(row("hasty")["limited"].as_u64(), Some(1));
+}

@@ -1,0 +1,709 @@
+//! Who uses the pool and how much. API keys map to members: the operator's members file
+//! (each with a weight, a rate limit, a daily token quota, reserved sessions and, in a
+//! private pool, the member's certificate) or plain `--api-key` keys. Requests beyond a
+//! member's rate or quota are refused (HTTP 429) while others are served, and sessions start
+//! in weighted fair-share order: the waiting member that has used least for its weight goes
+//! first, and credit its nodes earned raises its weight.
+
+use potluck_protocol::membership::Certificate;
+use serde::Deserialize;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// Most members a pool lists.
+pub const MAX_MEMBERS: usize = 10_000;
+
+/// Tokens a session is charged when it starts, before its real use is known, so that one
+/// member's queued sessions interleave with others'.
+const START_CHARGE: f64 = 64.0;
+
+/// Credited tokens at which a member's weight is raised by half (it approaches double).
+pub const CREDIT_HALF: f64 = 10_000.0;
+
+/// A member as the operator's members file describes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberSpec {
+    /// Shown on the dashboard.
+    pub name: String,
+    /// The bearer key the member's clients send.
+    pub api_key: String,
+    /// The member's certificate (`potluck pool invite`); a private pool serves the key only
+    /// while it is valid, and credits earned by the key it names raise the member's weight.
+    #[serde(default)]
+    pub certificate: Option<String>,
+    /// Share of the pool relative to other members.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Most API requests a minute (none: no limit).
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Most tokens (prompt and generated, and embedded) a UTC day (none: no quota).
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
+    /// Sessions held for this member: others never take the last ones.
+    #[serde(default)]
+    pub reserved_sessions: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MembersFile {
+    members: Vec<MemberSpec>,
+}
+
+/// Reads a members file: `{"members": [{"name": ..., "api_key": ..., ...}]}`.
+pub fn parse_members(text: &str) -> Result<Vec<MemberSpec>, String> {
+    let file: MembersFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    Ok(file.members)
+}
+
+/// A member's place in the registry; [`MemberId::POOL`] is everyone without a key (an open
+/// API, or the pool's own requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MemberId(pub usize);
+
+impl MemberId {
+    /// Requests without a key.
+    pub const POOL: MemberId = MemberId(0);
+}
+
+/// Why a request is not served now.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Limit {
+    /// Over the member's requests a minute.
+    #[error(
+        "{member} is over its limit of {per_minute} requests a minute; retry in {retry_after} s"
+    )]
+    Rate {
+        /// Who.
+        member: String,
+        /// The limit.
+        per_minute: u32,
+        /// Seconds until a request is allowed.
+        retry_after: u64,
+    },
+    /// Over the member's tokens a day.
+    #[error("{member} used its {per_day} tokens for today; the quota resets in {retry_after} s")]
+    Quota {
+        /// Who.
+        member: String,
+        /// The quota.
+        per_day: u64,
+        /// Seconds until the next UTC day.
+        retry_after: u64,
+    },
+}
+
+impl Limit {
+    /// Seconds the client should wait.
+    pub fn retry_after(&self) -> u64 {
+        match self {
+            Limit::Rate { retry_after, .. } | Limit::Quota { retry_after, .. } => *retry_after,
+        }
+    }
+}
+
+struct Member {
+    spec: MemberSpec,
+    certificate: Option<Certificate>,
+}
+
+#[derive(Default)]
+struct Usage {
+    /// Requests the rate bucket holds now, and when it was last filled.
+    bucket: f64,
+    filled: Option<Instant>,
+    /// The UTC day `today` counts.
+    day: u64,
+    today: u64,
+    requests: u64,
+    tokens: u64,
+    limited: u64,
+    running: usize,
+    waiting: usize,
+    /// Tokens used, for fair-share order (lifted to the least active member's when the
+    /// member returns from idle, so idleness banks no priority).
+    fair: f64,
+    /// Tokens its nodes were credited with.
+    credited: f64,
+}
+
+struct Waiter {
+    member: MemberId,
+    tx: oneshot::Sender<()>,
+}
+
+struct Inner {
+    usage: Vec<Usage>,
+    free: usize,
+    queue: VecDeque<Waiter>,
+}
+
+/// The members, their usage, and the sessions they share.
+pub struct Share {
+    members: Vec<Member>,
+    by_key: HashMap<[u8; 32], MemberId>,
+    inner: Mutex<Inner>,
+    sessions: usize,
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    *blake3::hash(key.trim().as_bytes()).as_bytes()
+}
+
+impl Share {
+    /// Members from `specs` and one member per plain key in `keys`, sharing `sessions`
+    /// sessions; an error names what is wrong with the list.
+    pub fn new(specs: Vec<MemberSpec>, keys: &[String], sessions: usize) -> Result<Self, String> {
+        let sessions = sessions.max(1);
+        let mut members = vec![Member {
+            spec: MemberSpec {
+                name: "(no key)".into(),
+                api_key: String::new(),
+                certificate: None,
+                weight: 1.0,
+                requests_per_minute: None,
+                tokens_per_day: None,
+                reserved_sessions: 0,
+            },
+            certificate: None,
+        }];
+        for (i, key) in keys.iter().enumerate() {
+            members.push(Member {
+                spec: MemberSpec {
+                    name: format!("key {}", i + 1),
+                    api_key: key.clone(),
+                    certificate: None,
+                    weight: 1.0,
+                    requests_per_minute: None,
+                    tokens_per_day: None,
+                    reserved_sessions: 0,
+                },
+                certificate: None,
+            });
+        }
+        if specs.len() > MAX_MEMBERS {
+            return Err(format!("over {MAX_MEMBERS} members"));
+        }
+        for spec in specs {
+            let name = &spec.name;
+            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+                return Err(format!(
+                    "member name {name:?}: 1 to 64 printable characters"
+                ));
+            }
+            if !(spec.weight.is_finite() && spec.weight > 0.0 && spec.weight <= 1000.0) {
+                return Err(format!(
+                    "member {name}: weight must be above 0 and at most 1000"
+                ));
+            }
+            if spec.requests_per_minute == Some(0) || spec.tokens_per_day == Some(0) {
+                return Err(format!(
+                    "member {name}: limits must be at least 1 (leave them out for none)"
+                ));
+            }
+            let certificate = spec
+                .certificate
+                .as_deref()
+                .map(Certificate::from_text)
+                .transpose()
+                .map_err(|e| format!("member {name}: {e}"))?;
+            members.push(Member { spec, certificate });
+        }
+        let mut by_key = HashMap::new();
+        for (i, m) in members.iter().enumerate().skip(1) {
+            if m.spec.api_key.trim().len() < 8 {
+                return Err(format!(
+                    "{}: API keys must be at least 8 characters",
+                    m.spec.name
+                ));
+            }
+            if by_key
+                .insert(digest(&m.spec.api_key), MemberId(i))
+                .is_some()
+            {
+                return Err(format!("{}: the API key is listed twice", m.spec.name));
+            }
+        }
+        if members.iter().skip(1).any(|a| {
+            members
+                .iter()
+                .skip(1)
+                .filter(|b| b.spec.name == a.spec.name)
+                .count()
+                > 1
+        }) {
+            return Err("member names must differ".into());
+        }
+        let reserved: usize = members.iter().map(|m| m.spec.reserved_sessions).sum();
+        if reserved >= sessions {
+            return Err(format!(
+                "members reserve {reserved} sessions; the pool runs {sessions} at once (--max-sessions), and one must stay free for others"
+            ));
+        }
+        let usage = members.iter().map(|_| Usage::default()).collect();
+        Ok(Self {
+            members,
+            by_key,
+            inner: Mutex::new(Inner {
+                usage,
+                free: sessions,
+                queue: VecDeque::new(),
+            }),
+            sessions,
+        })
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether clients must send a key.
+    pub fn requires_key(&self) -> bool {
+        self.members.len() > 1
+    }
+
+    /// The member a presented bearer key belongs to.
+    pub fn member_for_key(&self, key: &str) -> Option<MemberId> {
+        self.by_key.get(&digest(key)).copied()
+    }
+
+    /// A member's name.
+    pub fn name(&self, m: MemberId) -> &str {
+        self.members.get(m.0).map_or("?", |x| x.spec.name.as_str())
+    }
+
+    /// The certificate a member's key is tied to, if any.
+    pub fn certificate(&self, m: MemberId) -> Option<&Certificate> {
+        self.members.get(m.0)?.certificate.as_ref()
+    }
+
+    /// Counts one request by `m` at unix time `now`, unless it is over its rate or quota.
+    pub fn admit(&self, m: MemberId, now: u64) -> Result<(), Limit> {
+        let Some(spec) = self.members.get(m.0).map(|x| &x.spec) else {
+            return Ok(());
+        };
+        let mut inner = self.inner();
+        let Some(u) = inner.usage.get_mut(m.0) else {
+            return Ok(());
+        };
+        roll_day(u, now);
+        if let Some(per_day) = spec.tokens_per_day.filter(|q| u.today >= *q) {
+            u.limited += 1;
+            return Err(Limit::Quota {
+                member: spec.name.clone(),
+                per_day,
+                retry_after: 86_400 - now % 86_400,
+            });
+        }
+        if let Some(per_minute) = spec.requests_per_minute {
+            let cap = f64::from(per_minute);
+            let at = Instant::now();
+            let refill = u
+                .filled
+                .map_or(cap, |t| at.duration_since(t).as_secs_f64() * cap / 60.0);
+            u.bucket = (u.bucket + refill).min(cap);
+            u.filled = Some(at);
+            if u.bucket < 1.0 {
+                u.limited += 1;
+                let wait = ((1.0 - u.bucket) * 60.0 / cap).ceil() as u64;
+                return Err(Limit::Rate {
+                    member: spec.name.clone(),
+                    per_minute,
+                    retry_after: wait.max(1),
+                });
+            }
+            u.bucket -= 1.0;
+        }
+        u.requests += 1;
+        Ok(())
+    }
+
+    /// Charges `tokens` used by `m` at unix time `now` to its quota and fair share.
+    pub fn record(&self, m: MemberId, tokens: u64, now: u64) {
+        let mut inner = self.inner();
+        if let Some(u) = inner.usage.get_mut(m.0) {
+            roll_day(u, now);
+            u.today = u.today.saturating_add(tokens);
+            u.tokens = u.tokens.saturating_add(tokens);
+            u.fair += tokens as f64;
+        }
+    }
+
+    /// Sets the tokens each member's node was credited with, from credits keyed by peer id
+    /// (a member's node is the peer whose key its certificate names).
+    pub fn set_credits(&self, by_peer: &HashMap<String, f64>) {
+        let mut inner = self.inner();
+        for (m, u) in self.members.iter().zip(inner.usage.iter_mut()) {
+            u.credited = m
+                .certificate
+                .as_ref()
+                .and_then(|c| potluck_net::swarm::peer_id_of(&c.body.member))
+                .and_then(|p| by_peer.get(&p.to_string()))
+                .copied()
+                .unwrap_or(0.0);
+        }
+    }
+
+    fn weight(&self, m: usize, u: &Usage) -> f64 {
+        let base = self.members.get(m).map_or(1.0, |x| x.spec.weight);
+        base * (1.0 + u.credited / (u.credited + CREDIT_HALF))
+    }
+
+    /// Waits for a session slot for `m`, in fair-share order; the slot frees when dropped.
+    pub async fn acquire(self: &Arc<Self>, m: MemberId) -> Slot {
+        let m = MemberId(m.0.min(self.members.len() - 1));
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut inner = self.inner();
+            let lowest = inner
+                .usage
+                .iter()
+                .filter(|u| u.running + u.waiting > 0)
+                .map(|u| u.fair)
+                .fold(f64::INFINITY, f64::min);
+            if let Some(u) = inner.usage.get_mut(m.0) {
+                if u.running + u.waiting == 0 && lowest.is_finite() {
+                    u.fair = u.fair.max(lowest);
+                }
+                u.waiting += 1;
+            }
+            inner.queue.push_back(Waiter { member: m, tx });
+            self.dispatch(&mut inner);
+        }
+        let mut pending = Pending {
+            share: self.clone(),
+            member: m,
+            rx: Some(rx),
+        };
+        if let Some(rx) = pending.rx.as_mut() {
+            // The sender lives in the queue until it is granted; a dropped sender cannot
+            // happen while the share lives, and then the slot is moot.
+            let _ = rx.await;
+        }
+        pending.rx = None;
+        Slot {
+            share: self.clone(),
+            member: m,
+        }
+    }
+
+    /// Grants free slots to waiters: among members that may take a slot (their reserve is
+    /// not used up, or slots are left beyond others' unused reserves), the one with the
+    /// least use for its weight, first come first served within a member.
+    fn dispatch(&self, inner: &mut Inner) {
+        while inner.free > 0 {
+            let mut gone = Vec::new();
+            for (i, w) in inner.queue.iter().enumerate() {
+                if w.tx.is_closed() {
+                    gone.push(i);
+                }
+            }
+            for i in gone.into_iter().rev() {
+                if let Some(w) = inner.queue.remove(i) {
+                    if let Some(u) = inner.usage.get_mut(w.member.0) {
+                        u.waiting = u.waiting.saturating_sub(1);
+                    }
+                }
+            }
+            let unused_reserve = |inner: &Inner, except: usize| -> usize {
+                self.members
+                    .iter()
+                    .zip(&inner.usage)
+                    .enumerate()
+                    .filter(|(i, _)| *i != except)
+                    .map(|(_, (m, u))| m.spec.reserved_sessions.saturating_sub(u.running))
+                    .sum()
+            };
+            let mut best: Option<(usize, f64)> = None;
+            for (i, w) in inner.queue.iter().enumerate() {
+                let m = w.member.0;
+                let (Some(u), Some(member)) = (inner.usage.get(m), self.members.get(m)) else {
+                    continue;
+                };
+                let eligible = u.running < member.spec.reserved_sessions
+                    || inner.free > unused_reserve(inner, m);
+                if !eligible {
+                    continue;
+                }
+                let score = u.fair / self.weight(m, u);
+                if best.is_none_or(|(_, s)| score < s) {
+                    best = Some((i, score));
+                }
+            }
+            let Some(w) = best.and_then(|(i, _)| inner.queue.remove(i)) else {
+                return;
+            };
+            if let Some(u) = inner.usage.get_mut(w.member.0) {
+                u.waiting = u.waiting.saturating_sub(1);
+            }
+            if w.tx.send(()).is_ok() {
+                inner.free -= 1;
+                if let Some(u) = inner.usage.get_mut(w.member.0) {
+                    u.running += 1;
+                    u.fair += START_CHARGE;
+                }
+            }
+        }
+    }
+
+    fn release(&self, m: MemberId) {
+        let mut inner = self.inner();
+        if let Some(u) = inner.usage.get_mut(m.0) {
+            u.running = u.running.saturating_sub(1);
+        }
+        inner.free = (inner.free + 1).min(self.sessions);
+        self.dispatch(&mut inner);
+    }
+
+    /// Each member's use, for the dashboard.
+    pub fn usage(&self, now: u64) -> Vec<MemberUsage> {
+        let mut inner = self.inner();
+        let mut out = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            let Some(u) = inner.usage.get_mut(i) else {
+                continue;
+            };
+            roll_day(u, now);
+            if i == 0 && u.requests == 0 && u.running + u.waiting == 0 {
+                continue;
+            }
+            out.push(MemberUsage {
+                name: m.spec.name.clone(),
+                weight: self.weight(i, u),
+                requests: u.requests,
+                tokens: u.tokens,
+                tokens_today: u.today,
+                tokens_per_day: m.spec.tokens_per_day,
+                requests_per_minute: m.spec.requests_per_minute,
+                limited: u.limited,
+                running: u.running,
+                waiting: u.waiting,
+                reserved_sessions: m.spec.reserved_sessions,
+                credited_tokens: u.credited,
+            });
+        }
+        out
+    }
+}
+
+fn roll_day(u: &mut Usage, now: u64) {
+    let day = now / 86_400;
+    if u.day != day {
+        u.day = day;
+        u.today = 0;
+    }
+}
+
+/// One member's use of the pool.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberUsage {
+    /// Who.
+    pub name: String,
+    /// Its weight now, credit included.
+    pub weight: f64,
+    /// Requests served or queued since the coordinator started.
+    pub requests: u64,
+    /// Tokens since the coordinator started.
+    pub tokens: u64,
+    /// Tokens this UTC day.
+    pub tokens_today: u64,
+    /// Its daily quota.
+    pub tokens_per_day: Option<u64>,
+    /// Its rate limit.
+    pub requests_per_minute: Option<u32>,
+    /// Requests refused for its rate or quota.
+    pub limited: u64,
+    /// Sessions running.
+    pub running: usize,
+    /// Sessions waiting for a slot.
+    pub waiting: usize,
+    /// Sessions held for it.
+    pub reserved_sessions: usize,
+    /// Tokens its nodes were credited with.
+    pub credited_tokens: f64,
+}
+
+/// A session slot; freed when dropped.
+pub struct Slot {
+    share: Arc<Share>,
+    member: MemberId,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.share.release(self.member);
+    }
+}
+
+/// A waiter's side of the queue: a slot granted to a waiter that went away is handed back.
+struct Pending {
+    share: Arc<Share>,
+    member: MemberId,
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if rx.try_recv().is_ok() {
+                self.share.release(self.member);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn spec(name: &str, weight: f64, reserved: usize) -> MemberSpec {
+        MemberSpec {
+            name: name.into(),
+            api_key: format!("key-of-{name}"),
+            certificate: None,
+            weight,
+            requests_per_minute: None,
+            tokens_per_day: None,
+            reserved_sessions: reserved,
+        }
+    }
+
+    #[test]
+    fn keys_map_to_members_and_bad_lists_say_why() {
+        let s = Share::new(vec![spec("alice", 1.0, 0)], &["plainkey1".into()], 4).unwrap();
+        assert!(s.requires_key());
+        let alice = s.member_for_key("key-of-alice").unwrap();
+        assert_eq!(s.name(alice), "alice");
+        assert_eq!(s.name(s.member_for_key(" plainkey1 ").unwrap()), "key 1");
+        assert!(s.member_for_key("nobody's key").is_none());
+        assert!(!Share::new(vec![], &[], 4).unwrap().requires_key());
+        for (bad, why) in [
+            (vec![spec("a", 0.0, 0)], "weight"),
+            (vec![spec("a", 1.0, 4)], "reserve"),
+            (vec![spec("a", 1.0, 0), spec("a", 1.0, 0)], "listed twice"),
+            (vec![spec("", 1.0, 0)], "name"),
+        ] {
+            let e = Share::new(bad, &[], 4).err().unwrap();
+            assert!(e.contains(why), "{e}");
+        }
+        let parsed = parse_members(
+            r#"{"members":[{"name":"lab","api_key":"abcdefgh","weight":2,"tokens_per_day":10}]}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed[0].weight, 2.0);
+        assert!(
+            parse_members(r#"{"members":[{"name":"x","api_key":"abcdefgh","wieght":2}]}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn rates_and_quotas_refuse_one_member_and_not_another() {
+        let mut limited = spec("busy", 1.0, 0);
+        limited.requests_per_minute = Some(2);
+        let mut quota = spec("thrifty", 1.0, 0);
+        quota.tokens_per_day = Some(100);
+        let s = Share::new(vec![limited, quota, spec("free", 1.0, 0)], &[], 4).unwrap();
+        let [busy, thrifty, free] = [1, 2, 3].map(MemberId);
+        let now = 86_400 * 100 + 10;
+        assert!(s.admit(busy, now).is_ok());
+        assert!(s.admit(busy, now).is_ok());
+        let e = s.admit(busy, now).unwrap_err();
+        assert!(
+            matches!(e, Limit::Rate { .. }) && e.retry_after() >= 1,
+            "{e}"
+        );
+        assert!(s.admit(thrifty, now).is_ok());
+        s.record(thrifty, 100, now);
+        let e = s.admit(thrifty, now).unwrap_err();
+        assert_eq!(e.retry_after(), 86_400 - 10);
+        // The next day the quota is whole again.
+        assert!(s.admit(thrifty, now + 86_400).is_ok());
+        for _ in 0..50 {
+            assert!(s.admit(free, now).is_ok());
+        }
+        let usage = s.usage(now + 86_400);
+        let busy_row = usage.iter().find(|u| u.name == "busy").unwrap();
+        assert_eq!((busy_row.requests, busy_row.limited), (2, 1));
+    }
+
+    /// Order in which queued sessions of members start, one slot at a time.
+    async fn start_order(s: &Arc<Share>, queued: &[MemberId]) -> Vec<usize> {
+        let hold = s.acquire(MemberId::POOL).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (i, m) in queued.iter().enumerate() {
+            let (share, tx, m) = (s.clone(), tx.clone(), *m);
+            tokio::spawn(async move {
+                let slot = share.acquire(m).await;
+                let _ = tx.send(m.0);
+                share.record(m, 1000, 0);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(slot);
+            });
+            // Queue them in this order.
+            while s.inner().queue.len() < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(hold);
+        let mut order = Vec::new();
+        while order.len() < queued.len() {
+            order.push(rx.recv().await.unwrap());
+        }
+        order
+    }
+
+    #[tokio::test]
+    async fn sessions_start_in_weighted_fair_order() {
+        let s = Arc::new(Share::new(vec![spec("a", 1.0, 0), spec("b", 3.0, 0)], &[], 1).unwrap());
+        let (a, b) = (MemberId(1), MemberId(2));
+        // A queued eight sessions before B's four. First come first served would start B's
+        // last session eleventh, equal shares eighth; B's triple weight starts it fifth.
+        let mut queued = vec![a; 8];
+        queued.extend([b; 4]);
+        let order = start_order(&s, &queued).await;
+        let last_b = order.iter().rposition(|&m| m == 2).unwrap();
+        assert_eq!(last_b, 4, "{order:?}");
+    }
+
+    #[tokio::test]
+    async fn reserved_sessions_stay_free_for_their_member() {
+        let s = Arc::new(Share::new(vec![spec("a", 1.0, 0), spec("vip", 1.0, 1)], &[], 2).unwrap());
+        let a1 = s.acquire(MemberId(1)).await;
+        // The second slot is the VIP's: A waits for it even though it is free.
+        let s2 = s.clone();
+        let waiting = tokio::spawn(async move { s2.acquire(MemberId(1)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        let vip = tokio::time::timeout(Duration::from_secs(1), s.acquire(MemberId(2)))
+            .await
+            .unwrap();
+        drop(a1);
+        let a2 = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        drop((vip, a2));
+        // A waiter that gives up hands its slot back.
+        let hold = s.acquire(MemberId(2)).await;
+        let hold2 = s.acquire(MemberId(1)).await;
+        let s3 = s.clone();
+        let gave_up = tokio::spawn(async move { s3.acquire(MemberId(1)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gave_up.abort();
+        drop((hold, hold2));
+        let again = tokio::time::timeout(Duration::from_secs(1), s.acquire(MemberId(1))).await;
+        assert!(again.is_ok(), "a slot was lost to a waiter that left");
+    }
+}
