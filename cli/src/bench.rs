@@ -185,6 +185,10 @@ async fn bench_pool_with(
         leave_deadline: 10,
         corrupt: None,
         cpus: None,
+        idle_only: false,
+        idle_threshold: 0.25,
+        idle_resume_after: 60,
+        schedule: Vec::new(),
     };
     let id = std::process::id();
     let base = std::env::temp_dir().join(format!("potluck-bench-{id}"));

@@ -34,7 +34,7 @@ enum Command {
     /// Measure prefill and decode speed.
     Bench(bench::BenchArgs),
     /// Bring up a pool on this machine: a coordinator and a node, serving the API.
-    Up(pool::UpArgs),
+    Up(Box<pool::UpArgs>),
     /// Volunteer this machine to a pool.
     Node(pool::NodeArgs),
     /// Coordinate a pool: track its peers, plan their work, serve the API.
@@ -156,7 +156,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(&cache()?, args),
         Command::Bench(args) => bench::run(&cache()?, args),
-        Command::Up(args) => pool::run_up(&cache()?, args),
+        Command::Up(args) => pool::run_up(&cache()?, *args),
         Command::Node(args) => pool::run_node(&cache()?, args),
         Command::Coordinator(args) => pool::run_coordinator(&cache()?, args),
         Command::Batch { command } => batch::run(command),

@@ -80,9 +80,13 @@ impl PoolArgs {
     }
 }
 
-/// Flags of `potluck node`.
+/// Flags of `potluck node`, or a command for the node already running.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct NodeArgs {
+    /// Talk to the node running with this data folder instead of starting one.
+    #[command(subcommand)]
+    pub control: Option<NodeControl>,
     #[command(flatten)]
     pub pool: PoolArgs,
     /// A peer to join through, as a multiaddr ending in /p2p/<id> (repeatable).
@@ -90,6 +94,43 @@ pub struct NodeArgs {
     pub bootstrap: Vec<libp2p::Multiaddr>,
     #[command(flatten)]
     pub limits: NodeLimits,
+}
+
+/// Commands for a running node, over its local control socket.
+#[derive(clap::Subcommand, Clone)]
+pub enum NodeControl {
+    /// Stop taking work (running sessions move to other nodes within seconds).
+    Pause {
+        /// The running node's data folder (default: the node's).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Take work again.
+    Resume {
+        /// The running node's data folder (default: the node's).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print what the node is doing, as JSON.
+    Status {
+        /// The running node's data folder (default: the node's).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// Runs a command on the node that runs with its data folder.
+fn control_node(control: NodeControl) -> Result<()> {
+    use potluck_node::control::{ask, Command};
+    let (command, dir) = match control {
+        NodeControl::Pause { data_dir } => (Command::Pause, data_dir),
+        NodeControl::Resume { data_dir } => (Command::Resume, data_dir),
+        NodeControl::Status { data_dir } => (Command::Status, data_dir),
+    };
+    let dir = dir.map_or_else(|| default_data_dir("node"), Ok)?;
+    let state = ask(&dir, command)?;
+    println!("{}", serde_json::to_string_pretty(&state)?);
+    Ok(())
 }
 
 /// What a volunteer lets its node use.
@@ -113,6 +154,20 @@ pub struct NodeLimits {
     /// Seconds between measurements of free memory and speed.
     #[arg(long, default_value_t = 300)]
     pub probe_interval: u64,
+    /// Work only while the rest of this machine is nearly idle: pause within seconds when
+    /// other processes use more than --idle-threshold of its CPUs.
+    #[arg(long)]
+    pub idle_only: bool,
+    /// With --idle-only: the share of all CPUs (0 to 1) other processes may use.
+    #[arg(long, default_value_t = 0.25)]
+    pub idle_threshold: f32,
+    /// With --idle-only: seconds the machine must stay below the threshold before the
+    /// node works again.
+    #[arg(long, default_value_t = 60)]
+    pub idle_resume_after: u64,
+    /// Work only in this daily window of local time, e.g. 22:00-07:00 (repeatable).
+    #[arg(long)]
+    pub schedule: Vec<potluck_node::idle::Window>,
     /// On Ctrl-C or SIGTERM, seconds running sessions get to move to other nodes.
     #[arg(long, default_value_t = 10)]
     pub leave_deadline: u64,
@@ -360,6 +415,9 @@ impl NodeLimits {
         if self.advert_interval == 0 || self.probe_interval == 0 {
             anyhow::bail!("--advert-interval and --probe-interval must be at least 1 second");
         }
+        if !(self.idle_threshold > 0.0 && self.idle_threshold < 1.0) {
+            anyhow::bail!("--idle-threshold is a share of the CPUs, above 0 and below 1");
+        }
         if self.corrupt.is_some() && !potluck_node::fault::AVAILABLE {
             anyhow::bail!("--corrupt needs a build with the fault-injection feature (tests only)");
         }
@@ -458,11 +516,21 @@ fn node_config(
         probe_interval: Duration::from_secs(limits.probe_interval),
         leave_deadline: Duration::from_secs(limits.leave_deadline),
         faults: limits.corrupt,
+        idle_only: limits.idle_only.then(|| {
+            (
+                limits.idle_threshold,
+                Duration::from_secs(limits.idle_resume_after),
+            )
+        }),
+        schedule: limits.schedule.clone(),
     })
 }
 
 /// Runs `potluck node`.
 pub fn run_node(cache: &ModelCache, args: NodeArgs) -> Result<()> {
+    if let Some(control) = args.control {
+        return control_node(control);
+    }
     args.limits.check()?;
     let cfg = node_config(
         cache,

@@ -311,6 +311,9 @@ fn on_gossip(handle: &Coordinator, data: &[u8], source: Option<PeerId>) {
     if let Some(line) = joined {
         handle.event("peer", line);
     }
+    if let Ok((_, key)) = &outcome {
+        handle.back_from_leave(key);
+    }
     match outcome {
         Ok((Accepted::Refreshed, _)) => handle.sync_loaded(),
         Ok((change, _)) => {

@@ -869,6 +869,26 @@ impl Coordinator {
         self.exclude(peer, LEAVE_BAN, Exclusion::Leaving, "peer", line);
     }
 
+    /// A peer that announced it was leaving (a paused node) advertises again: it is back in
+    /// plans and routes.
+    pub fn back_from_leave(&self, key: &PublicKey) {
+        let back = {
+            let mut st = self.state();
+            let leaving = st.exclusion(key) == Some(Exclusion::Leaving);
+            if leaving {
+                st.banned.remove(key);
+            }
+            leaving
+        };
+        if back {
+            let who = peer_id_of(key).map(|p| p.to_string()).unwrap_or_default();
+            let line = format!("peer back {who}: advertising again");
+            println!("{line}");
+            self.event("peer", line);
+            self.replan();
+        }
+    }
+
     /// Whether `peer` is out of plans and routes now (failed, dropped or leaving).
     pub fn excluded(&self, peer: PeerId) -> bool {
         let st = self.state();

@@ -2,6 +2,8 @@
 //! on the pool's gossip topic (on start, on change, and every interval, with expiry), and
 //! serve the layers the coordinator assigns.
 
+use crate::control::Command;
+use crate::idle::{Availability, Window};
 use crate::probe::{probe, Capacity, Limits};
 use crate::serve::{LocalModel, Server};
 use futures::StreamExt;
@@ -47,6 +49,11 @@ pub struct NodeConfig {
     pub leave_deadline: Duration,
     /// Outputs to corrupt on purpose (test builds only; see [`crate::fault`]).
     pub faults: Option<crate::fault::FaultPlan>,
+    /// `--idle-only`: pause while other processes use more than this share of the CPUs,
+    /// resume after this long below it.
+    pub idle_only: Option<(f32, Duration)>,
+    /// Daily windows the node works in (none: always).
+    pub schedule: Vec<Window>,
 }
 
 /// What an advert says besides the measured capacity.
@@ -119,6 +126,11 @@ pub async fn run(
         .accept(streams, gate.clone())
         .map_err(swarm::StartError::Address)?;
     let mut accepted = gate.accepted_by_peers();
+    let mut owner = crate::control::listen(&cfg.data_dir)
+        .map_err(|e| swarm::StartError::Address(e.to_string()))?;
+    let mut availability = Availability::new(cfg.idle_only, cfg.schedule.clone());
+    let mut owner_paused = false;
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
     let mut loaded = server.loaded();
     let mut offer = Offer {
         models: server.models(),
@@ -188,6 +200,45 @@ pub async fn run(
                 published = false;
             }
             _ = retry.tick(), if !published => {}
+            _ = watch.tick(), if leave_by.is_none() => {
+                availability.measure();
+                let why = pause_reason(owner_paused, &availability);
+                if switch_pause(&server, why, &mut swarm, &topic) {
+                    published = false;
+                }
+                continue;
+            }
+            Some(req) = owner.recv() => {
+                match req.command {
+                    Command::Pause => owner_paused = true,
+                    Command::Resume => owner_paused = false,
+                    Command::Status => {}
+                }
+                let why = pause_reason(owner_paused, &availability);
+                if switch_pause(&server, why, &mut swarm, &topic) {
+                    published = false;
+                }
+                let state = if leave_by.is_some() {
+                    "leaving"
+                } else if server.paused().is_some() {
+                    "paused"
+                } else {
+                    "serving"
+                };
+                let loaded = offer.loaded.as_ref().map(|(m, r)| {
+                    serde_json::json!({"model": m.name, "start": r.start, "end": r.end})
+                });
+                let _ = req.reply.send(serde_json::json!({
+                    "state": state,
+                    "reason": server.paused(),
+                    "peer_id": swarm.local_peer_id().to_string(),
+                    "pool": gate.pool().describe(),
+                    "active_sessions": server.active_sessions(),
+                    "loaded": loaded,
+                    "availability": availability.status(),
+                }));
+                continue;
+            }
             // A peer that admits us (a restarted coordinator, one that dialled us back) hears
             // from us at once rather than at the next heartbeat.
             Ok(()) = accepted.changed() => published = false,
@@ -205,7 +256,7 @@ pub async fn run(
                 continue;
             }
         }
-        if !published && leave_by.is_none() {
+        if !published && leave_by.is_none() && server.paused().is_none() {
             seq += 1;
             let Some(advert) =
                 signed_advert(&key, gate.tag(), &capacity, &offer, seq, cfg.advert_ttl)
@@ -227,6 +278,56 @@ pub async fn run(
                 Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
                 Err(e) => tracing::warn!("advert not published: {e}"),
             }
+        }
+    }
+}
+
+/// Why the node must not work now: its owner paused it, or its schedule or machine say so.
+fn pause_reason(owner_paused: bool, availability: &Availability) -> Option<String> {
+    if owner_paused {
+        return Some("paused by its owner".into());
+    }
+    availability.pause_reason()
+}
+
+/// Pauses or resumes the node when `why` says otherwise than its state; a pause is announced
+/// as a leave, so the pool plans around the node as if it had left. Whether the node just
+/// resumed (and should advertise at once).
+fn switch_pause(
+    server: &Server,
+    why: Option<String>,
+    swarm: &mut libp2p::Swarm<swarm::PoolBehaviour>,
+    topic: &gossipsub::IdentTopic,
+) -> bool {
+    let now = server.paused();
+    if now == why {
+        return false;
+    }
+    match why {
+        Some(reason) => {
+            server.resume();
+            server.pause(&reason);
+            println!("paused: {reason}");
+            let leave = Leave {
+                reason: format!("paused: {reason}"),
+                deadline_ms: crate::serve::PAUSE_GRACE.as_millis() as u32,
+            };
+            if let Ok(frame) = encode_frame(&Message::Leave(leave)) {
+                // Unheard, the pool still sees the adverts stop.
+                if let Err(e) = swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(topic.clone(), frame)
+                {
+                    tracing::debug!("pause not announced: {e}");
+                }
+            }
+            false
+        }
+        None => {
+            server.resume();
+            println!("resumed");
+            true
         }
     }
 }

@@ -22,7 +22,7 @@ use potluck_protocol::stream::{
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How long a control request may take to arrive.
@@ -65,12 +65,19 @@ struct Inner {
     active: AtomicUsize,
     /// Set when the node is leaving: new sessions are refused.
     leaving: AtomicBool,
+    /// Why and since when the node is paused (its owner, a busy machine, its schedule): new
+    /// sessions and work are refused, and running sessions end after [`PAUSE_GRACE`].
+    paused: Mutex<Option<(Instant, String)>>,
     /// Runs whole-model work units.
     workers: crate::work::Workers,
     /// Outputs to corrupt (test builds only).
     #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     faults: Option<crate::fault::FaultPlan>,
 }
+
+/// How long running sessions go on after their node is paused, time for the coordinator
+/// to move them: "pause within seconds".
+pub const PAUSE_GRACE: Duration = Duration::from_secs(3);
 
 /// Counts a stage stream as active while it lives.
 struct ActiveStream<'a>(&'a AtomicUsize);
@@ -115,6 +122,7 @@ impl Server {
                 loaded: watch::channel(None).0,
                 active: AtomicUsize::new(0),
                 leaving: AtomicBool::new(false),
+                paused: Mutex::new(None),
                 faults,
             }),
         }
@@ -210,6 +218,49 @@ impl Server {
         self.inner.leaving.store(true, Ordering::Relaxed);
     }
 
+    fn pause_state(&self) -> std::sync::MutexGuard<'_, Option<(Instant, String)>> {
+        self.inner
+            .paused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes no new sessions or work, for `reason`; running sessions end after
+    /// [`PAUSE_GRACE`] (the coordinator moves them to other nodes).
+    pub fn pause(&self, reason: &str) {
+        let mut p = self.pause_state();
+        if p.is_none() {
+            *p = Some((Instant::now(), reason.to_string()));
+        }
+    }
+
+    /// Serves again after [`Server::pause`].
+    pub fn resume(&self) {
+        *self.pause_state() = None;
+    }
+
+    /// Why the node is paused, if it is.
+    pub fn paused(&self) -> Option<String> {
+        self.pause_state().as_ref().map(|(_, why)| why.clone())
+    }
+
+    /// Why a new session or work unit is refused now, if it is.
+    fn not_taking(&self) -> Option<String> {
+        if self.inner.leaving.load(Ordering::Relaxed) {
+            return Some("this node is leaving the pool".into());
+        }
+        self.paused()
+            .map(|why| format!("this node is paused: {why}"))
+    }
+
+    /// Why a running session must end now: its node has been paused past the grace time.
+    fn cut_short(&self) -> Option<String> {
+        self.pause_state()
+            .as_ref()
+            .filter(|(since, _)| since.elapsed() >= PAUSE_GRACE)
+            .map(|(_, why)| format!("this node is paused: {why}"))
+    }
+
     /// Accepts control, stage and work streams of `streams`' pool until it is dropped, from
     /// peers its `gate` admits.
     pub fn accept(&self, mut streams: PoolStreams, gate: Gate) -> Result<(), String> {
@@ -245,11 +296,11 @@ impl Server {
         else {
             return;
         };
+        let stop = self.not_taking();
         let answer = match request {
-            _ if self.inner.leaving.load(Ordering::Relaxed) => Message::Error(wire_error(
-                ErrorCode::NotServing,
-                "this node is leaving the pool",
-            )),
+            _ if stop.is_some() => {
+                Message::Error(wire_error(ErrorCode::NotServing, stop.unwrap_or_default()))
+            }
             Message::Work(req) => match self.inner.workers.run(req).await {
                 Ok(r) => Message::WorkDone(Box::new(r)),
                 Err(e) => {
@@ -308,12 +359,15 @@ impl Server {
                     break;
                 }
             };
-            let leaving = self.inner.leaving.load(Ordering::Relaxed);
+            let stop = if pinned.is_some() {
+                self.cut_short()
+            } else {
+                self.not_taking()
+            };
             let serving = match (&pinned, self.current()) {
-                (None, _) if leaving => Err(wire_error(
-                    ErrorCode::NotServing,
-                    "this node is leaving the pool",
-                )),
+                _ if stop.is_some() => {
+                    Err(wire_error(ErrorCode::NotServing, stop.unwrap_or_default()))
+                }
                 (Some(p), Some(c)) if Arc::ptr_eq(p, &c) => Ok(c),
                 (None, Some(c)) => {
                     pinned = Some(c.clone());

@@ -300,8 +300,17 @@ pub fn local_embed(texts: &[String]) -> (Vec<Vec<f32>>, u64) {
 /// A coordinator and one node (the whole model) on loopback, with `extra` coordinator
 /// flags; returns both, the API address, once the node serves.
 pub fn small_pool(dir: &std::path::Path, extra: &[&str]) -> (Proc, Proc, String) {
+    small_pool_with_node(dir, extra, &[])
+}
+
+/// [`small_pool`] with `node_extra` flags for the node (whose data folder is `dir/n`).
+pub fn small_pool_with_node(
+    dir: &std::path::Path,
+    extra: &[&str],
+    node_extra: &[&str],
+) -> (Proc, Proc, String) {
     let (mut coord, addr, http) = coordinator(dir, extra);
-    let (node, _) = node(dir, "n", "public", &addr, &[]);
+    let (node, _) = node(dir, "n", "public", &addr, node_extra);
     let deadline = Instant::now() + Duration::from_secs(90);
     assert!(
         coord
