@@ -35,7 +35,8 @@ pub enum MembershipCommand {
         /// The member's key, hex (`potluck pool key` prints a node's).
         #[arg(long)]
         member_key: String,
-        /// member or admin.
+        /// member, trusted (may see text: first and last stages where the pool keeps those
+        /// to trusted members) or admin.
         #[arg(long, default_value = "member")]
         role: String,
         /// How long it holds, e.g. 30d, 12h, 90m or seconds; default: until revoked.
@@ -303,7 +304,8 @@ pub fn run(cmd: MembershipCommand) -> Result<()> {
             let role = match role.as_str() {
                 "member" => Role::Member,
                 "admin" => Role::Admin,
-                other => bail!("--role must be member or admin, not {other}"),
+                "trusted" => Role::Trusted,
+                other => bail!("--role must be member, trusted or admin, not {other}"),
             };
             let issued_at = now();
             let expires_at = expires

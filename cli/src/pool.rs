@@ -237,6 +237,14 @@ pub struct ServeArgs {
     /// Agreeing results, from different nodes, that validate a batch unit (1 to 5).
     #[arg(long, default_value_t = potluck_coordinator::batch::DEFAULT_QUORUM)]
     pub batch_quorum: usize,
+    /// Keep text on trusted members: the first and last stages of every chain, embedding
+    /// slices and batch units run only on nodes whose certificate has the trusted or admin
+    /// role, or that --trusted-peer names.
+    #[arg(long)]
+    pub private_edges: bool,
+    /// A node trusted with text under --private-edges, by peer id (repeatable).
+    #[arg(long)]
+    pub trusted_peer: Vec<libp2p::PeerId>,
     /// Seconds a work unit (a batch unit or an embedding slice) may take on a node before
     /// it goes to another.
     #[arg(long, default_value_t = potluck_coordinator::daemon::DEFAULT_UNIT_TIMEOUT.as_secs())]
@@ -277,6 +285,8 @@ impl ServeArgs {
             batch_quorum: self.batch_quorum,
             unit_timeout: Duration::from_secs(self.unit_timeout),
             api_keys: self.api_keys()?,
+            private_edges: self.private_edges,
+            trusted_peers: self.trusted_peer.clone(),
             members: self.member_specs()?,
             ..pool.coordinator_config(data_dir)?
         })

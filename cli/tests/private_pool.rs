@@ -361,3 +361,73 @@ fn two_pools_on_one_network_stay_apart_and_nodes_refuse_an_uncertified_coordinat
         rogue.seen
     );
 }
+
+#[test]
+fn with_private_edges_text_stays_on_trusted_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    create(d, "lab");
+    let lab_dir = d.join("lab");
+    let lab_flags = [
+        "--pool",
+        "lab",
+        "--pool-dir",
+        path(&lab_dir),
+        "--embedding-model",
+        "none",
+        "--private-edges",
+    ];
+    let (mut coord, addr, http) = coordinator(d, &lab_flags);
+    let plain_cert = invite(d, "lab", "plain", &[]);
+    ok(&[
+        "pool",
+        "join",
+        &plain_cert,
+        "--data-dir",
+        path(&d.join("plain")),
+    ]);
+    let trusted_cert = invite(d, "lab", "trusted", &["--role", "trusted"]);
+    ok(&[
+        "pool",
+        "join",
+        &trusted_cert,
+        "--data-dir",
+        path(&d.join("trusted")),
+    ]);
+
+    // A plain member alone: it may not see text, so nothing can be planned.
+    let (_plain, plain_id) = node(d, "plain", "lab", &addr, &[]);
+    common::wait_joined(&mut coord, [&plain_id]);
+    expect_line(
+        &mut coord,
+        "the refusal to plan",
+        &["no plan: no chain can run its first and last stages on trusted members"],
+        30,
+    );
+    let chat = || {
+        let body =
+            serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        let raw = common::raw_http(
+            &http,
+            &common::request("POST", "/v1/chat/completions", &[], &body.to_string()),
+        );
+        common::split_answer(&raw).0
+    };
+    assert_eq!(chat(), 503);
+
+    // A trusted member runs the model; the plain one still holds no edge.
+    let (_trusted, trusted_id) = node(d, "trusted", "lab", &addr, &[]);
+    expect_line(
+        &mut coord,
+        "the trusted member's work",
+        &[&format!("peer {trusted_id} serves blocks 0..30")],
+        90,
+    );
+    assert_eq!(chat(), 200);
+    let plain_served = format!("peer {plain_id} serves blocks");
+    assert!(
+        !coord.seen.iter().any(|l| l.starts_with(&plain_served)),
+        "an untrusted member was given text: {:#?}",
+        coord.seen
+    );
+}

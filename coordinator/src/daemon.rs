@@ -60,6 +60,11 @@ pub struct CoordinatorConfig {
     pub members: Vec<MemberSpec>,
     /// Plain API keys (the operator's), each its own member without limits.
     pub api_keys: Vec<String>,
+    /// Keep text to trusted peers: the first and last stages, embedding slices and batch
+    /// units run only on members with the trusted or admin role, or on `trusted_peers`.
+    pub private_edges: bool,
+    /// Peers trusted with text whatever their certificate says (any pool).
+    pub trusted_peers: Vec<PeerId>,
 }
 
 /// How long a work unit may take unless told otherwise.
@@ -93,6 +98,8 @@ impl CoordinatorConfig {
             unit_timeout: DEFAULT_UNIT_TIMEOUT,
             members: Vec::new(),
             api_keys: Vec::new(),
+            private_edges: false,
+            trusted_peers: Vec::new(),
         }
     }
 }

@@ -29,6 +29,9 @@ pub struct PlanPeer {
     pub speed: f64,
     /// Memory it may use.
     pub memory_bytes: u64,
+    /// Whether it may hold the first or last span, which see text (with `--private-edges`,
+    /// trusted members only).
+    pub edge_ok: bool,
 }
 
 /// One peer's assignment.
@@ -70,6 +73,11 @@ pub enum PlanError {
         /// Blocks the pool can hold.
         available: u64,
     },
+    /// No chain can start and end on peers allowed to see text.
+    #[error(
+        "no chain can run its first and last stages on trusted members (the pool requires it)"
+    )]
+    NoTrustedEdges,
 }
 
 /// How many blocks a peer can hold, at most the whole model.
@@ -106,9 +114,11 @@ pub fn plan(
             .spans
             .iter()
             .filter(|s| {
-                eligible
-                    .iter()
-                    .any(|p| p.id == s.peer && s.range.end - s.range.start <= capacity(model, p))
+                eligible.iter().any(|p| {
+                    p.id == s.peer
+                        && s.range.end - s.range.start <= capacity(model, p)
+                        && may_hold(model, p, s.range)
+                })
             })
             .cloned()
             .collect();
@@ -130,8 +140,40 @@ pub fn plan(
     }
     let mut spans = Vec::new();
     add_chains_and_replicas(model, &eligible, &mut spans);
+    if !covers(&spans, model.layers) {
+        return Err(PlanError::NoTrustedEdges);
+    }
     let epoch = previous.map_or(1, |p| p.epoch + 1);
     Ok(Plan { epoch, spans })
+}
+
+/// Whether `p` may hold `range`: any range if it may see text, else a middle one.
+fn may_hold(model: &ModelShape, p: &PlanPeer, range: LayerRange) -> bool {
+    p.edge_ok || (range.start != 0 && range.end != model.layers)
+}
+
+/// `chain` in an order that puts peers allowed to see text at both ends (all of it when
+/// only one is, and it can hold the whole model); `None` if it cannot be so ordered.
+fn edge_order<'a>(model: &ModelShape, chain: &[&'a PlanPeer]) -> Option<Vec<&'a PlanPeer>> {
+    if chain.iter().all(|p| p.edge_ok) {
+        return Some(chain.to_vec());
+    }
+    let ok: Vec<&PlanPeer> = chain.iter().copied().filter(|p| p.edge_ok).collect();
+    match ok.as_slice() {
+        [] => None,
+        [one] => (capacity(model, one) >= model.layers).then(|| vec![*one]),
+        [first, last, ..] => {
+            let mut order = vec![*first];
+            order.extend(
+                chain
+                    .iter()
+                    .copied()
+                    .filter(|p| p.id != first.id && p.id != last.id),
+            );
+            order.push(*last);
+            Some(order)
+        }
+    }
 }
 
 /// Forms as many whole-model chains from `free` as their memory allows (fastest first) and
@@ -143,13 +185,33 @@ fn add_chains_and_replicas(model: &ModelShape, free: &[&PlanPeer], spans: &mut V
     for &p in free {
         chain.push(p);
         chain_cap += capacity(model, p) as u64;
-        if chain_cap >= model.layers as u64 {
-            let (members, rest) = split_chain(model, &chain);
-            spans.extend(members);
-            leftovers.extend(rest);
-            chain.clear();
-            chain_cap = 0;
+        if chain_cap < model.layers as u64 {
+            continue;
         }
+        let Some(order) = edge_order(model, &chain) else {
+            continue;
+        };
+        let (members, rest) = split_chain(model, &order);
+        // A peer that may not see text can still end up at an edge when its neighbour's
+        // share rounds to nothing; then the chain grows first.
+        let allowed = members.iter().all(|s| {
+            order
+                .iter()
+                .any(|q| q.id == s.peer && may_hold(model, q, s.range))
+        });
+        if !allowed {
+            continue;
+        }
+        spans.extend(members);
+        leftovers.extend(rest);
+        leftovers.extend(
+            chain
+                .iter()
+                .copied()
+                .filter(|q| !order.iter().any(|o| o.id == q.id)),
+        );
+        chain.clear();
+        chain_cap = 0;
     }
     leftovers.extend(chain);
     for p in leftovers {
@@ -162,7 +224,7 @@ fn add_chains_and_replicas(model: &ModelShape, free: &[&PlanPeer], spans: &mut V
         // The span whose range is slowest to serve, counting the replicas it already has.
         let target = spans
             .iter()
-            .filter(|s| s.range.end - s.range.start <= cap)
+            .filter(|s| s.range.end - s.range.start <= cap && may_hold(model, p, s.range))
             .map(|s| {
                 let replicas = spans.iter().filter(|o| o.range == s.range).count() as f64;
                 let time = (s.range.end - s.range.start) as f64 / speed_of(s) / replicas;

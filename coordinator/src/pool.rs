@@ -29,6 +29,7 @@ use potluck_engine::sampling::SamplingParams;
 use potluck_net::gate::{Gate, PoolMembership};
 use potluck_net::streams::PoolStreams;
 use potluck_net::swarm::peer_id_of;
+use potluck_protocol::membership::Role;
 use potluck_protocol::messages::{LayerRange, Message, ModelRef, ShardAssignment};
 use potluck_protocol::signed::PublicKey;
 use potluck_protocol::stream::{read_frame_async, write_frame_async, Channel, MAX_CONTROL_FRAME};
@@ -161,6 +162,12 @@ pub struct SessionRequest {
     pub member: MemberId,
 }
 
+/// The privacy option: text (first and last stages, whole work units) only on trusted peers.
+struct PrivateEdges {
+    enabled: bool,
+    trusted: HashSet<PeerId>,
+}
+
 /// What the coordinator tracks about the pool.
 pub struct PoolState {
     /// Verified peers.
@@ -227,6 +234,8 @@ pub struct Coordinator {
     share: Arc<Share>,
     /// Who may connect (a private pool's certificates and revocations).
     gate: Option<Gate>,
+    /// Whether text stays on trusted peers, and the peers trusted by name.
+    private_edges: Arc<PrivateEdges>,
     audit: Option<AuditLog>,
     checks: Arc<tokio::sync::Semaphore>,
     /// Sessions each peer serves now (counted from routing to the session's end).
@@ -335,6 +344,10 @@ impl Coordinator {
             events: Arc::new(Mutex::new(VecDeque::new())),
             share,
             gate: None,
+            private_edges: Arc::new(PrivateEdges {
+                enabled: cfg.private_edges,
+                trusted: cfg.trusted_peers.iter().copied().collect(),
+            }),
             audit,
             checks: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CHECKS)),
             busy: Arc::new(Mutex::new(HashMap::new())),
@@ -351,6 +364,24 @@ impl Coordinator {
     pub fn with_gate(mut self, gate: Gate) -> Self {
         self.gate = Some(gate);
         self
+    }
+
+    /// Whether the peer with `key` may see the pool's text: always, unless the pool keeps
+    /// text to trusted peers (`--private-edges`), then only peers named trusted or admitted
+    /// with a trusted or admin certificate.
+    pub fn may_see_text(&self, key: &PublicKey) -> bool {
+        if !self.private_edges.enabled {
+            return true;
+        }
+        let Some(peer) = peer_id_of(key) else {
+            return false;
+        };
+        self.private_edges.trusted.contains(&peer)
+            || self
+                .gate
+                .as_ref()
+                .and_then(|g| g.role(&peer))
+                .is_some_and(Role::sees_text)
     }
 
     /// Members, their limits and usage.
@@ -667,6 +698,7 @@ impl Coordinator {
                 id: p.key,
                 speed: f64::from(p.advert.mem_gbps).max(1e-3),
                 memory_bytes: p.advert.memory_bytes,
+                edge_ok: self.may_see_text(&p.key),
             })
             .collect()
     }

@@ -26,7 +26,72 @@ fn peer(id: u8, speed: f64, memory: u64) -> PlanPeer {
         id: PublicKey([id; 32]),
         speed,
         memory_bytes: memory,
+        edge_ok: true,
     }
+}
+
+/// A peer that may not hold the first or last span (not a trusted member, with the pool's
+/// privacy option on).
+fn untrusted(id: u8, speed: f64, memory: u64) -> PlanPeer {
+    PlanPeer {
+        edge_ok: false,
+        ..peer(id, speed, memory)
+    }
+}
+
+/// Bytes a peer needs for `blocks` blocks.
+fn room(blocks: u64) -> u64 {
+    model().reserve_bytes + model().edge_bytes + blocks * model().layer_bytes
+}
+
+#[test]
+fn with_private_edges_first_and_last_spans_stay_on_trusted_peers() {
+    let edges_trusted = |spans: &[Span], trusted: &[u8]| {
+        spans
+            .iter()
+            .filter(|s| s.range.start == 0 || s.range.end == 30)
+            .all(|s| trusted.contains(&s.peer.0[0]))
+    };
+    // The fastest peers are untrusted; two slow trusted ones take the edges, the fast ones
+    // the middle.
+    let peers = [
+        untrusted(1, 9.0, room(12)),
+        untrusted(2, 8.0, room(12)),
+        peer(3, 1.0, room(12)),
+        peer(4, 1.0, room(12)),
+    ];
+    let p = plan(&model(), &peers, None).unwrap();
+    assert!(covers(&p.spans, 30), "{:?}", p.spans);
+    assert!(edges_trusted(&p.spans, &[3, 4]), "{:?}", p.spans);
+    assert!(blocks(&p.spans, 1) > 0, "{:?}", p.spans);
+    // Without the option the fast peers would take the edges.
+    let open: Vec<PlanPeer> = peers
+        .iter()
+        .map(|p| PlanPeer {
+            edge_ok: true,
+            ..p.clone()
+        })
+        .collect();
+    let q = plan(&model(), &open, None).unwrap();
+    assert!(!edges_trusted(&q.spans, &[3, 4]), "{:?}", q.spans);
+
+    // One trusted peer that holds the whole model runs it alone; untrusted peers get no
+    // edge, and no replica of one.
+    let peers = [untrusted(1, 9.0, room(30)), peer(2, 1.0, room(30))];
+    let p = plan(&model(), &peers, None).unwrap();
+    assert!(edges_trusted(&p.spans, &[2]), "{:?}", p.spans);
+    assert_eq!(blocks(&p.spans, 2), 30);
+    assert_eq!(blocks(&p.spans, 1), 0);
+    // A plan made without the option is not kept once it applies.
+    let before = plan(&model(), &[peer(1, 9.0, room(30))], None).unwrap();
+    let p = plan(&model(), &peers, Some(&before)).unwrap();
+    assert!(edges_trusted(&p.spans, &[2]), "{:?}", p.spans);
+
+    // No trusted peer: no plan, and the reason.
+    assert_eq!(
+        plan(&model(), &[untrusted(1, 1.0, room(30))], None),
+        Err(PlanError::NoTrustedEdges)
+    );
 }
 
 /// Blocks per peer, and a check that every chain in the plan is contiguous from 0.

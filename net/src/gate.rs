@@ -8,7 +8,7 @@
 use futures::StreamExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
 use potluck_protocol::hex::to_hex;
-use potluck_protocol::membership::{Admission, Certificate, Hello, Revocation};
+use potluck_protocol::membership::{Admission, Certificate, Hello, Revocation, Role};
 use potluck_protocol::messages::Message;
 use potluck_protocol::signed::PublicKey;
 use potluck_protocol::stream::{
@@ -90,6 +90,7 @@ impl PoolMembership {
 struct Entry {
     serial: Option<u64>,
     expires_at: Option<u64>,
+    role: Option<Role>,
 }
 
 #[derive(Default)]
@@ -200,6 +201,12 @@ impl Gate {
     /// private one.
     pub fn admitted(&self, peer: &PeerId) -> bool {
         self.private_key().is_none() || self.state().admitted.contains_key(peer)
+    }
+
+    /// The role `peer` was admitted with (private pools; none in a public pool or if it is
+    /// not admitted).
+    pub fn role(&self, peer: &PeerId) -> Option<Role> {
+        self.state().admitted.get(peer).and_then(|e| e.role)
     }
 
     /// Waits until `peer` is admitted or [`HELLO_TIMEOUT`] passes; whether it was. A stream
@@ -398,6 +405,7 @@ impl Gate {
             return Ok(Entry {
                 serial: None,
                 expires_at: None,
+                role: None,
             });
         };
         let cert = hello
@@ -408,11 +416,13 @@ impl Gate {
             return Err("its certificate names another member key".into());
         }
         let revoked: Vec<u64> = self.state().revoked.iter().map(|r| r.serial).collect();
-        cert.admits(pool, &cert.body.member, now, &revoked)
+        let role = cert
+            .admits(pool, &cert.body.member, now, &revoked)
             .map_err(|e| e.to_string())?;
         Ok(Entry {
             serial: Some(cert.body.serial),
             expires_at: cert.body.expires_at,
+            role: Some(role),
         })
     }
 
@@ -482,7 +492,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use potluck_protocol::membership::{Membership, Role};
+    use potluck_protocol::membership::Membership;
     use potluck_protocol::signed::Keypair;
 
     fn key(seed: u8) -> Keypair {
@@ -542,6 +552,7 @@ mod tests {
             Entry {
                 serial: Some(1),
                 expires_at: Some(5_000),
+                role: Some(Role::Member),
             },
         );
         assert!(gate.admitted(&peer(&alice)));
@@ -568,6 +579,7 @@ mod tests {
         let entry = Entry {
             serial: Some(4),
             expires_at: Some(3_000),
+            role: Some(Role::Member),
         };
         gate.state().admitted.insert(peer(&alice), entry);
         gate.sweep(2_999);

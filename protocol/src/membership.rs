@@ -27,14 +27,24 @@ pub enum Role {
     Member,
     /// Also administers it (invites, revokes).
     Admin,
+    /// A member trusted with text: it may run the first and last stages of a pool that
+    /// keeps those to trusted members.
+    Trusted,
 }
 
 impl Role {
+    /// Whether it may see a pool's text (the first and last stages, whole work units) where
+    /// the pool keeps text to trusted members.
+    pub fn sees_text(self) -> bool {
+        matches!(self, Role::Admin | Role::Trusted)
+    }
+
     /// Its name on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Member => "member",
             Role::Admin => "admin",
+            Role::Trusted => "trusted",
         }
     }
 }

@@ -143,7 +143,8 @@ pub(crate) fn embeddings_of(output: &WorkOutput, texts: usize) -> Result<Vec<Vec
 }
 
 impl Coordinator {
-    /// Peers that advertise `model` in their cache and are in good standing, fastest first.
+    /// Peers that advertise `model` in their cache, are in good standing and may see text,
+    /// fastest first.
     pub fn holders(&self, model: &ModelRef) -> Vec<(PeerId, PublicKey)> {
         let st = self.state();
         let mut peers: Vec<_> = st
@@ -151,6 +152,9 @@ impl Coordinator {
             .peers()
             .into_iter()
             .filter(|p| p.advert.models.contains(model) && !st.is_excluded(&p.key))
+            // A work unit is whole text: where the pool keeps text to trusted peers, only
+            // they run units.
+            .filter(|p| self.may_see_text(&p.key))
             .filter_map(|p| Some((peer_id_of(&p.key)?, p.key, p.advert.gflops)))
             .collect();
         peers.sort_by(|a, b| b.2.total_cmp(&a.2));
