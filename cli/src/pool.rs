@@ -51,14 +51,14 @@ impl PoolArgs {
     }
 
     /// The pool a daemon keeping its identity in `data_dir` joins (see
-    /// [`crate::membership::resolve`]); a coordinator looks for the pool's folder in the
-    /// default place too.
+    /// [`crate::membership::resolve`]); `default_folder`: look for the pool's folder in the
+    /// default place too (coordinators, and nodes beside one).
     fn membership(
         &self,
         data_dir: &std::path::Path,
-        coordinator: bool,
+        default_folder: bool,
     ) -> Result<(PoolMembership, Option<PathBuf>)> {
-        crate::membership::resolve(&self.pool, self.pool_dir.as_deref(), coordinator, data_dir)
+        crate::membership::resolve(&self.pool, self.pool_dir.as_deref(), default_folder, data_dir)
     }
 
     /// The data folder: the flag, else `potluck/<role>` in the user's data folder.
@@ -488,10 +488,13 @@ fn pin_to_cpus(_cpus: &[usize]) -> Result<()> {
     anyhow::bail!("--cpus is only available on Linux")
 }
 
-/// The node's configuration: the cache's verified models, the owner's limits.
+/// The node's configuration: the cache's verified models, the owner's limits. With
+/// `beside_coordinator` (`potluck up`), the node finds a private pool's folder where its
+/// coordinator does and admits itself with the pool key too.
 fn node_config(
     cache: &ModelCache,
     pool: &PoolArgs,
+    beside_coordinator: bool,
     data_dir: PathBuf,
     listen: Vec<libp2p::Multiaddr>,
     bootstrap: Vec<libp2p::Multiaddr>,
@@ -510,7 +513,7 @@ fn node_config(
     }
     let interval = Duration::from_secs(limits.advert_interval);
     Ok(NodeConfig {
-        pool: pool.membership(&data_dir, false)?.0,
+        pool: pool.membership(&data_dir, beside_coordinator)?.0,
         data_dir,
         listen,
         bootstrap,
@@ -545,6 +548,7 @@ pub fn run_node(cache: &ModelCache, args: NodeArgs) -> Result<()> {
     let cfg = node_config(
         cache,
         &args.pool,
+        false,
         args.pool.data_dir("node")?,
         args.pool.listen(),
         args.bootstrap,
@@ -694,6 +698,7 @@ pub async fn start_local_pool(
         let node_cfg = node_config(
             cache,
             pool,
+            true,
             dir,
             vec!["/ip4/127.0.0.1/tcp/0".parse()?],
             vec![bootstrap.clone()],

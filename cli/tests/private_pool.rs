@@ -431,3 +431,85 @@ fn with_private_edges_text_stays_on_trusted_members() {
         coord.seen
     );
 }
+
+#[test]
+fn a_member_node_serves_no_stream_to_a_peer_that_presents_no_certificate() {
+    use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lab = create(d, "lab");
+    let lab_dir = d.join("lab");
+    let (_coord, addr, _) = coordinator(
+        d,
+        &[
+            "--pool",
+            "lab",
+            "--pool-dir",
+            path(&lab_dir),
+            "--embedding-model",
+            "none",
+        ],
+    );
+    ok(&[
+        "pool",
+        "join",
+        &invite(d, "lab", "m", &[]),
+        "--data-dir",
+        path(&d.join("m")),
+    ]);
+    let (mut member, _) = node(d, "m", "lab", &addr, &[]);
+    let member_addr: libp2p::Multiaddr = member.loopback_addr(secs(30)).parse().unwrap();
+    let member_peer = match member_addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
+        other => panic!("no peer id in {member_addr}: {other:?}"),
+    };
+
+    // A peer that speaks the pool's protocols but skips the hello.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stranger = potluck_protocol::signed::Keypair::from_secret(&[77; 32]);
+    let stranger_id = potluck_net::swarm::peer_id_of(&stranger.public()).unwrap();
+    let answer = rt.block_on(async {
+        let key = potluck_net::swarm::libp2p_keypair(stranger.secret()).unwrap();
+        let mut swarm = potluck_net::swarm::build(key, false).unwrap();
+        let mut control = swarm.behaviour().streams.new_control();
+        swarm.dial(member_addr).unwrap();
+        tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        let protocol = potluck_protocol::stream::Channel::Control.protocol(&lab);
+        let mut s = control
+            .open_stream(
+                member_peer,
+                libp2p::StreamProtocol::try_from_owned(protocol).unwrap(),
+            )
+            .await
+            .expect("a stream opens (it is refused only once the node looks at it)");
+        let _ = s.write_all(b"anything").await;
+        let _ = s.close().await;
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut back)).await;
+        back
+    });
+    assert!(
+        answer.is_empty(),
+        "the member answered a stranger: {answer:?}"
+    );
+    expect_line(
+        &mut member,
+        "the refused stream",
+        &[&format!(
+            "refused a Control stream from peer {stranger_id}: not admitted"
+        )],
+        10,
+    );
+    expect_line(
+        &mut member,
+        "the silent peer's refusal",
+        &[&format!(
+            "refused peer {stranger_id}: it presented no certificate for this pool within 5 s"
+        )],
+        10,
+    );
+}
