@@ -58,7 +58,12 @@ impl PoolArgs {
         data_dir: &std::path::Path,
         default_folder: bool,
     ) -> Result<(PoolMembership, Option<PathBuf>)> {
-        crate::membership::resolve(&self.pool, self.pool_dir.as_deref(), default_folder, data_dir)
+        crate::membership::resolve(
+            &self.pool,
+            self.pool_dir.as_deref(),
+            default_folder,
+            data_dir,
+        )
     }
 
     /// The data folder: the flag, else `potluck/<role>` in the user's data folder.

@@ -45,27 +45,12 @@ fn an_idle_only_node_pauses_under_load_and_resumes_after() {
         b.join().unwrap();
     }
     assert!(paused.is_some(), "the node never paused: {:#?}", node.seen);
-    assert!(
-        coord
-            .wait_for(Instant::now() + Duration::from_secs(10), |l| l
-                .starts_with("peer leaving ")
-                && l.contains("its machine is busy"))
-            .is_some(),
-        "{:#?}",
-        coord.seen
+    common::expect_line(
+        &mut coord,
+        "the pause",
+        &["peer leaving ", "its machine is busy"],
+        10,
     );
-    assert!(
-        node.wait_for(Instant::now() + Duration::from_secs(30), |l| l == "resumed")
-            .is_some(),
-        "the node never resumed: {:#?}",
-        node.seen
-    );
-    assert!(
-        coord
-            .wait_for(Instant::now() + Duration::from_secs(20), |l| l
-                .starts_with("peer back "))
-            .is_some(),
-        "{:#?}",
-        coord.seen
-    );
+    common::expect_line(&mut node, "the resumption", &["resumed"], 30);
+    common::expect_line(&mut coord, "the node's return", &["peer back "], 20);
 }

@@ -104,7 +104,7 @@ fn certificates_join_only_the_machine_they_name() {
     refused(&admin("invite", &["--member-key", "abcd"]), "64 hex digits");
     refused(
         &admin("invite", &["--member-key", &bob_key, "--role", "owner"]),
-        "member or admin",
+        "member, trusted or admin",
     );
 
     // Revocation is recorded, signed, once.

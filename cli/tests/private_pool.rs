@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{coordinator, node, Proc};
+use common::{coordinator, expect_line, node, Proc};
 use potluck_protocol::hex::from_hex;
 use potluck_protocol::membership::Certificate;
 use potluck_protocol::signed::PublicKey;
@@ -68,14 +68,28 @@ fn secs(n: u64) -> Instant {
     Instant::now() + Duration::from_secs(n)
 }
 
-/// Waits for a line containing all of `parts`.
-fn expect_line(p: &mut Proc, what: &str, parts: &[&str], within: u64) -> String {
-    p.wait_for(secs(within), |l| parts.iter().all(|s| l.contains(s)))
-        .unwrap_or_else(|| panic!("no line for {what} ({parts:?}): {:#?}", p.seen))
+/// A coordinator of the pool in `dir/<pool>`, holding its folder, with its data in
+/// `dir/<name>` and `extra` flags: it, its address and its API's.
+fn owner(dir: &Path, pool: &str, name: &str, extra: &[&str]) -> (Proc, String, String) {
+    let folder = dir.join(pool);
+    let mut args = vec![
+        "--pool",
+        pool,
+        "--pool-dir",
+        path(&folder),
+        "--embedding-model",
+        "none",
+    ];
+    args.extend_from_slice(extra);
+    coordinator(&dir.join(name), &args)
 }
 
-fn flags(f: &[String]) -> Vec<&str> {
-    f.iter().map(String::as_str).collect()
+/// Invites `member` (data folder `dir/<member>`) to the pool in `dir/<pool>` and stores the
+/// certificate there; returns it.
+fn join(dir: &Path, pool: &str, member: &str, extra: &[&str]) -> String {
+    let cert = invite(dir, pool, member, extra);
+    ok(&["pool", "join", &cert, "--data-dir", path(&dir.join(member))]);
+    cert
 }
 
 fn never_joined(coord: &Proc, id: &str) {
@@ -94,25 +108,13 @@ fn only_certified_members_join_and_revocation_takes_a_node_out_without_restarts(
     let lab = create(d, "lab");
     let lab_dir = d.join("lab");
     // The member's certificate ties its API key to its membership.
-    let good_cert = invite(d, "lab", "good", &[]);
+    let good_cert = join(d, "lab", "good", &[]);
     let members = d.join("members.json");
     let list = serde_json::json!({"members": [
         {"name": "good", "api_key": "good-api-key", "certificate": good_cert},
     ]});
     std::fs::write(&members, list.to_string()).unwrap();
-    let (mut coord, addr, http) = coordinator(
-        d,
-        &[
-            "--pool",
-            "lab",
-            "--pool-dir",
-            path(&lab_dir),
-            "--embedding-model",
-            "none",
-            "--members",
-            path(&members),
-        ],
-    );
+    let (mut coord, addr, http) = owner(d, "lab", "coordinator", &["--members", path(&members)]);
     expect_line(
         &mut coord,
         "the pool's description",
@@ -127,13 +129,6 @@ fn only_certified_members_join_and_revocation_takes_a_node_out_without_restarts(
     assert_eq!(api_status(), 200);
 
     // A member joins and is given work.
-    ok(&[
-        "pool",
-        "join",
-        &good_cert,
-        "--data-dir",
-        path(&d.join("good")),
-    ]);
     let (mut good, good_id) = node(d, "good", "lab", &addr, &[]);
     expect_line(
         &mut good,
@@ -191,8 +186,7 @@ fn only_certified_members_join_and_revocation_takes_a_node_out_without_restarts(
     }
 
     // A certificate that runs out while its node serves takes the node out.
-    let brief = invite(d, "lab", "brief", &["--expires", "6s"]);
-    ok(&["pool", "join", &brief, "--data-dir", path(&d.join("brief"))]);
+    join(d, "lab", "brief", &["--expires", "6s"]);
     let (_brief, brief_id) = node(d, "brief", "lab", &addr, &[]);
     common::wait_joined(&mut coord, [&brief_id]);
     expect_line(
@@ -267,29 +261,11 @@ fn two_pools_on_one_network_stay_apart_and_nodes_refuse_an_uncertified_coordinat
     let d = dir.path();
     let lab = create(d, "lab");
     let city = create(d, "city");
-    let pool_flags = |name: &str| {
-        vec![
-            "--pool".to_string(),
-            name.to_string(),
-            "--pool-dir".to_string(),
-            path(&d.join(name)).to_string(),
-            "--embedding-model".to_string(),
-            "none".to_string(),
-        ]
-    };
-    let lab_flags = pool_flags("lab");
-    let city_flags = pool_flags("city");
-    let (mut lab_coord, lab_addr, _) = coordinator(&d.join("lab-c"), &flags(&lab_flags));
-    let (mut city_coord, city_addr, _) = coordinator(&d.join("city-c"), &flags(&city_flags));
+    let (mut lab_coord, lab_addr, _) = owner(d, "lab", "lab-c", &[]);
+    let (mut city_coord, city_addr, _) = owner(d, "city", "city-c", &[]);
 
     // A city member dials both coordinators: the city takes it, the lab refuses it.
-    ok(&[
-        "pool",
-        "join",
-        &invite(d, "city", "walker", &[]),
-        "--data-dir",
-        path(&d.join("walker")),
-    ]);
+    join(d, "city", "walker", &[]);
     let (mut walker, walker_id) =
         node(d, "walker", "city", &city_addr, &["--bootstrap", &lab_addr]);
     common::wait_joined(&mut city_coord, [&walker_id]);
@@ -326,13 +302,7 @@ fn two_pools_on_one_network_stay_apart_and_nodes_refuse_an_uncertified_coordinat
         &d.join("rogue-c"),
         &["--pool", &lab, "--embedding-model", "none"],
     );
-    ok(&[
-        "pool",
-        "join",
-        &invite(d, "lab", "member", &[]),
-        "--data-dir",
-        path(&d.join("member")),
-    ]);
+    join(d, "lab", "member", &[]);
     let (mut member, member_id) =
         node(d, "member", "lab", &lab_addr, &["--bootstrap", &rogue_addr]);
     common::wait_joined(&mut lab_coord, [&member_id]);
@@ -367,33 +337,9 @@ fn with_private_edges_text_stays_on_trusted_members() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     create(d, "lab");
-    let lab_dir = d.join("lab");
-    let lab_flags = [
-        "--pool",
-        "lab",
-        "--pool-dir",
-        path(&lab_dir),
-        "--embedding-model",
-        "none",
-        "--private-edges",
-    ];
-    let (mut coord, addr, http) = coordinator(d, &lab_flags);
-    let plain_cert = invite(d, "lab", "plain", &[]);
-    ok(&[
-        "pool",
-        "join",
-        &plain_cert,
-        "--data-dir",
-        path(&d.join("plain")),
-    ]);
-    let trusted_cert = invite(d, "lab", "trusted", &["--role", "trusted"]);
-    ok(&[
-        "pool",
-        "join",
-        &trusted_cert,
-        "--data-dir",
-        path(&d.join("trusted")),
-    ]);
+    let (mut coord, addr, http) = owner(d, "lab", "coordinator", &["--private-edges"]);
+    join(d, "lab", "plain", &[]);
+    join(d, "lab", "trusted", &["--role", "trusted"]);
 
     // A plain member alone: it may not see text, so nothing can be planned.
     let (_plain, plain_id) = node(d, "plain", "lab", &addr, &[]);
@@ -438,25 +384,8 @@ fn a_member_node_serves_no_stream_to_a_peer_that_presents_no_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let lab = create(d, "lab");
-    let lab_dir = d.join("lab");
-    let (_coord, addr, _) = coordinator(
-        d,
-        &[
-            "--pool",
-            "lab",
-            "--pool-dir",
-            path(&lab_dir),
-            "--embedding-model",
-            "none",
-        ],
-    );
-    ok(&[
-        "pool",
-        "join",
-        &invite(d, "lab", "m", &[]),
-        "--data-dir",
-        path(&d.join("m")),
-    ]);
+    let (_coord, addr, _) = owner(d, "lab", "coordinator", &[]);
+    join(d, "lab", "m", &[]);
     let (mut member, _) = node(d, "m", "lab", &addr, &[]);
     let member_addr: libp2p::Multiaddr = member.loopback_addr(secs(30)).parse().unwrap();
     let member_peer = match member_addr.iter().last() {

@@ -62,14 +62,11 @@ fn pause_takes_a_node_out_and_resume_brings_it_back() {
     let paused = control(&node_dir, "pause");
     assert_eq!(paused["state"], "paused", "{paused}");
     assert_eq!(paused["reason"], "paused by its owner", "{paused}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    assert!(
-        coord
-            .wait_for(deadline, |l| l.starts_with("peer leaving ")
-                && l.contains("paused by its owner"))
-            .is_some(),
-        "{:#?}",
-        coord.seen
+    common::expect_line(
+        &mut coord,
+        "the pause",
+        &["peer leaving ", "paused by its owner"],
+        10,
     );
     // The only node is out: the pool cannot serve, and says so.
     until_chat(&http, 503);
@@ -77,14 +74,7 @@ fn pause_takes_a_node_out_and_resume_brings_it_back() {
 
     let resumed = control(&node_dir, "resume");
     assert_eq!(resumed["state"], "serving", "{resumed}");
-    assert!(
-        coord
-            .wait_for(Instant::now() + Duration::from_secs(20), |l| l
-                .starts_with("peer back "))
-            .is_some(),
-        "{:#?}",
-        coord.seen
-    );
+    common::expect_line(&mut coord, "the node's return", &["peer back "], 20);
     until_chat(&http, 200);
 
     // Nobody listens on a folder without a running node.

@@ -52,6 +52,21 @@ fn one() -> f64 {
     1.0
 }
 
+impl MemberSpec {
+    /// A member with `key` and no limits, reservation or certificate.
+    pub fn unlimited(name: impl Into<String>, key: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            api_key: key.into(),
+            certificate: None,
+            weight: 1.0,
+            requests_per_minute: None,
+            tokens_per_day: None,
+            reserved_sessions: 0,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MembersFile {
@@ -164,28 +179,12 @@ impl Share {
     pub fn new(specs: Vec<MemberSpec>, keys: &[String], sessions: usize) -> Result<Self, String> {
         let sessions = sessions.max(1);
         let mut members = vec![Member {
-            spec: MemberSpec {
-                name: "(no key)".into(),
-                api_key: String::new(),
-                certificate: None,
-                weight: 1.0,
-                requests_per_minute: None,
-                tokens_per_day: None,
-                reserved_sessions: 0,
-            },
+            spec: MemberSpec::unlimited("(no key)", ""),
             certificate: None,
         }];
         for (i, key) in keys.iter().enumerate() {
             members.push(Member {
-                spec: MemberSpec {
-                    name: format!("key {}", i + 1),
-                    api_key: key.clone(),
-                    certificate: None,
-                    weight: 1.0,
-                    requests_per_minute: None,
-                    tokens_per_day: None,
-                    reserved_sessions: 0,
-                },
+                spec: MemberSpec::unlimited(format!("key {}", i + 1), key.clone()),
                 certificate: None,
             });
         }
@@ -570,13 +569,9 @@ mod tests {
 
     fn spec(name: &str, weight: f64, reserved: usize) -> MemberSpec {
         MemberSpec {
-            name: name.into(),
-            api_key: format!("key-of-{name}"),
-            certificate: None,
             weight,
-            requests_per_minute: None,
-            tokens_per_day: None,
             reserved_sessions: reserved,
+            ..MemberSpec::unlimited(name, format!("key-of-{name}"))
         }
     }
 

@@ -155,6 +155,7 @@ pub async fn run(
             let active = server.active_sessions();
             if active == 0 || tokio::time::Instant::now() >= by {
                 println!("left the pool ({active} sessions still open)");
+                let _ = std::fs::remove_file(cfg.data_dir.join(crate::control::SOCKET));
                 return Ok(());
             }
         }

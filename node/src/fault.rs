@@ -124,6 +124,8 @@ mod inject {
                     old.step = result.step;
                     old
                 }
+                // Nothing to replay yet: the answer goes out honest.
+                (FaultKind::Replay, None) => result,
                 _ => {
                     if let StageOutputWire::Token { token, .. } = &mut result.output {
                         *token = token.checked_sub(1).unwrap_or(1);

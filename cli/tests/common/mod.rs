@@ -356,3 +356,12 @@ pub fn never_quarantined<'a>(coord: &Proc, ids: impl IntoIterator<Item = &'a Str
         );
     }
 }
+
+/// Waits (`within` seconds at most) for a line of `p` containing all of `parts`; panics
+/// naming `what` and the output so far otherwise.
+pub fn expect_line(p: &mut Proc, what: &str, parts: &[&str], within: u64) -> String {
+    p.wait_for(Instant::now() + Duration::from_secs(within), |l| {
+        parts.iter().all(|s| l.contains(s))
+    })
+    .unwrap_or_else(|| panic!("no line for {what} ({parts:?}): {:#?}", p.seen))
+}
