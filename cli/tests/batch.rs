@@ -20,20 +20,6 @@ fn start_coordinator(dir: &std::path::Path, port: u16) -> (Proc, String) {
     (p, api)
 }
 
-/// Runs `potluck` with `args`; returns its stdout, panicking with stderr on failure.
-fn potluck(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args(args)
-        .output()
-        .expect("run potluck");
-    assert!(
-        out.status.success(),
-        "potluck {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Writes `lines` (JSONL) to `name` in `dir`; returns the path.
 fn write_lines(dir: &std::path::Path, name: &str, lines: &[String]) -> std::path::PathBuf {
     let path = dir.join(name);
@@ -58,7 +44,7 @@ fn submit(path: &std::path::Path, kind: &str, url: &str) -> (bool, String, Strin
 
 /// The output lines of a finished batch.
 fn results(id: &str, url: &str) -> Vec<Value> {
-    potluck(&["batch", "results", id, "--coordinator", url])
+    common::potluck_ok(&["batch", "results", id, "--coordinator", url])
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect()
@@ -177,7 +163,7 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
     assert!(seen.values().all(|&n| n == 1));
 
     // The bad lines, by number.
-    let errors = potluck(&["batch", "results", &id, "--errors", "--coordinator", &url]);
+    let errors = common::potluck_ok(&["batch", "results", &id, "--errors", "--coordinator", &url]);
     let numbers: Vec<u64> = errors
         .lines()
         .map(|l| {
@@ -189,7 +175,7 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
     assert_eq!(numbers, vec![4, 77], "{errors}");
 
     // Both nodes are credited; each unit was computed twice.
-    let ledger = potluck(&["pool", "credits", "--coordinator", &url]);
+    let ledger = common::potluck_ok(&["pool", "credits", "--coordinator", &url]);
     for id in [&id_a, &id_b] {
         assert!(ledger.contains(id.as_str()), "{id} missing from {ledger}");
     }

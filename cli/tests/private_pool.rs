@@ -11,36 +11,21 @@ use potluck_protocol::hex::from_hex;
 use potluck_protocol::membership::Certificate;
 use potluck_protocol::signed::PublicKey;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
 
-/// Runs `potluck` with `args` and returns its stdout; panics if it fails.
-fn ok(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args(args)
-        .output()
-        .expect("run potluck");
-    assert!(
-        out.status.success(),
-        "potluck {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// A pool made in `dir/<name>`; its id.
 fn create(dir: &Path, name: &str) -> String {
-    ok(&["pool", "create", name, "--dir", path(&dir.join(name))])
+    common::potluck_ok(&["pool", "create", name, "--dir", path(&dir.join(name))])
 }
 
 /// A certificate of the pool in `dir/<pool>` for the machine whose data folder is
 /// `dir/<member>`, with `extra` invite flags.
 fn invite(dir: &Path, pool: &str, member: &str, extra: &[&str]) -> String {
-    let key = ok(&["pool", "key", "--data-dir", path(&dir.join(member))]);
+    let key = common::potluck_ok(&["pool", "key", "--data-dir", path(&dir.join(member))]);
     let pool_dir = dir.join(pool);
     let mut args = vec![
         "pool",
@@ -53,7 +38,7 @@ fn invite(dir: &Path, pool: &str, member: &str, extra: &[&str]) -> String {
         &key,
     ];
     args.extend_from_slice(extra);
-    ok(&args)
+    common::potluck_ok(&args)
 }
 
 /// Stores `cert` as `member`'s certificate of pool `id` without any check (as a forger
@@ -88,7 +73,7 @@ fn owner(dir: &Path, pool: &str, name: &str, extra: &[&str]) -> (Proc, String, S
 /// certificate there; returns it.
 fn join(dir: &Path, pool: &str, member: &str, extra: &[&str]) -> String {
     let cert = invite(dir, pool, member, extra);
-    ok(&["pool", "join", &cert, "--data-dir", path(&dir.join(member))]);
+    common::potluck_ok(&["pool", "join", &cert, "--data-dir", path(&dir.join(member))]);
     cert
 }
 
@@ -199,7 +184,7 @@ fn only_certified_members_join_and_revocation_takes_a_node_out_without_restarts(
     );
 
     // Revoking the member's certificate (serial 1) takes it out, with no restart.
-    ok(&[
+    common::potluck_ok(&[
         "pool",
         "revoke",
         "--pool",

@@ -4,6 +4,7 @@
 use potluck_protocol::codec::{
     decode_body, decode_frame, encode_body, encode_frame, read_frame, PROTOCOL_VERSION,
 };
+use potluck_protocol::membership::{Admission, Certificate, Hello, Membership, Revocation, Role};
 use potluck_protocol::messages::*;
 use potluck_protocol::receipt::content_id;
 use potluck_protocol::signed::{Keypair, Signed};
@@ -138,7 +139,40 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             code: ErrorCode::Overloaded,
             message
         })),
+        (".{0,70}", any::<bool>(), any::<u64>()).prop_map(|(pool, with_cert, serial)| {
+            Message::Hello(Hello {
+                pool,
+                certificate: with_cert.then(|| certificate(serial)),
+            })
+        }),
+        (proptest::option::of(".{0,40}"), 0u64..4).prop_map(|(refused, n)| {
+            Message::Admission(Admission {
+                refused,
+                revocations: (0..n)
+                    .map(|s| Revocation::issue(&key(5), s, 1_700_000_000).unwrap())
+                    .collect(),
+            })
+        }),
+        (0u64..4).prop_map(|n| Message::Revoked(
+            (0..n)
+                .map(|s| Revocation::issue(&key(5), s, 1_700_000_000).unwrap())
+                .collect()
+        )),
     ]
+}
+
+/// A pool certificate for `key(2)` signed by `key(5)`.
+fn certificate(serial: u64) -> Certificate {
+    let body = Membership {
+        pool: key(5).public(),
+        pool_name: "lab".into(),
+        member: key(2).public(),
+        role: Role::Trusted,
+        issued_at: 1_700_000_000,
+        expires_at: Some(1_800_000_000),
+        serial,
+    };
+    Certificate::issue(&key(5), body).unwrap()
 }
 
 proptest! {

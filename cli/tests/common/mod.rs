@@ -365,3 +365,18 @@ pub fn expect_line(p: &mut Proc, what: &str, parts: &[&str], within: u64) -> Str
     })
     .unwrap_or_else(|| panic!("no line for {what} ({parts:?}): {:#?}", p.seen))
 }
+
+/// Runs `potluck` with `args` and returns its stdout, trimmed; panics with its stderr if it
+/// fails.
+pub fn potluck_ok(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(args)
+        .output()
+        .expect("run potluck");
+    assert!(
+        out.status.success(),
+        "potluck {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
