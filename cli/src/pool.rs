@@ -279,7 +279,7 @@ impl ServeArgs {
             "strict" => true,
             other => anyhow::bail!("--verify takes sampled or strict, not {other}"),
         };
-        Ok(CoordinatorConfig {
+        let cfg = CoordinatorConfig {
             max_sessions: self.max_sessions,
             missed_heartbeats: self.missed_heartbeats,
             check_share: self.check_share,
@@ -294,7 +294,20 @@ impl ServeArgs {
             trusted_peers: self.trusted_peer.clone(),
             members: self.member_specs()?,
             ..pool.coordinator_config(data_dir)?
-        })
+        };
+        // A private pool's API is for its members: open, it may face only this machine.
+        let private = matches!(cfg.pool, PoolMembership::Private { .. });
+        if private
+            && cfg.members.is_empty()
+            && cfg.api_keys.is_empty()
+            && !self.http.ip().is_loopback()
+        {
+            anyhow::bail!(
+                "a private pool's API on {} needs keys: give members theirs with --members, or set --api-key",
+                self.http
+            );
+        }
+        Ok(cfg)
     }
 
     fn member_specs(&self) -> Result<Vec<potluck_coordinator::share::MemberSpec>> {

@@ -246,6 +246,28 @@ fn two_pools_on_one_network_stay_apart_and_nodes_refuse_an_uncertified_coordinat
     let d = dir.path();
     let lab = create(d, "lab");
     let city = create(d, "city");
+    // A private pool's API does not face the network without keys.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args([
+            "coordinator",
+            "--pool",
+            "lab",
+            "--pool-dir",
+            path(&d.join("lab")),
+        ])
+        .args([
+            "--data-dir",
+            path(&d.join("open-c")),
+            "--http",
+            "0.0.0.0:0",
+            "--no-mdns",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs keys"), "{err}");
+
     let (mut lab_coord, lab_addr, _) = owner(d, "lab", "lab-c", &[]);
     let (mut city_coord, city_addr, _) = owner(d, "city", "city-c", &[]);
 
