@@ -26,7 +26,7 @@ use crate::trust::Trust;
 use libp2p::PeerId;
 use potluck_engine::generate::{generate_with, GenerateRequest, GenerateStats};
 use potluck_engine::sampling::SamplingParams;
-use potluck_net::gate::{Gate, PoolMembership};
+use potluck_net::gate::Gate;
 use potluck_net::streams::PoolStreams;
 use potluck_net::swarm::peer_id_of;
 use potluck_protocol::membership::Role;
@@ -395,18 +395,13 @@ impl Coordinator {
         let (Some(gate), Some(cert)) = (&self.gate, self.share.certificate(member)) else {
             return Ok(());
         };
-        let PoolMembership::Private { pool, .. } = gate.pool() else {
-            return Ok(());
-        };
-        let revoked: Vec<u64> = gate.revocations().iter().map(|r| r.serial).collect();
-        cert.admits(
-            pool,
-            &cert.body.member,
-            potluck_net::swarm::unix_now(),
-            &revoked,
-        )
-        .map(|_| ())
-        .map_err(|e| format!("{}'s membership is not valid: {e}", self.share.name(member)))
+        match gate.certificate_role(cert, potluck_net::swarm::unix_now()) {
+            Some(Err(e)) => Err(format!(
+                "{}'s membership is not valid: {e}",
+                self.share.name(member)
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Raises members' weights by the validated work their nodes were credited with (read

@@ -8,7 +8,9 @@
 use futures::StreamExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
 use potluck_protocol::hex::to_hex;
-use potluck_protocol::membership::{Admission, Certificate, Hello, Revocation, Role};
+use potluck_protocol::membership::{
+    Admission, Certificate, Hello, MembershipError, Revocation, Role,
+};
 use potluck_protocol::messages::Message;
 use potluck_protocol::signed::PublicKey;
 use potluck_protocol::stream::{
@@ -415,15 +417,40 @@ impl Gate {
         if crate::swarm::peer_id_of(&cert.body.member) != Some(*peer) {
             return Err("its certificate names another member key".into());
         }
-        let revoked: Vec<u64> = self.state().revoked.iter().map(|r| r.serial).collect();
-        let role = cert
-            .admits(pool, &cert.body.member, now, &revoked)
-            .map_err(|e| e.to_string())?;
+        let role = self.role_in(pool, cert, now).map_err(|e| e.to_string())?;
         Ok(Entry {
             serial: Some(cert.body.serial),
             expires_at: cert.body.expires_at,
             role: Some(role),
         })
+    }
+
+    /// In a private pool, whether `cert` admits its member at unix time `now` (signed by
+    /// the pool key, current, not revoked) and with what role; `None` in a public pool,
+    /// which checks no certificates.
+    pub fn certificate_role(
+        &self,
+        cert: &Certificate,
+        now: u64,
+    ) -> Option<Result<Role, MembershipError>> {
+        let pool = self.private_key()?;
+        Some(self.role_in(pool, cert, now))
+    }
+
+    /// `cert`'s role in `pool` at `now`. Revocation is checked last, as
+    /// [`Certificate::admits`] does, against the list held here (not copied out).
+    fn role_in(
+        &self,
+        pool: &PublicKey,
+        cert: &Certificate,
+        now: u64,
+    ) -> Result<Role, MembershipError> {
+        let role = cert.admits(pool, &cert.body.member, now, &[])?;
+        let serial = cert.body.serial;
+        if self.state().revoked.iter().any(|r| r.serial == serial) {
+            return Err(MembershipError::Revoked(serial));
+        }
+        Ok(role)
     }
 
     /// Takes in withdrawals signed by the pool key (others are ignored), disconnects
