@@ -231,14 +231,12 @@ impl Share {
                 return Err(format!("{}: the API key is listed twice", m.spec.name));
             }
         }
-        if members.iter().skip(1).any(|a| {
-            members
-                .iter()
-                .skip(1)
-                .filter(|b| b.spec.name == a.spec.name)
-                .count()
-                > 1
-        }) {
+        let mut names = std::collections::HashSet::new();
+        if !members
+            .iter()
+            .skip(1)
+            .all(|m| names.insert(m.spec.name.as_str()))
+        {
             return Err("member names must differ".into());
         }
         let reserved: usize = members.iter().map(|m| m.spec.reserved_sessions).sum();
@@ -400,37 +398,30 @@ impl Share {
     /// not used up, or slots are left beyond others' unused reserves), the one with the
     /// least use for its weight, first come first served within a member.
     fn dispatch(&self, inner: &mut Inner) {
-        while inner.free > 0 {
-            let mut gone = Vec::new();
-            for (i, w) in inner.queue.iter().enumerate() {
-                if w.tx.is_closed() {
-                    gone.push(i);
-                }
+        let Inner { usage, free, queue } = inner;
+        // Waiters that went away leave the queue.
+        queue.retain(|w| {
+            let open = !w.tx.is_closed();
+            if let (false, Some(u)) = (open, usage.get_mut(w.member.0)) {
+                u.waiting = u.waiting.saturating_sub(1);
             }
-            for i in gone.into_iter().rev() {
-                if let Some(w) = inner.queue.remove(i) {
-                    if let Some(u) = inner.usage.get_mut(w.member.0) {
-                        u.waiting = u.waiting.saturating_sub(1);
-                    }
-                }
-            }
-            let unused_reserve = |inner: &Inner, except: usize| -> usize {
-                self.members
-                    .iter()
-                    .zip(&inner.usage)
-                    .enumerate()
-                    .filter(|(i, _)| *i != except)
-                    .map(|(_, (m, u))| m.spec.reserved_sessions.saturating_sub(u.running))
-                    .sum()
+            open
+        });
+        while *free > 0 {
+            // Slots member `m` holds back and does not use now.
+            let unused = |m: usize| -> usize {
+                let reserved = self.members.get(m).map_or(0, |x| x.spec.reserved_sessions);
+                reserved.saturating_sub(usage.get(m).map_or(0, |u| u.running))
             };
+            let held_back: usize = (0..self.members.len()).map(unused).sum();
             let mut best: Option<(usize, f64)> = None;
-            for (i, w) in inner.queue.iter().enumerate() {
+            for (i, w) in queue.iter().enumerate() {
                 let m = w.member.0;
-                let (Some(u), Some(member)) = (inner.usage.get(m), self.members.get(m)) else {
+                let Some(u) = usage.get(m) else {
                     continue;
                 };
-                let eligible = u.running < member.spec.reserved_sessions
-                    || inner.free > unused_reserve(inner, m);
+                // Its own reserve, or slots beyond what others hold back.
+                let eligible = unused(m) > 0 || *free > held_back - unused(m);
                 if !eligible {
                     continue;
                 }
@@ -439,15 +430,15 @@ impl Share {
                     best = Some((i, score));
                 }
             }
-            let Some(w) = best.and_then(|(i, _)| inner.queue.remove(i)) else {
+            let Some(w) = best.and_then(|(i, _)| queue.remove(i)) else {
                 return;
             };
-            if let Some(u) = inner.usage.get_mut(w.member.0) {
+            if let Some(u) = usage.get_mut(w.member.0) {
                 u.waiting = u.waiting.saturating_sub(1);
             }
             if w.tx.send(()).is_ok() {
-                inner.free -= 1;
-                if let Some(u) = inner.usage.get_mut(w.member.0) {
+                *free -= 1;
+                if let Some(u) = usage.get_mut(w.member.0) {
                     u.running += 1;
                     u.fair += START_CHARGE;
                 }
