@@ -12,16 +12,9 @@ use std::time::{Duration, Instant};
 
 /// `potluck node VERB --data-dir DIR`: its JSON answer.
 fn control(dir: &std::path::Path, verb: &str) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args(["node", verb, "--data-dir", dir.to_str().unwrap()])
-        .output()
-        .expect("run potluck");
-    assert!(
-        out.status.success(),
-        "potluck node {verb}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("a JSON state")
+    let dir = dir.to_str().expect("utf-8 temp path");
+    let out = common::potluck_ok(&["node", verb, "--data-dir", dir]);
+    serde_json::from_str(&out).expect("a JSON state")
 }
 
 fn chat_status(http: &str) -> u16 {
