@@ -269,7 +269,8 @@ impl Share {
         self.members.len() > 1
     }
 
-    /// The member a presented bearer key belongs to.
+    /// The member a presented bearer key belongs to. Keys are looked up by digest, so how
+    /// long the lookup takes says nothing usable about the keys themselves.
     pub fn member_for_key(&self, key: &str) -> Option<MemberId> {
         self.by_key.get(&digest(key)).copied()
     }

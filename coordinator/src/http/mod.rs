@@ -160,7 +160,7 @@ pub async fn serve(
 /// certificate expired or was revoked) and within its rate and quota (429, with
 /// Retry-After).
 async fn require_member(State(c): State<Coordinator>, mut req: Request, next: Next) -> Response {
-    let share = c.share().clone();
+    let share = c.share();
     let member = if share.requires_key() {
         let presented = req
             .headers()
