@@ -256,7 +256,7 @@ fn held_certificates(data_dir: &Path) -> Result<Vec<Certificate>> {
         if path.extension().is_none_or(|e| e != "cert") {
             continue;
         }
-        match std::fs::read_to_string(&path)
+        match read_bounded(&path)
             .map_err(|e| e.to_string())
             .and_then(|t| Certificate::from_text(&t).map_err(|e| e.to_string()))
         {
@@ -265,6 +265,17 @@ fn held_certificates(data_dir: &Path) -> Result<Vec<Certificate>> {
         }
     }
     Ok(out)
+}
+
+/// A certificate file's text, read no further than any certificate could reach (a longer
+/// file is then refused by [`Certificate::from_text`]).
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(8 << 10)
+        .read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// Runs a pool administration command.
@@ -350,7 +361,7 @@ pub fn run(cmd: MembershipCommand) -> Result<()> {
             Ok(())
         }
         MembershipCommand::Join { cert, data_dir } => {
-            let text = match std::fs::read_to_string(&cert) {
+            let text = match read_bounded(Path::new(&cert)) {
                 Ok(t) => t,
                 Err(_) => cert,
             };
