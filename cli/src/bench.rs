@@ -189,6 +189,8 @@ async fn bench_pool_with(
         idle_threshold: 0.25,
         idle_resume_after: 60,
         schedule: Vec::new(),
+        max_batch_tokens: potluck_node::batcher::BatchLimits::DEFAULT.max_tokens,
+        max_batch_sessions: potluck_node::batcher::BatchLimits::DEFAULT.max_sessions,
     };
     let id = std::process::id();
     let base = std::env::temp_dir().join(format!("potluck-bench-{id}"));

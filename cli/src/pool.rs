@@ -176,6 +176,13 @@ pub struct NodeLimits {
     /// On Ctrl-C or SIGTERM, seconds running sessions get to move to other nodes.
     #[arg(long, default_value_t = 10)]
     pub leave_deadline: u64,
+    /// Most positions (decode tokens plus prefill rows) the stage runs in one batch; a
+    /// longer prompt is prefilled a chunk of this size at a time beside other sessions.
+    #[arg(long, default_value_t = potluck_node::batcher::BatchLimits::DEFAULT.max_tokens)]
+    pub max_batch_tokens: usize,
+    /// Most sessions in one batch.
+    #[arg(long, default_value_t = potluck_node::batcher::BatchLimits::DEFAULT.max_sessions)]
+    pub max_batch_sessions: usize,
     /// Test builds only: corrupt a share of outputs, RATE:KIND[:SEED] with KIND one of
     /// noise, zeros, skip, stale (wrong results, honestly signed), forge, replay (receipts
     /// that do not match) or stall (work units never answered), to exercise the pool's
@@ -440,6 +447,9 @@ impl NodeLimits {
                 self.device
             );
         }
+        if self.max_batch_tokens == 0 || self.max_batch_sessions == 0 {
+            anyhow::bail!("--max-batch-tokens and --max-batch-sessions must be at least 1");
+        }
         if self.advert_interval == 0 || self.probe_interval == 0 {
             anyhow::bail!("--advert-interval and --probe-interval must be at least 1 second");
         }
@@ -554,6 +564,10 @@ fn node_config(
             )
         }),
         schedule: limits.schedule.clone(),
+        batch: potluck_node::batcher::BatchLimits {
+            max_tokens: limits.max_batch_tokens,
+            max_sessions: limits.max_batch_sessions,
+        },
     })
 }
 

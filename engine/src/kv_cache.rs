@@ -1,9 +1,9 @@
 //! Per-session key/value caches for one stage, held under a byte budget with least-recently-used
-//! eviction. Buffers grow by doubling so a decode step appends in place instead of copying the
-//! whole history.
+//! eviction. Each block's keys and values are one plain buffer per session, laid out position by
+//! position, so a step appends rows in place and attention reads them without copies. Buffers
+//! grow by doubling so a decode step never copies the whole history.
 
 use crate::error::{EngineError, Result};
-use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 
 /// Identifies one generation (conversation) across every stage of a pipeline.
@@ -11,15 +11,17 @@ pub type SessionId = u64;
 
 const MIN_CAPACITY: usize = 32;
 
-/// Keys and values of one block for one session: (kv_heads, capacity, head_dim) each.
+/// Keys and values of one block for one session: (capacity, kv_heads, head_dim) each.
 struct LayerKv {
-    k: Tensor,
-    v: Tensor,
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
 /// All cached positions of one session in this stage.
 pub struct SessionKv {
     layers: Vec<LayerKv>,
+    /// Values per position: kv_heads * head_dim.
+    row: usize,
     len: usize,
     capacity: usize,
     last_used: u64,
@@ -36,25 +38,43 @@ impl SessionKv {
         self.len == 0
     }
 
-    /// Writes `t` new positions of block `layer` at the end and returns the keys and values of
-    /// every position up to and including them, each (kv_heads, len + t, head_dim).
-    /// The caller has reserved room with [`KvStore::reserve`].
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let t = k.dim(1)?;
+    /// Writes the keys and values of `t` new positions of block `layer` after the committed
+    /// ones; `k` and `v` hold `t * kv_heads * head_dim` values each. The caller has reserved
+    /// room with [`KvStore::reserve`].
+    pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let row = self.row;
+        if k.len() != v.len() || !k.len().is_multiple_of(row) {
+            return Err(EngineError::bad_input("KV rows of the wrong width"));
+        }
+        let t = k.len() / row;
+        if self.len + t > self.capacity {
+            return Err(EngineError::bad_input("KV append past reserved capacity"));
+        }
         let entry = self
             .layers
             .get_mut(layer)
             .ok_or_else(|| EngineError::bad_input(format!("no cache for block {layer}")))?;
-        if self.len + t > self.capacity {
-            return Err(EngineError::bad_input("KV append past reserved capacity"));
-        }
-        entry.k.slice_set(&k.contiguous()?, 1, self.len)?;
-        entry.v.slice_set(&v.contiguous()?, 1, self.len)?;
-        let total = self.len + t;
-        Ok((entry.k.narrow(1, 0, total)?, entry.v.narrow(1, 0, total)?))
+        let at = self.len * row..(self.len + t) * row;
+        entry.k[at.clone()].copy_from_slice(k);
+        entry.v[at].copy_from_slice(v);
+        Ok(())
     }
 
-    /// Marks `t` appended positions as committed once every block has written them.
+    /// The keys and values of block `layer` for the first `positions` positions (committed ones
+    /// and any written since), each (positions, kv_heads, head_dim).
+    pub fn layer(&self, layer: usize, positions: usize) -> Result<(&[f32], &[f32])> {
+        let entry = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| EngineError::bad_input(format!("no cache for block {layer}")))?;
+        if positions > self.capacity {
+            return Err(EngineError::bad_input("KV read past reserved capacity"));
+        }
+        let n = positions * self.row;
+        Ok((&entry.k[..n], &entry.v[..n]))
+    }
+
+    /// Marks `t` written positions as committed once every block has written them.
     pub fn commit(&mut self, t: usize) {
         self.len += t;
     }
@@ -132,10 +152,27 @@ impl KvStore {
         self.sessions.remove(&id).is_some()
     }
 
+    /// A held session's cache, to write and read during a step.
+    pub fn session_mut(&mut self, id: SessionId) -> Option<&mut SessionKv> {
+        self.sessions.get_mut(&id)
+    }
+
+    /// A held session's cache.
+    pub fn session(&self, id: SessionId) -> Option<&SessionKv> {
+        self.sessions.get(&id)
+    }
+
     /// Prepares `id` to take `t` positions starting at `pos`: creates it when `pos` is 0,
     /// rolls it back when `pos` is earlier than its end (replay), grows its buffers, and evicts
-    /// other sessions, least recently used first, to stay within the budget.
-    pub fn reserve(&mut self, id: SessionId, pos: usize, t: usize) -> Result<&mut SessionKv> {
+    /// other sessions, least recently used first, to stay within the budget. Sessions in
+    /// `keep` (the rest of a batch) are never evicted.
+    pub fn reserve(
+        &mut self,
+        id: SessionId,
+        pos: usize,
+        t: usize,
+        keep: &[SessionId],
+    ) -> Result<&mut SessionKv> {
         let needed = pos.checked_add(t).filter(|n| *n <= self.context).ok_or(
             EngineError::ContextOverflow {
                 needed: pos.saturating_add(t),
@@ -165,26 +202,31 @@ impl KvStore {
             });
         }
         if self.evict {
-            self.evict_for(id, needed_bytes);
-        } else {
-            let others: usize = self
-                .sessions
-                .iter()
-                .filter(|(other, _)| **other != id)
-                .map(|(_, s)| self.bytes_for(s.capacity))
-                .sum();
-            if others + needed_bytes > self.budget {
-                return Err(EngineError::KvBudget {
-                    needed: needed_bytes,
-                    budget: self.budget.saturating_sub(others),
-                });
-            }
+            self.evict_for(id, needed_bytes, keep);
+        }
+        let others: usize = self
+            .sessions
+            .iter()
+            .filter(|(other, _)| **other != id)
+            .map(|(_, s)| self.bytes_for(s.capacity))
+            .sum();
+        if others + needed_bytes > self.budget {
+            return Err(EngineError::KvBudget {
+                needed: needed_bytes,
+                budget: self.budget.saturating_sub(others),
+            });
         }
         self.clock += 1;
         let clock = self.clock;
-        let (layers, kv_heads, head_dim) = (self.layers, self.kv_heads, self.head_dim);
+        let (layers, row) = (self.layers, self.kv_heads * self.head_dim);
         let session = self.sessions.entry(id).or_insert_with(|| SessionKv {
-            layers: Vec::new(),
+            layers: (0..layers)
+                .map(|_| LayerKv {
+                    k: Vec::new(),
+                    v: Vec::new(),
+                })
+                .collect(),
+            row,
             len: 0,
             capacity: 0,
             last_used: 0,
@@ -192,27 +234,18 @@ impl KvStore {
         session.len = session.len.min(pos);
         session.last_used = clock;
         if capacity > session.capacity {
-            let mut grown = Vec::with_capacity(layers);
-            for l in 0..layers {
-                let k = Tensor::zeros((kv_heads, capacity, head_dim), DType::F32, &Device::Cpu)?;
-                let v = Tensor::zeros((kv_heads, capacity, head_dim), DType::F32, &Device::Cpu)?;
-                if let Some(old) = session.layers.get(l) {
-                    if session.len > 0 {
-                        k.slice_set(&old.k.narrow(1, 0, session.len)?.contiguous()?, 1, 0)?;
-                        v.slice_set(&old.v.narrow(1, 0, session.len)?.contiguous()?, 1, 0)?;
-                    }
-                }
-                grown.push(LayerKv { k, v });
+            for l in &mut session.layers {
+                l.k.resize(capacity * row, 0.0);
+                l.v.resize(capacity * row, 0.0);
             }
-            session.layers = grown;
             session.capacity = capacity;
         }
         Ok(session)
     }
 
-    /// Evicts least-recently-used sessions other than `keep` until `keep` can hold
+    /// Evicts least-recently-used sessions other than `keep` and `also` until `keep` can hold
     /// `keep_bytes` within the budget.
-    fn evict_for(&mut self, keep: SessionId, keep_bytes: usize) {
+    fn evict_for(&mut self, keep: SessionId, keep_bytes: usize, also: &[SessionId]) {
         loop {
             let others: usize = self
                 .sessions
@@ -226,7 +259,7 @@ impl KvStore {
             let victim = self
                 .sessions
                 .iter()
-                .filter(|(id, _)| **id != keep)
+                .filter(|(id, _)| **id != keep && !also.contains(id))
                 .min_by_key(|(_, s)| s.last_used)
                 .map(|(id, _)| *id);
             match victim {

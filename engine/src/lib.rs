@@ -2,10 +2,12 @@
 //! *stage*) on candle, from GGUF or safetensors weights, with per-session KV caches, a
 //! tokenizer, chat templates and seeded sampling. It knows nothing of networks or HTTP.
 
+pub mod attention;
 pub mod bert;
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod dense;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -15,6 +17,7 @@ pub mod llama;
 pub mod quant_matmul;
 pub mod rng;
 pub mod sampling;
+pub mod simd;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;

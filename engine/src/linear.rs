@@ -1,9 +1,12 @@
-//! A projection layer: our own kernels for Q4_1/Q8_0 weights, candle's for every other type.
+//! A projection layer: our own kernels for Q4_1/Q8_0 and float weights, candle's for every
+//! other quantized type (whose CPU kernels are row-independent too: each row is quantized
+//! and dotted on its own).
 
 use crate::error::{EngineError, Result};
+use crate::dense::DenseMatrix;
 use crate::quant_matmul::QuantMatrix;
-use candle_core::quantized::{QMatMul, QStorage, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -11,6 +14,8 @@ use std::sync::Arc;
 pub enum Linear {
     /// Q4_1 / Q8_0 on our kernels.
     Quant(QuantMatrix),
+    /// F32 / F16 / BF16 held as f32, on our fixed-order kernel.
+    Dense(DenseMatrix),
     /// Anything else, on candle.
     Candle(QMatMul),
 }
@@ -31,6 +36,13 @@ impl Linear {
         if own_kernels() && QuantMatrix::supports(dtype) {
             let refs: Vec<&QTensor> = parts.iter().collect();
             return Ok(Linear::Quant(QuantMatrix::from_qtensors(&refs)?));
+        }
+        if own_kernels() && is_float(dtype) {
+            let dense = parts
+                .iter()
+                .map(|p| p.dequantize(&Device::Cpu))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            return Self::from_dense(&dense);
         }
         if parts.len() == 1 {
             if let Some(one) = parts.pop() {
@@ -61,12 +73,21 @@ impl Linear {
         if own_kernels() && QuantMatrix::supports(q.dtype()) {
             return Ok(Linear::Quant(QuantMatrix::from_qtensors(&[q.as_ref()])?));
         }
+        if own_kernels() && is_float(q.dtype()) {
+            return Self::from_dense(&[q.dequantize(&Device::Cpu)?]);
+        }
         Ok(Linear::Candle(QMatMul::from_arc(q.clone())?))
     }
 
     /// Stacks dense (outputs, inputs) f32 matrices by rows into one layer.
     pub fn from_dense(parts: &[Tensor]) -> Result<Self> {
-        Ok(Linear::Candle(QMatMul::Tensor(Tensor::cat(parts, 0)?)))
+        let w = Tensor::cat(parts, 0)?.to_dtype(DType::F32)?;
+        if !own_kernels() {
+            return Ok(Linear::Candle(QMatMul::Tensor(w)));
+        }
+        let (rows, cols) = w.dims2()?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Linear::Dense(DenseMatrix::new(values, rows, cols)?))
     }
 
     /// Applies the layer to (positions, inputs), giving (positions, outputs).
@@ -79,6 +100,17 @@ impl Linear {
                 let out = q.matmul(&data, t)?;
                 Ok(Tensor::from_vec(out, (t, q.rows()), &Device::Cpu)?)
             }
+            Linear::Dense(d) => {
+                let (t, _) = x.dims2()?;
+                let data = x.flatten_all()?.to_vec1::<f32>()?;
+                let out = d.matmul(&data, t)?;
+                Ok(Tensor::from_vec(out, (t, d.rows()), &Device::Cpu)?)
+            }
         }
     }
+}
+
+/// Float weight types, which run on [`DenseMatrix`].
+fn is_float(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }

@@ -4,6 +4,7 @@
 
 use crate::config::LlamaConfig;
 use crate::error::{EngineError, Result};
+use crate::attention::{attend, HeadShape, QueryRow};
 use crate::kv_cache::{KvStore, SessionId};
 use crate::linear::Linear;
 use crate::sampling::{top_logprobs, Sampler, TokenLogprob};
@@ -211,15 +212,54 @@ impl Stage {
         pos: usize,
         input: StageInput,
     ) -> Result<StageOutput> {
-        let hidden = self.run_blocks(session, pos, input, false)?;
-        match &self.head {
-            None => Ok(StageOutput::Hidden(hidden)),
-            Some(_) => {
-                let n = hidden.dim(0)?;
-                let logits = self.logits(&hidden.narrow(0, n - 1, 1)?)?;
-                Ok(StageOutput::Logits(logits.squeeze(0)?.to_vec1::<f32>()?))
-            }
+        let item = BatchItem {
+            session,
+            pos,
+            input,
+        };
+        self.forward_batch(vec![item])
+            .pop()
+            .unwrap_or_else(|| Err(EngineError::bad_input("empty batch")))
+    }
+
+    /// Runs many sessions' steps as one batch: every weight is read once for all their rows,
+    /// attention runs per session over its own cache. Each item's output is bit-identical to
+    /// [`Stage::forward`] on that item alone, and a bad item (unknown session, wrong shape,
+    /// context or cache overflow) fails alone with its error while the rest are served.
+    pub fn forward_batch(&mut self, items: Vec<BatchItem>) -> Vec<Result<StageOutput>> {
+        let last = self.head.is_some();
+        let hidden = self.run_batch(items, false);
+        if !last {
+            return hidden
+                .into_iter()
+                .map(|h| h.map(StageOutput::Hidden))
+                .collect();
         }
+        // One LM-head pass over every item's final row.
+        let finals: Vec<Option<Tensor>> = hidden.iter().map(|h| h.as_ref().ok().cloned()).collect();
+        let rows: Vec<&Tensor> = finals.iter().flatten().collect();
+        let logits = match self.logits_rows(&rows) {
+            Ok(l) => l,
+            Err(e) => {
+                let why = e.to_string();
+                return hidden
+                    .into_iter()
+                    .map(|h| h.and_then(|_| Err(EngineError::bad_input(why.clone()))))
+                    .collect();
+            }
+        };
+        let mut logits = logits.into_iter();
+        hidden
+            .into_iter()
+            .map(|h| {
+                h.and_then(|_| {
+                    logits
+                        .next()
+                        .map(StageOutput::Logits)
+                        .ok_or_else(|| EngineError::bad_input("missing logits"))
+                })
+            })
+            .collect()
     }
 
     /// Like [`Stage::forward`] on the last stage, but returns logits for every position,
@@ -233,7 +273,15 @@ impl Stage {
         if self.head.is_none() {
             return Err(EngineError::bad_input("this stage holds no LM head"));
         }
-        let hidden = self.run_blocks(session, pos, input, true)?;
+        let item = BatchItem {
+            session,
+            pos,
+            input,
+        };
+        let hidden = self
+            .run_batch(vec![item], true)
+            .pop()
+            .unwrap_or_else(|| Err(EngineError::bad_input("empty batch")))?;
         self.logits(&hidden)
     }
 
@@ -271,6 +319,16 @@ impl Stage {
         lm.forward(&x)
     }
 
+    /// Logits of single rows (1, hidden) stacked into one pass, one vector per row.
+    fn logits_rows(&self, rows: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let x = Tensor::cat(rows, 0)?;
+        let logits = self.logits(&x)?;
+        Ok(logits.to_vec2::<f32>()?)
+    }
+
     fn embed_or_check(&self, input: StageInput) -> Result<Tensor> {
         match (input, &self.embedding) {
             (StageInput::Tokens(ids), Some(e)) => {
@@ -302,155 +360,290 @@ impl Stage {
         }
     }
 
-    /// Embeds or checks the input, then runs it through every block in chunks. Returns hidden
-    /// states for all positions (`all` or a non-last stage) or only the final chunk's.
-    fn run_blocks(
-        &mut self,
-        session: SessionId,
-        pos: usize,
-        input: StageInput,
-        all: bool,
-    ) -> Result<Tensor> {
-        let n = input.len();
+    /// Checks an item and embeds it: its input as (n, hidden).
+    fn admit(&self, item: BatchItem, seen: &[SessionId]) -> Result<Pending> {
+        let n = item.input.len();
         if n == 0 {
             return Err(EngineError::bad_input("empty input"));
         }
-        let needed = pos.saturating_add(n);
+        if seen.contains(&item.session) {
+            return Err(EngineError::bad_input(format!(
+                "session {} has two steps in one batch",
+                item.session
+            )));
+        }
+        let needed = item.pos.saturating_add(n);
         if needed > self.cfg.context {
             return Err(EngineError::ContextOverflow {
                 needed,
                 context: self.cfg.context,
             });
         }
-        let x = self.embed_or_check(input)?;
-        let keep_all = all || self.head.is_none();
-        let mut outputs = Vec::new();
-        let mut done = 0;
-        while done < n {
-            let t = PREFILL_CHUNK.min(n - done);
-            let chunk = x.narrow(0, done, t)?;
-            let out = self.run_chunk(session, pos + done, chunk)?;
-            if keep_all || done + t == n {
-                outputs.push(out);
-            }
-            done += t;
-        }
-        Ok(if outputs.len() == 1 {
-            outputs.remove(0)
-        } else {
-            Tensor::cat(&outputs, 0)?
+        Ok(Pending {
+            session: item.session,
+            pos: item.pos,
+            x: self.embed_or_check(item.input)?,
+            n,
+            done: 0,
+            outputs: Vec::new(),
         })
     }
 
-    /// Runs one chunk inside candle's compute pool: candle ops started from a thread outside
-    /// it each pay a cross-thread hand-off, which at decode sizes costs more than the op.
-    fn run_chunk(&mut self, session: SessionId, pos: usize, x: Tensor) -> Result<Tensor> {
-        candle_core::utils::with_threadpool(|| self.run_chunk_inner(session, pos, x))
+    /// Embeds or checks every item, then runs them through every block in rounds of at most
+    /// [`PREFILL_CHUNK`] positions per item. Returns, per item, hidden states for all positions
+    /// (`all` or a non-last stage) or only for the final position.
+    fn run_batch(&mut self, items: Vec<BatchItem>, all: bool) -> Vec<Result<Tensor>> {
+        let keep_all = all || self.head.is_none();
+        let mut results: Vec<Option<Result<Tensor>>> = Vec::with_capacity(items.len());
+        let mut pending: Vec<(usize, Pending)> = Vec::new();
+        let mut seen = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let session = item.session;
+            match self.admit(item, &seen) {
+                Ok(p) => {
+                    seen.push(session);
+                    pending.push((i, p));
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        while !pending.is_empty() {
+            // This round's rows: the next chunk of every item, its cache reserved.
+            let mut round: Vec<(usize, Chunk)> = Vec::new();
+            let mut failed = Vec::new();
+            for (slot, (_, p)) in pending.iter().enumerate() {
+                let t = PREFILL_CHUNK.min(p.n - p.done);
+                let pos = p.pos + p.done;
+                let reserved = self
+                    .kv
+                    .reserve(p.session, pos, t, &seen)
+                    .map(|_| ())
+                    .and_then(|_| Ok(p.x.narrow(0, p.done, t)?));
+                match reserved {
+                    Ok(x) => round.push((
+                        slot,
+                        Chunk {
+                            session: p.session,
+                            pos,
+                            x,
+                        },
+                    )),
+                    Err(e) => failed.push((slot, e)),
+                }
+            }
+            let chunks: Vec<Chunk> = round.iter().map(|(_, c)| c.clone()).collect();
+            let out = self.run_round(&chunks);
+            let mut at = 0;
+            for ((slot, c), _) in round.iter().zip(&chunks) {
+                let t = c.x.dim(0).unwrap_or(0);
+                let p = &mut pending[*slot].1;
+                match &out {
+                    Ok(h) => match h.narrow(0, at, t) {
+                        Ok(rows) => {
+                            p.done += t;
+                            if keep_all {
+                                p.outputs.push(rows);
+                            } else if p.done == p.n {
+                                match rows.narrow(0, t - 1, 1) {
+                                    Ok(r) => p.outputs.push(r),
+                                    Err(e) => failed.push((*slot, e.into())),
+                                }
+                            }
+                        }
+                        Err(e) => failed.push((*slot, e.into())),
+                    },
+                    Err(e) => failed.push((*slot, EngineError::bad_input(e.to_string()))),
+                }
+                at += t;
+            }
+            // Failed and finished items leave; the rest go on to their next chunk.
+            failed.sort_by_key(|(slot, _)| std::cmp::Reverse(*slot));
+            for (slot, e) in failed {
+                let (i, _) = pending.remove(slot);
+                results[i] = Some(Err(e));
+            }
+            let mut k = 0;
+            while k < pending.len() {
+                if pending[k].1.done == pending[k].1.n {
+                    let (i, mut p) = pending.remove(k);
+                    let out = if p.outputs.len() == 1 {
+                        Ok(p.outputs.remove(0))
+                    } else {
+                        Tensor::cat(&p.outputs, 0).map_err(EngineError::from)
+                    };
+                    results[i] = Some(out);
+                } else {
+                    k += 1;
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(EngineError::bad_input("item not run"))))
+            .collect()
     }
 
-    fn run_chunk_inner(&mut self, session: SessionId, pos: usize, mut x: Tensor) -> Result<Tensor> {
-        let t = x.dim(0)?;
-        let (cos, sin) = self.rope_tables(pos, t)?;
-        let mask = causal_mask(pos, t)?;
+    /// Runs one round inside candle's compute pool: candle ops started from a thread outside
+    /// it each pay a cross-thread hand-off, which at decode sizes costs more than the op.
+    fn run_round(&mut self, chunks: &[Chunk]) -> Result<Tensor> {
+        candle_core::utils::with_threadpool(|| self.run_round_inner(chunks))
+    }
+
+    /// Every block over the stacked rows of `chunks` (each already reserved in the cache):
+    /// projections once for all rows, attention per session.
+    fn run_round_inner(&mut self, chunks: &[Chunk]) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let kv = self.kv.reserve(session, pos, t)?;
+        let xs: Vec<&Tensor> = chunks.iter().map(|c| &c.x).collect();
+        let mut x = Tensor::cat(&xs, 0)?;
+        let rows = x.dim(0)?;
+        let positions: Vec<usize> = chunks
+            .iter()
+            .flat_map(|c| c.pos..c.pos + c.x.dim(0).unwrap_or(0))
+            .collect();
+        if positions.len() != rows {
+            return Err(EngineError::bad_input("chunk shapes disagree"));
+        }
+        let (cos, sin) = self.rope_tables(&positions);
+        let shape = HeadShape {
+            heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        let (q_out, kv_out) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+        let width = q_out + 2 * kv_out;
+        let mut attn = vec![0f32; rows * q_out];
         for (i, b) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, cfg.rms_eps as f32)?;
-            let qkv = b.qkv.forward(&h)?;
-            let (q_out, kv_out) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
-            let q = heads_first(qkv.narrow(1, 0, q_out)?, cfg.heads, cfg.head_dim)?;
-            let k = heads_first(qkv.narrow(1, q_out, kv_out)?, cfg.kv_heads, cfg.head_dim)?;
-            let v = heads_first(
-                qkv.narrow(1, q_out + kv_out, kv_out)?,
-                cfg.kv_heads,
-                cfg.head_dim,
-            )?;
-            let q = rope(&q, &cos, &sin, self.rope_interleaved)?;
-            let k = rope(&k, &cos, &sin, self.rope_interleaved)?;
-            let (k_all, v_all) = kv.append(i, &k, &v)?;
-            let attn = attention(&q, &k_all, &v_all, mask.as_ref(), cfg)?;
-            x = (x + b.o.forward(&attn)?)?;
+            let mut qkv = b.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            if qkv.len() != rows * width {
+                return Err(EngineError::bad_input("q/k/v projection of the wrong width"));
+            }
+            let half = self.inv_freq.len();
+            for (r, row) in qkv.chunks_exact_mut(width).enumerate() {
+                let (c, s) = (&cos[r * half..][..half], &sin[r * half..][..half]);
+                let (q, kv) = row.split_at_mut(q_out);
+                rope_row(q, cfg.head_dim, c, s, self.rope_interleaved);
+                rope_row(&mut kv[..kv_out], cfg.head_dim, c, s, self.rope_interleaved);
+            }
+            // Keys and values into each session's cache, then attention reads them there.
+            let mut at = 0;
+            let mut ks = vec![0f32; kv_out];
+            let mut vs = Vec::new();
+            for c in chunks {
+                let t = c.x.dim(0)?;
+                let cache = self
+                    .kv
+                    .session_mut(c.session)
+                    .ok_or(EngineError::UnknownSession(c.session))?;
+                ks.clear();
+                vs.clear();
+                for row in qkv[at * width..(at + t) * width].chunks_exact(width) {
+                    ks.extend_from_slice(&row[q_out..q_out + kv_out]);
+                    vs.extend_from_slice(&row[q_out + kv_out..]);
+                }
+                cache.write(i, &ks, &vs)?;
+                at += t;
+            }
+            let mut queries = Vec::with_capacity(rows);
+            let mut at = 0;
+            for c in chunks {
+                let t = c.x.dim(0)?;
+                let cache = self
+                    .kv
+                    .session(c.session)
+                    .ok_or(EngineError::UnknownSession(c.session))?;
+                let (k, v) = cache.layer(i, c.pos + t)?;
+                for r in 0..t {
+                    queries.push(QueryRow {
+                        q: &qkv[(at + r) * width..][..q_out],
+                        pos: c.pos + r,
+                        k,
+                        v,
+                    });
+                }
+                at += t;
+            }
+            attend(&queries, shape, &mut attn);
+            drop(queries);
+            let a = Tensor::from_slice(&attn, (rows, q_out), &Device::Cpu)?;
+            x = (x + b.o.forward(&a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, cfg.rms_eps as f32)?;
             let gate_up = b.gate_up.forward(&h)?;
             let mlp =
                 (gate_up.narrow(1, 0, cfg.ff)?.silu()? * gate_up.narrow(1, cfg.ff, cfg.ff)?)?;
             x = (x + b.down.forward(&mlp)?)?;
         }
-        kv.commit(t);
+        for c in chunks {
+            let t = c.x.dim(0)?;
+            if let Some(cache) = self.kv.session_mut(c.session) {
+                cache.commit(t);
+            }
+        }
         Ok(x)
     }
 
-    fn rope_tables(&self, pos: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    /// cos and sin of every row's rotation angles, (rows, head_dim / 2) each.
+    fn rope_tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
-        let mut angles = Vec::with_capacity(t * half);
-        for p in pos..pos + t {
-            angles.extend(self.inv_freq.iter().map(|f| p as f32 * f));
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
         }
-        let angles = Tensor::from_vec(angles, (t, half), &Device::Cpu)?;
-        Ok((angles.cos()?, angles.sin()?))
+        (cos, sin)
     }
 }
 
-/// Rotates (heads, t, d) by position: adjacent pairs when `interleaved`, else the two halves.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
-    let x = x.unsqueeze(0)?;
-    let y = if interleaved {
-        candle_nn::rotary_emb::rope_i(&x, cos, sin)?
-    } else {
-        candle_nn::rotary_emb::rope(&x, cos, sin)?
-    };
-    Ok(y.squeeze(0)?)
+/// One session's share of a batched step (see [`Stage::forward_batch`]).
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    /// Whose cache the step reads and extends.
+    pub session: SessionId,
+    /// The position of the input's first row.
+    pub pos: usize,
+    /// Token ids or hidden states for positions `pos..pos + n`.
+    pub input: StageInput,
 }
 
-/// (t, heads * d) -> (heads, t, d), contiguous.
-fn heads_first(x: Tensor, heads: usize, d: usize) -> Result<Tensor> {
-    let t = x.dim(0)?;
-    Ok(x.reshape((t, heads, d))?.transpose(0, 1)?.contiguous()?)
+/// An item checked and embedded, with how far it has run.
+struct Pending {
+    session: SessionId,
+    pos: usize,
+    x: Tensor,
+    n: usize,
+    done: usize,
+    outputs: Vec<Tensor>,
 }
 
-/// Additive mask for `t` new positions starting at `pos`: -inf where a key lies in the future.
-fn causal_mask(pos: usize, t: usize) -> Result<Option<Tensor>> {
-    if t == 1 {
-        return Ok(None);
-    }
-    let total = pos + t;
-    let mut m = vec![0f32; t * total];
-    for i in 0..t {
-        for j in pos + i + 1..total {
-            m[i * total + j] = f32::NEG_INFINITY;
+/// The rows of one item that run in one round.
+#[derive(Clone)]
+struct Chunk {
+    session: SessionId,
+    pos: usize,
+    x: Tensor,
+}
+
+/// Rotates every head of one row in place by its position's angles: adjacent pairs when
+/// `interleaved`, else the two halves of each head (the formula candle's rope kernels use).
+fn rope_row(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = d / 2;
+    for head in x.chunks_exact_mut(d) {
+        for i in 0..half {
+            let (a, b) = if interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            };
+            let (x1, x2) = (head[a], head[b]);
+            head[a] = x1 * cos[i] - x2 * sin[i];
+            head[b] = x1 * sin[i] + x2 * cos[i];
         }
     }
-    Ok(Some(Tensor::from_vec(m, (t, total), &Device::Cpu)?))
-}
-
-/// Scaled dot-product attention with grouped KV heads: the query heads of a group are folded
-/// into rows so K and V are never copied per query head. Returns (t, heads * d).
-fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    cfg: &LlamaConfig,
-) -> Result<Tensor> {
-    let (heads, t, d) = q.dims3()?;
-    let group = heads / cfg.kv_heads;
-    let total = k.dim(1)?;
-    let q = q.reshape((cfg.kv_heads, group * t, d))?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = match mask {
-        None => scores,
-        Some(m) => scores
-            .reshape((cfg.kv_heads, group, t, total))?
-            .broadcast_add(m)?
-            .reshape((cfg.kv_heads, group * t, total))?,
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let out = probs.matmul(&v.contiguous()?)?;
-    Ok(out
-        .reshape((heads, t, d))?
-        .transpose(0, 1)?
-        .reshape((t, heads * d))?)
 }
 
 /// Index of the largest logit (the first one on ties), for greedy decoding.

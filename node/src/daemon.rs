@@ -54,6 +54,8 @@ pub struct NodeConfig {
     pub idle_only: Option<(f32, Duration)>,
     /// Daily windows the node works in (none: always).
     pub schedule: Vec<Window>,
+    /// How much one batch of the stage may hold.
+    pub batch: crate::batcher::BatchLimits,
 }
 
 /// What an advert says besides the measured capacity.
@@ -120,6 +122,7 @@ pub async fn run(
         cfg.models.clone(),
         Keypair::from_secret(&key.secret()),
         cfg.memory_cap,
+        cfg.batch,
         cfg.faults,
     );
     server

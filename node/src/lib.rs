@@ -2,6 +2,7 @@
 //! can give, the stage server that runs the layers it was assigned and signs a receipt for
 //! every result, and the daemon loop that keeps it in its pool's swarm.
 
+pub mod batcher;
 pub mod control;
 pub mod daemon;
 pub mod fault;

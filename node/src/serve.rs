@@ -2,6 +2,7 @@
 //! sessions, one stream each. Compute runs on blocking threads; a bad frame ends only the
 //! stream that sent it, with a logged reason.
 
+use crate::batcher::{BatchLimits, StageQueue};
 use crate::shard::ShardServer;
 use crate::wire::wire_error;
 use futures::StreamExt;
@@ -49,13 +50,14 @@ pub struct LocalModel {
 pub struct Serving {
     /// What was assigned.
     pub assignment: ShardAssignment,
-    server: Mutex<ShardServer>,
+    queue: StageQueue,
 }
 
 struct Inner {
     models: Vec<LocalModel>,
     key: Keypair,
     memory_cap: Option<u64>,
+    batch: BatchLimits,
     current: Mutex<Option<Arc<Serving>>>,
     // One load at a time: two assignments racing would both hold memory.
     loading: tokio::sync::Mutex<()>,
@@ -98,12 +100,14 @@ impl Server {
     /// A server for the models in the node's cache, signing with `key`. With a
     /// `memory_cap`, a stage's KV caches get what the cap leaves after its weights; without,
     /// [`DEFAULT_KV_BUDGET`].
+    /// Each loaded stage batches its sessions' steps within `batch`.
     /// `faults` corrupts outputs on purpose; only test builds accept it (see
     /// [`crate::fault`]).
     pub fn new(
         models: Vec<LocalModel>,
         key: Keypair,
         memory_cap: Option<u64>,
+        batch: BatchLimits,
         faults: Option<crate::fault::FaultPlan>,
     ) -> Self {
         Self {
@@ -116,6 +120,7 @@ impl Server {
                 models,
                 key,
                 memory_cap,
+                batch,
                 current: Mutex::new(None),
                 loading: tokio::sync::Mutex::new(()),
                 next_cache: AtomicU64::new(1),
@@ -194,9 +199,11 @@ impl Server {
         .await
         .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?
         .map_err(|e| wire_error(ErrorCode::BadRequest, e.to_string()))?;
+        let queue = StageQueue::start(server, self.inner.batch)
+            .map_err(|e| wire_error(ErrorCode::Internal, format!("no stage thread: {e}")))?;
         let serving = Arc::new(Serving {
             assignment: a.clone(),
-            server: Mutex::new(server),
+            queue,
         });
         if let Ok(mut cur) = self.inner.current.lock() {
             *cur = Some(serving);
@@ -381,18 +388,14 @@ impl Server {
             };
             let answer = match serving {
                 Err(e) => Message::Error(e),
-                Ok(s) => {
-                    let result = tokio::task::spawn_blocking(move || match s.server.lock() {
-                        Ok(mut server) => server.handle(cache, &req),
-                        Err(_) => Err(wire_error(ErrorCode::Internal, "stage poisoned")),
-                    })
-                    .await;
-                    match result {
-                        Ok(Ok(r)) => Message::Result(Box::new(r)),
-                        Ok(Err(e)) => Message::Error(e),
-                        Err(e) => Message::Error(wire_error(ErrorCode::Internal, e.to_string())),
+                Ok(s) => match self.compute(&s, cache, req, &mut stream).await {
+                    Some(Ok(r)) => Message::Result(Box::new(r)),
+                    Some(Err(e)) => Message::Error(e),
+                    None => {
+                        tracing::info!(%peer, "stage stream closed while its step waited; step dropped");
+                        break;
                     }
-                }
+                },
             };
             if let Err(e) = write_frame_async(&mut stream, &answer).await {
                 tracing::warn!(%peer, "stage answer not sent: {e}");
@@ -400,11 +403,33 @@ impl Server {
             }
         }
         if let Some(s) = pinned {
-            tokio::task::spawn_blocking(move || {
-                if let Ok(mut server) = s.server.lock() {
-                    server.end_session(cache);
-                }
-            });
+            s.queue.end_session(cache);
+        }
+    }
+
+    /// Hands a step to the stage's scheduler and waits for its answer, watching the stream
+    /// meanwhile: `None` when the peer closes it (or sends out of turn) first, and the step
+    /// is then dropped at its next chunk boundary.
+    async fn compute(
+        &self,
+        serving: &Serving,
+        cache: u64,
+        req: StageForward,
+        stream: &mut Stream,
+    ) -> Option<Result<potluck_protocol::messages::StageResult, WireError>> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let answer = serving.queue.submit(cache, req, cancel.clone());
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            a = answer => Some(a.unwrap_or_else(|_| {
+                Err(wire_error(ErrorCode::Internal, "the stage stopped"))
+            })),
+            // A request/answer stream carries nothing while a step runs: a read that returns
+            // means the peer hung up (or broke the protocol).
+            _ = futures::AsyncReadExt::read(stream, &mut probe) => {
+                cancel.store(true, Ordering::Relaxed);
+                None
+            }
         }
     }
 

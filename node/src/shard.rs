@@ -4,7 +4,7 @@
 
 use crate::wire::{engine_error, wire_error};
 use candle_core::{Device, Tensor};
-use potluck_engine::llama::{argmax, Stage, StageInput, StageOutput};
+use potluck_engine::llama::{argmax, BatchItem, Stage, StageInput, StageOutput};
 use potluck_engine::sampling::{top_logprobs, Sampler, SamplingParams};
 use potluck_engine::EngineError;
 use potluck_protocol::messages::{
@@ -71,11 +71,55 @@ impl ShardServer {
         self.stage.end_session(session)
     }
 
-    /// Runs one request and signs the result. `cache` keys the session's KV cache on this
-    /// node; the server picks it (one per stream) so no peer can touch another's session.
+    /// Runs one request alone and signs the result (what [`ShardServer::advance`] does for a
+    /// batch of one, all its positions at once).
     pub fn handle(&mut self, cache: u64, req: &StageForward) -> Result<StageResult, WireError> {
+        let mut step = self.prepare(cache, req.clone())?;
+        let take = step.remaining();
+        self.advance(&mut [(&mut step, take)])
+            .pop()
+            .flatten()
+            .unwrap_or_else(|| Err(wire_error(ErrorCode::Internal, "step did not finish")))
+    }
+
+    /// Checks a request and converts its input: a bad one fails here, alone.
+    pub fn prepare(&self, cache: u64, req: StageForward) -> Result<Step, WireError> {
         let input = self.input(&req.input)?;
-        let pos = req.position as usize;
+        let len = input.len();
+        if len == 0 {
+            return Err(wire_error(ErrorCode::BadRequest, "empty input"));
+        }
+        Ok(Step {
+            cache,
+            req,
+            input,
+            len,
+            done: 0,
+            hidden: Vec::new(),
+        })
+    }
+
+    /// Runs the next `take` positions of every step as one batch through the stage. Per step:
+    /// `None` while positions remain, else its signed result or its error (a bad step fails
+    /// alone; the others go on).
+    pub fn advance(
+        &mut self,
+        steps: &mut [(&mut Step, usize)],
+    ) -> Vec<Option<Result<StageResult, WireError>>> {
+        for (s, take) in steps.iter_mut() {
+            *take = (*take).clamp(1, s.remaining().max(1));
+        }
+        let items: Vec<BatchItem> = steps
+            .iter()
+            .map(|(s, take)| s.next_item(*take))
+            .collect::<Result<_, _>>()
+            .unwrap_or_default();
+        if items.len() != steps.len() {
+            return steps
+                .iter()
+                .map(|_| Some(Err(wire_error(ErrorCode::Internal, "cannot slice the input"))))
+                .collect();
+        }
         let total = self.stage.kv().budget();
         let refusal = |e| match e {
             // Never fits, however long it waits.
@@ -85,19 +129,58 @@ impl ShardServer {
             ),
             e => engine_error(e),
         };
-        let output = match self.stage.forward(cache, pos, input).map_err(refusal)? {
-            StageOutput::Hidden(h) => {
-                let dims = h.dims().to_vec();
-                let values = h
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| engine_error(e.into()))?;
-                let t = WireTensor::from_f32(&values, &dims, WireDType::F32)
-                    .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?;
-                StageOutputWire::Hidden(t)
-            }
-            StageOutput::Logits(logits) => pick(&logits, req.sample.as_ref())?,
+        let outputs = self.stage.forward_batch(items);
+        let mut answers = Vec::with_capacity(steps.len());
+        for ((step, take), out) in steps.iter_mut().zip(outputs) {
+            let out = match out {
+                Err(e) => {
+                    answers.push(Some(Err(refusal(e))));
+                    continue;
+                }
+                Ok(o) => o,
+            };
+            step.done += *take;
+            let finished = step.done >= step.len;
+            let output = match out {
+                StageOutput::Hidden(h) => {
+                    step.hidden.push(h);
+                    if !finished {
+                        answers.push(None);
+                        continue;
+                    }
+                    self.hidden_output(std::mem::take(&mut step.hidden))
+                }
+                StageOutput::Logits(_) if !finished => {
+                    answers.push(None);
+                    continue;
+                }
+                StageOutput::Logits(logits) => pick(&logits, step.req.sample.as_ref()),
+            };
+            answers.push(Some(output.and_then(|o| self.finish(step, o))));
+        }
+        answers
+    }
+
+    /// A non-last stage's answer: every position's hidden states, chunks joined.
+    fn hidden_output(&self, parts: Vec<Tensor>) -> Result<StageOutputWire, WireError> {
+        let h = if parts.len() == 1 {
+            parts.into_iter().next().ok_or_else(|| wire_error(ErrorCode::Internal, "no rows"))?
+        } else {
+            Tensor::cat(&parts, 0).map_err(|e| engine_error(e.into()))?
         };
+        let dims = h.dims().to_vec();
+        let values = h
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| engine_error(e.into()))?;
+        let t = WireTensor::from_f32(&values, &dims, WireDType::F32)
+            .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?;
+        Ok(StageOutputWire::Hidden(t))
+    }
+
+    /// Signs a finished step's output (after any injected fault, in test builds).
+    fn finish(&mut self, step: &Step, output: StageOutputWire) -> Result<StageResult, WireError> {
+        let (cache, req) = (step.cache, &step.req);
         #[cfg(feature = "fault-injection")]
         let output = match &mut self.faults {
             Some(f) => f.apply(cache, &req.input, output),
@@ -109,6 +192,8 @@ impl ShardServer {
             Some(f) => f.tamper(cache, signed),
             None => signed,
         };
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = cache;
         Ok(signed)
     }
 
@@ -160,6 +245,54 @@ impl ShardServer {
                 Ok(StageInput::Hidden(t))
             }
         }
+    }
+}
+
+/// A request being served: its input, checked, and how far it has run. Long prefills run a
+/// chunk per batch so they never hold other sessions' next tokens back.
+pub struct Step {
+    cache: u64,
+    req: StageForward,
+    input: StageInput,
+    len: usize,
+    done: usize,
+    hidden: Vec<Tensor>,
+}
+
+impl Step {
+    /// The session cache it runs in.
+    pub fn cache(&self) -> u64 {
+        self.cache
+    }
+
+    /// Positions not yet run.
+    pub fn remaining(&self) -> usize {
+        self.len - self.done
+    }
+
+    /// Whether this is a one-position step (decode) rather than a prefill or replay.
+    pub fn is_decode(&self) -> bool {
+        self.len == 1
+    }
+
+    /// The engine's view of the next `take` positions.
+    fn next_item(&self, take: usize) -> Result<BatchItem, WireError> {
+        let input = match &self.input {
+            StageInput::Tokens(t) => StageInput::Tokens(
+                t.get(self.done..self.done + take)
+                    .ok_or_else(|| wire_error(ErrorCode::Internal, "step past its input"))?
+                    .to_vec(),
+            ),
+            StageInput::Hidden(h) => StageInput::Hidden(
+                h.narrow(0, self.done, take)
+                    .map_err(|e| engine_error(e.into()))?,
+            ),
+        };
+        Ok(BatchItem {
+            session: self.cache,
+            pos: self.req.position as usize + self.done,
+            input,
+        })
     }
 }
 

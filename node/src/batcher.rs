@@ -1,0 +1,286 @@
+//! The stage scheduler. Every session's steps for the loaded stage go into one queue; one
+//! worker thread owns the stage and, whenever it is free, takes every ready step up to a
+//! token budget and runs them as one batch: one pass over the weights serves all of them.
+//! Decode steps go first; prefills fill the rest of the budget a chunk at a time, oldest
+//! first, so a long prompt delays other sessions' next tokens by one chunk at most and no
+//! session starves. A step whose client is gone is dropped at the next chunk boundary. The
+//! network side never waits on compute: it hands steps over and awaits their answers.
+
+use crate::shard::{ShardServer, Step};
+use crate::wire::wire_error;
+use potluck_protocol::messages::{ErrorCode, StageForward, StageResult, WireError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// How much work one batch may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Positions (decode tokens plus prefill chunk rows) in one batch.
+    pub max_tokens: usize,
+    /// Sessions in one batch.
+    pub max_sessions: usize,
+}
+
+impl BatchLimits {
+    /// The default budget: on a CPU, rows past a few hundred no longer make a pass cheaper
+    /// per row, and a bigger chunk only delays the decode steps waiting beside it.
+    pub const DEFAULT: BatchLimits = BatchLimits {
+        max_tokens: 256,
+        max_sessions: 64,
+    };
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Rows-per-batch histogram buckets: 1, 2, 3-4, 5-8, ... , 257 and more.
+pub const ROW_BUCKETS: usize = 10;
+
+/// What the scheduler has done, for `potluck node status`, bench and tests.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Batches run.
+    pub batches: AtomicU64,
+    /// Rows run, over all batches.
+    pub rows: AtomicU64,
+    /// Steps (requests) finished.
+    pub steps: AtomicU64,
+    /// Microseconds steps waited before their first rows ran, summed.
+    pub queue_wait_us: AtomicU64,
+    /// Microseconds the stage spent computing.
+    pub busy_us: AtomicU64,
+    /// Batches by rows: bucket b holds batches of 2^(b-1)+1 ..= 2^b rows.
+    pub row_histogram: [AtomicU64; ROW_BUCKETS],
+}
+
+impl BatchStats {
+    fn record(&self, rows: usize, busy_us: u64) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        self.busy_us.fetch_add(busy_us, Ordering::Relaxed);
+        let bucket = (usize::BITS - rows.saturating_sub(1).leading_zeros()) as usize;
+        if let Some(b) = self.row_histogram.get(bucket.min(ROW_BUCKETS - 1)) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Mean rows per batch so far.
+    pub fn mean_rows(&self) -> f64 {
+        let b = self.batches.load(Ordering::Relaxed);
+        self.rows.load(Ordering::Relaxed) as f64 / b.max(1) as f64
+    }
+}
+
+/// A step handed to the worker, with where its answer goes.
+struct Job {
+    step: Step,
+    reply: oneshot::Sender<Result<StageResult, WireError>>,
+    cancel: Arc<AtomicBool>,
+    queued: Instant,
+    started: bool,
+}
+
+/// A request as the network side hands it over.
+struct Request {
+    cache: u64,
+    req: StageForward,
+    reply: oneshot::Sender<Result<StageResult, WireError>>,
+    cancel: Arc<AtomicBool>,
+    queued: Instant,
+}
+
+enum Msg {
+    Step(Request),
+    End(u64),
+}
+
+/// The queue in front of one loaded stage. Dropping every handle stops its worker and frees
+/// the stage.
+pub struct StageQueue {
+    tx: mpsc::Sender<Msg>,
+    stats: Arc<BatchStats>,
+}
+
+impl StageQueue {
+    /// Starts the worker thread that owns `server`.
+    pub fn start(server: ShardServer, limits: BatchLimits) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(BatchStats::default());
+        let worker = Worker {
+            server,
+            limits,
+            waiting: Vec::new(),
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("potluck-stage".into())
+            .spawn(move || worker.run(rx))?;
+        Ok(Self { tx, stats })
+    }
+
+    /// The scheduler's counters.
+    pub fn stats(&self) -> Arc<BatchStats> {
+        self.stats.clone()
+    }
+
+    /// Queues `req` for session cache `cache`; the answer comes when its batch has run (a
+    /// bad request is answered at once with its error). Setting `cancel` drops it at the next
+    /// chunk boundary.
+    pub fn submit(
+        &self,
+        cache: u64,
+        req: StageForward,
+        cancel: Arc<AtomicBool>,
+    ) -> oneshot::Receiver<Result<StageResult, WireError>> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            cache,
+            req,
+            reply,
+            cancel,
+            queued: Instant::now(),
+        };
+        if let Err(mpsc::SendError(Msg::Step(r))) = self.tx.send(Msg::Step(request)) {
+            let _ = r
+                .reply
+                .send(Err(wire_error(ErrorCode::Internal, "the stage has stopped")));
+        }
+        answer
+    }
+
+    /// Frees a session's cache once its stream has ended.
+    pub fn end_session(&self, cache: u64) {
+        let _ = self.tx.send(Msg::End(cache));
+    }
+}
+
+struct Worker {
+    server: ShardServer,
+    limits: BatchLimits,
+    waiting: Vec<Job>,
+    stats: Arc<BatchStats>,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            if self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(m) => self.take(m),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(m) = rx.try_recv() {
+                self.take(m);
+            }
+            self.waiting.retain(|j| !j.cancel.load(Ordering::Relaxed));
+            if !self.waiting.is_empty() {
+                self.run_batch();
+            }
+        }
+    }
+
+    fn take(&mut self, m: Msg) {
+        match m {
+            Msg::Step(r) => match self.server.prepare(r.cache, r.req) {
+                Ok(step) => self.waiting.push(Job {
+                    step,
+                    reply: r.reply,
+                    cancel: r.cancel,
+                    queued: r.queued,
+                    started: false,
+                }),
+                Err(e) => {
+                    let _ = r.reply.send(Err(e));
+                }
+            },
+            Msg::End(cache) => {
+                self.waiting.retain(|j| j.step.cache() != cache);
+                self.server.end_session(cache);
+            }
+        }
+    }
+
+    /// Picks this batch: (index into `waiting`, rows to run).
+    fn pick(&self) -> Vec<(usize, usize)> {
+        let BatchLimits {
+            max_tokens,
+            max_sessions,
+        } = self.limits;
+        let (max_tokens, max_sessions) = (max_tokens.max(1), max_sessions.max(1));
+        let prefill_waits = self.waiting.iter().any(|j| !j.step.is_decode());
+        // Decode steps never take the whole budget while a prefill waits.
+        let decode_budget = if prefill_waits {
+            (max_tokens - max_tokens / 4).max(1)
+        } else {
+            max_tokens
+        };
+        let mut picked = Vec::new();
+        let mut rows = 0;
+        for (i, j) in self.waiting.iter().enumerate() {
+            if picked.len() >= max_sessions || rows >= decode_budget {
+                break;
+            }
+            if j.step.is_decode() {
+                picked.push((i, 1));
+                rows += 1;
+            }
+        }
+        for (i, j) in self.waiting.iter().enumerate() {
+            if picked.len() >= max_sessions || rows >= max_tokens {
+                break;
+            }
+            if !j.step.is_decode() {
+                let take = j.step.remaining().min(max_tokens - rows);
+                picked.push((i, take));
+                rows += take;
+            }
+        }
+        picked
+    }
+
+    fn run_batch(&mut self) {
+        let picked = self.pick();
+        let rows: usize = picked.iter().map(|(_, t)| t).sum();
+        let now = Instant::now();
+        let mut slots: Vec<Option<&mut Job>> = self.waiting.iter_mut().map(Some).collect();
+        let mut jobs: Vec<&mut Job> = Vec::with_capacity(picked.len());
+        for (i, _) in &picked {
+            if let Some(j) = slots.get_mut(*i).and_then(Option::take) {
+                if !j.started {
+                    j.started = true;
+                    let waited = now.duration_since(j.queued).as_micros() as u64;
+                    self.stats.queue_wait_us.fetch_add(waited, Ordering::Relaxed);
+                }
+                jobs.push(j);
+            }
+        }
+        let mut batch: Vec<(&mut Step, usize)> = jobs
+            .into_iter()
+            .zip(&picked)
+            .map(|(j, (_, take))| (&mut j.step, *take))
+            .collect();
+        let answers = self.server.advance(&mut batch);
+        drop(batch);
+        self.stats
+            .record(rows, now.elapsed().as_micros() as u64);
+        // Answer finished steps; unfinished ones keep their place in the queue.
+        let mut done: Vec<(usize, Result<StageResult, WireError>)> = picked
+            .iter()
+            .zip(answers)
+            .filter_map(|((i, _), a)| a.map(|a| (*i, a)))
+            .collect();
+        done.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, answer) in done {
+            let job = self.waiting.remove(i);
+            self.stats.steps.fetch_add(1, Ordering::Relaxed);
+            let _ = job.reply.send(answer);
+        }
+    }
+}
