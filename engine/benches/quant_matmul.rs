@@ -1,6 +1,8 @@
 //! Kernel throughput on SmolLM2's shapes: weights hot in cache (compute bound) and streamed
 //! from memory through many distinct matrices (as decode does), in GB/s of weights read and
-//! ms per token-equivalent. `cargo bench -p potluck-engine --bench quant_matmul`.
+//! ms per token-equivalent, and in GOP/s (a multiply-add counted as two operations) at 1, 4,
+//! 16 and 64 activation rows, which is what batching buys.
+//! `cargo bench -p potluck-engine --bench quant_matmul`.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -32,23 +34,32 @@ fn run(name: &str, mats: &[(QuantMatrix, usize)], m: usize, reps: usize) {
         }
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }
+    let ops: usize = mats.iter().map(|(q, _)| 2 * q.rows() * q.cols() * m).sum();
     println!(
-        "{name:<44} m={m:<4} {:>8.3} ms/pass {:>7.1} GB/s of weights",
+        "{name:<44} m={m:<4} {:>8.3} ms/pass {:>7.1} GB/s of weights {:>7.1} GOP/s",
         best * 1e3,
-        bytes as f64 / best / 1e9
+        bytes as f64 / best / 1e9,
+        ops as f64 / best / 1e9
     );
 }
 
 fn main() {
     let mut rng = Rng::new(1);
     let hot = vec![matrix(&mut rng, 1536, 576, GgmlDType::Q4_1)];
-    run("Q4_1 gate/up 1536x576, cache-hot", &hot, 1, 200);
-    run("Q4_1 gate/up 1536x576, cache-hot", &hot, 64, 10);
+    for m in [1, 4, 16, 64] {
+        run("Q4_1 gate/up 1536x576, cache-hot", &hot, m, 200 / m);
+    }
+    let hot8 = vec![matrix(&mut rng, 1536, 576, GgmlDType::Q8_0)];
+    for m in [1, 4, 16, 64] {
+        run("Q8_0 1536x576, cache-hot", &hot8, m, 200 / m);
+    }
     // 30 blocks' worth of the largest projections: 66 MB, streamed like a decode step.
     let stream: Vec<_> = (0..60)
         .map(|_| matrix(&mut rng, 1536, 576, GgmlDType::Q4_1))
         .collect();
-    run("Q4_1 60 x 1536x576, streamed", &stream, 1, 3);
+    for m in [1, 4, 16, 64] {
+        run("Q4_1 60 x 1536x576, streamed", &stream, m, 3);
+    }
     let head = vec![matrix(&mut rng, 49152, 576, GgmlDType::Q8_0)];
     run("Q8_0 LM head 49152x576, streamed", &head, 1, 5);
     // One decode token's projections: 30 blocks of qkv, o, gate_up, down (down reads 1536).

@@ -1,11 +1,15 @@
 //! Our own CPU matmul kernels for the two weight types the default model uses, Q4_1 and Q8_0
 //! (candle's Q4_1 dot product is scalar). Activations are quantized once per row to 8 bits in
 //! blocks of 32 (llama.cpp's Q8_1 pairing: a scale and the block's scaled sum). Weights are
-//! re-laid at load into tiles of four rows per block, f16 scales widened to f32, so one
-//! activation block is loaded once for four rows and each tile is one contiguous read.
-//! Every output is one dot product over its own weight row in a fixed order, so results do
-//! not depend on how rows are stacked, tiled, batched or split across threads: stages stay
-//! bit-identical to the whole model.
+//! re-laid at load into tiles of eight rows per block, f16 scales widened to f32, with each
+//! row's values in groups of four so one 256-bit register holds a group of all eight rows:
+//! every multiply lands in its own row's lane, a block's integer dot products need no
+//! horizontal sums, and one scale multiply serves eight rows. A tile is loaded once for up to
+//! four activation rows, so a batch of many rows costs far less per row than one.
+//! Every output is one integer dot product per block over its own weight row, scaled and
+//! summed over blocks in a fixed order, so results do not depend on how rows are stacked,
+//! tiled, batched or split across threads: stages and batches stay bit-identical to a
+//! session run alone.
 
 use crate::error::{EngineError, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -14,30 +18,44 @@ use half::f16;
 /// Values per quantization block.
 const QK: usize = 32;
 /// Weight rows per tile.
-const TILE: usize = 4;
+const TILE: usize = 8;
+/// Activation rows one pass over a tile serves.
+const ROWS: usize = 4;
 
-/// Four Q4_1 rows of one block: value = d * q + m, q in 0..16 (low nibbles are values
-/// 0..16 of the block, high nibbles 16..32).
-#[derive(Clone, Copy, Default)]
+/// Eight Q4_1 rows of one block: value = d * q + m, q in 0..16. `qs` is four 32-byte
+/// groups; byte `h * 32 + row * 4 + b` holds value `4h + b` of that row in its low nibble
+/// and value `4h + 16 + b` in its high one.
+#[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct TileQ4_1 {
     d: [f32; TILE],
     m: [f32; TILE],
-    qs: [[u8; 16]; TILE],
+    qs: [u8; 128],
 }
 
-/// Four Q8_0 rows of one block: value = d * q.
+impl Default for TileQ4_1 {
+    fn default() -> Self {
+        Self {
+            d: [0.0; TILE],
+            m: [0.0; TILE],
+            qs: [0; 128],
+        }
+    }
+}
+
+/// Eight Q8_0 rows of one block: value = d * q. Byte `g * 32 + row * 4 + b` of `qs` holds
+/// value `4g + b` of that row.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct TileQ8_0 {
-    qs: [[i8; 32]; TILE],
+    qs: [i8; 256],
     d: [f32; TILE],
 }
 
 impl Default for TileQ8_0 {
     fn default() -> Self {
         Self {
-            qs: [[0; 32]; TILE],
+            qs: [0; 256],
             d: [0.0; TILE],
         }
     }
@@ -108,33 +126,38 @@ impl QuantMatrix {
             raw.extend_from_slice(&data);
             rows += r;
         }
-        let quads = rows.div_ceil(TILE);
+        let octs = rows.div_ceil(TILE);
         // Block b of row r, as stored in the file.
         let block =
             |r: usize, b: usize| &raw[(r * nb + b) * block_bytes..(r * nb + b + 1) * block_bytes];
         let weights = match dtype {
             GgmlDType::Q4_1 => {
-                let mut tiles = huge_vec(quads * nb, TileQ4_1::default());
+                let mut tiles = huge_vec(octs * nb, TileQ4_1::default());
                 for r in 0..rows {
                     for b in 0..nb {
                         let src = block(r, b);
-                        let t = &mut tiles[(r / TILE) * nb + b];
-                        t.d[r % TILE] = f16_at(src, 0);
-                        t.m[r % TILE] = f16_at(src, 2);
-                        t.qs[r % TILE].copy_from_slice(&src[4..20]);
+                        let (t, l) = (&mut tiles[(r / TILE) * nb + b], r % TILE);
+                        t.d[l] = f16_at(src, 0);
+                        t.m[l] = f16_at(src, 2);
+                        for v in 0..QK {
+                            let byte = src[4 + v % 16];
+                            let q = if v < 16 { byte & 0x0F } else { byte >> 4 };
+                            let (h, hi, b) = ((v % 16) / 4, v >= 16, v % 4);
+                            t.qs[h * 32 + l * 4 + b] |= if hi { q << 4 } else { q };
+                        }
                     }
                 }
                 Weights::Q4_1(tiles)
             }
             _ => {
-                let mut tiles = huge_vec(quads * nb, TileQ8_0::default());
+                let mut tiles = huge_vec(octs * nb, TileQ8_0::default());
                 for r in 0..rows {
                     for b in 0..nb {
                         let src = block(r, b);
-                        let t = &mut tiles[(r / TILE) * nb + b];
-                        t.d[r % TILE] = f16_at(src, 0);
-                        for (dst, &v) in t.qs[r % TILE].iter_mut().zip(&src[2..34]) {
-                            *dst = v as i8;
+                        let (t, l) = (&mut tiles[(r / TILE) * nb + b], r % TILE);
+                        t.d[l] = f16_at(src, 0);
+                        for (v, &q) in src[2..34].iter().enumerate() {
+                            t.qs[(v / 4) * 32 + l * 4 + v % 4] = q as i8;
                         }
                     }
                 }
@@ -174,99 +197,103 @@ impl QuantMatrix {
         }
         let mut out = vec![0f32; m * self.rows];
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let quads = self.rows.div_ceil(TILE);
+        let octs = self.rows.div_ceil(TILE);
         let acts = &acts[..];
-        candle_core::utils::barrier_pool().execute_chunked(quads, |range| {
+        candle_core::utils::barrier_pool().execute_chunked(octs, |range| {
             let out_ptr = &out_ptr;
-            let mut dots = [[0f32; TILE]; 2];
-            for quad in range {
-                let r0 = quad * TILE;
+            let mut dots = [[0f32; TILE]; ROWS];
+            for oct in range {
+                let r0 = oct * TILE;
                 let nr = (self.rows - r0).min(TILE);
                 let mut i = 0;
                 while i < m {
-                    let pair = (m - i).min(2);
+                    let take = (m - i).min(ROWS);
                     self.tile_dots(
-                        quad,
-                        &acts[i * self.nb..(i + pair) * self.nb],
-                        pair,
+                        oct,
+                        &acts[i * self.nb..(i + take) * self.nb],
+                        take,
                         &mut dots,
                     );
-                    for (k, row_dots) in dots.iter().enumerate().take(pair) {
+                    for (k, row_dots) in dots.iter().enumerate().take(take) {
                         for (j, &v) in row_dots[..nr].iter().enumerate() {
                             // SAFETY: (i + k, r0 + j) is inside the (m, rows) output, and each
-                            // quad of rows is written by exactly one worker.
+                            // tile of rows is written by exactly one worker.
                             unsafe { *out_ptr.0.add((i + k) * self.rows + r0 + j) = v };
                         }
                     }
-                    i += pair;
+                    i += take;
                 }
             }
         });
         Ok(out)
     }
 
-    /// Dots of the four rows of `quad` with `pair` (1 or 2) activation rows laid end to end.
-    fn tile_dots(&self, quad: usize, acts: &[ActBlock], pair: usize, out: &mut [[f32; TILE]; 2]) {
+    /// Dots of the eight rows of tile `oct` with `take` (1 to 4) activation rows laid end to
+    /// end.
+    fn tile_dots(
+        &self,
+        oct: usize,
+        acts: &[ActBlock],
+        take: usize,
+        out: &mut [[f32; TILE]; ROWS],
+    ) {
         let nb = self.nb;
+        let tiles = oct * nb..(oct + 1) * nb;
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: AVX2 and FMA are present (checked); the tile and activation slices hold
             // exactly `nb` blocks per row, which is all the kernels read.
             unsafe {
-                match (&self.weights, pair) {
-                    (Weights::Q4_1(t), 1) => {
-                        x86::q4_1_tile::<1>(&t[quad * nb..(quad + 1) * nb], acts, out)
-                    }
-                    (Weights::Q4_1(t), _) => {
-                        x86::q4_1_tile::<2>(&t[quad * nb..(quad + 1) * nb], acts, out)
-                    }
-                    (Weights::Q8_0(t), 1) => {
-                        x86::q8_0_tile::<1>(&t[quad * nb..(quad + 1) * nb], acts, out)
-                    }
-                    (Weights::Q8_0(t), _) => {
-                        x86::q8_0_tile::<2>(&t[quad * nb..(quad + 1) * nb], acts, out)
-                    }
+                match (&self.weights, take) {
+                    (Weights::Q4_1(t), 1) => x86::q4_1_tile::<1>(&t[tiles], acts, out),
+                    (Weights::Q4_1(t), 2) => x86::q4_1_tile::<2>(&t[tiles], acts, out),
+                    (Weights::Q4_1(t), 3) => x86::q4_1_tile::<3>(&t[tiles], acts, out),
+                    (Weights::Q4_1(t), _) => x86::q4_1_tile::<4>(&t[tiles], acts, out),
+                    (Weights::Q8_0(t), 1) => x86::q8_0_tile::<1>(&t[tiles], acts, out),
+                    (Weights::Q8_0(t), 2) => x86::q8_0_tile::<2>(&t[tiles], acts, out),
+                    (Weights::Q8_0(t), 3) => x86::q8_0_tile::<3>(&t[tiles], acts, out),
+                    (Weights::Q8_0(t), _) => x86::q8_0_tile::<4>(&t[tiles], acts, out),
                 }
             }
             return;
         }
-        for (k, o) in out.iter_mut().enumerate().take(pair) {
+        for (k, o) in out.iter_mut().enumerate().take(take) {
             let a = &acts[k * nb..(k + 1) * nb];
             for (j, v) in o.iter_mut().enumerate() {
-                *v = self.dot_portable(quad, j, a);
+                *v = self.dot_portable(tiles.clone(), j, a);
             }
         }
     }
 
-    /// One row's dot product without SIMD, for CPUs without AVX2.
-    fn dot_portable(&self, quad: usize, j: usize, a: &[ActBlock]) -> f32 {
-        let tiles = quad * self.nb..(quad + 1) * self.nb;
-        let (mut acc, mut macc) = (0f32, 0f32);
+    /// One row's dot product without SIMD, for CPUs without AVX2: the same integer sums and
+    /// the same fused scaling, block by block, as the SIMD kernels.
+    fn dot_portable(&self, tiles: std::ops::Range<usize>, j: usize, a: &[ActBlock]) -> f32 {
+        let mut acc = 0f32;
         match &self.weights {
             Weights::Q4_1(t) => {
                 for (tile, act) in t[tiles].iter().zip(a) {
-                    let q = &tile.qs[j];
                     let mut sum = 0i32;
-                    for (k, &byte) in q.iter().enumerate() {
-                        sum += (byte & 0x0F) as i32 * act.qs[k] as i32;
-                        sum += (byte >> 4) as i32 * act.qs[k + 16] as i32;
+                    for v in 0..QK {
+                        let (h, b) = ((v % 16) / 4, v % 4);
+                        let byte = tile.qs[h * 32 + j * 4 + b];
+                        let q = if v < 16 { byte & 0x0F } else { byte >> 4 };
+                        sum += q as i32 * act.qs[v] as i32;
                     }
-                    acc += sum as f32 * (tile.d[j] * act.d);
-                    macc += tile.m[j] * act.s;
+                    acc = (sum as f32).mul_add(tile.d[j] * act.d, acc);
+                    acc = tile.m[j].mul_add(act.s, acc);
                 }
             }
             Weights::Q8_0(t) => {
                 for (tile, act) in t[tiles].iter().zip(a) {
-                    let sum: i32 = tile.qs[j]
-                        .iter()
-                        .zip(&act.qs)
-                        .map(|(&w, &x)| w as i32 * x as i32)
-                        .sum();
-                    acc += sum as f32 * (tile.d[j] * act.d);
+                    let mut sum = 0i32;
+                    for v in 0..QK {
+                        sum += tile.qs[(v / 4) * 32 + j * 4 + v % 4] as i32 * act.qs[v] as i32;
+                    }
+                    acc = (sum as f32).mul_add(tile.d[j] * act.d, acc);
                 }
             }
         }
-        acc + macc
+        acc
     }
 }
 
@@ -339,46 +366,23 @@ fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // register arrays indexed by row and activation row
 mod x86 {
-    use super::{ActBlock, TileQ4_1, TileQ8_0, TILE};
+    use super::{ActBlock, TileQ4_1, TileQ8_0, ROWS, TILE};
     use std::arch::x86_64::*;
 
     /// How far ahead of the current tile to prefetch: the weights stream from memory once per
     /// token, and the hardware prefetcher alone leaves the loads waiting.
-    const PREFETCH_TILES: usize = 16;
+    const PREFETCH_TILES: usize = 6;
 
-    /// Asks for the cache lines of the tile at `p`; past the end it is a harmless hint.
+    /// Asks for every cache line of the tile at `p`; past the end it is a harmless hint.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn prefetch<T>(p: *const T) {
         let p = p as *const i8;
-        _mm_prefetch::<_MM_HINT_T0>(p);
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-    }
-
-    /// Sum of u8 x i8 products of 32 pairs as eight f32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
-        let p16 = _mm256_maddubs_epi16(w, x);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
-    }
-
-    /// Q4_1 tile row `j` unpacked to 32 unsigned bytes in value order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn nibbles(t: &TileQ4_1, j: usize) -> __m256i {
-        let v = _mm_load_si128(t.qs.as_ptr().add(j) as *const __m128i);
-        let v = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
-        _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+        let mut at = 0;
+        while at < std::mem::size_of::<T>() {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at));
+            at += 64;
+        }
     }
 
     /// One block of 32 activations to 8 bits: scale amax / 127, nearest-even rounding.
@@ -429,81 +433,85 @@ mod x86 {
         out
     }
 
-    /// Four Q4_1 rows against R activation rows (R blocks apart in `acts`).
+    /// Eight Q4_1 rows against R activation rows (`nb` blocks apart in `acts`).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn q4_1_tile<const R: usize>(
         tiles: &[TileQ4_1],
         acts: &[ActBlock],
-        out: &mut [[f32; TILE]; 2],
+        out: &mut [[f32; TILE]; ROWS],
     ) {
         let nb = tiles.len();
-        let mut acc = [[_mm256_setzero_ps(); TILE]; R];
-        let mut macc = [_mm_setzero_ps(); R];
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
             let t = tiles.get_unchecked(b);
             prefetch(tiles.as_ptr().wrapping_add(b + PREFETCH_TILES));
-            let dv = _mm_load_ps(t.d.as_ptr());
-            let mv = _mm_load_ps(t.m.as_ptr());
-            let mut xs = [_mm256_setzero_si256(); R];
-            let mut scales = [_mm_setzero_ps(); R];
+            // Per row lane, at most 8 pairs of 15 x 127 per 16-bit sum: no saturation.
+            let mut s16 = [_mm256_setzero_si256(); R];
+            for h in 0..4 {
+                let p = _mm256_load_si256(t.qs.as_ptr().add(32 * h) as *const __m256i);
+                let lo = _mm256_and_si256(p, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+                for k in 0..R {
+                    let q = acts.get_unchecked(k * nb + b).qs.as_ptr() as *const i32;
+                    let xl = _mm256_set1_epi32(std::ptr::read_unaligned(q.add(h)));
+                    let xh = _mm256_set1_epi32(std::ptr::read_unaligned(q.add(h + 4)));
+                    let pair =
+                        _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                    s16[k] = _mm256_add_epi16(s16[k], pair);
+                }
+            }
+            let dv = _mm256_load_ps(t.d.as_ptr());
+            let mv = _mm256_load_ps(t.m.as_ptr());
             for k in 0..R {
                 let a = acts.get_unchecked(k * nb + b);
-                xs[k] = _mm256_load_si256(a.qs.as_ptr() as *const __m256i);
-                scales[k] = _mm_mul_ps(dv, _mm_set1_ps(a.d));
-                macc[k] = _mm_fmadd_ps(mv, _mm_set1_ps(a.s), macc[k]);
-            }
-            for j in 0..TILE {
-                let w = nibbles(t, j);
-                for k in 0..R {
-                    let s = _mm256_set1_ps(*(&scales[k] as *const __m128 as *const f32).add(j));
-                    acc[k][j] = _mm256_fmadd_ps(dot_u8_i8(w, xs[k]), s, acc[k][j]);
-                }
+                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[k], ones));
+                let scale = _mm256_mul_ps(dv, _mm256_set1_ps(a.d));
+                acc[k] = _mm256_fmadd_ps(sum, scale, acc[k]);
+                acc[k] = _mm256_fmadd_ps(mv, _mm256_set1_ps(a.s), acc[k]);
             }
         }
         for k in 0..R {
-            let mut m = [0f32; TILE];
-            _mm_storeu_ps(m.as_mut_ptr(), macc[k]);
-            for j in 0..TILE {
-                out[k][j] = hsum(acc[k][j]) + m[j];
-            }
+            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
         }
     }
 
-    /// Four Q8_0 rows against R activation rows (R blocks apart in `acts`).
+    /// Eight Q8_0 rows against R activation rows (`nb` blocks apart in `acts`).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn q8_0_tile<const R: usize>(
         tiles: &[TileQ8_0],
         acts: &[ActBlock],
-        out: &mut [[f32; TILE]; 2],
+        out: &mut [[f32; TILE]; ROWS],
     ) {
         let nb = tiles.len();
-        let mut acc = [[_mm256_setzero_ps(); TILE]; R];
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
             let t = tiles.get_unchecked(b);
             prefetch(tiles.as_ptr().wrapping_add(b + PREFETCH_TILES));
-            let dv = _mm_load_ps(t.d.as_ptr());
-            let mut xs = [_mm256_setzero_si256(); R];
-            let mut scales = [_mm_setzero_ps(); R];
-            for k in 0..R {
-                let a = acts.get_unchecked(k * nb + b);
-                xs[k] = _mm256_load_si256(a.qs.as_ptr() as *const __m256i);
-                scales[k] = _mm_mul_ps(dv, _mm_set1_ps(a.d));
-            }
-            for j in 0..TILE {
-                let w = _mm256_load_si256(t.qs.as_ptr().add(j) as *const __m256i);
+            let mut s32 = [_mm256_setzero_si256(); R];
+            for g in 0..8 {
+                let w = _mm256_load_si256(t.qs.as_ptr().add(32 * g) as *const __m256i);
                 let aw = _mm256_sign_epi8(w, w);
                 for k in 0..R {
-                    let s = _mm256_set1_ps(*(&scales[k] as *const __m128 as *const f32).add(j));
-                    // |w| as unsigned times x with w's sign moved onto it.
-                    acc[k][j] =
-                        _mm256_fmadd_ps(dot_u8_i8(aw, _mm256_sign_epi8(xs[k], w)), s, acc[k][j]);
+                    let q = acts.get_unchecked(k * nb + b).qs.as_ptr() as *const i32;
+                    let x = _mm256_set1_epi32(std::ptr::read_unaligned(q.add(g)));
+                    // |w| as unsigned times x with w's sign moved onto it; a pair of products
+                    // fits 16 bits, two pairs may not, so each widens at once.
+                    let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
+                    s32[k] = _mm256_add_epi32(s32[k], _mm256_madd_epi16(p, ones));
                 }
+            }
+            let dv = _mm256_load_ps(t.d.as_ptr());
+            for k in 0..R {
+                let a = acts.get_unchecked(k * nb + b);
+                let scale = _mm256_mul_ps(dv, _mm256_set1_ps(a.d));
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[k]), scale, acc[k]);
             }
         }
         for k in 0..R {
-            for j in 0..TILE {
-                out[k][j] = hsum(acc[k][j]);
-            }
+            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
         }
     }
 }

@@ -268,8 +268,9 @@ impl Worker {
             .collect();
         let answers = self.server.advance(&mut batch);
         drop(batch);
-        self.stats
-            .record(rows, now.elapsed().as_micros() as u64);
+        let busy = now.elapsed();
+        self.stats.record(rows, busy.as_micros() as u64);
+        tracing::debug!(rows, steps = picked.len(), busy_ms = busy.as_secs_f64() * 1e3, "batch");
         // Answer finished steps; unfinished ones keep their place in the queue.
         let mut done: Vec<(usize, Result<StageResult, WireError>)> = picked
             .iter()
