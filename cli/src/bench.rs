@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// (the spot checks' tolerances), over this many sessions of --gen-tokens tokens.
     #[arg(long)]
     pub checks: Option<usize>,
+    /// Instead: the engine's batched step in this process, at 1, 4, 16 and 64 sessions (or
+    /// these, comma-separated): each session prefills --prompt-tokens, then all decode
+    /// --gen-tokens tokens together, one batch per step.
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    pub batched: Option<Vec<usize>>,
     /// With --clients: copies of each span in the pool started here (spot checks need a
     /// second copy to recompute on).
     #[arg(long, default_value_t = 1)]
@@ -242,6 +247,9 @@ pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
     if args.runs == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 {
         bail!("--runs, --prompt-tokens and --gen-tokens must be at least 1");
     }
+    if let Some(sizes) = &args.batched {
+        return batched(cache, &args, sizes);
+    }
     let (mut stages, tok) = crate::generate::load_stages(cache, &args.model, args.stages)?;
     let ctx = stages[0].config().context;
     if args.prompt_tokens + args.gen_tokens > ctx {
@@ -294,6 +302,71 @@ pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
         (pool.prefill_secs - local.prefill_secs) * 1000.0 / hops,
         prompt.len(),
     );
+    Ok(())
+}
+
+/// `--batched`: decode speed of one stage holding the whole model when every step runs the
+/// rows of N sessions as one batch, beside N = 1 in the same run.
+fn batched(cache: &ModelCache, args: &BenchArgs, sizes: &[usize]) -> Result<()> {
+    use potluck_engine::llama::{BatchItem, StageInput, StageOutput};
+    let sizes: Vec<usize> = if sizes.is_empty() {
+        vec![1, 4, 16, 64]
+    } else {
+        sizes.to_vec()
+    };
+    let (mut stages, tok) = crate::generate::load_stages(cache, &args.model, 1)?;
+    let stage = &mut stages[0];
+    let seed_text = "The quick brown fox jumps over the lazy dog. Potluck pools idle computers. ";
+    let mut prompt = tok.encode(&seed_text.repeat(1 + args.prompt_tokens / 8))?;
+    prompt.truncate(args.prompt_tokens);
+    if prompt.len() + args.gen_tokens > stage.config().context {
+        bail!("prompt + generated tokens exceed the model's context");
+    }
+    let mut base = None;
+    for &n in &sizes {
+        if n == 0 {
+            bail!("--batched sizes must be at least 1");
+        }
+        let ids: Vec<u64> = (0..n as u64).map(|i| 1_000 + i).collect();
+        let items = |pos: usize, tokens: &[Vec<u32>]| -> Vec<BatchItem> {
+            ids.iter()
+                .zip(tokens)
+                .map(|(&session, t)| BatchItem {
+                    session,
+                    pos,
+                    input: StageInput::Tokens(t.clone()),
+                })
+                .collect()
+        };
+        let t = Instant::now();
+        let mut next = pick_all(stage.forward_batch(items(0, &vec![prompt.clone(); n])))?;
+        let prefill = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for i in 0..args.gen_tokens {
+            let tokens: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+            next = pick_all(stage.forward_batch(items(prompt.len() + i, &tokens)))?;
+        }
+        let decode = t.elapsed().as_secs_f64();
+        for id in &ids {
+            stage.end_session(*id);
+        }
+        let tps = (n * args.gen_tokens) as f64 / decode;
+        let gain = *base.get_or_insert(tps);
+        println!(
+            "batched step, {n:>3} sessions: prefill {:.1} t/s, decode {tps:.1} t/s overall ({:.2}x one session), {:.2} ms per step",
+            (n * prompt.len()) as f64 / prefill,
+            tps / gain,
+            decode * 1e3 / args.gen_tokens as f64
+        );
+    }
+    fn pick_all(out: Vec<potluck_engine::Result<StageOutput>>) -> Result<Vec<u32>> {
+        out.into_iter()
+            .map(|o| match o? {
+                StageOutput::Logits(l) => potluck_engine::llama::argmax(&l).context("no logits"),
+                StageOutput::Hidden(_) => bail!("the stage returned no logits"),
+            })
+            .collect()
+    }
     Ok(())
 }
 

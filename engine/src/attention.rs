@@ -57,8 +57,37 @@ struct SendPtr(*mut f32);
 // SAFETY: workers write disjoint slices through it (see `attend`).
 unsafe impl Sync for SendPtr {}
 
-/// Softmax(q k^T / sqrt(d)) v for head `h` of one row, keys in position order.
+/// [`one_head_body`], compiled for AVX2 when the CPU has it so the dot products inline.
 fn one_head(row: &QueryRow<'_>, h: usize, s: HeadShape, scores: &mut Vec<f32>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx2() {
+        // SAFETY: AVX2 is present (checked).
+        return unsafe { one_head_avx2(row, h, s, scores, out) };
+    }
+    one_head_body(row, h, s, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn one_head_avx2(
+    row: &QueryRow<'_>,
+    h: usize,
+    s: HeadShape,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    one_head_body(row, h, s, scores, out)
+}
+
+/// Softmax(q k^T / sqrt(d)) v for head `h` of one row, keys in position order.
+#[inline(always)]
+fn one_head_body(
+    row: &QueryRow<'_>,
+    h: usize,
+    s: HeadShape,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let d = s.head_dim;
     let g = h / (s.heads / s.kv_heads).max(1);
     let stride = s.kv_heads * d;
@@ -69,7 +98,7 @@ fn one_head(row: &QueryRow<'_>, h: usize, s: HeadShape, scores: &mut Vec<f32>, o
     let mut max = f32::NEG_INFINITY;
     for j in 0..visible {
         let k = &row.k[j * stride + g * d..][..d];
-        let score = crate::simd::dot(q, k) * scale;
+        let score = crate::simd::dot_lanes(q, k) * scale;
         max = max.max(score);
         scores.push(score);
     }
@@ -81,7 +110,7 @@ fn one_head(row: &QueryRow<'_>, h: usize, s: HeadShape, scores: &mut Vec<f32>, o
     out.fill(0.0);
     for (j, &e) in scores.iter().enumerate() {
         let v = &row.v[j * stride + g * d..][..d];
-        crate::simd::axpy(e, v, out);
+        crate::simd::axpy_lanes(e, v, out);
     }
     let inv = 1.0 / sum;
     for o in out.iter_mut() {

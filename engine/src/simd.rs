@@ -3,8 +3,9 @@
 //! AVX, since Rust never fuses a multiply and an add on its own. Attention and float
 //! matmuls use them so every row's result is independent of its neighbours.
 
+/// [`dot`] for callers that already run with AVX2 enabled (it inlines there).
 #[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -20,8 +21,9 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
+/// [`axpy`] for callers that already run with AVX2 enabled (it inlines there).
 #[inline(always)]
-fn axpy_lanes(a: f32, x: &[f32], y: &mut [f32]) {
+pub fn axpy_lanes(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
     }
@@ -39,8 +41,9 @@ unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
     axpy_lanes(a, x, y)
 }
 
+/// Whether this CPU runs AVX2 (checked once).
 #[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
+pub fn avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2"))
