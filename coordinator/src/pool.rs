@@ -622,14 +622,26 @@ impl Coordinator {
     }
 
     /// Peers whose adverts stopped (missed heartbeats or expired at unix time `now`):
-    /// unreachable, unless they were on their way out anyway, then forgotten.
-    pub fn expire_silent(&self, now: u64) {
+    /// unreachable, unless they were on their way out anyway, then forgotten. A peer that
+    /// `alive` vouches for (its connection answers now) and whose advert is still valid is
+    /// late, not gone: a node busy computing, or one whose first adverts came close
+    /// together, is never dropped for it.
+    pub fn expire_silent(&self, now: u64, alive: impl Fn(PeerId) -> bool) {
         let silent = self.state().table.silent(now);
         for key in silent {
             let Some(peer) = peer_id_of(&key) else {
                 self.state().table.remove(&key);
                 continue;
             };
+            let expired = self
+                .state()
+                .table
+                .get(&key)
+                .is_none_or(|p| p.advert.expires_at <= now);
+            if !expired && alive(peer) {
+                tracing::debug!(%peer, "adverts late, but its connection answers");
+                continue;
+            }
             let leaving = self
                 .state()
                 .exclusion(&key)

@@ -144,9 +144,11 @@ pub fn node(
         "--no-mdns",
         "--bootstrap",
         bootstrap,
-        "--advert-interval",
-        "1",
     ];
+    // Quick adverts unless the test says otherwise.
+    if !extra.contains(&"--advert-interval") {
+        args.extend_from_slice(&["--advert-interval", "1"]);
+    }
     // One compute thread each unless the test says otherwise.
     if !extra.contains(&"--threads") {
         args.extend_from_slice(&["--threads", "1"]);
