@@ -56,6 +56,11 @@ pub struct BenchArgs {
     /// --gen-tokens tokens together, one batch per step.
     #[arg(long, value_delimiter = ',', num_args = 0..)]
     pub batched: Option<Vec<usize>>,
+    /// With --clients: the pool is a coordinator here and `potluck node` processes, each
+    /// pinned to its own core with one thread: `one` node, two as a pipeline `split`, or two
+    /// whole-model `replicas`; stage parallelism is then real on a small machine.
+    #[arg(long)]
+    pub pinned: Option<String>,
     /// With --clients: copies of each span in the pool started here (spot checks need a
     /// second copy to recompute on).
     #[arg(long, default_value_t = 1)]
@@ -440,10 +445,18 @@ fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
             println!("{}", r.line());
             return Ok::<_, anyhow::Error>(r);
         }
-        let spans = args.pool.unwrap_or(1);
-        let (pool, base) =
-            bench_pool_with(cache, args, spans * args.replicas.max(1), spans).await?;
-        let c = pool.coordinator;
+        let (c, base, pinned) = match &args.pinned {
+            Some(mode) => {
+                let (c, base, nodes) = pinned_pool(cache, args, mode, clients).await?;
+                (c, base, Some(nodes))
+            }
+            None => {
+                let spans = args.pool.unwrap_or(1);
+                let (pool, base) =
+                    bench_pool_with(cache, args, spans * args.replicas.max(1), spans).await?;
+                (pool.coordinator, base, None)
+            }
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
         tokio::spawn(potluck_coordinator::http::serve(
@@ -459,6 +472,9 @@ fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
             c.wait_checks().await;
             let now = CheckTotals::read(&c.metrics().encode());
             println!("round {round}: {}", r.line());
+            if let Some((nodes, dirs)) = &pinned {
+                println!("round {round}: {}", pinned_batches(dirs, nodes.0.len()));
+            }
             println!("round {round}: {}", now.since(&before));
             before = now;
             let failed = r.completed < r.clients;
@@ -478,6 +494,85 @@ fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--pinned MODE`: a coordinator in this process (room for `clients` sessions) and node
+/// processes pinned one per core: its handle, the folder to remove, the nodes and their
+/// data folders.
+async fn pinned_pool(
+    cache: &ModelCache,
+    args: &BenchArgs,
+    mode: &str,
+    clients: usize,
+) -> Result<(
+    potluck_coordinator::pool::Coordinator,
+    std::path::PathBuf,
+    (crate::bench_embed::Nodes, Vec<std::path::PathBuf>),
+)> {
+    use potluck_coordinator::daemon as coordinator;
+    let model = crate::pool::served_model(cache, &args.model)?;
+    let shape = model.shape.clone();
+    let (count, share) = match mode {
+        "one" => (1, 1),
+        "split" => (2, 2),
+        "replicas" => (2, 1),
+        other => bail!("--pinned takes one, split or replicas, not {other}"),
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    if cores < count {
+        bail!("--pinned {mode} pins {count} nodes to their own cores; this machine has {cores}");
+    }
+    let blocks = (shape.layers as u64).div_ceil(share) + 1;
+    let memory = shape.reserve_bytes + shape.edge_bytes + blocks * shape.layer_bytes;
+    let id = std::process::id();
+    let base = std::env::temp_dir().join(format!("potluck-bench-pinned-{id}"));
+    let pool = format!("bench-pinned-{id}");
+    let mut cfg = coordinator::CoordinatorConfig::new(
+        base.join("coordinator"),
+        potluck_net::gate::PoolMembership::Public { name: pool.clone() },
+        vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        false,
+    );
+    cfg.max_sessions = cfg.max_sessions.max(clients);
+    cfg.check_share = args.check_share;
+    let running = coordinator::start(cfg, model)?;
+    let c = running.coordinator.clone();
+    let bootstrap = crate::pool::local_address(running.listening)
+        .await?
+        .to_string();
+    let extra = vec!["--max-memory".to_string(), memory.to_string()];
+    let mut nodes = crate::bench_embed::Nodes(Vec::new());
+    let mut dirs = Vec::new();
+    for core in 0..count {
+        nodes.0.push(crate::bench_embed::spawn_node(
+            &base, &pool, core, &bootstrap, &extra,
+        )?);
+        dirs.push(base.join(format!("node{core}")));
+    }
+    c.wait_ready(std::time::Duration::from_secs(120))
+        .await
+        .context("the pinned pool did not become ready")?;
+    Ok((c, base, (nodes, dirs)))
+}
+
+/// Each pinned node's stage batches so far, from its control socket.
+fn pinned_batches(dirs: &[std::path::PathBuf], nodes: usize) -> String {
+    let each: Vec<String> = dirs
+        .iter()
+        .take(nodes)
+        .map(
+            |d| match potluck_node::control::ask(d, potluck_node::control::Command::Status) {
+                Ok(v) => format!(
+                    "{} batches, mean {:.1} rows, busy {:.0}%",
+                    v["batches"]["batches"],
+                    v["batches"]["mean_rows"].as_f64().unwrap_or(f64::NAN),
+                    100.0 * v["batches"]["busy_share"].as_f64().unwrap_or(f64::NAN)
+                ),
+                Err(e) => format!("no status: {e}"),
+            },
+        )
+        .collect();
+    format!("pinned nodes: {}", each.join("; "))
 }
 
 /// `--failover MODE`: the time from a node's crash to the session's next token, beside the

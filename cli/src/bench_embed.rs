@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 const RUNS: usize = 3;
 
 /// Kills the node processes however the bench ends.
-struct Nodes(Vec<Child>);
+pub(crate) struct Nodes(pub(crate) Vec<Child>);
 
 impl Drop for Nodes {
     fn drop(&mut self) {
@@ -63,12 +63,20 @@ fn texts(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Starts `potluck node` on core `core`, joining through `bootstrap`.
-fn spawn_node(base: &std::path::Path, pool: &str, core: usize, bootstrap: &str) -> Result<Child> {
+/// Starts `potluck node` on core `core` with one compute thread, joining through
+/// `bootstrap`, with `extra` flags; its data folder is `base/node{core}`.
+pub(crate) fn spawn_node(
+    base: &std::path::Path,
+    pool: &str,
+    core: usize,
+    bootstrap: &str,
+    extra: &[String],
+) -> Result<Child> {
     let exe = std::env::current_exe().context("finding the potluck binary")?;
     let dir = base.join(format!("node{core}"));
     Command::new(exe)
         .args(["node", "--pool", pool, "--no-mdns", "--threads", "1"])
+        .args(extra)
         .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--advert-interval", "1"])
         .arg("--cpus")
         .arg(core.to_string())
@@ -152,11 +160,11 @@ pub fn run(cache: &ModelCache, args: &BenchArgs, n: usize) -> Result<()> {
         let bootstrap = crate::pool::local_address(running.listening)
             .await?
             .to_string();
-        let mut nodes = Nodes(vec![spawn_node(&base, &pool, 0, &bootstrap)?]);
+        let mut nodes = Nodes(vec![spawn_node(&base, &pool, 0, &bootstrap, &[])?]);
         wait_holders(&c, &encoder, 1).await?;
         println!("embedding {n} texts with {}:", encoder.name);
         let (one, tokens) = measure(&c, &encoder, &texts).await?;
-        nodes.0.push(spawn_node(&base, &pool, 1, &bootstrap)?);
+        nodes.0.push(spawn_node(&base, &pool, 1, &bootstrap, &[])?);
         wait_holders(&c, &encoder, 2).await?;
         let (two, _) = measure(&c, &encoder, &texts).await?;
         drop(nodes);

@@ -1,6 +1,7 @@
 //! `potluck bench --clients N`: many streaming clients at once against the HTTP API (a pool
 //! started in this process, or `--url`), reporting how many completed, time to first token
-//! (p50, p99) and tokens per second.
+//! (p50, p99), inter-token latency (p50, p99), tokens per second, and the mean rows of the
+//! stage batches that served them (for a pool in this process).
 
 use anyhow::{bail, Context, Result};
 use std::time::{Duration, Instant};
@@ -9,6 +10,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 /// What one streaming client saw.
 struct ClientRun {
     first_token: Option<Duration>,
+    /// Gaps between consecutive streamed pieces of text.
+    gaps: Vec<f64>,
     tokens: u64,
     total: Duration,
 }
@@ -31,6 +34,12 @@ pub struct LoadReport {
     pub wall_secs: f64,
     /// Median per-client tokens/s after the first token.
     pub client_tps_p50: f64,
+    /// Inter-token latency over every client's stream, median and 99th percentile, seconds.
+    pub itl_p50: f64,
+    /// See `itl_p50`.
+    pub itl_p99: f64,
+    /// Mean rows per stage batch run in this process meanwhile (none: no stage ran here).
+    pub batch_rows: Option<f64>,
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -59,6 +68,8 @@ async fn client(addr: String, body: String) -> Result<ClientRun> {
         bail!("answered {status}");
     }
     let mut first_token = None;
+    let mut last_piece: Option<Instant> = None;
+    let mut gaps = Vec::new();
     let mut tokens = 0;
     while let Some(line) = lines.next_line().await? {
         let Some(data) = line.strip_prefix("data: ") else {
@@ -67,6 +78,7 @@ async fn client(addr: String, body: String) -> Result<ClientRun> {
         if data == "[DONE]" {
             return Ok(ClientRun {
                 first_token,
+                gaps,
                 tokens,
                 total: started.elapsed(),
             });
@@ -75,8 +87,12 @@ async fn client(addr: String, body: String) -> Result<ClientRun> {
         if let Some(e) = v.get("error") {
             bail!("stream failed: {e}");
         }
-        if first_token.is_none() && v["choices"][0]["delta"]["content"].is_string() {
-            first_token = Some(started.elapsed());
+        if v["choices"][0]["delta"]["content"].is_string() {
+            let now = Instant::now();
+            first_token.get_or_insert_with(|| now - started);
+            if let Some(prev) = last_piece.replace(now) {
+                gaps.push((now - prev).as_secs_f64());
+            }
         }
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             tokens = n;
@@ -87,6 +103,7 @@ async fn client(addr: String, body: String) -> Result<ClientRun> {
 
 /// Runs `clients` streaming chat requests at once against `addr` (`host:port`).
 pub async fn run(addr: &str, clients: usize, max_tokens: usize) -> LoadReport {
+    let batches_before = potluck_node::batcher::process_totals();
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|i| {
@@ -126,7 +143,14 @@ pub async fn run(addr: &str, clients: usize, max_tokens: usize) -> LoadReport {
             (r.tokens > 1 && decode > 0.0).then(|| (r.tokens - 1) as f64 / decode)
         })
         .collect();
+    let mut gaps: Vec<f64> = runs.iter().flat_map(|r| r.gaps.iter().copied()).collect();
+    let (batches, rows) = potluck_node::batcher::process_totals();
+    let batches = batches - batches_before.0;
+    let batch_rows = (batches > 0).then(|| (rows - batches_before.1) as f64 / batches as f64);
     LoadReport {
+        itl_p50: percentile(&mut gaps, 0.5),
+        itl_p99: percentile(&mut gaps, 0.99),
+        batch_rows,
         clients,
         completed: runs.len(),
         first_error,
@@ -152,6 +176,14 @@ impl LoadReport {
             self.tokens as f64 / self.wall_secs.max(1e-9),
             self.client_tps_p50,
         );
+        s.push_str(&format!(
+            "; inter-token p50 {:.0} ms, p99 {:.0} ms",
+            self.itl_p50 * 1000.0,
+            self.itl_p99 * 1000.0
+        ));
+        if let Some(rows) = self.batch_rows {
+            s.push_str(&format!("; mean batch {rows:.1} rows"));
+        }
         if let Some(e) = &self.first_error {
             s.push_str(&format!("; first failure: {e}"));
         }

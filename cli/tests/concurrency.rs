@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 fn stream_chat(http: &str, prompt: &str, max_tokens: usize) -> String {
     let body = json!({"messages": [{"role": "user", "content": prompt}],
                       "temperature": 0, "max_tokens": max_tokens, "stream": true});
-    let raw = raw_http(http, &request("POST", "/v1/chat/completions", &[], &body.to_string()));
+    let raw = raw_http(
+        http,
+        &request("POST", "/v1/chat/completions", &[], &body.to_string()),
+    );
     let (status, rest) = split_answer(&raw);
     assert_eq!(status, 200, "{raw}");
     let (events, done) = sse_events(rest);
@@ -41,7 +44,11 @@ fn concurrent_chats(http: &str, n: usize, max_tokens: usize) -> Vec<(u16, serde_
 
 /// The blocks `start..end` of a "peer X serves blocks start..end ..." line.
 fn served(line: &str) -> Option<(u32, u32)> {
-    let range = line.split(" serves blocks ").nth(1)?.split_whitespace().next()?;
+    let range = line
+        .split(" serves blocks ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?;
     let (a, b) = range.split_once("..")?;
     Some((a.parse().ok()?, b.parse().ok()?))
 }
@@ -130,7 +137,10 @@ fn sixteen_concurrent_requests_to_potluck_up_all_succeed() {
     for round in 0..2 {
         for (i, (status, v)) in concurrent_chats(&http, 16, 64).into_iter().enumerate() {
             assert_eq!(status, 200, "round {round}, client {i}: {v}");
-            assert!(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0, "{v}");
+            assert!(
+                v["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0,
+                "{v}"
+            );
         }
     }
     // Lines logged meanwhile.

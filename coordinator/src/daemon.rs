@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-
 /// A peer whose connection answered a ping this recently is alive, however late its adverts
 /// (pings come every 5 s; two may be lost to a loaded machine).
 const ALIVE_WINDOW: Duration = Duration::from_secs(12);

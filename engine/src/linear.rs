@@ -2,8 +2,8 @@
 //! other quantized type (whose CPU kernels are row-independent too: each row is quantized
 //! and dotted on its own).
 
-use crate::error::{EngineError, Result};
 use crate::dense::DenseMatrix;
+use crate::error::{EngineError, Result};
 use crate::quant_matmul::QuantMatrix;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};

@@ -2,9 +2,9 @@
 //! final norm and LM head if it is last. Any split of a model into stages computes exactly what
 //! the whole model computes, because every stage runs the same ops on the same f32 hidden states.
 
+use crate::attention::{attend, HeadShape, QueryRow};
 use crate::config::LlamaConfig;
 use crate::error::{EngineError, Result};
-use crate::attention::{attend, HeadShape, QueryRow};
 use crate::kv_cache::{KvStore, SessionId};
 use crate::linear::Linear;
 use crate::sampling::{top_logprobs, Sampler, TokenLogprob};
@@ -410,7 +410,7 @@ impl Stage {
         }
         while !pending.is_empty() {
             // This round's rows: the next chunk of every item, its cache reserved.
-            let mut round: Vec<(usize, Chunk)> = Vec::new();
+            let (mut slots, mut chunks) = (Vec::new(), Vec::new());
             let mut failed = Vec::new();
             for (slot, (_, p)) in pending.iter().enumerate() {
                 let t = PREFILL_CHUNK.min(p.n - p.done);
@@ -421,21 +421,20 @@ impl Stage {
                     .map(|_| ())
                     .and_then(|_| Ok(p.x.narrow(0, p.done, t)?));
                 match reserved {
-                    Ok(x) => round.push((
-                        slot,
-                        Chunk {
+                    Ok(x) => {
+                        slots.push(slot);
+                        chunks.push(Chunk {
                             session: p.session,
                             pos,
                             x,
-                        },
-                    )),
+                        });
+                    }
                     Err(e) => failed.push((slot, e)),
                 }
             }
-            let chunks: Vec<Chunk> = round.iter().map(|(_, c)| c.clone()).collect();
             let out = self.run_round(&chunks);
             let mut at = 0;
-            for ((slot, c), _) in round.iter().zip(&chunks) {
+            for (slot, c) in slots.iter().zip(&chunks) {
                 let t = c.x.dim(0).unwrap_or(0);
                 let p = &mut pending[*slot].1;
                 match &out {
@@ -517,7 +516,9 @@ impl Stage {
             let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, cfg.rms_eps as f32)?;
             let mut qkv = b.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
             if qkv.len() != rows * width {
-                return Err(EngineError::bad_input("q/k/v projection of the wrong width"));
+                return Err(EngineError::bad_input(
+                    "q/k/v projection of the wrong width",
+                ));
             }
             let half = self.inv_freq.len();
             for (r, row) in qkv.chunks_exact_mut(width).enumerate() {
@@ -621,7 +622,6 @@ struct Pending {
 }
 
 /// The rows of one item that run in one round.
-#[derive(Clone)]
 struct Chunk {
     session: SessionId,
     pos: usize,

@@ -230,13 +230,7 @@ impl QuantMatrix {
 
     /// Dots of the eight rows of tile `oct` with `take` (1 to 4) activation rows laid end to
     /// end.
-    fn tile_dots(
-        &self,
-        oct: usize,
-        acts: &[ActBlock],
-        take: usize,
-        out: &mut [[f32; TILE]; ROWS],
-    ) {
+    fn tile_dots(&self, oct: usize, acts: &[ActBlock], take: usize, out: &mut [[f32; TILE]; ROWS]) {
         let nb = self.nb;
         let tiles = oct * nb..(oct + 1) * nb;
         #[cfg(target_arch = "x86_64")]
@@ -457,8 +451,10 @@ mod x86 {
                     let q = acts.get_unchecked(k * nb + b).qs.as_ptr() as *const i32;
                     let xl = _mm256_set1_epi32(std::ptr::read_unaligned(q.add(h)));
                     let xh = _mm256_set1_epi32(std::ptr::read_unaligned(q.add(h + 4)));
-                    let pair =
-                        _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                    let pair = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, xl),
+                        _mm256_maddubs_epi16(hi, xh),
+                    );
                     s16[k] = _mm256_add_epi16(s16[k], pair);
                 }
             }

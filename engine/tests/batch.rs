@@ -42,7 +42,10 @@ fn batch_step(chain: &mut [Stage], items: Vec<BatchItem>) -> Vec<Result<Vec<f32>
     let mut out: Vec<Option<Result<Vec<f32>, EngineError>>> = live.iter().map(|_| None).collect();
     for stage in chain.iter_mut() {
         let (slots, batch): (Vec<usize>, Vec<BatchItem>) = live.drain(..).unzip();
-        for (slot, (item, result)) in slots.into_iter().zip(batch.iter().zip(stage.forward_batch(batch.clone()))) {
+        for (slot, (item, result)) in slots
+            .into_iter()
+            .zip(batch.iter().zip(stage.forward_batch(batch.clone())))
+        {
             match result {
                 Err(e) => out[slot] = Some(Err(e)),
                 Ok(StageOutput::Logits(l)) => out[slot] = Some(Ok(l)),
@@ -56,7 +59,9 @@ fn batch_step(chain: &mut [Stage], items: Vec<BatchItem>) -> Vec<Result<Vec<f32>
             }
         }
     }
-    out.into_iter().map(|o| o.expect("every item ends")).collect()
+    out.into_iter()
+        .map(|o| o.expect("every item ends"))
+        .collect()
 }
 
 /// Where a session is in its script during the batched run.
@@ -106,14 +111,17 @@ fn check_batched(file: &WeightFile, cuts: &[usize], n: usize, seed: u64) {
         let mut items = Vec::new();
         let mut who = Vec::new();
         for (i, c) in live.iter().enumerate() {
-            if rng.next_u64() % 4 == 0 {
+            if rng.next_u64().is_multiple_of(4) {
                 continue; // sits this round out
             }
             let s = &scripts[c.script];
             let (pos, tokens) = if c.prefilled < s.prompt.len() {
                 let left = s.prompt.len() - c.prefilled;
                 let take = 1 + (rng.next_u64() as usize) % left;
-                (c.prefilled, s.prompt[c.prefilled..c.prefilled + take].to_vec())
+                (
+                    c.prefilled,
+                    s.prompt[c.prefilled..c.prefilled + take].to_vec(),
+                )
             } else {
                 (s.prompt.len() + c.decoded, vec![s.decoded[c.decoded]])
             };
@@ -251,7 +259,11 @@ fn a_bad_item_fails_alone() {
         },
     ];
     let out = chain[0].forward_batch(items);
-    assert!(matches!(out[0], Err(EngineError::UnknownSession(9))), "{:?}", out[0].as_ref().err());
+    assert!(
+        matches!(out[0], Err(EngineError::UnknownSession(9))),
+        "{:?}",
+        out[0].as_ref().err()
+    );
     match &out[1] {
         Ok(StageOutput::Logits(l)) => assert!(l == &good.logits[0]),
         other => panic!("the good item failed: {:?}", other.as_ref().err()),
@@ -271,5 +283,9 @@ fn a_bad_item_fails_alone() {
         Ok(StageOutput::Logits(l)) => assert!(l == &good.logits[1]),
         other => panic!("the good session failed: {:?}", other.as_ref().err()),
     }
-    assert_eq!(chain[0].kv().session_count(), 1, "failed items hold no cache");
+    assert_eq!(
+        chain[0].kv().session_count(),
+        1,
+        "failed items hold no cache"
+    );
 }

@@ -39,12 +39,14 @@ impl Default for BatchLimits {
     }
 }
 
-/// Rows-per-batch histogram buckets: 1, 2, 3-4, 5-8, ... , 257 and more.
+/// Rows-per-batch histogram buckets: 1, 2, 3-4, 5-8, ..., 257 and more.
 pub const ROW_BUCKETS: usize = 10;
 
 /// What the scheduler has done, for `potluck node status`, bench and tests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BatchStats {
+    /// When the stage started serving.
+    pub since: Instant,
     /// Batches run.
     pub batches: AtomicU64,
     /// Rows run, over all batches.
@@ -59,8 +61,22 @@ pub struct BatchStats {
     pub row_histogram: [AtomicU64; ROW_BUCKETS],
 }
 
+/// Batches and rows run by every stage of this process, for benches that run a pool here.
+static PROCESS_BATCHES: AtomicU64 = AtomicU64::new(0);
+static PROCESS_ROWS: AtomicU64 = AtomicU64::new(0);
+
+/// (batches, rows) run by every stage queue of this process so far.
+pub fn process_totals() -> (u64, u64) {
+    (
+        PROCESS_BATCHES.load(Ordering::Relaxed),
+        PROCESS_ROWS.load(Ordering::Relaxed),
+    )
+}
+
 impl BatchStats {
     fn record(&self, rows: usize, busy_us: u64) {
+        PROCESS_BATCHES.fetch_add(1, Ordering::Relaxed);
+        PROCESS_ROWS.fetch_add(rows as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
         self.busy_us.fetch_add(busy_us, Ordering::Relaxed);
@@ -70,10 +86,41 @@ impl BatchStats {
         }
     }
 
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            batches: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            steps: AtomicU64::new(0),
+            queue_wait_us: AtomicU64::new(0),
+            busy_us: AtomicU64::new(0),
+            row_histogram: Default::default(),
+        }
+    }
+
     /// Mean rows per batch so far.
     pub fn mean_rows(&self) -> f64 {
         let b = self.batches.load(Ordering::Relaxed);
         self.rows.load(Ordering::Relaxed) as f64 / b.max(1) as f64
+    }
+
+    /// The counters as `potluck node status` shows them: batches, mean rows, the rows
+    /// histogram, mean queue wait and the share of time the stage computed.
+    pub fn summary(&self) -> serde_json::Value {
+        let steps = self.steps.load(Ordering::Relaxed).max(1);
+        let busy = self.busy_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let histogram: Vec<u64> = self
+            .row_histogram
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        serde_json::json!({
+            "batches": self.batches.load(Ordering::Relaxed),
+            "mean_rows": self.mean_rows(),
+            "rows_histogram": histogram,
+            "mean_queue_wait_ms": self.queue_wait_us.load(Ordering::Relaxed) as f64 / 1e3 / steps as f64,
+            "busy_share": busy / self.since.elapsed().as_secs_f64().max(1e-9),
+        })
     }
 }
 
@@ -111,7 +158,7 @@ impl StageQueue {
     /// Starts the worker thread that owns `server`.
     pub fn start(server: ShardServer, limits: BatchLimits) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        let stats = Arc::new(BatchStats::default());
+        let stats = Arc::new(BatchStats::new());
         let worker = Worker {
             server,
             limits,
@@ -147,9 +194,10 @@ impl StageQueue {
             queued: Instant::now(),
         };
         if let Err(mpsc::SendError(Msg::Step(r))) = self.tx.send(Msg::Step(request)) {
-            let _ = r
-                .reply
-                .send(Err(wire_error(ErrorCode::Internal, "the stage has stopped")));
+            let _ = r.reply.send(Err(wire_error(
+                ErrorCode::Internal,
+                "the stage has stopped",
+            )));
         }
         answer
     }
@@ -256,7 +304,9 @@ impl Worker {
                 if !j.started {
                     j.started = true;
                     let waited = now.duration_since(j.queued).as_micros() as u64;
-                    self.stats.queue_wait_us.fetch_add(waited, Ordering::Relaxed);
+                    self.stats
+                        .queue_wait_us
+                        .fetch_add(waited, Ordering::Relaxed);
                 }
                 jobs.push(j);
             }
@@ -270,7 +320,12 @@ impl Worker {
         drop(batch);
         let busy = now.elapsed();
         self.stats.record(rows, busy.as_micros() as u64);
-        tracing::debug!(rows, steps = picked.len(), busy_ms = busy.as_secs_f64() * 1e3, "batch");
+        tracing::debug!(
+            rows,
+            steps = picked.len(),
+            busy_ms = busy.as_secs_f64() * 1e3,
+            "batch"
+        );
         // Answer finished steps; unfinished ones keep their place in the queue.
         let mut done: Vec<(usize, Result<StageResult, WireError>)> = picked
             .iter()

@@ -240,6 +240,7 @@ pub async fn run(
                     "active_sessions": server.active_sessions(),
                     "loaded": loaded,
                     "availability": availability.status(),
+                    "batches": server.batch_stats().map(|s| s.summary()),
                 }));
                 continue;
             }

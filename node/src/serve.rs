@@ -215,6 +215,11 @@ impl Server {
         Ok(a)
     }
 
+    /// The loaded stage's batch counters, if a stage is loaded.
+    pub fn batch_stats(&self) -> Option<Arc<crate::batcher::BatchStats>> {
+        self.current().map(|s| s.queue.stats())
+    }
+
     /// Stage sessions (streams) open now.
     pub fn active_sessions(&self) -> usize {
         self.inner.active.load(Ordering::Relaxed)

@@ -117,7 +117,12 @@ impl ShardServer {
         if items.len() != steps.len() {
             return steps
                 .iter()
-                .map(|_| Some(Err(wire_error(ErrorCode::Internal, "cannot slice the input"))))
+                .map(|_| {
+                    Some(Err(wire_error(
+                        ErrorCode::Internal,
+                        "cannot slice the input",
+                    )))
+                })
                 .collect();
         }
         let total = self.stage.kv().budget();
@@ -164,7 +169,10 @@ impl ShardServer {
     /// A non-last stage's answer: every position's hidden states, chunks joined.
     fn hidden_output(&self, parts: Vec<Tensor>) -> Result<StageOutputWire, WireError> {
         let h = if parts.len() == 1 {
-            parts.into_iter().next().ok_or_else(|| wire_error(ErrorCode::Internal, "no rows"))?
+            parts
+                .into_iter()
+                .next()
+                .ok_or_else(|| wire_error(ErrorCode::Internal, "no rows"))?
         } else {
             Tensor::cat(&parts, 0).map_err(|e| engine_error(e.into()))?
         };

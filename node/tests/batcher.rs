@@ -114,7 +114,16 @@ async fn concurrent_sessions_match_solo_runs() {
     for (i, (prompt, decode)) in scripts.iter().enumerate() {
         let (a, b) = queues(&file, BatchLimits::DEFAULT);
         let id = i as u64;
-        alone.push(session(id, prompt.clone(), *decode, submitter(a, id), submitter(b, id)).await);
+        alone.push(
+            session(
+                id,
+                prompt.clone(),
+                *decode,
+                submitter(a, id),
+                submitter(b, id),
+            )
+            .await,
+        );
     }
     // Together, with a small budget so prefills are chunked beside decode steps.
     let limits = BatchLimits {
@@ -162,7 +171,11 @@ async fn a_long_prefill_runs_in_chunks_beside_decode_steps() {
     let q = Arc::new(StageQueue::start(server(&file, 0..CUT), limits).unwrap());
     // A session that has prefilled and now decodes.
     let first = q
-        .submit(1, forward(1, 0, 0, StageInputWire::Tokens(vec![4, 5])), Arc::default())
+        .submit(
+            1,
+            forward(1, 0, 0, StageInputWire::Tokens(vec![4, 5])),
+            Arc::default(),
+        )
         .await
         .unwrap();
     assert!(first.is_ok());
@@ -171,7 +184,11 @@ async fn a_long_prefill_runs_in_chunks_beside_decode_steps() {
         forward(2, 0, 0, StageInputWire::Tokens(vec![7; 600])),
         Arc::default(),
     );
-    let decode = q.submit(1, forward(1, 1, 2, StageInputWire::Tokens(vec![9])), Arc::default());
+    let decode = q.submit(
+        1,
+        forward(1, 1, 2, StageInputWire::Tokens(vec![9])),
+        Arc::default(),
+    );
     // The decode step is answered while the prefill still has chunks to run.
     tokio::pin!(long);
     tokio::select! {
@@ -193,7 +210,11 @@ async fn a_bad_step_fails_alone_and_a_cancelled_one_is_dropped() {
     let file = model(&dir);
     let q = Arc::new(StageQueue::start(server(&file, 0..CUT), BatchLimits::DEFAULT).unwrap());
     let alone = q
-        .submit(1, forward(1, 0, 0, StageInputWire::Tokens(vec![4, 5, 6])), Arc::default())
+        .submit(
+            1,
+            forward(1, 0, 0, StageInputWire::Tokens(vec![4, 5, 6])),
+            Arc::default(),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -209,10 +230,17 @@ async fn a_bad_step_fails_alone_and_a_cancelled_one_is_dropped() {
         .enumerate()
         .map(|(i, r)| q.submit(10 + i as u64, r, Arc::default()))
         .collect();
-    let good = q.submit(1, forward(1, 0, 0, StageInputWire::Tokens(vec![4, 5, 6])), Arc::default());
+    let good = q.submit(
+        1,
+        forward(1, 0, 0, StageInputWire::Tokens(vec![4, 5, 6])),
+        Arc::default(),
+    );
     for b in bad {
         let e = b.await.unwrap().unwrap_err();
-        assert!(matches!(e.code, ErrorCode::BadRequest | ErrorCode::UnknownSession), "{e:?}");
+        assert!(
+            matches!(e.code, ErrorCode::BadRequest | ErrorCode::UnknownSession),
+            "{e:?}"
+        );
     }
     assert_eq!(good.await.unwrap().unwrap().output, alone.output);
     // A cancelled step is never answered: its reply is dropped.
