@@ -196,7 +196,8 @@ pub trait Reroute: Send + Sync {
 }
 
 impl PipelineError {
-    /// Whether another peer may succeed where this one failed.
+    /// Whether another peer may succeed where this one failed. A node still full after
+    /// [`OVERLOAD_PATIENCE`] is busy, not broken: the session ends, the node stays.
     fn worth_failing_over(&self) -> bool {
         !matches!(
             self,
@@ -205,7 +206,7 @@ impl PipelineError {
                 | PipelineError::NoReplacement { .. }
                 | PipelineError::Disputed { .. }
                 | PipelineError::Refused {
-                    code: ErrorCode::BadRequest,
+                    code: ErrorCode::BadRequest | ErrorCode::Overloaded,
                     ..
                 }
         )

@@ -210,10 +210,19 @@ impl KvStore {
             .filter(|(other, _)| **other != id)
             .map(|(_, s)| self.bytes_for(s.capacity))
             .sum();
-        if others + needed_bytes > self.budget {
+        // Without eviction, a new session waits while the cache is three quarters full:
+        // sessions that run together grow together, and if new ones took the last room,
+        // every running one could end up waiting for the others to finish.
+        let new = !self.evict && !self.sessions.contains_key(&id);
+        let limit = if new && others > 0 {
+            self.budget / 4 * 3
+        } else {
+            self.budget
+        };
+        if others + needed_bytes > limit {
             return Err(EngineError::KvBudget {
                 needed: needed_bytes,
-                budget: self.budget.saturating_sub(others),
+                budget: limit.saturating_sub(others),
             });
         }
         self.clock += 1;

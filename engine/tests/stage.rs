@@ -118,11 +118,12 @@ fn without_eviction_a_full_store_refuses_new_sessions_and_keeps_running_ones() {
     let (_, file) = synthetic(&dir, spec(GgmlDType::F32));
     let cfg = file.config().unwrap();
     let per_session = 32 * cfg.kv_bytes_per_position() * cfg.layers;
-    let mut stage = Stage::load(&file, 0..cfg.layers, 2 * per_session + 1).unwrap();
+    let mut stage = Stage::load(&file, 0..cfg.layers, 3 * per_session).unwrap();
     stage.set_kv_eviction(false);
     for id in 1..=2u64 {
         assert!(stage.forward(id, 0, StageInput::Tokens(vec![1, 2])).is_ok());
     }
+    // Two of three sessions' room is past three quarters: a new session waits.
     assert!(matches!(
         stage.forward(3, 0, StageInput::Tokens(vec![1, 2])),
         Err(EngineError::KvBudget { .. })
@@ -133,10 +134,14 @@ fn without_eviction_a_full_store_refuses_new_sessions_and_keeps_running_ones() {
         "running sessions are kept"
     );
     assert_eq!(stage.kv().session_len(3), None);
+    // A running session may still grow into the last quarter (32 positions to 64).
+    assert!(stage.forward(2, 2, StageInput::Tokens(vec![3; 40])).is_ok());
+    assert_eq!(stage.kv().used_bytes(), 3 * per_session);
     // Once one ends, the waiting one fits.
     stage.end_session(1);
+    stage.end_session(2);
     assert!(stage.forward(3, 0, StageInput::Tokens(vec![1, 2])).is_ok());
-    assert!(stage.forward(2, 2, StageInput::Tokens(vec![3])).is_ok());
+    assert!(stage.forward(3, 2, StageInput::Tokens(vec![3])).is_ok());
 }
 
 #[test]

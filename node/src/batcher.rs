@@ -263,16 +263,20 @@ impl Worker {
         } = self.limits;
         let (max_tokens, max_sessions) = (max_tokens.max(1), max_sessions.max(1));
         let prefill_waits = self.waiting.iter().any(|j| !j.step.is_decode());
-        // Decode steps never take the whole budget while a prefill waits.
-        let decode_budget = if prefill_waits {
-            (max_tokens - max_tokens / 4).max(1)
+        // Decode steps never take the whole budget, nor every session slot, while a prefill
+        // waits: the oldest prefill always moves on by a chunk.
+        let (decode_budget, decode_sessions) = if prefill_waits {
+            (
+                (max_tokens - max_tokens / 4).max(1),
+                (max_sessions - 1).max(1),
+            )
         } else {
-            max_tokens
+            (max_tokens, max_sessions)
         };
         let mut picked = Vec::new();
         let mut rows = 0;
         for (i, j) in self.waiting.iter().enumerate() {
-            if picked.len() >= max_sessions || rows >= decode_budget {
+            if picked.len() >= decode_sessions || rows >= decode_budget {
                 break;
             }
             if j.step.is_decode() {

@@ -1,6 +1,7 @@
 //! What a node serves on its libp2p streams: control requests (load these layers) and stage
-//! sessions, one stream each. Compute runs on blocking threads; a bad frame ends only the
-//! stream that sent it, with a logged reason.
+//! sessions, one stream each. Each loaded stage computes on its own scheduler thread, which
+//! batches every session's steps (see [`crate::batcher`]), so the network side never waits on
+//! compute; a bad frame ends only the stream that sent it, with a logged reason.
 
 use crate::batcher::{BatchLimits, StageQueue};
 use crate::shard::ShardServer;
