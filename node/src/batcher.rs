@@ -266,10 +266,7 @@ impl Worker {
         // Decode steps never take the whole budget, nor every session slot, while a prefill
         // waits: the oldest prefill always moves on by a chunk.
         let (decode_budget, decode_sessions) = if prefill_waits {
-            (
-                (max_tokens - max_tokens / 4).max(1),
-                (max_sessions - 1).max(1),
-            )
+            (max_tokens - (max_tokens / 4).max(1), max_sessions - 1)
         } else {
             (max_tokens, max_sessions)
         };
