@@ -552,6 +552,19 @@ async fn pinned_pool(
     c.wait_ready(std::time::Duration::from_secs(120))
         .await
         .context("the pinned pool did not become ready")?;
+    // Every node serves before the clients come, or a replica still loading gets no session.
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    let loaded = |d: &std::path::PathBuf| {
+        potluck_node::control::ask(d, potluck_node::control::Command::Status)
+            .is_ok_and(|v| !v["loaded"].is_null())
+    };
+    while !dirs.iter().all(loaded) {
+        if Instant::now() > deadline {
+            bail!("the pinned nodes did not all load their blocks in time");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     Ok((c, base, (nodes, dirs)))
 }
 
