@@ -185,9 +185,8 @@ async fn bench_pool_with(
             shape.layers
         );
     }
-    let blocks = (shape.layers as u64).div_ceil(share.max(1) as u64) + 1;
     let limits = NodeLimits {
-        max_memory: Some(shape.reserve_bytes + shape.edge_bytes + blocks * shape.layer_bytes),
+        max_memory: Some(share_memory(&shape, share as u64)),
         threads: args.threads,
         device: "cpu".into(),
         advert_interval: 1,
@@ -224,6 +223,13 @@ async fn bench_pool_with(
     )
     .await?;
     Ok((c, base))
+}
+
+/// Memory for a 1/`share` of the model plus one block (so exactly `share` nodes are
+/// needed), with the edges and reserve.
+fn share_memory(shape: &potluck_coordinator::planner::ModelShape, share: u64) -> u64 {
+    let blocks = (shape.layers as u64).div_ceil(share.max(1)) + 1;
+    shape.reserve_bytes + shape.edge_bytes + blocks * shape.layer_bytes
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -518,21 +524,9 @@ async fn pinned_pool(
         "replicas" => (2, 1),
         other => bail!("--pinned takes one, split or replicas, not {other}"),
     };
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    if cores < count {
-        bail!("--pinned {mode} pins {count} nodes to their own cores; this machine has {cores}");
-    }
-    let blocks = (shape.layers as u64).div_ceil(share) + 1;
-    let memory = shape.reserve_bytes + shape.edge_bytes + blocks * shape.layer_bytes;
-    let id = std::process::id();
-    let base = std::env::temp_dir().join(format!("potluck-bench-pinned-{id}"));
-    let pool = format!("bench-pinned-{id}");
-    let mut cfg = coordinator::CoordinatorConfig::new(
-        base.join("coordinator"),
-        potluck_net::gate::PoolMembership::Public { name: pool.clone() },
-        vec!["/ip4/127.0.0.1/tcp/0".parse()?],
-        false,
-    );
+    let (base, pool, mut cfg) =
+        crate::bench_embed::pinned_coordinator("pinned", count, &format!("--pinned {mode}"))?;
+    let memory = share_memory(&shape, share);
     cfg.max_sessions = cfg.max_sessions.max(clients);
     cfg.check_share = args.check_share;
     let running = coordinator::start(cfg, model)?;

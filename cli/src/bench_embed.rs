@@ -90,6 +90,30 @@ pub(crate) fn spawn_node(
         .context("starting a node")
 }
 
+/// For a bench (`flag`) that pins `nodes` node processes one per core: checks the machine
+/// has the cores, and returns the folder it keeps its state in, its public pool's name, and
+/// the config of a coordinator in this process on loopback.
+pub(crate) fn pinned_coordinator(
+    tag: &str,
+    nodes: usize,
+    flag: &str,
+) -> Result<(std::path::PathBuf, String, coordinator::CoordinatorConfig)> {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    if cores < nodes {
+        bail!("{flag} pins {nodes} nodes to their own cores; this machine has {cores}");
+    }
+    let id = std::process::id();
+    let base = std::env::temp_dir().join(format!("potluck-bench-{tag}-{id}"));
+    let pool = format!("bench-{tag}-{id}");
+    let cfg = coordinator::CoordinatorConfig::new(
+        base.join("coordinator"),
+        potluck_net::gate::PoolMembership::Public { name: pool.clone() },
+        vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        false,
+    );
+    Ok((base, pool, cfg))
+}
+
 /// Waits until `n` nodes offer `model`.
 async fn wait_holders(c: &Coordinator, model: &ModelRef, n: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -134,20 +158,8 @@ pub fn run(cache: &ModelCache, args: &BenchArgs, n: usize) -> Result<()> {
     if n == 0 {
         bail!("--embed needs at least one text");
     }
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    if cores < 2 {
-        bail!("--embed pins two nodes to their own cores; this machine has {cores}");
-    }
+    let (base, pool, mut cfg) = pinned_coordinator("embed", 2, "--embed")?;
     let model = crate::pool::served_model(cache, &args.model)?;
-    let id = std::process::id();
-    let base = std::env::temp_dir().join(format!("potluck-bench-embed-{id}"));
-    let pool = format!("bench-embed-{id}");
-    let mut cfg = coordinator::CoordinatorConfig::new(
-        base.join("coordinator"),
-        potluck_net::gate::PoolMembership::Public { name: pool.clone() },
-        vec!["/ip4/127.0.0.1/tcp/0".parse()?],
-        false,
-    );
     let encoder =
         crate::pool::embedding_model(cache, Some(crate::catalog::DEFAULT_EMBEDDING_MODEL))?
             .context("no embedding model")?;

@@ -4,6 +4,8 @@
 //! any length, or in a batch beside other sessions' rows: batching and chunked prefill never
 //! change numbers.
 
+use crate::parallel::SendPtr;
+
 /// The head layout attention needs.
 #[derive(Debug, Clone, Copy)]
 pub struct HeadShape {
@@ -52,10 +54,6 @@ pub fn attend(rows: &[QueryRow<'_>], shape: HeadShape, out: &mut [f32]) {
         }
     });
 }
-
-struct SendPtr(*mut f32);
-// SAFETY: workers write disjoint slices through it (see `attend`).
-unsafe impl Sync for SendPtr {}
 
 /// [`one_head_body`], compiled for AVX2 when the CPU has it so the dot products inline.
 fn one_head(row: &QueryRow<'_>, h: usize, s: HeadShape, scores: &mut Vec<f32>, out: &mut [f32]) {

@@ -5,6 +5,7 @@
 //! bits). Batching and chunked prefill stay exact on float models too.
 
 use crate::error::{EngineError, Result};
+use crate::parallel::{check_rows, SendPtr};
 
 /// Weight rows per work unit: one pass over four rows serves every input row.
 const TILE: usize = 4;
@@ -32,13 +33,7 @@ impl DenseMatrix {
 
     /// `x` (m, cols) row-major times the transposed weights: (m, rows) row-major.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        if x.len() != m * self.cols {
-            return Err(EngineError::bad_input(format!(
-                "matmul input has {} values, expected {m} x {}",
-                x.len(),
-                self.cols
-            )));
-        }
+        check_rows(x, m, self.cols)?;
         let mut out = vec![0f32; m * self.rows];
         let out_ptr = SendPtr(out.as_mut_ptr());
         let (rows, cols) = (self.rows, self.cols);
@@ -59,7 +54,3 @@ impl DenseMatrix {
         Ok(out)
     }
 }
-
-struct SendPtr(*mut f32);
-// SAFETY: workers write disjoint elements through it (see `matmul`).
-unsafe impl Sync for SendPtr {}

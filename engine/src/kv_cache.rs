@@ -204,12 +204,7 @@ impl KvStore {
         if self.evict {
             self.evict_for(id, needed_bytes, keep);
         }
-        let others: usize = self
-            .sessions
-            .iter()
-            .filter(|(other, _)| **other != id)
-            .map(|(_, s)| self.bytes_for(s.capacity))
-            .sum();
+        let others = self.bytes_besides(id);
         // Without eviction, a new session waits while the cache is three quarters full:
         // sessions that run together grow together, and if new ones took the last room,
         // every running one could end up waiting for the others to finish.
@@ -252,17 +247,20 @@ impl KvStore {
         Ok(session)
     }
 
+    /// Bytes held by every session but `id`.
+    fn bytes_besides(&self, id: SessionId) -> usize {
+        self.sessions
+            .iter()
+            .filter(|(other, _)| **other != id)
+            .map(|(_, s)| self.bytes_for(s.capacity))
+            .sum()
+    }
+
     /// Evicts least-recently-used sessions other than `keep` and `also` until `keep` can hold
     /// `keep_bytes` within the budget.
     fn evict_for(&mut self, keep: SessionId, keep_bytes: usize, also: &[SessionId]) {
         loop {
-            let others: usize = self
-                .sessions
-                .iter()
-                .filter(|(id, _)| **id != keep)
-                .map(|(_, s)| self.bytes_for(s.capacity))
-                .sum();
-            if others + keep_bytes <= self.budget {
+            if self.bytes_besides(keep) + keep_bytes <= self.budget {
                 return;
             }
             let victim = self

@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+mod parallel;
 pub mod quant_matmul;
 pub mod rng;
 pub mod sampling;

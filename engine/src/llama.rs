@@ -529,8 +529,7 @@ impl Stage {
             }
             // Keys and values into each session's cache, then attention reads them there.
             let mut at = 0;
-            let mut ks = vec![0f32; kv_out];
-            let mut vs = Vec::new();
+            let (mut ks, mut vs) = (Vec::new(), Vec::new());
             for c in chunks {
                 let t = c.x.dim(0)?;
                 let cache = self

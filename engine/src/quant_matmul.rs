@@ -12,6 +12,7 @@
 //! session run alone.
 
 use crate::error::{EngineError, Result};
+use crate::parallel::{check_rows, SendPtr};
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
@@ -184,13 +185,7 @@ impl QuantMatrix {
 
     /// `x` (m, cols) row-major times the transposed weights: (m, rows) row-major.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        if x.len() != m * self.cols {
-            return Err(EngineError::bad_input(format!(
-                "matmul input has {} values, expected {m} x {}",
-                x.len(),
-                self.cols
-            )));
-        }
+        check_rows(x, m, self.cols)?;
         let mut acts = Vec::with_capacity(m * self.nb);
         for row in x.chunks_exact(self.cols) {
             quantize_row(row, &mut acts);
@@ -317,10 +312,6 @@ fn huge_vec<T: Clone>(n: usize, v: T) -> Vec<T> {
     out.resize(n, v);
     out
 }
-
-struct SendPtr(*mut f32);
-// SAFETY: workers write disjoint elements through it (see `matmul`).
-unsafe impl Sync for SendPtr {}
 
 #[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
