@@ -106,6 +106,30 @@ fn one_run(source: &mut impl TokenSource, prompt: &[u32], gen_tokens: usize) -> 
     Ok((pf, t.elapsed().as_secs_f64()))
 }
 
+/// A pool session stepped from a blocking thread, so one timing loop serves local stages
+/// and pools alike (the coordinator itself drives sessions from async code).
+struct Blocking<'a> {
+    pipe: &'a mut potluck_coordinator::pipeline::RemotePipeline,
+    handle: &'a tokio::runtime::Handle,
+}
+
+impl TokenSource for Blocking<'_> {
+    fn context(&self) -> usize {
+        self.pipe.context()
+    }
+
+    fn next_token(
+        &mut self,
+        pos: usize,
+        input: &[u32],
+        history: &[u32],
+    ) -> potluck_engine::error::Result<u32> {
+        self.handle
+            .block_on(self.pipe.step(pos, input, history))
+            .map_err(|e| potluck_engine::EngineError::Pipeline(e.to_string()))
+    }
+}
+
 /// One warm-up run, then the medians of `runs` measured ones; `run` gets a session id.
 fn medians(
     runs: usize,
@@ -147,7 +171,14 @@ fn pool_speeds(
             medians(runs, prompt.len(), gen, |_| {
                 let (_, _, mut pipe) =
                     handle.block_on(c.open_session(greedy.clone(), Default::default()))?;
-                let r = one_run(&mut pipe, &prompt, gen);
+                let r = one_run(
+                    &mut Blocking {
+                        pipe: &mut pipe,
+                        handle: &handle,
+                    },
+                    &prompt,
+                    gen,
+                );
                 handle.block_on(pipe.close());
                 r
             })
@@ -527,7 +558,7 @@ async fn pinned_pool(
     let (base, pool, mut cfg) =
         crate::bench_embed::pinned_coordinator("pinned", count, &format!("--pinned {mode}"))?;
     let memory = share_memory(&shape, share);
-    cfg.max_sessions = cfg.max_sessions.max(clients);
+    cfg.max_sessions = Some(cfg.max_sessions.unwrap_or(0).max(clients));
     cfg.check_share = args.check_share;
     let running = coordinator::start(cfg, model)?;
     let c = running.coordinator.clone();
@@ -621,27 +652,20 @@ fn failover(cache: &ModelCache, args: &BenchArgs, mode: &str) -> Result<()> {
             .find(|(p, _)| *p == victim)
             .map(|(_, t)| t.abort_handle())
             .context("the victim is not a local node")?;
-        let (ordinary, stall, replayed) = tokio::task::spawn_blocking(move || -> Result<(f64, f64, usize)> {
-            let mut history = prompt.clone();
-            let mut next = pipe.next_token(0, &prompt, &history)?;
-            let mut step = |next: u32, history: &mut Vec<u32>| -> Result<(u32, f64)> {
-                history.push(next);
-                let t = Instant::now();
-                let token = pipe.next_token(history.len() - 1, &[next], history)?;
-                Ok((token, t.elapsed().as_secs_f64()))
-            };
-            let mut times = Vec::new();
-            for _ in 0..8 {
-                let (t, secs) = step(next, &mut history)?;
-                next = t;
-                times.push(secs);
+        let mut history = prompt.clone();
+        let mut next = pipe.step(0, &prompt, &history).await?;
+        let mut times = Vec::new();
+        for i in 0..=8 {
+            if i == 8 {
+                crash.abort();
             }
-            crash.abort();
-            let (_, stall) = step(next, &mut history)?;
-            Ok((median(&mut times), stall, history.len()))
-        })
-        .await
-        .context("the failover bench stopped")??;
+            history.push(next);
+            let t = Instant::now();
+            next = pipe.step(history.len() - 1, &[next], &history).await?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let stall = times.pop().unwrap_or_default();
+        let (ordinary, replayed) = (median(&mut times), history.len());
         let _ = std::fs::remove_dir_all(&base);
         println!(
             "failover ({mode}) with {replayed} tokens of context: ordinary token {:.1} ms, crash to next token {:.1} ms",

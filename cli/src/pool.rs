@@ -224,9 +224,10 @@ pub struct ServeArgs {
     /// advert validity, 3 intervals, also ends it).
     #[arg(long, default_value_t = potluck_coordinator::peer_table::DEFAULT_MISSED_HEARTBEATS)]
     pub missed_heartbeats: u32,
-    /// Most sessions the pool runs at once; further requests wait their turn.
-    #[arg(long, default_value_t = potluck_coordinator::pool::DEFAULT_MAX_SESSIONS)]
-    pub max_sessions: usize,
+    /// Most sessions the pool runs at once; further requests wait their turn. By default
+    /// as many as the nodes' KV caches hold at 512 positions a session, following the plan.
+    #[arg(long)]
+    pub max_sessions: Option<usize>,
     /// Seconds a client gets to send its request headers (and three times that for a body).
     #[arg(long, default_value_t = 10)]
     pub http_header_timeout: u64,

@@ -44,8 +44,8 @@ pub struct CoordinatorConfig {
     pub listen: Vec<Multiaddr>,
     /// Whether to discover peers on the LAN.
     pub mdns: bool,
-    /// Most sessions at once; more wait.
-    pub max_sessions: usize,
+    /// Most sessions at once (more wait); `None` sizes it by the nodes' memory.
+    pub max_sessions: Option<usize>,
     /// Adverts a peer may miss before it is dropped.
     pub missed_heartbeats: u32,
     /// Least share of a trusted peer's results that is spot-checked (new peers: all).
@@ -93,7 +93,7 @@ impl CoordinatorConfig {
             pool_dir: None,
             listen,
             mdns,
-            max_sessions: crate::pool::DEFAULT_MAX_SESSIONS,
+            max_sessions: None,
             missed_heartbeats: crate::peer_table::DEFAULT_MISSED_HEARTBEATS,
             check_share: crate::trust::DEFAULT_P_MIN,
             strict: false,
@@ -145,8 +145,16 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
         ));
     }
     let share = Arc::new(
-        Share::new(cfg.members.clone(), &cfg.api_keys, cfg.max_sessions)
-            .map_err(StartError::Members)?,
+        Share::new(
+            cfg.members.clone(),
+            &cfg.api_keys,
+            // Sized by memory later, so reserves only have to fit an explicit count.
+            cfg.max_sessions.unwrap_or_else(|| {
+                let reserved: usize = cfg.members.iter().map(|m| m.reserved_sessions).sum();
+                crate::pool::DEFAULT_MAX_SESSIONS.max(reserved + 1)
+            }),
+        )
+        .map_err(StartError::Members)?,
     );
     let swarm::Started {
         mut swarm,

@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod batch;
+pub mod capacity;
 pub mod compare;
 pub mod daemon;
 pub mod http;
@@ -16,6 +17,7 @@ pub mod peer_table;
 pub mod pipeline;
 pub mod planner;
 pub mod pool;
+pub mod queue;
 pub mod redial;
 pub mod revocations;
 pub mod router;

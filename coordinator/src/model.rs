@@ -2,9 +2,11 @@
 //! (what the planner sizes stages by) and its tokenizer and chat template (what sessions
 //! need). The coordinator never loads the weights themselves.
 
+use crate::capacity::KvGeometry;
 use crate::planner::ModelShape;
 use potluck_engine::config::LlamaConfig;
 use potluck_engine::generate::load_tokenizer;
+use potluck_engine::kv_cache::STAGE_SCRATCH_BYTES;
 use potluck_engine::tokenizer::TextTokenizer;
 use potluck_engine::weights::WeightFile;
 use potluck_engine::EngineError;
@@ -13,8 +15,6 @@ use std::path::Path;
 
 /// Positions of KV cache the planner keeps room for on every block.
 pub const PLANNED_CONTEXT: u64 = 2048;
-/// Scratch memory every stage needs besides weights and caches.
-pub const STAGE_SCRATCH_BYTES: u64 = 32 << 20;
 
 /// Everything the coordinator knows about its model.
 pub struct ServedModel {
@@ -22,6 +22,8 @@ pub struct ServedModel {
     pub model: ModelRef,
     /// What the planner needs.
     pub shape: ModelShape,
+    /// What sizing the pool's session count needs.
+    pub kv: KvGeometry,
     /// Geometry.
     pub config: LlamaConfig,
     /// Tokenizer and chat template.
@@ -41,10 +43,17 @@ impl ServedModel {
             edge_bytes,
             reserve_bytes: STAGE_SCRATCH_BYTES,
         };
+        let kv = KvGeometry {
+            layers: shape.layers,
+            block_bytes,
+            edge_bytes,
+            kv_bytes_per_block_position: kv_per_block,
+        };
         let tokenizer = load_tokenizer(&file)?;
         Ok(Self {
             model,
             shape,
+            kv,
             config,
             tokenizer,
         })

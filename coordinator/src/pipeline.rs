@@ -11,9 +11,7 @@ use crate::planner::Span;
 use crate::spotcheck::CheckJob;
 use crate::verify::{check_result, Expected, ResultRejection};
 use libp2p::{PeerId, Stream};
-use potluck_engine::generate::TokenSource;
 use potluck_engine::sampling::SamplingParams;
-use potluck_engine::EngineError;
 use potluck_net::streams::PoolStreams;
 use potluck_protocol::codec::MAX_FRAME;
 use potluck_protocol::messages::{
@@ -193,6 +191,9 @@ pub trait Reroute: Send + Sync {
     }
     /// Reports that two other peers agreed against `peer`'s result.
     fn disputed(&self, _peer: PeerId, _why: &str) {}
+    /// Reports that one decode step on `peer` took `secs`, queue and compute and round
+    /// trip, as this session saw it.
+    fn measured(&self, _peer: PeerId, _secs: f64) {}
 }
 
 impl PipelineError {
@@ -417,7 +418,6 @@ pub struct RemotePipeline {
     model: ChainModel,
     sampling: SamplingParams,
     receipts: Vec<Receipt>,
-    runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
     handle: Arc<SessionHandle>,
     reroute: Option<Arc<dyn Reroute>>,
@@ -454,7 +454,6 @@ impl RemotePipeline {
             model,
             sampling,
             receipts: Vec::new(),
-            runtime: tokio::runtime::Handle::current(),
             metrics,
             handle,
             reroute,
@@ -569,11 +568,14 @@ impl RemotePipeline {
                 }
             };
             self.metrics.check("verified");
+            let hop_secs = hop_started.elapsed().as_secs_f64();
+            if let (1, Some(r)) = (tokens.len(), &self.reroute) {
+                r.measured(self.hops[i].peer, hop_secs);
+            }
             // Strict mode compares every result already.
             let reroute = self.reroute.clone().filter(|_| !self.strict);
             let hop = &mut self.hops[i];
-            self.metrics
-                .stage(&hop.label, hop_started.elapsed().as_secs_f64());
+            self.metrics.stage(&hop.label, hop_secs);
             hop.journal.push(req);
             // A hop's work in a session is one job: checked whole, or not at all.
             let peer = hop.peer;
@@ -834,6 +836,11 @@ impl RemotePipeline {
         });
     }
 
+    /// The model's context window, in positions.
+    pub fn context(&self) -> usize {
+        self.model.context
+    }
+
     /// Ends the session: closes every stream so each node frees the session's cache, and
     /// hands picked results over for checking.
     pub async fn close(mut self) {
@@ -844,23 +851,5 @@ impl RemotePipeline {
         for hop in std::mem::take(&mut self.hops) {
             self.retire(hop);
         }
-    }
-}
-
-impl TokenSource for RemotePipeline {
-    fn context(&self) -> usize {
-        self.model.context
-    }
-
-    fn next_token(
-        &mut self,
-        pos: usize,
-        input: &[u32],
-        history: &[u32],
-    ) -> potluck_engine::error::Result<u32> {
-        let runtime = self.runtime.clone();
-        runtime
-            .block_on(self.step(pos, input, history))
-            .map_err(|e| EngineError::Pipeline(e.to_string()))
     }
 }

@@ -18,13 +18,14 @@ use crate::pipeline::{
     ChainModel, PipelineError, RemotePipeline, Reroute, SessionContext, SessionHandle,
 };
 use crate::planner::{plan, Plan, PlanPeer, Span};
+use crate::queue::{queued_ms_per_block, StepTimes};
 use crate::redial::{Due, Redials};
 use crate::router::{route_range, PeerCost};
 use crate::share::{MemberId, Share};
 use crate::spotcheck::CheckJob;
 use crate::trust::Trust;
 use libp2p::PeerId;
-use potluck_engine::generate::{generate_with, GenerateRequest, GenerateStats};
+use potluck_engine::generate::{GenerateRequest, GenerateStats, Generation};
 use potluck_engine::sampling::SamplingParams;
 use potluck_net::gate::Gate;
 use potluck_net::streams::PoolStreams;
@@ -51,7 +52,8 @@ pub const SUSPECT_FOR: Duration = Duration::from_secs(20);
 pub const LEAVE_BAN: Duration = Duration::from_secs(60);
 /// How long a peer that broke the protocol or sent an unverifiable result stays out.
 pub const BAN: Duration = Duration::from_secs(600);
-/// Sessions a coordinator runs at once unless told otherwise.
+/// Sessions a coordinator lets start before its first plan sizes the count by the nodes'
+/// memory (see [`crate::capacity`]).
 pub const DEFAULT_MAX_SESSIONS: usize = 32;
 /// Events the dashboard keeps.
 pub const EVENT_LOG: usize = 50;
@@ -240,6 +242,8 @@ pub struct Coordinator {
     checks: Arc<tokio::sync::Semaphore>,
     /// Sessions each peer serves now (counted from routing to the session's end).
     busy: Arc<Mutex<HashMap<PeerId, usize>>>,
+    /// How long decode steps took on each peer lately: its measured queue.
+    step_times: Arc<Mutex<StepTimes<PeerId>>>,
     /// Held while a session is routed and counted.
     routing: Arc<tokio::sync::Mutex<()>>,
     /// Every hop on two peers that must agree (`--verify strict`).
@@ -252,6 +256,8 @@ pub struct Coordinator {
     batches: Option<Arc<crate::batch::Batches>>,
     /// How long a work unit may take on a node.
     unit_timeout: Duration,
+    /// Whether the session count follows the nodes' memory (no `--max-sessions`).
+    auto_sessions: bool,
 }
 
 /// Counts a session on its chain's peers until it ends.
@@ -351,12 +357,14 @@ impl Coordinator {
             audit,
             checks: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CHECKS)),
             busy: Arc::new(Mutex::new(HashMap::new())),
+            step_times: Arc::new(Mutex::new(StepTimes::default())),
             routing: Arc::new(tokio::sync::Mutex::new(())),
             strict: cfg.strict,
             canaries: Arc::new(Mutex::new(canary::CanaryBank::default())),
             embedding_model: cfg.embedding_model.clone(),
             batches: None,
             unit_timeout: cfg.unit_timeout,
+            auto_sessions: cfg.max_sessions.is_none(),
         }
     }
 
@@ -742,6 +750,7 @@ impl Coordinator {
                 }
                 st.plan = Some(p);
                 st.plan_error = None;
+                self.size_sessions(&st);
             }
             Err(e) => {
                 if st.plan_error.as_deref() != Some(&e.to_string()) {
@@ -770,6 +779,25 @@ impl Coordinator {
             let this = self.clone();
             let peer = span.peer;
             tokio::spawn(async move { this.assign(peer, assignment).await });
+        }
+    }
+
+    /// Sizes the pool's session count from its nodes' memory, unless the operator set one.
+    fn size_sessions(&self, st: &PoolState) {
+        if !self.auto_sessions {
+            return;
+        }
+        let Some(plan) = st.plan.as_ref() else {
+            return;
+        };
+        let memory = |k: &PublicKey| st.table.get(k).map(|p| p.advert.memory_bytes);
+        let Some(n) = crate::capacity::pool_sessions(plan, &self.model.kv, memory) else {
+            return;
+        };
+        let before = self.share.sessions();
+        let now = self.share.resize(n);
+        if now != before {
+            println!("the pool runs {now} sessions at once (sized by its nodes' memory)");
         }
     }
 
@@ -859,9 +887,11 @@ impl Coordinator {
     }
 
     /// The cheapest chain of confirmed spans over blocks `start..end`, avoiding `avoid`.
-    /// A peer's compute counts more the more sessions it already runs (so replicas share
-    /// the load) and the less it is trusted (by the lower bound of its reputation, so new
-    /// peers get work, but after proven ones).
+    /// A peer's compute counts as its measured queue (see [`queued_ms_per_block`]: the
+    /// longer of its advert's estimate and its recent steps, times the sessions it runs, so
+    /// replicas share the load and a slow or crowded one gets fewer) and more the less it is
+    /// trusted (by the lower bound of its reputation, so new peers get work, but after
+    /// proven ones).
     fn route_blocks(
         &self,
         start: u32,
@@ -869,6 +899,10 @@ impl Coordinator {
         avoid: &HashSet<PeerId>,
     ) -> Option<Vec<(Span, PeerId)>> {
         let load = self.busy.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (times, now) = (
+            self.step_times.lock().unwrap_or_else(|p| p.into_inner()),
+            Instant::now(),
+        );
         let st = self.state();
         let plan = st.plan.as_ref()?;
         let confirmed = Plan {
@@ -884,14 +918,16 @@ impl Coordinator {
         let layer_bytes = self.model.shape.layer_bytes as f64;
         let cost = |key: &PublicKey| {
             let peer = st.table.get(key)?;
-            let busy = peer_id_of(key)
-                .and_then(|p| load.get(&p))
-                .map_or(0.0, |n| *n as f64);
+            let id = peer_id_of(key);
+            let busy = id.and_then(|p| load.get(&p)).copied().unwrap_or(0);
+            let measured = id.and_then(|p| times.recent(&p, now)).map(|s| s * 1e3);
+            let blocks = plan.span_of(key).map_or(1, |s| s.range.end - s.range.start);
+            let rtt_ms = peer.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from);
+            let estimate = layer_bytes / (f64::from(peer.advert.mem_gbps).max(1e-3) * 1e6);
             let distrust = 1.5 - 0.5 * st.trust.get(key).lower_bound();
             Some(PeerCost {
-                rtt_ms: peer.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from),
-                ms_per_block: layer_bytes / (f64::from(peer.advert.mem_gbps).max(1e-3) * 1e6)
-                    * (1.0 + busy)
+                rtt_ms,
+                ms_per_block: queued_ms_per_block(estimate, measured, rtt_ms, blocks, busy)
                     * distrust,
             })
         };
@@ -1063,25 +1099,20 @@ impl Coordinator {
             metrics: self.metrics.clone(),
         };
         self.metrics.tokens_in.inc_by(req.prompt.len() as u64);
-        let model = self.model.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            let request = GenerateRequest {
-                prompt: &req.prompt,
-                max_tokens: req.max_tokens,
-                stop: &req.stop,
-            };
-            let out = generate_with(&mut pipe, &model.tokenizer, &request, on_text);
-            (pipe, out)
-        })
-        .await
-        .map_err(|e| SessionError::Failed(e.to_string()))?;
-        let (pipe, out) = joined;
+        // Driven here, on the async side: a session waiting on its nodes costs its state,
+        // not a thread.
+        let request = GenerateRequest {
+            prompt: &req.prompt,
+            max_tokens: req.max_tokens,
+            stop: &req.stop,
+        };
+        let out = drive(&mut pipe, &self.model.tokenizer, &request, on_text).await;
         pipe.close().await;
         out.map_err(|e| {
             if handle.cancelled.load(Ordering::Relaxed) {
                 SessionError::Cancelled
             } else {
-                SessionError::Failed(e.to_string())
+                SessionError::Failed(e)
             }
         })
     }
@@ -1096,6 +1127,26 @@ impl Coordinator {
             context: cfg.context,
         }
     }
+}
+
+/// Runs a generation's steps through `pipe` until it ends; the error says why it did not.
+async fn drive(
+    pipe: &mut RemotePipeline,
+    tok: &potluck_engine::tokenizer::TextTokenizer,
+    req: &GenerateRequest<'_>,
+    mut on_text: impl FnMut(&str),
+) -> Result<(String, GenerateStats), String> {
+    let mut generation = Generation::new(tok, req, pipe.context()).map_err(|e| e.to_string())?;
+    while let Some((pos, input)) = generation.next_step() {
+        let token = pipe
+            .step(pos, input, generation.history())
+            .await
+            .map_err(|e| e.to_string())?;
+        generation
+            .accept(token, &mut on_text)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(generation.finish(&mut on_text))
 }
 
 /// One line per span, for operators.
@@ -1162,5 +1213,12 @@ impl Reroute for Coordinator {
     fn disputed(&self, peer: PeerId, why: &str) {
         self.record_trust(peer, crate::compare::Verdict::Fail);
         self.quarantine(peer, why);
+    }
+
+    fn measured(&self, peer: PeerId, secs: f64) {
+        self.step_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(peer, secs, Instant::now());
     }
 }

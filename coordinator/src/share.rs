@@ -157,7 +157,8 @@ struct Waiter {
 
 struct Inner {
     usage: Vec<Usage>,
-    free: usize,
+    /// Sessions that may run at once now.
+    limit: usize,
     queue: VecDeque<Waiter>,
 }
 
@@ -166,7 +167,8 @@ pub struct Share {
     members: Vec<Member>,
     by_key: HashMap<[u8; 32], MemberId>,
     inner: Mutex<Inner>,
-    sessions: usize,
+    /// The fewest sessions the pool runs: one more than members reserve.
+    floor: usize,
 }
 
 fn digest(key: &str) -> [u8; 32] {
@@ -251,10 +253,10 @@ impl Share {
             by_key,
             inner: Mutex::new(Inner {
                 usage,
-                free: sessions,
+                limit: sessions,
                 queue: VecDeque::new(),
             }),
-            sessions,
+            floor: reserved + 1,
         })
     }
 
@@ -399,7 +401,13 @@ impl Share {
     /// not used up, or slots are left beyond others' unused reserves), the one with the
     /// least use for its weight, first come first served within a member.
     fn dispatch(&self, inner: &mut Inner) {
-        let Inner { usage, free, queue } = inner;
+        let Inner {
+            usage,
+            limit,
+            queue,
+        } = inner;
+        let running: usize = usage.iter().map(|u| u.running).sum();
+        let free = &mut limit.saturating_sub(running);
         // Waiters that went away leave the queue.
         queue.retain(|w| {
             let open = !w.tx.is_closed();
@@ -452,8 +460,22 @@ impl Share {
         if let Some(u) = inner.usage.get_mut(m.0) {
             u.running = u.running.saturating_sub(1);
         }
-        inner.free = (inner.free + 1).min(self.sessions);
         self.dispatch(&mut inner);
+    }
+
+    /// Lets `sessions` run at once from now on (at least one more than members reserve);
+    /// waiters start at once if that frees slots, and running sessions are never cut short
+    /// when it shrinks. Returns the number applied.
+    pub fn resize(&self, sessions: usize) -> usize {
+        let mut inner = self.inner();
+        inner.limit = sessions.max(self.floor);
+        self.dispatch(&mut inner);
+        inner.limit
+    }
+
+    /// Sessions that may run at once now.
+    pub fn sessions(&self) -> usize {
+        self.inner().limit
     }
 
     /// Each member's use, for the dashboard.
@@ -692,5 +714,33 @@ mod tests {
         drop((hold, hold2));
         let again = tokio::time::timeout(Duration::from_secs(1), s.acquire(MemberId(1))).await;
         assert!(again.is_ok(), "a slot was lost to a waiter that left");
+    }
+
+    #[tokio::test]
+    async fn resizing_starts_waiters_and_never_cuts_running_sessions() {
+        let s = Arc::new(Share::new(vec![spec("a", 1.0, 0), spec("vip", 1.0, 1)], &[], 2).unwrap());
+        // Never below one more than members reserve.
+        assert_eq!(s.resize(0), 2);
+        let first = s.acquire(MemberId(1)).await;
+        let s2 = s.clone();
+        let second = tokio::spawn(async move { s2.acquire(MemberId(1)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!second.is_finished(), "the VIP's slot went to A");
+        assert_eq!(s.resize(3), 3);
+        let second = tokio::time::timeout(Duration::from_secs(1), second)
+            .await
+            .expect("growing the pool did not start the waiter")
+            .unwrap();
+        // Shrinking below what runs leaves both running; the next waits for two to end.
+        assert_eq!(s.resize(2), 2);
+        let s3 = s.clone();
+        let third = tokio::spawn(async move { s3.acquire(MemberId(1)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!third.is_finished(), "A took the slot the VIP holds back");
+        drop(second);
+        let third = tokio::time::timeout(Duration::from_secs(1), third).await;
+        assert!(third.is_ok(), "the waiter never started");
     }
 }

@@ -7,7 +7,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::SessionId;
 use crate::llama::{Stage, StageInput, StageOutput};
 use crate::sampling::Sampler;
-use crate::tokenizer::TextTokenizer;
+use crate::tokenizer::{StreamDecoder, TextTokenizer};
 use crate::weights::WeightFile;
 use std::time::Instant;
 
@@ -216,64 +216,138 @@ pub fn generate_with(
     req: &GenerateRequest<'_>,
     mut on_text: impl FnMut(&str),
 ) -> Result<(String, GenerateStats)> {
-    let context = source.context();
-    if req.prompt.is_empty() {
-        return Err(EngineError::bad_input("the prompt is empty"));
+    let mut generation = Generation::new(tok, req, source.context())?;
+    while let Some((pos, input)) = generation.next_step() {
+        let token = source.next_token(pos, input, generation.history())?;
+        generation.accept(token, &mut on_text)?;
     }
-    if req.prompt.len() >= context {
-        return Err(EngineError::ContextOverflow {
-            needed: req.prompt.len() + 1,
-            context,
-        });
-    }
-    let started = Instant::now();
-    let mut history: Vec<u32> = req.prompt.to_vec();
-    let mut next = source.next_token(0, req.prompt, &history)?;
-    let prefill_secs = started.elapsed().as_secs_f64();
-    let first_token_at = Instant::now();
-    let mut decoder = tok.stream();
-    let mut filter = StopFilter {
-        stops: req.stop,
-        text: String::new(),
-        emitted: 0,
-    };
-    let mut generated = 0;
-    let mut finish = FinishReason::Length;
-    while generated < req.max_tokens {
-        if tok.is_eos(next) {
-            finish = FinishReason::Stop;
-            break;
+    Ok(generation.finish(&mut on_text))
+}
+
+/// One generation as a state machine: it says which step to run next and takes the token
+/// that step produced. The loop that drives it may block ([`generate_with`]) or await (a
+/// coordinator keeping many sessions in flight without a thread each), and both run the
+/// same rules for stops, limits and statistics.
+pub struct Generation<'a> {
+    tok: &'a TextTokenizer,
+    decoder: StreamDecoder<'a>,
+    filter: StopFilter<'a>,
+    max_tokens: usize,
+    context: usize,
+    prompt_len: usize,
+    history: Vec<u32>,
+    /// Whether prefill is done, so the next step feeds the last token of `history`.
+    decoding: bool,
+    generated: usize,
+    finish: Option<FinishReason>,
+    started: Instant,
+    first_token_at: Option<Instant>,
+}
+
+impl<'a> Generation<'a> {
+    /// A generation of `req` in a model with `context` positions; refuses an empty prompt
+    /// or one that leaves no room for a token.
+    pub fn new(tok: &'a TextTokenizer, req: &GenerateRequest<'a>, context: usize) -> Result<Self> {
+        if req.prompt.is_empty() {
+            return Err(EngineError::bad_input("the prompt is empty"));
         }
-        generated += 1;
-        let (shown, stopped) = filter.push(&decoder.push(next)?);
+        if req.prompt.len() >= context {
+            return Err(EngineError::ContextOverflow {
+                needed: req.prompt.len() + 1,
+                context,
+            });
+        }
+        Ok(Self {
+            tok,
+            decoder: tok.stream(),
+            filter: StopFilter {
+                stops: req.stop,
+                text: String::new(),
+                emitted: 0,
+            },
+            max_tokens: req.max_tokens,
+            context,
+            prompt_len: req.prompt.len(),
+            history: req.prompt.to_vec(),
+            decoding: false,
+            generated: 0,
+            finish: None,
+            started: Instant::now(),
+            first_token_at: None,
+        })
+    }
+
+    /// The next step to run, as its first position and its input tokens: the whole prompt
+    /// first, then one token at a time. `None` once the generation has ended.
+    pub fn next_step(&self) -> Option<(usize, &[u32])> {
+        if self.finish.is_some() {
+            return None;
+        }
+        let at = if self.decoding {
+            self.history.len().saturating_sub(1)
+        } else {
+            0
+        };
+        Some((at, self.history.get(at..).unwrap_or_default()))
+    }
+
+    /// Every token so far, prompt and generated: what repetition penalties look at.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Takes the token the last step produced, passing newly complete text to `on_text`.
+    pub fn accept(&mut self, token: u32, on_text: &mut impl FnMut(&str)) -> Result<()> {
+        if self.finish.is_some() {
+            return Ok(());
+        }
+        if self.first_token_at.is_none() {
+            self.first_token_at = Some(Instant::now());
+        }
+        if self.generated >= self.max_tokens {
+            self.finish = Some(FinishReason::Length);
+            return Ok(());
+        }
+        if self.tok.is_eos(token) {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(());
+        }
+        self.generated += 1;
+        let (shown, stopped) = self.filter.push(&self.decoder.push(token)?);
         if !shown.is_empty() {
             on_text(&shown);
         }
         if stopped {
-            finish = FinishReason::Stop;
-            break;
+            self.finish = Some(FinishReason::Stop);
+            return Ok(());
         }
-        history.push(next);
-        if generated == req.max_tokens || history.len() >= context {
-            break;
+        self.history.push(token);
+        if self.generated == self.max_tokens || self.history.len() >= self.context {
+            self.finish = Some(FinishReason::Length);
+        } else {
+            self.decoding = true;
         }
-        next = source.next_token(history.len() - 1, &[next], &history)?;
+        Ok(())
     }
-    if finish == FinishReason::Length {
-        let rest = filter.finish();
-        if !rest.is_empty() {
-            on_text(&rest);
+
+    /// Ends the generation: flushes text held back for a stop string that never came, and
+    /// returns the whole text and the statistics.
+    pub fn finish(mut self, on_text: &mut impl FnMut(&str)) -> (String, GenerateStats) {
+        let finish = self.finish.unwrap_or(FinishReason::Length);
+        if finish == FinishReason::Length {
+            let rest = self.filter.finish();
+            if !rest.is_empty() {
+                on_text(&rest);
+            }
         }
-    }
-    let decode_secs = first_token_at.elapsed().as_secs_f64();
-    Ok((
-        filter.text,
-        GenerateStats {
-            prompt_tokens: req.prompt.len(),
-            generated_tokens: generated,
-            prefill_secs,
-            decode_secs,
+        let first = self.first_token_at.unwrap_or_else(Instant::now);
+        let stats = GenerateStats {
+            prompt_tokens: self.prompt_len,
+            generated_tokens: self.generated,
+            prefill_secs: first.duration_since(self.started).as_secs_f64(),
+            decode_secs: first.elapsed().as_secs_f64(),
             finish,
-        },
-    ))
+        };
+        (self.filter.text, stats)
+    }
 }

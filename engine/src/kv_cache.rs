@@ -11,6 +11,34 @@ pub type SessionId = u64;
 
 const MIN_CAPACITY: usize = 32;
 
+/// KV budget of a stage when its owner sets no memory cap.
+pub const DEFAULT_KV_BUDGET: usize = 1 << 30;
+/// KV budget a stage gets however tight its owner's cap.
+pub const MIN_KV_BUDGET: usize = 16 << 20;
+/// Memory a stage needs besides its weights and caches.
+pub const STAGE_SCRATCH_BYTES: u64 = 32 << 20;
+
+/// Bytes the KV caches of a stage whose weights take `weight_bytes` may use: what
+/// `memory_cap` leaves after the weights and scratch, between [`MIN_KV_BUDGET`] and
+/// [`DEFAULT_KV_BUDGET`]; without a cap, the default. Nodes size their caches by it and
+/// coordinators size the pool's session count by it, so both must use this one formula.
+pub fn stage_kv_budget(memory_cap: Option<u64>, weight_bytes: u64) -> usize {
+    let Some(cap) = memory_cap else {
+        return DEFAULT_KV_BUDGET;
+    };
+    let left = cap.saturating_sub(weight_bytes.saturating_add(STAGE_SCRATCH_BYTES));
+    usize::try_from(left)
+        .unwrap_or(usize::MAX)
+        .clamp(MIN_KV_BUDGET, DEFAULT_KV_BUDGET)
+}
+
+/// Bytes that other sessions may hold before a new session has to wait (without eviction):
+/// three quarters of the budget, because sessions that run together grow together, and if
+/// new ones took the last room every running one could end up waiting for the others.
+pub fn admission_bytes(budget: usize) -> usize {
+    budget / 4 * 3
+}
+
 /// Keys and values of one block for one session: (capacity, kv_heads, head_dim) each.
 struct LayerKv {
     k: Vec<f32>,
@@ -205,12 +233,9 @@ impl KvStore {
             self.evict_for(id, needed_bytes, keep);
         }
         let others = self.bytes_besides(id);
-        // Without eviction, a new session waits while the cache is three quarters full:
-        // sessions that run together grow together, and if new ones took the last room,
-        // every running one could end up waiting for the others to finish.
         let new = !self.evict && !self.sessions.contains_key(&id);
         let limit = if new && others > 0 {
-            self.budget / 4 * 3
+            admission_bytes(self.budget)
         } else {
             self.budget
         };

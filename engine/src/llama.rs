@@ -15,8 +15,7 @@ use std::ops::Range;
 /// Prefill runs in chunks of this many positions so an 8k prompt needs bounded scratch memory.
 pub const PREFILL_CHUNK: usize = 512;
 
-/// Default KV budget for a stage when the owner sets none.
-pub const DEFAULT_KV_BUDGET: usize = 1 << 30;
+pub use crate::kv_cache::DEFAULT_KV_BUDGET;
 
 struct Block {
     attn_norm: Tensor,

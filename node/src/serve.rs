@@ -8,7 +8,8 @@ use crate::shard::ShardServer;
 use crate::wire::wire_error;
 use futures::StreamExt;
 use libp2p::{PeerId, Stream};
-use potluck_engine::llama::{Stage, DEFAULT_KV_BUDGET};
+use potluck_engine::kv_cache::stage_kv_budget;
+use potluck_engine::llama::Stage;
 use potluck_engine::weights::WeightFile;
 use potluck_net::gate::Gate;
 use potluck_net::streams::PoolStreams;
@@ -31,10 +32,6 @@ use tokio::sync::watch;
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stage stream with no request for this long is closed and its cache freed.
 const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-/// Memory a stage needs besides weights and caches.
-const STAGE_SCRATCH_BYTES: u64 = 32 << 20;
-/// KV budget a stage gets however tight the owner's cap.
-const MIN_KV_BUDGET: usize = 16 << 20;
 /// Once a frame's header has arrived, its body must follow within this.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -100,7 +97,7 @@ pub struct Server {
 impl Server {
     /// A server for the models in the node's cache, signing with `key`. With a
     /// `memory_cap`, a stage's KV caches get what the cap leaves after its weights; without,
-    /// [`DEFAULT_KV_BUDGET`].
+    /// [`potluck_engine::kv_cache::DEFAULT_KV_BUDGET`].
     /// Each loaded stage batches its sessions' steps within `batch`.
     /// `faults` corrupts outputs on purpose; only test builds accept it (see
     /// [`crate::fault`]).
@@ -497,18 +494,15 @@ async fn send_answer(peer: PeerId, stream: &mut Stream, answer: &Message, what: 
     }
 }
 
-/// Bytes the KV caches of a stage holding `range` of `total` blocks may take: what
-/// `memory_cap` leaves after the weights and scratch, at least [`MIN_KV_BUDGET`]; without a
-/// cap, [`DEFAULT_KV_BUDGET`].
+/// Bytes the KV caches of a stage holding `range` of `total` blocks may take under
+/// `memory_cap` (see [`stage_kv_budget`]).
 fn kv_budget(file: &WeightFile, range: LayerRange, total: usize, memory_cap: Option<u64>) -> usize {
-    let Some(cap) = memory_cap else {
-        return DEFAULT_KV_BUDGET;
-    };
     let (block, edge) = file.footprint();
     let edges = u64::from(range.start == 0) + u64::from(range.end as usize == total);
-    let weights = block * u64::from(range.end - range.start) + edge * edges;
-    let left = cap.saturating_sub(weights + STAGE_SCRATCH_BYTES);
-    (left as usize).clamp(MIN_KV_BUDGET, DEFAULT_KV_BUDGET)
+    stage_kv_budget(
+        memory_cap,
+        block * u64::from(range.end - range.start) + edge * edges,
+    )
 }
 
 /// The weight type receipts name: the type of the first block's down projection in a GGUF,

@@ -466,13 +466,15 @@ impl Meta {
 /// the finish reason, the usage when asked, then `[DONE]`. If the client goes away, sending
 /// fails and the session is cancelled before its next step.
 fn stream(c: Coordinator, checked: Checked, meta: Meta) -> impl IntoResponse {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    // Unbounded because the generation side must never wait on a slow reader; a session's
+    // events are bounded by its max_tokens.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let handle = checked.req.handle.clone();
     let include_usage = checked.include_usage;
     tokio::spawn(async move {
         let meta = Arc::new(meta);
         let first = Event::default().data(meta.chunk(None, true, None).to_string());
-        if tx.send(first).await.is_err() {
+        if tx.send(first).is_err() {
             return;
         }
         let (pieces, m) = (tx.clone(), meta.clone());
@@ -480,7 +482,7 @@ fn stream(c: Coordinator, checked: Checked, meta: Meta) -> impl IntoResponse {
         let result = c
             .generate(checked.req, move |piece| {
                 let ev = Event::default().data(m.chunk(Some(piece), false, None).to_string());
-                if pieces.blocking_send(ev).is_err() {
+                if pieces.send(ev).is_err() {
                     cancel.cancelled.store(true, Ordering::Relaxed);
                 }
             })
@@ -496,11 +498,11 @@ fn stream(c: Coordinator, checked: Checked, meta: Meta) -> impl IntoResponse {
             Err(e) => tail.push(ApiError::from(e).body()),
         }
         for v in tail {
-            if tx.send(Event::default().data(v.to_string())).await.is_err() {
+            if tx.send(Event::default().data(v.to_string())).is_err() {
                 return;
             }
         }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
+        let _ = tx.send(Event::default().data("[DONE]"));
     });
     let events = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))

@@ -1,0 +1,117 @@
+//! Each peer's queue as this coordinator measures it: a moving average of how long the decode
+//! steps of its sessions took there. A node batching many sessions, serving other
+//! coordinators too, or slower than its advert claims shows it here long before its adverts
+//! would, so new sessions go where the measured wait is shortest. The caller passes the time.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+/// How long a measurement speaks for a peer; after that its advert's estimate stands again.
+pub const FRESH: Duration = Duration::from_secs(10);
+/// Weight of the newest step in the average.
+const NEWEST: f64 = 0.2;
+/// Peers remembered at most; stale ones go first.
+const MAX_PEERS: usize = 4096;
+
+/// Recent decode-step times per peer.
+#[derive(Debug)]
+pub struct StepTimes<K> {
+    seen: HashMap<K, (f64, Instant)>,
+}
+
+impl<K> Default for StepTimes<K> {
+    fn default() -> Self {
+        Self {
+            seen: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq> StepTimes<K> {
+    /// Records a decode step of `secs` on `peer` at `now`.
+    pub fn observe(&mut self, peer: K, secs: f64, now: Instant) {
+        if !secs.is_finite() || secs < 0.0 {
+            return;
+        }
+        if self.seen.len() >= MAX_PEERS && !self.seen.contains_key(&peer) {
+            self.seen
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < FRESH);
+            if self.seen.len() >= MAX_PEERS {
+                return;
+            }
+        }
+        let entry = self.seen.entry(peer).or_insert((secs, now));
+        let fresh = now.saturating_duration_since(entry.1) < FRESH;
+        entry.0 = if fresh {
+            entry.0 + NEWEST * (secs - entry.0)
+        } else {
+            secs
+        };
+        entry.1 = now;
+    }
+
+    /// The average step time on `peer`, seconds, if measured within [`FRESH`] of `now`.
+    pub fn recent(&self, peer: &K, now: Instant) -> Option<f64> {
+        self.seen
+            .get(peer)
+            .filter(|(_, at)| now.saturating_duration_since(*at) < FRESH)
+            .map(|(secs, _)| *secs)
+    }
+}
+
+/// What one block on a peer costs a new session, milliseconds: the longer of its advert's
+/// estimate and its measured step (less the round trip, spread over its `blocks`), times the
+/// sessions it would then serve from here. Measured time already holds the queue that other
+/// coordinators' sessions make.
+pub fn queued_ms_per_block(
+    estimate_ms: f64,
+    measured_ms: Option<f64>,
+    rtt_ms: f64,
+    blocks: u32,
+    busy: usize,
+) -> f64 {
+    let measured = measured_ms.map_or(0.0, |m| (m - rtt_ms).max(0.0) / f64::from(blocks.max(1)));
+    estimate_ms.max(measured) * (1.0 + busy as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_average_and_go_stale() {
+        let t0 = Instant::now();
+        let mut times = StepTimes::default();
+        times.observe(1u8, 0.010, t0);
+        times.observe(1u8, 0.020, t0 + Duration::from_millis(10));
+        let avg = times.recent(&1, t0 + Duration::from_millis(20)).unwrap();
+        assert!((avg - 0.012).abs() < 1e-9, "{avg}");
+        // Nonsense is ignored.
+        times.observe(1u8, f64::NAN, t0);
+        times.observe(1u8, -1.0, t0);
+        assert_eq!(times.recent(&1, t0 + Duration::from_millis(20)), Some(avg));
+        assert_eq!(times.recent(&2, t0), None);
+        // Stale measurements speak for nobody, and a new one starts afresh.
+        let later = t0 + FRESH + Duration::from_secs(1);
+        assert_eq!(times.recent(&1, later), None);
+        times.observe(1u8, 0.5, later);
+        assert_eq!(times.recent(&1, later), Some(0.5));
+    }
+
+    #[test]
+    fn the_measured_queue_outweighs_the_advert_and_sessions_count() {
+        // Nothing measured: the estimate, scaled by the sessions it would serve.
+        assert_eq!(queued_ms_per_block(0.1, None, 1.0, 10, 0), 0.1);
+        assert_eq!(queued_ms_per_block(0.1, None, 1.0, 10, 3), 0.4);
+        // A node whose steps take 41 ms over 10 blocks behind a 1 ms round trip costs 4 ms
+        // a block, whatever its advert says.
+        assert_eq!(queued_ms_per_block(0.1, Some(41.0), 1.0, 10, 0), 4.0);
+        // A measurement faster than the estimate does not make a peer look faster.
+        assert_eq!(queued_ms_per_block(0.1, Some(0.5), 1.0, 10, 1), 0.2);
+        // Of two replicas serving equally many sessions, the one measured slower costs more.
+        let quick = queued_ms_per_block(0.1, Some(11.0), 1.0, 10, 2);
+        let slow = queued_ms_per_block(0.1, Some(31.0), 1.0, 10, 2);
+        assert!(quick < slow);
+    }
+}
