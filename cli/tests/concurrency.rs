@@ -1,7 +1,8 @@
 //! Many users at once, over real processes on 127.0.0.1: 32 streaming clients through a
 //! two-node pipeline each get exactly what `potluck generate` gives (their steps batched on
 //! every stage), 16 concurrent requests to `potluck up` at its default threads all succeed,
-//! and nodes under full CPU load are never declared gone.
+//! nodes under full CPU load are never declared gone, and 200 sessions in flight cost the
+//! coordinator no thread each.
 
 mod common;
 
@@ -196,6 +197,76 @@ fn nodes_under_full_cpu_load_are_never_declared_gone() {
             !coord.seen[before..].iter().any(|l| l.starts_with(bad)),
             "a busy node was taken for gone ({bad}): {:?}",
             &coord.seen[before..]
+        );
+    }
+}
+
+/// A value from `/proc/<pid>/status`, e.g. "Threads" or "VmRSS" (in kB).
+fn proc_status(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+#[test]
+fn two_hundred_sessions_in_flight_cost_the_coordinator_no_thread_each() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (coord, _node, http) = common::small_pool(dir.path(), &["--max-sessions", "256"]);
+    let pid = coord.child.id();
+    let threads_before = proc_status(pid, "Threads");
+    let clients = 200;
+    // Every client's request goes out before any answer is read: all of them are sessions
+    // in flight at once, their tokens waiting in the sockets.
+    let streams: Vec<std::net::TcpStream> = (0..clients)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(&http).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+            let body = json!({"messages": [{"role": "user", "content": format!("Count to {i}.")}],
+                              "temperature": 0, "max_tokens": 16, "stream": true});
+            s.write_all(&request(
+                "POST",
+                "/v1/chat/completions",
+                &[],
+                &body.to_string(),
+            ))
+            .unwrap();
+            s
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut most_sessions, mut most_threads) = (0, 0);
+    while Instant::now() < deadline && most_sessions < clients * 3 / 4 {
+        let (_, pool) = common::get_json(&http, "/api/pool");
+        let running = pool["sessions"].as_array().map_or(0, |s| s.len());
+        most_sessions = most_sessions.max(running);
+        most_threads = most_threads.max(proc_status(pid, "Threads"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        most_sessions >= clients * 3 / 4,
+        "only {most_sessions} of {clients} sessions were ever in flight at once"
+    );
+    println!(
+        "{most_sessions} sessions in flight: coordinator threads {threads_before} idle, at most {most_threads} meanwhile"
+    );
+    assert!(
+        most_threads < threads_before + 32,
+        "{most_sessions} sessions in flight took the coordinator from {threads_before} to {most_threads} threads"
+    );
+    for (i, mut s) in streams.into_iter().enumerate() {
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let raw = String::from_utf8_lossy(&raw);
+        let (status, rest) = split_answer(&raw);
+        assert_eq!(status, 200, "client {i}: {raw}");
+        let (events, done) = sse_events(rest);
+        assert!(
+            done && !streamed_text(&events).is_empty(),
+            "client {i}: {raw}"
         );
     }
 }

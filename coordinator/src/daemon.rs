@@ -20,15 +20,10 @@ use potluck_protocol::codec::{decode_frame, encode_frame};
 use potluck_protocol::membership::Revocation;
 use potluck_protocol::messages::Message;
 use potluck_protocol::signed::PublicKey;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
-
-/// A peer whose connection answered a ping this recently is alive, however late its adverts
-/// (pings come every 5 s; two may be lost to a loaded machine).
-const ALIVE_WINDOW: Duration = Duration::from_secs(12);
 
 /// How a coordinator is run.
 #[derive(Debug, Clone)]
@@ -181,9 +176,6 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
         let canary_every = cfg.canary_interval.unwrap_or(Duration::from_secs(3600));
         let mut canary_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + canary_every, canary_every);
-        // When each peer last answered a ping: the proof of life that adverts, which a busy
-        // node may send late, are not.
-        let mut answered: HashMap<PeerId, Instant> = HashMap::new();
         loop {
             let event = tokio::select! {
                 _ = redial_tick.tick() => {
@@ -205,10 +197,8 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                     continue;
                 }
                 _ = tick.tick() => {
-                    let answered = &answered;
                     handle.expire_silent(unix_now(), |peer| {
-                        swarm.is_connected(&peer)
-                            && answered.get(&peer).is_some_and(|t| t.elapsed() < ALIVE_WINDOW)
+                        swarm.is_connected(&peer) && handle.alive(peer)
                     });
                     handle.replan();
                     gate.sweep(unix_now());
@@ -239,7 +229,7 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                     num_established: 0,
                     ..
                 }) => {
-                    answered.remove(&peer_id);
+                    handle.pinged(peer_id, false);
                     handle.unreachable(peer_id, "connection closed");
                 }
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Ping(libp2p::ping::Event {
@@ -247,7 +237,7 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                     result: Ok(rtt),
                     ..
                 }))) => {
-                    answered.insert(peer, Instant::now());
+                    handle.pinged(peer, true);
                     let mut st = handle.state();
                     if let Some(key) = st.key_of(peer) {
                         st.table.set_rtt(&key, rtt.as_secs_f32() * 1000.0);

@@ -32,6 +32,15 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Extra time per input position (prefill of long prompts on slow peers).
 pub const STEP_TIMEOUT_PER_POSITION: Duration = Duration::from_millis(20);
 
+/// Longest a step waits on a node that is busy (its connection answers pings) rather than
+/// gone; past it the node counts as failed for the step.
+pub const BUSY_PATIENCE: Duration = Duration::from_secs(300);
+
+/// A `busy` answer for [`exchange`] that never waits past the step timeout.
+pub(crate) fn never_busy(_: PeerId) -> bool {
+    false
+}
+
 /// How long a stage gets to answer a request of `positions` input positions.
 pub fn step_timeout(positions: usize) -> Duration {
     STEP_TIMEOUT + STEP_TIMEOUT_PER_POSITION * positions.min(u32::MAX as usize) as u32
@@ -191,9 +200,14 @@ pub trait Reroute: Send + Sync {
     }
     /// Reports that two other peers agreed against `peer`'s result.
     fn disputed(&self, _peer: PeerId, _why: &str) {}
-    /// Reports that one decode step on `peer` took `secs`, queue and compute and round
-    /// trip, as this session saw it.
-    fn measured(&self, _peer: PeerId, _secs: f64) {}
+    /// Whether `peer` is busy rather than gone or stalling: its connection answered a ping
+    /// and it answered some session's step lately, so a late answer is worth waiting for.
+    fn busy(&self, _peer: PeerId) -> bool {
+        false
+    }
+    /// Reports that a step of `positions` input positions on `peer` took `secs`, queue and
+    /// compute and round trip, as this session saw it.
+    fn measured(&self, _peer: PeerId, _secs: f64, _positions: usize) {}
 }
 
 impl PipelineError {
@@ -326,25 +340,38 @@ pub(crate) async fn exchange(
     hop: &mut Hop,
     req: &StageForward,
     timeout: Duration,
+    busy: &(dyn Fn(PeerId) -> bool + Sync),
 ) -> Result<Box<StageResult>, PipelineError> {
     let peer = hop.peer;
     let stage_err = |reason: String| PipelineError::Stage { peer, reason };
-    let answer = tokio::time::timeout(timeout, async {
-        write_frame_async(&mut hop.stream, &Message::Forward(req.clone()))
-            .await
-            .map_err(|e| stage_err(e.to_string()))?;
-        read_frame_async::<Message>(&mut hop.stream, MAX_FRAME)
-            .await
-            .map_err(|why| match why {
-                ProtocolError::Truncated(_) => stage_err(why.to_string()),
-                why => PipelineError::BadFrame { peer, why },
-            })
-    })
+    let timed_out = |after| PipelineError::Timeout { peer, after };
+    tokio::time::timeout(
+        timeout,
+        write_frame_async(&mut hop.stream, &Message::Forward(req.clone())),
+    )
     .await
-    .map_err(|_| PipelineError::Timeout {
-        peer,
-        after: timeout,
-    })??;
+    .map_err(|_| timed_out(timeout))?
+    .map_err(|e| stage_err(e.to_string()))?;
+    let read = read_frame_async::<Message>(&mut hop.stream, MAX_FRAME);
+    tokio::pin!(read);
+    // A node whose queue is long answers late but still answers its pings: it is waited
+    // for, a timeout at a time, up to [`BUSY_PATIENCE`]; a silent one times out.
+    let mut waited = Duration::ZERO;
+    let answer = loop {
+        match tokio::time::timeout(timeout, &mut read).await {
+            Ok(answer) => break answer,
+            Err(_) => {
+                waited += timeout;
+                if waited >= BUSY_PATIENCE || !busy(peer) {
+                    return Err(timed_out(waited));
+                }
+            }
+        }
+    }
+    .map_err(|why| match why {
+        ProtocolError::Truncated(_) => stage_err(why.to_string()),
+        why => PipelineError::BadFrame { peer, why },
+    })?;
     match answer {
         Some(Message::Result(r)) => Ok(r),
         Some(Message::Error(e)) => Err(PipelineError::Refused {
@@ -569,8 +596,8 @@ impl RemotePipeline {
             };
             self.metrics.check("verified");
             let hop_secs = hop_started.elapsed().as_secs_f64();
-            if let (1, Some(r)) = (tokens.len(), &self.reroute) {
-                r.measured(self.hops[i].peer, hop_secs);
+            if let Some(r) = &self.reroute {
+                r.measured(self.hops[i].peer, hop_secs, req.input.positions());
             }
             // Strict mode compares every result already.
             let reroute = self.reroute.clone().filter(|_| !self.strict);
@@ -610,6 +637,16 @@ impl RemotePipeline {
         Err(PipelineError::NoToken)
     }
 
+    /// Whether a late hop is worth waiting for: the session is still wanted and its peer
+    /// is busy, not gone (see [`Reroute::busy`]).
+    fn patience(&self) -> impl Fn(PeerId) -> bool + Sync + 'static {
+        let (reroute, handle) = (self.reroute.clone(), self.handle.clone());
+        move |peer| {
+            !handle.cancelled.load(Ordering::Relaxed)
+                && reroute.as_ref().is_some_and(|r| r.busy(peer))
+        }
+    }
+
     /// Sends `req` to hop `i` and returns its verified result. A broken stream, or a node
     /// that no longer has the session (its cache was evicted, or it restarted), is reopened
     /// and the hop's journal replayed (rebuilding the session's cache there) before `req` is
@@ -626,7 +663,8 @@ impl RemotePipeline {
         let mut wait = Duration::from_millis(20);
         let last = i + 1 == self.hops.len();
         loop {
-            let answer = exchange(&mut self.hops[i], req, timeout).await;
+            let busy = self.patience();
+            let answer = exchange(&mut self.hops[i], req, timeout, &busy).await;
             match answer {
                 // Full caches free up as other sessions end: wait our turn.
                 Err(PipelineError::Refused {
@@ -788,6 +826,7 @@ impl RemotePipeline {
     ) -> Result<Vec<Hop>, PipelineError> {
         let mut hops = open_hops(&mut self.control, chain).await?;
         let n = hops.len();
+        let busy = self.patience();
         // Step by step, as the failed hop got them: the rebuilt cache is then bit for bit
         // what the failed node held (a batched replay rounds differently), and the text
         // goes on exactly as it would have.
@@ -802,7 +841,7 @@ impl RemotePipeline {
                     input,
                     sample: if last { old.sample.clone() } else { None },
                 };
-                let result = exchange(hop, &req, timeout).await?;
+                let result = exchange(hop, &req, timeout, &busy).await?;
                 check_hop(&self.model, self.audit.as_ref(), hop, last, &req, &result)?;
                 hop.journal.push(req);
                 input = match result.output {

@@ -50,6 +50,9 @@ pub const ASSIGN_RETRY: Duration = Duration::from_secs(10);
 pub const SUSPECT_FOR: Duration = Duration::from_secs(20);
 /// How long a leaving peer stays out of plans (its adverts stop; it is gone by then).
 pub const LEAVE_BAN: Duration = Duration::from_secs(60);
+/// A peer whose connection answered a ping this recently is alive, however late its adverts
+/// or answers (pings come every 5 s; two may be lost to a loaded machine).
+pub const ALIVE_WINDOW: Duration = Duration::from_secs(12);
 /// How long a peer that broke the protocol or sent an unverifiable result stays out.
 pub const BAN: Duration = Duration::from_secs(600);
 /// Sessions a coordinator lets start before its first plan sizes the count by the nodes'
@@ -242,6 +245,9 @@ pub struct Coordinator {
     checks: Arc<tokio::sync::Semaphore>,
     /// Sessions each peer serves now (counted from routing to the session's end).
     busy: Arc<Mutex<HashMap<PeerId, usize>>>,
+    /// When each peer's connection last answered a ping: the proof of life that adverts
+    /// (which a busy node may send late) and step answers (behind a long queue) are not.
+    pinged: Arc<Mutex<HashMap<PeerId, Instant>>>,
     /// How long decode steps took on each peer lately: its measured queue.
     step_times: Arc<Mutex<StepTimes<PeerId>>>,
     /// Held while a session is routed and counted.
@@ -357,6 +363,7 @@ impl Coordinator {
             audit,
             checks: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CHECKS)),
             busy: Arc::new(Mutex::new(HashMap::new())),
+            pinged: Arc::new(Mutex::new(HashMap::new())),
             step_times: Arc::new(Mutex::new(StepTimes::default())),
             routing: Arc::new(tokio::sync::Mutex::new(())),
             strict: cfg.strict,
@@ -780,6 +787,25 @@ impl Coordinator {
             let peer = span.peer;
             tokio::spawn(async move { this.assign(peer, assignment).await });
         }
+    }
+
+    /// Records that `peer`'s connection answered a ping now (`false`: it closed).
+    pub fn pinged(&self, peer: PeerId, answered: bool) {
+        let mut p = self.pinged.lock().unwrap_or_else(|p| p.into_inner());
+        if answered {
+            p.insert(peer, Instant::now());
+        } else {
+            p.remove(&peer);
+        }
+    }
+
+    /// Whether `peer`'s connection answered a ping within [`ALIVE_WINDOW`]: busy, not gone.
+    pub fn alive(&self, peer: PeerId) -> bool {
+        self.pinged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&peer)
+            .is_some_and(|t| t.elapsed() < ALIVE_WINDOW)
     }
 
     /// Sizes the pool's session count from its nodes' memory, unless the operator set one.
@@ -1215,10 +1241,22 @@ impl Reroute for Coordinator {
         self.quarantine(peer, why);
     }
 
-    fn measured(&self, peer: PeerId, secs: f64) {
-        self.step_times
+    fn busy(&self, peer: PeerId) -> bool {
+        let answering = self
+            .step_times
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .observe(peer, secs, Instant::now());
+            .answering(&peer, Instant::now(), ALIVE_WINDOW);
+        answering && self.alive(peer)
+    }
+
+    fn measured(&self, peer: PeerId, secs: f64, positions: usize) {
+        let mut times = self.step_times.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        times.answered(peer, now);
+        // Decode steps are what a new session will wait on; prefills cost by their length.
+        if positions == 1 {
+            times.observe(peer, secs, now);
+        }
     }
 }

@@ -14,21 +14,42 @@ const NEWEST: f64 = 0.2;
 /// Peers remembered at most; stale ones go first.
 const MAX_PEERS: usize = 4096;
 
-/// Recent decode-step times per peer.
+/// Recent decode-step times per peer, and when each last answered any step.
 #[derive(Debug)]
 pub struct StepTimes<K> {
     seen: HashMap<K, (f64, Instant)>,
+    answered: HashMap<K, Instant>,
 }
 
 impl<K> Default for StepTimes<K> {
     fn default() -> Self {
         Self {
             seen: HashMap::new(),
+            answered: HashMap::new(),
         }
     }
 }
 
 impl<K: Hash + Eq> StepTimes<K> {
+    /// Records that `peer` answered a step (of any length) at `now`.
+    pub fn answered(&mut self, peer: K, now: Instant) {
+        if self.answered.len() >= MAX_PEERS && !self.answered.contains_key(&peer) {
+            self.answered
+                .retain(|_, at| now.saturating_duration_since(*at) < FRESH);
+            if self.answered.len() >= MAX_PEERS {
+                return;
+            }
+        }
+        self.answered.insert(peer, now);
+    }
+
+    /// Whether `peer` answered some step within `window` of `now`: it is making progress.
+    pub fn answering(&self, peer: &K, now: Instant, window: Duration) -> bool {
+        self.answered
+            .get(peer)
+            .is_some_and(|at| now.saturating_duration_since(*at) < window)
+    }
+
     /// Records a decode step of `secs` on `peer` at `now`.
     pub fn observe(&mut self, peer: K, secs: f64, now: Instant) {
         if !secs.is_finite() || secs < 0.0 {
@@ -97,6 +118,13 @@ mod tests {
         assert_eq!(times.recent(&1, later), None);
         times.observe(1u8, 0.5, later);
         assert_eq!(times.recent(&1, later), Some(0.5));
+        // Answers of any step show progress for a while.
+        let window = Duration::from_secs(12);
+        assert!(!times.answering(&1, t0, window));
+        times.answered(1u8, t0);
+        assert!(times.answering(&1, t0 + Duration::from_secs(11), window));
+        assert!(!times.answering(&1, t0 + window, window));
+        assert!(!times.answering(&2, t0, window));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use crate::metrics::Metrics;
 use crate::pipeline::{
-    check_hop, exchange, open_stream, step_timeout, ChainModel, Hop, PipelineError,
+    check_hop, exchange, never_busy, open_stream, step_timeout, ChainModel, Hop, PipelineError,
 };
 use crate::planner::Span;
 use libp2p::PeerId;
@@ -81,7 +81,13 @@ pub async fn recompute(
     let wanted: Vec<u64> = job.picked.iter().map(|p| p.step).collect();
     for req in &job.journal {
         metrics.check("recomputed");
-        let r = exchange(&mut hop, req, step_timeout(req.input.positions())).await?;
+        let r = exchange(
+            &mut hop,
+            req,
+            step_timeout(req.input.positions()),
+            &never_busy,
+        )
+        .await?;
         check_hop(model, None, &hop, job.last, req, &r)?;
         if wanted.get(refs.len()) == Some(&req.step) {
             let StageResult {

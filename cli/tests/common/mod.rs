@@ -173,6 +173,14 @@ pub fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> (u16, serd
     (status, json)
 }
 
+/// GETs `http://{addr}{path}`; returns the status code and the JSON body.
+pub fn get_json(addr: &str, path: &str) -> (u16, serde_json::Value) {
+    let raw = raw_http(addr, &request("GET", path, &[], ""));
+    let (status, rest) = split_answer(&raw);
+    let json = serde_json::from_str(rest).unwrap_or_else(|e| panic!("{e}: {raw}"));
+    (status, json)
+}
+
 /// Sends raw `request` bytes to `addr` and returns everything the server sends back until
 /// it closes the connection.
 pub fn raw_http(addr: &str, request: &[u8]) -> String {

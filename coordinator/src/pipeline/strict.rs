@@ -5,7 +5,7 @@
 //! goes on and the other is quarantined. With no third peer, or no majority, the step fails
 //! rather than release a token nobody vouches for.
 
-use super::{check_hop, exchange, Hop, PipelineError, RemotePipeline};
+use super::{check_hop, exchange, never_busy, Hop, PipelineError, RemotePipeline};
 use crate::compare::{compare, tolerance, Verdict};
 use potluck_protocol::messages::{StageForward, StageResult};
 use std::time::Duration;
@@ -79,7 +79,7 @@ impl RemotePipeline {
             };
             let (model, audit) = (self.model.clone(), self.audit.clone());
             let (mine, theirs) = tokio::join!(self.call(i, req, timeout), async {
-                let r = exchange(&mut twin, req, timeout).await?;
+                let r = exchange(&mut twin, req, timeout, &never_busy).await?;
                 check_hop(&model, audit.as_ref(), &twin, last, req, &r)?;
                 Ok::<_, PipelineError>(r)
             });
@@ -111,7 +111,7 @@ impl RemotePipeline {
                     "the two nodes disagree and no third holds these blocks",
                 ));
             };
-            let decider = exchange(&mut third, req, timeout).await?;
+            let decider = exchange(&mut third, req, timeout, &never_busy).await?;
             check_hop(
                 &self.model,
                 self.audit.as_ref(),
