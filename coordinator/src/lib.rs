@@ -1,9 +1,10 @@
 //! The pool operator's side. Its decisions are free of any network or clock of their own
 //! (the caller passes the time), so the simulator can drive the same code: which peers are in
 //! the pool (`peer_table`), which blocks each holds (`planner`), which chain serves a session
-//! (`router`), and whether a stage's result stands (`verify`). `pool` keeps the live state and
-//! runs sessions through `pipeline`; `daemon` runs it all on the pool's swarm; `http` serves
-//! the API.
+//! (`router`, weighing each peer's measured queue from `queue`), how many sessions run at
+//! once (`capacity`), and whether a stage's result stands (`verify`). `pool` keeps the live
+//! state and runs sessions through `pipeline`; `daemon` runs it all on the pool's swarm;
+//! `http` serves the API.
 
 pub mod audit;
 pub mod batch;
