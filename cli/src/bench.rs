@@ -249,11 +249,19 @@ async fn bench_pool_with(
         &vec![limits; nodes],
         potluck_coordinator::daemon::CoordinatorConfig {
             check_share: args.check_share,
+            // Every client runs at once: the bench measures the stages' batching, and the
+            // small caches it gives its nodes would otherwise size the pool at a few.
+            max_sessions: args.clients.map(bench_sessions),
             ..pool.coordinator_config(base.join("coordinator"))?
         },
     )
     .await?;
     Ok((c, base))
+}
+
+/// Sessions a bench pool runs at once for `clients` clients.
+fn bench_sessions(clients: usize) -> usize {
+    clients.max(potluck_coordinator::pool::DEFAULT_MAX_SESSIONS)
 }
 
 /// Memory for a 1/`share` of the model plus one block (so exactly `share` nodes are
@@ -558,7 +566,7 @@ async fn pinned_pool(
     let (base, pool, mut cfg) =
         crate::bench_embed::pinned_coordinator("pinned", count, &format!("--pinned {mode}"))?;
     let memory = share_memory(&shape, share);
-    cfg.max_sessions = Some(cfg.max_sessions.unwrap_or(0).max(clients));
+    cfg.max_sessions = Some(bench_sessions(clients));
     cfg.check_share = args.check_share;
     let running = coordinator::start(cfg, model)?;
     let c = running.coordinator.clone();

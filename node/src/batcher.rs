@@ -9,10 +9,11 @@
 use crate::shard::{ShardServer, Step};
 use crate::wire::wire_error;
 use potluck_protocol::messages::{ErrorCode, StageForward, StageResult, WireError};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// How much work one batch may hold.
@@ -39,6 +40,14 @@ impl Default for BatchLimits {
     }
 }
 
+/// Longest the worker holds a batch back for sessions it just answered (see
+/// [`Worker::gather`]).
+const GATHER_MAX: Duration = Duration::from_millis(3);
+/// Gathering pays only while sessions come back within this share of a batch's time.
+const GATHER_SHARE: f64 = 0.25;
+/// Sessions whose return the worker times at most; past it the oldest are forgotten.
+const RETURNS_TRACKED: usize = 4096;
+
 /// Rows-per-batch histogram buckets: 1, 2, 3-4, 5-8, ..., 257 and more.
 pub const ROW_BUCKETS: usize = 10;
 
@@ -57,6 +66,8 @@ pub struct BatchStats {
     pub queue_wait_us: AtomicU64,
     /// Microseconds the stage spent computing.
     pub busy_us: AtomicU64,
+    /// Microseconds batches were held back for sessions about to return, summed.
+    pub gather_us: AtomicU64,
     /// Batches by rows: bucket b holds batches of 2^(b-1)+1 ..= 2^b rows.
     pub row_histogram: [AtomicU64; ROW_BUCKETS],
 }
@@ -94,6 +105,7 @@ impl BatchStats {
             steps: AtomicU64::new(0),
             queue_wait_us: AtomicU64::new(0),
             busy_us: AtomicU64::new(0),
+            gather_us: AtomicU64::new(0),
             row_histogram: Default::default(),
         }
     }
@@ -120,6 +132,7 @@ impl BatchStats {
             "rows_histogram": histogram,
             "mean_queue_wait_ms": self.queue_wait_us.load(Ordering::Relaxed) as f64 / 1e3 / steps as f64,
             "busy_share": busy / self.since.elapsed().as_secs_f64().max(1e-9),
+            "gather_ms": self.gather_us.load(Ordering::Relaxed) as f64 / 1e3,
         })
     }
 }
@@ -164,6 +177,10 @@ impl StageQueue {
             limits,
             waiting: Vec::new(),
             stats: stats.clone(),
+            answered: HashMap::new(),
+            last_batch: Vec::new(),
+            return_secs: None,
+            batch_secs: 0.0,
         };
         std::thread::Builder::new()
             .name("potluck-stage".into())
@@ -213,6 +230,14 @@ struct Worker {
     limits: BatchLimits,
     waiting: Vec<Job>,
     stats: Arc<BatchStats>,
+    /// When each session's last step was answered, until its next step arrives.
+    answered: HashMap<u64, Instant>,
+    /// Sessions the last batch answered.
+    last_batch: Vec<u64>,
+    /// How long answered sessions take to send their next step (moving average).
+    return_secs: Option<f64>,
+    /// How long batches take to run (moving average).
+    batch_secs: f64,
 }
 
 impl Worker {
@@ -227,6 +252,9 @@ impl Worker {
             while let Ok(m) = rx.try_recv() {
                 self.take(m);
             }
+            if !self.gather(&rx) {
+                return;
+            }
             self.waiting.retain(|j| !j.cancel.load(Ordering::Relaxed));
             if !self.waiting.is_empty() {
                 self.run_batch();
@@ -234,7 +262,51 @@ impl Worker {
         }
     }
 
+    /// Holds the next batch back, briefly, for the sessions the last batch answered. Without
+    /// it, sessions split into cohorts: while one batch runs, the others' steps arrive and
+    /// form the next batch, and the two alternate at half the rows each, paying for two
+    /// passes over the weights. Waiting pays only where sessions come back quickly compared
+    /// with a batch (one node serving the whole model); where they come back only after
+    /// other stages have run (a pipeline), waiting would just idle the stage, and it does
+    /// not. Returns false when the queue has closed.
+    fn gather(&mut self, rx: &mpsc::Receiver<Msg>) -> bool {
+        let Some(back) = self.return_secs else {
+            return true;
+        };
+        if back > self.batch_secs * GATHER_SHARE {
+            return true;
+        }
+        let window = Duration::from_secs_f64(back * 2.0).min(GATHER_MAX);
+        let started = Instant::now();
+        let deadline = started + window;
+        while self
+            .last_batch
+            .iter()
+            .any(|c| self.answered.contains_key(c))
+        {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match rx.recv_timeout(left) {
+                Ok(m) => self.take(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        self.stats
+            .gather_us
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        true
+    }
+
     fn take(&mut self, m: Msg) {
+        if let Msg::Step(r) = &m {
+            if let Some(at) = self.answered.remove(&r.cache) {
+                let secs = at.elapsed().as_secs_f64();
+                let avg = self.return_secs.map_or(secs, |a| a + 0.2 * (secs - a));
+                self.return_secs = Some(avg);
+            }
+        }
         match m {
             Msg::Step(r) => match self.server.prepare(r.cache, r.req) {
                 Ok(step) => self.waiting.push(Job {
@@ -249,6 +321,7 @@ impl Worker {
                 }
             },
             Msg::End(cache) => {
+                self.answered.remove(&cache);
                 self.waiting.retain(|j| j.step.cache() != cache);
                 self.server.end_session(cache);
             }
@@ -320,6 +393,7 @@ impl Worker {
         let answers = self.server.advance(&mut batch);
         drop(batch);
         let busy = now.elapsed();
+        self.batch_secs += 0.2 * (busy.as_secs_f64() - self.batch_secs);
         self.stats.record(rows, busy.as_micros() as u64);
         tracing::debug!(
             rows,
@@ -334,10 +408,19 @@ impl Worker {
             .filter_map(|((i, _), a)| a.map(|a| (*i, a)))
             .collect();
         done.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        self.last_batch.clear();
+        if self.answered.len() + done.len() > RETURNS_TRACKED {
+            self.answered.clear();
+        }
+        let answered_at = Instant::now();
         for (i, answer) in done {
             let job = self.waiting.remove(i);
             self.stats.steps.fetch_add(1, Ordering::Relaxed);
-            let _ = job.reply.send(answer);
+            let cache = job.step.cache();
+            if job.reply.send(answer).is_ok() {
+                self.answered.insert(cache, answered_at);
+                self.last_batch.push(cache);
+            }
         }
     }
 }
