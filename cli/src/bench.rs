@@ -217,7 +217,7 @@ async fn bench_pool_with(
         );
     }
     let limits = NodeLimits {
-        max_memory: Some(share_memory(&shape, share as u64)),
+        max_memory: share_memory(&shape, share as u64),
         threads: args.threads,
         device: "cpu".into(),
         advert_interval: 1,
@@ -265,10 +265,15 @@ fn bench_sessions(clients: usize) -> usize {
 }
 
 /// Memory for a 1/`share` of the model plus one block (so exactly `share` nodes are
-/// needed), with the edges and reserve.
-fn share_memory(shape: &potluck_coordinator::planner::ModelShape, share: u64) -> u64 {
-    let blocks = (shape.layers as u64).div_ceil(share.max(1)) + 1;
-    shape.reserve_bytes + shape.edge_bytes + blocks * shape.layer_bytes
+/// needed), with the edges and reserve. A node meant to hold the whole model gets no cap:
+/// its KV caches get the default budget, as a user's node would, rather than room for a
+/// few sessions.
+fn share_memory(shape: &potluck_coordinator::planner::ModelShape, share: u64) -> Option<u64> {
+    if share <= 1 {
+        return None;
+    }
+    let blocks = (shape.layers as u64).div_ceil(share) + 1;
+    Some(shape.reserve_bytes + shape.edge_bytes + blocks * shape.layer_bytes)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -573,7 +578,9 @@ async fn pinned_pool(
     let bootstrap = crate::pool::local_address(running.listening)
         .await?
         .to_string();
-    let extra = vec!["--max-memory".to_string(), memory.to_string()];
+    let extra: Vec<String> = memory
+        .map(|m| vec!["--max-memory".to_string(), m.to_string()])
+        .unwrap_or_default();
     let mut nodes = crate::bench_embed::Nodes(Vec::new());
     let mut dirs = Vec::new();
     for core in 0..count {
