@@ -38,6 +38,11 @@ pub struct BenchArgs {
     /// --pool nodes, default 1, started here), each generating --gen-tokens tokens.
     #[arg(long)]
     pub clients: Option<usize>,
+    /// Instead: the coordinator's cost of this many clients waiting at once: a pool of one
+    /// pinned node, every request sent and held, this process's memory and threads before
+    /// and with them.
+    #[arg(long)]
+    pub queued: Option<usize>,
     /// The API to load (host:port); default: a pool started in this process.
     #[arg(long)]
     pub url: Option<String>,
@@ -293,6 +298,9 @@ pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
     if let Some(texts) = args.embed {
         return crate::bench_embed::run(cache, &args, texts);
     }
+    if let Some(clients) = args.queued {
+        return crate::bench_queued::run(cache, &args, clients);
+    }
     if let Some(trials) = args.detection {
         return crate::bench_checks::detection(trials);
     }
@@ -483,6 +491,18 @@ impl CheckTotals {
     }
 }
 
+/// Serves `c`'s HTTP API on a free loopback port; returns its `host:port`.
+pub(crate) async fn serve_api(c: &potluck_coordinator::pool::Coordinator) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    tokio::spawn(potluck_coordinator::http::serve(
+        listener,
+        c.clone(),
+        potluck_coordinator::http::HttpOptions::default(),
+    ));
+    Ok(addr)
+}
+
 /// `--clients N`: the load run.
 fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
     if clients == 0 || args.gen_tokens == 0 {
@@ -507,13 +527,7 @@ fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
                 (pool.coordinator, base, None)
             }
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?.to_string();
-        tokio::spawn(potluck_coordinator::http::serve(
-            listener,
-            c.clone(),
-            potluck_coordinator::http::HttpOptions::default(),
-        ));
+        let addr = serve_api(&c).await?;
         let mut report = None;
         let mut before = CheckTotals::default();
         for round in 1..=args.rounds.max(1) {
@@ -549,7 +563,7 @@ fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
 /// `--pinned MODE`: a coordinator in this process (room for `clients` sessions) and node
 /// processes pinned one per core: its handle, the folder to remove, the nodes and their
 /// data folders.
-async fn pinned_pool(
+pub(crate) async fn pinned_pool(
     cache: &ModelCache,
     args: &BenchArgs,
     mode: &str,

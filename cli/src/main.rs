@@ -5,6 +5,7 @@ mod batch;
 mod bench;
 mod bench_checks;
 mod bench_embed;
+mod bench_queued;
 mod catalog;
 mod generate;
 mod load;
