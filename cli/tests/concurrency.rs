@@ -135,6 +135,19 @@ fn sixteen_concurrent_requests_to_potluck_up_all_succeed() {
         "potluck up never got ready: {:?}",
         up.seen
     );
+    // With no --max-sessions, the node's memory sizes the session count: its default 1 GiB
+    // of cache holds dozens of 512-position sessions, enough for all 16 at once.
+    let sized = up
+        .seen
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("the pool runs ")?
+                .strip_suffix(" sessions at once (sized by its nodes' memory)")?
+                .parse::<usize>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("the session count was not sized by memory: {:?}", up.seen));
+    assert!(sized >= 16, "{sized} sessions");
     for round in 0..2 {
         for (i, (status, v)) in concurrent_chats(&http, 16, 64).into_iter().enumerate() {
             assert_eq!(status, 200, "round {round}, client {i}: {v}");
