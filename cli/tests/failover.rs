@@ -1,8 +1,9 @@
 //! A node dying mid-generation costs a slower token, not an error: a coordinator and three
 //! nodes (one serving, two replicas) on loopback; the serving node is killed with SIGKILL
 //! at a different point of a 200-token greedy stream each time, and every stream still ends
-//! with exactly the text of the run without failures. When every node is gone, a running
-//! stream ends with a clear error and new requests are refused at once.
+//! with exactly the text of the run without failures. A frozen node (SIGSTOP) is failed
+//! over at the step timeout, not waited for like a busy one. When every node is gone, a
+//! running stream ends with a clear error and new requests are refused at once.
 
 mod common;
 
@@ -156,6 +157,48 @@ fn killing_the_serving_node_mid_stream_never_changes_the_answer() {
     eprintln!(
         "{failovers} failovers, {:.3} s on average from failure to replacement",
         value("potluck_failover_seconds_sum") / failovers
+    );
+}
+
+#[test]
+fn a_frozen_node_is_failed_over_at_the_step_timeout_not_waited_for_as_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let Pool {
+        coord: _coord,
+        http,
+        mut nodes,
+        ..
+    } = pool(dir.path(), 2);
+    let (want, _, done) = stream_and_kill(&http, usize::MAX, |_| {});
+    assert!(done && !want.is_empty());
+    let mut frozen = None;
+    let (got, events, done) = stream_and_kill(&http, 10, |peer| {
+        let p = nodes
+            .remove(peer)
+            .unwrap_or_else(|| panic!("{peer} is not a node"));
+        let status = std::process::Command::new("kill")
+            .args(["-STOP", &p.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        frozen = Some((p, Instant::now()));
+    });
+    let (p, at) = frozen.expect("nothing was frozen");
+    let took = at.elapsed();
+    // Thaw it so dropping it can reap it.
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &p.child.id().to_string()])
+        .status();
+    assert!(
+        done && events.iter().all(|e| e.get("error").is_none()),
+        "{events:?}"
+    );
+    assert_eq!(got, want, "the text changed");
+    // Its pings stopped, so it was not taken for busy: the step timeout (30 s) and the
+    // failover, not the five minutes a busy node gets.
+    assert!(
+        took < Duration::from_secs(150),
+        "the frozen node was waited for {took:?}"
     );
 }
 
