@@ -5,6 +5,7 @@
 
 use crate::planner::Plan;
 use potluck_engine::kv_cache::{admission_bytes, stage_kv_budget};
+use potluck_engine::weights::stage_weight_bytes;
 use potluck_protocol::signed::PublicKey;
 
 /// Positions a session is assumed to hold when the pool's session count is sized: a chat
@@ -45,8 +46,13 @@ pub fn pool_sessions(
             continue;
         }
         let blocks = u64::from(end - start);
-        let edges = u64::from(start == 0) + u64::from(end == geometry.layers);
-        let weights = geometry.block_bytes * blocks + geometry.edge_bytes * edges;
+        let weights = stage_weight_bytes(
+            geometry.block_bytes,
+            geometry.edge_bytes,
+            start,
+            end,
+            geometry.layers,
+        );
         let budget = stage_kv_budget(Some(bytes), weights) as u64;
         let per_session =
             (geometry.kv_bytes_per_block_position * blocks * TYPICAL_SESSION_POSITIONS).max(1);

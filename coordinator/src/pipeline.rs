@@ -662,8 +662,8 @@ impl RemotePipeline {
         let mut waited = Duration::ZERO;
         let mut wait = Duration::from_millis(20);
         let last = i + 1 == self.hops.len();
+        let busy = self.patience();
         loop {
-            let busy = self.patience();
             let answer = exchange(&mut self.hops[i], req, timeout, &busy).await;
             match answer {
                 // Full caches free up as other sessions end: wait our turn.

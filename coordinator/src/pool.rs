@@ -942,12 +942,17 @@ impl Coordinator {
                 .collect(),
         };
         let layer_bytes = self.model.shape.layer_bytes as f64;
+        let blocks: HashMap<PublicKey, u32> = confirmed
+            .spans
+            .iter()
+            .map(|s| (s.peer, s.range.end - s.range.start))
+            .collect();
         let cost = |key: &PublicKey| {
             let peer = st.table.get(key)?;
             let id = peer_id_of(key);
             let busy = id.and_then(|p| load.get(&p)).copied().unwrap_or(0);
             let measured = id.and_then(|p| times.recent(&p, now)).map(|s| s * 1e3);
-            let blocks = plan.span_of(key).map_or(1, |s| s.range.end - s.range.start);
+            let blocks = blocks.get(key).copied().unwrap_or(1);
             let rtt_ms = peer.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from);
             let estimate = layer_bytes / (f64::from(peer.advert.mem_gbps).max(1e-3) * 1e6);
             let distrust = 1.5 - 0.5 * st.trust.get(key).lower_bound();

@@ -17,37 +17,60 @@ const MAX_PEERS: usize = 4096;
 /// Recent decode-step times per peer, and when each last answered any step.
 #[derive(Debug)]
 pub struct StepTimes<K> {
-    seen: HashMap<K, (f64, Instant)>,
-    answered: HashMap<K, Instant>,
+    seen: HashMap<K, Seen>,
+}
+
+/// What is known of one peer.
+#[derive(Debug, Default)]
+struct Seen {
+    /// When it last answered a step of any length.
+    answered: Option<Instant>,
+    /// Its decode steps' moving average, seconds, and when the last was measured.
+    step: Option<(f64, Instant)>,
+}
+
+impl Seen {
+    /// Whether anything here is still within [`FRESH`] of `now`.
+    fn fresh(&self, now: Instant) -> bool {
+        let at = |t: Instant| now.saturating_duration_since(t) < FRESH;
+        self.answered.is_some_and(at) || self.step.is_some_and(|(_, t)| at(t))
+    }
 }
 
 impl<K> Default for StepTimes<K> {
     fn default() -> Self {
         Self {
             seen: HashMap::new(),
-            answered: HashMap::new(),
         }
     }
 }
 
 impl<K: Hash + Eq> StepTimes<K> {
-    /// Records that `peer` answered a step (of any length) at `now`.
-    pub fn answered(&mut self, peer: K, now: Instant) {
-        if self.answered.len() >= MAX_PEERS && !self.answered.contains_key(&peer) {
-            self.answered
-                .retain(|_, at| now.saturating_duration_since(*at) < FRESH);
-            if self.answered.len() >= MAX_PEERS {
-                return;
+    /// `peer`'s entry, made room for among at most [`MAX_PEERS`] (stale ones go first);
+    /// `None` when every remembered peer is fresh and `peer` is not among them.
+    fn entry(&mut self, peer: K, now: Instant) -> Option<&mut Seen> {
+        if self.seen.len() >= MAX_PEERS && !self.seen.contains_key(&peer) {
+            self.seen.retain(|_, s| s.fresh(now));
+            if self.seen.len() >= MAX_PEERS {
+                return None;
             }
         }
-        self.answered.insert(peer, now);
+        Some(self.seen.entry(peer).or_default())
+    }
+
+    /// Records that `peer` answered a step (of any length) at `now`.
+    pub fn answered(&mut self, peer: K, now: Instant) {
+        if let Some(s) = self.entry(peer, now) {
+            s.answered = Some(now);
+        }
     }
 
     /// Whether `peer` answered some step within `window` of `now`: it is making progress.
     pub fn answering(&self, peer: &K, now: Instant, window: Duration) -> bool {
-        self.answered
+        self.seen
             .get(peer)
-            .is_some_and(|at| now.saturating_duration_since(*at) < window)
+            .and_then(|s| s.answered)
+            .is_some_and(|at| now.saturating_duration_since(at) < window)
     }
 
     /// Records a decode step of `secs` on `peer` at `now`.
@@ -55,29 +78,25 @@ impl<K: Hash + Eq> StepTimes<K> {
         if !secs.is_finite() || secs < 0.0 {
             return;
         }
-        if self.seen.len() >= MAX_PEERS && !self.seen.contains_key(&peer) {
-            self.seen
-                .retain(|_, (_, at)| now.saturating_duration_since(*at) < FRESH);
-            if self.seen.len() >= MAX_PEERS {
-                return;
-            }
-        }
-        let entry = self.seen.entry(peer).or_insert((secs, now));
-        let fresh = now.saturating_duration_since(entry.1) < FRESH;
-        entry.0 = if fresh {
-            entry.0 + NEWEST * (secs - entry.0)
-        } else {
-            secs
+        let Some(s) = self.entry(peer, now) else {
+            return;
         };
-        entry.1 = now;
+        let avg = match s.step {
+            Some((avg, at)) if now.saturating_duration_since(at) < FRESH => {
+                avg + NEWEST * (secs - avg)
+            }
+            _ => secs,
+        };
+        s.step = Some((avg, now));
     }
 
     /// The average step time on `peer`, seconds, if measured within [`FRESH`] of `now`.
     pub fn recent(&self, peer: &K, now: Instant) -> Option<f64> {
         self.seen
             .get(peer)
+            .and_then(|s| s.step)
             .filter(|(_, at)| now.saturating_duration_since(*at) < FRESH)
-            .map(|(secs, _)| *secs)
+            .map(|(secs, _)| secs)
     }
 }
 

@@ -355,3 +355,17 @@ fn check_shape(role: Role, dims: &[usize], out: usize, inp: usize) -> Result<()>
     }
     Ok(())
 }
+
+/// Bytes the weights of a stage holding blocks `start..end` of `total` take, from
+/// [`WeightFile::footprint`]'s per-block and edge sizes: the embedding or head counts once
+/// for a first stage and once for a last one.
+pub fn stage_weight_bytes(
+    block_bytes: u64,
+    edge_bytes: u64,
+    start: u32,
+    end: u32,
+    total: u32,
+) -> u64 {
+    let edges = u64::from(start == 0) + u64::from(end == total);
+    block_bytes * u64::from(end.saturating_sub(start)) + edge_bytes * edges
+}

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use libp2p::{PeerId, Stream};
 use potluck_engine::kv_cache::stage_kv_budget;
 use potluck_engine::llama::Stage;
-use potluck_engine::weights::WeightFile;
+use potluck_engine::weights::{stage_weight_bytes, WeightFile};
 use potluck_net::gate::Gate;
 use potluck_net::streams::PoolStreams;
 use potluck_protocol::codec::MAX_FRAME;
@@ -184,7 +184,7 @@ impl Server {
                 )));
             }
             let weights = weight_label(&file);
-            let budget = kv_budget(&file, range, total, cap);
+            let budget = kv_budget(&file, range, expected_total, cap);
             let mut stage = Stage::load(&file, range.start as usize..range.end as usize, budget)?;
             // Every cached session here has a live stream: refuse new work when full
             // (the coordinator waits) rather than break a running session.
@@ -496,13 +496,10 @@ async fn send_answer(peer: PeerId, stream: &mut Stream, answer: &Message, what: 
 
 /// Bytes the KV caches of a stage holding `range` of `total` blocks may take under
 /// `memory_cap` (see [`stage_kv_budget`]).
-fn kv_budget(file: &WeightFile, range: LayerRange, total: usize, memory_cap: Option<u64>) -> usize {
+fn kv_budget(file: &WeightFile, range: LayerRange, total: u32, memory_cap: Option<u64>) -> usize {
     let (block, edge) = file.footprint();
-    let edges = u64::from(range.start == 0) + u64::from(range.end as usize == total);
-    stage_kv_budget(
-        memory_cap,
-        block * u64::from(range.end - range.start) + edge * edges,
-    )
+    let weights = stage_weight_bytes(block, edge, range.start, range.end, total);
+    stage_kv_budget(memory_cap, weights)
 }
 
 /// The weight type receipts name: the type of the first block's down projection in a GGUF,
