@@ -8,7 +8,6 @@ use crate::bench::BenchArgs;
 use crate::models::ModelCache;
 use anyhow::{bail, Context, Result};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 
 /// How long the pool gets to count every client.
 const SETTLE: Duration = Duration::from_secs(120);
@@ -34,17 +33,7 @@ pub fn run(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
         let (rss_before, threads_before) = (status("VmRSS")?, status("Threads")?);
         let mut held = Vec::with_capacity(clients);
         for i in 0..clients {
-            let body = serde_json::json!({
-                "messages": [{"role": "user", "content": format!("Tell me a fact about the number {i}.")}],
-                "max_tokens": args.gen_tokens, "temperature": 0, "stream": true,
-            })
-            .to_string();
-            let mut s = tokio::net::TcpStream::connect(&addr).await?;
-            let req = format!(
-                "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            s.write_all(req.as_bytes()).await?;
+            let s = crate::load::send(&addr, &crate::load::request_body(i, args.gen_tokens)).await?;
             held.push(s);
         }
         let deadline = Instant::now() + SETTLE;

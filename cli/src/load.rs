@@ -51,10 +51,21 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
-/// One streaming chat request over HTTP/1.0 (so the body arrives unchunked).
-async fn client(addr: String, body: String) -> Result<ClientRun> {
-    let started = Instant::now();
-    let mut s = tokio::net::TcpStream::connect(&addr)
+/// The streaming chat request client `i` of a load sends: each client its own prompt, so
+/// no two sessions are the same work.
+pub(crate) fn request_body(i: usize, max_tokens: usize) -> String {
+    serde_json::json!({
+        "messages": [{"role": "user", "content": format!("Tell me a fact about the number {i}.")}],
+        "max_tokens": max_tokens, "temperature": 0, "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+    .to_string()
+}
+
+/// Connects to `addr` and sends `body` as a chat completion request over HTTP/1.0 (so the
+/// answer arrives unchunked); the answer is the caller's to read.
+pub(crate) async fn send(addr: &str, body: &str) -> Result<tokio::net::TcpStream> {
+    let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
     let req = format!(
@@ -62,6 +73,13 @@ async fn client(addr: String, body: String) -> Result<ClientRun> {
         body.len()
     );
     s.write_all(req.as_bytes()).await?;
+    Ok(s)
+}
+
+/// One streaming chat request, read to its end.
+async fn client(addr: String, body: String) -> Result<ClientRun> {
+    let started = Instant::now();
+    let s = send(&addr, &body).await?;
     let mut lines = BufReader::new(s).lines();
     let status = lines.next_line().await?.unwrap_or_default();
     if !status.contains(" 200 ") {
@@ -106,16 +124,7 @@ pub async fn run(addr: &str, clients: usize, max_tokens: usize) -> LoadReport {
     let batches_before = potluck_node::batcher::process_totals();
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
-        .map(|i| {
-            // Different prompts, so no two sessions are the same work.
-            let body = serde_json::json!({
-                "messages": [{"role": "user", "content": format!("Tell me a fact about the number {i}.")}],
-                "max_tokens": max_tokens, "temperature": 0, "stream": true,
-                "stream_options": {"include_usage": true},
-            })
-            .to_string();
-            tokio::spawn(client(addr.to_string(), body))
-        })
+        .map(|i| tokio::spawn(client(addr.to_string(), request_body(i, max_tokens))))
         .collect();
     let mut runs = Vec::new();
     let mut first_error = None;
