@@ -17,6 +17,7 @@ pub mod llama;
 mod parallel;
 pub mod quant_matmul;
 pub mod rng;
+mod rows;
 pub mod sampling;
 pub mod simd;
 pub mod synthetic;

@@ -94,17 +94,37 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Candle(m) => Ok(m.forward(x)?),
-            Linear::Quant(q) => {
+            _ => {
                 let (t, _) = x.dims2()?;
                 let data = x.flatten_all()?.to_vec1::<f32>()?;
-                let out = q.matmul(&data, t)?;
-                Ok(Tensor::from_vec(out, (t, q.rows()), &Device::Cpu)?)
+                let out = self.forward_rows(&data, t)?;
+                Ok(Tensor::from_vec(out, (t, self.rows()), &Device::Cpu)?)
             }
-            Linear::Dense(d) => {
-                let (t, _) = x.dims2()?;
-                let data = x.flatten_all()?.to_vec1::<f32>()?;
-                let out = d.matmul(&data, t)?;
-                Ok(Tensor::from_vec(out, (t, d.rows()), &Device::Cpu)?)
+        }
+    }
+
+    /// Applies the layer to `m` row-major rows of inputs, giving `m` rows of outputs, with no
+    /// tensor in between on our own kernels.
+    pub fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        match self {
+            Linear::Quant(q) => q.matmul(x, m),
+            Linear::Dense(d) => d.matmul(x, m),
+            Linear::Candle(c) => {
+                let cols = x.len().checked_div(m).unwrap_or(0);
+                let t = Tensor::from_slice(x, (m, cols), &Device::Cpu)?;
+                Ok(c.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+
+    /// Output width.
+    pub fn rows(&self) -> usize {
+        match self {
+            Linear::Quant(q) => q.rows(),
+            Linear::Dense(d) => d.rows(),
+            Linear::Candle(QMatMul::QTensor(q)) => q.shape().dims().first().copied().unwrap_or(0),
+            Linear::Candle(QMatMul::Tensor(t)) | Linear::Candle(QMatMul::TensorF16(t)) => {
+                t.dims().first().copied().unwrap_or(0)
             }
         }
     }

@@ -7,6 +7,7 @@ use crate::config::LlamaConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvStore, SessionId};
 use crate::linear::Linear;
+use crate::rows::{add_assign, rms_norm, swiglu};
 use crate::sampling::{top_logprobs, Sampler, TokenLogprob};
 use crate::weights::{Embedding, Role, WeightFile};
 use candle_core::{DType, Device, Tensor};
@@ -18,11 +19,11 @@ pub const PREFILL_CHUNK: usize = 512;
 pub use crate::kv_cache::DEFAULT_KV_BUDGET;
 
 struct Block {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     /// Q, K and V stacked by rows: one matmul per step.
     qkv: Linear,
     o: Linear,
-    ffn_norm: Tensor,
+    ffn_norm: Vec<f32>,
     /// Gate and up stacked by rows.
     gate_up: Linear,
     down: Linear,
@@ -78,7 +79,8 @@ pub struct Stage {
     blocks_range: Range<usize>,
     embedding: Option<Embedding>,
     blocks: Vec<Block>,
-    head: Option<(Tensor, Linear)>,
+    /// The final norm's weights and the LM head.
+    head: Option<(Vec<f32>, Linear)>,
     inv_freq: Vec<f32>,
     rope_interleaved: bool,
     kv: KvStore,
@@ -111,7 +113,7 @@ impl Stage {
         let mut blocks = Vec::with_capacity(range.len());
         for l in range.clone() {
             blocks.push(Block {
-                attn_norm: file.vector(Role::AttnNorm(l), h)?,
+                attn_norm: file.vector(Role::AttnNorm(l), h)?.to_vec1::<f32>()?,
                 qkv: file.linear(
                     &[
                         (Role::Q(l), q_out),
@@ -121,13 +123,13 @@ impl Stage {
                     h,
                 )?,
                 o: file.linear(&[(Role::O(l), h)], q_out)?,
-                ffn_norm: file.vector(Role::FfnNorm(l), h)?,
+                ffn_norm: file.vector(Role::FfnNorm(l), h)?.to_vec1::<f32>()?,
                 gate_up: file.linear(&[(Role::Gate(l), cfg.ff), (Role::Up(l), cfg.ff)], h)?,
                 down: file.linear(&[(Role::Down(l), h)], cfg.ff)?,
             });
         }
         let head = if last {
-            let norm = file.vector(Role::OutputNorm, h)?;
+            let norm = file.vector(Role::OutputNorm, h)?.to_vec1::<f32>()?;
             let lm = match (&embedding, cfg.tied_embeddings) {
                 (Some(e), true) => e.as_linear()?,
                 _ => file.linear(&[(Role::Output, cfg.vocab)], h)?,
@@ -314,8 +316,14 @@ impl Stage {
             .head
             .as_ref()
             .ok_or_else(|| EngineError::bad_input("no LM head"))?;
-        let x = candle_nn::ops::rms_norm(&hidden.contiguous()?, norm, self.cfg.rms_eps as f32)?;
-        lm.forward(&x)
+        let n = hidden.dim(0)?;
+        let x = rms_norm(
+            &hidden.flatten_all()?.to_vec1::<f32>()?,
+            norm,
+            self.cfg.rms_eps as f32,
+        );
+        let logits = candle_core::utils::with_threadpool(|| lm.forward_rows(&x, n))?;
+        Ok(Tensor::from_vec(logits, (n, lm.rows()), &Device::Cpu)?)
     }
 
     /// Logits of single rows (1, hidden) stacked into one pass, one vector per row.
@@ -492,14 +500,17 @@ impl Stage {
     /// projections once for all rows, attention per session.
     fn run_round_inner(&mut self, chunks: &[Chunk]) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let xs: Vec<&Tensor> = chunks.iter().map(|c| &c.x).collect();
-        let mut x = Tensor::cat(&xs, 0)?;
-        let rows = x.dim(0)?;
+        let eps = cfg.rms_eps as f32;
+        let mut x = Vec::new();
+        for c in chunks {
+            x.extend(c.x.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let rows = x.len() / cfg.hidden.max(1);
         let positions: Vec<usize> = chunks
             .iter()
             .flat_map(|c| c.pos..c.pos + c.x.dim(0).unwrap_or(0))
             .collect();
-        if positions.len() != rows {
+        if positions.len() != rows || x.len() != rows * cfg.hidden {
             return Err(EngineError::bad_input("chunk shapes disagree"));
         }
         let (cos, sin) = self.rope_tables(&positions);
@@ -512,8 +523,8 @@ impl Stage {
         let width = q_out + 2 * kv_out;
         let mut attn = vec![0f32; rows * q_out];
         for (i, b) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, cfg.rms_eps as f32)?;
-            let mut qkv = b.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let h = rms_norm(&x, &b.attn_norm, eps);
+            let mut qkv = b.qkv.forward_rows(&h, rows)?;
             if qkv.len() != rows * width {
                 return Err(EngineError::bad_input(
                     "q/k/v projection of the wrong width",
@@ -565,13 +576,16 @@ impl Stage {
             }
             attend(&queries, shape, &mut attn);
             drop(queries);
-            let a = Tensor::from_slice(&attn, (rows, q_out), &Device::Cpu)?;
-            x = (x + b.o.forward(&a)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, cfg.rms_eps as f32)?;
-            let gate_up = b.gate_up.forward(&h)?;
-            let mlp =
-                (gate_up.narrow(1, 0, cfg.ff)?.silu()? * gate_up.narrow(1, cfg.ff, cfg.ff)?)?;
-            x = (x + b.down.forward(&mlp)?)?;
+            add_assign(&mut x, &b.o.forward_rows(&attn, rows)?);
+            let h = rms_norm(&x, &b.ffn_norm, eps);
+            let gate_up = b.gate_up.forward_rows(&h, rows)?;
+            if gate_up.len() != rows * 2 * cfg.ff {
+                return Err(EngineError::bad_input(
+                    "gate/up projection of the wrong width",
+                ));
+            }
+            let mlp = swiglu(&gate_up, cfg.ff);
+            add_assign(&mut x, &b.down.forward_rows(&mlp, rows)?);
         }
         for c in chunks {
             let t = c.x.dim(0)?;
@@ -579,7 +593,7 @@ impl Stage {
                 cache.commit(t);
             }
         }
-        Ok(x)
+        Ok(Tensor::from_vec(x, (rows, cfg.hidden), &Device::Cpu)?)
     }
 
     /// cos and sin of every row's rotation angles, (rows, head_dim / 2) each.

@@ -12,7 +12,7 @@
 //! session run alone.
 
 use crate::error::{EngineError, Result};
-use crate::parallel::{check_rows, SendPtr};
+use crate::parallel::{check_rows, par_rows, SendPtr};
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
@@ -78,7 +78,7 @@ enum Weights {
 }
 
 /// One activation block: 32 signed 8-bit values, their scale, and scale * sum(q).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 #[repr(C, align(32))]
 struct ActBlock {
     qs: [i8; 32],
@@ -186,10 +186,10 @@ impl QuantMatrix {
     /// `x` (m, cols) row-major times the transposed weights: (m, rows) row-major.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         check_rows(x, m, self.cols)?;
-        let mut acts = Vec::with_capacity(m * self.nb);
-        for row in x.chunks_exact(self.cols) {
-            quantize_row(row, &mut acts);
-        }
+        let mut acts = vec![ActBlock::default(); m * self.nb];
+        par_rows(&mut acts, self.nb, 2 * self.cols, |i, dst| {
+            quantize_row(&x[i * self.cols..(i + 1) * self.cols], dst)
+        });
         let mut out = vec![0f32; m * self.rows];
         let out_ptr = SendPtr(out.as_mut_ptr());
         let octs = self.rows.div_ceil(TILE);
@@ -322,12 +322,12 @@ fn avx2() -> bool {
 
 /// Quantizes one row (a whole number of blocks) to 8-bit blocks with scale and scaled sum,
 /// rounding to nearest even (what the SIMD conversion does, so both paths agree).
-fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
-    for chunk in x.chunks_exact(QK) {
+fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
+    for (chunk, dst) in x.chunks_exact(QK).zip(out) {
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: AVX2 is present and the chunk holds exactly 32 values.
-            out.push(unsafe { x86::quantize_block(chunk) });
+            *dst = unsafe { x86::quantize_block(chunk) };
             continue;
         }
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -340,11 +340,11 @@ fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
             *q = r;
             sum += r as i32;
         }
-        out.push(ActBlock {
+        *dst = ActBlock {
             qs,
             d,
             s: d * sum as f32,
-        });
+        };
     }
 }
 
