@@ -10,7 +10,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use potluck_protocol::codec::encode_frame;
 use potluck_protocol::messages::{
     CapacityAdvert, DeviceKind, ErrorCode, Heartbeat, LayerRange, Message, ModelRef,
-    ShardAssignment, StageForward, StageInputWire, ADVERT_DOMAIN,
+    ShardAssignment, StageForward, StageInputWire, WorkRequest, WorkTask, ADVERT_DOMAIN,
 };
 use potluck_protocol::signed::{Keypair, Signed};
 use potluck_protocol::stream::Channel;
@@ -147,15 +147,26 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
             Message::Error(e) => assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}"),
             other => panic!("expected an error, got {other:?}"),
         }
-        let foreign = Message::Assign(ShardAssignment {
-            model: ModelRef { name: "nothing-here".into(), digest: [9; 32] },
-            layers: LayerRange { start: 0, end: 1 },
-            total_layers: 1,
-            epoch: 1,
+        // An admitted peer that is not the node's coordinator may not reload its layers,
+        // even naming the model and range it serves.
+        let (_, pool) = common::get_json(&http, "/api/pool");
+        let digest = blake3::Hash::from_hex(pool["model"]["digest"].as_str().unwrap()).unwrap();
+        let model = ModelRef { name: pool["model"]["name"].as_str().unwrap().into(), digest: *digest.as_bytes() };
+        for layers in [LayerRange { start: 0, end: 30 }, LayerRange { start: 0, end: 1 }] {
+            let takeover = Message::Assign(ShardAssignment { model: model.clone(), layers, total_layers: 30, epoch: 1 << 40 });
+            match ask(&mut control, node_peer, Channel::Control, &takeover).await {
+                Message::Error(e) => assert_eq!(e.code, ErrorCode::NotPermitted, "{e:?}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        let work = Message::Work(WorkRequest {
+            unit: 1,
+            model: model.clone(),
+            task: WorkTask::Complete { prompt: vec![1, 2, 3], max_tokens: 4 },
         });
-        match ask(&mut control, node_peer, Channel::Control, &foreign).await {
-            Message::Error(e) => assert_eq!(e.code, ErrorCode::NotServing, "{e:?}"),
-            other => panic!("expected an error, got {other:?}"),
+        match ask(&mut control, node_peer, Channel::Work, &work).await {
+            Message::Error(e) => assert_eq!(e.code, ErrorCode::NotPermitted, "{e:?}"),
+            other => panic!("expected a refusal, got {other:?}"),
         }
 
         // Gossip: an advert signed by a key that is not the sender's, and garbage.
@@ -175,6 +186,14 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
         };
         let forged = Signed::sign(&advert, ADVERT_DOMAIN, &impostor).unwrap();
         gossip_tx.send(encode_frame(&Message::Advert(forged)).unwrap()).await.unwrap();
+        // Its own advert, honestly signed, claiming the model's blocks backwards: a range
+        // whose length, computed as end - start, would wrap.
+        let inverted = CapacityAdvert {
+            loaded: Some((model.clone(), LayerRange { start: 30, end: 2 })),
+            ..advert.clone()
+        };
+        let inverted = Signed::sign(&inverted, ADVERT_DOMAIN, &attacker).unwrap();
+        gossip_tx.send(encode_frame(&Message::Advert(inverted)).unwrap()).await.unwrap();
         gossip_tx.send(raw_frame(2, 1, &[0xde, 0xad])).await.unwrap();
     });
 
@@ -184,6 +203,8 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
         "dropped stage stream: protocol version 99 is not supported",
         "dropped stage stream: unexpected heartbeat",
         "dropped stage stream: truncated frame: body",
+        "refused layer assignments from peer",
+        "refused work units from peer",
     ];
     for reason in reasons {
         assert!(
@@ -194,6 +215,7 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
     }
     for reason in [
         "dropped gossip: signed by another peer's key",
+        "dropped gossip: advert claims the empty block range 30..2",
         "dropped gossip: malformed message",
     ] {
         assert!(
@@ -220,6 +242,27 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
         "{v}"
     );
     drop(rt);
+
+    // At rest, the data folders and the files holding keys, prompts and the audit trail are
+    // their user's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let data = dir.path().join("coordinator");
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&dir.path().join("n")), 0o700);
+    let mut files = 0;
+    for f in std::fs::read_dir(&data).unwrap() {
+        let f = f.unwrap();
+        let name = f.file_name().into_string().unwrap();
+        if ["identity.key", "audit.log", "jobs.sqlite"]
+            .iter()
+            .any(|n| name.starts_with(n))
+        {
+            assert_eq!(mode(&f.path()), 0o600, "{name}");
+            files += 1;
+        }
+    }
+    assert!(files >= 3, "{files}");
 }
 
 fn peer_of_key(k: &Keypair) -> String {

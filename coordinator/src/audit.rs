@@ -406,11 +406,8 @@ impl AuditLog {
             path: path.to_path_buf(),
             source,
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io)?;
+        potluck_net::identity::private_file(path).map_err(io)?;
+        let file = OpenOptions::new().append(true).open(path).map_err(io)?;
         let (tx, rx) = sync_channel(QUEUE);
         let open = Record::Open {
             key: to_hex(&key.public().0),

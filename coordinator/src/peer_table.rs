@@ -31,6 +31,9 @@ pub enum AdvertRejection {
     /// It claims a longer validity than allowed.
     #[error("advert claims {0} s of validity")]
     TtlTooLong(u64),
+    /// It claims loaded blocks `start..end` with `end <= start`.
+    #[error("advert claims the empty block range {0}..{1}")]
+    EmptyRange(u32, u32),
     /// An advert with this sequence number or a later one was already accepted.
     #[error("stale advert (seq {got}, have {have})")]
     Stale {
@@ -118,6 +121,9 @@ impl PeerTable {
         }
         if advert.issued_at > now + MAX_CLOCK_SKEW_SECS {
             return Err(AdvertRejection::FromFuture(advert.issued_at));
+        }
+        if let Some((_, r)) = advert.loaded.as_ref().filter(|(_, r)| r.is_empty()) {
+            return Err(AdvertRejection::EmptyRange(r.start, r.end));
         }
         let ttl = advert.expires_at.saturating_sub(advert.issued_at.min(now));
         if ttl > MAX_ADVERT_TTL_SECS {

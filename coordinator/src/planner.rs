@@ -116,7 +116,7 @@ pub fn plan(
             .filter(|s| {
                 eligible.iter().any(|p| {
                     p.id == s.peer
-                        && s.range.end - s.range.start <= capacity(model, p)
+                        && s.range.len() <= capacity(model, p)
                         && may_hold(model, p, s.range)
                 })
             })
@@ -224,10 +224,10 @@ fn add_chains_and_replicas(model: &ModelShape, free: &[&PlanPeer], spans: &mut V
         // The span whose range is slowest to serve, counting the replicas it already has.
         let target = spans
             .iter()
-            .filter(|s| s.range.end - s.range.start <= cap && may_hold(model, p, s.range))
+            .filter(|s| s.range.len() <= cap && may_hold(model, p, s.range))
             .map(|s| {
                 let replicas = spans.iter().filter(|o| o.range == s.range).count() as f64;
-                let time = (s.range.end - s.range.start) as f64 / speed_of(s) / replicas;
+                let time = s.range.len() as f64 / speed_of(s) / replicas;
                 (s.range, time)
             })
             .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.start.cmp(&a.0.start)));

@@ -555,6 +555,7 @@ impl Coordinator {
                 // peer's span does not count until it is back.
                 let answering = st.pending.contains(&p.key);
                 if m == &self.model.model
+                    && range.end <= self.model.shape.layers
                     && !answering
                     && !st.is_excluded(&p.key)
                     && !st.loaded.contains_key(&p.key)
@@ -945,7 +946,7 @@ impl Coordinator {
         let blocks: HashMap<PublicKey, u32> = confirmed
             .spans
             .iter()
-            .map(|s| (s.peer, s.range.end - s.range.start))
+            .map(|s| (s.peer, s.range.len()))
             .collect();
         let cost = |key: &PublicKey| {
             let peer = st.table.get(key)?;

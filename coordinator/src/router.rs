@@ -59,8 +59,7 @@ pub fn route_range(
     for b in first..n {
         let Some((here, _)) = best[b] else { continue };
         for &(i, s, c) in spans.iter().filter(|(_, s, _)| s.range.start as usize == b) {
-            let hop =
-                c.rtt_ms / 2.0 + HOP_MS + (s.range.end - s.range.start) as f64 * c.ms_per_block;
+            let hop = c.rtt_ms / 2.0 + HOP_MS + s.range.len() as f64 * c.ms_per_block;
             let end = s.range.end as usize;
             if best[end].is_none_or(|(d, _)| here + hop < d) {
                 best[end] = Some((here + hop, Some(i)));

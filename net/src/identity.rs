@@ -31,13 +31,58 @@ pub enum IdentityError {
 /// File name of the key inside the data directory.
 pub const KEY_FILE: &str = "identity.key";
 
-/// Loads the identity in `data_dir`, creating a fresh one (mode 0600) on first start.
+/// Creates `dir` (and missing parents) readable by this user only, and takes group and
+/// other access away from it if it already exists: a data folder holds keys, prompts and
+/// outputs.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)?;
+    tighten(dir, 0o700)
+}
+
+/// Creates `path` if it is missing, readable and writable by this user only, and takes group
+/// and other access away from it if it exists (files that hold prompts, outputs or the audit
+/// trail).
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.append(true).create(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path)?;
+    tighten(path, 0o600)
+}
+
+#[cfg(unix)]
+fn tighten(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let now = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if now & !mode != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(now & mode))?;
+        tracing::info!(path = %path.display(), "took group and other access away from {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn tighten(_: &Path, _: u32) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Loads the identity in `data_dir`, creating a fresh one (mode 0600) on first start. The
+/// folder is made private first (see [`private_dir`]).
 pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
     let path = data_dir.join(KEY_FILE);
     let io = |source| IdentityError::Io {
         path: path.clone(),
         source,
     };
+    private_dir(data_dir).map_err(|source| IdentityError::Io {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
     match std::fs::read(&path) {
         Ok(bytes) => {
             check_mode(&path)?;
@@ -47,7 +92,6 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
             Ok(Keypair::from_secret(&secret))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(data_dir).map_err(io)?;
             let mut secret = [0u8; 32];
             getrandom::fill(&mut secret).map_err(|e| IdentityError::Random(e.to_string()))?;
             let mut opts = std::fs::OpenOptions::new();

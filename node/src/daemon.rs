@@ -2,6 +2,7 @@
 //! on the pool's gossip topic (on start, on change, and every interval, with expiry), and
 //! serve the layers the coordinator assigns.
 
+use crate::commanders::Commanders;
 use crate::control::Command;
 use crate::idle::{Availability, Window};
 use crate::probe::{probe, Capacity, Limits};
@@ -17,6 +18,7 @@ use potluck_protocol::messages::{
 };
 use potluck_protocol::signed::{Keypair, Signed};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How a node is run.
@@ -126,7 +128,11 @@ pub async fn run(
         cfg.faults,
     );
     server
-        .accept(streams, gate.clone())
+        .accept(
+            streams,
+            gate.clone(),
+            Arc::new(Commanders::from_bootstrap(&cfg.bootstrap)),
+        )
         .map_err(swarm::StartError::Address)?;
     let mut accepted = gate.accepted_by_peers();
     let mut owner = crate::control::listen(&cfg.data_dir)

@@ -3,6 +3,7 @@
 //! every result, and the daemon loop that keeps it in its pool's swarm.
 
 pub mod batcher;
+pub mod commanders;
 pub mod control;
 pub mod daemon;
 pub mod fault;

@@ -4,6 +4,7 @@
 //! compute; a bad frame ends only the stream that sent it, with a logged reason.
 
 use crate::batcher::{BatchLimits, StageQueue};
+use crate::commanders::{Commanders, Order};
 use crate::shard::ShardServer;
 use crate::wire::wire_error;
 use futures::StreamExt;
@@ -272,25 +273,33 @@ impl Server {
     }
 
     /// Accepts control, stage and work streams of `streams`' pool until it is dropped, from
-    /// peers its `gate` admits.
-    pub fn accept(&self, mut streams: PoolStreams, gate: Gate) -> Result<(), String> {
+    /// peers its `gate` admits; assignments and work units only from `commanders`.
+    pub fn accept(
+        &self,
+        mut streams: PoolStreams,
+        gate: Gate,
+        commanders: Arc<Commanders>,
+    ) -> Result<(), String> {
         for channel in Channel::ALL {
             let mut incoming = streams.accept(channel)?;
             let this = self.clone();
             let gate = gate.clone();
+            let commanders = commanders.clone();
             tokio::spawn(async move {
                 while let Some((peer, stream)) = incoming.next().await {
                     let this = this.clone();
                     let gate = gate.clone();
+                    let commanders = commanders.clone();
                     tokio::spawn(async move {
                         if !gate.wait_admitted(&peer).await {
                             tracing::warn!(%peer, "refused a {channel:?} stream from peer {peer}: not admitted to this pool");
                             return;
                         }
+                        let may = |order| commanders.permits(&peer, gate.role(&peer), order);
                         match channel {
                             Channel::Stage => this.serve_stage(peer, stream).await,
-                            Channel::Work => this.serve_work(peer, stream).await,
-                            Channel::Control => this.serve_control(peer, stream).await,
+                            Channel::Work => this.serve_work(peer, stream, may).await,
+                            Channel::Control => this.serve_control(peer, stream, may).await,
                         }
                     });
                 }
@@ -300,7 +309,7 @@ impl Server {
     }
 
     /// One work unit: a request, its result (or why not), and the stream ends.
-    async fn serve_work(&self, peer: PeerId, mut stream: Stream) {
+    async fn serve_work(&self, peer: PeerId, mut stream: Stream, may: impl Fn(Order) -> bool) {
         let Some(request) =
             one_request(peer, &mut stream, MAX_WORK_FRAME, FRAME_TIMEOUT, "work").await
         else {
@@ -308,6 +317,7 @@ impl Server {
         };
         let stop = self.not_taking();
         let answer = match request {
+            Message::Work(_) if !may(Order::Work) => refuse(peer, "work units"),
             _ if stop.is_some() => {
                 Message::Error(wire_error(ErrorCode::NotServing, stop.unwrap_or_default()))
             }
@@ -326,7 +336,7 @@ impl Server {
         send_answer(peer, &mut stream, &answer, "work").await;
     }
 
-    async fn serve_control(&self, peer: PeerId, mut stream: Stream) {
+    async fn serve_control(&self, peer: PeerId, mut stream: Stream, may: impl Fn(Order) -> bool) {
         let Some(request) = one_request(
             peer,
             &mut stream,
@@ -339,6 +349,7 @@ impl Server {
             return;
         };
         let answer = match request {
+            Message::Assign(_) if !may(Order::Assign) => refuse(peer, "layer assignments"),
             Message::Assign(a) => {
                 tracing::info!(%peer, start = a.layers.start, end = a.layers.end, epoch = a.epoch, "assignment");
                 match self.assign(a).await {
@@ -516,6 +527,15 @@ pub(crate) fn weight_label(file: &WeightFile) -> String {
 }
 
 /// A message's kind, for logs (never its contents).
+/// The answer to a peer that may not command this node, logged.
+fn refuse(peer: PeerId, what: &str) -> Message {
+    tracing::warn!(%peer, "refused {what} from peer {peer}: it is not this node's coordinator");
+    Message::Error(wire_error(
+        ErrorCode::NotPermitted,
+        format!("only this node's coordinator may send it {what}"),
+    ))
+}
+
 fn kind(m: &Message) -> &'static str {
     match m {
         Message::Advert(_) => "advert",

@@ -39,6 +39,18 @@ pub struct LayerRange {
     pub end: u32,
 }
 
+impl LayerRange {
+    /// Blocks in the range: 0 for an empty or inverted one, which a peer may send.
+    pub fn len(&self) -> u32 {
+        self.end.saturating_sub(self.start)
+    }
+
+    /// Whether the range holds no block (`end <= start`).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What a node offers its pool; gossiped signed, with an expiry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CapacityAdvert {
@@ -233,6 +245,9 @@ pub enum ErrorCode {
     Overloaded,
     /// Anything else.
     Internal,
+    /// The sender may not ask this of this node (only its coordinator assigns layers and
+    /// hands out work).
+    NotPermitted,
 }
 
 /// An error answer.

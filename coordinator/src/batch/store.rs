@@ -19,6 +19,14 @@ pub enum StoreError {
     /// SQLite failed (disk full, corrupt file, ...).
     #[error("job store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The store's file could not be created or made private.
+    #[error("job store {path}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// No such file or batch.
     #[error("{0} not found")]
     NotFound(String),
@@ -241,6 +249,11 @@ impl Store {
     /// Opens (creating when needed) the store at `path`, and marks assignments that were
     /// running when the last process stopped as lost, so their units run again.
     pub fn open(path: &Path) -> Result<Self> {
+        // It holds prompts and outputs; SQLite gives its -wal and -shm files this mode too.
+        potluck_net::identity::private_file(path).map_err(|source| StoreError::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;

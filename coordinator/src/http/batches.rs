@@ -49,7 +49,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "invalid_request_error", e.to_string())
             }
-            StoreError::Sqlite(_) => ApiError::new(
+            StoreError::Sqlite(_) | StoreError::File { .. } => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 e.to_string(),
