@@ -134,6 +134,12 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if !matches!(
+        cli.command,
+        Command::Up(_) | Command::Node(_) | Command::Coordinator(_) | Command::Bench(_)
+    ) {
+        die_quietly_on_closed_stdout();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("POTLUCK_LOG")
@@ -144,6 +150,18 @@ fn main() {
     if let Err(e) = run(cli) {
         eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
+    }
+}
+
+/// A command that prints and exits ends quietly when its reader goes away (`potluck audit
+/// verify log | head`), as Unix tools do, rather than panicking on the broken pipe: Rust
+/// ignores SIGPIPE, so every print after the reader left would fail. The daemons keep it
+/// ignored.
+fn die_quietly_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

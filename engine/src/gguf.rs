@@ -35,6 +35,17 @@ impl GgufFile {
                 path.display()
             )));
         }
+        // candle divides by the declared alignment without checking it.
+        match declared_alignment(&mmap) {
+            Ok(Some(a)) if !a.is_power_of_two() => {
+                return Err(EngineError::invalid(format!(
+                    "{}: general.alignment is {a}, not a power of two",
+                    path.display()
+                )))
+            }
+            Ok(_) => {}
+            Err(why) => return Err(EngineError::invalid(format!("{}: {why}", path.display()))),
+        }
         let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| {
             let msg = e.to_string();
             match msg.strip_prefix("unknown dtype for tensor ") {
@@ -187,5 +198,116 @@ impl GgufFile {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+/// The `general.alignment` a GGUF header declares, as candle reads it (an integer of at
+/// most 32 bits; any other type means the default), found by walking the metadata with every
+/// length checked against the bytes there are. `None` when it declares none.
+fn declared_alignment(b: &[u8]) -> std::result::Result<Option<u64>, String> {
+    let mut r = HeaderReader { b, at: 4 };
+    let version = r.u32()?;
+    let wide = version >= 2;
+    if wide {
+        r.u64()?; // tensor count
+    } else {
+        r.u32()?;
+    }
+    let entries = if wide { r.u64()? } else { u64::from(r.u32()?) };
+    for _ in 0..entries {
+        let key = r.string(wide)?;
+        let ty = r.u32()?;
+        if key == b"general.alignment" {
+            return Ok(match ty {
+                0 => Some(u64::from(r.take(1)?[0])),
+                1 => Some(r.take(1)?[0] as i8 as i64)
+                    .filter(|v| *v >= 0)
+                    .map(|v| v as u64),
+                2 | 3 => {
+                    let b = r.take(2)?;
+                    let v = u16::from_le_bytes([b[0], b[1]]);
+                    Some(u64::from(v)).filter(|_| ty == 2 || v as i16 >= 0)
+                }
+                4 => Some(u64::from(r.u32()?)),
+                5 => Some(i64::from(r.u32()? as i32))
+                    .filter(|v| *v >= 0)
+                    .map(|v| v as u64),
+                _ => None,
+            });
+        }
+        r.skip_value(ty, wide, 0)?;
+    }
+    Ok(None)
+}
+
+/// A cursor over a GGUF header that refuses to read past the end.
+struct HeaderReader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> HeaderReader<'a> {
+    fn take(&mut self, n: u64) -> std::result::Result<&'a [u8], String> {
+        let end = usize::try_from(n)
+            .ok()
+            .and_then(|n| self.at.checked_add(n))
+            .filter(|&e| e <= self.b.len())
+            .ok_or("the header runs past the end of the file")?;
+        let b: &'a [u8] = self.b;
+        let out = &b[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        let lo = u64::from(self.u32()?);
+        Ok(lo | (u64::from(self.u32()?) << 32))
+    }
+
+    fn string(&mut self, wide: bool) -> std::result::Result<&'a [u8], String> {
+        let len = if wide {
+            self.u64()?
+        } else {
+            u64::from(self.u32()?)
+        };
+        self.take(len)
+    }
+
+    /// Steps over one value of GGUF type `ty`; every element read consumes bytes, so a
+    /// hostile count ends at the end of the file.
+    fn skip_value(&mut self, ty: u32, wide: bool, depth: u32) -> std::result::Result<(), String> {
+        const FIXED: [u64; 13] = [1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8];
+        match ty {
+            8 => self.string(wide).map(|_| ()),
+            9 if depth < 4 => {
+                let inner = self.u32()?;
+                let n = if wide {
+                    self.u64()?
+                } else {
+                    u64::from(self.u32()?)
+                };
+                match FIXED.get(inner as usize).copied().filter(|&s| s > 0) {
+                    Some(size) => self
+                        .take(n.checked_mul(size).ok_or("an array larger than any file")?)
+                        .map(|_| ()),
+                    None => {
+                        for _ in 0..n {
+                            self.skip_value(inner, wide, depth + 1)?;
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            9 => Err("metadata arrays nested too deep".into()),
+            t => match FIXED.get(t as usize).copied().filter(|&s| s > 0) {
+                Some(size) => self.take(size).map(|_| ()),
+                None => Err(format!("unknown metadata value type {t}")),
+            },
+        }
     }
 }

@@ -49,7 +49,14 @@ impl TextTokenizer {
     /// Loads an HF tokenizer.json, reading BOS/EOS and the chat template from the
     /// tokenizer_config.json beside it when present.
     pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let mut inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        // The file's padding and truncation are the file's to choose, not ours to obey: a
+        // fixed padding of a billion makes every encode allocate that much, and truncation
+        // would cut prompts short behind the context check.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
         let cfg: Json = path
             .parent()

@@ -112,6 +112,30 @@ fn chat_templates_render() {
     assert!(render_chat(None, &[], "", "", true).is_err());
 }
 
+#[test]
+fn hostile_chat_templates_fail_fast_instead_of_hanging_or_filling_memory() {
+    let msgs = [ChatMessage::new("user", "hi")];
+    let started = std::time::Instant::now();
+    // 10^10 iterations: without a fuel limit this renders for hours.
+    let endless =
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+    let e = render_chat(Some(endless), &msgs, "", "", true).unwrap_err();
+    assert!(e.to_string().contains("fuel"), "{e}");
+    // 100 MB of output from a few bytes of template.
+    let flood = "{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}";
+    let e = render_chat(Some(flood), &msgs, "", "", true).unwrap_err();
+    assert!(e.to_string().contains("wrote more than"), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    // A conversation of a thousand turns still renders whole with a real template.
+    let file = WeightFile::open(&smollm2_path()).unwrap();
+    let tok = load_tokenizer(&file).unwrap();
+    let long: Vec<ChatMessage> = (0..1024)
+        .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "word"))
+        .collect();
+    let text = render_chat(tok.chat_template(), &long, "", "", true).unwrap();
+    assert_eq!(text.matches("word").count(), 1024);
+}
+
 fn logits(n: usize, seed: u64) -> Vec<f32> {
     let mut r = potluck_engine::rng::Rng::new(seed);
     (0..n).map(|_| r.normal() * 3.0).collect()
@@ -331,4 +355,30 @@ fn sentencepiece_vocab_from_gguf() {
     );
     assert_eq!(tok.decode(&ids).unwrap(), "thé");
     assert!(tok.is_eos(2));
+}
+
+#[test]
+fn a_tokenizer_files_padding_and_truncation_are_not_obeyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(GgmlDType::F32);
+    write_safetensors(&s, &dir.path().join("st"), candle_core::DType::F32).unwrap();
+    let honest = load_tokenizer(&WeightFile::open(&dir.path().join("st")).unwrap()).unwrap();
+    let path = dir.path().join("st/tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // Every encode would allocate a hundred million ids, and prompts would be cut to two
+    // tokens behind the context check.
+    json["padding"] = serde_json::json!({"strategy": {"Fixed": 100_000_000}, "direction": "Right",
+        "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"});
+    json["truncation"] = serde_json::json!({"direction": "Right", "max_length": 2,
+        "strategy": "LongestFirst", "stride": 0});
+    std::fs::write(&path, json.to_string()).unwrap();
+    let hostile = load_tokenizer(&WeightFile::open(&dir.path().join("st")).unwrap()).unwrap();
+    for text in SAMPLES {
+        assert_eq!(
+            hostile.encode(text).unwrap(),
+            honest.encode(text).unwrap(),
+            "{text:?}"
+        );
+    }
 }

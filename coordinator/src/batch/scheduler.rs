@@ -328,8 +328,15 @@ impl Batches {
                     .into_iter()
                     .map(|(role, content)| ChatMessage { role, content })
                     .collect();
-                let prompt = chat_prompt_ids(&c.model().tokenizer, &messages)
-                    .map_err(|e| Refusal::Rejected(e.to_string()))?;
+                // A model file's template and the tokenizer are CPU work: off the async
+                // workers.
+                let pool = c.clone();
+                let prompt = tokio::task::spawn_blocking(move || {
+                    chat_prompt_ids(&pool.model().tokenizer, &messages)
+                })
+                .await
+                .map_err(|e| Refusal::Rejected(e.to_string()))?
+                .map_err(|e| Refusal::Rejected(e.to_string()))?;
                 if prompt.len() >= c.model().config.context {
                     return Err(Refusal::Rejected(format!(
                         "the prompt has {} tokens; the model's context is {}",

@@ -335,14 +335,15 @@ async fn chat(
     Extension(member): Extension<MemberId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = || -> Result<Checked, ApiError> {
+    let pool = c.clone();
+    let run = move || -> Result<Checked, ApiError> {
         let body: ChatBody = parse(body, super::MAX_BODY_BYTES)?;
         let messages = chat_messages(body.messages)?;
-        let prompt = chat_prompt_ids(&c.model().tokenizer, &messages)
+        let prompt = chat_prompt_ids(&pool.model().tokenizer, &messages)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-        check(&c, body.common, prompt, member)
+        check(&pool, body.common, prompt, member)
     };
-    match run() {
+    match off_the_workers(run).await {
         Ok(checked) => answer(c, checked, Shape::Chat).await,
         Err(e) => e.into_response(),
     }
@@ -353,22 +354,38 @@ async fn completions(
     Extension(member): Extension<MemberId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = || -> Result<Checked, ApiError> {
+    let pool = c.clone();
+    let run = move || -> Result<Checked, ApiError> {
         let body: CompletionBody = parse(body, super::MAX_BODY_BYTES)?;
         if body.prompt.is_empty() {
             return Err(ApiError::bad("prompt must not be empty"));
         }
-        let prompt = c
+        let prompt = pool
             .model()
             .tokenizer
             .encode(&body.prompt)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-        check(&c, body.common, prompt, member)
+        check(&pool, body.common, prompt, member)
     };
-    match run() {
+    match off_the_workers(run).await {
         Ok(checked) => answer(c, checked, Shape::Completion).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// Runs a request's CPU work (parsing a body of up to a MiB, a model file's chat template,
+/// tokenizing) on a blocking thread: on the async workers it would stall every other
+/// request, and the runtime has only as many of those as cores.
+async fn off_the_workers(
+    run: impl FnOnce() -> Result<Checked, ApiError> + Send + 'static,
+) -> Result<Checked, ApiError> {
+    tokio::task::spawn_blocking(run).await.unwrap_or_else(|e| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("preparing the request: {e}"),
+        ))
+    })
 }
 
 /// Runs a checked request and answers whole or as a stream.
