@@ -198,6 +198,20 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
         .iter()
         .any(|b| b["id"] == id.as_str()));
     common::never_quarantined(&coord, [&id_a, &id_b]);
+    // Credit is what the coordinator counts: no claim past what the texts can take, and the
+    // ledger still answers.
+    let bound: u64 = texts(30).iter().map(|t| t.len() as u64 + 2).sum();
+    let (status, credits) = common::get_json(&api, "/api/credits");
+    assert_eq!(status, 200, "{credits}");
+    let rows = credits["credits"].as_array().cloned().unwrap_or_default();
+    assert!(!rows.is_empty(), "{credits}");
+    for row in &rows {
+        let tokens = row["tokens"].as_u64().unwrap_or(u64::MAX);
+        assert!(
+            tokens <= bound,
+            "{row} (the texts take at most {bound} tokens)"
+        );
+    }
 
     // Chat units: greedy, so both nodes give the text one process gives.
     let prompts = ["What is the capital of Japan?", "Name a primary colour."];
@@ -243,7 +257,15 @@ fn a_cheating_node_is_outvoted_and_a_hung_one_timed_out() {
     let (_b, id_b) = node(dir.path(), "b", "public", &addr, &[]);
     let (_c, id_c) = node(dir.path(), "c", "public", &addr, &["--corrupt", "1:noise"]);
     let (_d, id_d) = node(dir.path(), "d", "public", &addr, &["--corrupt", "1:stall"]);
-    common::wait_joined(&mut coord, [&id_a, &id_b, &id_c, &id_d]);
+    // Honest vectors, but a claim of 2^63 tokens for each unit, for credit.
+    let (_e, id_e) = node(
+        dir.path(),
+        "e",
+        "public",
+        &addr,
+        &["--corrupt", "1:inflate"],
+    );
+    common::wait_joined(&mut coord, [&id_a, &id_b, &id_c, &id_d, &id_e]);
     let lines: Vec<String> = texts(30)
         .iter()
         .enumerate()
@@ -266,6 +288,20 @@ fn a_cheating_node_is_outvoted_and_a_hung_one_timed_out() {
         coord.seen
     );
     common::never_quarantined(&coord, [&id_a, &id_b]);
+    // Credit is what the coordinator counts: no claim past what the texts can take, and the
+    // ledger still answers.
+    let bound: u64 = texts(30).iter().map(|t| t.len() as u64 + 2).sum();
+    let (status, credits) = common::get_json(&api, "/api/credits");
+    assert_eq!(status, 200, "{credits}");
+    let rows = credits["credits"].as_array().cloned().unwrap_or_default();
+    assert!(!rows.is_empty(), "{credits}");
+    for row in &rows {
+        let tokens = row["tokens"].as_u64().unwrap_or(u64::MAX);
+        assert!(
+            tokens <= bound,
+            "{row} (the texts take at most {bound} tokens)"
+        );
+    }
     // The hung node's units timed out and ran elsewhere.
     let timed_out = coord.wait_for(Instant::now() + Duration::from_secs(5), |l| {
         l.contains("batch unit failed") && l.contains(&id_d) && l.contains("no answer within")

@@ -23,6 +23,9 @@ pub enum FaultKind {
     Replay,
     /// Work units only: the node takes the unit and never answers (a hung machine).
     Stall,
+    /// Work units only: an honest output, but a token count near `u64::MAX` claimed for
+    /// credit (the count is outside the receipt).
+    Inflate,
 }
 
 /// A node's fault plan: corrupt each output with probability `rate`, as `kind` says.
@@ -50,20 +53,21 @@ impl FromStr for FaultPlan {
             .and_then(|r| r.parse().ok())
             .filter(|r| (0.0..=1.0).contains(r))
             .ok_or("the rate must be a number from 0 to 1")?;
-        let kind = match parts.next() {
-            Some("noise") => FaultKind::Noise,
-            Some("zeros") => FaultKind::Zeros,
-            Some("skip") => FaultKind::Skip,
-            Some("stale") => FaultKind::Stale,
-            Some("forge") => FaultKind::Forge,
-            Some("replay") => FaultKind::Replay,
-            Some("stall") => FaultKind::Stall,
-            _ => {
-                return Err(
-                    "the kind must be noise, zeros, skip, stale, forge, replay or stall".into(),
-                )
-            }
-        };
+        let kind =
+            match parts.next() {
+                Some("noise") => FaultKind::Noise,
+                Some("zeros") => FaultKind::Zeros,
+                Some("skip") => FaultKind::Skip,
+                Some("stale") => FaultKind::Stale,
+                Some("forge") => FaultKind::Forge,
+                Some("replay") => FaultKind::Replay,
+                Some("stall") => FaultKind::Stall,
+                Some("inflate") => FaultKind::Inflate,
+                _ => return Err(
+                    "the kind must be noise, zeros, skip, stale, forge, replay, stall or inflate"
+                        .into(),
+                ),
+            };
         let seed = match parts.next() {
             None => 1,
             Some(n) => n.parse().map_err(|_| "the seed must be a number")?,
@@ -144,13 +148,22 @@ mod inject {
             self.plan.kind == FaultKind::Stall && self.rng.next_f64() < self.plan.rate
         }
 
+        /// The token count a work unit claims: `tokens`, or one past `i64::MAX` when the
+        /// plan inflates it.
+        pub fn claimed_tokens(&mut self, tokens: u64) -> u64 {
+            if self.plan.kind == FaultKind::Inflate && self.rng.next_f64() < self.plan.rate {
+                return (i64::MAX as u64) + 1;
+            }
+            tokens
+        }
+
         /// A work unit's output, corrupted or not: noise moves each vector (kept unit
         /// length, as a careful cheater would) or changes a completion's text; zeros and the
         /// rest return one constant answer. Receipt-level kinds leave work alone.
         pub fn corrupt_work(&mut self, output: WorkOutput) -> WorkOutput {
             if matches!(
                 self.plan.kind,
-                FaultKind::Forge | FaultKind::Replay | FaultKind::Stall
+                FaultKind::Forge | FaultKind::Replay | FaultKind::Stall | FaultKind::Inflate
             ) || self.rng.next_f64() >= self.plan.rate
             {
                 return output;
@@ -206,7 +219,7 @@ mod inject {
             let previous = self.last.insert(cache, output.clone());
             if matches!(
                 self.plan.kind,
-                FaultKind::Forge | FaultKind::Replay | FaultKind::Stall
+                FaultKind::Forge | FaultKind::Replay | FaultKind::Stall | FaultKind::Inflate
             ) || self.rng.next_f64() >= self.plan.rate
             {
                 return output;
@@ -241,7 +254,10 @@ mod inject {
                             _ => v.iter_mut().for_each(|x| *x = 0.0),
                         },
                         // Receipt-level faults: see `tamper`; stalls: see `stalls`.
-                        FaultKind::Forge | FaultKind::Replay | FaultKind::Stall => {}
+                        FaultKind::Forge
+                        | FaultKind::Replay
+                        | FaultKind::Stall
+                        | FaultKind::Inflate => {}
                     }
                     match WireTensor::from_f32(&v, &dims, WireDType::F32) {
                         Ok(t) => StageOutputWire::Hidden(t),
@@ -261,7 +277,10 @@ mod inject {
                             Some(StageOutputWire::Token { token: t, .. }) => t,
                             _ => 0,
                         },
-                        FaultKind::Forge | FaultKind::Replay | FaultKind::Stall => token,
+                        FaultKind::Forge
+                        | FaultKind::Replay
+                        | FaultKind::Stall
+                        | FaultKind::Inflate => token,
                     };
                     StageOutputWire::Token {
                         token: wrong,

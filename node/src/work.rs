@@ -92,12 +92,12 @@ impl Workers {
             }
         };
         #[cfg(feature = "fault-injection")]
-        let output = match &self.faults {
+        let (output, tokens) = match &self.faults {
             Some(f) => match f.lock() {
-                Ok(mut f) => f.corrupt_work(output),
-                Err(_) => output,
+                Ok(mut f) => (f.corrupt_work(output), f.claimed_tokens(tokens)),
+                Err(_) => (output, tokens),
             },
-            None => output,
+            None => (output, tokens),
         };
         self.sign(&req, output, tokens, weights)
     }

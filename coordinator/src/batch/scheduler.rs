@@ -7,7 +7,7 @@
 use super::input::{chat_line, embed_texts};
 use super::store::{Kind, OpenUnit, Store};
 use crate::compare::{row_distances, Verdict};
-use crate::pool::{embeddings_of, verify_work, Coordinator, Refusal};
+use crate::pool::{embed_token_bound, embeddings_of, verify_work, Coordinator, Refusal};
 use libp2p::PeerId;
 use potluck_engine::chat::{chat_prompt_ids, ChatMessage};
 use potluck_protocol::codec::encode_body;
@@ -59,9 +59,20 @@ impl Answer {
     /// Whether two honest peers could have given these two answers.
     fn agrees(&self, other: &Answer) -> bool {
         match (self, other) {
-            (Answer::Embeddings { vectors: a, .. }, Answer::Embeddings { vectors: b, .. }) => {
-                // The same row comparison as hidden states under spot checks.
-                a.len() == b.len()
+            (
+                Answer::Embeddings {
+                    vectors: a,
+                    tokens: ta,
+                },
+                Answer::Embeddings {
+                    vectors: b,
+                    tokens: tb,
+                },
+            ) => {
+                // The same row comparison as hidden states under spot checks; honest nodes
+                // count the same tokens with the same tokenizer.
+                ta == tb
+                    && a.len() == b.len()
                     && a.iter().zip(b).all(|(x, y)| {
                         x.len() == y.len()
                             && row_distances(x, y, x.len()).0 >= f64::from(EMBED_AGREEMENT)
@@ -350,9 +361,10 @@ impl Batches {
                 }
             }
         };
-        let texts = match &task {
-            WorkTask::Embed(t) => t.len(),
-            WorkTask::Complete { .. } => 0,
+        // Credit counts what the coordinator can count itself, not the node's claim.
+        let (texts, bound, prompt_tokens, max_tokens) = match &task {
+            WorkTask::Embed(t) => (t.len(), embed_token_bound(t), 0, 0),
+            WorkTask::Complete { prompt, max_tokens } => (0, 0, prompt.len() as u64, *max_tokens),
         };
         let req = WorkRequest {
             unit: assignment as u64,
@@ -368,8 +380,13 @@ impl Batches {
         let answer = match &result.output {
             WorkOutput::Embeddings(_) => Answer::Embeddings {
                 vectors: embeddings_of(&result.output, texts).map_err(Refusal::Failed)?,
-                tokens: result.tokens,
+                tokens: result.tokens.min(bound),
             },
+            WorkOutput::Completion { generated, .. } if *generated > max_tokens => {
+                return Err(Refusal::Failed(format!(
+                    "claims {generated} tokens generated of at most {max_tokens}"
+                )));
+            }
             WorkOutput::Completion {
                 text,
                 generated,
@@ -378,7 +395,7 @@ impl Batches {
                 text: text.clone(),
                 generated: *generated,
                 stopped: *stopped,
-                tokens: result.tokens,
+                tokens: prompt_tokens + u64::from(*generated),
             },
         };
         let receipt = encode_body(&result.receipt).map_err(|e| Refusal::Failed(e.to_string()))?;

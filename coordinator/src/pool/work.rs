@@ -119,6 +119,16 @@ pub(crate) fn verify_work(
     Ok(())
 }
 
+/// The most tokens embedding `texts` can take: at most one per byte, plus the two markers
+/// a sentence encoder adds. A node reports its own count, outside its receipt; credit and
+/// quota believe it only up to this.
+pub(crate) fn embed_token_bound(texts: &[String]) -> u64 {
+    texts
+        .iter()
+        .map(|t| (t.len() as u64).saturating_add(2))
+        .fold(0, u64::saturating_add)
+}
+
 /// The unit-length vectors of an embedding answer for `texts` texts.
 pub(crate) fn embeddings_of(output: &WorkOutput, texts: usize) -> Result<Vec<Vec<f32>>, String> {
     let WorkOutput::Embeddings(tensor) = output else {
@@ -192,7 +202,7 @@ impl Coordinator {
                                 let tally = st.work.entry(key).or_default();
                                 tally.units += 1;
                                 tally.items += vectors.len() as u64;
-                                tally.tokens += tokens;
+                                tally.tokens = tally.tokens.saturating_add(tokens);
                             }
                             if let Ok(mut d) = done.lock() {
                                 d.push((slice.start, vectors, tokens, peer));
@@ -231,7 +241,7 @@ impl Coordinator {
                 Some((_, n)) => *n += v.len(),
                 None => by_peer.push((peer, v.len())),
             }
-            tokens += t;
+            tokens = u64::saturating_add(tokens, t);
             vectors.extend(v);
         }
         self.metrics().embedded_texts.inc_by(vectors.len() as u64);
@@ -272,7 +282,7 @@ impl Coordinator {
         let result = self.send_work(peer, &req).await?;
         verify_work(key, &req, &result).map_err(Refusal::Failed)?;
         let vectors = embeddings_of(&result.output, slice.texts.len()).map_err(Refusal::Failed)?;
-        Ok((vectors, result.tokens))
+        Ok((vectors, result.tokens.min(embed_token_bound(&slice.texts))))
     }
 
     /// One work unit on `peer`: a stream, the request, its answer.
@@ -293,7 +303,10 @@ impl Coordinator {
             .map_err(Refusal::Failed)?;
         match answer {
             Some(Message::WorkDone(r)) => Ok(*r),
-            Some(Message::Error(e)) if e.code == ErrorCode::NotServing => {
+            // A node that serves no such model, or takes work from another coordinator.
+            Some(Message::Error(e))
+                if matches!(e.code, ErrorCode::NotServing | ErrorCode::NotPermitted) =>
+            {
                 Err(Refusal::Declined(e.message))
             }
             Some(Message::Error(e)) if e.code == ErrorCode::BadRequest => {
