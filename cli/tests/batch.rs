@@ -188,7 +188,8 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
         .map(|c| c["units"].as_u64().unwrap_or(0))
         .sum();
     assert!(units >= 2 * 148, "every unit credits its quorum: {credits}");
-    // The dashboard's data carries the same ledger and the batch.
+    // The dashboard's data carries the same ledger and the batch, in aggregate: no batch or
+    // file id, which anyone could then read with any key.
     let raw = common::raw_http(&api, &common::request("GET", "/api/pool", &[], ""));
     let pool: Value = serde_json::from_str(common::split_answer(&raw).1).expect("pool");
     assert_eq!(pool["credits"], credits["credits"], "{pool}");
@@ -196,22 +197,12 @@ fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
         .as_array()
         .expect("batches")
         .iter()
-        .any(|b| b["id"] == id.as_str()));
+        .any(|b| b["completed"] == 148 && b["status"] == "completed"));
+    assert!(
+        !raw.contains(id.as_str()) && !raw.contains("file-"),
+        "{raw}"
+    );
     common::never_quarantined(&coord, [&id_a, &id_b]);
-    // Credit is what the coordinator counts: no claim past what the texts can take, and the
-    // ledger still answers.
-    let bound: u64 = texts(30).iter().map(|t| t.len() as u64 + 2).sum();
-    let (status, credits) = common::get_json(&api, "/api/credits");
-    assert_eq!(status, 200, "{credits}");
-    let rows = credits["credits"].as_array().cloned().unwrap_or_default();
-    assert!(!rows.is_empty(), "{credits}");
-    for row in &rows {
-        let tokens = row["tokens"].as_u64().unwrap_or(u64::MAX);
-        assert!(
-            tokens <= bound,
-            "{row} (the texts take at most {bound} tokens)"
-        );
-    }
 
     // Chat units: greedy, so both nodes give the text one process gives.
     let prompts = ["What is the capital of Japan?", "Name a primary colour."];

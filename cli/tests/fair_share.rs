@@ -47,6 +47,8 @@ fn members_over_quota_or_rate_get_429_while_others_are_served() {
         {"name": "light", "api_key": "light-key-1", "tokens_per_day": 10},
         {"name": "heavy", "api_key": "heavy-key-1", "weight": 2},
         {"name": "hasty", "api_key": "hasty-key-1", "requests_per_minute": 2},
+        {"name": "owner", "api_key": "owner-key-1"},
+        {"name": "snoop", "api_key": "snoop-key-1"},
     ]});
     std::fs::write(&members, list.to_string()).unwrap();
     let (_coord, _node, http) = small_pool(
@@ -119,4 +121,60 @@ fn members_over_quota_or_rate_get_429_while_others_are_served() {
     assert_eq!(heavy["requests"].as_u64(), Some(2), "{heavy}");
     assert_eq!(heavy["weight"].as_f64(), Some(2.0), "{heavy}");
     assert_eq!(row("hasty")["limited"].as_u64(), Some(1));
+
+    // A member's files and batches are its own: another member's key finds none of them.
+    let input = dir.path().join("mine.jsonl");
+    let line = json!({"custom_id": "secret", "body": {"messages": [{"role": "user", "content": "my private prompt"}], "max_tokens": 2}});
+    std::fs::write(&input, format!("{line}\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(["batch", "submit"])
+        .arg(&input)
+        .args(["--kind", "chat", "--coordinator", &format!("http://{http}")])
+        .args(["--api-key", "owner-key-1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let batch = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (status, _, b) = call(
+        &http,
+        "GET",
+        &format!("/v1/batches/{batch}"),
+        Some("owner-key-1"),
+        "",
+    );
+    assert_eq!(status, 200, "{b}");
+    let file = b["input_file_id"].as_str().unwrap().to_string();
+    let output = format!("file-out-{batch}");
+    for (method, path) in [
+        ("GET", format!("/v1/batches/{batch}")),
+        ("POST", format!("/v1/batches/{batch}/cancel")),
+        ("GET", format!("/v1/files/{file}")),
+        ("GET", format!("/v1/files/{file}/content")),
+        ("GET", format!("/v1/files/{output}/content")),
+    ] {
+        let (status, _, v) = call(&http, method, &path, Some("snoop-key-1"), "");
+        assert_eq!(status, 404, "{method} {path}: {v}");
+    }
+    let create = json!({"input_file_id": file, "endpoint": "/v1/chat/completions"}).to_string();
+    let (status, _, v) = call(&http, "POST", "/v1/batches", Some("snoop-key-1"), &create);
+    assert_eq!(status, 404, "{v}");
+    let (_, _, listed) = call(&http, "GET", "/v1/batches", Some("snoop-key-1"), "");
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(0), "{listed}");
+    let (_, _, listed) = call(&http, "GET", "/v1/batches", Some("owner-key-1"), "");
+    assert_eq!(listed["data"][0]["id"], batch.as_str(), "{listed}");
+    let (status, _, content) = call(
+        &http,
+        "GET",
+        &format!("/v1/files/{file}"),
+        Some("owner-key-1"),
+        "",
+    );
+    assert_eq!(status, 200, "{content}");
+    // The keyless dashboard names no batch or file.
+    let raw = raw_http(&http, &request("GET", "/api/pool", &[], ""));
+    assert!(!raw.contains(&batch) && !raw.contains(&file), "{raw}");
 }

@@ -192,11 +192,12 @@ pub struct NewUnit {
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL,
-    bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, content BLOB NOT NULL);
+    bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, content BLOB NOT NULL,
+    owner TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, model TEXT NOT NULL,
     input_file_id TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL,
-    finished_at INTEGER, error TEXT);
+    finished_at INTEGER, error TEXT, owner TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS units (
     id INTEGER PRIMARY KEY, batch TEXT NOT NULL, line INTEGER NOT NULL,
     custom_id TEXT NOT NULL, body TEXT NOT NULL,
@@ -259,6 +260,19 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Stores from before owners were kept: their files and batches belong to no member.
+        for table in ["files", "batches"] {
+            let has: bool = conn.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = 'owner'",
+                [table],
+                |r| r.get(0),
+            )?;
+            if !has {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE {table} ADD COLUMN owner TEXT NOT NULL DEFAULT ''"
+                ))?;
+            }
+        }
         let lost = conn.execute(
             "UPDATE assignments SET state = 'lost', detail = 'coordinator restarted' WHERE state = 'running'",
             [],
@@ -277,8 +291,14 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stores an uploaded file.
-    pub fn add_file(&self, filename: &str, purpose: &str, content: &[u8]) -> Result<FileInfo> {
+    /// Stores a file `owner` (a member's name) uploaded.
+    pub fn add_file(
+        &self,
+        filename: &str,
+        purpose: &str,
+        content: &[u8],
+        owner: &str,
+    ) -> Result<FileInfo> {
         let info = FileInfo {
             id: new_id("file-"),
             filename: filename.to_string(),
@@ -287,10 +307,33 @@ impl Store {
             created_at: now(),
         };
         self.conn().execute(
-            "INSERT INTO files (id, filename, purpose, bytes, created_at, content) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![info.id, info.filename, info.purpose, info.bytes, info.created_at, content],
+            "INSERT INTO files (id, filename, purpose, bytes, created_at, content, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![info.id, info.filename, info.purpose, info.bytes, info.created_at, content, owner],
         )?;
         Ok(info)
+    }
+
+    /// Whether file `id` is `owner`'s; another member's file is not found, as a missing
+    /// one is, so ids cannot be probed.
+    pub fn owns_file(&self, id: &str, owner: &str) -> Result<()> {
+        self.owns("files", "file", id, owner)
+    }
+
+    /// Whether batch `id` is `owner`'s (see [`Store::owns_file`]).
+    pub fn owns_batch(&self, id: &str, owner: &str) -> Result<()> {
+        self.owns("batches", "batch", id, owner)
+    }
+
+    fn owns(&self, table: &str, what: &str, id: &str, owner: &str) -> Result<()> {
+        let sql = format!("SELECT COUNT(*) > 0 FROM {table} WHERE id = ?1 AND owner = ?2");
+        let found: bool = self
+            .conn()
+            .query_row(&sql, params![id, owner], |r| r.get(0))?;
+        if found {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!("{what} {id}")))
+        }
     }
 
     /// An uploaded file's description.
@@ -332,6 +375,7 @@ impl Store {
         input_file_id: &str,
         units: &[NewUnit],
         errors: &[LineError],
+        owner: &str,
     ) -> Result<BatchInfo> {
         let id = new_id("batch_");
         let at = now();
@@ -343,7 +387,7 @@ impl Store {
             ("in_progress", None)
         };
         tx.execute(
-            "INSERT INTO batches (id, kind, model, input_file_id, status, created_at, finished_at, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO batches (id, kind, model, input_file_id, status, created_at, finished_at, error, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 id,
                 kind.as_str(),
@@ -352,7 +396,8 @@ impl Store {
                 status,
                 at,
                 finished,
-                units.is_empty().then_some("no line of the file could be run")
+                units.is_empty().then_some("no line of the file could be run"),
+                owner
             ],
         )?;
         {
@@ -420,13 +465,14 @@ impl Store {
         })
     }
 
-    /// The newest `limit` batches, newest first.
-    pub fn batches(&self, limit: usize) -> Result<Vec<BatchInfo>> {
+    /// The newest `limit` batches, newest first: `owner`'s, or everyone's when `None`.
+    pub fn batches(&self, limit: usize, owner: Option<&str>) -> Result<Vec<BatchInfo>> {
         let ids: Vec<String> = {
             let conn = self.conn();
-            let mut q = conn
-                .prepare("SELECT id FROM batches ORDER BY created_at DESC, rowid DESC LIMIT ?1")?;
-            let rows = q.query_map([limit as i64], |r| r.get(0))?;
+            let mut q = conn.prepare(
+                "SELECT id FROM batches WHERE ?2 IS NULL OR owner = ?2 ORDER BY created_at DESC, rowid DESC LIMIT ?1",
+            )?;
+            let rows = q.query_map(params![limit as i64, owner], |r| r.get(0))?;
             rows.collect::<std::result::Result<_, _>>()?
         };
         ids.iter().map(|id| self.batch(id)).collect()
@@ -694,20 +740,58 @@ mod tests {
     }
 
     #[test]
+    fn a_store_from_before_owners_opens_and_its_files_belong_to_no_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE files (id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+                    bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, content BLOB NOT NULL);
+                 INSERT INTO files VALUES ('file-old', 'a.jsonl', 'batch', 2, 0, x'7b7d');
+                 CREATE TABLE batches (id TEXT PRIMARY KEY, kind TEXT NOT NULL, model TEXT NOT NULL,
+                    input_file_id TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL,
+                    finished_at INTEGER, error TEXT);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert!(s.owns_file("file-old", "alice").is_err());
+        let f = s.add_file("b.jsonl", "batch", b"{}", "alice").unwrap();
+        assert!(s.owns_file(&f.id, "alice").is_ok());
+    }
+
+    #[test]
     fn a_batch_survives_reopening_and_finishes_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
         let file = {
             let s = Store::open(&path).unwrap();
-            let f = s.add_file("in.jsonl", "batch", b"{}").unwrap();
+            let f = s.add_file("in.jsonl", "batch", b"{}", "alice").unwrap();
+            assert!(s.owns_file(&f.id, "alice").is_ok());
+            assert!(matches!(
+                s.owns_file(&f.id, "bob"),
+                Err(StoreError::NotFound(_))
+            ));
             let bad = LineError {
                 line: 2,
                 custom_id: None,
                 message: "not JSON".into(),
             };
             let b = s
-                .create_batch(Kind::Embed, "m", &f.id, &[unit(1), unit(3)], &[bad])
+                .create_batch(
+                    Kind::Embed,
+                    "m",
+                    &f.id,
+                    &[unit(1), unit(3)],
+                    &[bad],
+                    "alice",
+                )
                 .unwrap();
+            assert!(s.owns_batch(&b.id, "alice").is_ok());
+            assert!(s.owns_batch(&b.id, "bob").is_err());
+            assert_eq!(s.batches(10, Some("bob")).unwrap().len(), 0);
+            assert_eq!(s.batches(10, Some("alice")).unwrap().len(), 1);
             assert_eq!((b.total, b.completed, b.failed), (3, 0, 1));
             let open = s.open_units(10).unwrap();
             let a = s.start_assignment(open[0].id, "peerA").unwrap();

@@ -8,12 +8,13 @@ use crate::batch::input::{parse, MAX_FILE_BYTES};
 use crate::batch::scheduler::model_of;
 use crate::batch::{BatchInfo, Batches, Kind, Store, StoreError};
 use crate::pool::Coordinator;
+use crate::share::MemberId;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -138,6 +139,7 @@ fn openai_batch(b: &BatchInfo) -> Value {
 
 async fn upload(
     State(c): State<Coordinator>,
+    Extension(member): Extension<MemberId>,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let mut form = form.map_err(|e| {
@@ -198,25 +200,35 @@ async fn upload(
         )));
     }
     let content = content.ok_or_else(|| ApiError::bad("the upload needs a file field"))?;
-    let info = with_store(&c, move |s| s.add_file(&filename, &purpose, &content)).await?;
+    let owner = owner(&c, member);
+    let info = with_store(&c, move |s| {
+        s.add_file(&filename, &purpose, &content, &owner)
+    })
+    .await?;
     Ok(Json(file_json(&info)))
 }
 
 async fn file(
     State(c): State<Coordinator>,
+    Extension(member): Extension<MemberId>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let owner = owner(&c, member);
     let file = with_store(&c, move |s| match derived(&id) {
         Some((batch, errors)) => {
+            s.owns_batch(batch, &owner)?;
             let b = s.batch(batch)?;
-            let bytes = content(s, &id)?.len();
+            let bytes = content(s, &id, &owner)?.len();
             Ok(json!({
                 "id": id, "object": "file", "bytes": bytes, "created_at": b.finished_at.unwrap_or(b.created_at),
                 "filename": if errors { "batch_errors.jsonl" } else { "batch_output.jsonl" },
                 "purpose": "batch_output",
             }))
         }
-        None => Ok(file_json(&s.file(&id)?)),
+        None => {
+            s.owns_file(&id, &owner)?;
+            Ok(file_json(&s.file(&id)?))
+        }
     })
     .await?;
     Ok(Json(file))
@@ -229,22 +241,34 @@ fn derived(id: &str) -> Option<(&str, bool)> {
         .or_else(|| id.strip_prefix(ERRORS_PREFIX).map(|b| (b, true)))
 }
 
-/// The bytes of file `id`: an upload, or a batch's output or error file.
-fn content(s: &Store, id: &str) -> Result<Vec<u8>, StoreError> {
+/// The bytes of file `id`, if it is `owner`'s: an upload, or a batch's output or error file.
+fn content(s: &Store, id: &str, owner: &str) -> Result<Vec<u8>, StoreError> {
     match derived(id) {
         Some((batch, errors)) => {
+            s.owns_batch(batch, owner)?;
             let (out, err) = s.outputs(batch)?;
             Ok(if errors { err } else { out }.into_bytes())
         }
-        None => s.file_content(id),
+        None => {
+            s.owns_file(id, owner)?;
+            s.file_content(id)
+        }
     }
+}
+
+/// Whose files and batches a request may see: its member's, by name (names are unique, the
+/// index of a member is not stable across restarts).
+fn owner(c: &Coordinator, member: MemberId) -> String {
+    c.share().name(member).to_string()
 }
 
 async fn file_content(
     State(c): State<Coordinator>,
+    Extension(member): Extension<MemberId>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let body = with_store(&c, move |s| content(s, &id)).await?;
+    let owner = owner(&c, member);
+    let body = with_store(&c, move |s| content(s, &id, &owner)).await?;
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], body).into_response())
 }
 
@@ -257,6 +281,7 @@ struct CreateBody {
 
 async fn create(
     State(c): State<Coordinator>,
+    Extension(member): Extension<MemberId>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let runner = runner(&c)?.clone();
@@ -278,11 +303,13 @@ async fn create(
         .map(|m| m.name)
         .ok_or_else(|| ApiError::bad("this pool serves no embedding model"))?;
     // A file that cannot become a batch is the request's fault (400), not the store's.
+    let owner = owner(&c, member);
     let info = with_store(&c, move |s| {
+        s.owns_file(&body.input_file_id, &owner)?;
         let content = s.file_content(&body.input_file_id)?;
         Ok(match parse(&content, kind, &model) {
             Ok((units, errors)) => {
-                Ok(s.create_batch(kind, &model, &body.input_file_id, &units, &errors)?)
+                Ok(s.create_batch(kind, &model, &body.input_file_id, &units, &errors, &owner)?)
             }
             Err(e) => Err(format!("file {}: {e}", body.input_file_id)),
         })
@@ -296,9 +323,15 @@ async fn create(
 
 async fn batch(
     State(c): State<Coordinator>,
+    Extension(member): Extension<MemberId>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let b = with_store(&c, move |s| s.batch(&id)).await?;
+    let owner = owner(&c, member);
+    let b = with_store(&c, move |s| {
+        s.owns_batch(&id, &owner)?;
+        s.batch(&id)
+    })
+    .await?;
     Ok(Json(batch_json(&c, &b)))
 }
 
@@ -309,10 +342,12 @@ struct ListQuery {
 
 async fn list(
     State(c): State<Coordinator>,
+    Extension(member): Extension<MemberId>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
-    let batches = with_store(&c, move |s| s.batches(limit)).await?;
+    let owner = owner(&c, member);
+    let batches = with_store(&c, move |s| s.batches(limit, Some(&owner))).await?;
     let data: Vec<Value> = batches.iter().map(|b| batch_json(&c, b)).collect();
     Ok(Json(json!({
         "object": "list",
@@ -325,9 +360,15 @@ async fn list(
 
 async fn cancel(
     State(c): State<Coordinator>,
+    Extension(member): Extension<MemberId>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let b = with_store(&c, move |s| s.cancel(&id)).await?;
+    let owner = owner(&c, member);
+    let b = with_store(&c, move |s| {
+        s.owns_batch(&id, &owner)?;
+        s.cancel(&id)
+    })
+    .await?;
     Ok(Json(batch_json(&c, &b)))
 }
 

@@ -120,7 +120,19 @@ pub fn snapshot(c: &Coordinator) -> Value {
     // The ledger and recent batches, when the coordinator keeps a job store.
     let (credits, batches) = c.batches().map_or((Vec::new(), Vec::new()), |b| {
         let credits = b.store.credits().unwrap_or_default();
-        let batches = b.store.batches(10).unwrap_or_default();
+        // Batches in aggregate: no batch or file id, which would let anyone holding some
+        // key fetch another member's prompts and outputs.
+        let batches: Vec<Value> = b
+            .store
+            .batches(10, None)
+            .unwrap_or_default()
+            .iter()
+            .map(|b| {
+                json!({"kind": b.kind.as_str(), "model": b.model, "status": b.status,
+                       "created_at": b.created_at, "finished_at": b.finished_at,
+                       "total": b.total, "completed": b.completed, "failed": b.failed})
+            })
+            .collect();
         (credits, batches)
     });
     json!({
