@@ -135,10 +135,11 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             reason,
             deadline_ms: 10_000
         })),
-        ".{0,40}".prop_map(|message| Message::Error(WireError {
-            code: ErrorCode::Overloaded,
-            message
-        })),
+        (
+            ".{0,40}",
+            proptest::sample::select(vec![ErrorCode::Overloaded, ErrorCode::NotPermitted])
+        )
+            .prop_map(|(message, code)| Message::Error(WireError { code, message })),
         (".{0,70}", any::<bool>(), any::<u64>()).prop_map(|(pool, with_cert, serial)| {
             Message::Hello(Hello {
                 pool,

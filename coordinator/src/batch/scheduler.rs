@@ -339,15 +339,12 @@ impl Batches {
                     .into_iter()
                     .map(|(role, content)| ChatMessage { role, content })
                     .collect();
-                // A model file's template and the tokenizer are CPU work: off the async
-                // workers.
                 let pool = c.clone();
-                let prompt = tokio::task::spawn_blocking(move || {
-                    chat_prompt_ids(&pool.model().tokenizer, &messages)
-                })
-                .await
-                .map_err(|e| Refusal::Rejected(e.to_string()))?
-                .map_err(|e| Refusal::Rejected(e.to_string()))?;
+                let prompt =
+                    crate::cpu::run(move || chat_prompt_ids(&pool.model().tokenizer, &messages))
+                        .await
+                        .ok_or_else(|| Refusal::Rejected("preparing the prompt failed".into()))?
+                        .map_err(|e| Refusal::Rejected(e.to_string()))?;
                 if prompt.len() >= c.model().config.context {
                     return Err(Refusal::Rejected(format!(
                         "the prompt has {} tokens; the model's context is {}",

@@ -373,17 +373,15 @@ async fn completions(
     }
 }
 
-/// Runs a request's CPU work (parsing a body of up to a MiB, a model file's chat template,
-/// tokenizing) on a blocking thread: on the async workers it would stall every other
-/// request, and the runtime has only as many of those as cores.
+/// Runs a request's CPU work (its body, template and tokens) off the async workers.
 async fn off_the_workers(
     run: impl FnOnce() -> Result<Checked, ApiError> + Send + 'static,
 ) -> Result<Checked, ApiError> {
-    tokio::task::spawn_blocking(run).await.unwrap_or_else(|e| {
+    crate::cpu::run(run).await.unwrap_or_else(|| {
         Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
-            format!("preparing the request: {e}"),
+            "preparing the request failed",
         ))
     })
 }
