@@ -73,14 +73,18 @@ impl ModelCache {
     /// Hugging Face id) to a weights path whose digest has been checked.
     pub fn resolve(&self, model: &str) -> Result<PathBuf> {
         let as_path = Path::new(model);
-        if as_path.exists() {
-            return Ok(as_path.to_path_buf());
-        }
         let path_like = model.starts_with('/')
             || model.starts_with('.')
             || [".gguf", ".safetensors"]
                 .iter()
                 .any(|e| model.ends_with(e) && !looks_like_hf_id(model));
+        // A bare name the cache or the catalog knows means that model, digest checked; a
+        // file of the same name in the working folder does not shadow it.
+        let known = !path_like
+            && (catalog::lookup(model).is_some() || self.manifest()?.contains_key(model));
+        if as_path.exists() && !known {
+            return Ok(as_path.to_path_buf());
+        }
         if path_like {
             bail!("model file {model} does not exist");
         }

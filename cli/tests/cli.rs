@@ -270,6 +270,30 @@ fn a_wrong_digest_is_refused() {
         "--max-tokens",
         "2",
     ]);
+    // A file named like the cached model in the working folder does not stand in for it
+    // (and skip its digest check).
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(work.join("tiny"), b"GGUF not a model").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args([
+            "--models-dir",
+            &cache_s,
+            "generate",
+            "--model",
+            "tiny",
+            "--prompt",
+            "hi",
+        ])
+        .args(["--max-tokens", "2"])
+        .current_dir(&work)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cached = cache.join("tiny/model.gguf");
     let mut b = std::fs::read(&cached).unwrap();
     let last = b.len() - 1;
