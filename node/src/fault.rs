@@ -23,9 +23,20 @@ pub enum FaultKind {
     Replay,
     /// Work units only: the node takes the unit and never answers (a hung machine).
     Stall,
-    /// Work units only: an honest output, but a token count near `u64::MAX` claimed for
-    /// credit (the count is outside the receipt).
+    /// Work units only: an honest output, but a token count one past `i64::MAX` claimed
+    /// for credit (the count is outside the receipt).
     Inflate,
+}
+
+impl FaultKind {
+    /// Whether this kind changes output values; the others work on receipts, time or
+    /// claims.
+    pub fn changes_values(self) -> bool {
+        !matches!(
+            self,
+            FaultKind::Forge | FaultKind::Replay | FaultKind::Stall | FaultKind::Inflate
+        )
+    }
 }
 
 /// A node's fault plan: corrupt each output with probability `rate`, as `kind` says.
@@ -161,11 +172,7 @@ mod inject {
         /// length, as a careful cheater would) or changes a completion's text; zeros and the
         /// rest return one constant answer. Receipt-level kinds leave work alone.
         pub fn corrupt_work(&mut self, output: WorkOutput) -> WorkOutput {
-            if matches!(
-                self.plan.kind,
-                FaultKind::Forge | FaultKind::Replay | FaultKind::Stall | FaultKind::Inflate
-            ) || self.rng.next_f64() >= self.plan.rate
-            {
+            if !self.plan.kind.changes_values() || self.rng.next_f64() >= self.plan.rate {
                 return output;
             }
             match output {
@@ -217,11 +224,7 @@ mod inject {
             output: StageOutputWire,
         ) -> StageOutputWire {
             let previous = self.last.insert(cache, output.clone());
-            if matches!(
-                self.plan.kind,
-                FaultKind::Forge | FaultKind::Replay | FaultKind::Stall | FaultKind::Inflate
-            ) || self.rng.next_f64() >= self.plan.rate
-            {
+            if !self.plan.kind.changes_values() || self.rng.next_f64() >= self.plan.rate {
                 return output;
             }
             tracing::debug!(kind = ?self.plan.kind, "corrupting an output");
