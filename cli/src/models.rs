@@ -78,18 +78,18 @@ impl ModelCache {
             || [".gguf", ".safetensors"]
                 .iter()
                 .any(|e| model.ends_with(e) && !looks_like_hf_id(model));
+        let cached = !path_like && self.manifest()?.contains_key(model);
+        let in_catalog = !path_like && catalog::lookup(model).is_some();
         // A bare name the cache or the catalog knows means that model, digest checked; a
         // file of the same name in the working folder does not shadow it.
-        let known = !path_like
-            && (catalog::lookup(model).is_some() || self.manifest()?.contains_key(model));
-        if as_path.exists() && !known {
+        if as_path.exists() && !cached && !in_catalog {
             return Ok(as_path.to_path_buf());
         }
         if path_like {
             bail!("model file {model} does not exist");
         }
-        if !self.manifest()?.contains_key(model) {
-            if catalog::lookup(model).is_none() && !looks_like_hf_id(model) {
+        if !cached {
+            if !in_catalog && !looks_like_hf_id(model) {
                 bail!("unknown model '{model}': not a file, not a cached or known model name (see `potluck model list`)");
             }
             self.fetch(model, None)?;

@@ -7,8 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn potluck(args: &[&str]) -> Output {
+    potluck_in(Path::new("."), args)
+}
+
+/// `potluck args` run in the folder `dir`.
+fn potluck_in(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_potluck"))
         .args(args)
+        .current_dir(dir)
         .output()
         .expect("run potluck")
 }
@@ -23,7 +29,12 @@ fn stderr(o: &Output) -> String {
 
 /// Runs and asserts success; returns stdout.
 fn ok(args: &[&str]) -> String {
-    let o = potluck(args);
+    ok_in(Path::new("."), args)
+}
+
+/// [`ok`], run in the folder `dir`.
+fn ok_in(dir: &Path, args: &[&str]) -> String {
+    let o = potluck_in(dir, args);
     assert!(
         o.status.success(),
         "potluck {args:?} failed: {}",
@@ -259,7 +270,7 @@ fn a_wrong_digest_is_refused() {
         &good.to_string_lossy(),
     ]);
     ok(&["--models-dir", &cache_s, "model", "verify", "tiny"]);
-    ok(&[
+    let generate = [
         "--models-dir",
         &cache_s,
         "generate",
@@ -269,31 +280,14 @@ fn a_wrong_digest_is_refused() {
         "hi",
         "--max-tokens",
         "2",
-    ]);
+    ];
+    ok(&generate);
     // A file named like the cached model in the working folder does not stand in for it
     // (and skip its digest check).
     let work = dir.path().join("work");
     std::fs::create_dir(&work).unwrap();
     std::fs::write(work.join("tiny"), b"GGUF not a model").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args([
-            "--models-dir",
-            &cache_s,
-            "generate",
-            "--model",
-            "tiny",
-            "--prompt",
-            "hi",
-        ])
-        .args(["--max-tokens", "2"])
-        .current_dir(&work)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_in(&work, &generate);
     let cached = cache.join("tiny/model.gguf");
     let mut b = std::fs::read(&cached).unwrap();
     let last = b.len() - 1;

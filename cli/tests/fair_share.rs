@@ -126,19 +126,18 @@ fn members_over_quota_or_rate_get_429_while_others_are_served() {
     let input = dir.path().join("mine.jsonl");
     let line = json!({"custom_id": "secret", "body": {"messages": [{"role": "user", "content": "my private prompt"}], "max_tokens": 2}});
     std::fs::write(&input, format!("{line}\n")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args(["batch", "submit"])
-        .arg(&input)
-        .args(["--kind", "chat", "--coordinator", &format!("http://{http}")])
-        .args(["--api-key", "owner-key-1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let batch = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let url = format!("http://{http}");
+    let batch = common::potluck_ok(&[
+        "batch",
+        "submit",
+        input.to_str().unwrap(),
+        "--kind",
+        "chat",
+        "--coordinator",
+        &url,
+        "--api-key",
+        "owner-key-1",
+    ]);
     let (status, _, b) = call(
         &http,
         "GET",

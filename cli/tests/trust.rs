@@ -173,15 +173,7 @@ fn a_node_that_corrupts_its_outputs_is_quarantined_and_honest_ones_never_are() {
     assert!(entries
         .iter()
         .any(|e| e["kind"] == "quarantine" && e["peer"] == cheat.as_str()));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args(["audit", "verify", log.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::potluck_ok(&["audit", "verify", log.to_str().unwrap()]);
     eprintln!(
         "caught after {rounds} rounds; {wrong} wrong answers before; {honest_pass} honest checks passed"
     );

@@ -6,7 +6,7 @@ mod canary;
 mod checks;
 mod work;
 
-pub(crate) use work::{embed_token_bound, embeddings_of, verify_work, Refusal};
+pub(crate) use work::{embedded, verify_work, Refusal};
 pub use work::{Embedded, WorkTally};
 
 use crate::audit::AuditLog;

@@ -206,39 +206,34 @@ impl GgufFile {
 /// length checked against the bytes there are. `None` when it declares none.
 fn declared_alignment(b: &[u8]) -> std::result::Result<Option<u64>, String> {
     let mut r = HeaderReader { b, at: 4 };
-    let version = r.u32()?;
-    let wide = version >= 2;
-    if wide {
-        r.u64()?; // tensor count
-    } else {
-        r.u32()?;
-    }
-    let entries = if wide { r.u64()? } else { u64::from(r.u32()?) };
+    let wide = r.u32()? >= 2;
+    r.count(wide)?; // tensors
+    let entries = r.count(wide)?;
     for _ in 0..entries {
         let key = r.string(wide)?;
         let ty = r.u32()?;
         if key == b"general.alignment" {
-            return Ok(match ty {
-                0 => Some(u64::from(r.take(1)?[0])),
-                1 => Some(r.take(1)?[0] as i8 as i64)
-                    .filter(|v| *v >= 0)
-                    .map(|v| v as u64),
-                2 | 3 => {
-                    let b = r.take(2)?;
-                    let v = u16::from_le_bytes([b[0], b[1]]);
-                    Some(u64::from(v)).filter(|_| ty == 2 || v as i16 >= 0)
-                }
-                4 => Some(u64::from(r.u32()?)),
-                5 => Some(i64::from(r.u32()? as i32))
-                    .filter(|v| *v >= 0)
-                    .map(|v| v as u64),
-                _ => None,
-            });
+            // The integers up to 32 bits (types 0 to 5), little-endian; candle ignores a
+            // negative one.
+            let Some(&size) = VALUE_SIZES[..6].get(ty as usize) else {
+                return Ok(None);
+            };
+            let bytes = r.take(size)?;
+            let negative = ty % 2 == 1 && bytes.last().is_some_and(|b| b & 0x80 != 0);
+            let value = bytes
+                .iter()
+                .rev()
+                .fold(0u64, |v, &b| (v << 8) | u64::from(b));
+            return Ok(Some(value).filter(|_| !negative));
         }
         r.skip_value(ty, wide, 0)?;
     }
     Ok(None)
 }
+
+/// Bytes of a GGUF metadata value by type code: u8, i8, u16, i16, u32, i32, f32, bool, then
+/// string and array (0: variable), then u64, i64, f64.
+const VALUE_SIZES: [u64; 13] = [1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8];
 
 /// A cursor over a GGUF header that refuses to read past the end.
 struct HeaderReader<'a> {
@@ -269,29 +264,29 @@ impl<'a> HeaderReader<'a> {
         Ok(lo | (u64::from(self.u32()?) << 32))
     }
 
-    fn string(&mut self, wide: bool) -> std::result::Result<&'a [u8], String> {
-        let len = if wide {
-            self.u64()?
+    /// A count or length: 64 bits from GGUF v2 on, 32 before.
+    fn count(&mut self, wide: bool) -> std::result::Result<u64, String> {
+        if wide {
+            self.u64()
         } else {
-            u64::from(self.u32()?)
-        };
+            self.u32().map(u64::from)
+        }
+    }
+
+    fn string(&mut self, wide: bool) -> std::result::Result<&'a [u8], String> {
+        let len = self.count(wide)?;
         self.take(len)
     }
 
     /// Steps over one value of GGUF type `ty`; every element read consumes bytes, so a
     /// hostile count ends at the end of the file.
     fn skip_value(&mut self, ty: u32, wide: bool, depth: u32) -> std::result::Result<(), String> {
-        const FIXED: [u64; 13] = [1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8];
         match ty {
             8 => self.string(wide).map(|_| ()),
             9 if depth < 4 => {
                 let inner = self.u32()?;
-                let n = if wide {
-                    self.u64()?
-                } else {
-                    u64::from(self.u32()?)
-                };
-                match FIXED.get(inner as usize).copied().filter(|&s| s > 0) {
+                let n = self.count(wide)?;
+                match VALUE_SIZES.get(inner as usize).copied().filter(|&s| s > 0) {
                     Some(size) => self
                         .take(n.checked_mul(size).ok_or("an array larger than any file")?)
                         .map(|_| ()),
@@ -304,7 +299,7 @@ impl<'a> HeaderReader<'a> {
                 }
             }
             9 => Err("metadata arrays nested too deep".into()),
-            t => match FIXED.get(t as usize).copied().filter(|&s| s > 0) {
+            t => match VALUE_SIZES.get(t as usize).copied().filter(|&s| s > 0) {
                 Some(size) => self.take(size).map(|_| ()),
                 None => Err(format!("unknown metadata value type {t}")),
             },

@@ -162,10 +162,7 @@ pub fn start(
             .map_err(|e| StartError::Address(format!("listen on {addr}: {e}")))?;
     }
     for addr in bootstrap {
-        if let Some(peer) = addr.iter().find_map(|p| match p {
-            libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-            _ => None,
-        }) {
+        if let Some(peer) = peer_in(addr) {
             swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
         }
         swarm
@@ -271,6 +268,14 @@ pub fn handle_common(
         }
         other => Some(other),
     }
+}
+
+/// The peer an address names in its `/p2p/` part, if it names one.
+pub fn peer_in(addr: &libp2p::Multiaddr) -> Option<libp2p::PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
 }
 
 /// The libp2p PeerId that belongs to a Potluck public key.

@@ -6,8 +6,8 @@
 //! mDNS) obeys the first peer that assigns it layers, and only that one, for as long as it
 //! runs.
 
-use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
+use potluck_net::swarm::peer_in;
 use potluck_protocol::membership::Role;
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -32,15 +32,7 @@ pub enum Order {
 impl Commanders {
     /// The peer ids named in `bootstrap` (their `/p2p/` parts).
     pub fn from_bootstrap(bootstrap: &[Multiaddr]) -> Self {
-        let named = bootstrap
-            .iter()
-            .filter_map(|a| {
-                a.iter().find_map(|p| match p {
-                    Protocol::P2p(id) => Some(id),
-                    _ => None,
-                })
-            })
-            .collect();
+        let named = bootstrap.iter().filter_map(peer_in).collect();
         Self {
             named,
             pinned: Mutex::new(None),

@@ -356,12 +356,7 @@ impl RedialBackoff {
         let now = tokio::time::Instant::now();
         let peers = bootstrap
             .iter()
-            .filter_map(|a| {
-                a.iter().find_map(|p| match p {
-                    libp2p::multiaddr::Protocol::P2p(id) => Some((id, a.clone())),
-                    _ => None,
-                })
-            })
+            .filter_map(|a| swarm::peer_in(a).map(|id| (id, a.clone())))
             .map(|(id, a)| (id, a, Duration::from_secs(1), now))
             .collect();
         Self { peers }

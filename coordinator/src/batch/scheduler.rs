@@ -7,7 +7,7 @@
 use super::input::{chat_line, embed_texts};
 use super::store::{Kind, OpenUnit, Store};
 use crate::compare::{row_distances, Verdict};
-use crate::pool::{embed_token_bound, embeddings_of, verify_work, Coordinator, Refusal};
+use crate::pool::{embedded, verify_work, Coordinator, Refusal};
 use libp2p::PeerId;
 use potluck_engine::chat::{chat_prompt_ids, ChatMessage};
 use potluck_protocol::codec::encode_body;
@@ -358,11 +358,6 @@ impl Batches {
                 }
             }
         };
-        // Credit counts what the coordinator can count itself, not the node's claim.
-        let (texts, bound, prompt_tokens, max_tokens) = match &task {
-            WorkTask::Embed(t) => (t.len(), embed_token_bound(t), 0, 0),
-            WorkTask::Complete { prompt, max_tokens } => (0, 0, prompt.len() as u64, *max_tokens),
-        };
         let req = WorkRequest {
             unit: assignment as u64,
             model,
@@ -374,26 +369,35 @@ impl Batches {
             .ok_or_else(|| Refusal::Declined("peer left".into()))?;
         let result = c.send_work(peer, &req).await?;
         verify_work(&key, &req, &result).map_err(Refusal::Failed)?;
-        let answer = match &result.output {
-            WorkOutput::Embeddings(_) => Answer::Embeddings {
-                vectors: embeddings_of(&result.output, texts).map_err(Refusal::Failed)?,
-                tokens: result.tokens.min(bound),
-            },
-            WorkOutput::Completion { generated, .. } if *generated > max_tokens => {
+        // Credit counts what the coordinator can count itself, not the node's claim.
+        let answer = match (&req.task, &result.output) {
+            (WorkTask::Embed(texts), _) => {
+                let (vectors, tokens) = embedded(&result, texts).map_err(Refusal::Failed)?;
+                Answer::Embeddings { vectors, tokens }
+            }
+            (WorkTask::Complete { max_tokens, .. }, WorkOutput::Completion { generated, .. })
+                if generated > max_tokens =>
+            {
                 return Err(Refusal::Failed(format!(
                     "claims {generated} tokens generated of at most {max_tokens}"
                 )));
             }
-            WorkOutput::Completion {
-                text,
-                generated,
-                stopped,
-            } => Answer::Completion {
+            (
+                WorkTask::Complete { prompt, .. },
+                WorkOutput::Completion {
+                    text,
+                    generated,
+                    stopped,
+                },
+            ) => Answer::Completion {
                 text: text.clone(),
                 generated: *generated,
                 stopped: *stopped,
-                tokens: prompt_tokens + u64::from(*generated),
+                tokens: prompt.len() as u64 + u64::from(*generated),
             },
+            (WorkTask::Complete { .. }, WorkOutput::Embeddings(_)) => {
+                return Err(Refusal::Failed("embeddings answering a completion".into()));
+            }
         };
         let receipt = encode_body(&result.receipt).map_err(|e| Refusal::Failed(e.to_string()))?;
         Ok((answer, receipt))

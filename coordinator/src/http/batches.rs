@@ -216,9 +216,9 @@ async fn file(
     let owner = owner(&c, member);
     let file = with_store(&c, move |s| match derived(&id) {
         Some((batch, errors)) => {
-            s.owns_batch(batch, &owner)?;
-            let b = s.batch(batch)?;
+            // `content` checks the batch is the member's.
             let bytes = content(s, &id, &owner)?.len();
+            let b = s.batch(batch)?;
             Ok(json!({
                 "id": id, "object": "file", "bytes": bytes, "created_at": b.finished_at.unwrap_or(b.created_at),
                 "filename": if errors { "batch_errors.jsonl" } else { "batch_output.jsonl" },

@@ -119,18 +119,23 @@ pub(crate) fn verify_work(
     Ok(())
 }
 
-/// The most tokens embedding `texts` can take: at most one per byte, plus the two markers
-/// a sentence encoder adds. A node reports its own count, outside its receipt; credit and
-/// quota believe it only up to this.
-pub(crate) fn embed_token_bound(texts: &[String]) -> u64 {
-    texts
+/// The vectors of an embedding answer to `texts`, and the tokens it counts for. A node
+/// reports its own count, outside its receipt; credit and quota believe it only up to the
+/// most `texts` can take: one token per byte, plus the two markers a sentence encoder adds.
+pub(crate) fn embedded(
+    result: &WorkResult,
+    texts: &[String],
+) -> Result<(Vec<Vec<f32>>, u64), String> {
+    let vectors = embeddings_of(&result.output, texts.len())?;
+    let bound = texts
         .iter()
         .map(|t| (t.len() as u64).saturating_add(2))
-        .fold(0, u64::saturating_add)
+        .fold(0, u64::saturating_add);
+    Ok((vectors, result.tokens.min(bound)))
 }
 
 /// The unit-length vectors of an embedding answer for `texts` texts.
-pub(crate) fn embeddings_of(output: &WorkOutput, texts: usize) -> Result<Vec<Vec<f32>>, String> {
+fn embeddings_of(output: &WorkOutput, texts: usize) -> Result<Vec<Vec<f32>>, String> {
     let WorkOutput::Embeddings(tensor) = output else {
         return Err("not embeddings".into());
     };
@@ -281,8 +286,7 @@ impl Coordinator {
         };
         let result = self.send_work(peer, &req).await?;
         verify_work(key, &req, &result).map_err(Refusal::Failed)?;
-        let vectors = embeddings_of(&result.output, slice.texts.len()).map_err(Refusal::Failed)?;
-        Ok((vectors, result.tokens.min(embed_token_bound(&slice.texts))))
+        embedded(&result, &slice.texts).map_err(Refusal::Failed)
     }
 
     /// One work unit on `peer`: a stream, the request, its answer.
