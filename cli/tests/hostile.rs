@@ -97,7 +97,7 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
     let impostor = Keypair::from_secret(&[43; 32]);
     rt.block_on(async {
         let key = potluck_net::swarm::libp2p_keypair(attacker.secret()).unwrap();
-        let mut swarm = potluck_net::swarm::build(key, false).unwrap();
+        let mut swarm = common::open_swarm(key);
         let mut control = swarm.behaviour().streams.new_control();
         let topic = potluck_net::swarm::advert_topic("public");
         swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
@@ -280,7 +280,7 @@ async fn run_rogue(key: Keypair, coordinator: Multiaddr, model: ModelRef) {
     use potluck_protocol::receipt::{input_id, job_id, output_id};
     use potluck_protocol::stream::{read_frame_async, write_frame_async};
     let lkey = potluck_net::swarm::libp2p_keypair(key.secret()).unwrap();
-    let mut swarm = potluck_net::swarm::build(lkey, false).unwrap();
+    let mut swarm = common::open_swarm(lkey);
     let mut control = swarm.behaviour().streams.new_control();
     let mut assigns = control.accept(proto(Channel::Control)).unwrap();
     let mut stages = control.accept(proto(Channel::Stage)).unwrap();

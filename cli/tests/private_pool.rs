@@ -406,7 +406,7 @@ fn a_member_node_serves_no_stream_to_a_peer_that_presents_no_certificate() {
     let stranger_id = potluck_net::swarm::peer_id_of(&stranger.public()).unwrap();
     let answer = rt.block_on(async {
         let key = potluck_net::swarm::libp2p_keypair(stranger.secret()).unwrap();
-        let mut swarm = potluck_net::swarm::build(key, false).unwrap();
+        let mut swarm = common::open_swarm(key);
         let mut control = swarm.behaviour().streams.new_control();
         swarm.dial(member_addr).unwrap();
         tokio::spawn(async move {
@@ -448,4 +448,95 @@ fn a_member_node_serves_no_stream_to_a_peer_that_presents_no_certificate() {
         )],
         10,
     );
+}
+
+/// What a stranger's swarm was told that it should not have been.
+fn overheard(
+    heard: &mut Vec<String>,
+    who: &str,
+    known: &[libp2p::PeerId],
+    event: libp2p::swarm::SwarmEvent<potluck_net::swarm::PoolBehaviourEvent>,
+) {
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{gossipsub, identify, kad};
+    use potluck_net::swarm::PoolBehaviourEvent as E;
+    match event {
+        SwarmEvent::Behaviour(E::Gossipsub(gossipsub::Event::Message { message, .. })) => heard
+            .push(format!(
+                "{who} got {} bytes of gossip from {:?}",
+                message.data.len(),
+                message.source
+            )),
+        SwarmEvent::Behaviour(E::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            heard.push(format!(
+                "{who} was told {peer_id}'s addresses {:?}",
+                info.listen_addrs
+            ))
+        }
+        SwarmEvent::Behaviour(E::Kad(kad::Event::RoutingUpdated { peer, .. }))
+            if !known.contains(&peer) =>
+        {
+            heard.push(format!("{who} learnt of peer {peer}"))
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn a_stranger_hears_no_adverts_addresses_or_peers_and_its_gossip_is_not_passed_on() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lab = create(d, "lab");
+    let (mut coord, addr, _) = owner(d, "lab", "coordinator", &[]);
+    join(d, "lab", "m", &[]);
+    let (mut member, member_id) = node(d, "m", "lab", &addr, &[]);
+    let member_addr: libp2p::Multiaddr = member.loopback_addr(secs(30)).parse().unwrap();
+    common::wait_joined(&mut coord, [&member_id]);
+    let targets: Vec<libp2p::Multiaddr> = vec![member_addr, addr.parse().unwrap()];
+    let known: Vec<libp2p::PeerId> = targets
+        .iter()
+        .filter_map(potluck_net::swarm::peer_in)
+        .collect();
+    assert_eq!(known.len(), 2);
+
+    // Two strangers on stock libp2p: both subscribe to the pool's topic, ask for addresses
+    // and peers; one publishes, to see whether the member passes it on to the other.
+    let topic = potluck_net::swarm::advert_topic(&lab);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let heard = rt.block_on(async {
+        let stranger = |seed: u8| {
+            let k = potluck_protocol::signed::Keypair::from_secret(&[seed; 32]);
+            let mut s = common::open_swarm(potluck_net::swarm::libp2p_keypair(k.secret()).unwrap());
+            s.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
+            for (peer, a) in known.iter().zip(&targets) {
+                s.behaviour_mut().kad.add_address(peer, a.clone());
+                s.dial(a.clone()).unwrap();
+            }
+            s
+        };
+        let (mut a, mut b) = (stranger(91), stranger(92));
+        let mut heard = Vec::new();
+        // Within the 5 s a private pool gives a new peer to present a certificate.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(4500);
+        let mut tick = tokio::time::interval(Duration::from_millis(300));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tick.tick() => {
+                    let _ = a.behaviour_mut().gossipsub.publish(topic.clone(), b"a stranger's word".to_vec());
+                    a.behaviour_mut().kad.get_closest_peers(libp2p::PeerId::random());
+                }
+                e = a.select_next_some() => overheard(&mut heard, "stranger a", &known, e),
+                e = b.select_next_some() => overheard(&mut heard, "stranger b", &known, e),
+            }
+        }
+        heard
+    });
+    assert!(
+        heard.is_empty(),
+        "a stranger was told things by a private pool: {heard:#?}"
+    );
+    // The pool itself still works: the member is served and stays joined.
+    assert!(!member.seen.iter().any(|l| l.contains("refused this peer")));
 }

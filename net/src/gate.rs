@@ -139,6 +139,8 @@ struct Inner {
     /// Bumped whenever a peer admits this one.
     accepted: watch::Sender<u64>,
     drops: mpsc::UnboundedSender<(PeerId, String)>,
+    /// Told of each peer a private pool admits (the [`crate::gated::Gated`] behaviours).
+    admissions: Mutex<Vec<mpsc::UnboundedSender<PeerId>>>,
 }
 
 /// The pool's door, shared by the swarm loop (which reports connections and carries out
@@ -170,6 +172,7 @@ impl Gate {
                 admitted: watch::channel(0).0,
                 accepted: watch::channel(0).0,
                 drops: tx,
+                admissions: Mutex::new(Vec::new()),
             }),
         };
         (gate, Drops(rx))
@@ -225,6 +228,17 @@ impl Gate {
                 _ => return self.admitted(peer),
             }
         }
+    }
+
+    /// The peers a private pool admits from now on, as they are admitted.
+    pub fn admissions(&self) -> mpsc::UnboundedReceiver<PeerId> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.inner
+            .admissions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(tx);
+        rx
     }
 
     /// A receiver that changes each time a peer admits this one (a node then advertises at
@@ -381,6 +395,13 @@ impl Gate {
                 }
                 self.state().admitted.insert(peer, entry);
                 self.inner.admitted.send_modify(|n| *n += 1);
+                if self.private_key().is_some() {
+                    self.inner
+                        .admissions
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .retain(|tx| tx.send(peer).is_ok());
+                }
             }
             Err(why) => {
                 // Give the answer a moment to reach the peer before the connection goes.

@@ -3,6 +3,7 @@
 //! to a libp2p key. Message contents live in `protocol`.
 
 pub mod gate;
+pub mod gated;
 pub mod identity;
 pub mod streams;
 pub mod swarm;

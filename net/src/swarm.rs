@@ -3,6 +3,7 @@
 //! internet, mDNS on a LAN, and libp2p streams for stage traffic and control.
 
 use crate::gate::{Drops, Gate, PoolMembership};
+use crate::gated::Gated;
 use crate::streams::PoolStreams;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
@@ -22,17 +23,19 @@ pub fn advert_topic(pool: &str) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(format!("/potluck/{pool}/adverts/1"))
 }
 
-/// Everything a Potluck peer speaks.
+/// Everything a Potluck peer speaks. Identify, gossipsub and Kademlia are shut to a peer
+/// until the pool's gate admits it ([`Gated`]); ping carries nothing and the streams check
+/// the gate themselves.
 #[derive(NetworkBehaviour)]
 pub struct PoolBehaviour {
     /// Exchanges listen addresses and protocol versions.
-    pub identify: identify::Behaviour,
+    pub identify: Gated<identify::Behaviour>,
     /// Liveness and RTT.
     pub ping: ping::Behaviour,
     /// Adverts.
-    pub gossipsub: gossipsub::Behaviour,
+    pub gossipsub: Gated<gossipsub::Behaviour>,
     /// Internet discovery.
-    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub kad: Gated<kad::Behaviour<kad::store::MemoryStore>>,
     /// LAN discovery, when enabled.
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     /// Stage and control streams, opened and accepted through a [`libp2p_stream::Control`]
@@ -54,8 +57,13 @@ pub fn libp2p_keypair(secret: [u8; 32]) -> Result<identity::Keypair, SwarmError>
     identity::Keypair::ed25519_from_bytes(&mut s).map_err(|e| SwarmError::Init(e.to_string()))
 }
 
-/// Builds the swarm for `key`, with mDNS when `use_mdns`.
-pub fn build(key: identity::Keypair, use_mdns: bool) -> Result<Swarm<PoolBehaviour>, SwarmError> {
+/// Builds the swarm for `key`, with mDNS when `use_mdns`, its protocols open to the peers
+/// `gate` admits.
+pub fn build(
+    key: identity::Keypair,
+    use_mdns: bool,
+    gate: &Gate,
+) -> Result<Swarm<PoolBehaviour>, SwarmError> {
     let err = |e: &dyn std::fmt::Display| SwarmError::Init(e.to_string());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -87,15 +95,21 @@ pub fn build(key: identity::Keypair, use_mdns: bool) -> Result<Swarm<PoolBehavio
                 None
             };
             Ok(PoolBehaviour {
-                identify: identify::Behaviour::new(identify::Config::new(
-                    IDENTIFY_PROTOCOL.into(),
-                    key.public(),
-                )),
+                identify: Gated::new(
+                    identify::Behaviour::new(identify::Config::new(
+                        IDENTIFY_PROTOCOL.into(),
+                        key.public(),
+                    )),
+                    gate,
+                ),
                 ping: ping::Behaviour::new(
                     ping::Config::new().with_interval(Duration::from_secs(5)),
                 ),
-                gossipsub,
-                kad: kad::Behaviour::new(peer_id, kad::store::MemoryStore::new(peer_id)),
+                gossipsub: Gated::new(gossipsub, gate),
+                kad: Gated::new(
+                    kad::Behaviour::new(peer_id, kad::store::MemoryStore::new(peer_id)),
+                    gate,
+                ),
                 mdns: mdns.into(),
                 streams: libp2p_stream::Behaviour::new(),
             })
@@ -148,10 +162,10 @@ pub fn start(
     use_mdns: bool,
 ) -> Result<Started, StartError> {
     let key = crate::identity::load_or_create(data_dir)?;
-    let mut swarm = build(libp2p_keypair(key.secret())?, use_mdns)?;
+    let (gate, drops) = Gate::new(pool.clone());
+    let mut swarm = build(libp2p_keypair(key.secret())?, use_mdns, &gate)?;
     println!("peer id {}", swarm.local_peer_id());
     println!("{}", pool.describe());
-    let (gate, drops) = Gate::new(pool.clone());
     gate.serve(swarm.behaviour().streams.new_control())
         .map_err(StartError::Address)?;
     let streams = PoolStreams::new(swarm.behaviour().streams.new_control(), gate.tag())
@@ -245,7 +259,9 @@ pub fn handle_common(
             info,
             ..
         })) => {
-            if info.protocol_version != IDENTIFY_PROTOCOL {
+            if !gate.admitted(&peer_id) {
+                tracing::debug!(%peer_id, "identify from a peer not admitted; ignored");
+            } else if info.protocol_version != IDENTIFY_PROTOCOL {
                 tracing::warn!(%peer_id, version = %info.protocol_version, "not a Potluck peer; disconnecting");
                 let _ = swarm.disconnect_peer_id(peer_id);
             } else {

@@ -390,3 +390,15 @@ pub fn potluck_ok(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// A libp2p swarm that speaks the pool's protocols with no gate of its own, as a hostile
+/// peer's would: it serves and reads everything from anyone.
+pub fn open_swarm(
+    key: libp2p::identity::Keypair,
+) -> libp2p::Swarm<potluck_net::swarm::PoolBehaviour> {
+    use potluck_net::gate::{Gate, PoolMembership};
+    let (gate, _) = Gate::new(PoolMembership::Public {
+        name: "anyone".into(),
+    });
+    potluck_net::swarm::build(key, false, &gate).expect("a swarm")
+}
