@@ -540,3 +540,69 @@ fn a_stranger_hears_no_adverts_addresses_or_peers_and_its_gossip_is_not_passed_o
     // The pool itself still works: the member is served and stays joined.
     assert!(!member.seen.iter().any(|l| l.contains("refused this peer")));
 }
+
+#[test]
+fn a_member_that_held_text_before_private_edges_is_never_sent_a_prompt() {
+    // A plain member served the whole model while the pool had no privacy option. The
+    // coordinator restarts with `--private-edges` and every result checked: the member's
+    // advert still says it holds blocks 0..30, but a claim is not an assignment, and no
+    // check, twin or canary replays a first stage (the prompt) to it.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    create(d, "lab");
+    join(d, "lab", "plain", &[]);
+    join(d, "lab", "trusted", &["--role", "trusted"]);
+    let port = common::free_port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let (mut coord, addr, _) = owner(d, "lab", "coordinator", &["--listen", &listen]);
+    let coord_id = addr.rsplit('/').next().unwrap().to_string();
+    let bootstrap = format!("{listen}/p2p/{coord_id}");
+    let (_plain, plain_id) = node(d, "plain", "lab", &bootstrap, &[]);
+    let (_trusted, trusted_id) = node(d, "trusted", "lab", &bootstrap, &[]);
+    for id in [&plain_id, &trusted_id] {
+        expect_line(
+            &mut coord,
+            "both members serving",
+            &[&format!("peer {id} serves blocks 0..30")],
+            90,
+        );
+    }
+    drop(coord);
+
+    let (mut coord, _, http) = owner(
+        d,
+        "lab",
+        "coordinator",
+        &["--listen", &listen, "--private-edges", "--check-share", "1"],
+    );
+    expect_line(
+        &mut coord,
+        "the trusted member's work",
+        &[&format!("peer {trusted_id} serves blocks 0..30")],
+        90,
+    );
+    for _ in 0..4 {
+        let body =
+            serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+        let raw = common::raw_http(
+            &http,
+            &common::request("POST", "/v1/chat/completions", &[], &body.to_string()),
+        );
+        assert_eq!(common::split_answer(&raw).0, 200, "{raw}");
+    }
+    // Checks run beside generation; give them time to pick a checker.
+    std::thread::sleep(Duration::from_secs(3));
+    coord.wait_for(secs(1), |_| false);
+    let leaks: Vec<&String> = coord
+        .seen
+        .iter()
+        .filter(|l| {
+            l.starts_with(&format!("peer {plain_id} serves blocks"))
+                || l.contains(&format!("checker={plain_id}"))
+        })
+        .collect();
+    assert!(
+        leaks.is_empty(),
+        "an untrusted member was sent a first stage: {leaks:#?}"
+    );
+}

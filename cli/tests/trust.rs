@@ -565,3 +565,91 @@ fn forged_and_replayed_receipts_are_refused_and_their_nodes_dropped() {
         .iter()
         .any(|l| l.starts_with(&format!("peer dropped {}", honest.0))));
 }
+
+/// `id`'s run of valid checked results in a row, from the dashboard.
+fn valid_streak(http: &str, id: &str) -> u64 {
+    let raw = common::raw_http(http, b"GET /api/pool HTTP/1.0\r\n\r\n");
+    let pool: Value = serde_json::from_str(common::split_answer(&raw).1).unwrap_or_default();
+    pool["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["id"] == id)
+        .and_then(|p| p["valid_streak"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_fresh_key_cannot_get_a_proven_node_quarantined_on_its_word_alone() {
+    // Two honest nodes check each other until both have a record of their own; one goes.
+    // A fresh key that corrupts everything then takes the same blocks. It is the only
+    // replica, so it checks the proven node's work and disagrees, but one fresh key's word
+    // does not condemn a proven node: with no proven third opinion that is inconclusive.
+    // The proven node's check of the fresh key's work stands, and it is the one caught.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Every result is checked, so the fresh key checks the proven node from its first job.
+    let (mut coord, addr, http, models) = tiny_pool(d, &["--check-share", "1"]);
+    let (a, _pa) = add_tiny_node(d, "a", &mut coord, &addr, &models, &[]);
+    let (b, pb) = add_tiny_node(d, "b", &mut coord, &addr, &models, &[]);
+    let mut rounds = 0;
+    while valid_streak(&http, &a) < 10 || valid_streak(&http, &b) < 10 {
+        rounds += 1;
+        assert!(
+            rounds <= 40,
+            "no record after {rounds} rounds: {:?}",
+            coord.seen
+        );
+        tiny_round(&http, 4, rounds);
+        settle(&http, "potluck_checks_total{kind=\"spot_pass\"}");
+    }
+    drop(pb);
+    let gone = [
+        format!("peer unreachable {b}"),
+        format!("peer leaving {b}"),
+        format!("peer left {b}"),
+    ];
+    assert!(
+        coord
+            .wait_for(Instant::now() + Duration::from_secs(30), |l| gone
+                .iter()
+                .any(|g| l.starts_with(g)))
+            .is_some(),
+        "{:?}",
+        coord.seen
+    );
+    let (sybil, _ps) = add_tiny_node(
+        d,
+        "sybil",
+        &mut coord,
+        &addr,
+        &models,
+        &["--corrupt", "1:zeros"],
+    );
+    let caught = format!("peer quarantined {sybil}");
+    let mut rounds = 0;
+    while coord
+        .wait_for(Instant::now() + Duration::from_millis(200), |l| {
+            l.starts_with(&caught)
+        })
+        .is_none()
+    {
+        rounds += 1;
+        assert!(
+            rounds <= 20,
+            "the fresh key was never caught: {:?}",
+            coord.seen
+        );
+        tiny_round(&http, 4, 100 + rounds);
+        settle(&http, "potluck_checks_total{kind=\"recomputed\"}");
+    }
+    // More of the proven node's work checked by nobody but the (now quarantined) key,
+    // then every check settled: the proven node was never condemned.
+    tiny_round(&http, 4, 200);
+    settle(&http, "potluck_checks_total{kind=\"recomputed\"}");
+    common::never_quarantined(&coord, [&a]);
+    assert!(
+        metric(&http, "potluck_checks_total{kind=\"spot_inconclusive\"}") > 0.0,
+        "the fresh key's dispute of the proven node should have been inconclusive"
+    );
+}

@@ -344,6 +344,10 @@ fn on_gossip(handle: &Coordinator, data: &[u8], source: Option<PeerId>) {
             handle.sync_loaded();
             handle.replan();
         }
+        // A flood of fresh keys would otherwise flood the log as well.
+        Err(why @ GossipRejection::Advert(AdvertRejection::Full(_))) => {
+            tracing::debug!(%from, "dropped gossip: {why}")
+        }
         Err(why) => tracing::warn!(%from, "dropped gossip: {why}"),
     }
 }

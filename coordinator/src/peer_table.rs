@@ -13,6 +13,10 @@ pub const MAX_ADVERT_TTL_SECS: u64 = 600;
 /// How far ahead of our clock an advert may be dated (clock skew between machines).
 pub const MAX_CLOCK_SKEW_SECS: u64 = 60;
 
+/// Most peers a table holds unless told otherwise: far more than a community pool has, and
+/// a bound on what a flood of fresh keys can cost. Silent peers leave room as they go.
+pub const DEFAULT_MAX_PEERS: usize = 4096;
+
 /// Why an advert was refused.
 #[derive(Debug, Error, PartialEq)]
 pub enum AdvertRejection {
@@ -34,6 +38,9 @@ pub enum AdvertRejection {
     /// It claims loaded blocks `start..end` with `end <= start`.
     #[error("advert claims the empty block range {0}..{1}")]
     EmptyRange(u32, u32),
+    /// The table holds its most peers; a new one waits until others go.
+    #[error("the pool's peer table is full ({0} peers)")]
+    Full(usize),
     /// An advert with this sequence number or a later one was already accepted.
     #[error("stale advert (seq {got}, have {have})")]
     Stale {
@@ -82,11 +89,12 @@ pub enum Accepted {
 }
 
 /// Verified peers of one pool.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PeerTable {
     pool: String,
     peers: HashMap<PublicKey, Peer>,
     missed: u32,
+    max_peers: usize,
 }
 
 /// Adverts a peer may miss before it is dropped, unless told otherwise.
@@ -99,7 +107,14 @@ impl PeerTable {
             pool: pool.to_string(),
             peers: HashMap::new(),
             missed: DEFAULT_MISSED_HEARTBEATS,
+            max_peers: DEFAULT_MAX_PEERS,
         }
+    }
+
+    /// Holds at most `n` peers (at least one).
+    pub fn with_max_peers(mut self, n: usize) -> Self {
+        self.max_peers = n.max(1);
+        self
     }
 
     /// Counts peers as silent after `k` missed adverts (at their own pace), or when an
@@ -129,6 +144,7 @@ impl PeerTable {
         if ttl > MAX_ADVERT_TTL_SECS {
             return Err(AdvertRejection::TtlTooLong(ttl));
         }
+        let full = self.peers.len() >= self.max_peers;
         match self.peers.get_mut(&signed.signer) {
             Some(p) if advert.seq <= p.advert.seq => Err(AdvertRejection::Stale {
                 got: advert.seq,
@@ -151,6 +167,7 @@ impl PeerTable {
                     Accepted::Refreshed
                 })
             }
+            None if full => Err(AdvertRejection::Full(self.max_peers)),
             None => {
                 self.peers.insert(
                     signed.signer,

@@ -80,6 +80,18 @@ pub enum PlanError {
     NoTrustedEdges,
 }
 
+/// The speed a peer is planned with. Claims are not facts: once its steps have been timed,
+/// the measured speed replaces its claim, and an untimed claim counts for no more than the
+/// fastest peer timed so far (a fresh key claiming a huge speed gets no more blocks than a
+/// proven fast peer would).
+pub fn planning_speed(claimed: f64, measured: Option<f64>, fastest_measured: Option<f64>) -> f64 {
+    match (measured, fastest_measured) {
+        (Some(m), _) => m,
+        (None, Some(f)) => claimed.min(f),
+        (None, None) => claimed,
+    }
+}
+
 /// How many blocks a peer can hold, at most the whole model.
 pub fn capacity(model: &ModelShape, peer: &PlanPeer) -> u32 {
     let usable = peer

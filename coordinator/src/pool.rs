@@ -181,8 +181,13 @@ pub struct PoolState {
     pub plan: Option<Plan>,
     /// Why there is no plan.
     pub plan_error: Option<String>,
-    /// Spans each peer confirmed it serves.
+    /// Spans each peer confirmed it serves, on this coordinator's assignment: the only
+    /// spans routed to, checked against or asked for second opinions.
     loaded: HashMap<PublicKey, LayerRange>,
+    /// Spans peers' adverts say they hold that this coordinator has not assigned (a
+    /// restarted coordinator's nodes, or a claim): a hint for its first plan, which then
+    /// assigns them like any other span. A claim alone is never served from.
+    claimed: HashMap<PublicKey, LayerRange>,
     /// Assignments in flight.
     pending: HashSet<PublicKey>,
     /// When failed assignments may be sent again.
@@ -340,6 +345,7 @@ impl Coordinator {
                 plan: None,
                 plan_error: None,
                 loaded: HashMap::new(),
+                claimed: HashMap::new(),
                 pending: HashSet::new(),
                 retry_at: HashMap::new(),
                 banned: HashMap::new(),
@@ -379,6 +385,15 @@ impl Coordinator {
     pub fn with_gate(mut self, gate: Gate) -> Self {
         self.gate = Some(gate);
         self
+    }
+
+    /// Whether the peer with `key` may be sent what runs on `range`: a first or last
+    /// stage's inputs or outputs are the prompt's tokens and the text, so those go only to
+    /// peers that may see text. Plans, routes, spot checks, strict-mode twins and canaries
+    /// all pick their peers through this one rule.
+    pub fn may_serve(&self, key: &PublicKey, range: LayerRange) -> bool {
+        let edge = range.start == 0 || range.end >= self.model.shape.layers;
+        !edge || self.may_see_text(key)
     }
 
     /// Whether the peer with `key` may see the pool's text: always, unless the pool keeps
@@ -528,6 +543,7 @@ impl Coordinator {
             let st = &mut *guard;
             let present: HashSet<PublicKey> = st.table.peers().iter().map(|p| p.key).collect();
             st.loaded.retain(|k, _| present.contains(k));
+            st.claimed.retain(|k, _| present.contains(k));
             st.pending.retain(|k| present.contains(k));
             // An advert issued after a peer was found unreachable brings it back.
             let fresh: Vec<PublicKey> = st
@@ -560,14 +576,7 @@ impl Coordinator {
                     && !st.is_excluded(&p.key)
                     && !st.loaded.contains_key(&p.key)
                 {
-                    st.loaded.insert(p.key, *range);
-                    let who = peer_id_of(&p.key)
-                        .map(|i| i.to_string())
-                        .unwrap_or_default();
-                    println!(
-                        "peer {who} serves blocks {}..{} (already loaded)",
-                        range.start, range.end
-                    );
+                    st.claimed.insert(p.key, *range);
                 }
             }
         }
@@ -711,15 +720,36 @@ impl Coordinator {
         dial
     }
 
-    fn planning_peers(&self, st: &PoolState) -> Vec<PlanPeer> {
-        st.table
+    /// The peers a plan may use, with the speeds it plans them by: measured where this
+    /// coordinator has timed their steps (`quickest`, seconds per step by peer), claimed
+    /// otherwise (see [`crate::planner::planning_speed`]), in the adverts' unit (GB/s).
+    fn planning_peers(&self, st: &PoolState, quickest: &HashMap<PeerId, f64>) -> Vec<PlanPeer> {
+        let layer_bytes = self.model.shape.layer_bytes as f64;
+        let measured = |p: &crate::peer_table::Peer| {
+            let secs = quickest.get(&peer_id_of(&p.key)?)?;
+            let blocks = st.loaded.get(&p.key)?.len().max(1);
+            let rtt_ms = p.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from);
+            let ms_per_block = (secs * 1e3 - rtt_ms).max(1e-3) / f64::from(blocks);
+            Some(layer_bytes / (ms_per_block * 1e6))
+        };
+        let candidates: Vec<(&crate::peer_table::Peer, Option<f64>)> = st
+            .table
             .peers()
-            .iter()
+            .into_iter()
             .filter(|p| !st.is_excluded(&p.key))
             .filter(|p| p.advert.models.contains(&self.model.model))
-            .map(|p| PlanPeer {
+            .map(|p| (p, measured(p)))
+            .collect();
+        let fastest = candidates
+            .iter()
+            .filter_map(|(_, m)| *m)
+            .max_by(f64::total_cmp);
+        candidates
+            .into_iter()
+            .map(|(p, m)| PlanPeer {
                 id: p.key,
-                speed: f64::from(p.advert.mem_gbps).max(1e-3),
+                speed: crate::planner::planning_speed(f64::from(p.advert.mem_gbps), m, fastest)
+                    .max(1e-3),
                 memory_bytes: p.advert.memory_bytes,
                 edge_ok: self.may_see_text(&p.key),
             })
@@ -728,17 +758,23 @@ impl Coordinator {
 
     /// Re-plans for the peers now known and sends every assignment not yet confirmed.
     pub fn replan(&self) {
+        let quickest = self
+            .step_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .quickest();
         let mut st = self.state();
-        let peers = self.planning_peers(&st);
+        let peers = self.planning_peers(&st, &quickest);
         if peers.is_empty() && st.plan.is_none() {
             st.plan_error = Some("no peer offers the model yet".into());
             return;
         }
         // A restarted coordinator starts from what the nodes say they hold, so it comes back
-        // to the same plan instead of making them reload.
+        // to the same plan instead of making them reload; it still assigns each span.
         let previous = st.plan.clone().or_else(|| {
-            let mut spans: Vec<Span> = st
-                .loaded
+            let mut held = st.claimed.clone();
+            held.extend(st.loaded.iter().map(|(k, r)| (*k, *r)));
+            let mut spans: Vec<Span> = held
                 .iter()
                 .map(|(k, r)| Span {
                     peer: *k,

@@ -27,6 +27,8 @@ struct Seen {
     answered: Option<Instant>,
     /// Its decode steps' moving average, seconds, and when the last was measured.
     step: Option<(f64, Instant)>,
+    /// The lowest that average has been: what the peer can do, for planning.
+    quickest: Option<f64>,
 }
 
 impl Seen {
@@ -88,6 +90,19 @@ impl<K: Hash + Eq> StepTimes<K> {
             _ => secs,
         };
         s.step = Some((avg, now));
+        s.quickest = Some(s.quickest.map_or(avg, |q| q.min(avg)));
+    }
+
+    /// The quickest average step time measured on each peer, seconds (planning uses these
+    /// in place of the speeds peers claim).
+    pub fn quickest(&self) -> HashMap<K, f64>
+    where
+        K: Clone,
+    {
+        self.seen
+            .iter()
+            .filter_map(|(k, s)| Some((k.clone(), s.quickest?)))
+            .collect()
     }
 
     /// The average step time on `peer`, seconds, if measured within [`FRESH`] of `now`.

@@ -48,6 +48,13 @@ impl PeerTrust {
         }
     }
 
+    /// Whether it has a record of its own: [`WARMUP`] valid checked results in a row. A
+    /// peer without one (a new identity, or one that failed lately) cannot condemn another
+    /// alone, and a peer with one is not condemned by one other peer's word (Sybils).
+    pub fn proven(&self) -> bool {
+        self.consecutive_valid >= WARMUP
+    }
+
     fn decay(&mut self, now: f64) {
         let dt = (now - self.updated).max(0.0);
         let f = 0.5f64.powf(dt / HALF_LIFE_SECS);

@@ -417,3 +417,50 @@ fn gossip_from_hostile_peers_is_dropped_with_a_reason() {
     );
     assert_eq!(t.len(), 1);
 }
+
+#[test]
+fn a_flood_of_fresh_keys_fills_a_bounded_table_and_known_peers_still_refresh() {
+    let now = 1_000_000;
+    let mut t = PeerTable::new("lab").with_max_peers(3);
+    let keys: Vec<Keypair> = (1..=5).map(|i| Keypair::from_secret(&[i; 32])).collect();
+    let sign = |k: &Keypair, seq| {
+        Signed::sign(&advert("lab", seq, now, now + 30), ADVERT_DOMAIN, k).unwrap()
+    };
+    for k in &keys[..3] {
+        assert_eq!(t.accept(&sign(k, 1), now), Ok(Accepted::New));
+    }
+    for k in &keys[3..] {
+        assert_eq!(t.accept(&sign(k, 1), now), Err(AdvertRejection::Full(3)));
+    }
+    assert_eq!(t.len(), 3);
+    // Peers already in keep advertising; one that goes leaves room.
+    assert_eq!(t.accept(&sign(&keys[0], 2), now), Ok(Accepted::Refreshed));
+    assert!(t.remove(&keys[1].public()));
+    assert_eq!(t.accept(&sign(&keys[4], 1), now), Ok(Accepted::New));
+}
+
+#[test]
+fn measured_speed_replaces_claims_and_untimed_claims_are_capped() {
+    use potluck_coordinator::planner::planning_speed;
+    // Nothing timed yet: claims stand.
+    assert_eq!(planning_speed(1e6, None, None), 1e6);
+    // A fresh key claiming a million counts as the fastest peer timed.
+    assert_eq!(planning_speed(1e6, None, Some(12.0)), 12.0);
+    assert_eq!(planning_speed(5.0, None, Some(12.0)), 5.0);
+    // Once timed, the measurement is what counts, above or below the claim.
+    assert_eq!(planning_speed(1e6, Some(3.0), Some(12.0)), 3.0);
+    assert_eq!(planning_speed(1.0, Some(12.0), Some(12.0)), 12.0);
+    // And it moves the plan: the liar's blocks shrink to what it did.
+    let m = model();
+    // Each holds at most 20 blocks, so the two must split the model.
+    let room = room(20);
+    let claims = [peer(1, 10.0, room), peer(2, 1e6, room)];
+    let timed = [
+        peer(1, 10.0, room),
+        peer(2, planning_speed(1e6, Some(2.5), Some(10.0)), room),
+    ];
+    let by_claim = plan(&m, &claims, None).unwrap();
+    let by_time = plan(&m, &timed, None).unwrap();
+    assert!(blocks(&by_claim.spans, 2) > blocks(&by_time.spans, 2));
+    assert!(blocks(&by_time.spans, 1) > blocks(&by_time.spans, 2));
+}

@@ -2,7 +2,9 @@
 //! answers come from jobs that two nodes agreed on in a spot check, a few kept per span; a
 //! canary replays one under a fresh session id, so on the wire it is a session like any
 //! other. Canaries reach what spot checks cannot: a span only one node holds now (there is
-//! nobody to recompute on), and nodes that the router rarely picks.
+//! nobody to recompute on), and nodes that the router rarely picks. A canary whose vouchers
+//! were since quarantined is not sent, and one that no proven peer vouched for cannot
+//! condemn a proven peer.
 
 use super::checks::cmp;
 use super::Coordinator;
@@ -83,6 +85,10 @@ impl Coordinator {
             return;
         };
         let peer = target.1;
+        // A known answer is only as good as the peers that agreed on it.
+        if canary.vouched.iter().any(|v| self.is_quarantined(*v)) {
+            return;
+        }
         let (job, session) = (canary.job, self.fresh_session());
         let answers = match self.replay_on(target, &job, session).await {
             Ok(a) => a,
@@ -102,24 +108,31 @@ impl Coordinator {
         else {
             return;
         };
+        // Two fresh keys agreeing is no record: against a proven peer their answer condemns
+        // only if one of them is proven too.
+        let vouched = canary.vouched.iter().any(|v| self.proven(*v));
+        let verdict = match c.verdict {
+            Verdict::Fail if self.proven(peer) && !vouched => Verdict::Inconclusive,
+            v => v,
+        };
         let detail = format!(
             "{} results; worst at step {}: {}",
             answers.len(),
             job.picked[i].step,
             c.detail()
         );
-        self.note_verdict(peer, c.verdict, "canary");
+        self.note_verdict(peer, verdict, "canary");
         if let Some(audit) = &self.audit {
             audit.record(Record::Canary {
                 peer: peer.to_string(),
                 session,
                 step: job.picked[i].step,
-                verdict: c.verdict.as_str().into(),
+                verdict: verdict.as_str().into(),
                 detail: detail.clone(),
                 receipt: receipt_hex(&answers[i].receipt),
             });
         }
-        if c.verdict == Verdict::Fail {
+        if verdict == Verdict::Fail {
             self.quarantine(peer, &format!("failed a canary ({detail})"));
         }
     }

@@ -1,7 +1,11 @@
 //! Spot checks on the pool's side: which results are picked, which peer recomputes them,
 //! what the verdicts do to each peer's trust, and quarantine. A result the first checker
-//! disagrees with goes to a third peer holding the same blocks, and the majority decides;
-//! with no third peer the checker (picked at random, unknown to the checked peer) stands.
+//! disagrees with goes to a third peer holding the same blocks, and the majority decides.
+//! One peer's word against another's never condemns a peer with a record of its own (see
+//! [`crate::trust::PeerTrust::proven`]), so a fresh key claiming an honest node's blocks
+//! cannot get it quarantined: its dispute needs a third opinion from a proven peer, and
+//! without one it is inconclusive. With no third peer the checker's word stands only when
+//! the checker has a record and the checked peer has none.
 
 use super::{Coordinator, Exclusion, QUARANTINE};
 use crate::audit::{receipt_hex, Record};
@@ -30,9 +34,21 @@ pub(super) fn cmp(a: (&StageOutputWire, &Receipt), b: (&StageOutputWire, &Receip
     compare(a.0, b.0, &tol).0
 }
 
+/// Whether the two sides of a check have records of their own.
+#[derive(Debug, Clone, Copy)]
+struct Standing {
+    checked: bool,
+    checker: bool,
+}
+
 /// Decides one picked result from its recomputations: `first` by the checker, `third` by
-/// a third peer when the first disagreed.
-fn decide(picked: &StageResult, first: &Reference, third: Option<&Reference>) -> Decision {
+/// a third peer when the first disagreed; `standing` says who has a record.
+fn decide(
+    picked: &StageResult,
+    first: &Reference,
+    third: Option<&Reference>,
+    standing: Standing,
+) -> Decision {
     let checked = (&picked.output, &picked.receipt);
     let v1 = cmp(checked, (&first.output, &first.receipt));
     let decision = |verdict, lying_checker| Decision {
@@ -44,7 +60,15 @@ fn decide(picked: &StageResult, first: &Reference, third: Option<&Reference>) ->
         return decision(Verdict::Pass, false);
     }
     let Some(third) = third else {
-        return decision(v1.verdict, false);
+        let stands = standing.checker && !standing.checked;
+        return decision(
+            if stands {
+                v1.verdict
+            } else {
+                Verdict::Inconclusive
+            },
+            false,
+        );
     };
     let v2 = cmp(checked, (&third.output, &third.receipt));
     let v3 = cmp(
@@ -68,18 +92,26 @@ impl Coordinator {
         }
     }
 
+    /// Whether `peer` has a record of its own (see [`crate::trust::PeerTrust::proven`]).
+    pub(super) fn proven(&self, peer: PeerId) -> bool {
+        let st = self.state();
+        st.key_of(peer).is_some_and(|k| st.trust.get(&k).proven())
+    }
+
     /// Checks `job` on other peers, beside generation.
     pub(crate) fn check_later(&self, job: CheckJob) {
         let this = self.clone();
         tokio::spawn(async move { this.run_check(job).await });
     }
 
-    /// Every loaded span, in or out of the plan's chain, on a peer that is not excluded.
+    /// Every loaded span, in or out of the plan's chain, on a peer that is not excluded and
+    /// may be sent that span's inputs (see [`Coordinator::may_serve`]): checks, twins and
+    /// canaries replay a first stage's journal, which is the prompt.
     pub(super) fn serving(&self) -> Vec<(Span, PeerId)> {
         let st = self.state();
         st.loaded
             .iter()
-            .filter(|(k, _)| !st.is_excluded(k))
+            .filter(|(k, r)| !st.is_excluded(k) && self.may_serve(k, **r))
             .filter_map(|(k, r)| {
                 Some((
                     Span {
@@ -155,6 +187,10 @@ impl Coordinator {
             return;
         };
         let checker = first.1;
+        let standing = Standing {
+            checked: self.proven(job.peer),
+            checker: self.proven(checker),
+        };
         let answers = match self.replay_on(first, &job, self.fresh_session()).await {
             Ok(a) => a,
             Err(e) => {
@@ -167,7 +203,7 @@ impl Coordinator {
             .picked
             .iter()
             .zip(&answers)
-            .map(|(p, a)| decide(p, a, None))
+            .map(|(p, a)| decide(p, a, None, standing))
             .collect();
         // What the checker disputes goes to a third peer, whose answers decide it.
         let disputed: Vec<usize> = (0..decisions.len())
@@ -176,7 +212,15 @@ impl Coordinator {
         let third = if disputed.is_empty() {
             None
         } else {
-            self.draw(self.replicas(job.span.range, &[job.peer, checker]))
+            // Proven peers first; a proven peer's dispute goes to proven peers only.
+            let others = self.replicas(job.span.range, &[job.peer, checker]);
+            let (proven, new): (Vec<_>, Vec<_>) =
+                others.into_iter().partition(|(_, p)| self.proven(*p));
+            if standing.checked || !proven.is_empty() {
+                self.draw(proven)
+            } else {
+                self.draw(new)
+            }
         };
         if let Some(third) = third {
             let sub = CheckJob {
@@ -186,7 +230,7 @@ impl Coordinator {
             match self.replay_on(third, &sub, self.fresh_session()).await {
                 Ok(a) => {
                     for (&i, r) in disputed.iter().zip(&a) {
-                        decisions[i] = decide(&job.picked[i], &answers[i], Some(r));
+                        decisions[i] = decide(&job.picked[i], &answers[i], Some(r), standing);
                     }
                 }
                 Err(e) => tracing::warn!("third check could not run: {e}"),
