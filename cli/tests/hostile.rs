@@ -411,3 +411,86 @@ fn a_peer_whose_result_does_not_verify_is_dropped_and_its_session_goes_on_on_an_
     assert_eq!(again["choices"][0]["text"], text.as_str());
     drop(rt);
 }
+
+/// A prefill of `n` tokens for `session` on a fresh stage stream, kept open; its answer.
+async fn prefill(
+    control: &mut libp2p_stream::Control,
+    node: PeerId,
+    session: u64,
+    n: usize,
+) -> (libp2p::Stream, Message) {
+    let mut s = control
+        .open_stream(node, proto(Channel::Stage))
+        .await
+        .expect("open a stage stream");
+    let req = Message::Forward(StageForward {
+        session,
+        step: 0,
+        position: 0,
+        input: StageInputWire::Tokens(vec![1; n]),
+        sample: None,
+    });
+    s.write_all(&encode_frame(&req).unwrap()).await.unwrap();
+    s.flush().await.unwrap();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(120),
+        potluck_protocol::stream::read_frame_async::<Message>(&mut s, 1 << 24),
+    )
+    .await
+    .expect("an answer in time")
+    .expect("a valid frame")
+    .expect("not closed");
+    (s, answer)
+}
+
+#[test]
+fn a_strangers_sessions_cannot_fill_a_nodes_cache() {
+    // An admitted peer that is not the node's coordinator opens long sessions and keeps
+    // them: it gets two at once, each within an eighth of the node's KV budget, and the
+    // pool's own sessions are served beside them.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, coord_addr, http) = common::coordinator(dir.path(), &[]);
+    let (mut node, _) = common::node(dir.path(), "n", "public", &coord_addr, &[]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let node_addr = node.loopback_addr(deadline);
+    assert!(
+        coord
+            .wait_for(deadline, |l| l.contains(" serves blocks 0..30"))
+            .is_some(),
+        "{:?}",
+        coord.seen
+    );
+    let node_peer = peer_of(&node_addr);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let overloaded = |m: &Message, what: &str| match m {
+        Message::Error(e) if e.code == ErrorCode::Overloaded && e.message.contains(what) => {}
+        other => panic!("expected Overloaded ({what}), got {other:?}"),
+    };
+    let _held = rt.block_on(async {
+        let key =
+            potluck_net::swarm::libp2p_keypair(Keypair::from_secret(&[44; 32]).secret()).unwrap();
+        let mut swarm = common::open_swarm(key);
+        let mut control = swarm.behaviour().streams.new_control();
+        swarm.dial(node_addr.parse::<Multiaddr>().unwrap()).unwrap();
+        tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        // 4,100 positions is past its share; 2,000 is within it and is served.
+        let (first, a) = prefill(&mut control, node_peer, 1, 4100).await;
+        overloaded(&a, "may hold at most");
+        let (second, b) = prefill(&mut control, node_peer, 2, 2000).await;
+        assert!(matches!(b, Message::Result(_)), "{b:?}");
+        // A third session while two are open is refused.
+        let (_third, c) = prefill(&mut control, node_peer, 3, 10).await;
+        overloaded(&c, "at most 2 sessions");
+        (first, second)
+    });
+    let (status, v) = common::post_json(
+        &http,
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+}

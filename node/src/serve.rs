@@ -33,6 +33,17 @@ use tokio::sync::watch;
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stage stream with no request for this long is closed and its cache freed.
 const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// A stage stream of a peer that is not this node's coordinator that has not sent its first
+/// request by then is closed: an honest peer opens a session to use it.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The idle limit for sessions of a peer that is not this node's coordinator.
+const FOREIGN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Stage sessions at once from one peer that is not this node's coordinator (sessions come
+/// from coordinators; a stranger's may not crowd them out).
+pub const MAX_FOREIGN_SESSIONS: usize = 2;
+/// Share of the stage's KV budget one session of such a peer may hold: with
+/// [`MAX_FOREIGN_SESSIONS`], a peer holds at most a quarter.
+const FOREIGN_KV_SHARE: usize = 8;
 /// Once a frame's header has arrived, its body must follow within this.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -50,6 +61,8 @@ pub struct Serving {
     /// What was assigned.
     pub assignment: ShardAssignment,
     queue: StageQueue,
+    /// Most positions a session of a peer that is not this node's coordinator may reach.
+    foreign_positions: usize,
 }
 
 struct Inner {
@@ -64,6 +77,8 @@ struct Inner {
     loaded: watch::Sender<Option<(ModelRef, LayerRange)>>,
     /// Stage streams open now.
     active: AtomicUsize,
+    /// Stage streams open now per peer that is not this node's coordinator.
+    foreign: Mutex<std::collections::HashMap<PeerId, usize>>,
     /// Set when the node is leaving: new sessions are refused.
     leaving: AtomicBool,
     /// Why and since when the node is paused (its owner, a busy machine, its schedule): new
@@ -79,6 +94,45 @@ struct Inner {
 /// How long running sessions go on after their node is paused, time for the coordinator
 /// to move them: "pause within seconds".
 pub const PAUSE_GRACE: Duration = Duration::from_secs(3);
+
+/// Counts a stage stream of a peer that is not this node's coordinator while it lives.
+struct Foreign<'a> {
+    open: &'a Mutex<std::collections::HashMap<PeerId, usize>>,
+    peer: PeerId,
+}
+
+impl<'a> Foreign<'a> {
+    /// Counts one more stream of `peer`, unless it has [`MAX_FOREIGN_SESSIONS`] already.
+    fn count(
+        open: &'a Mutex<std::collections::HashMap<PeerId, usize>>,
+        peer: PeerId,
+    ) -> Option<Self> {
+        let mut map = open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(peer).or_default();
+        if *n >= MAX_FOREIGN_SESSIONS {
+            return None;
+        }
+        *n += 1;
+        Some(Self { open, peer })
+    }
+}
+
+impl Drop for Foreign<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
+}
 
 /// Counts a stage stream as active while it lives.
 struct ActiveStream<'a>(&'a AtomicUsize);
@@ -125,6 +179,7 @@ impl Server {
                 next_cache: AtomicU64::new(1),
                 loaded: watch::channel(None).0,
                 active: AtomicUsize::new(0),
+                foreign: Mutex::new(std::collections::HashMap::new()),
                 leaving: AtomicBool::new(false),
                 paused: Mutex::new(None),
                 faults,
@@ -186,6 +241,12 @@ impl Server {
             }
             let weights = weight_label(&file);
             let budget = kv_budget(&file, range, expected_total, cap);
+            let per_position = file
+                .config()?
+                .kv_bytes_per_position()
+                .saturating_mul(range.len() as usize)
+                .max(1);
+            let foreign_positions = budget / FOREIGN_KV_SHARE / per_position;
             let mut stage = Stage::load(&file, range.start as usize..range.end as usize, budget)?;
             // Every cached session here has a live stream: refuse new work when full
             // (the coordinator waits) rather than break a running session.
@@ -193,16 +254,18 @@ impl Server {
             let server = ShardServer::new(stage, model, key, &weights);
             #[cfg(feature = "fault-injection")]
             let server = server.with_faults(faults);
-            Ok(server)
+            Ok((server, foreign_positions))
         })
         .await
         .map_err(|e| wire_error(ErrorCode::Internal, e.to_string()))?
         .map_err(|e| wire_error(ErrorCode::BadRequest, e.to_string()))?;
+        let (server, foreign_positions) = server;
         let queue = StageQueue::start(server, self.inner.batch)
             .map_err(|e| wire_error(ErrorCode::Internal, format!("no stage thread: {e}")))?;
         let serving = Arc::new(Serving {
             assignment: a.clone(),
             queue,
+            foreign_positions,
         });
         if let Ok(mut cur) = self.inner.current.lock() {
             *cur = Some(serving);
@@ -297,7 +360,10 @@ impl Server {
                         }
                         let may = |order| commanders.permits(&peer, gate.role(&peer), order);
                         match channel {
-                            Channel::Stage => this.serve_stage(peer, stream).await,
+                            Channel::Stage => {
+                                let commander = may(Order::Work);
+                                this.serve_stage(peer, stream, commander).await
+                            }
                             Channel::Work => this.serve_work(peer, stream, may).await,
                             Channel::Control => this.serve_control(peer, stream, may).await,
                         }
@@ -366,19 +432,47 @@ impl Server {
     }
 
     /// One session: requests in order on one stream, its cache freed when the stream ends.
-    async fn serve_stage(&self, peer: PeerId, mut stream: Stream) {
+    /// A peer that is not this node's `commander` gets at most [`MAX_FOREIGN_SESSIONS`] at
+    /// once, each within its share of the KV budget and a shorter idle limit.
+    async fn serve_stage(&self, peer: PeerId, mut stream: Stream, commander: bool) {
         self.inner.active.fetch_add(1, Ordering::Relaxed);
         let _active = ActiveStream(&self.inner.active);
+        let _foreign = if commander {
+            None
+        } else {
+            match Foreign::count(&self.inner.foreign, peer) {
+                Some(f) => Some(f),
+                None => {
+                    tracing::info!(%peer, "refused a stage session from {peer}: it has {MAX_FOREIGN_SESSIONS} open and is not this node's coordinator");
+                    let why = format!("at most {MAX_FOREIGN_SESSIONS} sessions at once from a peer that is not this node's coordinator");
+                    let answer = Message::Error(wire_error(ErrorCode::Overloaded, why));
+                    let _ = write_frame_async(&mut stream, &answer).await;
+                    return;
+                }
+            }
+        };
         let cache = self.inner.next_cache.fetch_add(1, Ordering::Relaxed);
         let mut pinned: Option<Arc<Serving>> = None;
+        // A coordinator opens every hop of a chain at once, and the last waits for the first
+        // hops' prefill; a stranger gets little time to start.
+        let mut idle = if commander {
+            SESSION_IDLE_TIMEOUT
+        } else {
+            FIRST_REQUEST_TIMEOUT
+        };
         loop {
-            let req = match self.next_request(&mut stream).await {
+            let req = match self.next_request(&mut stream, idle).await {
                 Ok(Some(req)) => req,
                 Ok(None) => break,
                 Err(why) => {
                     tracing::warn!(%peer, "dropped stage stream: {why}");
                     break;
                 }
+            };
+            idle = if commander {
+                SESSION_IDLE_TIMEOUT
+            } else {
+                FOREIGN_IDLE_TIMEOUT
             };
             let stop = if pinned.is_some() {
                 self.cut_short()
@@ -400,6 +494,20 @@ impl Server {
                 )),
                 (None, None) => Err(wire_error(ErrorCode::NotServing, "no layers loaded")),
             };
+            let over = (req.position as usize).saturating_add(req.input.positions());
+            let serving = serving.and_then(|s| {
+                if !commander && over > s.foreign_positions {
+                    Err(wire_error(
+                        ErrorCode::Overloaded,
+                        format!(
+                            "a session of a peer that is not this node's coordinator may hold at most {} positions",
+                            s.foreign_positions
+                        ),
+                    ))
+                } else {
+                    Ok(s)
+                }
+            });
             let answer = match serving {
                 Err(e) => Message::Error(e),
                 Ok(s) => match self.compute(&s, cache, req, &mut stream).await {
@@ -448,13 +556,13 @@ impl Server {
     }
 
     /// The next request on a stage stream: `Ok(None)` when the peer ends the session or
-    /// stays idle too long, an error (to log) for anything that is not a forward request.
-    async fn next_request(&self, stream: &mut Stream) -> Result<Option<StageForward>, String> {
-        let header = tokio::time::timeout(
-            SESSION_IDLE_TIMEOUT,
-            read_header_async(&mut *stream, MAX_FRAME),
-        )
-        .await;
+    /// stays idle past `idle`, an error (to log) for anything that is not a forward request.
+    async fn next_request(
+        &self,
+        stream: &mut Stream,
+        idle: Duration,
+    ) -> Result<Option<StageForward>, String> {
+        let header = tokio::time::timeout(idle, read_header_async(&mut *stream, MAX_FRAME)).await;
         let len = match header {
             Err(_) => {
                 tracing::info!("stage stream idle; closing");

@@ -84,6 +84,15 @@ impl ShardServer {
 
     /// Checks a request and converts its input: a bad one fails here, alone.
     pub fn prepare(&self, cache: u64, req: StageForward) -> Result<Step, WireError> {
+        // Before any tensor is widened: a frame past the context costs nothing to refuse.
+        let context = self.stage.config().context;
+        let needed = (req.position as usize).saturating_add(req.input.positions());
+        if needed > context {
+            return Err(engine_error(EngineError::ContextOverflow {
+                needed,
+                context,
+            }));
+        }
         let input = self.input(&req.input)?;
         let len = input.len();
         if len == 0 {
