@@ -228,9 +228,17 @@ pub struct ServeArgs {
     /// as many as the nodes' KV caches hold at 512 positions a session, following the plan.
     #[arg(long)]
     pub max_sessions: Option<usize>,
-    /// Seconds a client gets to send its request headers (and three times that for a body).
+    /// Seconds a client gets to send its request headers (and three times that for its
+    /// whole body, however the bytes come).
     #[arg(long, default_value_t = 10)]
     pub http_header_timeout: u64,
+    /// HTTP connections held open at once; more are closed as they come.
+    #[arg(long, default_value_t = potluck_coordinator::http::limits::DEFAULT_MAX_CONNECTIONS)]
+    pub http_max_connections: usize,
+    /// Requests one API key (or, without keys, the whole API) may have in flight at once,
+    /// streams included; more get 429.
+    #[arg(long, default_value_t = potluck_coordinator::http::limits::DEFAULT_MAX_REQUESTS_PER_KEY)]
+    pub max_requests_per_key: usize,
     /// Least share of a trusted node's jobs recomputed on another node and compared (new
     /// nodes: every job until 10 in a row check out), 0 to 1; 0 turns spot checks off.
     #[arg(long, default_value_t = potluck_coordinator::trust::DEFAULT_P_MIN)]
@@ -353,6 +361,8 @@ impl ServeArgs {
         Ok(HttpOptions {
             header_timeout: Duration::from_secs(self.http_header_timeout),
             body_timeout: Duration::from_secs(3 * self.http_header_timeout),
+            max_connections: self.http_max_connections,
+            max_requests_per_key: self.max_requests_per_key,
         })
     }
 }

@@ -186,6 +186,38 @@ fn bad_input_gets_clear_errors_slow_and_vanishing_clients_are_cut_and_serving_go
         "the slow body was never cut"
     );
     assert_eq!(split_answer(&answer).0, 400, "{answer}");
+    // One that trickles its body a byte at a time is cut when the body's time is up, not
+    // kept alive by every byte (100 bytes at 2 a second would take 50 s).
+    let trickle = std::net::TcpStream::connect(&http).unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.0\r\n{}\r\nContent-Length: 100\r\n\r\n",
+        auth()
+    );
+    let mut writer = trickle.try_clone().unwrap();
+    writer.write_all(head.as_bytes()).unwrap();
+    let dripping = std::thread::spawn(move || {
+        for _ in 0..100 {
+            if writer.write_all(b" ").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let mut reader = trickle;
+    reader
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    let _ = reader.read_to_string(&mut answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the trickled body was never cut ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(split_answer(&answer).0, 400, "{answer}");
+    drop(reader);
+    let _ = dripping.join();
 
     // A client that hangs up mid-stream: its session ends and is freed.
     let body = r#"{"prompt":"1, 2, 3, 4, 5,","temperature":0,"max_tokens":400,"stream":true}"#;
@@ -286,4 +318,82 @@ fn sixty_four_streaming_clients_at_once_all_complete_with_the_same_answer() {
     assert!(!texts[0].is_empty());
     assert!(texts.iter().all(|t| t == &texts[0]), "{texts:?}");
     assert_eq!(metric(&http, "potluck_sessions "), 0.0);
+}
+
+#[test]
+fn connections_and_each_keys_requests_in_flight_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, _, http) = common::coordinator(
+        dir.path(),
+        &[
+            "--api-key",
+            KEY,
+            "--api-key",
+            "sk-another-key",
+            "--http-header-timeout",
+            "2",
+            "--http-max-connections",
+            "3",
+            "--max-requests-per-key",
+            "1",
+            "--embedding-model",
+            "none",
+        ],
+    );
+    let models = |key: &str| {
+        let raw = raw_http(
+            &http,
+            &request(
+                "GET",
+                "/v1/models",
+                &[&format!("Authorization: Bearer {key}")],
+                "",
+            ),
+        );
+        let (status, body) = split_answer(&raw);
+        (status, body.to_string())
+    };
+    assert_eq!(models(KEY).0, 200);
+
+    // Three idle connections take every slot: a fourth is closed at once, unanswered.
+    let idle: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(&http).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = std::net::TcpStream::connect(&http).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = extra.write_all(b"GET /v1/models HTTP/1.0\r\n\r\n");
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let _ = extra.read_to_end(&mut got);
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "not closed at once"
+    );
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(models(KEY).0, 200, "slots come back when connections end");
+
+    // A request whose body dawdles holds its key's one slot: the key's next request gets
+    // 429 while it lasts, another key's is served, and the slot comes back after it.
+    let mut slow = std::net::TcpStream::connect(&http).unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.0\r\n{}\r\nContent-Length: 100\r\n\r\n{{",
+        auth()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = models(KEY);
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("too_many_concurrent_requests"), "{body}");
+    assert_eq!(models("sk-another-key").0, 200);
+    slow.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = slow.read_to_string(&mut answer);
+    assert_eq!(split_answer(&answer).0, 400, "{answer}");
+    assert_eq!(models(KEY).0, 200);
 }

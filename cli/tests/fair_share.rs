@@ -49,6 +49,7 @@ fn members_over_quota_or_rate_get_429_while_others_are_served() {
         {"name": "hasty", "api_key": "hasty-key-1", "requests_per_minute": 2},
         {"name": "owner", "api_key": "owner-key-1"},
         {"name": "snoop", "api_key": "snoop-key-1"},
+        {"name": "boss", "api_key": "boss-key-1", "admin": true},
     ]});
     std::fs::write(&members, list.to_string()).unwrap();
     let (_coord, _node, http) = small_pool(
@@ -99,8 +100,24 @@ fn members_over_quota_or_rate_get_429_while_others_are_served() {
         200
     );
 
-    // The dashboard shows who used what.
-    let (_, _, pool) = call(&http, "GET", "/api/pool", None, "");
+    // Others' names and usage are for admins: without a key the dashboard shows totals,
+    // a member sees its own row, an admin sees everyone's.
+    let (_, _, open) = call(&http, "GET", "/api/pool", None, "");
+    assert_eq!(open["members"].as_array().map(Vec::len), Some(0), "{open}");
+    assert!(!open.to_string().contains("heavy"), "{open}");
+    assert!(
+        open["member_totals"]["requests"].as_u64() >= Some(5),
+        "{open}"
+    );
+    let (_, _, own) = call(&http, "GET", "/api/pool", Some("light-key-1"), "");
+    let names: Vec<&str> = own["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert_eq!(names, ["light"], "{own}");
+    let (_, _, pool) = call(&http, "GET", "/api/pool", Some("boss-key-1"), "");
     let row = |name: &str| {
         pool["members"]
             .as_array()

@@ -435,6 +435,26 @@ impl Coordinator {
         }
     }
 
+    /// Whether a caller holding `member`'s key (none: no key) may see every member's name
+    /// and usage: anyone when the API is open (there are no named members), else admins,
+    /// by the members file or by a valid admin certificate.
+    pub fn sees_members(&self, member: Option<MemberId>) -> bool {
+        if !self.share.requires_key() {
+            return true;
+        }
+        let Some(m) = member else { return false };
+        if self.share.is_admin(m) {
+            return true;
+        }
+        let (Some(gate), Some(cert)) = (&self.gate, self.share.certificate(m)) else {
+            return false;
+        };
+        matches!(
+            gate.certificate_role(cert, potluck_net::swarm::unix_now()),
+            Some(Ok(potluck_protocol::membership::Role::Admin))
+        )
+    }
+
     /// Raises members' weights by the validated work their nodes were credited with (read
     /// from the job store off the async threads).
     pub fn refresh_member_credits(&self) {

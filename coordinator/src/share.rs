@@ -46,6 +46,10 @@ pub struct MemberSpec {
     /// Sessions held for this member: others never take the last ones.
     #[serde(default)]
     pub reserved_sessions: usize,
+    /// Sees every member's name and usage in the dashboard's JSON (others see their own
+    /// and the totals). A private pool's admin certificate does the same.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 fn one() -> f64 {
@@ -63,6 +67,7 @@ impl MemberSpec {
             requests_per_minute: None,
             tokens_per_day: None,
             reserved_sessions: 0,
+            admin: false,
         }
     }
 }
@@ -280,6 +285,11 @@ impl Share {
     /// A member's name.
     pub fn name(&self, m: MemberId) -> &str {
         self.members.get(m.0).map_or("?", |x| x.spec.name.as_str())
+    }
+
+    /// Whether the members file makes `m` an admin.
+    pub fn is_admin(&self, m: MemberId) -> bool {
+        self.members.get(m.0).is_some_and(|x| x.spec.admin)
     }
 
     /// The certificate a member's key is tied to, if any.

@@ -25,12 +25,38 @@ async fn page() -> impl IntoResponse {
     ([(header::CACHE_CONTROL, "no-cache")], Html(PAGE))
 }
 
-async fn pool(State(c): State<Coordinator>) -> Json<Value> {
-    Json(snapshot(&c))
+/// The pool's state; members' names and usage only to admins (see
+/// [`Coordinator::sees_members`]), a member its own row, everyone the totals. Built off
+/// the async workers: it reads the job store.
+async fn pool(State(c): State<Coordinator>, headers: axum::http::HeaderMap) -> Json<Value> {
+    let member = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|k| c.share().member_for_key(k));
+    let view = if c.sees_members(member) {
+        Members::All
+    } else {
+        Members::Own(member)
+    };
+    Json(
+        crate::cpu::run(move || snapshot(&c, view))
+            .await
+            .unwrap_or_default(),
+    )
 }
 
-/// The pool's state as the dashboard (and scripts) read it.
-pub fn snapshot(c: &Coordinator) -> Value {
+/// Whose rows of the members table a snapshot shows.
+#[derive(Debug, Clone, Copy)]
+pub enum Members {
+    /// Everyone's (an admin, or an open API).
+    All,
+    /// The caller's own, if it presented a member's key.
+    Own(Option<crate::share::MemberId>),
+}
+
+/// The pool's state as the dashboard (and scripts) read it, with `members`' rows.
+pub fn snapshot(c: &Coordinator, members: Members) -> Value {
     let model = c.model();
     let (peers, plan) = {
         let st = c.state();
@@ -135,8 +161,25 @@ pub fn snapshot(c: &Coordinator) -> Value {
             .collect();
         (credits, batches)
     });
+    let usage = c.share().usage(potluck_net::swarm::unix_now());
+    let totals = json!({
+        "members": usage.len(),
+        "requests": usage.iter().map(|u| u.requests).sum::<u64>(),
+        "tokens": usage.iter().map(|u| u.tokens).sum::<u64>(),
+        "running": usage.iter().map(|u| u.running).sum::<usize>(),
+        "waiting": usage.iter().map(|u| u.waiting).sum::<usize>(),
+    });
+    let rows: Vec<_> = match members {
+        Members::All => usage,
+        Members::Own(None) => Vec::new(),
+        Members::Own(Some(m)) => {
+            let name = c.share().name(m);
+            usage.into_iter().filter(|u| u.name == name).collect()
+        }
+    };
     json!({
-        "members": c.share().usage(potluck_net::swarm::unix_now()),
+        "members": rows,
+        "member_totals": totals,
         "credits": credits,
         "batches": batches,
         "model": {"name": model.model.name, "layers": model.shape.layers,

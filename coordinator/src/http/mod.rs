@@ -6,6 +6,7 @@
 pub mod batches;
 pub mod dashboard;
 pub mod embeddings;
+pub mod limits;
 pub mod openai;
 
 use crate::pool::{Coordinator, SessionError};
@@ -30,8 +31,13 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub struct HttpOptions {
     /// Time a client gets to send its request headers.
     pub header_timeout: Duration,
-    /// Time a client gets to send its request body.
+    /// Time a client gets to send its whole request body.
     pub body_timeout: Duration,
+    /// Connections held open at once; more are closed as they come.
+    pub max_connections: usize,
+    /// Requests one member (one API key; the open API counts as one) has in flight at
+    /// once; more get 429.
+    pub max_requests_per_key: usize,
 }
 
 impl Default for HttpOptions {
@@ -39,8 +45,18 @@ impl Default for HttpOptions {
         Self {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            max_connections: limits::DEFAULT_MAX_CONNECTIONS,
+            max_requests_per_key: limits::DEFAULT_MAX_REQUESTS_PER_KEY,
         }
     }
+}
+
+/// What the API's door needs: the coordinator (who is a member, in what standing, within
+/// what limits) and each member's requests in flight.
+#[derive(Clone)]
+struct Door {
+    coordinator: Coordinator,
+    in_flight: limits::InFlight,
 }
 
 /// An error in OpenAI's shape, with its status.
@@ -105,29 +121,36 @@ pub fn router(coordinator: Coordinator, opts: &HttpOptions) -> Router {
         .merge(embeddings::routes())
         .merge(batches::routes())
         .route_layer(middleware::from_fn_with_state(
-            coordinator.clone(),
+            Door {
+                coordinator: coordinator.clone(),
+                in_flight: limits::InFlight::new(opts.max_requests_per_key),
+            },
             require_member,
         ));
+    let body_timeout = opts.body_timeout;
     Router::new()
         .merge(api)
         .merge(dashboard::routes())
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            opts.body_timeout,
-        ))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            next.run(limits::body_deadline(req, body_timeout))
+        }))
         .with_state(coordinator)
 }
 
 /// Serves `router` on `listener` until the process ends. Each connection gets
-/// `opts.header_timeout` to send its headers.
+/// `opts.header_timeout` to send its headers; past `opts.max_connections` open at once, new
+/// ones are closed as they come.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     coordinator: Coordinator,
     opts: HttpOptions,
 ) -> std::io::Result<()> {
     let app = router(coordinator, &opts);
+    let connections = limits::Connections::new(opts.max_connections);
+    let mut told = std::time::Instant::now() - Duration::from_secs(60);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -138,9 +161,21 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(slot) = connections.take() else {
+            if told.elapsed() >= Duration::from_secs(60) {
+                tracing::warn!(
+                    "{} HTTP connections open; closing new ones until some end",
+                    opts.max_connections
+                );
+                told = std::time::Instant::now();
+            }
+            drop(stream);
+            continue;
+        };
         let app = app.clone();
         let header_timeout = opts.header_timeout;
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 app.clone().call(req)
             });
@@ -159,7 +194,9 @@ pub async fn serve(
 /// whose key it carries as a bearer token (401 otherwise), in good standing (403: its
 /// certificate expired or was revoked) and within its rate and quota (429, with
 /// Retry-After).
-async fn require_member(State(c): State<Coordinator>, mut req: Request, next: Next) -> Response {
+/// A member also has at most the door's number of requests in flight (429 past it).
+async fn require_member(State(door): State<Door>, mut req: Request, next: Next) -> Response {
+    let c = &door.coordinator;
     let share = c.share();
     let member = if share.requires_key() {
         let presented = req
@@ -187,6 +224,18 @@ async fn require_member(State(c): State<Coordinator>, mut req: Request, next: Ne
             .with_code("membership_invalid")
             .into_response();
     }
+    let Some(slot) = door.in_flight.take(member) else {
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "requests",
+            format!(
+                "this key has {} requests in flight, the most it may; wait for some to end",
+                door.in_flight.max()
+            ),
+        )
+        .with_code("too_many_concurrent_requests")
+        .into_response();
+    };
     if let Err(limit) = share.admit(member, potluck_net::swarm::unix_now()) {
         let code = match limit {
             Limit::Rate { .. } => "rate_limit_exceeded",
@@ -202,7 +251,7 @@ async fn require_member(State(c): State<Coordinator>, mut req: Request, next: Ne
         return answer;
     }
     req.extensions_mut().insert(member);
-    next.run(req).await
+    limits::hold_until_sent(next.run(req).await, slot)
 }
 
 async fn metrics(State(c): State<Coordinator>) -> Response {
