@@ -482,6 +482,9 @@ fn overheard(
     }
 }
 
+/// Forged revocations a stranger answers a hello with: near the most one answer may hold.
+const FORGED: usize = 8000;
+
 #[test]
 fn a_stranger_hears_no_adverts_addresses_or_peers_and_its_gossip_is_not_passed_on() {
     use futures::StreamExt;
@@ -516,6 +519,39 @@ fn a_stranger_hears_no_adverts_addresses_or_peers_and_its_gossip_is_not_passed_o
             s
         };
         let (mut a, mut b) = (stranger(91), stranger(92));
+        // Stranger a answers every hello with a flood of forged revocations.
+        let mut hellos = a
+            .behaviour()
+            .streams
+            .new_control()
+            .accept(libp2p::StreamProtocol::new(
+                potluck_protocol::stream::ADMIT_PROTOCOL,
+            ))
+            .unwrap();
+        let pool_key: PublicKey = PublicKey(from_hex(&lab).unwrap().try_into().unwrap());
+        tokio::spawn(async move {
+            use potluck_protocol::messages::Message;
+            let forged: Vec<_> = (0..FORGED)
+                .map(|i| {
+                    let mut r = potluck_protocol::membership::Revocation::issue(
+                        &potluck_protocol::signed::Keypair::from_secret(&[66; 32]),
+                        i as u64,
+                        0,
+                    )
+                    .unwrap();
+                    r.pool = pool_key;
+                    r
+                })
+                .collect();
+            while let Some((_, mut s)) = futures::StreamExt::next(&mut hellos).await {
+                let _ = potluck_protocol::stream::read_frame_async::<Message>(&mut s, 1 << 20).await;
+                let answer = Message::Admission(potluck_protocol::membership::Admission {
+                    refused: None,
+                    revocations: forged.clone(),
+                });
+                let _ = potluck_protocol::stream::write_frame_async(&mut s, &answer).await;
+            }
+        });
         let mut heard = Vec::new();
         // Within the 5 s a private pool gives a new peer to present a certificate.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(4500);
@@ -536,6 +572,19 @@ fn a_stranger_hears_no_adverts_addresses_or_peers_and_its_gossip_is_not_passed_o
     assert!(
         heard.is_empty(),
         "a stranger was told things by a private pool: {heard:#?}"
+    );
+    // Its forged revocations were not even checked: it is not admitted.
+    let stranger_a = potluck_net::swarm::peer_id_of(
+        &potluck_protocol::signed::Keypair::from_secret(&[91; 32]).public(),
+    )
+    .unwrap();
+    expect_line(
+        &mut member,
+        "the stranger's revocations ignored",
+        &[&format!(
+            "ignored {FORGED} revocations from peer {stranger_a}: it is not admitted"
+        )],
+        10,
     );
     // The pool itself still works: the member is served and stays joined.
     assert!(!member.seen.iter().any(|l| l.contains("refused this peer")));

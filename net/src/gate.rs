@@ -32,6 +32,17 @@ const LAST_WORD: Duration = Duration::from_secs(1);
 /// issues, and within [`MAX_ADMIT_FRAME`].
 pub const MAX_REVOCATIONS: usize = 8192;
 
+/// Signatures of new revocations checked for one peer's lists (answers and gossip) per
+/// [`REVOCATION_WINDOW`]: a whole list's worth, so an honest answer is taken in at once,
+/// while a member sending forged lists over and over costs little.
+pub const REVOCATION_CHECKS: usize = MAX_REVOCATIONS;
+
+/// The window [`REVOCATION_CHECKS`] counts over.
+const REVOCATION_WINDOW: Duration = Duration::from_secs(60);
+
+/// Forged revocations remembered, so a list sent again costs no signature checks.
+const FORGED_KEPT: usize = 4096;
+
 /// Which pool a peer is in, and what it presents to join it.
 #[derive(Debug, Clone)]
 pub enum PoolMembership {
@@ -103,6 +114,12 @@ struct State {
     connections: u64,
     admitted: HashMap<PeerId, Entry>,
     revoked: Vec<Revocation>,
+    /// The serials in `revoked`.
+    revoked_serials: std::collections::HashSet<u64>,
+    /// Signatures of revocations that did not verify.
+    forged: std::collections::HashSet<[u8; 64]>,
+    /// Each peer's revocation window: when it began and the checks left in it.
+    revocations_from: HashMap<PeerId, (tokio::time::Instant, usize)>,
     /// Refusals lately logged, each way, so that a peer dialling again and again is
     /// logged once a minute rather than on every connection.
     told: HashMap<(PeerId, bool), (tokio::time::Instant, String)>,
@@ -335,8 +352,8 @@ impl Gate {
                 revocations,
             })))) => {
                 tracing::info!(%peer, "admitted by peer {peer}");
-                self.revoke(&revocations);
                 self.inner.accepted.send_modify(|n| *n += 1);
+                self.revocations_from(peer, revocations).await;
             }
             Ok(Ok(Some(Message::Admission(Admission {
                 refused: Some(why), ..
@@ -468,27 +485,112 @@ impl Gate {
     ) -> Result<Role, MembershipError> {
         let role = cert.admits(pool, &cert.body.member, now, &[])?;
         let serial = cert.body.serial;
-        if self.state().revoked.iter().any(|r| r.serial == serial) {
+        if self.state().revoked_serials.contains(&serial) {
             return Err(MembershipError::Revoked(serial));
         }
         Ok(role)
     }
 
-    /// Takes in withdrawals signed by the pool key (others are ignored), disconnects
-    /// admitted peers whose certificates they name, and returns the new ones.
-    pub fn revoke(&self, revocations: &[Revocation]) -> Vec<Revocation> {
-        let Some(pool) = self.private_key() else {
+    /// How many new revocations of `peer`'s may be checked now: none from a stranger (so
+    /// fresh identities cannot make a member check signatures by the thousand), else what
+    /// is left of its [`REVOCATION_CHECKS`] this window.
+    fn revocation_budget(&self, peer: &PeerId) -> usize {
+        if self.private_key().is_none() || !self.admitted(peer) {
+            return 0;
+        }
+        let now = tokio::time::Instant::now();
+        let mut st = self.state();
+        if st.revocations_from.len() > 1024 {
+            st.revocations_from
+                .retain(|_, (at, _)| now.duration_since(*at) < REVOCATION_WINDOW);
+        }
+        let window = st
+            .revocations_from
+            .entry(*peer)
+            .or_insert((now, REVOCATION_CHECKS));
+        if now.duration_since(window.0) >= REVOCATION_WINDOW {
+            *window = (now, REVOCATION_CHECKS);
+        }
+        window.1
+    }
+
+    /// Counts `n` checks against `peer`'s window.
+    fn spend_revocation_checks(&self, peer: &PeerId, n: usize) {
+        if let Some(w) = self.state().revocations_from.get_mut(peer) {
+            w.1 = w.1.saturating_sub(n);
+        }
+    }
+
+    /// Takes in revocations `peer` sent (its admission answer, its gossip), within its
+    /// budget (see [`Gate::revocation_budget`]); the new ones. Blocking: checks signatures.
+    pub fn revoke_from(&self, peer: &PeerId, revocations: &[Revocation]) -> Vec<Revocation> {
+        let budget = self.revocation_budget(peer);
+        if budget == 0 {
+            if !revocations.is_empty() {
+                tracing::debug!(%peer, "revocations from peer {peer} ignored: not admitted, or over its checks for now");
+            }
             return Vec::new();
+        }
+        let (new, checked) = self.revoke_within(revocations, budget);
+        self.spend_revocation_checks(peer, checked);
+        new
+    }
+
+    /// Takes in the revocations in `peer`'s admission answer, once this peer has judged
+    /// `peer` itself and off the async workers (see [`Gate::revoke_from`]).
+    async fn revocations_from(&self, peer: PeerId, revocations: Vec<Revocation>) {
+        if revocations.is_empty() || self.private_key().is_none() {
+            return;
+        }
+        if !self.wait_admitted(&peer).await {
+            tracing::warn!(%peer, "ignored {} revocations from peer {peer}: it is not admitted to this pool", revocations.len());
+            return;
+        }
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.revoke_from(&peer, &revocations)).await;
+    }
+
+    /// Takes in withdrawals signed by the pool key (others are ignored), disconnects
+    /// admitted peers whose certificates they name, and returns the new ones. For the
+    /// pool's own list (the coordinator's `pool.json`); peers' lists go through
+    /// [`Gate::revoke_from`]. Blocking: checks signatures.
+    pub fn revoke(&self, revocations: &[Revocation]) -> Vec<Revocation> {
+        self.revoke_within(revocations, MAX_REVOCATIONS).0
+    }
+
+    /// [`Gate::revoke`], checking at most `budget` signatures; the new revocations and how
+    /// many signatures were checked. Signatures are checked without holding the gate's
+    /// lock, and forged ones are remembered so they cost nothing again.
+    fn revoke_within(&self, revocations: &[Revocation], budget: usize) -> (Vec<Revocation>, usize) {
+        let Some(pool) = self.private_key() else {
+            return (Vec::new(), 0);
         };
+        let candidates: Vec<&Revocation> = {
+            let st = self.state();
+            revocations
+                .iter()
+                .filter(|r| {
+                    !st.revoked_serials.contains(&r.serial) && !st.forged.contains(&r.signature.0)
+                })
+                .take(budget)
+                .collect()
+        };
+        let checked = candidates.len();
+        let (good, bad): (Vec<&Revocation>, Vec<&Revocation>) =
+            candidates.into_iter().partition(|r| r.verify(pool).is_ok());
         let mut new = Vec::new();
         {
             let mut st = self.state();
-            for r in revocations {
+            if st.forged.len() + bad.len() > FORGED_KEPT {
+                st.forged.clear();
+            }
+            st.forged.extend(bad.iter().map(|r| r.signature.0));
+            for r in good {
                 if st.revoked.len() >= MAX_REVOCATIONS {
                     tracing::warn!("over {MAX_REVOCATIONS} revocations; the rest are ignored");
                     break;
                 }
-                if r.verify(pool).is_ok() && !st.revoked.iter().any(|k| k.serial == r.serial) {
+                if st.revoked_serials.insert(r.serial) {
                     st.revoked.push(r.clone());
                     new.push(r.clone());
                 }
@@ -520,7 +622,7 @@ impl Gate {
             let why = format!("its certificate (serial {serial}) was revoked");
             self.refuse(peer, why, LAST_WORD);
         }
-        new
+        (new, checked)
     }
 
     /// Disconnects admitted peers whose certificates expired by unix time `now`.
@@ -653,5 +755,58 @@ mod tests {
         assert!(open
             .revoke(&[Revocation::issue(&pool, 4, 0).unwrap()])
             .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_strangers_revocations_cost_no_checks_and_forged_ones_cost_one_each_once() {
+        let (pool, alice, stranger) = (key(1), key(2), key(3));
+        let (gate, _drops) = Gate::new(PoolMembership::Private {
+            pool: pool.public(),
+            name: "lab".into(),
+            certificate: None,
+        });
+        // Forged in the pool's name: each needs a signature check to be found out.
+        let forged: Vec<Revocation> = (0..100)
+            .map(|i| {
+                let mut r = Revocation::issue(&key(9), i, 0).unwrap();
+                r.pool = pool.public();
+                r
+            })
+            .collect();
+        assert!(gate.revoke_from(&peer(&stranger), &forged).is_empty());
+        assert!(
+            gate.state().forged.is_empty(),
+            "a stranger's list was checked"
+        );
+
+        gate.state().admitted.insert(
+            peer(&alice),
+            Entry {
+                serial: Some(7),
+                expires_at: None,
+                role: Some(Role::Member),
+            },
+        );
+        assert!(gate.revoke_from(&peer(&alice), &forged).is_empty());
+        assert_eq!(gate.state().forged.len(), 100);
+        let left = |g: &Gate| g.state().revocations_from.get(&peer(&alice)).map(|w| w.1);
+        assert_eq!(left(&gate), Some(REVOCATION_CHECKS - 100));
+        // Sent again, they are known forgeries: no checks spent.
+        assert!(gate.revoke_from(&peer(&alice), &forged).is_empty());
+        assert_eq!(left(&gate), Some(REVOCATION_CHECKS - 100));
+        // A real one among them still counts.
+        let mut list = forged.clone();
+        list.push(Revocation::issue(&pool, 42, 0).unwrap());
+        assert_eq!(gate.revoke_from(&peer(&alice), &list).len(), 1);
+        // Past its budget, a member's lists wait for the next window.
+        gate.state()
+            .revocations_from
+            .insert(peer(&alice), (tokio::time::Instant::now(), 0));
+        let later = [Revocation::issue(&pool, 43, 0).unwrap()];
+        assert!(gate.revoke_from(&peer(&alice), &later).is_empty());
+        assert!(
+            gate.revoke(&later).len() == 1,
+            "the pool's own list is not budgeted"
+        );
     }
 }

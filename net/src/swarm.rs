@@ -239,9 +239,15 @@ pub fn handle_common(
                 return None;
             }
             if let Ok((Message::Revoked(list), _)) = decode_frame::<Message>(&message.data) {
-                let new = gate.revoke(&list);
-                if !new.is_empty() {
-                    tracing::info!("{} certificates revoked by the pool", new.len());
+                // Signatures are checked off the swarm's task, within the sender's budget.
+                if let Some(from) = message.source {
+                    let gate = gate.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let new = gate.revoke_from(&from, &list);
+                        if !new.is_empty() {
+                            tracing::info!(%from, "{} certificates revoked by the pool", new.len());
+                        }
+                    });
                 }
                 return None;
             }
