@@ -246,6 +246,12 @@ fn audit_verify(file: &std::path::Path, key: Option<&str>) -> Result<()> {
     for (verdict, n) in &sum.verdicts {
         println!("  {verdict}: {n}");
     }
+    if !sum.head_checked {
+        eprintln!(
+            "warning: no signed head beside the log ({}): a log cut at a line boundary cannot be told from a whole one",
+            potluck_coordinator::audit::head_path(file).display()
+        );
+    }
     Ok(())
 }
 

@@ -6,6 +6,13 @@
 //!
 //! A line is `{"hash": H, "sig": S, "entry": E}` where `H` is blake3 of `E`'s exact bytes,
 //! `S` the coordinator's signature over `H`, and `E` carries the previous line's hash.
+//!
+//! A chain alone cannot tell a log cut at a line boundary from a whole one, so beside the
+//! log (`audit.log.head`) the coordinator keeps a signed head: how many entries the log
+//! held at its last write, and the last one's hash. A log shorter than its head says, or
+//! whose entry there has another hash, was cut or rewritten; the coordinator refuses to
+//! append to it and `potluck audit verify` fails. (Cutting the log and putting back an
+//! older head goes unseen here: for that, copy heads elsewhere.)
 
 use potluck_net::swarm::peer_id_of;
 use potluck_protocol::codec::{decode_body, encode_body};
@@ -23,6 +30,8 @@ use thiserror::Error;
 
 /// Domain of the coordinator's signatures over audit lines.
 pub const AUDIT_DOMAIN: &str = "potluck/audit/1";
+/// Domain of the coordinator's signatures over the log's head.
+pub const AUDIT_HEAD_DOMAIN: &str = "potluck/audit-head/1";
 /// File name of the log in the coordinator's data directory.
 pub const AUDIT_FILE: &str = "audit.log";
 /// Entries waiting for the writer before recording blocks (back-pressure, never loss).
@@ -204,6 +213,73 @@ pub struct Summary {
     pub verdicts: BTreeMap<String, u64>,
     /// Hash of the last line's entry (where the next line chains from).
     pub head: [u8; 32],
+    /// Whether a signed head was found beside the log and matched (a log without one
+    /// cannot be told from a cut one).
+    pub head_checked: bool,
+}
+
+/// The signed head kept beside a log: its entries at the last write, and the last one's
+/// hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Head {
+    entries: u64,
+    head: String,
+    sig: String,
+}
+
+/// Where the head of the log at `path` is kept.
+pub fn head_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".head");
+    PathBuf::from(name)
+}
+
+/// The bytes a head's signature covers.
+fn head_message(entries: u64, head: &[u8; 32]) -> Vec<u8> {
+    let mut m = entries.to_le_bytes().to_vec();
+    m.extend_from_slice(head);
+    m
+}
+
+/// The head beside `path`, checked against `key`: entries and hash; `None` when there is
+/// none.
+fn read_head(path: &Path, key: &PublicKey) -> Result<Option<(u64, [u8; 32])>, AuditError> {
+    let hp = head_path(path);
+    let text = match std::fs::read_to_string(&hp) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(AuditError::Io { path: hp, source }),
+    };
+    let broken = |why: &str| AuditError::Broken {
+        line: 0,
+        why: format!("{}: {why}", hp.display()),
+    };
+    let h: Head = serde_json::from_str(&text).map_err(|_| broken("not a log head"))?;
+    let head = from_hex_array::<32>(&h.head).ok_or_else(|| broken("bad hash"))?;
+    let sig = from_hex_array::<64>(&h.sig)
+        .map(Signature)
+        .ok_or_else(|| broken("bad signature encoding"))?;
+    key.verify(AUDIT_HEAD_DOMAIN, &head_message(h.entries, &head), &sig)
+        .map_err(|_| broken("not signed by the log's coordinator"))?;
+    Ok(Some((h.entries, head)))
+}
+
+/// Why a log does not reach its head: `entries` whole lines, the hash of the entry the head
+/// names (if the log reaches it).
+fn short_of_head(head: (u64, [u8; 32]), entries: u64, at_head: Option<[u8; 32]>) -> Option<String> {
+    if entries < head.0 {
+        return Some(format!(
+            "the log holds {entries} entries but its signed head says {}: it was cut",
+            head.0
+        ));
+    }
+    if head.0 > 0 && at_head != Some(head.1) {
+        return Some(format!(
+            "entry {} is not the one its signed head names: the log was rewritten",
+            head.0 - 1
+        ));
+    }
+    None
 }
 
 pub use potluck_protocol::hex::{from_hex, to_hex};
@@ -292,6 +368,7 @@ fn empty_summary() -> Summary {
         key: None,
         verdicts: BTreeMap::new(),
         head: [0; 32],
+        head_checked: false,
     }
 }
 
@@ -306,6 +383,9 @@ pub fn verify_file(path: &Path, key: Option<PublicKey>) -> Result<Summary, Audit
     let mut sum = empty_summary();
     sum.key = key;
     let mut buf = Vec::new();
+    // The head is read once the log's key is known (its first line names it).
+    let mut head: Option<Option<(u64, [u8; 32])>> = None;
+    let mut at_head = None;
     loop {
         buf.clear();
         let n = (&mut reader)
@@ -331,6 +411,30 @@ pub fn verify_file(path: &Path, key: Option<PublicKey>) -> Result<Summary, Audit
             why: "not UTF-8".into(),
         })?;
         check_line(line_no, text, &mut sum)?;
+        if head.is_none() {
+            if let Some(k) = sum.key {
+                head = Some(read_head(path, &k)?);
+            }
+        }
+        if let Some(Some((n, _))) = head {
+            if sum.entries == n {
+                at_head = Some(sum.head);
+            }
+        }
+    }
+    if head.is_none() {
+        if let Some(k) = sum.key {
+            head = Some(read_head(path, &k)?);
+        }
+    }
+    if let Some(Some(h)) = head {
+        if let Some(why) = short_of_head(h, sum.entries, at_head) {
+            return Err(AuditError::Broken {
+                line: sum.entries,
+                why,
+            });
+        }
+        sum.head_checked = true;
     }
     Ok(sum)
 }
@@ -402,6 +506,16 @@ impl AuditLog {
     /// Opens (or starts) the log at `path`, signing with `key`, and records that it did.
     pub fn open(path: &Path, key: Keypair, pool: &str) -> Result<Self, AuditError> {
         let (seq, head) = tail(path, &key.public())?;
+        if let Some(signed) = read_head(path, &key.public())? {
+            // A crash may leave the log ahead of its head, never behind it.
+            let at_head = if signed.0 == seq { Some(head) } else { None };
+            let reaches = signed.0 < seq || at_head == Some(signed.1);
+            if !reaches || signed.0 > seq {
+                let why = short_of_head(signed, seq, at_head)
+                    .unwrap_or_else(|| "the log does not reach its signed head".into());
+                return Err(AuditError::Broken { line: seq, why });
+            }
+        }
         let io = |source| AuditError::Io {
             path: path.to_path_buf(),
             source,
@@ -480,6 +594,8 @@ impl Writer {
                     }
                     if let Err(e) = self.out.flush() {
                         tracing::error!(path = %self.path.display(), "audit log flush failed: {e}");
+                    } else if let Err(e) = self.write_head() {
+                        tracing::error!(path = %self.path.display(), "audit log head not written: {e}");
                     }
                     unsynced = true;
                     if !waiting.is_empty() {
@@ -502,6 +618,30 @@ impl Writer {
         }
         let _ = self.out.flush();
         let _ = self.out.get_ref().sync_data();
+    }
+
+    /// Replaces the signed head beside the log with the log's end now (whole, by rename).
+    fn write_head(&self) -> std::io::Result<()> {
+        let head = Head {
+            entries: self.seq,
+            head: to_hex(&self.head),
+            sig: to_hex(
+                &self
+                    .key
+                    .sign(AUDIT_HEAD_DOMAIN, &head_message(self.seq, &self.head))
+                    .0,
+            ),
+        };
+        let path = head_path(&self.path);
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        potluck_net::identity::private_file(&tmp)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(&head).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, &path)
     }
 
     fn append_logged(&mut self, record: Record) {

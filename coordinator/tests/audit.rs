@@ -1,10 +1,11 @@
 //! The audit log holds up offline: a log written by the real writer verifies, with every
 //! receipt inside; changing, dropping or reordering any line, forging a receipt, or signing
-//! with another key is caught at the line where it happened; a line a crash cut short is cut
-//! off when the log is reopened, and the chain goes on.
+//! with another key is caught at the line where it happened; a log cut at a line boundary is
+//! caught by its signed head; a line a crash cut short is cut off when the log is reopened,
+//! and the chain goes on.
 
 use potluck_coordinator::audit::{
-    from_hex, receipt_hex, to_hex, verify_file, AuditError, AuditLog, Record,
+    from_hex, head_path, receipt_hex, to_hex, verify_file, AuditError, AuditLog, Record,
 };
 use potluck_net::swarm::peer_id_of;
 use potluck_protocol::codec::{decode_body, encode_body};
@@ -118,6 +119,28 @@ fn a_written_log_verifies_and_every_tampering_is_caught_where_it_happened() {
     assert_eq!(at, 3);
     assert!(why.contains("signature") || why.contains("chain"), "{why}");
 
+    // Cut at a line boundary: every line still chains, but the signed head beside the log
+    // says how many there were. The coordinator will not append to it either.
+    let mut v = good.clone();
+    v.truncate(good.len() - 3);
+    save(&path, &v);
+    let (at, why) = broken_at(&path);
+    assert_eq!(at, 18);
+    assert!(why.contains("it was cut"), "{why}");
+    assert!(AuditLog::open(&path, Keypair::from_secret(&[1; 32]), "lab").is_err());
+    // The whole log checks out against its head; without a head, it says it could not.
+    save(&path, &good);
+    assert!(verify_file(&path, None).unwrap().head_checked);
+    let head = std::fs::read(head_path(&path)).unwrap();
+    std::fs::remove_file(head_path(&path)).unwrap();
+    assert!(!verify_file(&path, None).unwrap().head_checked);
+    // A head signed by another key is refused.
+    let mut forged_head: serde_json::Value = serde_json::from_slice(&head).unwrap();
+    forged_head["entries"] = serde_json::json!(3);
+    std::fs::write(head_path(&path), forged_head.to_string()).unwrap();
+    assert!(broken_at(&path).1.contains("not signed by"));
+    std::fs::remove_file(head_path(&path)).unwrap();
+
     // A forged receipt: signed by the coordinator (a dishonest one), but the node never
     // signed what it claims.
     std::fs::remove_file(&path).unwrap();
@@ -138,6 +161,7 @@ fn a_written_log_verifies_and_every_tampering_is_caught_where_it_happened() {
     assert!(why.contains("receipt signature"), "{why}");
     // A real receipt credited to another node.
     std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(head_path(&path)).unwrap();
     let log = AuditLog::open(&path, Keypair::from_secret(&[1; 32]), "lab").unwrap();
     let other = Keypair::from_secret(&[4; 32]);
     log.record(Record::Result {
