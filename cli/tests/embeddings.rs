@@ -148,3 +148,51 @@ fn embeddings_are_split_across_nodes_exact_and_survive_a_node_dying() {
         coord.seen
     );
 }
+
+#[test]
+fn a_node_that_corrupts_its_embeddings_is_caught_by_checks_and_honest_ones_never_are() {
+    // Online slices are spot-checked like stage results: a new node's every slice is
+    // recomputed on another node beside the request. Noise that keeps vectors unit length
+    // (so the norm check passes) is caught there.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, http) = common::coordinator(dir.path(), &[]);
+    let (_a, id_a) = node(dir.path(), "a", "public", &addr, &[]);
+    let (_b, id_b) = node(dir.path(), "b", "public", &addr, &[]);
+    let (_c, cheat) = node(
+        dir.path(),
+        "cheat",
+        "public",
+        &addr,
+        &["--corrupt", "1:noise"],
+    );
+    common::wait_joined(&mut coord, [&id_a, &id_b, &cheat]);
+    let caught = format!("peer quarantined {cheat}");
+    let mut rounds = 0;
+    while coord
+        .wait_for(Instant::now() + Duration::from_millis(500), |l| {
+            l.starts_with(&caught)
+        })
+        .is_none()
+    {
+        rounds += 1;
+        assert!(rounds <= 20, "the cheat was never caught: {:?}", coord.seen);
+        let (status, answer) = post_json(&http, "/v1/embeddings", &json!({"input": texts(96)}));
+        assert_eq!(status, 200, "{answer}");
+    }
+    let line = coord.seen.iter().find(|l| l.starts_with(&caught)).unwrap();
+    assert!(
+        line.contains("failed an embedding check")
+            || line.contains("recomputation disagreed with two other peers"),
+        "{line}"
+    );
+    common::never_quarantined(&coord, [&id_a, &id_b]);
+    // From now on every answer is the honest one.
+    let inputs = texts(64);
+    let (status, answer) = post_json(&http, "/v1/embeddings", &json!({"input": inputs}));
+    assert_eq!(status, 200, "{answer}");
+    let (want, _) = common::local_embed(&inputs);
+    for (i, (g, w)) in vectors(&answer).iter().zip(&want).enumerate() {
+        let cos = potluck_engine::bert::cosine(g, w);
+        assert!(cos >= 0.9999, "input {i}: cosine {cos}");
+    }
+}

@@ -412,17 +412,18 @@ fn a_peer_whose_result_does_not_verify_is_dropped_and_its_session_goes_on_on_an_
     drop(rt);
 }
 
-/// A prefill of `n` tokens for `session` on a fresh stage stream, kept open; its answer.
+/// A prefill of `n` tokens for `session` on a fresh stage stream, kept open; its answer, or
+/// what went wrong.
 async fn prefill(
     control: &mut libp2p_stream::Control,
     node: PeerId,
     session: u64,
     n: usize,
-) -> (libp2p::Stream, Message) {
+) -> Result<(libp2p::Stream, Message), String> {
     let mut s = control
         .open_stream(node, proto(Channel::Stage))
         .await
-        .expect("open a stage stream");
+        .map_err(|e| format!("opening session {session}: {e}"))?;
     let req = Message::Forward(StageForward {
         session,
         step: 0,
@@ -430,17 +431,21 @@ async fn prefill(
         input: StageInputWire::Tokens(vec![1; n]),
         sample: None,
     });
-    s.write_all(&encode_frame(&req).unwrap()).await.unwrap();
-    s.flush().await.unwrap();
+    let sent = async {
+        s.write_all(&encode_frame(&req).unwrap()).await?;
+        s.flush().await
+    };
+    sent.await
+        .map_err(|e| format!("sending session {session}: {e}"))?;
     let answer = tokio::time::timeout(
         Duration::from_secs(120),
         potluck_protocol::stream::read_frame_async::<Message>(&mut s, 1 << 24),
     )
     .await
-    .expect("an answer in time")
-    .expect("a valid frame")
-    .expect("not closed");
-    (s, answer)
+    .map_err(|_| format!("no answer to session {session} in time"))?
+    .map_err(|e| format!("session {session}'s answer: {e}"))?
+    .ok_or_else(|| format!("session {session} closed unanswered"))?;
+    Ok((s, answer))
 }
 
 #[test]
@@ -466,27 +471,41 @@ fn a_strangers_sessions_cannot_fill_a_nodes_cache() {
         Message::Error(e) if e.code == ErrorCode::Overloaded && e.message.contains(what) => {}
         other => panic!("expected Overloaded ({what}), got {other:?}"),
     };
-    let _held = rt.block_on(async {
+    let held = rt.block_on(async {
         let key =
             potluck_net::swarm::libp2p_keypair(Keypair::from_secret(&[44; 32]).secret()).unwrap();
         let mut swarm = common::open_swarm(key);
         let mut control = swarm.behaviour().streams.new_control();
         swarm.dial(node_addr.parse::<Multiaddr>().unwrap()).unwrap();
+        let (closed_tx, closed) = tokio::sync::watch::channel(String::new());
         tokio::spawn(async move {
             loop {
-                swarm.select_next_some().await;
+                if let libp2p::swarm::SwarmEvent::ConnectionClosed { cause, .. } =
+                    swarm.select_next_some().await
+                {
+                    let _ = closed_tx.send(format!("{cause:?}"));
+                }
             }
         });
+        let why = |e: String| format!("{e} (connection closed: {:?})", *closed.borrow());
         // 4,100 positions is past its share; 2,000 is within it and is served.
-        let (first, a) = prefill(&mut control, node_peer, 1, 4100).await;
+        let (first, a) = prefill(&mut control, node_peer, 1, 4100)
+            .await
+            .map_err(why)?;
         overloaded(&a, "may hold at most");
-        let (second, b) = prefill(&mut control, node_peer, 2, 2000).await;
+        let (second, b) = prefill(&mut control, node_peer, 2, 2000)
+            .await
+            .map_err(why)?;
         assert!(matches!(b, Message::Result(_)), "{b:?}");
         // A third session while two are open is refused.
-        let (_third, c) = prefill(&mut control, node_peer, 3, 10).await;
+        let (_third, c) = prefill(&mut control, node_peer, 3, 10).await.map_err(why)?;
         overloaded(&c, "at most 2 sessions");
-        (first, second)
+        Ok::<_, String>((first, second))
     });
+    if let Err(e) = &held {
+        node.wait_for(Instant::now() + Duration::from_secs(1), |_| false);
+        panic!("{e}; the node said: {:#?}", node.seen);
+    }
     let (status, v) = common::post_json(
         &http,
         "/v1/completions",

@@ -529,20 +529,17 @@ fn a_stranger_hears_no_adverts_addresses_or_peers_and_its_gossip_is_not_passed_o
             ))
             .unwrap();
         let pool_key: PublicKey = PublicKey(from_hex(&lab).unwrap().try_into().unwrap());
+        let forger = potluck_protocol::signed::Keypair::from_secret(&[66; 32]);
+        let forged: Vec<_> = (0..FORGED)
+            .map(|i| {
+                let mut r =
+                    potluck_protocol::membership::Revocation::issue(&forger, i as u64, 0).unwrap();
+                r.pool = pool_key;
+                r
+            })
+            .collect();
         tokio::spawn(async move {
             use potluck_protocol::messages::Message;
-            let forged: Vec<_> = (0..FORGED)
-                .map(|i| {
-                    let mut r = potluck_protocol::membership::Revocation::issue(
-                        &potluck_protocol::signed::Keypair::from_secret(&[66; 32]),
-                        i as u64,
-                        0,
-                    )
-                    .unwrap();
-                    r.pool = pool_key;
-                    r
-                })
-                .collect();
             while let Some((_, mut s)) = futures::StreamExt::next(&mut hellos).await {
                 let _ = potluck_protocol::stream::read_frame_async::<Message>(&mut s, 1 << 20).await;
                 let answer = Message::Admission(potluck_protocol::membership::Admission {

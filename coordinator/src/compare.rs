@@ -131,6 +131,19 @@ impl Comparison {
     }
 }
 
+/// Least cosine similarity at which two sentence vectors agree. Honest recomputations on
+/// CPUs agree to 1e-6 (see docs/batch.md); a corrupted vector falls far below.
+pub const EMBED_AGREEMENT: f32 = 0.999;
+
+/// Whether two embedding answers agree: as many vectors, each pair of the same width and
+/// within [`EMBED_AGREEMENT`] (batch quorums and online embedding checks alike).
+pub fn vectors_agree(a: &[Vec<f32>], b: &[Vec<f32>]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.len() == y.len() && row_distances(x, y, x.len()).0 >= f64::from(EMBED_AGREEMENT)
+        })
+}
+
 /// Per-row cosine similarity and relative L2 error of `a` against reference `b`, both
 /// `rows` × `cols`: the worst row of each.
 pub fn row_distances(a: &[f32], b: &[f32], cols: usize) -> (f64, f64) {

@@ -4,6 +4,7 @@
 
 mod canary;
 mod checks;
+mod embed_checks;
 mod work;
 
 pub(crate) use work::{embedded, verify_work, Refusal};

@@ -6,7 +6,7 @@
 
 use super::input::{chat_line, embed_texts};
 use super::store::{Kind, OpenUnit, Store};
-use crate::compare::{row_distances, Verdict};
+use crate::compare::{vectors_agree, Verdict};
 use crate::pool::{embedded, verify_work, Coordinator, Refusal};
 use libp2p::PeerId;
 use potluck_engine::chat::{chat_prompt_ids, ChatMessage};
@@ -25,9 +25,7 @@ pub const DEFAULT_QUORUM: usize = 2;
 pub const MAX_REPLICAS: usize = 5;
 /// Units one peer runs at once (a second one hides the round trip).
 const PER_PEER: usize = 2;
-/// Least cosine similarity at which two embedding results agree. Honest recomputations on
-/// CPUs agree to 1e-6 (see docs/batch.md); a corrupted vector falls far below.
-pub const EMBED_AGREEMENT: f32 = 0.999;
+pub use crate::compare::EMBED_AGREEMENT;
 /// How often the queue is looked at when nothing wakes it.
 const TICK: Duration = Duration::from_millis(250);
 /// Open units looked at per round.
@@ -71,12 +69,7 @@ impl Answer {
             ) => {
                 // The same row comparison as hidden states under spot checks; honest nodes
                 // count the same tokens with the same tokenizer.
-                ta == tb
-                    && a.len() == b.len()
-                    && a.iter().zip(b).all(|(x, y)| {
-                        x.len() == y.len()
-                            && row_distances(x, y, x.len()).0 >= f64::from(EMBED_AGREEMENT)
-                    })
+                ta == tb && vectors_agree(a, b)
             }
             (
                 Answer::Completion {

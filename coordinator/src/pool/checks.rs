@@ -36,9 +36,34 @@ pub(super) fn cmp(a: (&StageOutputWire, &Receipt), b: (&StageOutputWire, &Receip
 
 /// Whether the two sides of a check have records of their own.
 #[derive(Debug, Clone, Copy)]
-struct Standing {
-    checked: bool,
-    checker: bool,
+pub(super) struct Standing {
+    /// The peer whose work is checked.
+    pub(super) checked: bool,
+    /// The peer that recomputed it first.
+    pub(super) checker: bool,
+}
+
+/// Settles a check from its comparisons: `first`, the checked result against the checker's;
+/// `third`, when the first disagreed and a third peer answered, the checked result and the
+/// checker's each against the third's. The verdict, and whether the checker was shown
+/// wrong. One peer's word alone stands only from a proven checker against an unproven peer.
+pub(super) fn settle(
+    first: Verdict,
+    third: Option<(Verdict, Verdict)>,
+    standing: Standing,
+) -> (Verdict, bool) {
+    if first == Verdict::Pass {
+        return (Verdict::Pass, false);
+    }
+    let Some((checked, checker)) = third else {
+        let stands = standing.checker && !standing.checked;
+        return (if stands { first } else { Verdict::Inconclusive }, false);
+    };
+    match (checked, checker) {
+        (Verdict::Pass, checker) => (Verdict::Pass, checker == Verdict::Fail),
+        (Verdict::Fail, v) if v != Verdict::Fail => (Verdict::Fail, false),
+        _ => (Verdict::Inconclusive, false),
+    }
 }
 
 /// Decides one picked result from its recomputations: `first` by the checker, `third` by
@@ -51,34 +76,18 @@ fn decide(
 ) -> Decision {
     let checked = (&picked.output, &picked.receipt);
     let v1 = cmp(checked, (&first.output, &first.receipt));
-    let decision = |verdict, lying_checker| Decision {
+    let third = third.map(|t| {
+        let against = (&t.output, &t.receipt);
+        (
+            cmp(checked, against).verdict,
+            cmp((&first.output, &first.receipt), against).verdict,
+        )
+    });
+    let (verdict, lying_checker) = settle(v1.verdict, third, standing);
+    Decision {
         verdict,
         lying_checker,
-        first: v1.clone(),
-    };
-    if v1.verdict == Verdict::Pass {
-        return decision(Verdict::Pass, false);
-    }
-    let Some(third) = third else {
-        let stands = standing.checker && !standing.checked;
-        return decision(
-            if stands {
-                v1.verdict
-            } else {
-                Verdict::Inconclusive
-            },
-            false,
-        );
-    };
-    let v2 = cmp(checked, (&third.output, &third.receipt));
-    let v3 = cmp(
-        (&first.output, &first.receipt),
-        (&third.output, &third.receipt),
-    );
-    match (v2.verdict, v3.verdict) {
-        (Verdict::Pass, checker) => decision(Verdict::Pass, checker == Verdict::Fail),
-        (Verdict::Fail, v) if v != Verdict::Fail => decision(Verdict::Fail, false),
-        _ => decision(Verdict::Inconclusive, false),
+        first: v1,
     }
 }
 
@@ -168,13 +177,40 @@ impl Coordinator {
     }
 
     /// One of `candidates`, at random (a checked peer must not know its checker).
-    fn draw(&self, mut candidates: Vec<(Span, PeerId)>) -> Option<(Span, PeerId)> {
+    fn draw(&self, candidates: Vec<(Span, PeerId)>) -> Option<(Span, PeerId)> {
+        self.draw_by(candidates, |(_, p)| *p)
+    }
+
+    /// One of `candidates`, each naming its peer with `peer`, at random; the order drawn
+    /// from is the peers', so draws are reproducible from the seed.
+    pub(super) fn draw_by<T>(
+        &self,
+        mut candidates: Vec<T>,
+        peer: impl Fn(&T) -> PeerId,
+    ) -> Option<T> {
         if candidates.is_empty() {
             return None;
         }
-        candidates.sort_by_key(|(s, _)| s.peer.0);
+        candidates.sort_by_key(|c| peer(c).to_bytes());
         let i = self.state().trust.draw(candidates.len());
         Some(candidates.swap_remove(i))
+    }
+
+    /// A third opinion among `others`: proven peers first, and only proven ones for a
+    /// `checked_proven` peer's dispute.
+    pub(super) fn third_opinion<T>(
+        &self,
+        others: Vec<T>,
+        peer: impl Fn(&T) -> PeerId + Copy,
+        checked_proven: bool,
+    ) -> Option<T> {
+        let (proven, new): (Vec<T>, Vec<T>) =
+            others.into_iter().partition(|c| self.proven(peer(c)));
+        if checked_proven || !proven.is_empty() {
+            self.draw_by(proven, peer)
+        } else {
+            self.draw_by(new, peer)
+        }
     }
 
     async fn run_check(&self, job: CheckJob) {
@@ -212,15 +248,8 @@ impl Coordinator {
         let third = if disputed.is_empty() {
             None
         } else {
-            // Proven peers first; a proven peer's dispute goes to proven peers only.
             let others = self.replicas(job.span.range, &[job.peer, checker]);
-            let (proven, new): (Vec<_>, Vec<_>) =
-                others.into_iter().partition(|(_, p)| self.proven(*p));
-            if standing.checked || !proven.is_empty() {
-                self.draw(proven)
-            } else {
-                self.draw(new)
-            }
+            self.third_opinion(others, |(_, p)| *p, standing.checked)
         };
         if let Some(third) = third {
             let sub = CheckJob {

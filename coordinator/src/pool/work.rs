@@ -1,7 +1,8 @@
 //! Whole-model work on the pool: an embedding request is cut into slices that run on the
 //! peers holding the encoder whole. Each peer pulls the next slice when its last is done, so
 //! faster peers take more; a slice whose peer fails goes back to the queue for another, and
-//! every result must carry a valid receipt from the peer that sent it.
+//! every result must carry a valid receipt from the peer that sent it. Slices are spot-checked
+//! like stage results (see `embed_checks`).
 
 use super::{Coordinator, SessionError};
 use libp2p::PeerId;
@@ -46,9 +47,21 @@ pub struct WorkTally {
 }
 
 /// A slice of the request: where its texts start, and the texts.
-struct Slice {
-    start: usize,
-    texts: Vec<String>,
+pub(super) struct Slice {
+    pub(super) start: usize,
+    pub(super) texts: Vec<String>,
+}
+
+/// A slice's checked answer.
+pub(super) struct SliceAnswer {
+    /// One unit-length vector per text.
+    pub(super) vectors: Vec<Vec<f32>>,
+    /// Tokens it counts for.
+    pub(super) tokens: u64,
+    /// The peer's receipt over it.
+    pub(super) receipt: potluck_protocol::messages::Receipt,
+    /// The work unit it answered.
+    pub(super) unit: u64,
 }
 
 /// Cuts `texts` into slices of at most [`SLICE_TEXTS`] texts and [`SLICE_BYTES`] bytes.
@@ -201,7 +214,15 @@ impl Coordinator {
                         return;
                     };
                     match self.run_slice(peer, &key, model, &slice).await {
-                        Ok((vectors, tokens)) => {
+                        Ok(answer) => {
+                            // Picked as stage results are: every slice of a new peer, a
+                            // share of a proven one's.
+                            if self.pick_for_check(peer) {
+                                self.check_slice_later(peer, model.clone(), &slice, &answer);
+                            }
+                            let SliceAnswer {
+                                vectors, tokens, ..
+                            } = answer;
                             {
                                 let mut st = self.state();
                                 let tally = st.work.entry(key).or_default();
@@ -272,13 +293,13 @@ impl Coordinator {
     }
 
     /// Sends one slice to `peer` and checks its answer.
-    async fn run_slice(
+    pub(super) async fn run_slice(
         &self,
         peer: PeerId,
         key: &PublicKey,
         model: &ModelRef,
         slice: &Slice,
-    ) -> Result<(Vec<Vec<f32>>, u64), Refusal> {
+    ) -> Result<SliceAnswer, Refusal> {
         let req = WorkRequest {
             unit: self.fresh_session(),
             model: model.clone(),
@@ -286,7 +307,13 @@ impl Coordinator {
         };
         let result = self.send_work(peer, &req).await?;
         verify_work(key, &req, &result).map_err(Refusal::Failed)?;
-        embedded(&result, &slice.texts).map_err(Refusal::Failed)
+        let (vectors, tokens) = embedded(&result, &slice.texts).map_err(Refusal::Failed)?;
+        Ok(SliceAnswer {
+            vectors,
+            tokens,
+            receipt: result.receipt,
+            unit: req.unit,
+        })
     }
 
     /// One work unit on `peer`: a stream, the request, its answer.
