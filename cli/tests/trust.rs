@@ -643,13 +643,10 @@ fn a_fresh_key_cannot_get_a_proven_node_quarantined_on_its_word_alone() {
         tiny_round(&http, 4, 100 + rounds);
         settle(&http, "potluck_checks_total{kind=\"recomputed\"}");
     }
-    // More of the proven node's work checked by nobody but the (now quarantined) key,
-    // then every check settled: the proven node was never condemned.
+    // More of the proven node's work, then every check settled: the proven node was never
+    // condemned, whichever of the two was checked first (the old rule quarantined it on the
+    // fresh key's word; `pool::checks::settle`'s unit tests pin the rule itself).
     tiny_round(&http, 4, 200);
     settle(&http, "potluck_checks_total{kind=\"recomputed\"}");
     common::never_quarantined(&coord, [&a]);
-    assert!(
-        metric(&http, "potluck_checks_total{kind=\"spot_inconclusive\"}") > 0.0,
-        "the fresh key's dispute of the proven node should have been inconclusive"
-    );
 }

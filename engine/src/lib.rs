@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod normalizer_growth;
 mod parallel;
 pub mod quant_matmul;
 pub mod rng;

@@ -382,3 +382,31 @@ fn a_tokenizer_files_padding_and_truncation_are_not_obeyed() {
         );
     }
 }
+
+#[test]
+fn a_tokenizer_whose_normalizer_blows_text_up_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(GgmlDType::F32);
+    write_safetensors(&s, &dir.path().join("st"), candle_core::DType::F32).unwrap();
+    let path = dir.path().join("st/tokenizer.json");
+    let honest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // One character to ten thousand; ten doublings in a row; an empty regex match between
+    // every two characters: 5,000 characters of prompt would become tens of megabytes.
+    let doubling =
+        serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": "  "});
+    for normalizer in [
+        serde_json::json!({"type": "Replace", "pattern": {"String": "a"}, "content": "x".repeat(10_000)}),
+        serde_json::json!({"type": "Sequence", "normalizers": vec![doubling; 10]}),
+        serde_json::json!({"type": "Replace", "pattern": {"Regex": ""}, "content": "y".repeat(500)}),
+    ] {
+        let mut json = honest.clone();
+        json["normalizer"] = normalizer;
+        std::fs::write(&path, json.to_string()).unwrap();
+        let err = match load_tokenizer(&WeightFile::open(&dir.path().join("st")).unwrap()) {
+            Ok(_) => panic!("a normalizer that blows text up was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("normalizer can grow text"), "{err}");
+    }
+}

@@ -379,3 +379,51 @@ impl Coordinator {
             .is_some_and(|k| st.exclusion(&k) == Some(Exclusion::Quarantined))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Verdict::{Fail, Inconclusive, Pass};
+
+    fn standing(checked: bool, checker: bool) -> Standing {
+        Standing { checked, checker }
+    }
+
+    #[test]
+    fn one_peers_word_condemns_only_from_a_proven_checker_against_an_unproven_peer() {
+        // A fresh key disputing a proven peer, with nobody to ask: inconclusive.
+        assert_eq!(
+            settle(Fail, None, standing(true, false)),
+            (Inconclusive, false)
+        );
+        // Proven against proven, or fresh against fresh: inconclusive too.
+        assert_eq!(
+            settle(Fail, None, standing(true, true)),
+            (Inconclusive, false)
+        );
+        assert_eq!(
+            settle(Fail, None, standing(false, false)),
+            (Inconclusive, false)
+        );
+        // A proven checker's word against a fresh peer stands.
+        assert_eq!(settle(Fail, None, standing(false, true)), (Fail, false));
+        // Agreement needs nobody's record.
+        assert_eq!(settle(Pass, None, standing(false, false)), (Pass, false));
+    }
+
+    #[test]
+    fn a_third_opinion_decides_by_majority_and_exposes_a_lying_checker() {
+        for s in [
+            standing(true, false),
+            standing(false, true),
+            standing(false, false),
+        ] {
+            // The third agrees with the checked peer and not the checker: the checker lied.
+            assert_eq!(settle(Fail, Some((Pass, Fail)), s), (Pass, true));
+            // The third agrees with the checker: the checked peer fails.
+            assert_eq!(settle(Fail, Some((Fail, Pass)), s), (Fail, false));
+            // Three different answers: nobody is condemned.
+            assert_eq!(settle(Fail, Some((Fail, Fail)), s), (Inconclusive, false));
+        }
+    }
+}
