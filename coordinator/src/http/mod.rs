@@ -150,7 +150,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = router(coordinator, &opts);
     let connections = limits::Connections::new(opts.max_connections);
-    let mut told = std::time::Instant::now() - Duration::from_secs(60);
+    let mut told: Option<std::time::Instant> = None;
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -162,12 +162,12 @@ pub async fn serve(
             }
         };
         let Some(slot) = connections.take() else {
-            if told.elapsed() >= Duration::from_secs(60) {
+            if told.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                 tracing::warn!(
                     "{} HTTP connections open; closing new ones until some end",
                     opts.max_connections
                 );
-                told = std::time::Instant::now();
+                told = Some(std::time::Instant::now());
             }
             drop(stream);
             continue;
