@@ -166,20 +166,11 @@ fn a_node_that_corrupts_its_embeddings_is_caught_by_checks_and_honest_ones_never
         &["--corrupt", "1:noise"],
     );
     common::wait_joined(&mut coord, [&id_a, &id_b, &cheat]);
-    let caught = format!("peer quarantined {cheat}");
-    let mut rounds = 0;
-    while coord
-        .wait_for(Instant::now() + Duration::from_millis(500), |l| {
-            l.starts_with(&caught)
-        })
-        .is_none()
-    {
-        rounds += 1;
-        assert!(rounds <= 20, "the cheat was never caught: {:?}", coord.seen);
-        let (status, answer) = post_json(&http, "/v1/embeddings", &json!({"input": texts(96)}));
-        assert_eq!(status, 200, "{answer}");
-    }
-    let line = coord.seen.iter().find(|l| l.starts_with(&caught)).unwrap();
+    let line =
+        common::until_quarantined(&mut coord, &cheat, 20, Duration::from_millis(500), |_| {
+            let (status, answer) = post_json(&http, "/v1/embeddings", &json!({"input": texts(96)}));
+            assert_eq!(status, 200, "{answer}");
+        });
     assert!(
         line.contains("failed an embedding check")
             || line.contains("recomputation disagreed with two other peers"),

@@ -64,26 +64,14 @@ fn a_node_that_corrupts_its_outputs_is_quarantined_and_honest_ones_never_are() {
     let (want, _) = common::local_generate("The capital of France is", false, 12);
 
     // Rounds of four sessions at once spread over the four nodes until the cheat is caught.
-    let quarantined = format!("peer quarantined {cheat}");
     let mut rounds = 0;
     let mut wrong = 0;
-    while coord
-        .wait_for(Instant::now() + Duration::from_millis(500), |l| {
-            l.starts_with(&quarantined)
-        })
-        .is_none()
-    {
-        rounds += 1;
-        assert!(rounds <= 10, "never quarantined: {:?}", coord.seen);
+    let line = common::until_quarantined(&mut coord, &cheat, 10, Duration::from_millis(500), |n| {
+        rounds = n;
         wrong += round(&http, 4).iter().filter(|t| **t != want).count();
-    }
+    });
     // Caught on its own work, or as the checker of another's: its recomputation disagreed
     // with the checked peer and a third one.
-    let line = coord
-        .seen
-        .iter()
-        .find(|l| l.starts_with(&quarantined))
-        .unwrap();
     let as_worker = line.contains("failed a spot check");
     assert!(
         as_worker || line.contains("recomputation disagreed with two other peers"),
@@ -331,19 +319,12 @@ fn a_node_corrupting_five_percent_of_its_outputs_is_caught_within_its_first_jobs
         &models,
         &["--corrupt", "0.05:zeros:11"],
     );
-    let quarantined = format!("peer quarantined {cheat}");
     let mut rounds = 0;
-    while coord
-        .wait_for(Instant::now() + Duration::from_millis(200), |l| {
-            l.starts_with(&quarantined)
-        })
-        .is_none()
-    {
-        rounds += 1;
-        assert!(rounds <= 20, "never quarantined: {:?}", coord.seen);
-        tiny_round(&http, 4, rounds);
+    common::until_quarantined(&mut coord, &cheat, 20, Duration::from_millis(200), |n| {
+        rounds = n;
+        tiny_round(&http, 4, n);
         settle(&http, "potluck_checks_total{kind=\"recomputed\"}");
-    }
+    });
     // Its jobs before the quarantine, from the audit log: sessions it served.
     let log = dir.path().join("coordinator").join("audit.log");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -626,23 +607,10 @@ fn a_fresh_key_cannot_get_a_proven_node_quarantined_on_its_word_alone() {
         &models,
         &["--corrupt", "1:zeros"],
     );
-    let caught = format!("peer quarantined {sybil}");
-    let mut rounds = 0;
-    while coord
-        .wait_for(Instant::now() + Duration::from_millis(200), |l| {
-            l.starts_with(&caught)
-        })
-        .is_none()
-    {
-        rounds += 1;
-        assert!(
-            rounds <= 20,
-            "the fresh key was never caught: {:?}",
-            coord.seen
-        );
-        tiny_round(&http, 4, 100 + rounds);
+    common::until_quarantined(&mut coord, &sybil, 20, Duration::from_millis(200), |n| {
+        tiny_round(&http, 4, 100 + n);
         settle(&http, "potluck_checks_total{kind=\"recomputed\"}");
-    }
+    });
     // More of the proven node's work, then every check settled: the proven node was never
     // condemned, whichever of the two was checked first (the old rule quarantined it on the
     // fresh key's word; `pool::checks::settle`'s unit tests pin the rule itself).

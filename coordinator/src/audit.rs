@@ -508,9 +508,8 @@ impl AuditLog {
         let (seq, head) = tail(path, &key.public())?;
         if let Some(signed) = read_head(path, &key.public())? {
             // A crash may leave the log ahead of its head, never behind it.
-            let at_head = if signed.0 == seq { Some(head) } else { None };
-            let reaches = signed.0 < seq || at_head == Some(signed.1);
-            if !reaches || signed.0 > seq {
+            let at_head = (signed.0 == seq).then_some(head);
+            if signed.0 > seq || (signed.0 == seq && at_head != Some(signed.1)) {
                 let why = short_of_head(signed, seq, at_head)
                     .unwrap_or_else(|| "the log does not reach its signed head".into());
                 return Err(AuditError::Broken { line: seq, why });

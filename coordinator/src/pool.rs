@@ -424,10 +424,7 @@ impl Coordinator {
     /// Whether `member` may use the API now: in a private pool, a member whose key is tied
     /// to a certificate needs it valid (unexpired, unrevoked); why not otherwise.
     pub fn member_standing(&self, member: MemberId) -> Result<(), String> {
-        let (Some(gate), Some(cert)) = (&self.gate, self.share.certificate(member)) else {
-            return Ok(());
-        };
-        match gate.certificate_role(cert, potluck_net::swarm::unix_now()) {
+        match self.certificate_role(member) {
             Some(Err(e)) => Err(format!(
                 "{}'s membership is not valid: {e}",
                 self.share.name(member)
@@ -447,13 +444,24 @@ impl Coordinator {
         if self.share.is_admin(m) {
             return true;
         }
-        let (Some(gate), Some(cert)) = (&self.gate, self.share.certificate(m)) else {
-            return false;
-        };
         matches!(
-            gate.certificate_role(cert, potluck_net::swarm::unix_now()),
+            self.certificate_role(m),
             Some(Ok(potluck_protocol::membership::Role::Admin))
         )
+    }
+
+    /// What the certificate `member`'s key is tied to says now, in a private pool: its
+    /// role, or why it no longer admits; `None` without a pool gate or a certificate.
+    fn certificate_role(
+        &self,
+        member: MemberId,
+    ) -> Option<
+        Result<potluck_protocol::membership::Role, potluck_protocol::membership::MembershipError>,
+    > {
+        let cert = self.share.certificate(member)?;
+        self.gate
+            .as_ref()?
+            .certificate_role(cert, potluck_net::swarm::unix_now())
     }
 
     /// Raises members' weights by the validated work their nodes were credited with (read

@@ -402,3 +402,25 @@ pub fn open_swarm(
     });
     potluck_net::swarm::build(key, false, &gate).expect("a swarm")
 }
+
+/// Runs `round` (given its number, from 1) until `coord` logs that it quarantined `id`,
+/// watching for that line for `wait` before each round; panics once `most` rounds have run
+/// without it. Returns the line.
+pub fn until_quarantined(
+    coord: &mut Proc,
+    id: &str,
+    most: usize,
+    wait: Duration,
+    mut round: impl FnMut(usize),
+) -> String {
+    let caught = format!("peer quarantined {id}");
+    let mut n = 1;
+    loop {
+        if let Some(line) = coord.wait_for(Instant::now() + wait, |l| l.starts_with(&caught)) {
+            return line;
+        }
+        assert!(n <= most, "{id} was never quarantined: {:?}", coord.seen);
+        round(n);
+        n += 1;
+    }
+}

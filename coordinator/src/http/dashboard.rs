@@ -29,11 +29,7 @@ async fn page() -> impl IntoResponse {
 /// [`Coordinator::sees_members`]), a member its own row, everyone the totals. Built off
 /// the async workers: it reads the job store.
 async fn pool(State(c): State<Coordinator>, headers: axum::http::HeaderMap) -> Json<Value> {
-    let member = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|k| c.share().member_for_key(k));
+    let member = super::bearer(&headers).and_then(|k| c.share().member_for_key(k));
     let view = if c.sees_members(member) {
         Members::All
     } else {

@@ -100,19 +100,12 @@ impl Connections {
     /// A slot for a new connection, or `None` when all are taken.
     pub fn take(&self) -> Option<ConnectionSlot> {
         use std::sync::atomic::Ordering;
-        let mut n = self.open.load(Ordering::Relaxed);
-        loop {
-            if n >= self.max {
-                return None;
-            }
-            match self
-                .open
-                .compare_exchange(n, n + 1, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return Some(ConnectionSlot(self.open.clone())),
-                Err(now) => n = now,
-            }
-        }
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot(self.open.clone()))
     }
 }
 

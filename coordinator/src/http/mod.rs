@@ -199,11 +199,7 @@ async fn require_member(State(door): State<Door>, mut req: Request, next: Next) 
     let c = &door.coordinator;
     let share = c.share();
     let member = if share.requires_key() {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+        let presented = bearer(req.headers());
         let unauthorized = |message: &str| {
             ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
                 .with_code("invalid_api_key")
@@ -252,6 +248,14 @@ async fn require_member(State(door): State<Door>, mut req: Request, next: Next) 
     }
     req.extensions_mut().insert(member);
     limits::hold_until_sent(next.run(req).await, slot)
+}
+
+/// The API key a request carries as `Authorization: Bearer KEY`, if it carries one.
+pub(crate) fn bearer(headers: &header::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 async fn metrics(State(c): State<Coordinator>) -> Response {

@@ -13,7 +13,7 @@ use super::Coordinator;
 use crate::audit::{receipt_hex, Record};
 use crate::compare::{vectors_agree, Verdict};
 use libp2p::PeerId;
-use potluck_protocol::messages::{ModelRef, Receipt};
+use potluck_protocol::messages::ModelRef;
 use potluck_protocol::signed::PublicKey;
 
 /// Pass when two answers agree, else fail.
@@ -34,14 +34,8 @@ impl Coordinator {
         slice: &Slice,
         answer: &SliceAnswer,
     ) {
-        let this = self.clone();
-        let texts = slice.texts.clone();
-        let (vectors, receipt, unit) =
-            (answer.vectors.clone(), answer.receipt.clone(), answer.unit);
-        tokio::spawn(async move {
-            this.run_slice_check(peer, model, texts, (vectors, receipt, unit))
-                .await
-        });
+        let (this, texts, answer) = (self.clone(), slice.texts.clone(), answer.clone());
+        tokio::spawn(async move { this.run_slice_check(peer, model, texts, answer).await });
     }
 
     async fn run_slice_check(
@@ -49,8 +43,14 @@ impl Coordinator {
         peer: PeerId,
         model: ModelRef,
         texts: Vec<String>,
-        (vectors, receipt, unit): (Vec<Vec<f32>>, Receipt, u64),
+        answer: SliceAnswer,
     ) {
+        let SliceAnswer {
+            vectors,
+            receipt,
+            unit,
+            ..
+        } = answer;
         let Ok(_permit) = self.checks.clone().acquire_owned().await else {
             return;
         };

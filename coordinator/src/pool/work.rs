@@ -53,6 +53,7 @@ pub(super) struct Slice {
 }
 
 /// A slice's checked answer.
+#[derive(Clone)]
 pub(super) struct SliceAnswer {
     /// One unit-length vector per text.
     pub(super) vectors: Vec<Vec<f32>>,
