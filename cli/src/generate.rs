@@ -4,7 +4,8 @@
 use crate::models::ModelCache;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use potluck_engine::chat::{chat_prompt_ids, ChatMessage};
+use potluck_coordinator::template::chat_prompt_ids;
+use potluck_engine::chat::ChatMessage;
 use potluck_engine::generate::{generate, load_tokenizer, GenerateRequest};
 use potluck_engine::llama::{Stage, DEFAULT_KV_BUDGET};
 use potluck_engine::sampling::{Sampler, SamplingParams};

@@ -108,6 +108,9 @@ enum ModelCommand {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some(potluck_coordinator::template::WORKER_ARG) {
+        render_worker();
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -140,6 +143,16 @@ fn main() {
     ) {
         die_quietly_on_closed_stdout();
     }
+    if matches!(
+        cli.command,
+        Command::Up(_) | Command::Coordinator(_) | Command::Generate(_)
+    ) {
+        // A model's template must not take a coordinator down, nor abort a generation
+        // without a word: it renders in a worker that caps its own memory.
+        if let Ok(exe) = std::env::current_exe() {
+            potluck_coordinator::template::use_workers(exe);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("POTLUCK_LOG")
@@ -163,6 +176,28 @@ fn die_quietly_on_closed_stdout() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+}
+
+/// `potluck __render-chat-templates`: renders chat templates for a coordinator, one job per
+/// line of stdin, within [`potluck_coordinator::template::WORKER_MEMORY`] of address space,
+/// so a template that asks for more dies alone.
+fn render_worker() -> ! {
+    #[cfg(unix)]
+    {
+        let cap = potluck_coordinator::template::WORKER_MEMORY as libc::rlim_t;
+        let limit = libc::rlimit {
+            rlim_cur: cap,
+            rlim_max: cap,
+        };
+        // SAFETY: setrlimit reads the struct it is given; no other thread exists yet.
+        if unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) } != 0 {
+            std::process::exit(3);
+        }
+    }
+    let stdin = std::io::stdin().lock();
+    let stdout = std::io::stdout().lock();
+    let code = i32::from(potluck_coordinator::template::serve(stdin, stdout).is_err());
+    std::process::exit(code)
 }
 
 /// The error and its causes on one line.
@@ -245,6 +280,28 @@ fn audit_verify(file: &std::path::Path, key: Option<&str>) -> Result<()> {
     );
     for (verdict, n) in &sum.verdicts {
         println!("  {verdict}: {n}");
+    }
+    if let Some((entries, head)) = sum.continues_from {
+        let before = potluck_coordinator::audit::segment_path(file, entries);
+        if before.exists() {
+            // The rotated segment must end exactly where this one goes on.
+            let seg = verify_file(&before, sum.key)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", before.display()))?;
+            if (seg.entries, seg.head) != (entries, head) {
+                anyhow::bail!(
+                    "{} ends at entry {}, not where {} goes on from ({entries}): the logs do not join",
+                    before.display(),
+                    seg.entries,
+                    file.display()
+                );
+            }
+            println!("  goes on from {} (verified, joined)", before.display());
+        } else {
+            println!(
+                "  goes on from {entries} earlier entries, in {} (no longer kept)",
+                before.display()
+            );
+        }
     }
     if !sum.head_checked {
         eprintln!(

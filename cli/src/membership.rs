@@ -42,6 +42,11 @@ pub enum MembershipCommand {
         /// How long it holds, e.g. 30d, 12h, 90m or seconds; default: until revoked.
         #[arg(long)]
         expires: Option<String>,
+        /// Who runs the member's machine (a person, a lab): all of one operator's machines
+        /// count as one voice in batch quorums and checks; without it, the machine's
+        /// network does.
+        #[arg(long)]
+        operator: Option<String>,
         /// The pool's folder (default: $XDG_DATA_HOME/potluck/pools/NAME).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -186,6 +191,7 @@ pub fn resolve(
                 issued_at: now(),
                 expires_at: None,
                 serial: 0,
+                operator: None,
             },
         )?;
         let membership = PoolMembership::Private {
@@ -307,6 +313,7 @@ pub fn run(cmd: MembershipCommand) -> Result<()> {
             member_key,
             role,
             expires,
+            operator,
             dir,
         } => {
             let dir = pool_dir(&pool, dir.as_deref())?;
@@ -335,6 +342,7 @@ pub fn run(cmd: MembershipCommand) -> Result<()> {
                     issued_at,
                     expires_at,
                     serial,
+                    operator,
                 },
             )?;
             record.next_serial += 1;

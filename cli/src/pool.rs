@@ -255,9 +255,30 @@ pub struct ServeArgs {
     /// embeddings. Default: all-minilm-l6-v2 when it is in the model cache.
     #[arg(long)]
     pub embedding_model: Option<String>,
-    /// Agreeing results, from different nodes, that validate a batch unit (1 to 5).
+    /// Agreeing results that validate a batch unit (1 to 5), each from a different
+    /// operator (as private pools' certificates name them) or, where none is named, a
+    /// different network (an internet /24 or /48, or a LAN host).
     #[arg(long, default_value_t = potluck_coordinator::batch::DEFAULT_QUORUM)]
     pub batch_quorum: usize,
+    /// Most MiB the job store (uploaded files, batches, results) may hold; uploads and
+    /// batches past it are refused with 507.
+    #[arg(long, default_value_t = potluck_coordinator::batch::store::DEFAULT_MAX_STORE_BYTES >> 20)]
+    pub max_store_mib: u64,
+    /// MiB of the data folder's disk kept free: uploads and batches that would leave less
+    /// are refused with 507.
+    #[arg(long, default_value_t = potluck_coordinator::batch::store::DEFAULT_MIN_FREE_BYTES >> 20)]
+    pub min_free_disk_mib: u64,
+    /// Days finished batches (with their results) and unused uploads are kept; 0 keeps
+    /// them until deleted. The credit ledger is always kept.
+    #[arg(long, default_value_t = potluck_coordinator::daemon::DEFAULT_RETAIN_DAYS)]
+    pub retain_days: u64,
+    /// MiB at which the audit log is rotated (to audit.log.<entries>; the chain goes on in
+    /// a new audit.log).
+    #[arg(long, default_value_t = potluck_coordinator::audit::DEFAULT_MAX_BYTES >> 20)]
+    pub audit_max_mib: u64,
+    /// Rotated audit log segments kept; older ones are removed.
+    #[arg(long, default_value_t = potluck_coordinator::audit::DEFAULT_KEEP)]
+    pub audit_keep: usize,
     /// Keep text on trusted members: the first and last stages of every chain, embedding
     /// slices and batch units run only on nodes whose certificate has the trusted or admin
     /// role, or that --trusted-peer names.
@@ -304,6 +325,16 @@ impl ServeArgs {
                 .then(|| Duration::from_secs(self.canary_interval)),
             embedding_model: embedding_model(cache, self.embedding_model.as_deref())?,
             batch_quorum: self.batch_quorum,
+            store_limits: potluck_coordinator::batch::store::Limits {
+                max_bytes: self.max_store_mib.saturating_mul(1 << 20),
+                min_free_bytes: self.min_free_disk_mib.saturating_mul(1 << 20),
+            },
+            retain: (self.retain_days > 0)
+                .then(|| Duration::from_secs(self.retain_days.saturating_mul(86_400))),
+            audit_rotation: potluck_coordinator::audit::Rotation {
+                max_bytes: self.audit_max_mib.max(1).saturating_mul(1 << 20),
+                keep: self.audit_keep,
+            },
             unit_timeout: Duration::from_secs(self.unit_timeout),
             api_keys: self.api_keys()?,
             private_edges: self.private_edges,

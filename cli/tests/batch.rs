@@ -88,6 +88,18 @@ fn texts(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Submits a batch embedding [`texts`]`(n)` through `url`, written to `dir`; its id.
+fn submit_embeddings(dir: &std::path::Path, n: usize, url: &str) -> String {
+    let lines: Vec<String> = texts(n)
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"custom_id": format!("u{i}"), "body": {"input": t}}).to_string())
+        .collect();
+    let (ok, id, err) = submit(&write_lines(dir, "in.jsonl", &lines), "embed", url);
+    assert!(ok, "{err}");
+    id
+}
+
 #[test]
 fn a_batch_survives_a_killed_coordinator_and_every_line_comes_out_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -257,14 +269,8 @@ fn a_cheating_node_is_outvoted_and_a_hung_one_timed_out() {
         &["--corrupt", "1:inflate"],
     );
     common::wait_joined(&mut coord, [&id_a, &id_b, &id_c, &id_d, &id_e]);
-    let lines: Vec<String> = texts(30)
-        .iter()
-        .enumerate()
-        .map(|(i, t)| json!({"custom_id": format!("u{i}"), "body": {"input": t}}).to_string())
-        .collect();
     let url = format!("http://{api}");
-    let (ok, id, err) = submit(&write_lines(dir.path(), "in.jsonl", &lines), "embed", &url);
-    assert!(ok, "{err}");
+    let id = submit_embeddings(dir.path(), 30, &url);
     let s = wait_status(&api, &id, Instant::now() + Duration::from_secs(180), |s| {
         s["status"] == "completed"
     });
@@ -340,4 +346,264 @@ fn a_cheating_node_is_outvoted_and_a_hung_one_timed_out() {
             assert_eq!(c["flops"], 0.0, "the cheat keeps no credit: {credits}");
         }
     }
+}
+
+/// Runs a batch of `n` embedding units on a pool whose two nodes `pair` share one origin:
+/// each unit is answered once and none validates, however long they wait; then `third`, of
+/// another origin, joins and the batch completes with it in every unit's quorum.
+fn one_origin_is_one_voice(
+    coord: &mut Proc,
+    api: &str,
+    pair: [&String; 2],
+    third: impl FnOnce() -> (Proc, String),
+) {
+    const N: u64 = 8;
+    common::wait_joined(coord, pair);
+    let dir = tempfile::tempdir().unwrap();
+    let id = submit_embeddings(dir.path(), N as usize, &format!("http://{api}"));
+    let s = wait_status(api, &id, Instant::now() + Duration::from_secs(120), |s| {
+        s["potluck"]["results_returned"].as_u64().unwrap_or(0) >= N
+    });
+    let waiting = s["potluck"]["waiting"].as_str().unwrap_or("");
+    assert!(waiting.contains("come from 1"), "{s}");
+    // Left alone, the two keys would agree with each other: give them the time to.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let s = status(api, &id);
+        assert_eq!(
+            s["request_counts"]["completed"], 0,
+            "one origin validated: {s}"
+        );
+        assert_eq!(
+            s["potluck"]["results_returned"], N,
+            "one origin asked twice: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_third, third_id) = third();
+    common::wait_joined(coord, [&third_id]);
+    let s = wait_status(api, &id, Instant::now() + Duration::from_secs(120), |s| {
+        s["status"] == "completed"
+    });
+    assert_eq!(s["request_counts"]["completed"], N, "{s}");
+    let (code, credits) = common::get_json(api, "/api/credits");
+    assert_eq!(code, 200, "{credits}");
+    let units = |peer: &String| {
+        credits["credits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["peer"] == peer.as_str())
+            .map(|r| r["units"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert_eq!(units(&third_id), N, "{credits}");
+    assert_eq!(units(pair[0]) + units(pair[1]), N, "{credits}");
+}
+
+#[test]
+fn two_keys_on_one_network_are_one_voice_in_a_quorum() {
+    use common::netns::{TestNet, HUB};
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = TestNet::new();
+    // Two machines in one /24 on the internet, and one elsewhere.
+    let hosts = [
+        net.host("198.51.100.10"),
+        net.host("198.51.100.11"),
+        net.host("203.0.113.10"),
+    ];
+    let listen = format!("/ip4/{HUB}/tcp/0");
+    let (mut coord, _, api) =
+        common::coordinator(dir.path(), &["--listen", &listen, "--canary-interval", "0"]);
+    let addr = coord
+        .wait_for(Instant::now() + Duration::from_secs(30), |l| {
+            l.starts_with(&format!("listening /ip4/{HUB}/tcp/"))
+        })
+        .expect("coordinator listening on the test segment")
+        .trim_start_matches("listening ")
+        .to_string();
+    let start = |i: usize| {
+        let host = &hosts[i];
+        let mut cmd = host.potluck();
+        let listen = format!("/ip4/{}/tcp/0", host.ip);
+        cmd.args(common::node_args(
+            dir.path(),
+            &format!("n{i}"),
+            "public",
+            &addr,
+            &["--listen", &listen],
+        ));
+        common::start_node(cmd)
+    };
+    let (_a, id_a) = start(0);
+    let (_b, id_b) = start(1);
+    one_origin_is_one_voice(&mut coord, &api, [&id_a, &id_b], || start(2));
+}
+
+#[test]
+fn one_operators_machines_are_one_voice_in_a_quorum() {
+    use common::pools::{create, join, path};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    create(d, "lab");
+    // On loopback every key would count alone; the certificates say whose machines they are.
+    join(d, "lab", "a", &["--operator", "alice"]);
+    join(d, "lab", "b", &["--operator", "alice"]);
+    join(d, "lab", "c", &["--operator", "bob"]);
+    let pool_dir = d.join("lab");
+    let (mut coord, addr, api) = common::coordinator(
+        &d.join("owner"),
+        &[
+            "--pool",
+            "lab",
+            "--pool-dir",
+            path(&pool_dir),
+            "--canary-interval",
+            "0",
+        ],
+    );
+    let (_a, id_a) = node(d, "a", "lab", &addr, &[]);
+    let (_b, id_b) = node(d, "b", "lab", &addr, &[]);
+    one_origin_is_one_voice(&mut coord, &api, [&id_a, &id_b], || {
+        node(d, "c", "lab", &addr, &[])
+    });
+}
+
+/// `POST /v1/files` of `content` as `name`, multipart as clients send it: the status and
+/// the JSON answer.
+fn upload(api: &str, name: &str, content: &str) -> (u16, Value) {
+    let boundary = "potluck-test-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: application/jsonl\r\n\r\n{content}\r\n--{boundary}--\r\n"
+    );
+    let head = format!(
+        "POST /v1/files HTTP/1.0\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let raw = common::raw_http(api, (head + &body).as_bytes());
+    let (code, answer) = common::split_answer(&raw);
+    (code, serde_json::from_str(answer).unwrap_or(Value::Null))
+}
+
+/// A tmpfs of `mib` MiB mounted on `at` (root, as CI runs), unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, mib: u32) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount a tmpfs (the full-disk test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_uploads_with_507_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("coordinator");
+    let disk = SmallDisk::mount(&data, 48);
+    let (mut coord, _, api) = common::coordinator(
+        dir.path(),
+        &["--min-free-disk-mib", "8", "--canary-interval", "0"],
+    );
+    let line = format!(
+        "{}\n",
+        json!({"custom_id": "x", "body": {"input": "y".repeat(400)}})
+    );
+    let chunk = line.repeat((1 << 20) / line.len());
+    let get = |path: &str| {
+        let raw = common::raw_http(&api, &common::request("GET", path, &[], ""));
+        let (code, body) = common::split_answer(&raw);
+        (code, body.len())
+    };
+    let delete = |id: &str| {
+        let raw = common::raw_http(
+            &api,
+            &common::request("DELETE", &format!("/v1/files/{id}"), &[], ""),
+        );
+        common::split_answer(&raw).0
+    };
+    // Uploads until the store would leave its disk less than it keeps free.
+    let mut kept = Vec::new();
+    let refused = loop {
+        let (code, answer) = upload(&api, "part.jsonl", &chunk);
+        match code {
+            200 => kept.push(answer["id"].as_str().expect("a file id").to_string()),
+            _ => break (code, answer),
+        }
+        assert!(
+            kept.len() < 48,
+            "a 48 MiB disk took {} 1 MiB files",
+            kept.len()
+        );
+    };
+    assert_eq!(refused.0, 507, "{}", refused.1);
+    assert_eq!(
+        refused.1["error"]["type"], "insufficient_storage",
+        "{}",
+        refused.1
+    );
+    assert!(refused.1["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("kept free"));
+    assert!(!kept.is_empty());
+    // Another program fills the disk to the last byte.
+    let filler = data.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 65536]).is_ok() {}
+    }
+    let (code, answer) = upload(&api, "more.jsonl", &line);
+    assert_eq!(code, 507, "{answer}");
+    // What was accepted is whole, the coordinator goes on serving, and a delete still runs
+    // (on the reserve the store set aside).
+    for id in &kept {
+        assert_eq!(
+            get(&format!("/v1/files/{id}/content")),
+            (200, chunk.len()),
+            "{id}"
+        );
+    }
+    assert_eq!(get("/v1/models").0, 200);
+    assert_eq!(delete(&kept[0]), 200);
+    assert_eq!(get(&format!("/v1/files/{}", kept[0])).0, 404);
+    assert!(
+        coord.child.try_wait().unwrap().is_none(),
+        "the coordinator died"
+    );
+    // Once the disk has room again, so does the store.
+    std::fs::remove_file(&filler).unwrap();
+    for id in &kept[1..] {
+        assert_eq!(delete(id), 200);
+    }
+    let (code, answer) = upload(&api, "again.jsonl", &chunk);
+    assert_eq!(code, 200, "{answer}");
+    assert!(
+        data.join("jobs.sqlite.reserve").exists(),
+        "the reserve was not set aside again"
+    );
+    drop(coord);
+    drop(disk);
 }

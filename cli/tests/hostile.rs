@@ -435,16 +435,20 @@ async fn prefill(
         s.write_all(&encode_frame(&req).unwrap()).await?;
         s.flush().await
     };
-    sent.await
-        .map_err(|e| format!("sending session {session}: {e}"))?;
+    // A node that refuses a session answers at once and closes: the request may then meet
+    // a closed stream, and the answer is still there to read.
+    let unsent = sent
+        .await
+        .err()
+        .map_or_else(String::new, |e| format!(" (sending it: {e})"));
     let answer = tokio::time::timeout(
         Duration::from_secs(120),
         potluck_protocol::stream::read_frame_async::<Message>(&mut s, 1 << 24),
     )
     .await
-    .map_err(|_| format!("no answer to session {session} in time"))?
-    .map_err(|e| format!("session {session}'s answer: {e}"))?
-    .ok_or_else(|| format!("session {session} closed unanswered"))?;
+    .map_err(|_| format!("no answer to session {session} in time{unsent}"))?
+    .map_err(|e| format!("session {session}'s answer: {e}{unsent}"))?
+    .ok_or_else(|| format!("session {session} closed unanswered{unsent}"))?;
     Ok((s, answer))
 }
 
@@ -503,4 +507,63 @@ fn a_strangers_sessions_cannot_fill_a_nodes_cache() {
         &json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}),
     );
     assert_eq!(status, 200, "{v}");
+}
+
+#[test]
+fn a_chat_template_that_asks_for_terabytes_fails_its_request_and_the_coordinator_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Forty-eight doublings inside the fuel: 2^48 bytes asked of whoever renders it.
+    let template = "{% set ns = namespace(s='x') %}{% for i in range(48) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}";
+    let spec = potluck_engine::synthetic::SyntheticSpec {
+        chat_template: Some(template.into()),
+        ..Default::default()
+    };
+    let file = dir.path().join("greedy.gguf");
+    potluck_engine::synthetic::write_gguf(&spec, &file).unwrap();
+    let models = dir.path().join("models");
+    let models = models.to_str().unwrap();
+    let fetched = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(["--models-dir", models, "model", "fetch", "greedy", "--from"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(fetched.status.success(), "{fetched:?}");
+    let (mut coord, addr, http) = common::coordinator(
+        dir.path(),
+        &[
+            "--models-dir",
+            models,
+            "--model",
+            "greedy",
+            "--embedding-model",
+            "none",
+        ],
+    );
+    let (_id, _node) = common::serving_node(
+        dir.path(),
+        "n",
+        &mut coord,
+        &addr,
+        &["--models-dir", models],
+        "0..8",
+    );
+    let chat = json!({"model": "greedy", "max_tokens": 2,
+        "messages": [{"role": "user", "content": "hello"}]});
+    for _ in 0..2 {
+        let (code, body) = common::post_json(&http, "/v1/chat/completions", &chat);
+        assert_eq!(code, 400, "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains("MiB of memory"), "{body}");
+        assert!(
+            coord.child.try_wait().unwrap().is_none(),
+            "the coordinator died"
+        );
+    }
+    // Everything that renders no template is served as before.
+    let (code, body) = common::post_json(
+        &http,
+        "/v1/completions",
+        &json!({"model": "greedy", "prompt": "hello", "max_tokens": 2}),
+    );
+    assert_eq!(code, 200, "{body}");
 }

@@ -6,40 +6,13 @@
 
 mod common;
 
+use common::pools::{create, invite, join, path};
 use common::{coordinator, expect_line, node, Proc};
 use potluck_protocol::hex::from_hex;
 use potluck_protocol::membership::Certificate;
 use potluck_protocol::signed::PublicKey;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-/// A pool made in `dir/<name>`; its id.
-fn create(dir: &Path, name: &str) -> String {
-    common::potluck_ok(&["pool", "create", name, "--dir", path(&dir.join(name))])
-}
-
-/// A certificate of the pool in `dir/<pool>` for the machine whose data folder is
-/// `dir/<member>`, with `extra` invite flags.
-fn invite(dir: &Path, pool: &str, member: &str, extra: &[&str]) -> String {
-    let key = common::potluck_ok(&["pool", "key", "--data-dir", path(&dir.join(member))]);
-    let pool_dir = dir.join(pool);
-    let mut args = vec![
-        "pool",
-        "invite",
-        "--pool",
-        pool,
-        "--dir",
-        path(&pool_dir),
-        "--member-key",
-        &key,
-    ];
-    args.extend_from_slice(extra);
-    common::potluck_ok(&args)
-}
 
 /// Stores `cert` as `member`'s certificate of pool `id` without any check (as a forger
 /// would).
@@ -67,14 +40,6 @@ fn owner(dir: &Path, pool: &str, name: &str, extra: &[&str]) -> (Proc, String, S
     ];
     args.extend_from_slice(extra);
     coordinator(&dir.join(name), &args)
-}
-
-/// Invites `member` (data folder `dir/<member>`) to the pool in `dir/<pool>` and stores the
-/// certificate there; returns it.
-fn join(dir: &Path, pool: &str, member: &str, extra: &[&str]) -> String {
-    let cert = invite(dir, pool, member, extra);
-    common::potluck_ok(&["pool", "join", &cert, "--data-dir", path(&dir.join(member))]);
-    cert
 }
 
 fn never_joined(coord: &Proc, id: &str) {

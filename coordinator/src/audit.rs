@@ -13,6 +13,11 @@
 //! whose entry there has another hash, was cut or rewritten; the coordinator refuses to
 //! append to it and `potluck audit verify` fails. (Cutting the log and putting back an
 //! older head goes unseen here: for that, copy heads elsewhere.)
+//!
+//! A log past its size limit is rotated: it becomes `audit.log.<N>` (N: the entries it
+//! ends at) and a new `audit.log` goes on with the same chain, its first line a
+//! [`Record::Continues`] naming the entries before it and their last hash. The newest few
+//! rotated segments are kept; older ones are removed (copy them elsewhere to keep them).
 
 use potluck_net::swarm::peer_id_of;
 use potluck_protocol::codec::{decode_body, encode_body};
@@ -112,6 +117,16 @@ pub enum Record {
         /// Why.
         detail: String,
     },
+    /// The first line of a rotated log: it goes on from `entries` earlier entries (in
+    /// `audit.log.<entries>` and before) whose last hash is `head`.
+    Continues {
+        /// The coordinator's public key, hex.
+        key: String,
+        /// Entries before this one.
+        entries: u64,
+        /// The last one's hash, hex.
+        head: String,
+    },
 }
 
 impl Record {
@@ -123,6 +138,7 @@ impl Record {
             Record::Check { verdict, .. } => format!("check {verdict}"),
             Record::Canary { verdict, .. } => format!("canary {verdict}"),
             Record::Quarantine { .. } => "quarantine".into(),
+            Record::Continues { .. } => "continues".into(),
         }
     }
 
@@ -216,6 +232,65 @@ pub struct Summary {
     /// Whether a signed head was found beside the log and matched (a log without one
     /// cannot be told from a cut one).
     pub head_checked: bool,
+    /// Entries before this file and the last one's hash, when it goes on from a rotated
+    /// log.
+    pub continues_from: Option<(u64, [u8; 32])>,
+}
+
+/// When a log is rotated and how many rotated segments are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation {
+    /// Size past which the log is rotated.
+    pub max_bytes: u64,
+    /// Rotated segments kept; older ones are removed.
+    pub keep: usize,
+}
+
+/// Size at which the log is rotated unless configured otherwise.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+/// Rotated segments kept unless configured otherwise.
+pub const DEFAULT_KEEP: usize = 8;
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_MAX_BYTES,
+            keep: DEFAULT_KEEP,
+        }
+    }
+}
+
+/// Where the log at `path` goes when it is rotated at `entries` entries.
+pub fn segment_path(path: &Path, entries: u64) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{entries:012}"));
+    PathBuf::from(name)
+}
+
+/// The rotated segments of the log at `path`, oldest first.
+pub fn segments(path: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Vec::new();
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{name}.");
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name();
+            let n = file.to_str()?.strip_prefix(&prefix)?;
+            let n = n.parse::<u64>().ok().filter(|_| n.len() == 12)?;
+            Some((n, e.path()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, p)| p).collect()
 }
 
 /// The signed head kept beside a log: its entries at the last write, and the last one's
@@ -323,7 +398,7 @@ fn check_line(line_no: u64, text: &str, sum: &mut Summary) -> Result<Entry, Audi
     if from_hex_array::<32>(&entry.prev) != Some(sum.head) {
         return Err(broken("does not chain from the line before".into()));
     }
-    if let Record::Open { key, .. } = &entry.record {
+    if let Record::Open { key, .. } | Record::Continues { key, .. } = &entry.record {
         let key = from_hex_array::<32>(key)
             .map(PublicKey)
             .ok_or_else(|| broken("bad coordinator key".into()))?;
@@ -369,6 +444,7 @@ fn empty_summary() -> Summary {
         verdicts: BTreeMap::new(),
         head: [0; 32],
         head_checked: false,
+        continues_from: None,
     }
 }
 
@@ -410,6 +486,9 @@ pub fn verify_file(path: &Path, key: Option<PublicKey>) -> Result<Summary, Audit
             line: line_no,
             why: "not UTF-8".into(),
         })?;
+        if line_no == 1 {
+            continues(text, &mut sum);
+        }
         check_line(line_no, text, &mut sum)?;
         if head.is_none() {
             if let Some(k) = sum.key {
@@ -437,6 +516,19 @@ pub fn verify_file(path: &Path, key: Option<PublicKey>) -> Result<Summary, Audit
         sum.head_checked = true;
     }
     Ok(sum)
+}
+
+/// Takes the chain up where a rotated log's first line says it goes on from.
+fn continues(first: &str, sum: &mut Summary) {
+    if let Ok((entry, _, _)) = read_line(first) {
+        if let Record::Continues { entries, head, .. } = &entry.record {
+            if let Some(h) = from_hex_array::<32>(head) {
+                sum.entries = *entries;
+                sum.head = h;
+                sum.continues_from = Some((*entries, h));
+            }
+        }
+    }
 }
 
 /// Where an existing log ends: its last entry's seq + 1 and hash. A last line cut short by
@@ -505,6 +597,24 @@ enum Msg {
 impl AuditLog {
     /// Opens (or starts) the log at `path`, signing with `key`, and records that it did.
     pub fn open(path: &Path, key: Keypair, pool: &str) -> Result<Self, AuditError> {
+        Self::open_with(path, key, pool, Rotation::default())
+    }
+
+    /// [`AuditLog::open`], rotating the log as `rotation` says.
+    pub fn open_with(
+        path: &Path,
+        key: Keypair,
+        pool: &str,
+        rotation: Rotation,
+    ) -> Result<Self, AuditError> {
+        let next = next_path(path);
+        if !path.exists() && next.exists() {
+            // A rotation stopped between its two renames.
+            std::fs::rename(&next, path).map_err(|source| AuditError::Io {
+                path: next.clone(),
+                source,
+            })?;
+        }
         let (seq, head) = tail(path, &key.public())?;
         if let Some(signed) = read_head(path, &key.public())? {
             // A crash may leave the log ahead of its head, never behind it.
@@ -532,6 +642,7 @@ impl AuditLog {
             seq,
             head,
             path: path.to_path_buf(),
+            rotation,
         };
         std::thread::Builder::new()
             .name("audit-log".into())
@@ -573,6 +684,14 @@ struct Writer {
     seq: u64,
     head: [u8; 32],
     path: PathBuf,
+    rotation: Rotation,
+}
+
+/// Where a rotation writes the new log's first line before it takes the log's place.
+fn next_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".next");
+    PathBuf::from(name)
 }
 
 impl Writer {
@@ -593,6 +712,8 @@ impl Writer {
                     }
                     if let Err(e) = self.out.flush() {
                         tracing::error!(path = %self.path.display(), "audit log flush failed: {e}");
+                    } else if let Err(e) = self.rotate_if_full() {
+                        tracing::error!(path = %self.path.display(), "audit log not rotated: {e}");
                     } else if let Err(e) = self.write_head() {
                         tracing::error!(path = %self.path.display(), "audit log head not written: {e}");
                     }
@@ -643,6 +764,56 @@ impl Writer {
         std::fs::rename(&tmp, &path)
     }
 
+    /// Past its size limit, the log becomes a segment and a new one goes on from it; the
+    /// oldest segments past those kept are removed.
+    fn rotate_if_full(&mut self) -> std::io::Result<()> {
+        if self.out.get_ref().metadata()?.len() < self.rotation.max_bytes {
+            return Ok(());
+        }
+        self.out.get_ref().sync_data()?;
+        // The new log's first line is on disk before the old log moves; until both renames
+        // are done, the writer keeps appending to the old one.
+        let entries = self.seq;
+        let (text, hash) = self.line(Record::Continues {
+            key: to_hex(&self.key.public().0),
+            entries,
+            head: to_hex(&self.head),
+        })?;
+        let next = next_path(&self.path);
+        let _ = std::fs::remove_file(&next);
+        potluck_net::identity::private_file(&next)?;
+        let mut file = OpenOptions::new().append(true).open(&next)?;
+        let written = file
+            .write_all(text.as_bytes())
+            .and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&next);
+            return Err(e);
+        }
+        let segment = segment_path(&self.path, entries);
+        if let Err(e) = std::fs::rename(&self.path, &segment) {
+            let _ = std::fs::remove_file(&next);
+            return Err(e);
+        }
+        if let Err(e) = std::fs::rename(&next, &self.path) {
+            // Put the old log back; a crash here is what `open` finishes.
+            let _ = std::fs::rename(&segment, &self.path);
+            return Err(e);
+        }
+        self.out = BufWriter::new(file);
+        self.seq += 1;
+        self.head = hash;
+        let all = segments(&self.path);
+        for old in all
+            .iter()
+            .take(all.len().saturating_sub(self.rotation.keep))
+        {
+            std::fs::remove_file(old)?;
+        }
+        tracing::info!(path = %self.path.display(), entries, "audit log rotated");
+        Ok(())
+    }
+
     fn append_logged(&mut self, record: Record) {
         if let Err(e) = self.append(record) {
             tracing::error!(path = %self.path.display(), "audit log write failed: {e}");
@@ -650,6 +821,15 @@ impl Writer {
     }
 
     fn append(&mut self, record: Record) -> std::io::Result<()> {
+        let (text, hash) = self.line(record)?;
+        self.out.write_all(text.as_bytes())?;
+        self.seq += 1;
+        self.head = hash;
+        Ok(())
+    }
+
+    /// The next line for `record`, signed, and its entry's hash.
+    fn line(&self, record: Record) -> std::io::Result<(String, [u8; 32])> {
         let entry = Entry {
             seq: self.seq,
             prev: to_hex(&self.head),
@@ -668,9 +848,6 @@ impl Writer {
         };
         let mut text = serde_json::to_string(&line).map_err(std::io::Error::other)?;
         text.push('\n');
-        self.out.write_all(text.as_bytes())?;
-        self.seq += 1;
-        self.head = hash;
-        Ok(())
+        Ok((text, hash))
     }
 }

@@ -51,8 +51,14 @@ pub struct CoordinatorConfig {
     pub canary_interval: Option<Duration>,
     /// The sentence encoder `/v1/embeddings` runs on nodes holding it (none: no embeddings).
     pub embedding_model: Option<EmbeddingModel>,
-    /// Agreeing results that validate a batch unit.
+    /// Agreeing results, of different origins, that validate a batch unit.
     pub batch_quorum: usize,
+    /// How much the job store may hold.
+    pub store_limits: crate::batch::store::Limits,
+    /// How long finished batches and unused uploads are kept (none: until deleted).
+    pub retain: Option<Duration>,
+    /// When the audit log is rotated, and how many rotated segments are kept.
+    pub audit_rotation: crate::audit::Rotation,
     /// How long a work unit (a batch unit or an embedding slice) may take on a node before
     /// it is given to another.
     pub unit_timeout: Duration,
@@ -66,6 +72,12 @@ pub struct CoordinatorConfig {
     /// Peers trusted with text whatever their certificate says (any pool).
     pub trusted_peers: Vec<PeerId>,
 }
+
+/// Days finished batches are kept unless told otherwise.
+pub const DEFAULT_RETAIN_DAYS: u64 = 30;
+
+/// How often expired batches and files are looked for.
+const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
 
 /// How long a work unit may take unless told otherwise.
 pub const DEFAULT_UNIT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -95,6 +107,9 @@ impl CoordinatorConfig {
             canary_interval: Some(DEFAULT_CANARY_INTERVAL),
             embedding_model: None,
             batch_quorum: crate::batch::DEFAULT_QUORUM,
+            store_limits: crate::batch::store::Limits::default(),
+            retain: Some(Duration::from_secs(DEFAULT_RETAIN_DAYS * 86_400)),
+            audit_rotation: crate::audit::Rotation::default(),
             unit_timeout: DEFAULT_UNIT_TIMEOUT,
             members: Vec::new(),
             api_keys: Vec::new(),
@@ -159,8 +174,19 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
         mut drops,
         streams,
     } = swarm::start(&cfg.data_dir, &cfg.pool, &cfg.listen, &[], cfg.mdns)?;
-    let audit = AuditLog::open(&cfg.data_dir.join(AUDIT_FILE), key, gate.tag())?;
-    let store = Arc::new(Store::open(&cfg.data_dir.join(STORE_FILE))?);
+    let audit = AuditLog::open_with(
+        &cfg.data_dir.join(AUDIT_FILE),
+        key,
+        gate.tag(),
+        cfg.audit_rotation,
+    )?;
+    let store = Arc::new(Store::open_with(
+        &cfg.data_dir.join(STORE_FILE),
+        cfg.store_limits,
+    )?);
+    if let Some(keep) = cfg.retain {
+        expire_old_work(store.clone(), keep);
+    }
     let batches = Batches::new(store, cfg.batch_quorum);
     let coordinator = Coordinator::new(model, streams, &cfg, Some(audit), share)
         .with_batches(batches.clone())
@@ -224,11 +250,15 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(
                     gossipsub::Event::Message { message, .. },
                 ))) => on_gossip(&handle, &message.data, message.source),
+                Some(SwarmEvent::ConnectionEstablished {
+                    peer_id, endpoint, ..
+                }) => handle.connected_from(peer_id, Some(endpoint.get_remote_address())),
                 Some(SwarmEvent::ConnectionClosed {
                     peer_id,
                     num_established: 0,
                     ..
                 }) => {
+                    handle.connected_from(peer_id, None);
                     handle.pinged(peer_id, false);
                     handle.unreachable(peer_id, "connection closed");
                 }
@@ -280,6 +310,28 @@ fn announce_revocations(
             tracing::warn!("revocations not gossiped: {e}");
         }
     }
+}
+
+/// Removes finished batches and unused uploads older than `keep`, now and every
+/// [`EXPIRE_EVERY`], off the async threads.
+fn expire_old_work(store: Arc<Store>, keep: Duration) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(EXPIRE_EVERY);
+        loop {
+            every.tick().await;
+            let before = unix_now().saturating_sub(keep.as_secs());
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || store.expire(before)).await {
+                Ok(Ok(gone)) if gone.batches + gone.files > 0 => tracing::info!(
+                    batches = gone.batches,
+                    files = gone.files,
+                    "expired finished batches and unused uploads"
+                ),
+                Ok(Err(e)) => tracing::warn!("expiring old batches: {e}"),
+                _ => {}
+            }
+        }
+    });
 }
 
 /// How often members' weights follow the credit their nodes earned.

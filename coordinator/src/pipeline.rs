@@ -194,8 +194,19 @@ pub trait Reroute: Send + Sync {
         false
     }
     /// A loaded span of exactly `range` on a peer other than `not` (strict mode's second
-    /// and third opinions).
+    /// opinion).
     fn twin(&self, _range: LayerRange, _not: &[PeerId]) -> Option<(Span, PeerId)> {
+        None
+    }
+    /// A loaded span of exactly `range` on a peer other than `not` fit to settle a dispute
+    /// between `disputants` (strict mode's third opinion): by the rules of spot checks'
+    /// third opinions.
+    fn decider(
+        &self,
+        _range: LayerRange,
+        _not: &[PeerId],
+        _disputants: &[PeerId],
+    ) -> Option<(Span, PeerId)> {
         None
     }
     /// Reports that two other peers agreed against `peer`'s result.

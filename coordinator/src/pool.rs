@@ -14,6 +14,7 @@ use crate::audit::AuditLog;
 use crate::daemon::CoordinatorConfig;
 use crate::metrics::Metrics;
 use crate::model::{EmbeddingModel, ServedModel};
+use crate::origin::Origin;
 use crate::peer_table::PeerTable;
 use crate::pipeline::{
     ChainModel, PipelineError, RemotePipeline, Reroute, SessionContext, SessionHandle,
@@ -256,6 +257,9 @@ pub struct Coordinator {
     pinged: Arc<Mutex<HashMap<PeerId, Instant>>>,
     /// How long decode steps took on each peer lately: its measured queue.
     step_times: Arc<Mutex<StepTimes<PeerId>>>,
+    /// The address each connected peer's connection comes from: its network, for
+    /// [`Coordinator::origin`].
+    remote: Arc<Mutex<HashMap<PeerId, std::net::IpAddr>>>,
     /// Held while a session is routed and counted.
     routing: Arc<tokio::sync::Mutex<()>>,
     /// Every hop on two peers that must agree (`--verify strict`).
@@ -372,6 +376,7 @@ impl Coordinator {
             busy: Arc::new(Mutex::new(HashMap::new())),
             pinged: Arc::new(Mutex::new(HashMap::new())),
             step_times: Arc::new(Mutex::new(StepTimes::default())),
+            remote: Arc::new(Mutex::new(HashMap::new())),
             routing: Arc::new(tokio::sync::Mutex::new(())),
             strict: cfg.strict,
             canaries: Arc::new(Mutex::new(canary::CanaryBank::default())),
@@ -414,6 +419,39 @@ impl Coordinator {
                 .as_ref()
                 .and_then(|g| g.role(&peer))
                 .is_some_and(Role::sees_text)
+    }
+
+    /// Notes where `peer`'s connection comes from (`None`: it closed, or it comes through a
+    /// relay, whose address says nothing of the peer's).
+    pub fn connected_from(&self, peer: PeerId, address: Option<&libp2p::Multiaddr>) {
+        use libp2p::multiaddr::Protocol;
+        let ip = address
+            .filter(|a| !a.iter().any(|p| p == Protocol::P2pCircuit))
+            .and_then(|a| {
+                a.iter().find_map(|p| match p {
+                    Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+                    Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+                    _ => None,
+                })
+            });
+        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        match ip {
+            Some(ip) => remote.insert(peer, ip),
+            None => remote.remove(&peer),
+        };
+    }
+
+    /// Whose voice `peer`'s results are (see [`Origin`]): the operator its certificate
+    /// names, else the network its connection comes from, else its key alone.
+    pub fn origin(&self, peer: PeerId) -> Origin {
+        let operator = self.gate.as_ref().and_then(|g| g.operator(&peer));
+        let ip = self
+            .remote
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&peer)
+            .copied();
+        Origin::of(&peer.to_string(), operator.as_deref(), ip)
     }
 
     /// Members, their limits and usage.
@@ -753,6 +791,7 @@ impl Coordinator {
     /// The peers a plan may use, with the speeds it plans them by: measured where this
     /// coordinator has timed their steps (`quickest`, seconds per step by peer), claimed
     /// otherwise (see [`crate::planner::planning_speed`]), in the adverts' unit (GB/s).
+    /// Routing estimates unmeasured peers by the same speeds.
     fn planning_peers(&self, st: &PoolState, quickest: &HashMap<PeerId, f64>) -> Vec<PlanPeer> {
         let layer_bytes = self.model.shape.layer_bytes as f64;
         let measured = |p: &crate::peer_table::Peer| {
@@ -981,10 +1020,11 @@ impl Coordinator {
 
     /// The cheapest chain of confirmed spans over blocks `start..end`, avoiding `avoid`.
     /// A peer's compute counts as its measured queue (see [`queued_ms_per_block`]: the
-    /// longer of its advert's estimate and its recent steps, times the sessions it runs, so
-    /// replicas share the load and a slow or crowded one gets fewer) and more the less it is
-    /// trusted (by the lower bound of its reputation, so new peers get work, but after
-    /// proven ones).
+    /// longer of its estimate, from the speed plans give it (a claim counts for no more
+    /// than the fastest measured peer), and its recent steps, times the sessions it runs,
+    /// so replicas share the load and a slow or crowded one gets fewer) and more the less
+    /// it is trusted (by the lower bound of its reputation, so new peers get work, but
+    /// after proven ones).
     fn route_blocks(
         &self,
         start: u32,
@@ -1009,6 +1049,12 @@ impl Coordinator {
                 .collect(),
         };
         let layer_bytes = self.model.shape.layer_bytes as f64;
+        // A claimed speed counts for no more than the fastest measured one, as in plans.
+        let speeds: HashMap<PublicKey, f64> = self
+            .planning_peers(&st, &times.quickest())
+            .into_iter()
+            .map(|p| (p.id, p.speed))
+            .collect();
         let blocks: HashMap<PublicKey, u32> = confirmed
             .spans
             .iter()
@@ -1021,7 +1067,11 @@ impl Coordinator {
             let measured = id.and_then(|p| times.recent(&p, now)).map(|s| s * 1e3);
             let blocks = blocks.get(key).copied().unwrap_or(1);
             let rtt_ms = peer.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from);
-            let estimate = layer_bytes / (f64::from(peer.advert.mem_gbps).max(1e-3) * 1e6);
+            let speed = speeds
+                .get(key)
+                .copied()
+                .unwrap_or_else(|| f64::from(peer.advert.mem_gbps));
+            let estimate = layer_bytes / (speed.max(1e-3) * 1e6);
             let distrust = 1.5 - 0.5 * st.trust.get(key).lower_bound();
             Some(PeerCost {
                 rtt_ms,
@@ -1306,6 +1356,16 @@ impl Reroute for Coordinator {
 
     fn twin(&self, range: LayerRange, not: &[PeerId]) -> Option<(Span, PeerId)> {
         self.replica(range, not)
+    }
+
+    fn decider(
+        &self,
+        range: LayerRange,
+        not: &[PeerId],
+        disputants: &[PeerId],
+    ) -> Option<(Span, PeerId)> {
+        let proven = disputants.iter().any(|p| self.proven(*p));
+        self.third_opinion(self.replicas(range, not), |(_, p)| *p, proven, disputants)
     }
 
     fn disputed(&self, peer: PeerId, why: &str) {

@@ -2,10 +2,12 @@
 //! receipt inside; changing, dropping or reordering any line, forging a receipt, or signing
 //! with another key is caught at the line where it happened; a log cut at a line boundary is
 //! caught by its signed head; a line a crash cut short is cut off when the log is reopened,
-//! and the chain goes on.
+//! and the chain goes on. A log past its size limit is rotated: the new file goes on from
+//! the segment's last hash, only the newest segments are kept, and a cut new file is caught.
 
 use potluck_coordinator::audit::{
-    from_hex, head_path, receipt_hex, to_hex, verify_file, AuditError, AuditLog, Record,
+    from_hex, head_path, receipt_hex, segment_path, segments, to_hex, verify_file, AuditError,
+    AuditLog, Record, Rotation,
 };
 use potluck_net::swarm::peer_id_of;
 use potluck_protocol::codec::{decode_body, encode_body};
@@ -202,4 +204,44 @@ fn a_reopened_log_continues_its_chain_and_a_torn_last_line_is_cut_off() {
     let r: Receipt = decode_body(&bytes).unwrap();
     assert_eq!(encode_body(&r).unwrap(), bytes);
     assert_eq!(r, receipt(&node, 0));
+}
+
+#[test]
+fn a_full_log_rotates_keeps_its_chain_and_only_the_newest_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let node = Keypair::from_secret(&[3; 32]);
+    let rotation = Rotation {
+        max_bytes: 4096,
+        keep: 2,
+    };
+    let coordinator = Keypair::from_secret(&[1; 32]);
+    for round in 0..6u64 {
+        let log =
+            AuditLog::open_with(&path, Keypair::from_secret(&[1; 32]), "lab", rotation).unwrap();
+        for step in round * 10..round * 10 + 10 {
+            log.record(result(&node, step));
+        }
+        log.sync();
+    }
+    let kept = segments(&path);
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(std::fs::metadata(&path).unwrap().len() < 4096 * 2);
+    // The live file goes on from the newest segment, which ends where it says.
+    let sum = verify_file(&path, None).unwrap();
+    assert!(sum.head_checked);
+    let (from, head) = sum
+        .continues_from
+        .expect("a rotated log says where it goes on from");
+    let newest = kept.last().unwrap();
+    assert_eq!(newest, &segment_path(&path, from));
+    let seg = verify_file(newest, Some(coordinator.public())).unwrap();
+    assert_eq!((seg.entries, seg.head), (from, head));
+    // 60 results and 6 opens, and one line per rotation, in all.
+    assert!(sum.entries > 66, "{}", sum.entries);
+    // Its first line cannot be dropped: the head beside it counts what the chain holds.
+    let mut all = lines(&path);
+    all.remove(0);
+    save(&path, &all);
+    assert!(verify_file(&path, None).is_err());
 }

@@ -181,9 +181,7 @@ impl Encoder {
             }
             _ => Pooling::Mean,
         };
-        let mut tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
-            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", dir.display())))?;
-        tokenizer.with_padding(None);
+        let mut tokenizer = crate::tokenizer::load_tokenizer_json(&dir.join("tokenizer.json"))?;
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams {
                 max_length: max_tokens,

@@ -118,18 +118,53 @@ impl std::io::Write for CappedText {
     }
 }
 
+/// One render of a chat template, whole: what [`render_chat`] takes, as a value that can be
+/// sent to a renderer in another process (templates come from model files, and memory is
+/// the one thing fuel cannot bound: a few string doublings in a loop ask for terabytes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenderJob {
+    /// The template (ChatML when `None`).
+    pub template: Option<String>,
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// The model's BOS text.
+    pub bos_token: String,
+    /// The model's EOS text.
+    pub eos_token: String,
+    /// Whether the prompt ends with the assistant's opening.
+    pub add_generation_prompt: bool,
+}
+
+impl RenderJob {
+    /// The render of `messages` in `tok`'s chat template that a chat request prefills.
+    pub fn chat(tok: &crate::tokenizer::TextTokenizer, messages: &[ChatMessage]) -> Self {
+        Self {
+            template: tok.chat_template().map(str::to_string),
+            messages: messages.to_vec(),
+            bos_token: tok.bos_text(),
+            eos_token: tok.eos_text(),
+            add_generation_prompt: true,
+        }
+    }
+
+    /// Renders it in this process.
+    pub fn render(&self) -> Result<String> {
+        render_chat(
+            self.template.as_deref(),
+            &self.messages,
+            &self.bos_token,
+            &self.eos_token,
+            self.add_generation_prompt,
+        )
+    }
+}
+
 /// Token ids of `messages` in `tok`'s chat template (ChatML when it has none), ending with
-/// the assistant's opening: what a chat request prefills.
+/// the assistant's opening: what a chat request prefills. Renders in this process (see
+/// [`RenderJob`] for a renderer kept apart).
 pub fn chat_prompt_ids(
     tok: &crate::tokenizer::TextTokenizer,
     messages: &[ChatMessage],
 ) -> Result<Vec<u32>> {
-    let text = render_chat(
-        tok.chat_template(),
-        messages,
-        &tok.bos_text(),
-        &tok.eos_text(),
-        true,
-    )?;
-    tok.encode(&text)
+    tok.encode(&RenderJob::chat(tok, messages).render()?)
 }

@@ -16,14 +16,16 @@ pub const MAX_NORMALIZER_GROWTH: f64 = 64.0;
 const OPAQUE_GROWTH: f64 = 8.0;
 
 /// An upper bound on characters out per character in for `normalizer` (a tokenizer.json's
-/// `normalizer` field; `null` grows nothing). Prepended text is counted as one more
-/// character's worth per character, which only overestimates.
+/// `normalizer` field, or its `decoder`, whose `Replace` and `Sequence` are alike; `null`
+/// grows nothing). Prepended text is counted as one more character's worth per character,
+/// which only overestimates.
 pub fn normalizer_growth(normalizer: &Json) -> f64 {
     let chars = |v: &Json| v.as_str().map_or(0, |s| s.chars().count()) as f64;
     match normalizer.get("type").and_then(Json::as_str) {
         None => 1.0,
         Some("Sequence") => normalizer
             .get("normalizers")
+            .or_else(|| normalizer.get("decoders"))
             .and_then(Json::as_array)
             .map_or(1.0, |list| list.iter().map(normalizer_growth).product()),
         Some("Replace") => {
@@ -44,6 +46,8 @@ pub fn normalizer_growth(normalizer: &Json) -> f64 {
         Some("BertNormalizer") => 3.0 * 3.0,
         Some("Lowercase") => 3.0,
         Some("Strip" | "StripAccents") => 1.0,
+        // Decoders that join, drop or swap pieces without adding to them.
+        Some("ByteFallback" | "Fuse" | "Metaspace" | "WordPiece" | "BPEDecoder" | "CTC") => 1.0,
         Some("ByteLevel") => 4.0,
         Some(_) => OPAQUE_GROWTH,
     }

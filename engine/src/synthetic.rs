@@ -38,6 +38,8 @@ pub struct SyntheticSpec {
     /// Llama3 RoPE scaling: `rope_scaling` in config.json, and in the GGUF the per-frequency
     /// divisors llama.cpp's converter writes as `rope_freqs.weight`.
     pub llama3_scaling: Option<Llama3Scaling>,
+    /// A chat template written to the GGUF (`tokenizer.chat_template`; none: ChatML).
+    pub chat_template: Option<String>,
 }
 
 impl Default for SyntheticSpec {
@@ -54,6 +56,7 @@ impl Default for SyntheticSpec {
             seed: 7,
             architecture: "llama".into(),
             llama3_scaling: None,
+            chat_template: None,
         }
     }
 }
@@ -301,6 +304,10 @@ pub fn write_gguf(spec: &SyntheticSpec, path: &Path) -> Result<()> {
         ("tokenizer.ggml.bos_token_id", u32v(256 + MERGES.len())),
         ("tokenizer.ggml.eos_token_id", u32v(256 + MERGES.len() + 2)),
     ];
+    let mut meta = meta;
+    if let Some(t) = &spec.chat_template {
+        meta.push(("tokenizer.chat_template", Value::String(t.clone())));
+    }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> =
         qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -45,33 +45,39 @@ impl StreamDecoder<'_> {
     }
 }
 
+/// Reads an HF tokenizer.json as untrusted input: a normalizer or decoder that could grow
+/// text more than [`crate::normalizer_growth::MAX_NORMALIZER_GROWTH`]-fold is refused, and
+/// the file's padding and truncation are dropped (they are the file's to choose, not ours to
+/// obey: a fixed padding of a billion makes every encode allocate that much, and truncation
+/// would cut prompts short behind the context check).
+pub fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let bad =
+        |e: &dyn std::fmt::Display| EngineError::Tokenizer(format!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+    let json: Json = serde_json::from_str(&text).map_err(|e| bad(&e))?;
+    for part in ["normalizer", "decoder"] {
+        let growth =
+            crate::normalizer_growth::normalizer_growth(json.get(part).unwrap_or(&Json::Null));
+        if growth > crate::normalizer_growth::MAX_NORMALIZER_GROWTH {
+            return Err(bad(&format!(
+                "its {part} can grow text {growth:.0}-fold (at most {} is accepted)",
+                crate::normalizer_growth::MAX_NORMALIZER_GROWTH
+            )));
+        }
+    }
+    let mut inner: tokenizers::Tokenizer = text.parse().map_err(|e| bad(&e))?;
+    inner.with_padding(None);
+    inner.with_truncation(None).map_err(|e| bad(&e))?;
+    Ok(inner)
+}
+
 impl TextTokenizer {
-    /// Loads an HF tokenizer.json, reading BOS/EOS and the chat template from the
+    /// Loads an HF tokenizer.json (see [`load_tokenizer_json`]), reading BOS/EOS and the chat template from the
     /// tokenizer_config.json beside it when present.
     /// A file whose normalizer could grow text more than
     /// [`crate::normalizer_growth::MAX_NORMALIZER_GROWTH`]-fold is refused.
     pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
-        let bad =
-            |e: &dyn std::fmt::Display| EngineError::Tokenizer(format!("{}: {e}", path.display()));
-        let text = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
-        let json: Json = serde_json::from_str(&text).map_err(|e| bad(&e))?;
-        let growth = crate::normalizer_growth::normalizer_growth(
-            json.get("normalizer").unwrap_or(&Json::Null),
-        );
-        if growth > crate::normalizer_growth::MAX_NORMALIZER_GROWTH {
-            return Err(bad(&format!(
-                "its normalizer can grow text {growth:.0}-fold (at most {} is accepted)",
-                crate::normalizer_growth::MAX_NORMALIZER_GROWTH
-            )));
-        }
-        let mut inner: tokenizers::Tokenizer = text.parse().map_err(|e| bad(&e))?;
-        // The file's padding and truncation are the file's to choose, not ours to obey: a
-        // fixed padding of a billion makes every encode allocate that much, and truncation
-        // would cut prompts short behind the context check.
-        inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = load_tokenizer_json(path)?;
         let cfg: Json = path
             .parent()
             .map(|d| d.join("tokenizer_config.json"))

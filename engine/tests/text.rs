@@ -409,4 +409,30 @@ fn a_tokenizer_whose_normalizer_blows_text_up_is_refused_with_a_reason() {
         };
         assert!(err.contains("normalizer can grow text"), "{err}");
     }
+    // The same grows every generated token when it is a decoder.
+    let mut json = honest.clone();
+    json["decoder"] = serde_json::json!({"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "a"}, "content": "z".repeat(100_000)},
+        {"type": "Fuse"},
+    ]});
+    std::fs::write(&path, json.to_string()).unwrap();
+    let err = match load_tokenizer(&WeightFile::open(&dir.path().join("st")).unwrap()) {
+        Ok(_) => panic!("a decoder that blows text up was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("decoder can grow text"), "{err}");
+    // Real decoders pass: SentencePiece's and GPT-2's.
+    for decoder in [
+        serde_json::json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ]}),
+        serde_json::json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+    ] {
+        let mut json = honest.clone();
+        json["decoder"] = decoder;
+        std::fs::write(&path, json.to_string()).unwrap();
+        load_tokenizer(&WeightFile::open(&dir.path().join("st")).unwrap()).unwrap();
+    }
 }

@@ -99,11 +99,12 @@ impl PoolMembership {
 }
 
 /// What a peer was admitted with.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     serial: Option<u64>,
     expires_at: Option<u64>,
     role: Option<Role>,
+    operator: Option<String>,
 }
 
 #[derive(Default)]
@@ -229,6 +230,15 @@ impl Gate {
     /// not admitted).
     pub fn role(&self, peer: &PeerId) -> Option<Role> {
         self.state().admitted.get(peer).and_then(|e| e.role)
+    }
+
+    /// Who runs `peer`'s machine, as its certificate says (private pools whose admin
+    /// named operators); `None` otherwise.
+    pub fn operator(&self, peer: &PeerId) -> Option<String> {
+        self.state()
+            .admitted
+            .get(peer)
+            .and_then(|e| e.operator.clone())
     }
 
     /// Waits until `peer` is admitted or [`HELLO_TIMEOUT`] passes; whether it was. A stream
@@ -446,6 +456,7 @@ impl Gate {
                 serial: None,
                 expires_at: None,
                 role: None,
+                operator: None,
             });
         };
         let cert = hello
@@ -460,6 +471,7 @@ impl Gate {
             serial: Some(cert.body.serial),
             expires_at: cert.body.expires_at,
             role: Some(role),
+            operator: cert.body.operator.clone(),
         })
     }
 
@@ -662,6 +674,7 @@ mod tests {
             issued_at: 1_000,
             expires_at,
             serial,
+            operator: None,
         };
         Certificate::issue(pool, body).unwrap()
     }
@@ -703,6 +716,7 @@ mod tests {
                 serial: Some(1),
                 expires_at: Some(5_000),
                 role: Some(Role::Member),
+                operator: None,
             },
         );
         assert!(gate.admitted(&peer(&alice)));
@@ -730,6 +744,7 @@ mod tests {
             serial: Some(4),
             expires_at: Some(3_000),
             role: Some(Role::Member),
+            operator: None,
         };
         gate.state().admitted.insert(peer(&alice), entry);
         gate.sweep(2_999);
@@ -785,6 +800,7 @@ mod tests {
                 serial: Some(7),
                 expires_at: None,
                 role: Some(Role::Member),
+                operator: None,
             },
         );
         assert!(gate.revoke_from(&peer(&alice), &forged).is_empty());

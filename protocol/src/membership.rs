@@ -9,16 +9,23 @@ use crate::signed::{Keypair, PublicKey, Signature};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Signature domain of membership certificates.
+/// Signature domain of membership certificates that name no operator (the first layout,
+/// still issued for them so that older tools read them).
 pub const CERTIFICATE_DOMAIN: &str = "potluck/membership/v1";
+/// Signature domain of membership certificates that name their operator.
+pub const CERTIFICATE_DOMAIN_V2: &str = "potluck/membership/v2";
 /// Signature domain of revocations.
 pub const REVOCATION_DOMAIN: &str = "potluck/revocation/v1";
-/// How a certificate starts in its text form.
+/// How a certificate without an operator starts in its text form.
 const TEXT_PREFIX: &str = "potluck-cert-1:";
+/// How a certificate naming its operator starts in its text form.
+const TEXT_PREFIX_V2: &str = "potluck-cert-2:";
 /// Longest text form accepted (a certificate is a few hundred bytes).
 const MAX_TEXT: usize = 4096;
 /// Longest pool name.
 pub const MAX_POOL_NAME: usize = 64;
+/// Longest operator name.
+pub const MAX_OPERATOR: usize = 64;
 
 /// What a member may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +73,54 @@ pub struct Membership {
     pub expires_at: Option<u64>,
     /// Number of this certificate within the pool, for revocation.
     pub serial: u64,
+    /// Who runs the member's machine, as the pool's admin knows them (a person, a lab, a
+    /// company): several machines of one operator count as one voice in batch quorums and
+    /// checks. `None`: the pool does not say, and the peer's network stands in.
+    pub operator: Option<String>,
+}
+
+/// The fields of a certificate from before operators, in their order: what certificates
+/// without an operator are signed over and written as, so that those issued earlier still
+/// verify and older tools still read new ones.
+type MembershipV1 = (PublicKey, String, PublicKey, Role, u64, Option<u64>, u64);
+
+impl Membership {
+    fn v1(&self) -> MembershipV1 {
+        (
+            self.pool,
+            self.pool_name.clone(),
+            self.member,
+            self.role,
+            self.issued_at,
+            self.expires_at,
+            self.serial,
+        )
+    }
+
+    fn from_v1(v: MembershipV1) -> Self {
+        let (pool, pool_name, member, role, issued_at, expires_at, serial) = v;
+        Self {
+            pool,
+            pool_name,
+            member,
+            role,
+            issued_at,
+            expires_at,
+            serial,
+            operator: None,
+        }
+    }
+
+    /// The signature's domain and the bytes it covers.
+    fn signed_bytes(&self) -> Result<(&'static str, Vec<u8>), MembershipError> {
+        Ok(match &self.operator {
+            None => (
+                CERTIFICATE_DOMAIN,
+                encode_body(&self.v1()).map_err(malformed)?,
+            ),
+            Some(_) => (CERTIFICATE_DOMAIN_V2, encode_body(self).map_err(malformed)?),
+        })
+    }
 }
 
 /// A membership certificate: the claims and the pool key's signature over them.
@@ -134,7 +189,15 @@ impl Certificate {
                 "a pool name must have 1 to {MAX_POOL_NAME} bytes"
             )));
         }
-        let signature = pool_key.sign(CERTIFICATE_DOMAIN, &encode_body(&body).map_err(malformed)?);
+        if let Some(op) = &body.operator {
+            if op.trim().is_empty() || op.len() > MAX_OPERATOR || op.chars().any(char::is_control) {
+                return Err(malformed(format!(
+                    "an operator name must have 1 to {MAX_OPERATOR} bytes and no control characters"
+                )));
+            }
+        }
+        let (domain, bytes) = body.signed_bytes()?;
+        let signature = pool_key.sign(domain, &bytes);
         Ok(Self { body, signature })
     }
 
@@ -151,8 +214,8 @@ impl Certificate {
         if &b.pool != pool {
             return Err(MembershipError::WrongPool(to_hex(&b.pool.0)));
         }
-        let bytes = encode_body(b).map_err(malformed)?;
-        pool.verify(CERTIFICATE_DOMAIN, &bytes, &self.signature)
+        let (domain, bytes) = b.signed_bytes()?;
+        pool.verify(domain, &bytes, &self.signature)
             .map_err(|_| MembershipError::Forged)?;
         if &b.member != member {
             return Err(MembershipError::WrongMember);
@@ -169,12 +232,19 @@ impl Certificate {
         Ok(b.role)
     }
 
-    /// Its text form, for command lines and files.
+    /// Its text form, for command lines and files (the first layout when it names no
+    /// operator).
     pub fn to_text(&self) -> Result<String, MembershipError> {
-        Ok(format!(
-            "{TEXT_PREFIX}{}",
-            to_hex(&encode_body(self).map_err(malformed)?)
-        ))
+        Ok(match &self.body.operator {
+            None => format!(
+                "{TEXT_PREFIX}{}",
+                to_hex(&encode_body(&(self.body.v1(), &self.signature)).map_err(malformed)?)
+            ),
+            Some(_) => format!(
+                "{TEXT_PREFIX_V2}{}",
+                to_hex(&encode_body(self).map_err(malformed)?)
+            ),
+        })
     }
 
     /// Reads the text form (surrounding whitespace allowed).
@@ -183,11 +253,25 @@ impl Certificate {
         if text.len() > MAX_TEXT {
             return Err(malformed(format!("over {MAX_TEXT} characters")));
         }
-        let hex_part = text
-            .strip_prefix(TEXT_PREFIX)
-            .ok_or_else(|| malformed(format!("it does not start with {TEXT_PREFIX}")))?;
-        let bytes = from_hex(hex_part).ok_or_else(|| malformed("not hex"))?;
-        decode_body(&bytes).map_err(malformed)
+        let hex = |h: &str| from_hex(h).ok_or_else(|| malformed("not hex"));
+        if let Some(h) = text.strip_prefix(TEXT_PREFIX) {
+            let (body, signature): (MembershipV1, Signature) =
+                decode_body(&hex(h)?).map_err(malformed)?;
+            return Ok(Self {
+                body: Membership::from_v1(body),
+                signature,
+            });
+        }
+        let h = text.strip_prefix(TEXT_PREFIX_V2).ok_or_else(|| {
+            malformed(format!(
+                "it does not start with {TEXT_PREFIX} or {TEXT_PREFIX_V2}"
+            ))
+        })?;
+        let cert: Self = decode_body(&hex(h)?).map_err(malformed)?;
+        if cert.body.operator.is_none() {
+            return Err(malformed("a second-layout certificate without an operator"));
+        }
+        Ok(cert)
     }
 }
 
@@ -268,6 +352,7 @@ mod tests {
             issued_at: 1_000,
             expires_at,
             serial: 7,
+            operator: None,
         }
     }
 
@@ -331,6 +416,43 @@ mod tests {
             &"a".repeat(5000),
         ] {
             assert!(Certificate::from_text(bad).is_err(), "{bad:.20}");
+        }
+    }
+
+    #[test]
+    fn an_operator_is_signed_and_cannot_be_stripped_or_changed() {
+        let (pool, alice) = (key(1), key(2));
+        let p = pool.public();
+        let plain = Certificate::issue(&pool, body(&pool, &alice, None)).unwrap();
+        // Without an operator the first layout is kept, byte for byte.
+        let text = plain.to_text().unwrap();
+        assert!(text.starts_with(TEXT_PREFIX));
+        assert_eq!(Certificate::from_text(&text).unwrap(), plain);
+        let mut b = body(&pool, &alice, None);
+        b.operator = Some("alice's lab".into());
+        let named = Certificate::issue(&pool, b).unwrap();
+        let text = named.to_text().unwrap();
+        assert!(text.starts_with(TEXT_PREFIX_V2));
+        let back = Certificate::from_text(&text).unwrap();
+        assert_eq!(back, named);
+        assert_eq!(
+            back.admits(&p, &alice.public(), 1_500, &[]),
+            Ok(Role::Member)
+        );
+        let mut stripped = named.clone();
+        stripped.body.operator = None;
+        let mut renamed = named.clone();
+        renamed.body.operator = Some("bob".into());
+        for bad in [stripped, renamed] {
+            assert_eq!(
+                bad.admits(&p, &alice.public(), 1_500, &[]),
+                Err(MembershipError::Forged)
+            );
+        }
+        for name in ["", " ", "a\nb", &"x".repeat(MAX_OPERATOR + 1)] {
+            let mut b = body(&pool, &alice, None);
+            b.operator = Some(name.into());
+            assert!(Certificate::issue(&pool, b).is_err(), "{name:?}");
         }
     }
 

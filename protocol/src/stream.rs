@@ -39,8 +39,9 @@ impl Channel {
 }
 
 /// Admission: one hello and one answer per connection, before anything else is served. Not
-/// pool-tagged, so a peer of another pool hears why it is refused.
-pub const ADMIT_PROTOCOL: &str = "/potluck/admit/1";
+/// pool-tagged, so a peer of another pool hears why it is refused. Version 2: certificates
+/// may name their operator, so a peer of the first layout is refused before it sends one.
+pub const ADMIT_PROTOCOL: &str = "/potluck/admit/2";
 
 /// Largest admission frame: a certificate, or an answer listing the pool's revocations.
 pub const MAX_ADMIT_FRAME: usize = 1 << 20;

@@ -172,6 +172,7 @@ fn certificate(serial: u64) -> Certificate {
         issued_at: 1_700_000_000,
         expires_at: Some(1_800_000_000),
         serial,
+        operator: Some("lab one".into()),
     };
     Certificate::issue(&key(5), body).unwrap()
 }

@@ -2,6 +2,9 @@
 //! be waited for, killed when dropped.
 #![allow(dead_code)]
 
+pub mod netns;
+pub mod pools;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
@@ -132,6 +135,19 @@ pub fn node(
     bootstrap: &str,
     extra: &[&str],
 ) -> (Proc, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_potluck"));
+    cmd.args(node_args(dir, name, pool, bootstrap, extra));
+    start_node(cmd)
+}
+
+/// The arguments of [`node`], for a node started some other way (in a namespace).
+pub fn node_args(
+    dir: &std::path::Path,
+    name: &str,
+    pool: &str,
+    bootstrap: &str,
+    extra: &[&str],
+) -> Vec<String> {
     let data = dir.join(name);
     let mut args = vec![
         "node",
@@ -154,7 +170,12 @@ pub fn node(
         args.extend_from_slice(&["--threads", "1"]);
     }
     args.extend_from_slice(extra);
-    let mut p = Proc::start(&args);
+    args.into_iter().map(String::from).collect()
+}
+
+/// Starts `cmd`, a node; returns it and its peer id.
+pub fn start_node(cmd: Command) -> (Proc, String) {
+    let mut p = Proc::spawn(cmd);
     let id = p
         .wait_for(Instant::now() + Duration::from_secs(30), |l| {
             l.starts_with("peer id ")

@@ -1,15 +1,19 @@
-//! Runs open work units on the pool until quorum. Each unit goes to `quorum` different peers
-//! holding its model whole (least busy, then fastest, first); results that agree validate it
-//! and credit the peers that gave them. A disagreement asks one more peer, up to
+//! Runs open work units on the pool until quorum. Each unit goes to `quorum` peers of
+//! different origins (operators where certificates name them, else networks: see
+//! [`Origin`]) holding its model whole (least busy, then fastest, first); results of that many
+//! origins that agree validate it and credit the peers that gave them, so one party's many
+//! keys are one voice. A disagreement asks one more peer, up to
 //! [`MAX_REPLICAS`]; peers outvoted by a quorum are quarantined and their credit voided. A
 //! unit whose peer fails or times out simply runs elsewhere.
 
 use super::input::{chat_line, embed_texts};
-use super::store::{Kind, OpenUnit, Store};
+use super::store::{Asked, Kind, OpenUnit, Store};
 use crate::compare::{vectors_agree, Verdict};
+use crate::origin::Origin;
 use crate::pool::{embedded, verify_work, Coordinator, Refusal};
+use crate::template::chat_prompt_ids;
 use libp2p::PeerId;
-use potluck_engine::chat::{chat_prompt_ids, ChatMessage};
+use potluck_engine::chat::ChatMessage;
 use potluck_protocol::codec::encode_body;
 use potluck_protocol::messages::{ModelRef, WorkOutput, WorkRequest, WorkTask};
 use serde::{Deserialize, Serialize};
@@ -91,17 +95,17 @@ impl Answer {
 /// A unit's results, read once per round: who gave each answer, and the largest group of
 /// answers that agree.
 struct Tally {
-    peers: Vec<String>,
+    peers: Vec<Asked>,
     answers: Vec<Answer>,
     group: Vec<usize>,
 }
 
 impl Tally {
     fn of(unit: &OpenUnit) -> Self {
-        let (peers, answers): (Vec<String>, Vec<Answer>) = unit
+        let (peers, answers): (Vec<Asked>, Vec<Answer>) = unit
             .results
             .iter()
-            .filter_map(|(peer, o)| Some((peer.clone(), serde_json::from_str(o).ok()?)))
+            .filter_map(|(asked, o)| Some((asked.clone(), serde_json::from_str(o).ok()?)))
             .unzip();
         let group = largest_agreeing(&answers);
         Self {
@@ -109,6 +113,16 @@ impl Tally {
             answers,
             group,
         }
+    }
+
+    /// How many origins the agreeing group speaks for: the votes it has.
+    fn voices(&self) -> usize {
+        let origins: std::collections::HashSet<&Origin> = self
+            .group
+            .iter()
+            .filter_map(|&i| self.peers.get(i).map(|a| &a.origin))
+            .collect();
+        origins.len()
     }
 }
 
@@ -162,7 +176,7 @@ impl Batches {
         if units.is_empty() {
             return Ok(());
         }
-        let mut holders: HashMap<Kind, Vec<PeerId>> = HashMap::new();
+        let mut holders: HashMap<Kind, Vec<(PeerId, Origin)>> = HashMap::new();
         for unit in units {
             let Some(model) = model_of(c, unit.kind) else {
                 self.store
@@ -177,11 +191,16 @@ impl Batches {
             if wanted == 0 {
                 continue;
             }
-            let peers = holders
-                .entry(unit.kind)
-                .or_insert_with(|| c.holders(&model).into_iter().map(|(p, _)| p).collect());
-            for peer in self.pick(peers, &unit, wanted) {
-                let assignment = self.store.start_assignment(unit.id, &peer.to_string())?;
+            let peers = holders.entry(unit.kind).or_insert_with(|| {
+                c.holders(&model)
+                    .into_iter()
+                    .map(|(p, _)| (p, c.origin(p)))
+                    .collect()
+            });
+            for (peer, origin) in self.pick(peers, &unit, wanted) {
+                let assignment =
+                    self.store
+                        .start_assignment(unit.id, &peer.to_string(), &origin)?;
                 *self.lock_busy().entry(peer).or_default() += 1;
                 let (this, c, unit, model) = (self.clone(), c.clone(), unit.clone(), model.clone());
                 tokio::spawn(async move {
@@ -201,25 +220,34 @@ impl Batches {
     }
 
     /// How many more assignments `unit` needs now: enough for a quorum if every result
-    /// agreed, plus one per result that did not.
+    /// agreed, plus one per result that did not add a voice.
     fn wanted(&self, unit: &OpenUnit, tally: &Tally) -> usize {
         let answers = tally.answers.len();
-        let target = (self.quorum + answers - tally.group.len()).min(MAX_REPLICAS);
-        target.saturating_sub(answers + unit.running.len())
+        let target = (self.quorum + answers).saturating_sub(tally.voices());
+        target
+            .min(MAX_REPLICAS)
+            .saturating_sub(answers + unit.running.len())
     }
 
-    /// Up to `n` peers for `unit`: not already asked for it, not full, least busy first.
-    fn pick(&self, peers: &[PeerId], unit: &OpenUnit, n: usize) -> Vec<PeerId> {
+    /// Up to `n` peers for `unit`, least busy first: not full, and each of an origin that
+    /// has not answered it, is not running it, and is not picked twice here.
+    fn pick(&self, peers: &[(PeerId, Origin)], unit: &OpenUnit, n: usize) -> Vec<(PeerId, Origin)> {
         let busy = self.lock_busy();
-        let mut free: Vec<(usize, usize, PeerId)> = peers
+        let mut free: Vec<(usize, usize, &(PeerId, Origin))> = peers
             .iter()
             .enumerate()
-            .filter(|(_, p)| !unit.asked(&p.to_string()))
-            .map(|(rank, p)| (busy.get(p).copied().unwrap_or(0), rank, *p))
+            .filter(|(_, (p, origin))| !unit.asked(&p.to_string()) && !unit.heard_from(origin))
+            .map(|(rank, p)| (busy.get(&p.0).copied().unwrap_or(0), rank, p))
             .filter(|(load, _, _)| *load < PER_PEER)
             .collect();
-        free.sort();
-        free.into_iter().take(n).map(|(_, _, p)| p).collect()
+        free.sort_by_key(|(load, rank, _)| (*load, *rank));
+        let mut picked: Vec<(PeerId, Origin)> = Vec::new();
+        for (_, _, (peer, origin)) in free {
+            if picked.len() < n && !picked.iter().any(|(_, o)| o == origin) {
+                picked.push((*peer, origin.clone()));
+            }
+        }
+        picked
     }
 
     /// Validates or gives up on `unit` if its results allow; true if it is decided.
@@ -235,14 +263,14 @@ impl Batches {
             answers,
             group,
         } = tally;
-        if group.len() >= self.quorum {
+        if tally.voices() >= self.quorum {
             let Some(winner) = group.first().and_then(|&i| answers.get(i)) else {
                 return Ok(false);
             };
             // A quarantined peer earns nothing, even for a result that agrees.
             let credited: Vec<String> = group
                 .iter()
-                .filter_map(|&i| peers.get(i).cloned())
+                .filter_map(|&i| peers.get(i).map(|a| a.peer.clone()))
                 .filter(|p| p.parse::<PeerId>().is_ok_and(|id| !c.is_quarantined(id)))
                 .collect();
             let tokens = winner.tokens();
@@ -252,8 +280,8 @@ impl Batches {
                 .store
                 .validate(unit.id, &body.to_string(), tokens, flops, &credited)?
             {
-                for (i, peer) in peers.iter().enumerate() {
-                    let Ok(id) = peer.parse::<PeerId>() else {
+                for (i, asked) in peers.iter().enumerate() {
+                    let Ok(id) = asked.peer.parse::<PeerId>() else {
                         continue;
                     };
                     if group.contains(&i) {
@@ -270,7 +298,7 @@ impl Batches {
             self.store.fail_unit(
                 unit.id,
                 &format!(
-                    "{MAX_REPLICAS} results and no {} of them agree",
+                    "{MAX_REPLICAS} results and no {} of them from different operators or networks agree",
                     self.quorum
                 ),
             )?;

@@ -4,6 +4,7 @@
 //! coordinator killed at any instant restarts with every accepted batch and every validated
 //! unit intact; assignments that were running are marked lost and their units run again.
 
+use crate::origin::Origin;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::path::Path;
@@ -16,9 +17,13 @@ pub const STORE_FILE: &str = "jobs.sqlite";
 /// Why the store refused or failed.
 #[derive(Debug, Error)]
 pub enum StoreError {
-    /// SQLite failed (disk full, corrupt file, ...).
+    /// SQLite failed (corrupt file, I/O error, ...).
     #[error("job store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+    /// There is no room for more: the store is at its size limit, its disk keeps too
+    /// little free, or the disk is full. What the store holds is kept.
+    #[error("{0}")]
+    Full(String),
     /// The store's file could not be created or made private.
     #[error("job store {path}: {source}")]
     File {
@@ -35,8 +40,71 @@ pub enum StoreError {
     Conflict(String),
 }
 
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full(
+                "the disk holding the job store is full; nothing stored was lost".into(),
+            ),
+            _ => StoreError::Sqlite(e),
+        }
+    }
+}
+
 /// Store result type.
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// How much the store may hold, and how much of its disk it leaves free.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most bytes the store's pages may hold.
+    pub max_bytes: u64,
+    /// Bytes of its disk kept free: new files and batches are refused below this.
+    pub min_free_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_MAX_STORE_BYTES,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+        }
+    }
+}
+
+/// The store's size limit unless configured otherwise.
+pub const DEFAULT_MAX_STORE_BYTES: u64 = 16 << 30;
+/// Disk space kept free unless configured otherwise.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 512 << 20;
+
+/// What [`Store::expire`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// Finished batches, with their units and results.
+    pub batches: u64,
+    /// Uploaded files no remaining batch reads.
+    pub files: u64,
+}
+
+/// Free bytes on the file system holding `path`, if it can be asked.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path and `st` is a writable statvfs the call fills.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
 
 /// What a batch's units ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -122,6 +190,9 @@ pub struct BatchInfo {
     pub failed: u64,
     /// Why the whole batch failed, if it did.
     pub error: Option<String>,
+    /// Results peers returned for its units, agreeing or not (a unit takes `quorum` or
+    /// more).
+    pub results: u64,
 }
 
 /// A unit still to be run.
@@ -135,20 +206,38 @@ pub struct OpenUnit {
     pub kind: Kind,
     /// The request body (JSON) of its line.
     pub body: String,
-    /// Results returned so far: (peer, output JSON).
-    pub results: Vec<(String, String)>,
+    /// Results returned so far: who gave each, and its output JSON.
+    pub results: Vec<(Asked, String)>,
     /// Peers running it now.
-    pub running: Vec<String>,
+    pub running: Vec<Asked>,
+}
+
+/// A peer a unit was sent to, and whose voice its result is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Asked {
+    /// The peer's id.
+    pub peer: String,
+    /// Its origin when it was sent the unit.
+    pub origin: Origin,
 }
 
 impl OpenUnit {
+    fn asked_now(&self) -> impl Iterator<Item = &Asked> {
+        self.running
+            .iter()
+            .chain(self.results.iter().map(|(a, _)| a))
+    }
+
     /// Whether `peer` returned a result for it or is running it (replicas go elsewhere; a
     /// peer whose try failed or was lost may try again, the only way a small pool finishes).
     pub fn asked(&self, peer: &str) -> bool {
-        self.running
-            .iter()
-            .chain(self.results.iter().map(|(p, _)| p))
-            .any(|p| p == peer)
+        self.asked_now().any(|a| a.peer == peer)
+    }
+
+    /// Whether a peer of `origin` returned a result for it or is running it: another of
+    /// its peers would add no voice to the quorum.
+    pub fn heard_from(&self, origin: &Origin) -> bool {
+        self.asked_now().any(|a| &a.origin == origin)
     }
 }
 
@@ -213,7 +302,7 @@ CREATE TABLE IF NOT EXISTS assignments (
     id INTEGER PRIMARY KEY, unit INTEGER NOT NULL, peer TEXT NOT NULL,
     state TEXT NOT NULL,          -- running, returned, failed, lost
     started_at INTEGER NOT NULL, output TEXT, tokens INTEGER NOT NULL DEFAULT 0,
-    receipt BLOB, detail TEXT);
+    receipt BLOB, detail TEXT, origin TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS assignments_unit ON assignments (unit);
 CREATE TABLE IF NOT EXISTS credits (
     peer TEXT NOT NULL, unit INTEGER NOT NULL, tokens INTEGER NOT NULL,
@@ -244,32 +333,72 @@ fn new_id(prefix: &str) -> String {
 /// The job store; cheap to share behind an `Arc`.
 pub struct Store {
     conn: Mutex<Connection>,
+    path: std::path::PathBuf,
+    limits: Limits,
+}
+
+/// Bytes set aside beside the store (`jobs.sqlite.reserve`) and given back when the disk
+/// fills, so that deleting and expiring, which SQLite must journal, can still run.
+const RESERVE_BYTES: usize = 1 << 20;
+
+fn reserve_path(store: &Path) -> std::path::PathBuf {
+    let mut p = store.as_os_str().to_owned();
+    p.push(".reserve");
+    p.into()
+}
+
+/// Sets the reserve aside if it is not (a failure to is no error: the disk is full).
+fn set_reserve_aside(store: &Path) {
+    let path = reserve_path(store);
+    if path.exists() {
+        return;
+    }
+    let made = potluck_net::identity::private_file(&path)
+        .and_then(|()| std::fs::write(&path, vec![0u8; RESERVE_BYTES]));
+    if made.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 impl Store {
     /// Opens (creating when needed) the store at `path`, and marks assignments that were
     /// running when the last process stopped as lost, so their units run again.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, Limits::default())
+    }
+
+    /// [`Store::open`], holding at most what `limits` allow.
+    pub fn open_with(path: &Path, limits: Limits) -> Result<Self> {
         // It holds prompts and outputs; SQLite gives its -wal and -shm files this mode too.
         potluck_net::identity::private_file(path).map_err(|source| StoreError::File {
             path: path.to_path_buf(),
             source,
         })?;
         let conn = Connection::open(path)?;
+        // Deleted files and expired batches give their pages back to the disk (for stores
+        // made from now on: an existing one keeps its mode until a VACUUM).
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // A write-ahead log swollen by a large upload shrinks back after its checkpoint.
+        conn.pragma_update(None, "journal_size_limit", 8 << 20)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        // Stores from before owners were kept: their files and batches belong to no member.
-        for table in ["files", "batches"] {
+        // Stores from before owners were kept: their files and batches belong to no member;
+        // from before origins were kept: each result is its peer's voice alone.
+        for (table, column) in [
+            ("files", "owner"),
+            ("batches", "owner"),
+            ("assignments", "origin"),
+        ] {
             let has: bool = conn.query_row(
-                "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = 'owner'",
-                [table],
+                "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, column],
                 |r| r.get(0),
             )?;
             if !has {
                 conn.execute_batch(&format!(
-                    "ALTER TABLE {table} ADD COLUMN owner TEXT NOT NULL DEFAULT ''"
+                    "ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
                 ))?;
             }
         }
@@ -282,9 +411,129 @@ impl Store {
                 "{lost} running assignments lost in the last stop; their units run again"
             );
         }
+        set_reserve_aside(path);
         Ok(Self {
             conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+            limits,
         })
+    }
+
+    /// Runs `f`, a removal; if the disk is too full for SQLite to journal it, gives back
+    /// the reserve and runs it again.
+    fn removing<T>(&self, f: impl Fn() -> Result<T>) -> Result<T> {
+        let done = match f() {
+            Err(StoreError::Full(_)) if std::fs::remove_file(reserve_path(&self.path)).is_ok() => {
+                tracing::warn!(
+                    "the disk holding the job store is full: its reserve is given back so that deletes and expiry run"
+                );
+                f()
+            }
+            other => other,
+        };
+        if done.is_ok() {
+            // Free pages go back to the disk now, not at some later checkpoint; on a disk
+            // still too full for that they wait, reused by the store's next writes.
+            let conn = self.conn();
+            if let Err(e) = conn.execute_batch("PRAGMA incremental_vacuum;") {
+                tracing::debug!("store pages not given back yet: {e}");
+            } else if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            {
+                tracing::debug!("store checkpoint: {e}");
+            }
+        }
+        done
+    }
+
+    /// Bytes the store's pages hold now (free pages not counted).
+    pub fn used_bytes(&self) -> Result<u64> {
+        let conn = self.conn();
+        let pages: u64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: u64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok(pages.saturating_sub(free).saturating_mul(size))
+    }
+
+    /// Whether `more` bytes fit: under the store's limit, and leaving its disk the free
+    /// space it keeps; why not otherwise.
+    fn room_for(&self, more: u64) -> Result<()> {
+        set_reserve_aside(&self.path);
+        let used = self.used_bytes()?;
+        let max = self.limits.max_bytes;
+        if used.saturating_add(more) > max {
+            return Err(StoreError::Full(format!(
+                "the job store holds {} of its {} limit; delete files (DELETE /v1/files/ID) or wait for finished batches to expire",
+                mib(used),
+                mib(max)
+            )));
+        }
+        if let Some(free) = free_bytes(&self.path) {
+            let keep = self.limits.min_free_bytes;
+            // Written twice before a checkpoint: to the write-ahead log, then the store.
+            if free.saturating_sub(more.saturating_mul(2)) < keep {
+                return Err(StoreError::Full(format!(
+                    "the disk holding the job store has {} free and {} is kept free",
+                    mib(free),
+                    mib(keep)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes batches that finished before unix time `before`, with their units, results
+    /// and line errors (their output files go with them), and uploaded files from before
+    /// then that no remaining batch reads. The credit ledger is kept whole.
+    pub fn expire(&self, before: u64) -> Result<Expired> {
+        self.removing(|| self.expire_once(before))
+    }
+
+    fn expire_once(&self, before: u64) -> Result<Expired> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS expiring (id TEXT PRIMARY KEY); DELETE FROM expiring;",
+        )?;
+        let batches = tx.execute(
+            "INSERT INTO expiring SELECT id FROM batches
+             WHERE status IN ('completed', 'failed', 'cancelled') AND finished_at IS NOT NULL AND finished_at < ?1",
+            [before],
+        )? as u64;
+        tx.execute_batch(
+            "DELETE FROM assignments WHERE unit IN (SELECT u.id FROM units u JOIN expiring e ON e.id = u.batch);
+             DELETE FROM units WHERE batch IN (SELECT id FROM expiring);
+             DELETE FROM line_errors WHERE batch IN (SELECT id FROM expiring);
+             DELETE FROM batches WHERE id IN (SELECT id FROM expiring);
+             DELETE FROM expiring;",
+        )?;
+        let files = tx.execute(
+            "DELETE FROM files WHERE created_at < ?1 AND id NOT IN (SELECT input_file_id FROM batches)",
+            [before],
+        )? as u64;
+        tx.commit()?;
+        Ok(Expired { batches, files })
+    }
+
+    /// Deletes `owner`'s file `id`, unless a batch still running reads it.
+    pub fn delete_file(&self, id: &str, owner: &str) -> Result<()> {
+        self.removing(|| self.delete_file_once(id, owner))
+    }
+
+    fn delete_file_once(&self, id: &str, owner: &str) -> Result<()> {
+        self.owns_file(id, owner)?;
+        let conn = self.conn();
+        let busy: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM batches WHERE input_file_id = ?1 AND status IN ('validating', 'in_progress', 'cancelling')",
+            [id],
+            |r| r.get(0),
+        )?;
+        if busy {
+            return Err(StoreError::Conflict(format!(
+                "file {id} is the input of a batch still running"
+            )));
+        }
+        conn.execute("DELETE FROM files WHERE id = ?1", [id])?;
+        Ok(())
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -299,6 +548,7 @@ impl Store {
         content: &[u8],
         owner: &str,
     ) -> Result<FileInfo> {
+        self.room_for(content.len() as u64)?;
         let info = FileInfo {
             id: new_id("file-"),
             filename: filename.to_string(),
@@ -377,6 +627,8 @@ impl Store {
         errors: &[LineError],
         owner: &str,
     ) -> Result<BatchInfo> {
+        let body_bytes: usize = units.iter().map(|u| u.body.len() + u.custom_id.len()).sum();
+        self.room_for(body_bytes as u64)?;
         let id = new_id("batch_");
         let at = now();
         let mut conn = self.conn();
@@ -450,6 +702,11 @@ impl Store {
             [id],
             |r| r.get(0),
         )?;
+        let results: u64 = conn.query_row(
+            "SELECT COUNT(*) FROM assignments a JOIN units u ON u.id = a.unit WHERE u.batch = ?1 AND a.state = 'returned'",
+            [id],
+            |r| r.get(0),
+        )?;
         Ok(BatchInfo {
             id: id.to_string(),
             kind: Kind::parse(&row.0).unwrap_or(Kind::Chat),
@@ -462,6 +719,7 @@ impl Store {
             completed: done,
             failed: failed + bad_lines,
             error: row.6,
+            results,
         })
     }
 
@@ -511,8 +769,9 @@ impl Store {
             ))
         })?;
         let mut out = Vec::new();
-        let mut a = conn
-            .prepare("SELECT peer, state, output FROM assignments WHERE unit = ?1 ORDER BY id")?;
+        let mut a = conn.prepare(
+            "SELECT peer, state, output, origin FROM assignments WHERE unit = ?1 ORDER BY id",
+        )?;
         for row in rows {
             let (id, batch, kind, body) = row?;
             let mut unit = OpenUnit {
@@ -528,12 +787,18 @@ impl Store {
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(3)?,
                 ))
             })?;
             for x in assigned {
-                match x? {
-                    (peer, state, _) if state == "running" => unit.running.push(peer),
-                    (peer, state, Some(o)) if state == "returned" => unit.results.push((peer, o)),
+                let (peer, state, output, origin) = x?;
+                let asked = Asked {
+                    origin: Origin::from_stored(&origin, &peer),
+                    peer,
+                };
+                match (state.as_str(), output) {
+                    ("running", _) => unit.running.push(asked),
+                    ("returned", Some(o)) => unit.results.push((asked, o)),
                     _ => {}
                 }
             }
@@ -542,12 +807,12 @@ impl Store {
         Ok(out)
     }
 
-    /// Records that `unit` was sent to `peer`; returns the assignment's id.
-    pub fn start_assignment(&self, unit: i64, peer: &str) -> Result<i64> {
+    /// Records that `unit` was sent to `peer` of `origin`; returns the assignment's id.
+    pub fn start_assignment(&self, unit: i64, peer: &str, origin: &Origin) -> Result<i64> {
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO assignments (unit, peer, state, started_at) VALUES (?1, ?2, 'running', ?3)",
-            params![unit, peer, now()],
+            "INSERT INTO assignments (unit, peer, state, started_at, origin) VALUES (?1, ?2, 'running', ?3, ?4)",
+            params![unit, peer, now(), origin.to_stored()],
         )?;
         Ok(conn.last_insert_rowid())
     }
@@ -740,6 +1005,104 @@ mod tests {
     }
 
     #[test]
+    fn a_full_store_refuses_new_work_and_keeps_what_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let kept = {
+            let s = Store::open(&path).unwrap();
+            s.add_file("a.jsonl", "batch", &[b'x'; 5000], "alice")
+                .unwrap()
+                .id
+        };
+        let used = Store::open(&path).unwrap().used_bytes().unwrap();
+        let tight = Limits {
+            max_bytes: used + 20_000,
+            min_free_bytes: 0,
+        };
+        let s = Store::open_with(&path, tight).unwrap();
+        let refused = s.add_file("b.jsonl", "batch", &[b'y'; 50_000], "alice");
+        assert!(
+            matches!(&refused, Err(StoreError::Full(why)) if why.contains("limit")),
+            "{refused:?}"
+        );
+        assert_eq!(s.file_content(&kept).unwrap().len(), 5000);
+        // A disk that must keep more free than it has refuses too.
+        let greedy = Limits {
+            max_bytes: u64::MAX,
+            min_free_bytes: u64::MAX,
+        };
+        let s = Store::open_with(&path, greedy).unwrap();
+        let refused = s.create_batch(Kind::Embed, "m", &kept, &[unit(1)], &[], "alice");
+        assert!(
+            matches!(&refused, Err(StoreError::Full(why)) if why.contains("kept free")),
+            "{refused:?}"
+        );
+        // Deleting makes room: only the owner may, and not under a running batch.
+        let s = Store::open_with(&path, tight).unwrap();
+        let b = s
+            .create_batch(Kind::Embed, "m", &kept, &[unit(1)], &[], "alice")
+            .unwrap();
+        assert!(matches!(
+            s.delete_file(&kept, "bob"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.delete_file(&kept, "alice"),
+            Err(StoreError::Conflict(_))
+        ));
+        s.cancel(&b.id).unwrap();
+        s.delete_file(&kept, "alice").unwrap();
+        s.add_file("b.jsonl", "batch", &[b'y'; 15_000], "alice")
+            .unwrap();
+    }
+
+    #[test]
+    fn finished_batches_and_unused_files_expire_and_the_ledger_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join(STORE_FILE)).unwrap();
+        let done_file = s.add_file("a.jsonl", "batch", b"{}", "alice").unwrap().id;
+        let live_file = s.add_file("b.jsonl", "batch", b"{}", "alice").unwrap().id;
+        let done = s
+            .create_batch(Kind::Embed, "m", &done_file, &[unit(1)], &[], "alice")
+            .unwrap();
+        let live = s
+            .create_batch(Kind::Embed, "m", &live_file, &[unit(1)], &[], "alice")
+            .unwrap();
+        let unit_of = |batch: &str| {
+            s.open_units(10)
+                .unwrap()
+                .into_iter()
+                .find(|u| u.batch == batch)
+                .unwrap()
+                .id
+        };
+        let u = unit_of(&done.id);
+        let a = s
+            .start_assignment(u, "peerA", &Origin::Key("peerA".into()))
+            .unwrap();
+        s.returned(a, "[1]", 5, b"r").unwrap();
+        assert!(s.validate(u, "{}", 5, 10.0, &["peerA".into()]).unwrap());
+        assert_eq!(s.batch(&done.id).unwrap().status, "completed");
+        // Nothing is old enough yet.
+        assert_eq!(s.expire(0).unwrap(), Expired::default());
+        let gone = s.expire(now() + 10).unwrap();
+        assert_eq!(
+            gone,
+            Expired {
+                batches: 1,
+                files: 1
+            }
+        );
+        assert!(matches!(s.batch(&done.id), Err(StoreError::NotFound(_))));
+        assert!(s.file_content(&done_file).is_err());
+        assert_eq!(s.batch(&live.id).unwrap().status, "in_progress");
+        assert!(s.file_content(&live_file).is_ok());
+        let ledger = s.credits().unwrap();
+        assert_eq!(ledger.len(), 1);
+        assert_eq!((ledger[0].units, ledger[0].tokens), (1, 5));
+    }
+
+    #[test]
     fn a_store_from_before_owners_opens_and_its_files_belong_to_no_member() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
@@ -794,9 +1157,10 @@ mod tests {
             assert_eq!(s.batches(10, Some("alice")).unwrap().len(), 1);
             assert_eq!((b.total, b.completed, b.failed), (3, 0, 1));
             let open = s.open_units(10).unwrap();
-            let a = s.start_assignment(open[0].id, "peerA").unwrap();
+            let net = Origin::Network("198.51.100.0/24".into());
+            let a = s.start_assignment(open[0].id, "peerA", &net).unwrap();
             s.returned(a, "[1]", 5, b"r").unwrap();
-            s.start_assignment(open[0].id, "peerB").unwrap();
+            s.start_assignment(open[0].id, "peerB", &net).unwrap();
             (f.id, b.id)
         };
         // Reopened as after a crash: B's running assignment is lost, A's result kept.
@@ -808,6 +1172,8 @@ mod tests {
         assert_eq!(open[0].results.len(), 1);
         assert!(open[0].asked("peerA"));
         assert!(!open[0].asked("peerB"), "B's lost try does not bar it");
+        assert!(open[0].heard_from(&Origin::Network("198.51.100.0/24".into())));
+        assert!(!open[0].heard_from(&Origin::Key("peerA".into())));
         assert!(s
             .validate(open[0].id, "{\"ok\":1}", 5, 10.0, &["peerA".into()])
             .unwrap());

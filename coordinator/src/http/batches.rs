@@ -31,7 +31,7 @@ pub fn routes() -> Router<Coordinator> {
             "/v1/files",
             post(upload).layer(DefaultBodyLimit::max(MAX_FILE_BYTES + (1 << 20))),
         )
-        .route("/v1/files/{id}", get(file))
+        .route("/v1/files/{id}", get(file).delete(delete_file))
         .route("/v1/files/{id}/content", get(file_content))
         .route("/v1/batches", post(create).get(list))
         .route("/v1/batches/{id}", get(batch))
@@ -50,6 +50,11 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "invalid_request_error", e.to_string())
             }
+            StoreError::Full(_) => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                e.to_string(),
+            ),
             StoreError::Sqlite(_) | StoreError::File { .. } => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -99,14 +104,22 @@ fn file_json(f: &crate::batch::FileInfo) -> Value {
 fn batch_json(c: &Coordinator, b: &BatchInfo) -> Value {
     let mut v = openai_batch(b);
     let quorum = c.batches().map_or(0, |r| r.quorum());
-    let holders = model_of(c, b.kind).map_or(0, |m| c.holders(&m).len());
-    let waiting = (b.status == "in_progress" && holders < quorum).then(|| {
+    let holders = model_of(c, b.kind).map_or_else(Vec::new, |m| c.holders(&m));
+    let origins: std::collections::HashSet<_> = holders.iter().map(|(p, _)| c.origin(*p)).collect();
+    let (nodes, origins) = (holders.len(), origins.len());
+    let waiting = (b.status == "in_progress" && origins < quorum).then(|| {
         format!(
-            "each unit needs {quorum} agreeing results from different nodes, and {holders} node(s) hold {} now",
+            "each unit needs {quorum} agreeing results from different operators or networks, and the {nodes} node(s) holding {} now come from {origins}",
             b.model
         )
     });
-    v["potluck"] = json!({"quorum": quorum, "nodes_holding_model": holders, "waiting": waiting});
+    v["potluck"] = json!({
+        "quorum": quorum,
+        "nodes_holding_model": nodes,
+        "origins_holding_model": origins,
+        "results_returned": b.results,
+        "waiting": waiting,
+    });
     v
 }
 
@@ -206,6 +219,23 @@ async fn upload(
     })
     .await?;
     Ok(Json(file_json(&info)))
+}
+
+/// `DELETE /v1/files/{id}`: removes an uploaded file (a batch's output goes with the batch).
+async fn delete_file(
+    State(c): State<Coordinator>,
+    Extension(member): Extension<MemberId>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let owner = owner(&c, member);
+    if derived(&id).is_some() {
+        return Err(ApiError::bad(format!(
+            "{id} is a batch's output; it is removed with its batch"
+        )));
+    }
+    let gone = id.clone();
+    with_store(&c, move |s| s.delete_file(&id, &owner)).await?;
+    Ok(Json(json!({"id": gone, "object": "file", "deleted": true})))
 }
 
 async fn file(

@@ -15,11 +15,13 @@ const TWIN_ATTEMPTS: usize = 3;
 
 impl RemotePipeline {
     /// A fresh hop on another peer holding hop `i`'s blocks (none of `not`), its history
-    /// replayed; `None` when the pool has no such peer now.
+    /// replayed: a twin, or with `disputants` a peer fit to settle their dispute; `None`
+    /// when the pool has no such peer now.
     async fn replica_of(
         &mut self,
         i: usize,
         not: &[libp2p::PeerId],
+        disputants: Option<&[libp2p::PeerId]>,
         timeout: Duration,
     ) -> Result<Option<Hop>, PipelineError> {
         let Some(reroute) = self.reroute.clone() else {
@@ -31,7 +33,11 @@ impl RemotePipeline {
         avoid.extend(self.avoid.iter().copied());
         let journal = self.hops[i].journal.clone();
         for _ in 0..TWIN_ATTEMPTS {
-            let Some((span, peer)) = reroute.twin(range, &avoid) else {
+            let found = match disputants {
+                None => reroute.twin(range, &avoid),
+                Some(d) => reroute.decider(range, &avoid, d),
+            };
+            let Some((span, peer)) = found else {
                 return Ok(None);
             };
             avoid.push(peer);
@@ -71,7 +77,7 @@ impl RemotePipeline {
                 Some(t) => *t,
                 None => {
                     let primary = self.hops[i].peer;
-                    match self.replica_of(i, &[primary], timeout).await? {
+                    match self.replica_of(i, &[primary], None, timeout).await? {
                         Some(t) => t,
                         None => return Err(no_twin("no second node holds these blocks")),
                     }
@@ -106,7 +112,11 @@ impl RemotePipeline {
             // A third peer decides.
             self.metrics.check("strict_dispute");
             let primary = self.hops[i].peer;
-            let Some(mut third) = self.replica_of(i, &[primary, twin.peer], timeout).await? else {
+            let disputants = [primary, twin.peer];
+            let Some(mut third) = self
+                .replica_of(i, &disputants, Some(&disputants), timeout)
+                .await?
+            else {
                 return Err(no_twin(
                     "the two nodes disagree and no third holds these blocks",
                 ));

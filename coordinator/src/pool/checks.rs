@@ -10,12 +10,14 @@
 use super::{Coordinator, Exclusion, QUARANTINE};
 use crate::audit::{receipt_hex, Record};
 use crate::compare::{compare, tolerance, Comparison, Verdict};
+use crate::origin::Origin;
 use crate::pipeline::PipelineError;
 use crate::planner::Span;
 use crate::spotcheck::{recompute, CheckJob, Reference};
 use libp2p::PeerId;
 use potluck_net::swarm::peer_id_of;
 use potluck_protocol::messages::{LayerRange, Receipt, StageOutputWire, StageResult};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 /// What the checks decided about one picked result.
@@ -133,12 +135,35 @@ impl Coordinator {
             .collect()
     }
 
-    /// Loaded spans of exactly `range` on serving peers other than `not`.
-    fn replicas(&self, range: LayerRange, not: &[PeerId]) -> Vec<(Span, PeerId)> {
-        self.serving()
+    /// Loaded spans of exactly `range` on serving peers other than `not`, of other origins
+    /// than theirs where there are any (a peer's own other keys are no check on it).
+    pub(super) fn replicas(&self, range: LayerRange, not: &[PeerId]) -> Vec<(Span, PeerId)> {
+        let all = self
+            .serving()
             .into_iter()
             .filter(|(s, p)| s.range == range && !not.contains(p))
-            .collect()
+            .collect();
+        self.apart(all, |(_, p)| *p, not, false)
+    }
+
+    /// The `candidates` of another origin than every peer of `from`; when there are none,
+    /// all of them unless `only_apart`.
+    pub(super) fn apart<T>(
+        &self,
+        candidates: Vec<T>,
+        peer: impl Fn(&T) -> PeerId,
+        from: &[PeerId],
+        only_apart: bool,
+    ) -> Vec<T> {
+        let taken: HashSet<Origin> = from.iter().map(|p| self.origin(*p)).collect();
+        let (apart, near): (Vec<T>, Vec<T>) = candidates
+            .into_iter()
+            .partition(|c| !taken.contains(&self.origin(peer(c))));
+        if apart.is_empty() && !only_apart {
+            near
+        } else {
+            apart
+        }
     }
 
     /// A session id no session has had (replays under it cannot be linked to the session
@@ -196,14 +221,18 @@ impl Coordinator {
         Some(candidates.swap_remove(i))
     }
 
-    /// A third opinion among `others`: proven peers first, and only proven ones for a
-    /// `checked_proven` peer's dispute.
+    /// A third opinion on a dispute between `disputants` among `others`: proven peers
+    /// first, of neither disputant's origin where there is one; for a `checked_proven`
+    /// peer's dispute only a proven peer of neither origin (one party's keys agreeing with
+    /// each other condemn no one).
     pub(super) fn third_opinion<T>(
         &self,
         others: Vec<T>,
         peer: impl Fn(&T) -> PeerId + Copy,
         checked_proven: bool,
+        disputants: &[PeerId],
     ) -> Option<T> {
+        let others = self.apart(others, peer, disputants, checked_proven);
         let (proven, new): (Vec<T>, Vec<T>) =
             others.into_iter().partition(|c| self.proven(peer(c)));
         if checked_proven || !proven.is_empty() {
@@ -249,7 +278,7 @@ impl Coordinator {
             None
         } else {
             let others = self.replicas(job.span.range, &[job.peer, checker]);
-            self.third_opinion(others, |(_, p)| *p, standing.checked)
+            self.third_opinion(others, |(_, p)| *p, standing.checked, &[job.peer, checker])
         };
         if let Some(third) = third {
             let sub = CheckJob {

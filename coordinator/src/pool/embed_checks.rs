@@ -59,7 +59,8 @@ impl Coordinator {
             .into_iter()
             .filter(|(p, _)| *p != peer)
             .collect();
-        let Some((checker, checker_key)) = self.draw_by(others.clone(), |(p, _)| *p) else {
+        let candidates = self.apart(others.clone(), |(p, _)| *p, &[peer], false);
+        let Some((checker, checker_key)) = self.draw_by(candidates, |(p, _)| *p) else {
             self.metrics().check("unchecked");
             tracing::debug!(%peer, "no other node holds the encoder to check against");
             return;
@@ -81,7 +82,9 @@ impl Coordinator {
         let mut third = None;
         if first != Verdict::Pass {
             let rest: Vec<_> = others.into_iter().filter(|(p, _)| *p != checker).collect();
-            if let Some((p, key)) = self.third_opinion(rest, |(p, _)| *p, standing.checked) {
+            if let Some((p, key)) =
+                self.third_opinion(rest, |(p, _)| *p, standing.checked, &[peer, checker])
+            {
                 match self.run_slice(p, &key, &model, &slice).await {
                     Ok(t) => {
                         third = Some((
