@@ -23,6 +23,12 @@ pub fn normalizer_growth(normalizer: &Json) -> f64 {
     let chars = |v: &Json| v.as_str().map_or(0, |s| s.chars().count()) as f64;
     match normalizer.get("type").and_then(Json::as_str) {
         None => 1.0,
+        // A Sequence naming both lists would be scored by one and run by the other.
+        Some("Sequence")
+            if normalizer.get("normalizers").is_some() && normalizer.get("decoders").is_some() =>
+        {
+            f64::INFINITY
+        }
         Some("Sequence") => normalizer
             .get("normalizers")
             .or_else(|| normalizer.get("decoders"))
@@ -47,7 +53,10 @@ pub fn normalizer_growth(normalizer: &Json) -> f64 {
         Some("Lowercase") => 3.0,
         Some("Strip" | "StripAccents") => 1.0,
         // Decoders that join, drop or swap pieces without adding to them.
-        Some("ByteFallback" | "Fuse" | "Metaspace" | "WordPiece" | "BPEDecoder" | "CTC") => 1.0,
+        Some("ByteFallback" | "Fuse" | "Metaspace") => 1.0,
+        // A space per piece, or an empty suffix or delimiter replaced between every two
+        // characters: each at most doubles.
+        Some("WordPiece" | "BPEDecoder" | "CTC") => 2.0,
         Some("ByteLevel") => 4.0,
         Some(_) => OPAQUE_GROWTH,
     }
@@ -77,5 +86,11 @@ mod tests {
         let empty_regex = json!({"type": "Replace", "pattern": {"Regex": ""},
             "content": "x".repeat(100)});
         assert!(normalizer_growth(&empty_regex) > MAX_NORMALIZER_GROWTH);
+        // A decoder Sequence that hides its list under the other key, or chains doublers.
+        let both = json!({"type": "Sequence", "normalizers": [], "decoders": []});
+        assert!(normalizer_growth(&both) > MAX_NORMALIZER_GROWTH);
+        let bpe = json!({"type": "BPEDecoder", "suffix": ""});
+        let chain = json!({"type": "Sequence", "decoders": vec![bpe; 30]});
+        assert!(normalizer_growth(&chain) > MAX_NORMALIZER_GROWTH);
     }
 }
