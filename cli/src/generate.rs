@@ -146,8 +146,16 @@ pub fn run(cache: &ModelCache, args: GenerateArgs) -> Result<()> {
     };
     let mut out = std::io::stdout().lock();
     let (_, stats) = generate(&mut stages, &tok, 1, &req, &mut sampler, |piece| {
-        let _ = out.write_all(piece.as_bytes());
-        let _ = out.flush();
+        // Its reader left (`potluck generate ... | head -c 20`): stop, as Unix tools do.
+        // SIGPIPE stays ignored here, or a template worker that died would kill this
+        // process without a word on the next render.
+        if out
+            .write_all(piece.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            std::process::exit(0);
+        }
     })?;
     let _ = writeln!(out);
     print_stats(&stats);

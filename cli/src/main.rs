@@ -139,7 +139,11 @@ fn main() {
     };
     if !matches!(
         cli.command,
-        Command::Up(_) | Command::Node(_) | Command::Coordinator(_) | Command::Bench(_)
+        Command::Up(_)
+            | Command::Node(_)
+            | Command::Coordinator(_)
+            | Command::Bench(_)
+            | Command::Generate(_)
     ) {
         die_quietly_on_closed_stdout();
     }
@@ -169,7 +173,8 @@ fn main() {
 /// A command that prints and exits ends quietly when its reader goes away (`potluck audit
 /// verify log | head`), as Unix tools do, rather than panicking on the broken pipe: Rust
 /// ignores SIGPIPE, so every print after the reader left would fail. The daemons keep it
-/// ignored.
+/// ignored, and so does `generate`, which writes to template workers that may have died
+/// (it stops itself when its reader leaves).
 fn die_quietly_on_closed_stdout() {
     #[cfg(unix)]
     // SAFETY: restoring the default disposition of one signal before any thread starts.
@@ -185,10 +190,18 @@ fn render_worker() -> ! {
     #[cfg(unix)]
     {
         let cap = potluck_coordinator::template::WORKER_MEMORY as libc::rlim_t;
-        let limit = libc::rlimit {
-            rlim_cur: cap,
-            rlim_max: cap,
+        let mut limit = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
         };
+        // SAFETY: getrlimit fills the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0 {
+            std::process::exit(3);
+        }
+        // Never above a limit the worker was started under: raising a hard limit is
+        // refused, and a lower one caps it already.
+        limit.rlim_max = limit.rlim_max.min(cap);
+        limit.rlim_cur = limit.rlim_cur.min(limit.rlim_max);
         // SAFETY: setrlimit reads the struct it is given; no other thread exists yet.
         if unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) } != 0 {
             std::process::exit(3);
@@ -261,7 +274,7 @@ fn run(cli: Cli) -> Result<()> {
 
 /// `potluck audit verify`: prints what the log holds once every line checks out.
 fn audit_verify(file: &std::path::Path, key: Option<&str>) -> Result<()> {
-    use potluck_coordinator::audit::{from_hex, to_hex, verify_file};
+    use potluck_coordinator::audit::{from_hex, to_hex, verify_chain};
     let key = key
         .map(|k| {
             from_hex(k)
@@ -270,7 +283,8 @@ fn audit_verify(file: &std::path::Path, key: Option<&str>) -> Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("--key must be 64 hex digits"))
         })
         .transpose()?;
-    let sum = verify_file(file, key).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let chain = verify_chain(file, key).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let sum = &chain.live;
     println!(
         "{}: ok, {} entries, {} receipts verified, signed by {}",
         file.display(),
@@ -281,27 +295,16 @@ fn audit_verify(file: &std::path::Path, key: Option<&str>) -> Result<()> {
     for (verdict, n) in &sum.verdicts {
         println!("  {verdict}: {n}");
     }
-    if let Some((entries, head)) = sum.continues_from {
-        let before = potluck_coordinator::audit::segment_path(file, entries);
-        if before.exists() {
-            // The rotated segment must end exactly where this one goes on.
-            let seg = verify_file(&before, sum.key)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", before.display()))?;
-            if (seg.entries, seg.head) != (entries, head) {
-                anyhow::bail!(
-                    "{} ends at entry {}, not where {} goes on from ({entries}): the logs do not join",
-                    before.display(),
-                    seg.entries,
-                    file.display()
-                );
-            }
-            println!("  goes on from {} (verified, joined)", before.display());
-        } else {
-            println!(
-                "  goes on from {entries} earlier entries, in {} (no longer kept)",
-                before.display()
-            );
-        }
+    for (segment, seg) in &chain.joined {
+        println!(
+            "  goes on from {} ({} entries, {} receipts; verified, joined)",
+            segment.display(),
+            seg.entries,
+            seg.receipts
+        );
+    }
+    if let Some(entries) = chain.earlier {
+        println!("  goes on from {entries} earlier entries, in segments no longer kept");
     }
     if !sum.head_checked {
         eprintln!(

@@ -352,6 +352,46 @@ fn a_reader_that_goes_away_ends_a_printing_command_without_a_panic() {
 }
 
 #[test]
+fn a_chat_renders_under_a_memory_limit_below_the_template_workers_own() {
+    // Started under a 1.9 GB address-space limit, hard, which the worker's own 2 GiB cap
+    // must not try to raise.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 1900000 && exec \"$0\" generate --chat --prompt 'What is 2+2?' --max-tokens 8")
+        .arg(env!("CARGO_BIN_EXE_potluck"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("decode:"), "{}", stderr(&o));
+    assert!(!stdout(&o).trim().is_empty());
+}
+
+#[test]
+fn a_generation_whose_reader_goes_away_ends_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args([
+            "generate",
+            "--chat",
+            "--prompt",
+            "Count to fifty.",
+            "--max-tokens",
+            "64",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?} {err}", out.status);
+    assert!(
+        !err.contains("panicked") && !err.contains("decode:"),
+        "{err}"
+    );
+}
+
+#[test]
 fn prompts_longer_than_the_context_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let small = tiny(

@@ -514,43 +514,9 @@ fn a_chat_template_that_asks_for_terabytes_fails_its_request_and_the_coordinator
     let dir = tempfile::tempdir().unwrap();
     // Forty-eight doublings inside the fuel: 2^48 bytes asked of whoever renders it.
     let template = "{% set ns = namespace(s='x') %}{% for i in range(48) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}";
-    let spec = potluck_engine::synthetic::SyntheticSpec {
-        chat_template: Some(template.into()),
-        ..Default::default()
-    };
-    let file = dir.path().join("greedy.gguf");
-    potluck_engine::synthetic::write_gguf(&spec, &file).unwrap();
-    let models = dir.path().join("models");
-    let models = models.to_str().unwrap();
-    let fetched = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args(["--models-dir", models, "model", "fetch", "greedy", "--from"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(fetched.status.success(), "{fetched:?}");
-    let (mut coord, addr, http) = common::coordinator(
-        dir.path(),
-        &[
-            "--models-dir",
-            models,
-            "--model",
-            "greedy",
-            "--embedding-model",
-            "none",
-        ],
-    );
-    let (_id, _node) = common::serving_node(
-        dir.path(),
-        "n",
-        &mut coord,
-        &addr,
-        &["--models-dir", models],
-        "0..8",
-    );
-    let chat = json!({"model": "greedy", "max_tokens": 2,
-        "messages": [{"role": "user", "content": "hello"}]});
+    let (mut coord, http, _node) = template_pool(dir.path(), Some(template));
     for _ in 0..2 {
-        let (code, body) = common::post_json(&http, "/v1/chat/completions", &chat);
+        let (code, body) = common::post_json(&http, "/v1/chat/completions", &greedy_chat());
         assert_eq!(code, 400, "{body}");
         let message = body["error"]["message"].as_str().unwrap_or("");
         assert!(message.contains("MiB of memory"), "{body}");
@@ -566,4 +532,108 @@ fn a_chat_template_that_asks_for_terabytes_fails_its_request_and_the_coordinator
         &json!({"model": "greedy", "prompt": "hello", "max_tokens": 2}),
     );
     assert_eq!(code, 200, "{body}");
+}
+
+/// A coordinator on a tiny model carrying `template` (the default one if none), with one
+/// node serving all of it: the coordinator, its API address and the node.
+fn template_pool(
+    dir: &std::path::Path,
+    template: Option<&str>,
+) -> (common::Proc, String, common::Proc) {
+    let spec = potluck_engine::synthetic::SyntheticSpec {
+        chat_template: template.map(String::from),
+        ..Default::default()
+    };
+    let file = dir.join("greedy.gguf");
+    potluck_engine::synthetic::write_gguf(&spec, &file).unwrap();
+    let models = dir.join("models");
+    let models = models.to_str().unwrap();
+    let fetched = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(["--models-dir", models, "model", "fetch", "greedy", "--from"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(fetched.status.success(), "{fetched:?}");
+    let (mut coord, addr, http) = common::coordinator(
+        dir,
+        &[
+            "--models-dir",
+            models,
+            "--model",
+            "greedy",
+            "--embedding-model",
+            "none",
+        ],
+    );
+    let (_id, node) = common::serving_node(
+        dir,
+        "n",
+        &mut coord,
+        &addr,
+        &["--models-dir", models],
+        "0..8",
+    );
+    (coord, http, node)
+}
+
+fn greedy_chat() -> serde_json::Value {
+    json!({"model": "greedy", "max_tokens": 2,
+        "messages": [{"role": "user", "content": "hello"}]})
+}
+
+/// The template workers `parent` started (children running `potluck __render-chat-templates`).
+fn template_workers(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // The parent's pid is the second field after the parenthesised command name.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let worker = String::from_utf8_lossy(&cmdline).contains("__render-chat-templates");
+        if ppid == Some(parent) && worker {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_template_worker_killed_while_idle_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coord, http, _node) = template_pool(dir.path(), None);
+    let (code, body) = common::post_json(&http, "/v1/chat/completions", &greedy_chat());
+    assert_eq!(code, 200, "{body}");
+    let pid = coord.child.id();
+    let workers = template_workers(pid);
+    assert!(!workers.is_empty(), "no idle template worker was kept");
+    for w in &workers {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &w.to_string()])
+            .status();
+    }
+    // Killed, they stay as zombies of the coordinator until it reaps them: wait until
+    // /proc says they are dead.
+    let dead = |w: &u32| {
+        std::fs::read_to_string(format!("/proc/{w}/stat")).map_or(true, |s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+    };
+    for _ in 0..100 {
+        if workers.iter().all(dead) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(workers.iter().all(dead));
+    for _ in 0..2 {
+        let (code, body) = common::post_json(&http, "/v1/chat/completions", &greedy_chat());
+        assert_eq!(code, 200, "a killed idle worker failed a request: {body}");
+    }
 }

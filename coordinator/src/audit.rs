@@ -493,6 +493,16 @@ pub fn verify_file(path: &Path, key: Option<PublicKey>) -> Result<Summary, Audit
         if head.is_none() {
             if let Some(k) = sum.key {
                 head = Some(read_head(path, &k)?);
+                // A crash between a rotation and the head's next write leaves the head
+                // naming an entry of an earlier segment: the one this file goes on from
+                // checks here, an older one cannot be (the segment is checked alone).
+                if let (Some(Some((n, _))), Some((from, h))) = (head, sum.continues_from) {
+                    if n == from {
+                        at_head = Some(h);
+                    } else if n < from {
+                        head = Some(None);
+                    }
+                }
             }
         }
         if let Some(Some((n, _))) = head {
@@ -516,6 +526,66 @@ pub fn verify_file(path: &Path, key: Option<PublicKey>) -> Result<Summary, Audit
         sum.head_checked = true;
     }
     Ok(sum)
+}
+
+/// What a log and the rotated segments kept beside it hold, checked as one chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chain {
+    /// The live log.
+    pub live: Summary,
+    /// The kept segments it goes on from, newest first, each verified and ending where
+    /// the next goes on.
+    pub joined: Vec<(PathBuf, Summary)>,
+    /// Entries before the oldest kept file, in segments no longer kept (removed as the
+    /// rotation keeps only the newest): where that file goes on from.
+    pub earlier: Option<u64>,
+}
+
+/// Checks the log at `path` ([`verify_file`]) and walks back through every kept segment:
+/// each must verify under the same key and end exactly where the file after it goes on.
+/// A segment missing while an older one is kept is a gap, and so is a kept segment the
+/// walk never reached.
+pub fn verify_chain(path: &Path, key: Option<PublicKey>) -> Result<Chain, AuditError> {
+    let live = verify_file(path, key)?;
+    let key = live.key;
+    let kept = segments(path);
+    let mut chain = Chain {
+        live,
+        joined: Vec::new(),
+        earlier: None,
+    };
+    let mut from = chain.live.continues_from;
+    while let Some((entries, head)) = from {
+        let before = segment_path(path, entries);
+        if !before.exists() {
+            chain.earlier = Some(entries);
+            break;
+        }
+        let seg = verify_file(&before, key)?;
+        if (seg.entries, seg.head) != (entries, head) {
+            return Err(AuditError::Broken {
+                line: 0,
+                why: format!(
+                    "{} ends at entry {}, not at {entries}, where the file after it goes on: the logs do not join",
+                    before.display(),
+                    seg.entries
+                ),
+            });
+        }
+        from = seg.continues_from;
+        chain.joined.push((before, seg));
+    }
+    let reached = |p: &PathBuf| chain.joined.iter().any(|(j, _)| j == p);
+    if let Some(lost) = kept.iter().find(|p| !reached(p)) {
+        return Err(AuditError::Broken {
+            line: 0,
+            why: format!(
+                "{} is kept but the chain does not reach it: a segment between is missing",
+                lost.display()
+            ),
+        });
+    }
+    Ok(chain)
 }
 
 /// Takes the chain up where a rotated log's first line says it goes on from.
@@ -712,10 +782,14 @@ impl Writer {
                     }
                     if let Err(e) = self.out.flush() {
                         tracing::error!(path = %self.path.display(), "audit log flush failed: {e}");
-                    } else if let Err(e) = self.rotate_if_full() {
-                        tracing::error!(path = %self.path.display(), "audit log not rotated: {e}");
-                    } else if let Err(e) = self.write_head() {
-                        tracing::error!(path = %self.path.display(), "audit log head not written: {e}");
+                    } else {
+                        // The head names the log's end whether or not it rotated.
+                        if let Err(e) = self.rotate_if_full() {
+                            tracing::error!(path = %self.path.display(), "audit log not rotated: {e}");
+                        }
+                        if let Err(e) = self.write_head() {
+                            tracing::error!(path = %self.path.display(), "audit log head not written: {e}");
+                        }
                     }
                     unsynced = true;
                     if !waiting.is_empty() {
@@ -804,11 +878,15 @@ impl Writer {
         self.seq += 1;
         self.head = hash;
         let all = segments(&self.path);
+        // Oldest first, so that a removal that fails leaves no gap behind newer ones.
         for old in all
             .iter()
             .take(all.len().saturating_sub(self.rotation.keep))
         {
-            std::fs::remove_file(old)?;
+            if let Err(e) = std::fs::remove_file(old) {
+                tracing::error!(path = %old.display(), "old audit segment not removed: {e}");
+                break;
+            }
         }
         tracing::info!(path = %self.path.display(), entries, "audit log rotated");
         Ok(())

@@ -251,16 +251,24 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                     gossipsub::Event::Message { message, .. },
                 ))) => on_gossip(&handle, &message.data, message.source),
                 Some(SwarmEvent::ConnectionEstablished {
-                    peer_id, endpoint, ..
-                }) => handle.connected_from(peer_id, Some(endpoint.get_remote_address())),
-                Some(SwarmEvent::ConnectionClosed {
                     peer_id,
-                    num_established: 0,
+                    connection_id,
+                    endpoint,
                     ..
                 }) => {
-                    handle.connected_from(peer_id, None);
-                    handle.pinged(peer_id, false);
-                    handle.unreachable(peer_id, "connection closed");
+                    handle.connection_opened(peer_id, connection_id, endpoint.get_remote_address())
+                }
+                Some(SwarmEvent::ConnectionClosed {
+                    peer_id,
+                    connection_id,
+                    num_established,
+                    ..
+                }) => {
+                    handle.connection_closed(peer_id, connection_id);
+                    if num_established == 0 {
+                        handle.pinged(peer_id, false);
+                        handle.unreachable(peer_id, "connection closed");
+                    }
                 }
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Ping(libp2p::ping::Event {
                     peer,

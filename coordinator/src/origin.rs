@@ -3,6 +3,7 @@
 //! wrote that into the certificate, and otherwise where the machine sits on the internet.
 //! Addresses are read off the connection itself, never from what a peer says of itself.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -16,8 +17,12 @@ pub enum Origin {
     /// NAT addresses, where every host of a home or a lab shares the first three octets).
     Network(String),
     /// Only the key itself: a peer on the coordinator's own machine (loopback, which its
-    /// operator runs), or one whose address is not known.
+    /// operator runs).
     Key(String),
+    /// Every peer whose address is not known (it reaches the coordinator only through a
+    /// relay, or not at all): one voice together, so that keys nobody can place never
+    /// outvote one that can be.
+    Unknown,
 }
 
 impl Origin {
@@ -28,14 +33,13 @@ impl Origin {
             return Origin::Operator(op.to_string());
         }
         match ip.map(canonical) {
-            Some(ip) if !ip.is_loopback() && !ip.is_unspecified() => {
-                Origin::Network(network_of(ip))
-            }
-            _ => Origin::Key(peer.to_string()),
+            Some(ip) if ip.is_loopback() => Origin::Key(peer.to_string()),
+            Some(ip) if !ip.is_unspecified() => Origin::Network(network_of(ip)),
+            _ => Origin::Unknown,
         }
     }
 
-    /// Its stored form (`operator:…`, `network:…`, `key:…`).
+    /// Its stored form (`operator:…`, `network:…`, `key:…`, `unknown:`).
     pub fn to_stored(&self) -> String {
         self.to_string()
     }
@@ -47,6 +51,7 @@ impl Origin {
             Some(("operator", v)) => Origin::Operator(v.to_string()),
             Some(("network", v)) => Origin::Network(v.to_string()),
             Some(("key", v)) => Origin::Key(v.to_string()),
+            Some(("unknown", "")) => Origin::Unknown,
             _ => Origin::Key(peer.to_string()),
         }
     }
@@ -58,7 +63,43 @@ impl fmt::Display for Origin {
             Origin::Operator(o) => write!(f, "operator:{o}"),
             Origin::Network(n) => write!(f, "network:{n}"),
             Origin::Key(k) => write!(f, "key:{k}"),
+            Origin::Unknown => write!(f, "unknown:"),
         }
+    }
+}
+
+/// One peer's open connections, oldest first, and the address each comes from (`None`:
+/// through a relay, whose address says nothing of the peer's): where [`Origin::of`] reads
+/// a peer's address from. A relayed connection, or one closing, never hides a direct one
+/// still open.
+#[derive(Debug, Clone)]
+pub struct Connections<C> {
+    open: BTreeMap<C, Option<IpAddr>>,
+}
+
+impl<C: Ord> Default for Connections<C> {
+    fn default() -> Self {
+        Self {
+            open: BTreeMap::new(),
+        }
+    }
+}
+
+impl<C: Ord> Connections<C> {
+    /// Notes connection `c`, from `ip`.
+    pub fn opened(&mut self, c: C, ip: Option<IpAddr>) {
+        self.open.insert(c, ip);
+    }
+
+    /// Notes that `c` closed; true when none is left open.
+    pub fn closed(&mut self, c: &C) -> bool {
+        self.open.remove(c);
+        self.open.is_empty()
+    }
+
+    /// The address of the oldest direct connection still open.
+    pub fn address(&self) -> Option<IpAddr> {
+        self.open.values().flatten().next().copied()
     }
 }
 
@@ -119,15 +160,40 @@ mod tests {
         assert_ne!(net("10.0.0.2"), net("10.0.0.3"));
         assert_ne!(net("100.64.0.2"), net("100.64.0.3"));
         assert_ne!(net("fd00::2"), net("fd00::3"));
-        // On the coordinator's machine, or unknown: the key alone.
+        // On the coordinator's machine: the key alone.
         assert_eq!(net("127.0.0.1"), Origin::Key("p".into()));
         assert_eq!(net("::1"), Origin::Key("p".into()));
-        assert_eq!(Origin::of("p", None, None), Origin::Key("p".into()));
+        // Unknown, or unspecified: one voice for all of them.
+        assert_eq!(Origin::of("p", None, None), Origin::Unknown);
+        assert_eq!(Origin::of("q", None, None), Origin::of("p", None, None));
+        assert_eq!(net("0.0.0.0"), Origin::Unknown);
         // A named operator outweighs the address.
         assert_eq!(
             Origin::of("p", Some("lab"), Some("198.51.100.1".parse().unwrap())),
             Origin::Operator("lab".into())
         );
+    }
+
+    #[test]
+    fn a_relayed_or_closing_connection_never_hides_a_direct_one() {
+        let direct: IpAddr = "198.51.100.7".parse().unwrap();
+        let mut c = Connections::default();
+        assert_eq!(c.address(), None);
+        c.opened(1, Some(direct));
+        c.opened(2, None);
+        assert_eq!(c.address(), Some(direct));
+        // A second direct connection, from elsewhere, does not move the peer.
+        c.opened(3, Some("203.0.113.9".parse().unwrap()));
+        assert_eq!(c.address(), Some(direct));
+        assert!(!c.closed(&2));
+        assert_eq!(c.address(), Some(direct));
+        assert!(!c.closed(&1));
+        assert_eq!(c.address(), Some("203.0.113.9".parse().unwrap()));
+        assert!(!c.closed(&4));
+        assert!(c.closed(&3));
+        // Only relayed: unknown.
+        c.opened(5, None);
+        assert_eq!(Origin::of("p", None, c.address()), Origin::Unknown);
     }
 
     #[test]
@@ -137,6 +203,7 @@ mod tests {
             net("fd00::2"),
             Origin::Operator("a:b".into()),
             Origin::Key("p".into()),
+            Origin::Unknown,
         ] {
             assert_eq!(Origin::from_stored(&o.to_stored(), "q"), o);
         }

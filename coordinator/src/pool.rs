@@ -14,7 +14,7 @@ use crate::audit::AuditLog;
 use crate::daemon::CoordinatorConfig;
 use crate::metrics::Metrics;
 use crate::model::{EmbeddingModel, ServedModel};
-use crate::origin::Origin;
+use crate::origin::{Connections, Origin};
 use crate::peer_table::PeerTable;
 use crate::pipeline::{
     ChainModel, PipelineError, RemotePipeline, Reroute, SessionContext, SessionHandle,
@@ -26,6 +26,7 @@ use crate::router::{route_range, PeerCost};
 use crate::share::{MemberId, Share};
 use crate::spotcheck::CheckJob;
 use crate::trust::Trust;
+use libp2p::swarm::ConnectionId;
 use libp2p::PeerId;
 use potluck_engine::generate::{GenerateRequest, GenerateStats, Generation};
 use potluck_engine::sampling::SamplingParams;
@@ -257,9 +258,8 @@ pub struct Coordinator {
     pinged: Arc<Mutex<HashMap<PeerId, Instant>>>,
     /// How long decode steps took on each peer lately: its measured queue.
     step_times: Arc<Mutex<StepTimes<PeerId>>>,
-    /// The address each connected peer's connection comes from: its network, for
-    /// [`Coordinator::origin`].
-    remote: Arc<Mutex<HashMap<PeerId, std::net::IpAddr>>>,
+    /// Each peer's open connections: its network, for [`Coordinator::origin`].
+    remote: Arc<Mutex<HashMap<PeerId, Connections<ConnectionId>>>>,
     /// Held while a session is routed and counted.
     routing: Arc<tokio::sync::Mutex<()>>,
     /// Every hop on two peers that must agree (`--verify strict`).
@@ -421,28 +421,43 @@ impl Coordinator {
                 .is_some_and(Role::sees_text)
     }
 
-    /// Notes where `peer`'s connection comes from (`None`: it closed, or it comes through a
-    /// relay, whose address says nothing of the peer's).
-    pub fn connected_from(&self, peer: PeerId, address: Option<&libp2p::Multiaddr>) {
+    /// Notes that `peer` opened `connection`, which comes from `address`.
+    pub fn connection_opened(
+        &self,
+        peer: PeerId,
+        connection: ConnectionId,
+        address: &libp2p::Multiaddr,
+    ) {
         use libp2p::multiaddr::Protocol;
-        let ip = address
-            .filter(|a| !a.iter().any(|p| p == Protocol::P2pCircuit))
-            .and_then(|a| {
-                a.iter().find_map(|p| match p {
+        // A relayed address names the relay, not the peer.
+        let ip = (!address.iter().any(|p| p == Protocol::P2pCircuit))
+            .then(|| {
+                address.iter().find_map(|p| match p {
                     Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
                     Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
                     _ => None,
                 })
-            });
+            })
+            .flatten();
         let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
-        match ip {
-            Some(ip) => remote.insert(peer, ip),
-            None => remote.remove(&peer),
-        };
+        remote.entry(peer).or_default().opened(connection, ip);
+    }
+
+    /// Notes that `peer`'s `connection` closed; its other connections still say where
+    /// it is.
+    pub fn connection_closed(&self, peer: PeerId, connection: ConnectionId) {
+        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        if remote
+            .get_mut(&peer)
+            .is_some_and(|open| open.closed(&connection))
+        {
+            remote.remove(&peer);
+        }
     }
 
     /// Whose voice `peer`'s results are (see [`Origin`]): the operator its certificate
-    /// names, else the network its connection comes from, else its key alone.
+    /// names, else the network its oldest direct connection comes from, else the one
+    /// voice every peer of unknown address shares.
     pub fn origin(&self, peer: PeerId) -> Origin {
         let operator = self.gate.as_ref().and_then(|g| g.operator(&peer));
         let ip = self
@@ -450,7 +465,7 @@ impl Coordinator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&peer)
-            .copied();
+            .and_then(Connections::address);
         Origin::of(&peer.to_string(), operator.as_deref(), ip)
     }
 

@@ -56,12 +56,21 @@ impl Worker {
         })
     }
 
-    /// Sends `job` and reads the answer; an error means the worker is gone.
-    fn render(&mut self, job: &RenderJob) -> std::io::Result<Answer> {
+    /// Whether the worker is still running (one killed while idle is not).
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends `job`; an error means the worker was gone before it read it.
+    fn send(&mut self, job: &RenderJob) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(job).map_err(std::io::Error::other)?;
         line.push(b'\n');
         self.input.write_all(&line)?;
-        self.input.flush()?;
+        self.input.flush()
+    }
+
+    /// Reads the answer to the job sent; an error means the worker died rendering it.
+    fn answer(&mut self) -> std::io::Result<Answer> {
         let mut answer = Vec::new();
         (&mut self.output)
             .take(MAX_ANSWER)
@@ -101,14 +110,26 @@ pub fn render(job: &RenderJob) -> Result<String, EngineError> {
     let Some(workers) = WORKERS.get() else {
         return job.render();
     };
-    let taken = workers.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-    let mut worker = match taken {
-        Some(w) => w,
-        None => Worker::spawn(&workers.exe).map_err(|e| {
-            EngineError::Template(format!("could not start a template renderer: {e}"))
-        })?,
+    let spawn = || {
+        Worker::spawn(&workers.exe)
+            .map_err(|e| EngineError::Template(format!("could not start a template renderer: {e}")))
     };
-    match worker.render(job) {
+    let kept = workers.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    let mut worker = match kept.and_then(|mut w| w.alive().then_some(w)) {
+        Some(w) => w,
+        None => spawn()?,
+    };
+    if worker.send(job).is_err() {
+        // A kept worker that died idle (killed from outside) never saw the job: a fresh
+        // one runs it.
+        worker = spawn()?;
+        worker.send(job).map_err(|e| {
+            EngineError::Template(format!(
+                "the template renderer stopped before it read the job: {e}"
+            ))
+        })?;
+    }
+    match worker.answer() {
         Ok(answer) => {
             let mut idle = workers.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < KEPT {

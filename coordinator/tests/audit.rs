@@ -3,11 +3,13 @@
 //! with another key is caught at the line where it happened; a log cut at a line boundary is
 //! caught by its signed head; a line a crash cut short is cut off when the log is reopened,
 //! and the chain goes on. A log past its size limit is rotated: the new file goes on from
-//! the segment's last hash, only the newest segments are kept, and a cut new file is caught.
+//! the segment's last hash, only the newest segments are kept, and a cut new file is caught;
+//! the kept segments verify as one chain and a missing one between is caught; a crash
+//! between a rotation and the head's next write leaves a log that verifies and reopens.
 
 use potluck_coordinator::audit::{
-    from_hex, head_path, receipt_hex, segment_path, segments, to_hex, verify_file, AuditError,
-    AuditLog, Record, Rotation,
+    from_hex, head_path, receipt_hex, segment_path, segments, to_hex, verify_chain, verify_file,
+    AuditError, AuditLog, Record, Rotation,
 };
 use potluck_net::swarm::peer_id_of;
 use potluck_protocol::codec::{decode_body, encode_body};
@@ -239,9 +241,76 @@ fn a_full_log_rotates_keeps_its_chain_and_only_the_newest_segments() {
     assert_eq!((seg.entries, seg.head), (from, head));
     // 60 results and 6 opens, and one line per rotation, in all.
     assert!(sum.entries > 66, "{}", sum.entries);
+    // The whole chain: live file, then every kept segment, each joining the next.
+    let chain = verify_chain(&path, None).unwrap();
+    let walked: Vec<_> = chain.joined.iter().map(|(p, _)| p.clone()).rev().collect();
+    assert_eq!(walked, kept);
+    let oldest = &chain.joined.last().unwrap().1;
+    assert_eq!(chain.earlier, oldest.continues_from.map(|(n, _)| n));
+    assert!(chain.earlier.is_some(), "the oldest segments were removed");
+    // A segment between the live file and an older kept one is a gap.
+    let middle = std::fs::read(newest).unwrap();
+    std::fs::remove_file(newest).unwrap();
+    match verify_chain(&path, None) {
+        Err(AuditError::Broken { why, .. }) => assert!(why.contains("missing"), "{why}"),
+        other => panic!("a missing segment was not caught: {other:?}"),
+    }
+    // The oldest may go (that is what rotation does): the rest still verifies.
+    std::fs::write(newest, &middle).unwrap();
+    std::fs::remove_file(&kept[0]).unwrap();
+    assert_eq!(verify_chain(&path, None).unwrap().joined.len(), 1);
+    // A segment whose end was cut does not join the file after it.
+    let mut seg = lines(newest);
+    seg.pop();
+    save(newest, &seg);
+    match verify_chain(&path, None) {
+        Err(AuditError::Broken { why, .. }) => assert!(why.contains("do not join"), "{why}"),
+        other => panic!("a cut segment was not caught: {other:?}"),
+    }
     // Its first line cannot be dropped: the head beside it counts what the chain holds.
     let mut all = lines(&path);
     all.remove(0);
     save(&path, &all);
     assert!(verify_file(&path, None).is_err());
+}
+
+#[test]
+fn a_crash_between_a_rotation_and_its_head_leaves_a_log_that_verifies_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let node = Keypair::from_secret(&[3; 32]);
+    let rotation = Rotation {
+        max_bytes: 4096,
+        keep: 4,
+    };
+    let log = AuditLog::open_with(&path, Keypair::from_secret(&[1; 32]), "lab", rotation).unwrap();
+    let mut before = Vec::new();
+    for step in 0..200 {
+        log.sync();
+        before = std::fs::read(head_path(&path)).unwrap();
+        log.record(result(&node, step));
+        log.sync();
+        if !segments(&path).is_empty() {
+            break;
+        }
+    }
+    drop(log);
+    assert_eq!(segments(&path).len(), 1, "the log never rotated");
+    // The head on disk is the one from before the rotation, as a crash would leave it.
+    std::fs::write(head_path(&path), &before).unwrap();
+    assert_eq!(lines(&path).len(), 1, "only the new file's first line");
+    let sum = verify_file(&path, None).unwrap();
+    assert!(sum.continues_from.is_some());
+    assert_eq!(verify_chain(&path, None).unwrap().joined.len(), 1);
+    // Reopened, it goes on, and its head is checked again.
+    write_rotating(&path, &node, rotation);
+    let sum = verify_file(&path, None).unwrap();
+    assert!(sum.head_checked);
+    verify_chain(&path, None).unwrap();
+}
+
+fn write_rotating(path: &Path, node: &Keypair, rotation: Rotation) {
+    let log = AuditLog::open_with(path, Keypair::from_secret(&[1; 32]), "lab", rotation).unwrap();
+    log.record(result(node, 500));
+    log.sync();
 }

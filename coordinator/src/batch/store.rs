@@ -89,7 +89,11 @@ pub struct Expired {
 /// Free bytes on the file system holding `path`, if it can be asked.
 fn free_bytes(path: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    // A bare file name (`jobs.sqlite`) lies in the working directory.
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
     // SAFETY: `c` is a NUL-terminated path and `st` is a writable statvfs the call fills.
@@ -288,7 +292,7 @@ CREATE TABLE IF NOT EXISTS batches (
     input_file_id TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL,
     finished_at INTEGER, error TEXT, owner TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS units (
-    id INTEGER PRIMARY KEY, batch TEXT NOT NULL, line INTEGER NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, batch TEXT NOT NULL, line INTEGER NOT NULL,
     custom_id TEXT NOT NULL, body TEXT NOT NULL,
     state TEXT NOT NULL,          -- open, done, failed
     result TEXT,                  -- the response body (done) or error message (failed)
@@ -299,7 +303,7 @@ CREATE TABLE IF NOT EXISTS line_errors (
     batch TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT, message TEXT NOT NULL,
     PRIMARY KEY (batch, line));
 CREATE TABLE IF NOT EXISTS assignments (
-    id INTEGER PRIMARY KEY, unit INTEGER NOT NULL, peer TEXT NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, unit INTEGER NOT NULL, peer TEXT NOT NULL,
     state TEXT NOT NULL,          -- running, returned, failed, lost
     started_at INTEGER NOT NULL, output TEXT, tokens INTEGER NOT NULL DEFAULT 0,
     receipt BLOB, detail TEXT, origin TEXT NOT NULL DEFAULT '');
@@ -309,6 +313,64 @@ CREATE TABLE IF NOT EXISTS credits (
     flops REAL NOT NULL, voided INTEGER NOT NULL DEFAULT 0, at INTEGER NOT NULL,
     PRIMARY KEY (peer, unit));
 ";
+
+/// Gives stores from before unit and assignment ids were AUTOINCREMENT tables that are:
+/// SQLite otherwise hands out the ids of expired rows again, and a credit for a new unit
+/// that took an old one's id would be dropped as a duplicate of one already in the ledger.
+fn never_reuse_ids(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction()?;
+    let mut rebuilt = false;
+    for (table, index) in [("units", "units_open"), ("assignments", "assignments_unit")] {
+        let sql: String = tx.query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get(0),
+        )?;
+        if sql.contains("AUTOINCREMENT") {
+            continue;
+        }
+        let columns: Vec<String> = {
+            let mut q = tx.prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?;
+            let names = q.query_map([table], |r| r.get(0))?;
+            names.collect::<rusqlite::Result<_>>()?
+        };
+        let columns = columns.join(", ");
+        tx.execute_batch(&format!(
+            "DROP INDEX IF EXISTS {index}; ALTER TABLE {table} RENAME TO {table}_old;"
+        ))?;
+        tx.execute_batch(SCHEMA)?;
+        tx.execute_batch(&format!(
+            "INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_old; DROP TABLE {table}_old;"
+        ))?;
+        rebuilt = true;
+    }
+    if rebuilt {
+        // Units expired before this store was rebuilt may have had higher ids than any
+        // left; the ledger still names them.
+        tx.execute(
+            "INSERT INTO sqlite_sequence (name, seq) SELECT 'units', 0
+             WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'units')",
+            [],
+        )?;
+        tx.execute(
+            "UPDATE sqlite_sequence SET seq = MAX(seq, (SELECT COALESCE(MAX(unit), 0) FROM credits))
+             WHERE name = 'units'",
+            [],
+        )?;
+        tracing::info!("the job store's unit and assignment ids are never reused from now on");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Returns the store's free pages to the disk. The pragma frees one page per step, so it
+/// is stepped to its end (`execute_batch` steps once).
+fn give_pages_back(conn: &Connection) -> rusqlite::Result<()> {
+    let mut q = conn.prepare("PRAGMA incremental_vacuum")?;
+    let mut rows = q.query([])?;
+    while rows.next()?.is_some() {}
+    Ok(())
+}
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -374,10 +436,28 @@ impl Store {
             path: path.to_path_buf(),
             source,
         })?;
-        let conn = Connection::open(path)?;
-        // Deleted files and expired batches give their pages back to the disk (for stores
-        // made from now on: an existing one keeps its mode until a VACUUM).
+        let mut conn = Connection::open(path)?;
+        // Deleted files and expired batches give their pages back to the disk. A store
+        // made before keeps its mode until a VACUUM, which rewrites it whole: done once,
+        // here, where the disk has room for the copy.
         conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+        if mode == 0 {
+            let size = std::fs::metadata(path).map_or(0, |m| m.len());
+            let room = free_bytes(path).is_none_or(|free| free > size.saturating_mul(3));
+            if room {
+                tracing::info!(
+                    "rewriting the job store ({}) once, so that what it removes goes back to the disk",
+                    mib(size)
+                );
+                conn.execute_batch("VACUUM")?;
+            } else {
+                tracing::warn!(
+                    "the job store ({}) cannot be rewritten to give removed pages back: its disk lacks room for the copy",
+                    mib(size)
+                );
+            }
+        }
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         // A write-ahead log swollen by a large upload shrinks back after its checkpoint.
@@ -402,6 +482,7 @@ impl Store {
                 ))?;
             }
         }
+        never_reuse_ids(&mut conn)?;
         let lost = conn.execute(
             "UPDATE assignments SET state = 'lost', detail = 'coordinator restarted' WHERE state = 'running'",
             [],
@@ -435,7 +516,7 @@ impl Store {
             // Free pages go back to the disk now, not at some later checkpoint; on a disk
             // still too full for that they wait, reused by the store's next writes.
             let conn = self.conn();
-            if let Err(e) = conn.execute_batch("PRAGMA incremental_vacuum;") {
+            if let Err(e) = give_pages_back(&conn) {
                 tracing::debug!("store pages not given back yet: {e}");
             } else if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             {
@@ -633,6 +714,16 @@ impl Store {
         let at = now();
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        // Checked here, in the transaction, not only by the caller before: a delete or an
+        // expiry between the two would leave a batch whose input is gone.
+        let input: bool = tx.query_row(
+            "SELECT COUNT(*) > 0 FROM files WHERE id = ?1",
+            [input_file_id],
+            |r| r.get(0),
+        )?;
+        if !input {
+            return Err(StoreError::NotFound(format!("file {input_file_id}")));
+        }
         let (status, finished) = if units.is_empty() {
             ("failed", Some(at))
         } else {
@@ -1100,6 +1191,129 @@ mod tests {
         let ledger = s.credits().unwrap();
         assert_eq!(ledger.len(), 1);
         assert_eq!((ledger[0].units, ledger[0].tokens), (1, 5));
+    }
+
+    /// Runs one batch of one unit that `peer` validates for 5 tokens; returns its unit id.
+    fn validated_unit(s: &Store, peer: &str) -> i64 {
+        let file = s.add_file("a.jsonl", "batch", b"{}", "alice").unwrap().id;
+        let b = s
+            .create_batch(Kind::Embed, "m", &file, &[unit(1)], &[], "alice")
+            .unwrap();
+        let u = s
+            .open_units(10)
+            .unwrap()
+            .into_iter()
+            .find(|u| u.batch == b.id)
+            .unwrap()
+            .id;
+        let a = s
+            .start_assignment(u, peer, &Origin::Key(peer.into()))
+            .unwrap();
+        s.returned(a, "[1]", 5, b"r").unwrap();
+        assert!(s.validate(u, "{}", 5, 10.0, &[peer.into()]).unwrap());
+        u
+    }
+
+    #[test]
+    fn the_free_space_of_a_bare_file_name_is_its_working_directorys() {
+        assert!(free_bytes(Path::new(STORE_FILE)).is_some());
+    }
+
+    #[test]
+    fn a_store_from_before_auto_vacuum_gives_removed_pages_back_after_it_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(&SCHEMA.replace(" AUTOINCREMENT", ""))
+                .unwrap();
+            let mode: i64 = old
+                .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(mode, 0);
+        }
+        let s = Store::open(&path).unwrap();
+        let mode: i64 = s
+            .conn()
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, 2, "incremental");
+        let f = s
+            .add_file("a.jsonl", "batch", &[b'x'; 400_000], "alice")
+            .unwrap();
+        let pages = |s: &Store| -> u64 {
+            s.conn()
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .unwrap()
+        };
+        let full = pages(&s);
+        s.delete_file(&f.id, "alice").unwrap();
+        assert!(pages(&s) < full / 2, "{} of {full} pages kept", pages(&s));
+    }
+
+    #[test]
+    fn work_validated_after_an_expiry_is_credited_and_takes_a_fresh_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join(STORE_FILE)).unwrap();
+        let first = validated_unit(&s, "peerA");
+        assert_eq!(s.expire(now() + 10).unwrap().batches, 1);
+        let second = validated_unit(&s, "peerA");
+        assert_ne!(first, second, "an expired unit's id was handed out again");
+        let ledger = s.credits().unwrap();
+        assert_eq!((ledger[0].units, ledger[0].tokens), (2, 10));
+    }
+
+    #[test]
+    fn a_store_from_before_autoincrement_never_reuses_an_id_its_ledger_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        {
+            // Unit 7 was credited, then expired: no row of units is left to say so.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(&SCHEMA.replace(" AUTOINCREMENT", ""))
+                .unwrap();
+            old.execute_batch(
+                "INSERT INTO credits (peer, unit, tokens, flops, at) VALUES ('peerA', 7, 5, 10.0, 0);
+                 INSERT INTO units (id, batch, line, custom_id, body, state) VALUES (3, 'batch_x', 1, 'c', '{}', 'open');
+                 INSERT INTO assignments (id, unit, peer, state, started_at) VALUES (4, 3, 'peerB', 'running', 0);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let unit = validated_unit(&s, "peerA");
+        assert!(
+            unit > 7,
+            "unit {unit} may take the id of one the ledger names"
+        );
+        let ledger = s.credits().unwrap();
+        assert_eq!((ledger[0].units, ledger[0].tokens), (2, 10));
+        // The rows kept their ids, and the running one was marked lost.
+        let kept: (i64, String) = s
+            .conn()
+            .query_row(
+                "SELECT a.id, a.state FROM assignments a JOIN units u ON u.id = a.unit WHERE u.id = 3",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(kept, (4, "lost".to_string()));
+        drop(s);
+        // Rebuilt once: opening again changes nothing.
+        let s = Store::open(&path).unwrap();
+        assert!(validated_unit(&s, "peerA") > unit);
+    }
+
+    #[test]
+    fn a_batch_is_not_made_from_a_file_deleted_after_it_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join(STORE_FILE)).unwrap();
+        let file = s.add_file("a.jsonl", "batch", b"{}", "alice").unwrap().id;
+        // The handler read the file, then a delete ran before the batch was made.
+        s.delete_file(&file, "alice").unwrap();
+        assert!(matches!(
+            s.create_batch(Kind::Embed, "m", &file, &[unit(1)], &[], "alice"),
+            Err(StoreError::NotFound(_))
+        ));
     }
 
     #[test]
