@@ -164,7 +164,9 @@ pub fn run(cache: &ModelCache, args: GenerateArgs) -> Result<()> {
 
 /// The speed line on stderr after a generation (scripts and tests read its counts).
 pub fn print_stats(stats: &potluck_engine::generate::GenerateStats) {
-    eprintln!(
+    // Not `eprintln!`, which panics when stderr's reader has gone (SIGPIPE is ignored).
+    let _ = writeln!(
+        std::io::stderr(),
         "prefill: {} tokens, {:.1} t/s; decode: {} tokens, {:.1} t/s",
         stats.prompt_tokens,
         stats.prefill_tps(),

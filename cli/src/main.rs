@@ -160,15 +160,26 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("POTLUCK_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| DEFAULT_LOG.into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes are for a person at a terminal, not for a log file, and not for
+        // one who asked for none (https://no-color.org).
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     if let Err(e) = run(cli) {
         eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
 }
+
+/// What is logged unless `POTLUCK_LOG` says otherwise: warnings, except Kademlia's
+/// "Failed to trigger bootstrap: No known peers", which every first node of a pool would
+/// print at start and which asks nothing of its operator.
+const DEFAULT_LOG: &str = "warn,libp2p_kad=error";
 
 /// A command that prints and exits ends quietly when its reader goes away (`potluck audit
 /// verify log | head`), as Unix tools do, rather than panicking on the broken pipe: Rust
@@ -238,6 +249,13 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 let cache = cache()?;
                 for name in names {
+                    // A model cached whole, its digest checked, is not downloaded again.
+                    if from.is_none() {
+                        if let Ok(path) = cache.verify(&name) {
+                            println!("{name}: {} (already cached, verified)", path.display());
+                            continue;
+                        }
+                    }
                     let path = cache.fetch(&name, from.as_deref())?;
                     println!("{name}: {}", path.display());
                 }
@@ -306,7 +324,12 @@ fn audit_verify(file: &std::path::Path, key: Option<&str>) -> Result<()> {
     if let Some(entries) = chain.earlier {
         println!("  goes on from {entries} earlier entries, in segments no longer kept");
     }
-    if !sum.head_checked {
+    if sum.head_stale {
+        eprintln!(
+            "warning: the signed head beside the log ({}) names an entry before this file (a stop between a rotation and the head's next write): the file's end is not checked until the coordinator writes again",
+            potluck_coordinator::audit::head_path(file).display()
+        );
+    } else if !sum.head_checked {
         eprintln!(
             "warning: no signed head beside the log ({}): a log cut at a line boundary cannot be told from a whole one",
             potluck_coordinator::audit::head_path(file).display()

@@ -32,7 +32,8 @@ pub struct PoolArgs {
     /// a daemon holding it admits itself and watches it for revocations.
     #[arg(long)]
     pub pool_dir: Option<PathBuf>,
-    /// Listen address (repeatable); default: all interfaces, TCP and QUIC, any port.
+    /// Listen address (repeatable); default: all interfaces, TCP and QUIC, on port 7470 for
+    /// a coordinator (any port if it is taken) and any port for a node.
     #[arg(long)]
     pub listen: Vec<libp2p::Multiaddr>,
     /// Turn off LAN discovery by mDNS.
@@ -40,13 +41,21 @@ pub struct PoolArgs {
     pub no_mdns: bool,
 }
 
+/// The port a coordinator (and `up`) listens on unless told otherwise, TCP and QUIC.
+pub const COORDINATOR_PORT: u16 = 7470;
+
 impl PoolArgs {
     /// A coordinator of this pool keeping its state in `data_dir`, otherwise at defaults.
     pub fn coordinator_config(&self, data_dir: PathBuf) -> Result<CoordinatorConfig> {
         let (pool, pool_dir) = self.membership(&data_dir, true)?;
         Ok(CoordinatorConfig {
             pool_dir,
-            ..CoordinatorConfig::new(data_dir, pool, self.listen(), !self.no_mdns)
+            ..CoordinatorConfig::new(
+                data_dir,
+                pool,
+                self.listen_at(COORDINATOR_PORT),
+                !self.no_mdns,
+            )
         })
     }
 
@@ -74,14 +83,36 @@ impl PoolArgs {
         }
     }
 
+    /// The addresses to listen on: `--listen`, else every interface, TCP and QUIC, on any
+    /// port.
     fn listen(&self) -> Vec<libp2p::Multiaddr> {
+        self.listen_at(0)
+    }
+
+    /// [`PoolArgs::listen`] on `port` by default (a coordinator's fixed port, so that its
+    /// address survives a restart), or any port with a line saying so when it is taken.
+    fn listen_at(&self, port: u16) -> Vec<libp2p::Multiaddr> {
         if !self.listen.is_empty() {
             return self.listen.clone();
         }
-        ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
-            .iter()
-            .filter_map(|a| a.parse().ok())
-            .collect()
+        let free = port == 0
+            || (std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+                && std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok());
+        let port = if free {
+            port
+        } else {
+            println!(
+                "port {port} is taken (another coordinator on this machine?): listening on a random port, so nodes need this coordinator's new address after each restart (--listen fixes one)"
+            );
+            0
+        };
+        [
+            format!("/ip4/0.0.0.0/tcp/{port}"),
+            format!("/ip4/0.0.0.0/udp/{port}/quic-v1"),
+        ]
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect()
     }
 }
 
@@ -686,6 +717,7 @@ pub fn run_coordinator(cache: &ModelCache, args: CoordinatorArgs) -> Result<()> 
             .coordinator_config(cache, &args.pool, args.pool.data_dir("coordinator")?)?;
     runtime()?.block_on(async {
         let running = coordinator::start(cfg, model)?;
+        println!("{}", serves_line(&running.coordinator));
         start_http(&args.serve, running.coordinator.clone()).await?;
         stop_signal().await;
         Ok(())
@@ -693,30 +725,73 @@ pub fn run_coordinator(cache: &ModelCache, args: CoordinatorArgs) -> Result<()> 
 }
 
 /// Runs `potluck up`: a coordinator and a node in one process, joined over loopback.
-pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
+pub fn run_up(cache: &ModelCache, mut args: UpArgs) -> Result<()> {
     args.limits.check()?;
+    if args.prompt.is_some() {
+        // One prompt answered here needs no other machine to reach this one.
+        if args.pool.listen.is_empty() {
+            args.pool.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+        }
+        args.pool.no_mdns = true;
+    }
     let params = args.sampling.params()?;
     if args.max_tokens == 0 {
         anyhow::bail!("--max-tokens must be at least 1");
     }
     let model = served_model(cache, &args.serve.model)?;
     let base = args.pool.data_dir("up")?;
+    // `up` is the one command a new user runs: it serves embeddings too, unless told not to.
+    let encoder = crate::catalog::DEFAULT_EMBEDDING_MODEL;
+    if args.serve.embedding_model.is_none() && cache.verify(encoder).is_err() {
+        println!("fetching {encoder} for /v1/embeddings (--embedding-model none skips it)");
+        if let Err(e) = cache.fetch(encoder, None) {
+            println!("serving no embeddings: {encoder} could not be fetched ({e:#})");
+        }
+    }
     runtime()?.block_on(async {
-        let LocalPool { coordinator: c, .. } = start_local_pool(
+        let pool = launch_local_pool(
             cache,
             &args.pool,
             model,
             &base,
             std::slice::from_ref(&args.limits),
             args.serve.coordinator_config(cache, &args.pool, base.join("coordinator"))?,
-        ).await?;
+        )
+        .await?;
+        let c = pool.coordinator.clone();
+        for (peer, _) in &pool.nodes {
+            c.mark_local(*peer);
+        }
+        println!("{}", serves_line(&c));
         let Some(prompt) = args.prompt else {
+            // The API and dashboard come up at once: while the pool is not ready they say
+            // why (a 503 with the reason, the dashboard's plan), and Ctrl-C works throughout.
             let http = start_http(&args.serve, c.clone()).await?;
-            println!("pool ready; add machines with: potluck node --bootstrap <one of the listening addresses above>");
-            println!("try: curl http://{http}/v1/chat/completions -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'");
-            stop_signal().await;
+            println!("dashboard: http://{http}/");
+            let named = match args.pool.pool.as_str() {
+                "public" => String::new(),
+                name => format!(" --pool {name}"),
+            };
+            println!("add machines with: potluck node{named} --bootstrap {}", pool.bootstrap);
+            tokio::select! {
+                () = announce_ready(&c) => {
+                    println!("try: curl http://{http}/v1/chat/completions -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":40}}'");
+                    stop_signal().await;
+                }
+                () = stop_signal() => {}
+            }
+            println!("stopped");
             return Ok(());
         };
+        tokio::select! {
+            ready = c.wait_ready(Duration::from_secs(120)) => {
+                ready.context("the pool did not become ready")?;
+            }
+            () = stop_signal() => {
+                println!("stopped before the pool was ready");
+                return Ok(());
+            }
+        }
         let ids = prompt_ids(&c.model().tokenizer, &prompt, true, None)?;
         let req = SessionRequest {
             prompt: ids,
@@ -726,17 +801,50 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
             handle: Default::default(),
             member: Default::default(),
         };
-        let (_, stats) = c
-            .generate(req, |piece| {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
-            })
-            .await?;
-        println!();
-        crate::generate::print_stats(&stats);
+        let generation = c.generate(req, |piece| {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        });
+        tokio::select! {
+            done = generation => {
+                let (_, stats) = done?;
+                println!();
+                crate::generate::print_stats(&stats);
+            }
+            () = stop_signal() => println!("\nstopped"),
+        }
         Ok(())
     })
+}
+
+/// What a coordinator serves, in a line.
+fn serves_line(c: &Coordinator) -> String {
+    let chat = format!("serving {} (chat and completions)", c.model().model.name);
+    match c.embedding_model() {
+        Some(e) => format!("{chat} and {} (embeddings)", e.name),
+        None => format!("{chat}; no embeddings (--embedding-model NAME adds them)"),
+    }
+}
+
+/// Waits until the pool serves, saying so, and every half minute until then why not.
+async fn announce_ready(c: &Coordinator) {
+    let mut said = String::new();
+    loop {
+        match c.wait_ready(Duration::from_secs(30)).await {
+            Ok(()) => {
+                println!("pool ready");
+                return;
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if why != said {
+                    println!("not serving yet: {why}");
+                    said = why;
+                }
+            }
+        }
+    }
 }
 
 /// A pool started in this process: its coordinator and each node's peer id and task
@@ -744,6 +852,9 @@ pub fn run_up(cache: &ModelCache, args: UpArgs) -> Result<()> {
 pub struct LocalPool {
     /// The coordinator.
     pub coordinator: Coordinator,
+    /// The coordinator's address for other machines' nodes to bootstrap from: a network
+    /// address where it listens on one, else loopback.
+    pub bootstrap: libp2p::Multiaddr,
     /// The nodes.
     pub nodes: Vec<(libp2p::PeerId, tokio::task::JoinHandle<()>)>,
 }
@@ -759,9 +870,30 @@ pub async fn start_local_pool(
     nodes: &[NodeLimits],
     cfg: CoordinatorConfig,
 ) -> Result<LocalPool> {
+    let local = launch_local_pool(cache, pool, model, base, nodes, cfg).await?;
+    local
+        .coordinator
+        .wait_ready(Duration::from_secs(120))
+        .await
+        .context("the pool did not become ready")?;
+    Ok(local)
+}
+
+/// [`start_local_pool`], returning as soon as the coordinator listens and the nodes are
+/// started, before the pool is ready.
+pub async fn launch_local_pool(
+    cache: &ModelCache,
+    pool: &PoolArgs,
+    model: ServedModel,
+    base: &std::path::Path,
+    nodes: &[NodeLimits],
+    cfg: CoordinatorConfig,
+) -> Result<LocalPool> {
     let running = coordinator::start(cfg, model)?;
     let c = running.coordinator.clone();
+    let addrs = running.listening.clone();
     let bootstrap = local_address(running.listening).await?;
+    let public = network_address(&addrs.borrow()).unwrap_or_else(|| bootstrap.clone());
     let mut tasks = Vec::new();
     for (i, limits) in nodes.iter().enumerate() {
         let dir = if nodes.len() == 1 {
@@ -788,13 +920,27 @@ pub async fn start_local_pool(
         });
         tasks.push((peer, task));
     }
-    c.wait_ready(Duration::from_secs(120))
-        .await
-        .context("the pool did not become ready")?;
     Ok(LocalPool {
         coordinator: c,
+        bootstrap: public,
         nodes: tasks,
     })
+}
+
+/// The first address in `addrs` another machine can reach: IPv4 TCP, neither loopback
+/// nor unspecified.
+fn network_address(addrs: &[libp2p::Multiaddr]) -> Option<libp2p::Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    addrs
+        .iter()
+        .find(|a| {
+            let mut parts = a.iter();
+            matches!(
+                (parts.next(), parts.next()),
+                (Some(Protocol::Ip4(ip)), Some(Protocol::Tcp(_))) if !ip.is_loopback() && !ip.is_unspecified()
+            )
+        })
+        .cloned()
 }
 
 /// The coordinator's first loopback TCP address, once it listens.

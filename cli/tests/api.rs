@@ -140,11 +140,59 @@ fn bad_input_gets_clear_errors_slow_and_vanishing_clients_are_cut_and_serving_go
         ),
         ("[1, 2, 3]", 400, "invalid request"),
         ("", 400, "invalid request"),
+        // Fields that would change what an answer is are refused by name, not ignored.
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f"}}]}"#,
+            400,
+            "tools: tool and function calling are not supported",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"tool_choice":"required"}"#,
+            400,
+            "tool_choice",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":2}"#,
+            400,
+            "logprobs: log probabilities are not returned",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#,
+            400,
+            "response_format: 'json_object' is not supported",
+        ),
     ];
     for (body, status, says) in cases {
         let msg = error(&http, chat, body, status);
         assert!(msg.contains(says), "{body}: {msg}");
     }
+    // What asks for nothing is served as before.
+    let (status, v) = post(
+        &http,
+        chat,
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"tools":[],"tool_choice":"auto","logprobs":false,"response_format":{"type":"text"}}"#,
+    );
+    assert_eq!(status, 200, "{v}");
+    let msg = error(
+        &http,
+        "/v1/completions",
+        r#"{"prompt":"hi","logprobs":3}"#,
+        400,
+    );
+    assert!(msg.contains("logprobs"), "{msg}");
+    // An unknown model's 404 names the field and every model the pool serves.
+    let (status, v) = post(
+        &http,
+        chat,
+        r#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o"}"#,
+    );
+    assert_eq!(status, 404);
+    assert_eq!(v["error"]["param"], "model", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("(chat and completions)"), "{msg}");
+    // The Responses API is not served, and says where to go.
+    let msg = error(&http, "/v1/responses", r#"{"input":"hi"}"#, 404);
+    assert!(msg.contains("/v1/chat/completions"), "{msg}");
     error(&http, "/v1/completions", r#"{"prompt":""}"#, 400);
     error(&http, "/v1/completions", r#"{"prompt":5}"#, 400);
     let huge = format!(

@@ -15,6 +15,8 @@ fn potluck_in(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_potluck"))
         .args(args)
         .current_dir(dir)
+        // A backtrace must never reach an error line, even where one is asked for.
+        .env("RUST_BACKTRACE", "1")
         .output()
         .expect("run potluck")
 }
@@ -63,6 +65,7 @@ fn refused(args: &[&str], needle: &str) {
         "potluck {args:?} should print one line, got: {err}"
     );
     assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].len() < 400, "not one clear line: {err}");
     assert!(
         err.to_lowercase().contains(&needle.to_lowercase()),
         "potluck {args:?}: {err:?} lacks {needle:?}"
@@ -225,7 +228,7 @@ fn bad_model_files_are_refused() {
                 .into_owned(),
             "does not exist",
         ),
-        (truncated, "invalid model"),
+        (truncated, "the file is cut short"),
         (header_only, "invalid model"),
         (bad_magic, "bad magic"),
         (empty, "bad magic"),
@@ -270,6 +273,10 @@ fn a_wrong_digest_is_refused() {
         &good.to_string_lossy(),
     ]);
     ok(&["--models-dir", &cache_s, "model", "verify", "tiny"]);
+    // Cached and verified: fetched again, it is not downloaded (there is no source to
+    // download it from, so a try would fail).
+    let again = ok(&["--models-dir", &cache_s, "model", "fetch", "tiny"]);
+    assert!(again.contains("already cached, verified"), "{again}");
     let generate = [
         "--models-dir",
         &cache_s,
@@ -367,6 +374,38 @@ fn a_chat_renders_under_a_memory_limit_below_the_template_workers_own() {
 }
 
 #[test]
+fn logs_to_a_file_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    // A template that kills its renderer: the worker's death is logged as a warning.
+    let spec = SyntheticSpec {
+        chat_template: Some("{% set ns = namespace(s='x') %}{% for i in range(48) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}".into()),
+        ..Default::default()
+    };
+    let model = tiny(dir.path(), "greedy.gguf", spec);
+    let o = Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args([
+            "generate",
+            "--chat",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+            "--model",
+        ])
+        .arg(&model)
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("WARN") && err.contains("error: "), "{err}");
+    assert!(
+        !err.contains('\x1b'),
+        "colour codes in a redirected log: {err:?}"
+    );
+}
+
+#[test]
 fn a_generation_whose_reader_goes_away_ends_quietly() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_potluck"))
         .args([
@@ -389,6 +428,28 @@ fn a_generation_whose_reader_goes_away_ends_quietly() {
         !err.contains("panicked") && !err.contains("decode:"),
         "{err}"
     );
+}
+
+#[test]
+fn a_rotated_audit_log_verifies_by_a_bare_file_name_in_its_folder() {
+    use potluck_coordinator::audit::{AuditLog, Record, Rotation};
+    let dir = tempfile::tempdir().unwrap();
+    let rotation = Rotation {
+        max_bytes: 2048,
+        keep: 3,
+    };
+    let key = potluck_protocol::signed::Keypair::from_secret(&[7; 32]);
+    let log = AuditLog::open_with(&dir.path().join("audit.log"), key, "public", rotation).unwrap();
+    for i in 0..60u64 {
+        log.record(Record::Quarantine {
+            peer: format!("peer-{i}"),
+            detail: "a test of rotation".into(),
+        });
+        log.sync();
+    }
+    drop(log);
+    let out = ok_in(dir.path(), &["audit", "verify", "audit.log"]);
+    assert_eq!(out.matches("verified, joined").count(), 3, "{out}");
 }
 
 #[test]

@@ -38,7 +38,7 @@ fn browse(browser: &str, url: &str, args: &[&str]) -> std::process::Output {
 #[test]
 fn the_dashboard_shows_a_running_three_node_pool_in_chromium() {
     let Some(browser) = chromium() else {
-        eprintln!("SKIPPED: no chromium on this host (.ci/run installs Debian's chromium)");
+        common::missing("chromium", "apt-get install chromium (.ci/run does)");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -70,6 +70,27 @@ fn the_dashboard_shows_a_running_three_node_pool_in_chromium() {
             "{id} not listed: {dom}"
         );
     }
+    // Peers go by names people can read, in the table, the layer map and the events; no
+    // event line carries a whole id.
+    for (_, id) in &nodes {
+        let name = potluck_coordinator::nickname::of(id);
+        assert!(
+            dom.matches(&name).count() >= 2,
+            "{name} ({id}) not named: {dom}"
+        );
+    }
+    let events = dom
+        .split("id=\"events\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</ul>").next())
+        .unwrap_or_default();
+    assert!(
+        !events.contains("12D3KooW"),
+        "an event names a peer by its id: {events}"
+    );
+    // The chart of the last minutes has its first points.
+    assert!(dom.contains("class=\"tps\" points=\"0.0,"), "{dom}");
+    assert!(dom.contains("class=\"sessions\" points=\"0.0,"), "{dom}");
     assert_eq!(dom.matches("class=\"status-serving\"").count(), 3, "{dom}");
     assert_eq!(dom.matches("class=\"cell\"").count(), 3, "{dom}");
     assert!(dom.contains("smollm2-135m-instruct (30 layers)"), "{dom}");

@@ -21,7 +21,10 @@ fn namespaces_work() -> bool {
 #[test]
 fn a_node_finds_the_coordinator_by_mdns_with_no_flags() {
     if !namespaces_work() {
-        eprintln!("SKIPPED: this host cannot create network namespaces (unshare -rn, veth)");
+        common::missing(
+            "network namespaces (unshare -rn, veth)",
+            "run the tests as root with iproute2's ip",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -32,7 +32,7 @@ fn the_readme_curl_examples_work_against_a_running_pool() {
         .output()
         .is_ok_and(|o| o.status.success())
     {
-        eprintln!("SKIPPED: no curl on this host (.ci/run installs it)");
+        common::missing("curl", "apt-get install curl (.ci/run does)");
         return;
     }
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))

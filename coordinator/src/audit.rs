@@ -235,6 +235,9 @@ pub struct Summary {
     /// Entries before this file and the last one's hash, when it goes on from a rotated
     /// log.
     pub continues_from: Option<(u64, [u8; 32])>,
+    /// The signed head names an entry of an older segment (a crash came between a rotation
+    /// and the head's next write): it cannot be checked against this file.
+    pub head_stale: bool,
 }
 
 /// When a log is rotated and how many rotated segments are kept.
@@ -286,7 +289,9 @@ pub fn segments(path: &Path) -> Vec<PathBuf> {
             let file = e.file_name();
             let n = file.to_str()?.strip_prefix(&prefix)?;
             let n = n.parse::<u64>().ok().filter(|_| n.len() == 12)?;
-            Some((n, e.path()))
+            // Named as `segment_path` names it (no `./` for a bare file name), so that the
+            // two compare equal.
+            Some((n, path.with_file_name(&file)))
         })
         .collect();
     found.sort();
@@ -445,6 +450,7 @@ fn empty_summary() -> Summary {
         head: [0; 32],
         head_checked: false,
         continues_from: None,
+        head_stale: false,
     }
 }
 
@@ -501,6 +507,7 @@ pub fn verify_file(path: &Path, key: Option<PublicKey>) -> Result<Summary, Audit
                         at_head = Some(h);
                     } else if n < from {
                         head = Some(None);
+                        sum.head_stale = true;
                     }
                 }
             }

@@ -198,6 +198,7 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut credit_tick = tokio::time::interval(CREDIT_REFRESH);
+        let mut chart_tick = tokio::time::interval(CHART_EVERY);
         let mut redial_tick = tokio::time::interval(Duration::from_millis(250));
         let canary_every = cfg.canary_interval.unwrap_or(Duration::from_secs(3600));
         let mut canary_tick =
@@ -216,6 +217,10 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                 }
                 _ = credit_tick.tick() => {
                     handle.refresh_member_credits();
+                    continue;
+                }
+                _ = chart_tick.tick() => {
+                    handle.metrics().sample(unix_now());
                     continue;
                 }
                 _ = canary_tick.tick(), if cfg.canary_interval.is_some() => {
@@ -344,6 +349,8 @@ fn expire_old_work(store: Arc<Store>, keep: Duration) {
 
 /// How often members' weights follow the credit their nodes earned.
 const CREDIT_REFRESH: Duration = Duration::from_secs(30);
+/// How often the dashboard's chart of tokens/s and sessions gets a point.
+const CHART_EVERY: Duration = Duration::from_secs(5);
 
 /// Revocations per gossip message: well under the gossip size limit.
 const REVOCATIONS_PER_MESSAGE: usize = 256;

@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod nickname;
 pub mod origin;
 pub mod peer_table;
 pub mod pipeline;

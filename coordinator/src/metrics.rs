@@ -69,7 +69,22 @@ pub struct Metrics {
     /// Texts embedded by the pool's nodes.
     pub embedded_texts: Counter,
     recent_tokens: Mutex<VecDeque<Instant>>,
+    history: Mutex<VecDeque<Sample>>,
 }
+
+/// One point of the dashboard's chart.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Sample {
+    /// Unix seconds.
+    pub at: u64,
+    /// Tokens generated per second then.
+    pub tokens_per_second: f64,
+    /// Sessions running then.
+    pub sessions: i64,
+}
+
+/// Samples kept: ten minutes at one every five seconds.
+pub const HISTORY: usize = 120;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -95,6 +110,7 @@ impl Metrics {
             check_seconds: Counter::default(),
             embedded_texts: Counter::default(),
             recent_tokens: Mutex::new(VecDeque::new()),
+            history: Mutex::new(VecDeque::new()),
             registry: Registry::default(),
         };
         registry.register("tokens_in", "Prompt tokens prefilled", m.tokens_in.clone());
@@ -189,6 +205,31 @@ impl Metrics {
             .filter(|t| now.duration_since(**t) <= RATE_WINDOW)
             .count();
         n as f64 / RATE_WINDOW.as_secs_f64()
+    }
+
+    /// Notes tokens/s and sessions now (unix time `at`), for the chart of the last
+    /// minutes; the oldest samples go.
+    pub fn sample(&self, at: u64) {
+        let point = Sample {
+            at,
+            tokens_per_second: self.tokens_per_second(),
+            sessions: self.sessions.get(),
+        };
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        h.push_back(point);
+        while h.len() > HISTORY {
+            h.pop_front();
+        }
+    }
+
+    /// The samples kept, oldest first.
+    pub fn history(&self) -> Vec<Sample> {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
     }
 
     /// Everything in Prometheus' text format.

@@ -62,7 +62,8 @@ pub struct Peer {
     pub rtt_ms: Option<f32>,
     /// Unix time its latest advert arrived.
     pub last_heard: u64,
-    /// Seconds between its recent adverts, newest last (at most [`HEARTBEAT_GAPS`]).
+    /// Seconds before its recent refreshes (adverts that changed nothing), newest last (at
+    /// most [`HEARTBEAT_GAPS`]).
     pub gaps: Vec<u64>,
 }
 
@@ -70,8 +71,9 @@ pub struct Peer {
 pub const HEARTBEAT_GAPS: usize = 4;
 
 impl Peer {
-    /// Its heartbeat: the longest recent gap between adverts. Adverts sent on a change come
-    /// early, so the longest gap is the regular interval.
+    /// Its heartbeat: the longest recent gap before an advert that changed nothing.
+    /// Adverts sent on a change are not counted, and refreshes sent early are shorter, so
+    /// the longest gap is the regular interval.
     pub fn interval(&self) -> Option<u64> {
         self.gaps.iter().copied().max()
     }
@@ -153,7 +155,9 @@ impl PeerTable {
             Some(p) => {
                 let changed = !same_capacity(&p.advert, &advert);
                 let gap = now.saturating_sub(p.last_heard);
-                if gap > 0 {
+                // An advert sent on a change comes early by nature (a fresh node sends a
+                // few within its first seconds): only refreshes time the heartbeat.
+                if gap > 0 && !changed {
                     if p.gaps.len() == HEARTBEAT_GAPS {
                         p.gaps.remove(0);
                     }

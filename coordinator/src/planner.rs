@@ -53,6 +53,40 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Why the plan looks as it does, in words for the operator's log and the dashboard:
+    /// whole copies of a model of `layers` blocks (replicas, each serving sessions alone,
+    /// which is what nodes that can hold the model get) or a split over several nodes
+    /// (when none can, or `--max-memory` keeps them from it).
+    pub fn explain(&self, layers: u32) -> String {
+        let whole = self
+            .spans
+            .iter()
+            .filter(|s| s.range.start == 0 && s.range.end >= layers)
+            .count();
+        let parts = self.spans.len() - whole;
+        let copies = |n: usize| {
+            if n == 1 {
+                "1 whole copy".to_string()
+            } else {
+                format!("{n} whole copies")
+            }
+        };
+        match (whole, parts) {
+            (0, 0) => "nothing planned".into(),
+            (w, 0) => format!(
+                "{} of the model's {layers} blocks: each node can hold all of them, so each serves sessions alone (a split comes only when no node can, or with --max-memory)",
+                copies(w)
+            ),
+            (0, p) => format!(
+                "the model's {layers} blocks split over {p} nodes: no node's memory holds them all"
+            ),
+            (w, p) => format!(
+                "{} of the model's {layers} blocks, and a split over {p} nodes whose memory holds only part",
+                copies(w)
+            ),
+        }
+    }
+
     /// The span a peer holds, if any.
     pub fn span_of(&self, peer: &PublicKey) -> Option<&Span> {
         self.spans.iter().find(|s| &s.peer == peer)

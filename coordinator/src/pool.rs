@@ -243,6 +243,8 @@ pub struct Coordinator {
     metrics: Arc<Metrics>,
     sessions: Arc<Mutex<BTreeMap<u64, SessionInfo>>>,
     events: Arc<Mutex<VecDeque<PoolEvent>>>,
+    /// Nodes running on the coordinator's own machine (`up`'s), marked on the dashboard.
+    local: Arc<Mutex<HashSet<PeerId>>>,
     /// Members, their limits and usage, and the session slots they share.
     share: Arc<Share>,
     /// Who may connect (a private pool's certificates and revocations).
@@ -365,6 +367,7 @@ impl Coordinator {
             metrics: Arc::new(Metrics::new()),
             sessions: Arc::new(Mutex::new(BTreeMap::new())),
             events: Arc::new(Mutex::new(VecDeque::new())),
+            local: Arc::new(Mutex::new(HashSet::new())),
             share,
             gate: None,
             private_edges: Arc::new(PrivateEdges {
@@ -576,6 +579,22 @@ impl Coordinator {
         while ev.len() > EVENT_LOG {
             ev.pop_front();
         }
+    }
+
+    /// Marks `peer` as a node on this machine (the one `up` starts beside its coordinator).
+    pub fn mark_local(&self, peer: PeerId) {
+        self.local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer);
+    }
+
+    /// Whether `peer` runs on this machine (see [`Coordinator::mark_local`]).
+    pub fn is_local(&self, peer: &PeerId) -> bool {
+        self.local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(peer)
     }
 
     /// Recent events, oldest first.
@@ -871,7 +890,12 @@ impl Coordinator {
         match plan(&self.model.shape, &peers, previous.as_ref()) {
             Ok(p) => {
                 if st.plan.as_ref().map(|q| q.epoch) != Some(p.epoch) {
-                    let line = format!("plan epoch {}: {}", p.epoch, describe(&p));
+                    let line = format!(
+                        "plan epoch {}: {} ({})",
+                        p.epoch,
+                        describe(&p),
+                        p.explain(self.model.shape.layers)
+                    );
                     println!("{line}");
                     self.metrics.plan_changes.inc();
                     self.event("plan", line);

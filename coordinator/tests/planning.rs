@@ -3,7 +3,9 @@
 //! table admits only verified, current adverts.
 
 use potluck_coordinator::peer_table::{Accepted, AdvertRejection, PeerTable};
-use potluck_coordinator::planner::{capacity, covers, plan, ModelShape, PlanError, PlanPeer, Span};
+use potluck_coordinator::planner::{
+    capacity, covers, plan, ModelShape, Plan, PlanError, PlanPeer, Span,
+};
 use potluck_coordinator::router::{route, PeerCost};
 use potluck_protocol::messages::{CapacityAdvert, DeviceKind, LayerRange, ADVERT_DOMAIN};
 use potluck_protocol::signed::{Keypair, PublicKey, Signed};
@@ -352,6 +354,36 @@ fn a_peer_is_dropped_after_k_missed_heartbeats_not_one_late_one() {
 }
 
 #[test]
+fn a_fresh_nodes_adverts_on_changes_do_not_teach_a_short_heartbeat() {
+    let k = Keypair::from_secret(&[1; 32]);
+    let sign = |a: &CapacityAdvert| Signed::sign(a, ADVERT_DOMAIN, &k).unwrap();
+    let now = 1_000_000;
+    let mut t = PeerTable::new("lab");
+    // Joined, then loading its assignment, then loaded (less memory free each time): three
+    // adverts in two seconds.
+    t.accept(&sign(&advert("lab", 1, now, now + 60)), now)
+        .unwrap();
+    let mut loading = advert("lab", 2, now + 1, now + 61);
+    loading.memory_bytes = 3 << 30;
+    t.accept(&sign(&loading), now + 1).unwrap();
+    let mut loaded = advert("lab", 3, now + 2, now + 62);
+    loaded.memory_bytes = 2 << 30;
+    t.accept(&sign(&loaded), now + 2).unwrap();
+    assert_eq!(t.get(&k.public()).unwrap().interval(), None);
+    // Three "heartbeats" of one second later, it is not silent.
+    assert!(t.silent(now + 10).is_empty());
+    // Its first refresh times the heartbeat; three missed ones after it are silence.
+    let mut again = loaded.clone();
+    again.seq = 4;
+    again.issued_at = now + 12;
+    again.expires_at = now + 72;
+    t.accept(&sign(&again), now + 12).unwrap();
+    assert_eq!(t.get(&k.public()).unwrap().interval(), Some(10));
+    assert!(t.silent(now + 42).is_empty());
+    assert_eq!(t.silent(now + 43), vec![k.public()]);
+}
+
+#[test]
 fn gossip_from_hostile_peers_is_dropped_with_a_reason() {
     use potluck_coordinator::daemon::{check_gossip, GossipRejection};
     use potluck_net::swarm::peer_id_of;
@@ -463,4 +495,38 @@ fn measured_speed_replaces_claims_and_untimed_claims_are_capped() {
     let by_time = plan(&m, &timed, None).unwrap();
     assert!(blocks(&by_claim.spans, 2) > blocks(&by_time.spans, 2));
     assert!(blocks(&by_time.spans, 1) > blocks(&by_time.spans, 2));
+}
+
+#[test]
+fn a_plan_says_whether_it_is_whole_copies_or_a_split() {
+    let peer = |n: u8| Keypair::from_secret(&[n; 32]).public();
+    let span = |n: u8, start: u32, end: u32| Span {
+        peer: peer(n),
+        range: LayerRange { start, end },
+    };
+    let copies = Plan {
+        epoch: 1,
+        spans: vec![span(1, 0, 8), span(2, 0, 8)],
+    };
+    assert!(
+        copies
+            .explain(8)
+            .starts_with("2 whole copies of the model's 8 blocks"),
+        "{}",
+        copies.explain(8)
+    );
+    let split = Plan {
+        epoch: 1,
+        spans: vec![span(1, 0, 5), span(2, 5, 8)],
+    };
+    assert!(split
+        .explain(8)
+        .contains("split over 2 nodes: no node's memory holds them all"));
+    let both = Plan {
+        epoch: 1,
+        spans: vec![span(1, 0, 8), span(2, 0, 5), span(3, 5, 8)],
+    };
+    assert!(both
+        .explain(8)
+        .starts_with("1 whole copy of the model's 8 blocks, and a split over 2"));
 }

@@ -3,6 +3,7 @@
 //! folder: `config.json`, `model.safetensors`, `tokenizer.json`, and where present
 //! `sentence_bert_config.json` (the sequence limit) and `1_Pooling/config.json` (the pooling).
 
+use crate::error::candle_message;
 use crate::error::{EngineError, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
@@ -197,7 +198,7 @@ impl Encoder {
         }
         // SAFETY: read-only mapping of files we do not modify while mapped.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&shards, DType::F32, &device) }
-            .map_err(|e| EngineError::invalid(format!("safetensors: {e}")))?;
+            .map_err(|e| EngineError::invalid(format!("safetensors: {}", candle_message(&e))))?;
         // Checkpoints saved from BertModel have no prefix; those from BertForX carry `bert.`.
         let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
             vb

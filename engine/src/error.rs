@@ -52,8 +52,17 @@ pub enum EngineError {
     #[error("pipeline: {0}")]
     Pipeline(String),
     /// A numeric failure inside candle.
-    #[error("tensor op failed: {0}")]
+    #[error("tensor op failed: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// candle's message without the backtrace it attaches when `RUST_BACKTRACE` is set: an
+/// error a user reads stays one line (the backtrace is still in the error's `Debug`).
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
 }
 
 /// Engine result type.

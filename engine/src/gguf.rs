@@ -2,6 +2,7 @@
 //! loaded one at a time so a stage touches only the bytes it needs.
 
 use crate::config::{Llama3Scaling, LlamaConfig};
+use crate::error::candle_message;
 use crate::error::{EngineError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::QTensor;
@@ -47,7 +48,7 @@ impl GgufFile {
             Err(why) => return Err(EngineError::invalid(format!("{}: {why}", path.display()))),
         }
         let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| {
-            let msg = e.to_string();
+            let msg = candle_message(&e);
             match msg.strip_prefix("unknown dtype for tensor ") {
                 Some(code) => EngineError::Unsupported(format!(
                     "tensor type {code} (e.g. an IQ quant); supported: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K"
@@ -60,6 +61,7 @@ impl GgufFile {
                 "tensor data starts past the end of the file",
             ));
         }
+        check_extents(&content, mmap.len() as u64)?;
         Ok(Self { mmap, content })
     }
 
@@ -118,7 +120,7 @@ impl GgufFile {
         }
         self.content
             .tensor(&mut Cursor::new(&self.mmap[..]), name, &Device::Cpu)
-            .map_err(|e| EngineError::invalid(format!("tensor {name}: {e}")))
+            .map_err(|e| EngineError::invalid(format!("tensor {name}: {}", candle_message(&e))))
     }
 
     /// Reads the Llama geometry from the metadata, refusing other architectures.
@@ -305,4 +307,31 @@ impl<'a> HeaderReader<'a> {
             },
         }
     }
+}
+
+/// Refuses a file whose tensors reach past its end (a download or copy cut short) at open,
+/// with the sizes, rather than at whichever tensor a stage happens to load first.
+fn check_extents(content: &Content, file_len: u64) -> Result<()> {
+    let mut end = content.tensor_data_offset;
+    let mut last = "";
+    for (name, info) in &content.tensor_infos {
+        let block = info.ggml_dtype.block_size().max(1) as u64;
+        let bytes = (info.shape.elem_count() as u64 / block)
+            .checked_mul(info.ggml_dtype.type_size() as u64)
+            .and_then(|b| b.checked_add(content.tensor_data_offset))
+            .and_then(|b| b.checked_add(info.offset))
+            .ok_or_else(|| {
+                EngineError::invalid(format!("tensor {name} is too large to address"))
+            })?;
+        if bytes > end {
+            end = bytes;
+            last = name;
+        }
+    }
+    if end > file_len {
+        return Err(EngineError::invalid(format!(
+            "the file is cut short: it has {file_len} bytes, and its tensors (the last, {last}) need {end}; fetch it again"
+        )));
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! decoder never sees file names or formats.
 
 use crate::config::{HfConfig, LlamaConfig};
+use crate::error::candle_message;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::linear::Linear;
@@ -177,7 +178,7 @@ impl WeightFile {
             .map_err(|e| EngineError::invalid(format!("{}: {e}", cfg_path.display())))?;
         // SAFETY: read-only mapping of files we do not modify while mapped.
         let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&shards) }
-            .map_err(|e| EngineError::invalid(format!("safetensors: {e}")))?;
+            .map_err(|e| EngineError::invalid(format!("safetensors: {}", candle_message(&e))))?;
         Ok(WeightFile::Safetensors {
             tensors,
             config,
@@ -253,9 +254,9 @@ impl WeightFile {
             WeightFile::Gguf(g) => Ok(g.tensor(&role.gguf_name())?.dequantize(&Device::Cpu)?),
             WeightFile::Safetensors { tensors, .. } => {
                 let name = role.hf_name();
-                let t = tensors
-                    .load(&name, &Device::Cpu)
-                    .map_err(|e| EngineError::invalid(format!("tensor {name}: {e}")))?;
+                let t = tensors.load(&name, &Device::Cpu).map_err(|e| {
+                    EngineError::invalid(format!("tensor {name}: {}", candle_message(&e)))
+                })?;
                 match t.dtype() {
                     DType::F32 | DType::F16 | DType::BF16 => Ok(t.to_dtype(DType::F32)?),
                     other => Err(EngineError::Unsupported(format!(

@@ -153,6 +153,8 @@ pub async fn run(
     // Until the first advert gets out (no peer subscribed yet), retry every second.
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     let mut published = false;
+    // Said once, at the first advert the pool hears.
+    let mut joined = false;
     tokio::pin!(shutdown);
     let mut leave_by: Option<tokio::time::Instant> = None;
     // Bootstrap peers are dialled again, with exponential backoff, whenever the node is not
@@ -206,7 +208,11 @@ pub async fn run(
                 }
             }
             Ok(()) = loaded.changed() => {
-                offer.loaded = loaded.borrow_and_update().clone();
+                let now = loaded.borrow_and_update().clone();
+                if now != offer.loaded {
+                    println!("{}", serving_line(now.as_ref()));
+                }
+                offer.loaded = now;
                 published = false;
             }
             _ = retry.tick(), if !published => {}
@@ -284,12 +290,35 @@ pub async fn run(
             {
                 Ok(_) => {
                     tracing::info!(seq, "advert published");
+                    if !joined {
+                        joined = true;
+                        println!(
+                            "joined {}: offering {} MB, {} threads; the coordinator assigns blocks",
+                            gate.pool().describe(),
+                            capacity.memory_bytes >> 20,
+                            capacity.threads
+                        );
+                    }
                     published = true;
                 }
                 Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
                 Err(e) => tracing::warn!("advert not published: {e}"),
             }
         }
+    }
+}
+
+/// The line a volunteer reads when what the node serves changes.
+fn serving_line(loaded: Option<&(ModelRef, LayerRange)>) -> String {
+    match loaded {
+        Some((model, range)) => format!(
+            "serving blocks {}..{} of {} ({} blocks)",
+            range.start,
+            range.end,
+            model.name,
+            range.len()
+        ),
+        None => "serving nothing now: no blocks assigned".into(),
     }
 }
 

@@ -10,6 +10,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
+/// For a test that cannot run here because `what` is missing: fails it, saying what to
+/// install (`how`), so that a missing tool never passes for a pass; with
+/// `POTLUCK_ALLOW_SKIP=1` it is skipped instead, and says so on stderr. Returns (for the
+/// test to return) only when skipping is allowed.
+pub fn missing(what: &str, how: &str) {
+    if std::env::var_os("POTLUCK_ALLOW_SKIP").is_some_and(|v| !v.is_empty() && v != "0") {
+        eprintln!("SKIPPED (POTLUCK_ALLOW_SKIP): this host has no {what}; {how}");
+        return;
+    }
+    panic!("this test needs {what}, which this host lacks: {how}. Set POTLUCK_ALLOW_SKIP=1 to skip the tests whose tools are missing.");
+}
+
 fn forward(from: impl std::io::Read, to: std::sync::mpsc::Sender<String>) {
     for line in BufReader::new(from).lines().map_while(Result::ok) {
         if to.send(line).is_err() {

@@ -363,6 +363,40 @@ fn never_reuse_ids(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
+/// Rewrites a store made before incremental auto-vacuum (`VACUUM`), once, so that what it
+/// removes goes back to the disk; only where the store's disk and the temporary folder
+/// SQLite builds the copy in have room for it. A failure is logged, not fatal.
+fn vacuum_once(conn: &Connection, path: &Path) {
+    let mode: i64 = match conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("the job store's vacuum mode could not be read: {e}");
+            return;
+        }
+    };
+    if mode != 0 {
+        return;
+    }
+    let size = std::fs::metadata(path).map_or(0, |m| m.len());
+    let room = |dir: &Path| free_bytes(dir).is_none_or(|free| free > size.saturating_mul(3));
+    if !room(path) || !room(&std::env::temp_dir().join("x")) {
+        tracing::warn!(
+            "the job store ({}) is not rewritten to give removed pages back: its disk or the temporary folder lacks room for the copy",
+            mib(size)
+        );
+        return;
+    }
+    tracing::info!(
+        "rewriting the job store ({}) once, so that what it removes goes back to the disk",
+        mib(size)
+    );
+    if let Err(e) = conn.execute_batch("VACUUM") {
+        tracing::warn!(
+            "the job store was not rewritten ({e}); it is tried again at the next start"
+        );
+    }
+}
+
 /// Returns the store's free pages to the disk. The pragma frees one page per step, so it
 /// is stepped to its end (`execute_batch` steps once).
 fn give_pages_back(conn: &Connection) -> rusqlite::Result<()> {
@@ -437,27 +471,9 @@ impl Store {
             source,
         })?;
         let mut conn = Connection::open(path)?;
-        // Deleted files and expired batches give their pages back to the disk. A store
-        // made before keeps its mode until a VACUUM, which rewrites it whole: done once,
-        // here, where the disk has room for the copy.
+        // Deleted files and expired batches give their pages back to the disk (a store
+        // made before keeps its mode until `vacuum_once`).
         conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
-        let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
-        if mode == 0 {
-            let size = std::fs::metadata(path).map_or(0, |m| m.len());
-            let room = free_bytes(path).is_none_or(|free| free > size.saturating_mul(3));
-            if room {
-                tracing::info!(
-                    "rewriting the job store ({}) once, so that what it removes goes back to the disk",
-                    mib(size)
-                );
-                conn.execute_batch("VACUUM")?;
-            } else {
-                tracing::warn!(
-                    "the job store ({}) cannot be rewritten to give removed pages back: its disk lacks room for the copy",
-                    mib(size)
-                );
-            }
-        }
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         // A write-ahead log swollen by a large upload shrinks back after its checkpoint.
@@ -482,7 +498,18 @@ impl Store {
                 ))?;
             }
         }
-        never_reuse_ids(&mut conn)?;
+        // Neither is worth a coordinator that does not start: each is tried again at the
+        // next open.
+        let rebuilt = match never_reuse_ids(&mut conn) {
+            Err(StoreError::Full(_)) if std::fs::remove_file(reserve_path(path)).is_ok() => {
+                never_reuse_ids(&mut conn)
+            }
+            other => other,
+        };
+        if let Err(e) = rebuilt {
+            tracing::warn!("the job store's ids could not be made never to repeat yet ({e}); expired units' ids may be handed out again, and credit for them dropped");
+        }
+        vacuum_once(&conn, path);
         let lost = conn.execute(
             "UPDATE assignments SET state = 'lost', detail = 'coordinator restarted' WHERE state = 'running'",
             [],
@@ -1224,7 +1251,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
         {
+            // As earlier versions left it: write-ahead logging, no auto-vacuum.
             let old = Connection::open(&path).unwrap();
+            old.pragma_update(None, "journal_mode", "WAL").unwrap();
             old.execute_batch(&SCHEMA.replace(" AUTOINCREMENT", ""))
                 .unwrap();
             let mode: i64 = old

@@ -1,6 +1,8 @@
 //! The dashboard: one static page (HTML, CSS and JS embedded in the binary, no build step)
 //! that polls `/api/pool`, the pool's state as JSON: peers with their capacity, span, status
-//! and round trip; the plan's layer map; running sessions; live tokens/s; recent events.
+//! and round trip, named for people (`nickname`) and this machine's own marked; the plan's
+//! layer map and why it looks so; running sessions; live tokens/s and a chart of the last
+//! minutes; recent events.
 
 use crate::pool::Coordinator;
 use axum::extract::State;
@@ -90,8 +92,12 @@ pub fn snapshot(c: &Coordinator, members: Members) -> Value {
             } else {
                 "idle"
             };
+            let id = peer_id_of(&key);
+            let text_id = id.map(|p| p.to_string()).unwrap_or_default();
             json!({
-                "id": peer_id_of(&key).map(|p| p.to_string()).unwrap_or_default(),
+                "id": text_id,
+                "name": crate::nickname::of(&text_id),
+                "local": id.is_some_and(|p| c.is_local(&p)),
                 "device": format!("{:?}", a.device),
                 "memory_bytes": a.memory_bytes,
                 "threads": a.threads,
@@ -181,9 +187,11 @@ pub fn snapshot(c: &Coordinator, members: Members) -> Value {
         "model": {"name": model.model.name, "layers": model.shape.layers,
                   "digest": blake3::Hash::from(model.model.digest).to_hex().to_string()},
         "peers": peers,
-        "plan": {"epoch": plan.as_ref().map(|p| p.epoch), "spans": spans, "error": plan_error},
+        "plan": {"epoch": plan.as_ref().map(|p| p.epoch), "spans": spans, "error": plan_error,
+                 "why": plan.as_ref().map(|p| p.explain(model.shape.layers))},
         "sessions": sessions,
         "tokens_per_second": c.metrics().tokens_per_second(),
+        "history": c.metrics().history(),
         "events": c.events(),
     })
 }

@@ -54,11 +54,12 @@ fn check(c: &Coordinator, body: EmbeddingsBody) -> Result<Checked, ApiError> {
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             format!(
-                "the model '{asked}' does not exist; this pool embeds with '{}'",
-                model.name
+                "the model '{asked}' does not exist; this pool serves {}",
+                super::openai::served_models(c)
             ),
         )
-        .with_code("model_not_found"));
+        .with_code("model_not_found")
+        .with_param("model"));
     }
     let texts = input_texts(&body.input, MAX_TEXTS).map_err(ApiError::bad)?;
     let base64 = match body.encoding_format.as_deref() {

@@ -65,6 +65,7 @@ pub struct ApiError {
     status: StatusCode,
     kind: &'static str,
     code: Option<&'static str>,
+    param: Option<&'static str>,
     message: String,
 }
 
@@ -80,6 +81,7 @@ impl ApiError {
             status,
             kind,
             code: None,
+            param: None,
             message: message.into(),
         }
     }
@@ -90,9 +92,15 @@ impl ApiError {
         self
     }
 
+    /// The same error naming the request field it is about.
+    pub fn with_param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
     /// The JSON body, also sent as the last event of a failed stream.
     pub fn body(&self) -> serde_json::Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}})
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
 }
 
@@ -269,10 +277,14 @@ async fn metrics(State(c): State<Coordinator>) -> Response {
         .into_response()
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        "no such route",
-    )
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    let path = uri.path();
+    let message = if path.trim_end_matches('/') == "/v1/responses" {
+        "the Responses API (/v1/responses) is not served here; send the same conversation to /v1/chat/completions".to_string()
+    } else {
+        format!(
+            "no such route: {path}; this server answers /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/files and /v1/batches"
+        )
+    };
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
 }

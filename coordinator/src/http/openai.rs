@@ -69,6 +69,69 @@ struct Common {
     n: Option<u32>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    // Asked for, these would change what an answer is: refused by name, never ignored.
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+    response_format: Option<Value>,
+}
+
+/// Whether a field's value asks for something (not absent, null, false, 0, "none" or empty).
+fn asks(v: &Option<Value>) -> bool {
+    match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        Some(Value::String(s)) => s != "none",
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    }
+}
+
+/// Refuses the fields this server does not carry out, naming each.
+fn refuse_unsupported(common: &Common) -> Result<(), ApiError> {
+    let refuse = |param: &'static str, why: &str| Err(ApiError::bad(why).with_param(param));
+    // "auto" with no tools asks for nothing.
+    let tool_choice = common
+        .tool_choice
+        .clone()
+        .filter(|v| v.as_str() != Some("auto"));
+    for (param, value) in [
+        ("tools", &common.tools),
+        ("tool_choice", &tool_choice),
+        ("functions", &common.functions),
+        ("function_call", &common.function_call),
+    ] {
+        if asks(value) {
+            return refuse(
+                param,
+                &format!("{param}: tool and function calling are not supported; this pool's models answer in text"),
+            );
+        }
+    }
+    for (param, value) in [
+        ("logprobs", &common.logprobs),
+        ("top_logprobs", &common.top_logprobs),
+    ] {
+        if asks(value) {
+            return refuse(
+                param,
+                &format!("{param}: log probabilities are not returned by this pool"),
+            );
+        }
+    }
+    if let Some(format) = common.response_format.as_ref().filter(|v| !v.is_null()) {
+        let kind = format.get("type").and_then(Value::as_str).unwrap_or("?");
+        if kind != "text" {
+            return refuse(
+                "response_format",
+                &format!("response_format: '{kind}' is not supported; only text is"),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A message's content: a string, or a list of parts of which text parts are read.
@@ -191,14 +254,22 @@ fn check(
     let served = c.model().model.name.clone();
     if let Some(m) = &common.model {
         if m != &served {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                format!("the model '{m}' does not exist; this pool serves '{served}'"),
-            )
-            .with_code("model_not_found"));
+            let message = if c.embedding_model().is_some_and(|e| &e.name == m) {
+                format!("'{m}' is this pool's embedding model: send it to /v1/embeddings; chat and completions use '{served}'")
+            } else {
+                format!(
+                    "the model '{m}' does not exist; this pool serves {}",
+                    served_models(c)
+                )
+            };
+            return Err(
+                ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+                    .with_code("model_not_found")
+                    .with_param("model"),
+            );
         }
     }
+    refuse_unsupported(&common)?;
     if common.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad("only n = 1 is supported"));
     }
@@ -305,6 +376,15 @@ async fn models(State(c): State<Coordinator>) -> Json<Value> {
     Json(json!({"object": "list", "data": cards}))
 }
 
+/// What the pool serves, in words, for a 404 that names them.
+pub(super) fn served_models(c: &Coordinator) -> String {
+    let chat = format!("'{}' (chat and completions)", c.model().model.name);
+    match c.embedding_model() {
+        Some(e) => format!("{chat} and '{}' (embeddings)", e.name),
+        None => chat,
+    }
+}
+
 /// The pool's models: the chat model, then the sentence encoder if there is one.
 fn model_names(c: &Coordinator) -> Vec<&str> {
     let mut names = vec![c.model().model.name.as_str()];
@@ -320,7 +400,10 @@ async fn model(
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
-            format!("the model '{id}' does not exist"),
+            format!(
+                "the model '{id}' does not exist; this pool serves {}",
+                served_models(&c)
+            ),
         )
         .with_code("model_not_found"));
     }
