@@ -889,11 +889,34 @@ pub async fn launch_local_pool(
     nodes: &[NodeLimits],
     cfg: CoordinatorConfig,
 ) -> Result<LocalPool> {
+    // Listening on every interface, it has an address for other machines; each
+    // interface's address is reported as it comes up.
+    let wide = cfg.listen.iter().any(|a| {
+        a.iter().any(|p| {
+            matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_unspecified())
+                || matches!(p, libp2p::multiaddr::Protocol::Ip6(ip) if ip.is_unspecified())
+        })
+    });
     let running = coordinator::start(cfg, model)?;
     let c = running.coordinator.clone();
-    let addrs = running.listening.clone();
+    let mut addrs = running.listening.clone();
     let bootstrap = local_address(running.listening).await?;
-    let public = network_address(&addrs.borrow()).unwrap_or_else(|| bootstrap.clone());
+    let public = if wide {
+        tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                if let Some(a) = network_address(&addrs.borrow_and_update()) {
+                    return Some(a);
+                }
+                addrs.changed().await.ok()?;
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    } else {
+        None
+    }
+    .unwrap_or_else(|| bootstrap.clone());
     let mut tasks = Vec::new();
     for (i, limits) in nodes.iter().enumerate() {
         let dir = if nodes.len() == 1 {

@@ -74,7 +74,7 @@ impl Plan {
         match (whole, parts) {
             (0, 0) => "nothing planned".into(),
             (w, 0) => format!(
-                "{} of the model's {layers} blocks: each node can hold all of them, so each serves sessions alone (a split comes only when no node can, or with --max-memory)",
+                "{} of the model's {layers} blocks: each node can hold all of them, so each serves sessions alone; a split comes only when no node can, or with --max-memory",
                 copies(w)
             ),
             (0, p) => format!(
