@@ -176,9 +176,10 @@ fn main() {
     }
 }
 
-/// What is logged unless `POTLUCK_LOG` says otherwise: warnings, except Kademlia's
-/// "Failed to trigger bootstrap: No known peers", which every first node of a pool would
-/// print at start and which asks nothing of its operator.
+/// What is logged unless `POTLUCK_LOG` says otherwise: warnings, except Kademlia's, which
+/// are errors only: its one warning in practice is "Failed to trigger bootstrap: No known
+/// peers", which every first node of a pool prints at start and which asks nothing of its
+/// operator.
 const DEFAULT_LOG: &str = "warn,libp2p_kad=error";
 
 /// A command that prints and exits ends quietly when its reader goes away (`potluck audit

@@ -742,7 +742,11 @@ pub fn run_up(cache: &ModelCache, mut args: UpArgs) -> Result<()> {
     let base = args.pool.data_dir("up")?;
     // `up` is the one command a new user runs: it serves embeddings too, unless told not to.
     let encoder = crate::catalog::DEFAULT_EMBEDDING_MODEL;
-    if args.serve.embedding_model.is_none() && cache.verify(encoder).is_err() {
+    // Not for one `--prompt`, which needs only the chat model.
+    if args.prompt.is_none()
+        && args.serve.embedding_model.is_none()
+        && cache.verify(encoder).is_err()
+    {
         println!("fetching {encoder} for /v1/embeddings (--embedding-model none skips it)");
         if let Err(e) = cache.fetch(encoder, None) {
             println!("serving no embeddings: {encoder} could not be fetched ({e:#})");
@@ -768,11 +772,17 @@ pub fn run_up(cache: &ModelCache, mut args: UpArgs) -> Result<()> {
             // why (a 503 with the reason, the dashboard's plan), and Ctrl-C works throughout.
             let http = start_http(&args.serve, c.clone()).await?;
             println!("dashboard: http://{http}/");
-            let named = match args.pool.pool.as_str() {
-                "public" => String::new(),
-                name => format!(" --pool {name}"),
+            let (named, admitted) = match args.pool.pool.as_str() {
+                "public" => (String::new(), ""),
+                name => (
+                    format!(" --pool {name}"),
+                    " (each with its certificate from `potluck pool invite`, see docs/pools.md)",
+                ),
             };
-            println!("add machines with: potluck node{named} --bootstrap {}", pool.bootstrap);
+            println!(
+                "add machines with: potluck node{named} --bootstrap {}{admitted}",
+                pool.bootstrap
+            );
             tokio::select! {
                 () = announce_ready(&c) => {
                     println!("try: curl http://{http}/v1/chat/completions -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":40}}'");

@@ -211,6 +211,8 @@ fn bad_model_files_are_refused() {
     // candle divides by the declared alignment: 0 used to panic the process.
     let unaligned = write("align0.gguf", &gguf_with(0, Some(0)));
     let odd = write("align3.gguf", &gguf_with(0, Some(3)));
+    // Dimensions whose product overflows 64 bits.
+    let vast = write("vast.gguf", &gguf_shaped(0, None, [1 << 33, 1 << 33]));
     let gen = |m: &str| {
         vec![
             "generate".to_string(),
@@ -239,6 +241,7 @@ fn bad_model_files_are_refused() {
         (iq, "unsupported"),
         (unaligned, "general.alignment is 0, not a power of two"),
         (odd, "general.alignment is 3, not a power of two"),
+        (vast, "too large to address"),
     ];
     for (model, needle) in cases {
         let args = gen(&model);
@@ -503,6 +506,11 @@ fn gguf_with_tensor_type(code: u32) -> Vec<u8> {
 
 /// One tensor of type `code`, and `general.alignment` set to `alignment` (a u32) if given.
 fn gguf_with(code: u32, alignment: Option<u32>) -> Vec<u8> {
+    gguf_shaped(code, alignment, [256, 4])
+}
+
+/// [`gguf_with`], its tensor of shape `dims`.
+fn gguf_shaped(code: u32, alignment: Option<u32>, dims: [u64; 2]) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(b"GGUF");
     b.extend_from_slice(&3u32.to_le_bytes());
@@ -526,8 +534,9 @@ fn gguf_with(code: u32, alignment: Option<u32>) -> Vec<u8> {
     b.extend_from_slice(&(name.len() as u64).to_le_bytes());
     b.extend_from_slice(name);
     b.extend_from_slice(&2u32.to_le_bytes());
-    b.extend_from_slice(&256u64.to_le_bytes());
-    b.extend_from_slice(&4u64.to_le_bytes());
+    for d in dims {
+        b.extend_from_slice(&d.to_le_bytes());
+    }
     b.extend_from_slice(&code.to_le_bytes());
     b.extend_from_slice(&0u64.to_le_bytes());
     b.resize(b.len() + 4096, 0);

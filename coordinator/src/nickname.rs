@@ -1,7 +1,8 @@
 //! Names people can read for peers: `brisk-otter-3f` instead of a 52-character libp2p id.
 //! Derived from the id alone, so every coordinator, dashboard and log gives a peer the same
-//! name, and nobody can pick one (which a name a peer sent could be used for: posing as
-//! another).
+//! name. A name is for telling peers apart at a glance, not for trusting one: there are only
+//! 2^18 of them, and a fresh key with a given name takes seconds to find. The full id stays
+//! beside it (the dashboard's tooltip) for when it matters.
 
 const ADJECTIVES: [&str; 32] = [
     "amber", "bold", "brisk", "calm", "clever", "cosy", "crisp", "dapper", "eager", "fair",

@@ -62,6 +62,9 @@ pub struct Peer {
     pub rtt_ms: Option<f32>,
     /// Unix time its latest advert arrived.
     pub last_heard: u64,
+    /// Unix time its latest refresh (an advert that changed nothing), or its first advert,
+    /// arrived: where the next heartbeat gap is counted from.
+    pub last_refresh: u64,
     /// Seconds before its recent refreshes (adverts that changed nothing), newest last (at
     /// most [`HEARTBEAT_GAPS`]).
     pub gaps: Vec<u64>,
@@ -154,9 +157,13 @@ impl PeerTable {
             }),
             Some(p) => {
                 let changed = !same_capacity(&p.advert, &advert);
-                let gap = now.saturating_sub(p.last_heard);
                 // An advert sent on a change comes early by nature (a fresh node sends a
-                // few within its first seconds): only refreshes time the heartbeat.
+                // few within its first seconds): only the gaps between refreshes time the
+                // heartbeat.
+                let gap = now.saturating_sub(p.last_refresh);
+                if !changed {
+                    p.last_refresh = now;
+                }
                 if gap > 0 && !changed {
                     if p.gaps.len() == HEARTBEAT_GAPS {
                         p.gaps.remove(0);
@@ -180,6 +187,7 @@ impl PeerTable {
                         advert,
                         rtt_ms: None,
                         last_heard: now,
+                        last_refresh: now,
                         gaps: Vec::new(),
                     },
                 );

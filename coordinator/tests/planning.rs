@@ -372,13 +372,21 @@ fn a_fresh_nodes_adverts_on_changes_do_not_teach_a_short_heartbeat() {
     assert_eq!(t.get(&k.public()).unwrap().interval(), None);
     // Three "heartbeats" of one second later, it is not silent.
     assert!(t.silent(now + 10).is_empty());
-    // Its first refresh times the heartbeat; three missed ones after it are silence.
-    let mut again = loaded.clone();
-    again.seq = 4;
-    again.issued_at = now + 12;
-    again.expires_at = now + 72;
-    t.accept(&sign(&again), now + 12).unwrap();
+    // Its first refresh, at the regular 10 s, times the heartbeat from its first advert,
+    // not from the changes between.
+    let advert_at = |seq: u64, at: u64, memory: u64| {
+        let mut a = advert("lab", seq, now + at, now + at + 60);
+        a.memory_bytes = memory;
+        sign(&a)
+    };
+    t.accept(&advert_at(4, 10, 2 << 30), now + 10).unwrap();
     assert_eq!(t.get(&k.public()).unwrap().interval(), Some(10));
+    // A change, then a refresh a second after it: the refresh came 2 s after the last
+    // refresh, early, and does not shorten the heartbeat either.
+    t.accept(&advert_at(5, 11, 1 << 30), now + 11).unwrap();
+    t.accept(&advert_at(6, 12, 1 << 30), now + 12).unwrap();
+    assert_eq!(t.get(&k.public()).unwrap().interval(), Some(10));
+    // Three missed heartbeats after the last advert are silence.
     assert!(t.silent(now + 42).is_empty());
     assert_eq!(t.silent(now + 43), vec![k.public()]);
 }

@@ -316,7 +316,17 @@ fn check_extents(content: &Content, file_len: u64) -> Result<()> {
     let mut last = "";
     for (name, info) in &content.tensor_infos {
         let block = info.ggml_dtype.block_size().max(1) as u64;
-        let bytes = (info.shape.elem_count() as u64 / block)
+        // The element count is a product of the file's dimensions: checked, for a hostile
+        // file's can overflow it.
+        let elements = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .ok_or_else(|| {
+                EngineError::invalid(format!("tensor {name} is too large to address"))
+            })?;
+        let bytes = (elements / block)
             .checked_mul(info.ggml_dtype.type_size() as u64)
             .and_then(|b| b.checked_add(content.tensor_data_offset))
             .and_then(|b| b.checked_add(info.offset))

@@ -93,16 +93,13 @@ fn asks(v: &Option<Value>) -> bool {
 /// Refuses the fields this server does not carry out, naming each.
 fn refuse_unsupported(common: &Common) -> Result<(), ApiError> {
     let refuse = |param: &'static str, why: &str| Err(ApiError::bad(why).with_param(param));
-    // "auto" with no tools asks for nothing.
-    let tool_choice = common
-        .tool_choice
-        .clone()
-        .filter(|v| v.as_str() != Some("auto"));
+    // "auto" with no tools asks for nothing (older clients send it by default).
+    let not_auto = |v: &Option<Value>| v.clone().filter(|v| v.as_str() != Some("auto"));
     for (param, value) in [
         ("tools", &common.tools),
-        ("tool_choice", &tool_choice),
+        ("tool_choice", &not_auto(&common.tool_choice)),
         ("functions", &common.functions),
-        ("function_call", &common.function_call),
+        ("function_call", &not_auto(&common.function_call)),
     ] {
         if asks(value) {
             return refuse(
