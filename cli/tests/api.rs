@@ -170,7 +170,13 @@ fn bad_input_gets_clear_errors_slow_and_vanishing_clients_are_cut_and_serving_go
     let (status, v) = post(
         &http,
         chat,
-        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"tools":[],"tool_choice":"auto","logprobs":false,"response_format":{"type":"text"}}"#,
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"tools":[],"tool_choice":"auto","function_call":"none","logprobs":false,"top_logprobs":0,"response_format":{"type":"text"}}"#,
+    );
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = post(
+        &http,
+        chat,
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"tool_choice":"none","function_call":"auto"}"#,
     );
     assert_eq!(status, 200, "{v}");
     let msg = error(
