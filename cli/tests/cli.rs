@@ -72,6 +72,18 @@ fn refused(args: &[&str], needle: &str) {
     );
 }
 
+/// `potluck args` whose stdout's reader has gone before it prints (`potluck ... | head -0`).
+fn with_reader_gone(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run potluck");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("wait for potluck")
+}
+
 fn tiny(dir: &Path, name: &str, spec: SyntheticSpec) -> PathBuf {
     let p = dir.join(name);
     write_gguf(&spec, &p).unwrap();
@@ -348,15 +360,8 @@ fn a_reader_that_goes_away_ends_a_printing_command_without_a_panic() {
     let audit = potluck_coordinator::audit::AuditLog::open(&log, key, "public").unwrap();
     audit.sync();
     drop(audit);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args(["audit", "verify", &log.to_string_lossy()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // The reader leaves before the summary is printed (`potluck audit verify log | head -0`).
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = with_reader_gone(&["audit", "verify", &log.to_string_lossy()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -410,21 +415,14 @@ fn logs_to_a_file_carry_no_colour_codes() {
 
 #[test]
 fn a_generation_whose_reader_goes_away_ends_quietly() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args([
-            "generate",
-            "--chat",
-            "--prompt",
-            "Count to fifty.",
-            "--max-tokens",
-            "64",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = with_reader_gone(&[
+        "generate",
+        "--chat",
+        "--prompt",
+        "Count to fifty.",
+        "--max-tokens",
+        "64",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?} {err}", out.status);
     assert!(

@@ -86,14 +86,18 @@ pub struct Expired {
     pub files: u64,
 }
 
-/// Free bytes on the file system holding `path`, if it can be asked.
+/// Free bytes on the file system holding the file `path`, if it can be asked.
 fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
     // A bare file name (`jobs.sqlite`) lies in the working directory.
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => free_bytes_in(d),
+        _ => free_bytes_in(Path::new(".")),
+    }
+}
+
+/// Free bytes on the file system holding the folder `dir`, if it can be asked.
+fn free_bytes_in(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
     // SAFETY: `c` is a NUL-terminated path and `st` is a writable statvfs the call fills.
@@ -378,8 +382,8 @@ fn vacuum_once(conn: &Connection, path: &Path) {
         return;
     }
     let size = std::fs::metadata(path).map_or(0, |m| m.len());
-    let room = |dir: &Path| free_bytes(dir).is_none_or(|free| free > size.saturating_mul(3));
-    if !room(path) || !room(&std::env::temp_dir().join("x")) {
+    let room = |free: Option<u64>| free.is_none_or(|free| free > size.saturating_mul(3));
+    if !room(free_bytes(path)) || !room(free_bytes_in(&std::env::temp_dir())) {
         tracing::warn!(
             "the job store ({}) is not rewritten to give removed pages back: its disk or the temporary folder lacks room for the copy",
             mib(size)
@@ -443,6 +447,20 @@ fn reserve_path(store: &Path) -> std::path::PathBuf {
     p.into()
 }
 
+/// Runs `f`, which SQLite must journal; if the disk is too full for that, gives back the
+/// store's reserve and runs it again.
+fn on_reserve_if_full<T>(store: &Path, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    match f() {
+        Err(StoreError::Full(_)) if std::fs::remove_file(reserve_path(store)).is_ok() => {
+            tracing::warn!(
+                "the disk holding the job store is full: its reserve is given back so that the store can still journal"
+            );
+            f()
+        }
+        other => other,
+    }
+}
+
 /// Sets the reserve aside if it is not (a failure to is no error: the disk is full).
 fn set_reserve_aside(store: &Path) {
     let path = reserve_path(store);
@@ -500,13 +518,7 @@ impl Store {
         }
         // Neither is worth a coordinator that does not start: each is tried again at the
         // next open.
-        let rebuilt = match never_reuse_ids(&mut conn) {
-            Err(StoreError::Full(_)) if std::fs::remove_file(reserve_path(path)).is_ok() => {
-                never_reuse_ids(&mut conn)
-            }
-            other => other,
-        };
-        if let Err(e) = rebuilt {
+        if let Err(e) = on_reserve_if_full(path, || never_reuse_ids(&mut conn)) {
             tracing::warn!("the job store's ids could not be made never to repeat yet ({e}); expired units' ids may be handed out again, and credit for them dropped");
         }
         vacuum_once(&conn, path);
@@ -527,18 +539,10 @@ impl Store {
         })
     }
 
-    /// Runs `f`, a removal; if the disk is too full for SQLite to journal it, gives back
-    /// the reserve and runs it again.
-    fn removing<T>(&self, f: impl Fn() -> Result<T>) -> Result<T> {
-        let done = match f() {
-            Err(StoreError::Full(_)) if std::fs::remove_file(reserve_path(&self.path)).is_ok() => {
-                tracing::warn!(
-                    "the disk holding the job store is full: its reserve is given back so that deletes and expiry run"
-                );
-                f()
-            }
-            other => other,
-        };
+    /// Runs `f`, a removal, on the reserve if the disk is full ([`on_reserve_if_full`]),
+    /// then gives the freed pages back to the disk.
+    fn removing<T>(&self, f: impl FnMut() -> Result<T>) -> Result<T> {
+        let done = on_reserve_if_full(&self.path, f);
         if done.is_ok() {
             // Free pages go back to the disk now, not at some later checkpoint; on a disk
             // still too full for that they wait, reused by the store's next writes.
