@@ -125,11 +125,27 @@ pub struct NodeArgs {
     pub control: Option<NodeControl>,
     #[command(flatten)]
     pub pool: PoolArgs,
-    /// A peer to join through, as a multiaddr ending in /p2p/<id> (repeatable).
+    /// A peer to join through, as a multiaddr ending in /p2p/<id> (repeatable): the
+    /// coordinator, or any node of the pool (the node then finds the coordinator).
     #[arg(long)]
     pub bootstrap: Vec<libp2p::Multiaddr>,
+    /// A name for this node on the pool's dashboard, e.g. "ada's laptop" (letters, digits,
+    /// spaces and -_.' only, at most 32 characters); the pool shows its nickname beside it.
+    #[arg(long, value_parser = parse_name)]
+    pub name: Option<String>,
     #[command(flatten)]
     pub limits: NodeLimits,
+}
+
+/// Accepts an owner's name for a node only as the pool would show it.
+fn parse_name(s: &str) -> Result<String, String> {
+    use potluck_protocol::messages::{clean_owner_name, MAX_OWNER_NAME};
+    match clean_owner_name(s) {
+        Some(clean) if clean == s => Ok(clean),
+        _ => Err(format!(
+            "a name holds letters, digits, single spaces and -_.' only, at most {MAX_OWNER_NAME} characters"
+        )),
+    }
 }
 
 /// Commands for a running node, over its local control socket.
@@ -641,6 +657,7 @@ fn node_config(
             max_tokens: limits.max_batch_tokens,
             max_sessions: limits.max_batch_sessions,
         },
+        name: None,
     })
 }
 
@@ -650,7 +667,7 @@ pub fn run_node(cache: &ModelCache, args: NodeArgs) -> Result<()> {
         return control_node(control);
     }
     args.limits.check()?;
-    let cfg = node_config(
+    let mut cfg = node_config(
         cache,
         &args.pool,
         false,
@@ -659,6 +676,7 @@ pub fn run_node(cache: &ModelCache, args: NodeArgs) -> Result<()> {
         args.bootstrap,
         &args.limits,
     )?;
+    cfg.name = args.name;
     runtime()?.block_on(node::run(cfg, stop_signal()))?;
     Ok(())
 }

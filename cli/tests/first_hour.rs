@@ -1,6 +1,8 @@
 //! A new user's first hour with `potluck up`: the API and dashboard come up at once and
 //! say why nothing is served yet, Ctrl-C works while the pool waits for a plan, and the one
-//! line `up` prints for adding a machine, pasted as it is, adds one.
+//! line `up` prints for adding a machine, pasted as it is, adds one; a node that joins
+//! through another node (not the coordinator) finds the coordinator and serves, under the
+//! name its owner gave it.
 
 mod common;
 
@@ -144,4 +146,86 @@ fn the_line_up_prints_for_adding_a_machine_adds_one_pasted_as_it_is() {
     );
     assert_eq!(code, 200, "{body}");
     assert!(interrupt(&mut up), "Ctrl-C did not stop potluck up");
+}
+
+#[test]
+fn nodes_that_join_through_other_nodes_find_the_coordinator_and_serve_a_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, http) = common::coordinator(dir.path(), &[]);
+    // Each node holds about 12 of the 30 blocks, so the plan needs all three; only the
+    // first knows the coordinator's address. The second joins through the first (which
+    // serves nothing yet: no plan fits it alone), the third through the second.
+    let limit = ["--max-memory", "130M"];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut first, first_id) = common::node(dir.path(), "first", "public", &addr, &limit);
+    let first_addr = first.loopback_addr(deadline);
+    let named = [&limit[..], &["--name", "ada's laptop"]].concat();
+    let (mut second, second_id) = common::node(dir.path(), "second", "public", &first_addr, &named);
+    let second_addr = second.loopback_addr(deadline);
+    let (mut third, third_id) = common::node(dir.path(), "third", "public", &second_addr, &limit);
+    let coordinator_id = addr.rsplit('/').next().unwrap().to_string();
+    for (node, via) in [(&mut second, &first_id), (&mut third, &second_id)] {
+        let found = format!("found the pool's coordinator {coordinator_id} through {via}");
+        assert!(
+            node.wait_for(deadline, |l| l == found).is_some(),
+            "{found:?} never said: {:?}",
+            node.seen
+        );
+    }
+    for id in [&first_id, &second_id, &third_id] {
+        common::expect_line(
+            &mut coord,
+            "a span of the split",
+            &[id, " serves blocks "],
+            120,
+        );
+    }
+    for node in [&mut first, &mut second, &mut third] {
+        common::expect_line(node, "its blocks", &["serving blocks "], 30);
+    }
+    let (want, _) = common::local_generate("The capital of France is", false, 12);
+    let (code, body) = common::post_json(
+        &http,
+        "/v1/completions",
+        &serde_json::json!({"prompt": "The capital of France is", "temperature": 0, "max_tokens": 12}),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["text"].as_str(),
+        Some(want.as_str()),
+        "{body}"
+    );
+    // The owner's name is on the dashboard, with the key's nickname beside it.
+    let (_, pool) = common::get_json(&http, "/api/pool");
+    let peers = pool["peers"].as_array().cloned().unwrap_or_default();
+    let second_peer = peers
+        .iter()
+        .find(|p| p["id"] == second_id.as_str())
+        .unwrap_or_else(|| panic!("{pool}"));
+    let nickname = potluck_coordinator::nickname::of(&second_id);
+    assert_eq!(
+        second_peer["name"],
+        format!("ada's laptop ({nickname})"),
+        "{pool}"
+    );
+    assert_eq!(second_peer["owner_name"], "ada's laptop");
+    common::never_quarantined(&coord, [&first_id, &second_id, &third_id]);
+}
+
+#[test]
+fn a_name_a_page_would_read_as_markup_is_refused_at_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args([
+            "node",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--name",
+            "<b>admin</b>",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("letters, digits"), "{err}");
 }

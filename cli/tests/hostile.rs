@@ -183,6 +183,8 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
             seq: 1,
             issued_at: now,
             expires_at: now + 30,
+            name: None,
+            coordinator: None,
         };
         let forged = Signed::sign(&advert, ADVERT_DOMAIN, &impostor).unwrap();
         gossip_tx.send(encode_frame(&Message::Advert(forged)).unwrap()).await.unwrap();
@@ -354,6 +356,8 @@ async fn run_rogue(key: Keypair, coordinator: Multiaddr, model: ModelRef) {
                     seq,
                     issued_at: now,
                     expires_at: now + 30,
+                    name: None,
+                    coordinator: None,
                 };
                 let signed = Signed::sign(&advert, ADVERT_DOMAIN, &key).unwrap();
                 let frame = encode_frame(&Message::Advert(signed)).unwrap();

@@ -173,7 +173,14 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
         gate,
         mut drops,
         streams,
-    } = swarm::start(&cfg.data_dir, &cfg.pool, &cfg.listen, &[], cfg.mdns)?;
+    } = swarm::start(
+        &cfg.data_dir,
+        swarm::Role::Coordinator,
+        &cfg.pool,
+        &cfg.listen,
+        &[],
+        cfg.mdns,
+    )?;
     let audit = AuditLog::open_with(
         &cfg.data_dir.join(AUDIT_FILE),
         key,
@@ -382,8 +389,13 @@ fn on_gossip(handle: &Coordinator, data: &[u8], source: Option<PeerId>) {
         if let Ok((Accepted::New, key)) = &outcome {
             if let Some(p) = st.table.get(key) {
                 let a = &p.advert;
+                let named = a
+                    .name
+                    .as_ref()
+                    .map(|n| format!(" named {n:?}"))
+                    .unwrap_or_default();
                 let line = format!(
-                    "peer joined {from} device {:?} memory {} MB threads {} gflops {:.1} mem {:.1} GB/s",
+                    "peer joined {from} device {:?} memory {} MB threads {} gflops {:.1} mem {:.1} GB/s{named}",
                     a.device,
                     a.memory_bytes >> 20,
                     a.threads,

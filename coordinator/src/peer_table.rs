@@ -38,6 +38,9 @@ pub enum AdvertRejection {
     /// It claims loaded blocks `start..end` with `end <= start`.
     #[error("advert claims the empty block range {0}..{1}")]
     EmptyRange(u32, u32),
+    /// Its name or coordinator pointer is not as the protocol bounds them.
+    #[error("bad advert: {0}")]
+    Text(#[from] potluck_protocol::messages::AdvertFieldError),
     /// The table holds its most peers; a new one waits until others go.
     #[error("the pool's peer table is full ({0} peers)")]
     Full(usize),
@@ -145,6 +148,7 @@ impl PeerTable {
         if let Some((_, r)) = advert.loaded.as_ref().filter(|(_, r)| r.is_empty()) {
             return Err(AdvertRejection::EmptyRange(r.start, r.end));
         }
+        advert.check_text_fields()?;
         let ttl = advert.expires_at.saturating_sub(advert.issued_at.min(now));
         if ttl > MAX_ADVERT_TTL_SECS {
             return Err(AdvertRejection::TtlTooLong(ttl));

@@ -442,8 +442,18 @@ impl Coordinator {
                 })
             })
             .flatten();
-        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
-        remote.entry(peer).or_default().opened(connection, ip);
+        self.remote
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer)
+            .or_default()
+            .opened(connection, ip);
+        // An assignment that failed for want of a connection (a node that joined through
+        // another node and has just dialled in) is tried again at once, not at its retry.
+        let mut st = self.state();
+        if let Some(key) = st.key_of(peer) {
+            st.retry_at.remove(&key);
+        }
     }
 
     /// Notes that `peer`'s `connection` closed; its other connections still say where

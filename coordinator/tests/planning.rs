@@ -259,6 +259,8 @@ fn advert(pool: &str, seq: u64, issued: u64, expires: u64) -> CapacityAdvert {
         seq,
         issued_at: issued,
         expires_at: expires,
+        name: None,
+        coordinator: None,
     }
 }
 
@@ -299,6 +301,33 @@ fn the_peer_table_admits_only_verified_current_adverts() {
         t.accept(&sign(&advert("lab", 9, now, now + 86_400)), now),
         Err(AdvertRejection::TtlTooLong(_))
     ));
+    // A name that a page or terminal would read as markup, and a pointer too big to carry.
+    let marked_up = CapacityAdvert {
+        name: Some("<b>admin</b>".into()),
+        ..advert("lab", 9, now, now + 30)
+    };
+    assert!(matches!(
+        t.accept(&sign(&marked_up), now),
+        Err(AdvertRejection::Text(_))
+    ));
+    let pointer = potluck_protocol::messages::CoordinatorPointer {
+        peer: "p".into(),
+        addrs: vec!["/ip4/10.0.0.1/tcp/1".into(); 9],
+    };
+    let crowded = CapacityAdvert {
+        coordinator: Some(pointer),
+        ..advert("lab", 9, now, now + 30)
+    };
+    assert!(matches!(
+        t.accept(&sign(&crowded), now),
+        Err(AdvertRejection::Text(_))
+    ));
+    let named = CapacityAdvert {
+        name: Some("lab bench 2".into()),
+        seq: 9,
+        ..bigger
+    };
+    assert_eq!(t.accept(&sign(&named), now), Ok(Accepted::Refreshed));
     let mut forged = sign(&advert("lab", 10, now, now + 30));
     forged.body[3] ^= 1;
     assert!(matches!(

@@ -15,6 +15,37 @@ use std::time::Duration;
 /// The identify protocol version every Potluck peer announces.
 pub const IDENTIFY_PROTOCOL: &str = "/potluck/id/1";
 
+/// What a peer is in its pool, announced in identify's agent version so a node that joined
+/// through another node can tell the coordinator among the peers it meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Plans the pool and commands its nodes.
+    Coordinator,
+    /// Serves blocks and work units.
+    Node,
+}
+
+impl Role {
+    /// The agent version a peer of this role announces.
+    pub fn agent(self) -> String {
+        let role = match self {
+            Role::Coordinator => "coordinator",
+            Role::Node => "node",
+        };
+        format!("potluck-{role}/{}", env!("CARGO_PKG_VERSION"))
+    }
+
+    /// The role an announced agent version names (a claim: the peer chose it).
+    pub fn of_agent(agent: &str) -> Option<Role> {
+        let (name, _) = agent.split_once('/')?;
+        match name {
+            "potluck-coordinator" => Some(Role::Coordinator),
+            "potluck-node" => Some(Role::Node),
+            _ => None,
+        }
+    }
+}
+
 /// Largest gossip message: an advert is a few hundred bytes.
 pub const MAX_GOSSIP_BYTES: usize = 64 << 10;
 
@@ -57,10 +88,11 @@ pub fn libp2p_keypair(secret: [u8; 32]) -> Result<identity::Keypair, SwarmError>
     identity::Keypair::ed25519_from_bytes(&mut s).map_err(|e| SwarmError::Init(e.to_string()))
 }
 
-/// Builds the swarm for `key`, with mDNS when `use_mdns`, its protocols open to the peers
-/// `gate` admits.
+/// Builds the swarm for `key`, a peer of `role`, with mDNS when `use_mdns`, its protocols
+/// open to the peers `gate` admits.
 pub fn build(
     key: identity::Keypair,
+    role: Role,
     use_mdns: bool,
     gate: &Gate,
 ) -> Result<Swarm<PoolBehaviour>, SwarmError> {
@@ -96,10 +128,10 @@ pub fn build(
             };
             Ok(PoolBehaviour {
                 identify: Gated::new(
-                    identify::Behaviour::new(identify::Config::new(
-                        IDENTIFY_PROTOCOL.into(),
-                        key.public(),
-                    )),
+                    identify::Behaviour::new(
+                        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                            .with_agent_version(role.agent()),
+                    ),
                     gate,
                 ),
                 ping: ping::Behaviour::new(
@@ -151,11 +183,12 @@ pub struct Started {
     pub streams: PoolStreams,
 }
 
-/// Loads (or creates) the identity in `data_dir`, builds the swarm, listens on `listen`, dials
-/// `bootstrap` and joins `pool`'s advert topic, answering hellos at its gate. Prints the peer
-/// id and the pool for operators and scripts.
+/// Loads (or creates) the identity in `data_dir`, builds the swarm of a peer of `role`,
+/// listens on `listen`, dials `bootstrap` and joins `pool`'s advert topic, answering hellos
+/// at its gate. Prints the peer id and the pool for operators and scripts.
 pub fn start(
     data_dir: &std::path::Path,
+    role: Role,
     pool: &PoolMembership,
     listen: &[libp2p::Multiaddr],
     bootstrap: &[libp2p::Multiaddr],
@@ -163,7 +196,7 @@ pub fn start(
 ) -> Result<Started, StartError> {
     let key = crate::identity::load_or_create(data_dir)?;
     let (gate, drops) = Gate::new(pool.clone());
-    let mut swarm = build(libp2p_keypair(key.secret())?, use_mdns, &gate)?;
+    let mut swarm = build(libp2p_keypair(key.secret())?, role, use_mdns, &gate)?;
     println!("peer id {}", swarm.local_peer_id());
     println!("{}", pool.describe());
     gate.serve(swarm.behaviour().streams.new_control())
@@ -201,8 +234,8 @@ pub fn start(
 
 /// Handles the swarm events every peer treats alike (listen addresses, identify, mDNS,
 /// admission at `gate`, gossiped revocations) and returns the rest for the caller: new and
-/// closed connections too, after the gate has seen them, and gossip only from peers the gate
-/// admits.
+/// closed connections too, after the gate has seen them, gossip only from peers the gate
+/// admits, and identify only from admitted Potluck peers.
 pub fn handle_common(
     swarm: &mut Swarm<PoolBehaviour>,
     gate: &Gate,
@@ -263,7 +296,7 @@ pub fn handle_common(
         SwarmEvent::Behaviour(PoolBehaviourEvent::Identify(identify::Event::Received {
             peer_id,
             info,
-            ..
+            connection_id,
         })) => {
             if !gate.admitted(&peer_id) {
                 tracing::debug!(%peer_id, "identify from a peer not admitted; ignored");
@@ -271,9 +304,19 @@ pub fn handle_common(
                 tracing::warn!(%peer_id, version = %info.protocol_version, "not a Potluck peer; disconnecting");
                 let _ = swarm.disconnect_peer_id(peer_id);
             } else {
-                for addr in info.listen_addrs {
-                    swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                for addr in &info.listen_addrs {
+                    swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
                 }
+                return Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Identify(
+                    identify::Event::Received {
+                        peer_id,
+                        info,
+                        connection_id,
+                    },
+                )));
             }
             None
         }

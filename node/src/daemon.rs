@@ -4,17 +4,19 @@
 
 use crate::commanders::Commanders;
 use crate::control::Command;
+use crate::finder::Finder;
 use crate::idle::{Availability, Window};
 use crate::probe::{probe, Capacity, Limits};
 use crate::serve::{LocalModel, Server};
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{gossipsub, Multiaddr};
+use libp2p::{gossipsub, identify, Multiaddr, PeerId};
 use potluck_net::gate::PoolMembership;
-use potluck_net::swarm;
+use potluck_net::swarm::{self, PoolBehaviourEvent};
 use potluck_protocol::codec::encode_frame;
 use potluck_protocol::messages::{
-    CapacityAdvert, LayerRange, Leave, Message, ModelRef, ADVERT_DOMAIN,
+    CapacityAdvert, CoordinatorPointer, LayerRange, Leave, Message, ModelRef, ADVERT_DOMAIN,
+    MAX_POINTER_ADDRS,
 };
 use potluck_protocol::signed::{Keypair, Signed};
 use std::path::PathBuf;
@@ -58,6 +60,8 @@ pub struct NodeConfig {
     pub schedule: Vec<Window>,
     /// How much one batch of the stage may hold.
     pub batch: crate::batcher::BatchLimits,
+    /// The owner's name for this node (`--name`), shown on the pool's dashboard.
+    pub name: Option<String>,
 }
 
 /// What an advert says besides the measured capacity.
@@ -67,6 +71,10 @@ pub struct Offer {
     pub models: Vec<ModelRef>,
     /// Blocks loaded now.
     pub loaded: Option<(ModelRef, LayerRange)>,
+    /// The owner's name for the node.
+    pub name: Option<String>,
+    /// The coordinator the node answers to, for nodes that join through this one.
+    pub coordinator: Option<CoordinatorPointer>,
 }
 
 /// Builds and signs the advert for `cap`.
@@ -91,6 +99,8 @@ pub fn signed_advert(
         seq,
         issued_at: now,
         expires_at: now + ttl.as_secs().max(1),
+        name: offer.name.clone(),
+        coordinator: offer.coordinator.clone(),
     };
     Signed::sign(&advert, ADVERT_DOMAIN, key).ok()
 }
@@ -111,6 +121,7 @@ pub async fn run(
         streams,
     } = swarm::start(
         &cfg.data_dir,
+        swarm::Role::Node,
         &cfg.pool,
         &cfg.listen,
         &cfg.bootstrap,
@@ -127,12 +138,10 @@ pub async fn run(
         cfg.batch,
         cfg.faults,
     );
+    let commanders = Arc::new(Commanders::from_bootstrap(&cfg.bootstrap));
+    let mut finder = Finder::new(commanders.clone(), &cfg.bootstrap);
     server
-        .accept(
-            streams,
-            gate.clone(),
-            Arc::new(Commanders::from_bootstrap(&cfg.bootstrap)),
-        )
+        .accept(streams, gate.clone(), commanders.clone())
         .map_err(swarm::StartError::Address)?;
     let mut accepted = gate.accepted_by_peers();
     let mut owner = crate::control::listen(&cfg.data_dir)
@@ -144,6 +153,8 @@ pub async fn run(
     let mut offer = Offer {
         models: server.models(),
         loaded: None,
+        name: cfg.name.clone(),
+        coordinator: None,
     };
     // Sequence numbers start from the clock so a restarted node's adverts are never stale.
     let mut seq = SystemTime::now()
@@ -190,9 +201,12 @@ pub async fn run(
             _ = ticker.tick() => published = false,
             _ = redial.tick(), if leave_by.is_none() => {
                 gate.sweep(swarm::unix_now());
-                for addr in backoff.due(|p| swarm.is_connected(p)) {
-                    tracing::info!(%addr, "dialling the bootstrap peer again");
-                    if let Err(e) = swarm.dial(addr) {
+                for (peer, addrs) in backoff.due(|p| swarm.is_connected(p)) {
+                    tracing::info!(%peer, "dialling the bootstrap peer or coordinator again");
+                    let dial = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .build();
+                    if let Err(e) = swarm.dial(dial) {
                         tracing::debug!("redial failed: {e}");
                     }
                 }
@@ -213,6 +227,7 @@ pub async fn run(
                     println!("{}", serving_line(now.as_ref()));
                 }
                 offer.loaded = now;
+                offer.coordinator = finder.pointer();
                 published = false;
             }
             _ = retry.tick(), if !published => {}
@@ -265,9 +280,32 @@ pub async fn run(
                 continue;
             }
             event = swarm.select_next_some() => {
-                if let Some(SwarmEvent::ConnectionEstablished { .. }) =
-                    swarm::handle_common(&mut swarm, &gate, event)
-                {
+                match swarm::handle_common(&mut swarm, &gate, event) {
+                    Some(SwarmEvent::ConnectionEstablished { .. }) => published = false,
+                    Some(SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. }) => {
+                        finder.gone(&peer_id);
+                    }
+                    Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Identify(
+                        identify::Event::Received { peer_id, info, .. },
+                    ))) => finder.identified(peer_id, &info.agent_version, &info.listen_addrs),
+                    Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(
+                        gossipsub::Event::Message { message, .. },
+                    ))) => {
+                        let found = message.source.and_then(|from| {
+                            finder.heard(from, &message.data).map(|(c, a)| (from, c, a))
+                        });
+                        if let Some((via, coordinator, addrs)) = found {
+                            println!("found the pool's coordinator {coordinator} through {via}");
+                            backoff.add(coordinator, addrs);
+                            let learned = commanders.learned();
+                            backoff.retain(|p| commanders.is_named(p) || learned.contains(p));
+                        }
+                    }
+                    _ => continue,
+                }
+                let pointer = finder.pointer();
+                if pointer != offer.coordinator {
+                    offer.coordinator = pointer;
                     published = false;
                 }
                 continue;
@@ -372,35 +410,57 @@ fn switch_pause(
     }
 }
 
-/// When to dial each bootstrap peer again: at once when first missed, then after 1, 2, 4 ...
-/// up to 30 seconds while it stays unreachable.
+/// When to dial each bootstrap peer (and each coordinator learned through one) again: at
+/// once when first missed, then after 1, 2, 4 ... up to 30 seconds while it stays
+/// unreachable.
 struct RedialBackoff {
-    peers: Vec<(libp2p::PeerId, Multiaddr, Duration, tokio::time::Instant)>,
+    peers: Vec<(PeerId, Vec<Multiaddr>, Duration, tokio::time::Instant)>,
 }
 
 impl RedialBackoff {
     const MAX: Duration = Duration::from_secs(30);
 
     fn new(bootstrap: &[Multiaddr]) -> Self {
-        let now = tokio::time::Instant::now();
-        let peers = bootstrap
-            .iter()
-            .filter_map(|a| swarm::peer_in(a).map(|id| (id, a.clone())))
-            .map(|(id, a)| (id, a, Duration::from_secs(1), now))
-            .collect();
-        Self { peers }
+        let mut b = Self { peers: Vec::new() };
+        for a in bootstrap {
+            if let Some(id) = swarm::peer_in(a) {
+                b.add(id, vec![a.clone()]);
+            }
+        }
+        b
     }
 
-    /// Addresses to dial now, given which peers are connected.
-    fn due(&mut self, connected: impl Fn(&libp2p::PeerId) -> bool) -> Vec<Multiaddr> {
+    /// Keeps `peer` connected at `addrs` (added to those it has), dialling it at once.
+    fn add(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let now = tokio::time::Instant::now();
+        match self.peers.iter_mut().find(|(id, ..)| *id == peer) {
+            Some((_, known, _, next)) => {
+                for a in addrs {
+                    if !known.contains(&a) && known.len() < 2 * MAX_POINTER_ADDRS {
+                        known.push(a);
+                    }
+                }
+                *next = now;
+            }
+            None => self.peers.push((peer, addrs, Duration::from_secs(1), now)),
+        }
+    }
+
+    /// Stops dialling the peers `keep` says no to (a coordinator no bootstrap peer names now).
+    fn retain(&mut self, keep: impl Fn(&PeerId) -> bool) {
+        self.peers.retain(|(id, ..)| keep(id));
+    }
+
+    /// Peers to dial now, with their addresses, given which are connected.
+    fn due(&mut self, connected: impl Fn(&PeerId) -> bool) -> Vec<(PeerId, Vec<Multiaddr>)> {
         let now = tokio::time::Instant::now();
         let mut out = Vec::new();
-        for (id, addr, wait, next) in &mut self.peers {
+        for (id, addrs, wait, next) in &mut self.peers {
             if connected(id) {
                 *wait = Duration::from_secs(1);
                 *next = now + *wait;
             } else if now >= *next {
-                out.push(addr.clone());
+                out.push((*id, addrs.clone()));
                 *next = now + *wait;
                 *wait = (*wait * 2).min(Self::MAX);
             }

@@ -7,6 +7,7 @@ pub mod commanders;
 pub mod control;
 pub mod daemon;
 pub mod fault;
+pub mod finder;
 pub mod idle;
 pub mod probe;
 pub mod serve;

@@ -76,6 +76,73 @@ pub struct CapacityAdvert {
     pub issued_at: u64,
     /// Unix seconds after which it must be ignored.
     pub expires_at: u64,
+    /// The name its owner gave it (`potluck node --name`), for people to read; see
+    /// [`clean_owner_name`] for what a name may hold.
+    pub name: Option<String>,
+    /// The coordinator this node answers to, so a node that joined through this one (not
+    /// through the coordinator) can find it and take its commands.
+    pub coordinator: Option<CoordinatorPointer>,
+}
+
+/// Most characters in an owner's name for a node.
+pub const MAX_OWNER_NAME: usize = 32;
+/// Most addresses a [`CoordinatorPointer`] lists.
+pub const MAX_POINTER_ADDRS: usize = 8;
+/// Longest address, in bytes, a [`CoordinatorPointer`] may list.
+pub const MAX_POINTER_ADDR_LEN: usize = 256;
+
+/// A coordinator's peer id and the addresses it listens on, both as text (this crate knows
+/// nothing of libp2p; the reader parses them and drops what does not parse).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorPointer {
+    /// Its libp2p peer id.
+    pub peer: String,
+    /// Multiaddrs it can be dialled at.
+    pub addrs: Vec<String>,
+}
+
+/// What is wrong with an advert's name or coordinator pointer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdvertFieldError {
+    /// The name is not as [`clean_owner_name`] leaves it.
+    #[error("the node's name {0:?} is not a clean name of at most {MAX_OWNER_NAME} characters")]
+    Name(String),
+    /// The pointer lists too many addresses, or one too long.
+    #[error("the coordinator pointer lists {0} addresses (at most {MAX_POINTER_ADDRS} of at most {MAX_POINTER_ADDR_LEN} bytes)")]
+    Pointer(usize),
+}
+
+impl CapacityAdvert {
+    /// Checks the fields a person or another node reads as text: a name is clean, a
+    /// pointer is small.
+    pub fn check_text_fields(&self) -> Result<(), AdvertFieldError> {
+        if let Some(name) = &self.name {
+            if clean_owner_name(name).as_deref() != Some(name.as_str()) {
+                return Err(AdvertFieldError::Name(name.chars().take(40).collect()));
+            }
+        }
+        if let Some(p) = &self.coordinator {
+            let long = p.peer.len() > MAX_POINTER_ADDR_LEN
+                || p.addrs.iter().any(|a| a.len() > MAX_POINTER_ADDR_LEN);
+            if p.addrs.len() > MAX_POINTER_ADDRS || long {
+                return Err(AdvertFieldError::Pointer(p.addrs.len()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An owner's name for a node as the pool shows it: letters, digits, spaces and `-_.'`
+/// only (nothing a terminal or a page would read as markup or control), trimmed, at most
+/// [`MAX_OWNER_NAME`] characters; `None` when nothing is left.
+pub fn clean_owner_name(raw: &str) -> Option<String> {
+    let kept: String = raw
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_' | '.' | '\''))
+        .take(MAX_OWNER_NAME)
+        .collect();
+    let kept = kept.split_whitespace().collect::<Vec<_>>().join(" ");
+    (!kept.is_empty()).then_some(kept)
 }
 
 /// The coordinator's instruction to load a range of blocks.

@@ -36,6 +36,11 @@ fn advert(seq: u64) -> CapacityAdvert {
         seq,
         issued_at: 1_700_000_000,
         expires_at: 1_700_000_030,
+        name: Some("lab bench 2".into()),
+        coordinator: Some(CoordinatorPointer {
+            peer: "12D3KooWBeUMmiz6o5zZg5x64YonE5uzAs1FXmKXhAe6XZcd2Rca".into(),
+            addrs: vec!["/ip4/10.0.0.1/tcp/7470".into()],
+        }),
     }
 }
 
@@ -362,4 +367,30 @@ fn tensors_check_shape_against_bytes() {
 
 fn boxed_result(r: StageResult) -> Message {
     Message::Result(Box::new(r))
+}
+
+#[test]
+fn an_owners_name_keeps_only_what_reads_as_plain_text() {
+    assert_eq!(
+        clean_owner_name("ada's laptop").as_deref(),
+        Some("ada's laptop")
+    );
+    assert_eq!(
+        clean_owner_name("  lab   bench-2 ").as_deref(),
+        Some("lab bench-2")
+    );
+    assert_eq!(clean_owner_name("<b>x</b>").as_deref(), Some("bxb"));
+    assert_eq!(clean_owner_name("\u{1b}[31mred").as_deref(), Some("31mred"));
+    assert_eq!(clean_owner_name("<>\n\t"), None);
+    assert_eq!(
+        clean_owner_name(&"a".repeat(100)).map(|n| n.len()),
+        Some(MAX_OWNER_NAME)
+    );
+    // An advert carrying anything else is refused by its reader.
+    let mut a = advert(1);
+    a.name = Some("<script>".into());
+    assert!(matches!(
+        a.check_text_fields(),
+        Err(AdvertFieldError::Name(_))
+    ));
 }

@@ -94,9 +94,18 @@ pub fn snapshot(c: &Coordinator, members: Members) -> Value {
             };
             let id = peer_id_of(&key);
             let text_id = id.map(|p| p.to_string()).unwrap_or_default();
+            let nickname = crate::nickname::of(&text_id);
+            // An owner's name is the owner's claim: the key's nickname stays beside it, so
+            // two nodes both called "ada" are still two.
+            let name = match &a.name {
+                Some(owner) => format!("{owner} ({nickname})"),
+                None => nickname.clone(),
+            };
             json!({
                 "id": text_id,
-                "name": crate::nickname::of(&text_id),
+                "name": name,
+                "nickname": nickname,
+                "owner_name": a.name,
                 "local": id.is_some_and(|p| c.is_local(&p)),
                 "device": format!("{:?}", a.device),
                 "memory_bytes": a.memory_bytes,
