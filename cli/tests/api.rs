@@ -1,8 +1,8 @@
 //! The OpenAI-compatible API of a real pool (coordinator + node processes on loopback):
 //! keys, bad input of every kind answered with OpenAI-shaped 4xx errors while the server
 //! keeps serving, slow clients cut off, a client that hangs up mid-stream freeing its
-//! session, streaming equal to whole answers, metrics and the pool JSON, and 64 streaming
-//! clients at once.
+//! session, streaming equal to whole answers, the Responses API equal to chat, metrics and
+//! the pool JSON, and 64 streaming clients at once.
 
 mod common;
 
@@ -196,9 +196,42 @@ fn bad_input_gets_clear_errors_slow_and_vanishing_clients_are_cut_and_serving_go
     assert_eq!(v["error"]["param"], "model", "{v}");
     let msg = v["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("(chat and completions)"), "{msg}");
-    // The Responses API is not served, and says where to go.
-    let msg = error(&http, "/v1/responses", r#"{"input":"hi"}"#, 404);
-    assert!(msg.contains("/v1/chat/completions"), "{msg}");
+    // The Responses API: what it cannot carry out is refused by the field's name.
+    for (body, param) in [
+        (
+            r#"{"input":"hi","previous_response_id":"resp_1"}"#,
+            "previous_response_id",
+        ),
+        (
+            r#"{"input":"hi","text":{"format":{"type":"json_schema"}}}"#,
+            "text.format",
+        ),
+        (r#"{"input":"hi","tools":[{"type":"web_search"}]}"#, "tools"),
+        (r#"{"input":"hi","background":true}"#, "background"),
+        (
+            r#"{"input":"hi","max_output_tokens":0}"#,
+            "max_output_tokens",
+        ),
+        (r#"{"input":""}"#, "input"),
+        (
+            r#"{"input":[{"type":"function_call_output","call_id":"c","output":"x"}]}"#,
+            "input",
+        ),
+        (
+            r#"{"input":[{"role":"user","content":[{"type":"input_image","image_url":"x"}]}]}"#,
+            "input",
+        ),
+    ] {
+        let (status, v) = post(&http, "/v1/responses", body);
+        assert_eq!(status, 400, "{body} -> {v}");
+        assert_eq!(v["error"]["param"], param, "{body} -> {v}");
+    }
+    let (status, v) = post(&http, "/v1/responses", r#"{"input":"hi","model":"gpt-4o"}"#);
+    assert_eq!(
+        (status, &v["error"]["param"]),
+        (404, &json!("model")),
+        "{v}"
+    );
     error(&http, "/v1/completions", r#"{"prompt":""}"#, 400);
     error(&http, "/v1/completions", r#"{"prompt":5}"#, 400);
     let huge = format!(
@@ -452,4 +485,96 @@ fn connections_and_each_keys_requests_in_flight_are_capped() {
     let _ = slow.read_to_string(&mut answer);
     assert_eq!(split_answer(&answer).0, 400, "{answer}");
     assert_eq!(models(KEY).0, 200);
+}
+
+#[test]
+fn the_responses_api_answers_as_chat_does_whole_and_streamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, _node, http) = common::small_pool(dir.path(), &[]);
+    let chat = common::post_json(
+        &http,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "system", "content": "Answer briefly."},
+                             {"role": "user", "content": "What is the capital of Japan?"}],
+                "temperature": 0, "max_tokens": 12}),
+    )
+    .1;
+    let want = chat["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ask = json!({"instructions": "Answer briefly.", "temperature": 0,
+                     "max_output_tokens": 12,
+                     "input": [{"type": "message", "role": "user",
+                                "content": [{"type": "input_text",
+                                             "text": "What is the capital of Japan?"}]}]});
+    let (status, v) = common::post_json(&http, "/v1/responses", &ask);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "response", "{v}");
+    assert!(
+        v["id"].as_str().unwrap_or_default().starts_with("resp_"),
+        "{v}"
+    );
+    let message = &v["output"][0];
+    assert_eq!(
+        (&message["type"], &message["role"]),
+        (&json!("message"), &json!("assistant"))
+    );
+    assert_eq!(message["content"][0]["type"], "output_text", "{v}");
+    assert_eq!(message["content"][0]["text"], want.as_str(), "{v}");
+    let finished = chat["choices"][0]["finish_reason"] == "stop";
+    let status_word = if finished { "completed" } else { "incomplete" };
+    assert_eq!(v["status"], status_word, "{v}");
+    assert_eq!(
+        v["usage"]["output_tokens"], chat["usage"]["completion_tokens"],
+        "{v}"
+    );
+    assert_eq!(
+        v["usage"]["input_tokens"], chat["usage"]["prompt_tokens"],
+        "{v}"
+    );
+
+    // Streamed: typed events in order, numbered, whose deltas make the same text.
+    let mut streamed = ask.clone();
+    streamed["stream"] = json!(true);
+    let raw = raw_http(
+        &http,
+        &request("POST", "/v1/responses", &[], &streamed.to_string()),
+    );
+    let (status, body) = split_answer(&raw);
+    assert_eq!(status, 200, "{raw}");
+    let names: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    let (events, done) = sse_events(body);
+    assert!(!done, "the Responses API sends no [DONE]");
+    assert_eq!(names.len(), events.len(), "{body}");
+    for (i, (name, e)) in names.iter().zip(&events).enumerate() {
+        assert_eq!(e["type"], *name, "{e}");
+        assert_eq!(e["sequence_number"], i, "{e}");
+    }
+    let last = if finished {
+        "response.completed"
+    } else {
+        "response.incomplete"
+    };
+    assert_eq!(
+        names.first().copied(),
+        Some("response.created"),
+        "{names:?}"
+    );
+    assert_eq!(names.last().copied(), Some(last), "{names:?}");
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .filter_map(|e| e["delta"].as_str())
+        .collect();
+    assert_eq!(text, want);
+    let end = events.last().unwrap();
+    assert_eq!(
+        end["response"]["output"][0]["content"][0]["text"],
+        want.as_str(),
+        "{end}"
+    );
 }

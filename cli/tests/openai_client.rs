@@ -1,7 +1,8 @@
 //! The official `openai` Python package (installed with pip into a virtualenv under the
-//! target folder) drives a real pool: whole and streamed chat, a completion, the model list,
-//! embeddings (as the client asks by default, base64, and as floats), a batch through Files
-//! and Batches, and errors; greedy text equals `potluck generate`'s.
+//! target folder) drives a real pool: whole and streamed chat, a completion, whole and
+//! streamed Responses, the model list, embeddings (as the client asks by default, base64,
+//! and as floats), a batch through Files and Batches, and errors; greedy text equals
+//! `potluck generate`'s.
 
 mod common;
 
@@ -72,6 +73,10 @@ fn the_official_openai_client_gets_what_potluck_generate_gives() {
     assert_eq!(v["stream"], chat, "{v}");
     assert_eq!(v["chat_usage"], chat_tokens, "{v}");
     assert_eq!(v["stream_usage"], chat_tokens, "{v}");
+    for field in ["responses", "responses_stream", "responses_stream_final"] {
+        assert_eq!(v[field], chat, "{field}: {v}");
+    }
+    assert_eq!(v["responses_tokens"], chat_tokens, "{v}");
     assert_eq!(v["chat_finish"], "stop", "{v}");
     let (completion, _) = common::local_generate("The capital of France is", false, 16);
     assert_eq!(v["completion"], completion, "{v}");

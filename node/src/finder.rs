@@ -119,6 +119,9 @@ impl Finder {
             return None;
         }
         self.told.insert(coordinator, addrs.clone());
+        // Only coordinators some bootstrap peer names now keep their addresses.
+        let named_now = self.commanders.learned();
+        self.told.retain(|p, _| named_now.contains(p));
         new.then_some((coordinator, addrs))
     }
 }

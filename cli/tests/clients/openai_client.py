@@ -45,6 +45,28 @@ out["completion"] = done.choices[0].text
 
 out["models"] = [m.id for m in client.models.list().data]
 
+# The Responses API, as newer clients call it: whole, then streamed.
+resp = client.responses.create(
+    model=model, input="What is the capital of Japan?", temperature=0, max_output_tokens=24
+)
+out["responses"] = resp.output_text
+out["responses_tokens"] = resp.usage.output_tokens
+pieces = []
+final = None
+for event in client.responses.create(
+    model=model,
+    input=[{"role": "user", "content": "What is the capital of Japan?"}],
+    temperature=0,
+    max_output_tokens=24,
+    stream=True,
+):
+    if event.type == "response.output_text.delta":
+        pieces.append(event.delta)
+    elif event.type in ("response.completed", "response.incomplete"):
+        final = event.response.output_text
+out["responses_stream"] = "".join(pieces)
+out["responses_stream_final"] = final
+
 # Left to itself the client asks for base64 and decodes it; floats when told.
 texts = ["The capital of Japan is Tokyo.", "Volunteers pool idle computers."]
 got = client.embeddings.create(model="all-minilm-l6-v2", input=texts)

@@ -8,6 +8,7 @@ pub mod dashboard;
 pub mod embeddings;
 pub mod limits;
 pub mod openai;
+pub mod responses;
 
 use crate::pool::{Coordinator, SessionError};
 use crate::share::{Limit, MemberId};
@@ -126,6 +127,7 @@ impl From<SessionError> for ApiError {
 /// All routes over `coordinator`.
 pub fn router(coordinator: Coordinator, opts: &HttpOptions) -> Router {
     let api = openai::routes()
+        .merge(responses::routes())
         .merge(embeddings::routes())
         .merge(batches::routes())
         .route_layer(middleware::from_fn_with_state(
@@ -279,12 +281,8 @@ async fn metrics(State(c): State<Coordinator>) -> Response {
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     let path = uri.path();
-    let message = if path.trim_end_matches('/') == "/v1/responses" {
-        "the Responses API (/v1/responses) is not served here; send the same conversation to /v1/chat/completions".to_string()
-    } else {
-        format!(
-            "no such route: {path}; this server answers /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/files and /v1/batches"
-        )
-    };
+    let message = format!(
+        "no such route: {path}; this server answers /v1/models, /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/files and /v1/batches"
+    );
     ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
 }

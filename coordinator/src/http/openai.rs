@@ -45,38 +45,38 @@ pub fn routes() -> Router<Coordinator> {
 /// `stop` is a string or a list of strings.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Stop {
+pub(super) enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
 #[derive(Deserialize, Default)]
-struct StreamOptions {
+pub(super) struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-/// Fields both endpoints share. Fields this server does not use are ignored, as OpenAI's
-/// clients send many.
-#[derive(Deserialize)]
-struct Common {
-    model: Option<String>,
-    max_tokens: Option<u64>,
-    max_completion_tokens: Option<u64>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<u64>,
-    stop: Option<Stop>,
-    n: Option<u32>,
-    stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
+/// Fields both endpoints share (and the Responses API maps its own onto). Fields this
+/// server does not use are ignored, as OpenAI's clients send many.
+#[derive(Deserialize, Default)]
+pub(super) struct Common {
+    pub(super) model: Option<String>,
+    pub(super) max_tokens: Option<u64>,
+    pub(super) max_completion_tokens: Option<u64>,
+    pub(super) temperature: Option<f32>,
+    pub(super) top_p: Option<f32>,
+    pub(super) seed: Option<u64>,
+    pub(super) stop: Option<Stop>,
+    pub(super) n: Option<u32>,
+    pub(super) stream: Option<bool>,
+    pub(super) stream_options: Option<StreamOptions>,
     // Asked for, these would change what an answer is: refused by name, never ignored.
-    tools: Option<Value>,
-    tool_choice: Option<Value>,
-    functions: Option<Value>,
-    function_call: Option<Value>,
-    logprobs: Option<Value>,
-    top_logprobs: Option<Value>,
-    response_format: Option<Value>,
+    pub(super) tools: Option<Value>,
+    pub(super) tool_choice: Option<Value>,
+    pub(super) functions: Option<Value>,
+    pub(super) function_call: Option<Value>,
+    pub(super) logprobs: Option<Value>,
+    pub(super) top_logprobs: Option<Value>,
+    pub(super) response_format: Option<Value>,
 }
 
 /// Whether a field's value asks for something (not absent, null, false, 0, "none" or empty).
@@ -174,10 +174,10 @@ enum Shape {
 }
 
 /// A checked request, ready to run.
-struct Checked {
-    req: SessionRequest,
-    model: String,
-    stream: bool,
+pub(super) struct Checked {
+    pub(super) req: SessionRequest,
+    pub(super) model: String,
+    pub(super) stream: bool,
     include_usage: bool,
 }
 
@@ -242,7 +242,7 @@ fn chat_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError>
         .collect()
 }
 
-fn check(
+pub(super) fn check(
     c: &Coordinator,
     common: Common,
     prompt: Vec<u32>,
@@ -337,7 +337,7 @@ fn check(
     })
 }
 
-fn random_u64() -> u64 {
+pub(super) fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // A failed draw leaves zeros: still a valid seed.
     let _ = getrandom::fill(&mut b);
@@ -455,9 +455,9 @@ async fn completions(
 }
 
 /// Runs a request's CPU work (its body, template and tokens) off the async workers.
-async fn off_the_workers(
-    run: impl FnOnce() -> Result<Checked, ApiError> + Send + 'static,
-) -> Result<Checked, ApiError> {
+pub(super) async fn off_the_workers<T: Send + 'static>(
+    run: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     crate::cpu::run(run).await.unwrap_or_else(|| {
         Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -469,10 +469,8 @@ async fn off_the_workers(
 
 /// Runs a checked request and answers whole or as a stream.
 async fn answer(c: Coordinator, checked: Checked, shape: Shape) -> Response {
-    // Refuse before any stream starts when the pool cannot serve.
-    if let Err(e) = c.chain() {
-        c.metrics().failure(e.kind());
-        return ApiError::from(e).into_response();
+    if let Err(e) = ready(&c) {
+        return e.into_response();
     }
     let id = match shape {
         Shape::Chat => format!("chatcmpl-{:016x}", random_u64()),
@@ -488,11 +486,28 @@ async fn answer(c: Coordinator, checked: Checked, shape: Shape) -> Response {
     if checked.stream {
         return stream(c, checked, meta).into_response();
     }
-    let _cancel = CancelOnDrop(checked.req.handle.clone());
-    match c.generate(checked.req, |_| {}).await {
+    match whole(&c, checked.req).await {
         Ok((text, stats)) => Json(meta.whole(&text, &stats)).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => e.into_response(),
     }
+}
+
+/// Refuses a request, before any stream starts, when the pool cannot serve.
+pub(super) fn ready(c: &Coordinator) -> Result<(), ApiError> {
+    c.chain().map(|_| ()).map_err(|e| {
+        c.metrics().failure(e.kind());
+        ApiError::from(e)
+    })
+}
+
+/// Runs a session to its end for a whole (not streamed) answer; a client that hangs up
+/// first ends it.
+pub(super) async fn whole(
+    c: &Coordinator,
+    req: SessionRequest,
+) -> Result<(String, GenerateStats), ApiError> {
+    let _cancel = CancelOnDrop(req.handle.clone());
+    c.generate(req, |_| {}).await.map_err(ApiError::from)
 }
 
 /// What every answer and chunk of one request repeats.
