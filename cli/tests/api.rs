@@ -213,6 +213,16 @@ fn bad_input_gets_clear_errors_slow_and_vanishing_clients_are_cut_and_serving_go
             "max_output_tokens",
         ),
         (r#"{"input":""}"#, "input"),
+        (r#"{"input":"hi","temperature":5}"#, "temperature"),
+        (
+            r#"{"input":"hi","include":["message.output_text.logprobs"]}"#,
+            "include",
+        ),
+        (
+            r#"{"input":"hi","reasoning":{"effort":"high"}}"#,
+            "reasoning",
+        ),
+        (r#"{"input":"hi","prompt":{"id":"pmpt_1"}}"#, "prompt"),
         (
             r#"{"input":[{"type":"function_call_output","call_id":"c","output":"x"}]}"#,
             "input",

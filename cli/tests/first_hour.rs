@@ -156,7 +156,7 @@ fn nodes_that_join_through_other_nodes_find_the_coordinator_and_serve_a_split() 
     // first knows the coordinator's address. The second joins through the first (which
     // serves nothing yet: no plan fits it alone), the third through the second.
     let limit = ["--max-memory", "130M"];
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let (mut first, first_id) = common::node(dir.path(), "first", "public", &addr, &limit);
     let first_addr = first.loopback_addr(deadline);
     let named = [&limit[..], &["--name", "ada's laptop"]].concat();

@@ -7,7 +7,7 @@ mod common;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
-use potluck_protocol::codec::encode_frame;
+use potluck_protocol::codec::{encode_frame, PROTOCOL_VERSION};
 use potluck_protocol::messages::{
     CapacityAdvert, DeviceKind, ErrorCode, Heartbeat, LayerRange, Message, ModelRef,
     ShardAssignment, StageForward, StageInputWire, WorkRequest, WorkTask, ADVERT_DOMAIN,
@@ -122,9 +122,9 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
         let node_peer = peer_of(&node_addr);
 
         // Garbage where a message should be.
-        send_raw(&mut control, node_peer, Channel::Stage, &raw_frame(3, 1, &[0xff, 0xff, 0xff])).await;
+        send_raw(&mut control, node_peer, Channel::Stage, &raw_frame(3, PROTOCOL_VERSION, &[0xff, 0xff, 0xff])).await;
         // A length far beyond the limit: refused from the header, nothing allocated.
-        send_raw(&mut control, node_peer, Channel::Stage, &raw_frame(1 << 30, 1, &[])).await;
+        send_raw(&mut control, node_peer, Channel::Stage, &raw_frame(1 << 30, PROTOCOL_VERSION, &[])).await;
         // Another protocol version.
         let hb = Message::Heartbeat(Heartbeat { seq: 1, sent_at_ms: 0 });
         let mut wrong_version = encode_frame(&hb).unwrap();
@@ -133,7 +133,7 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
         // A valid frame that has no business on a stage stream.
         send_raw(&mut control, node_peer, Channel::Stage, &encode_frame(&hb).unwrap()).await;
         // A stream cut off inside a frame.
-        send_raw(&mut control, node_peer, Channel::Stage, &raw_frame(100, 1, &[1, 2, 3])).await;
+        send_raw(&mut control, node_peer, Channel::Stage, &raw_frame(100, PROTOCOL_VERSION, &[1, 2, 3])).await;
 
         // Requests that parse but do not fit get typed errors on a stream that stays open.
         let bad_shape = Message::Forward(StageForward {
@@ -196,7 +196,7 @@ fn hostile_frames_and_gossip_are_dropped_with_reasons_and_the_pool_keeps_serving
         };
         let inverted = Signed::sign(&inverted, ADVERT_DOMAIN, &attacker).unwrap();
         gossip_tx.send(encode_frame(&Message::Advert(inverted)).unwrap()).await.unwrap();
-        gossip_tx.send(raw_frame(2, 1, &[0xde, 0xad])).await.unwrap();
+        gossip_tx.send(raw_frame(2, PROTOCOL_VERSION, &[0xde, 0xad])).await.unwrap();
     });
 
     let reasons = [

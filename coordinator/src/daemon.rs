@@ -175,7 +175,7 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
         streams,
     } = swarm::start(
         &cfg.data_dir,
-        swarm::Role::Coordinator,
+        swarm::PeerKind::Coordinator,
         &cfg.pool,
         &cfg.listen,
         &[],

@@ -2,7 +2,8 @@
 //! kept until the coordinator decides it is gone (see `silent`). Anything doubtful is
 //! refused with a reason.
 
-use potluck_protocol::messages::{CapacityAdvert, ADVERT_DOMAIN};
+pub use potluck_protocol::messages::MAX_CLOCK_SKEW_SECS;
+use potluck_protocol::messages::{AdvertNotCurrent, CapacityAdvert, ADVERT_DOMAIN};
 use potluck_protocol::signed::{PublicKey, Signed};
 use std::collections::HashMap;
 use thiserror::Error;
@@ -10,8 +11,6 @@ use thiserror::Error;
 /// Longest validity an advert may claim; longer ones are refused so a departed peer cannot
 /// linger.
 pub const MAX_ADVERT_TTL_SECS: u64 = 600;
-/// How far ahead of our clock an advert may be dated (clock skew between machines).
-pub const MAX_CLOCK_SKEW_SECS: u64 = 60;
 
 /// Most peers a table holds unless told otherwise: far more than a community pool has, and
 /// a bound on what a flood of fresh keys can cost. Silent peers leave room as they go.
@@ -136,15 +135,11 @@ impl PeerTable {
     /// Verifies and records a signed advert received at unix time `now`.
     pub fn accept(&mut self, signed: &Signed, now: u64) -> Result<Accepted, AdvertRejection> {
         let advert: CapacityAdvert = signed.verify(ADVERT_DOMAIN)?;
-        if advert.pool != self.pool {
-            return Err(AdvertRejection::WrongPool(advert.pool));
-        }
-        if advert.expires_at <= now {
-            return Err(AdvertRejection::Expired(advert.expires_at));
-        }
-        if advert.issued_at > now + MAX_CLOCK_SKEW_SECS {
-            return Err(AdvertRejection::FromFuture(advert.issued_at));
-        }
+        advert.check_current(&self.pool, now).map_err(|e| match e {
+            AdvertNotCurrent::WrongPool(p) => AdvertRejection::WrongPool(p),
+            AdvertNotCurrent::Expired(t) => AdvertRejection::Expired(t),
+            AdvertNotCurrent::FromFuture(t) => AdvertRejection::FromFuture(t),
+        })?;
         if let Some((_, r)) = advert.loaded.as_ref().filter(|(_, r)| r.is_empty()) {
             return Err(AdvertRejection::EmptyRange(r.start, r.end));
         }

@@ -195,6 +195,9 @@ pub struct PoolState {
     pending: HashSet<PublicKey>,
     /// When failed assignments may be sent again.
     retry_at: HashMap<PublicKey, Instant>,
+    /// Peers whose last assignment failed while no connection to them was open: tried
+    /// again as soon as one opens (a node that joined through another node dials in).
+    unconnected: HashSet<PublicKey>,
     /// Peers left out of plans until the given time, and why.
     banned: HashMap<PublicKey, (Instant, Exclusion)>,
     /// Peers whose connection closed at the given unix time: what their adverts from before
@@ -355,6 +358,7 @@ impl Coordinator {
                 claimed: HashMap::new(),
                 pending: HashSet::new(),
                 retry_at: HashMap::new(),
+                unconnected: HashSet::new(),
                 banned: HashMap::new(),
                 stale_since: HashMap::new(),
                 redials: Redials::new(),
@@ -449,10 +453,13 @@ impl Coordinator {
             .or_default()
             .opened(connection, ip);
         // An assignment that failed for want of a connection (a node that joined through
-        // another node and has just dialled in) is tried again at once, not at its retry.
+        // another node and has just dialled in) is tried again at once, not at its retry;
+        // one the peer refused or failed keeps its wait.
         let mut st = self.state();
         if let Some(key) = st.key_of(peer) {
-            st.retry_at.remove(&key);
+            if st.unconnected.remove(&key) {
+                st.retry_at.remove(&key);
+            }
         }
     }
 
@@ -988,6 +995,12 @@ impl Coordinator {
             None => Err("not a valid peer key".to_string()),
             Some(peer) => self.send_assignment(peer, &a).await,
         };
+        let connected = peer_id_of(&key).is_some_and(|p| {
+            self.remote
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&p)
+        });
         let mut st = self.state();
         st.pending.remove(&key);
         let who = peer_id_of(&key).map(|p| p.to_string()).unwrap_or_default();
@@ -999,10 +1012,16 @@ impl Coordinator {
                 );
                 st.loaded.insert(key, a.layers);
                 st.retry_at.remove(&key);
+                st.unconnected.remove(&key);
             }
             Err(e) => {
                 tracing::warn!(peer = %who, "assignment failed: {e}");
                 st.retry_at.insert(key, Instant::now() + ASSIGN_RETRY);
+                if connected {
+                    st.unconnected.remove(&key);
+                } else {
+                    st.unconnected.insert(key);
+                }
             }
         }
         drop(st);

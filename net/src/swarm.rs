@@ -18,29 +18,29 @@ pub const IDENTIFY_PROTOCOL: &str = "/potluck/id/1";
 /// What a peer is in its pool, announced in identify's agent version so a node that joined
 /// through another node can tell the coordinator among the peers it meets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub enum PeerKind {
     /// Plans the pool and commands its nodes.
     Coordinator,
     /// Serves blocks and work units.
     Node,
 }
 
-impl Role {
-    /// The agent version a peer of this role announces.
+impl PeerKind {
+    /// The agent version a peer of this kind announces.
     pub fn agent(self) -> String {
         let role = match self {
-            Role::Coordinator => "coordinator",
-            Role::Node => "node",
+            PeerKind::Coordinator => "coordinator",
+            PeerKind::Node => "node",
         };
         format!("potluck-{role}/{}", env!("CARGO_PKG_VERSION"))
     }
 
-    /// The role an announced agent version names (a claim: the peer chose it).
-    pub fn of_agent(agent: &str) -> Option<Role> {
+    /// The kind an announced agent version names (a claim: the peer chose it).
+    pub fn of_agent(agent: &str) -> Option<PeerKind> {
         let (name, _) = agent.split_once('/')?;
         match name {
-            "potluck-coordinator" => Some(Role::Coordinator),
-            "potluck-node" => Some(Role::Node),
+            "potluck-coordinator" => Some(PeerKind::Coordinator),
+            "potluck-node" => Some(PeerKind::Node),
             _ => None,
         }
     }
@@ -88,11 +88,11 @@ pub fn libp2p_keypair(secret: [u8; 32]) -> Result<identity::Keypair, SwarmError>
     identity::Keypair::ed25519_from_bytes(&mut s).map_err(|e| SwarmError::Init(e.to_string()))
 }
 
-/// Builds the swarm for `key`, a peer of `role`, with mDNS when `use_mdns`, its protocols
+/// Builds the swarm for `key`, a peer of `kind`, with mDNS when `use_mdns`, its protocols
 /// open to the peers `gate` admits.
 pub fn build(
     key: identity::Keypair,
-    role: Role,
+    kind: PeerKind,
     use_mdns: bool,
     gate: &Gate,
 ) -> Result<Swarm<PoolBehaviour>, SwarmError> {
@@ -130,7 +130,7 @@ pub fn build(
                 identify: Gated::new(
                     identify::Behaviour::new(
                         identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                            .with_agent_version(role.agent()),
+                            .with_agent_version(kind.agent()),
                     ),
                     gate,
                 ),
@@ -183,12 +183,12 @@ pub struct Started {
     pub streams: PoolStreams,
 }
 
-/// Loads (or creates) the identity in `data_dir`, builds the swarm of a peer of `role`,
+/// Loads (or creates) the identity in `data_dir`, builds the swarm of a peer of `kind`,
 /// listens on `listen`, dials `bootstrap` and joins `pool`'s advert topic, answering hellos
 /// at its gate. Prints the peer id and the pool for operators and scripts.
 pub fn start(
     data_dir: &std::path::Path,
-    role: Role,
+    kind: PeerKind,
     pool: &PoolMembership,
     listen: &[libp2p::Multiaddr],
     bootstrap: &[libp2p::Multiaddr],
@@ -196,7 +196,7 @@ pub fn start(
 ) -> Result<Started, StartError> {
     let key = crate::identity::load_or_create(data_dir)?;
     let (gate, drops) = Gate::new(pool.clone());
-    let mut swarm = build(libp2p_keypair(key.secret())?, role, use_mdns, &gate)?;
+    let mut swarm = build(libp2p_keypair(key.secret())?, kind, use_mdns, &gate)?;
     println!("peer id {}", swarm.local_peer_id());
     println!("{}", pool.describe());
     gate.serve(swarm.behaviour().streams.new_control())

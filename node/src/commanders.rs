@@ -73,6 +73,14 @@ impl Commanders {
         out
     }
 
+    /// Whether this node takes orders from `peer` now (a bootstrap peer, a coordinator one
+    /// names, or the peer it pinned); admins aside.
+    pub fn obeys(&self, peer: &PeerId) -> bool {
+        self.is_named(peer)
+            || lock(&self.learned).values().any(|c| c == peer)
+            || *lock(&self.pinned) == Some(*peer)
+    }
+
     /// The peer whose assignment this node last took, if any.
     pub fn assigner(&self) -> Option<PeerId> {
         *lock(&self.assigner)

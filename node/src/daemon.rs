@@ -16,7 +16,6 @@ use potluck_net::swarm::{self, PoolBehaviourEvent};
 use potluck_protocol::codec::encode_frame;
 use potluck_protocol::messages::{
     CapacityAdvert, CoordinatorPointer, LayerRange, Leave, Message, ModelRef, ADVERT_DOMAIN,
-    MAX_POINTER_ADDRS,
 };
 use potluck_protocol::signed::{Keypair, Signed};
 use std::path::PathBuf;
@@ -121,7 +120,7 @@ pub async fn run(
         streams,
     } = swarm::start(
         &cfg.data_dir,
-        swarm::Role::Node,
+        swarm::PeerKind::Node,
         &cfg.pool,
         &cfg.listen,
         &cfg.bootstrap,
@@ -139,7 +138,7 @@ pub async fn run(
         cfg.faults,
     );
     let commanders = Arc::new(Commanders::from_bootstrap(&cfg.bootstrap));
-    let mut finder = Finder::new(commanders.clone(), &cfg.bootstrap);
+    let mut finder = Finder::new(commanders.clone(), &cfg.bootstrap, gate.tag());
     server
         .accept(streams, gate.clone(), commanders.clone())
         .map_err(swarm::StartError::Address)?;
@@ -291,14 +290,22 @@ pub async fn run(
                     Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(
                         gossipsub::Event::Message { message, .. },
                     ))) => {
-                        let found = message.source.and_then(|from| {
-                            finder.heard(from, &message.data).map(|(c, a)| (from, c, a))
-                        });
-                        if let Some((via, coordinator, addrs)) = found {
-                            println!("found the pool's coordinator {coordinator} through {via}");
-                            backoff.add(coordinator, addrs);
-                            let learned = commanders.learned();
-                            backoff.retain(|p| commanders.is_named(p) || learned.contains(p));
+                        let now = swarm::unix_now();
+                        let pointed = message
+                            .source
+                            .and_then(|from| finder.heard(from, &message.data, now));
+                        if let Some(p) = pointed {
+                            if p.new {
+                                println!(
+                                    "found the pool's coordinator {} through {}",
+                                    p.coordinator, p.via
+                                );
+                            }
+                            let addrs = finder.addresses_of(&p.coordinator);
+                            if !addrs.is_empty() {
+                                backoff.set(p.coordinator, addrs);
+                            }
+                            backoff.retain(|peer| commanders.obeys(peer));
                         }
                     }
                     _ => continue,
@@ -424,24 +431,33 @@ impl RedialBackoff {
         let mut b = Self { peers: Vec::new() };
         for a in bootstrap {
             if let Some(id) = swarm::peer_in(a) {
-                b.add(id, vec![a.clone()]);
+                let mut addrs = b.addresses(&id);
+                addrs.push(a.clone());
+                b.set(id, addrs);
             }
         }
         b
     }
 
-    /// Keeps `peer` connected at `addrs` (added to those it has), dialling it at once.
-    fn add(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+    fn addresses(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.peers
+            .iter()
+            .find(|(id, ..)| id == peer)
+            .map(|(_, a, ..)| a.clone())
+            .unwrap_or_default()
+    }
+
+    /// Keeps `peer` connected at `addrs` (in place of those it had); a peer new here, or
+    /// whose addresses changed, is dialled at once.
+    fn set(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         let now = tokio::time::Instant::now();
         match self.peers.iter_mut().find(|(id, ..)| *id == peer) {
-            Some((_, known, _, next)) => {
-                for a in addrs {
-                    if !known.contains(&a) && known.len() < 2 * MAX_POINTER_ADDRS {
-                        known.push(a);
-                    }
-                }
+            Some((_, known, wait, next)) if *known != addrs => {
+                *known = addrs;
+                *wait = Duration::from_secs(1);
                 *next = now;
             }
+            Some(_) => {}
             None => self.peers.push((peer, addrs, Duration::from_secs(1), now)),
         }
     }
@@ -466,5 +482,40 @@ impl RedialBackoff {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8) -> PeerId {
+        let key = libp2p::identity::Keypair::ed25519_from_bytes([n; 32]).unwrap();
+        key.public().to_peer_id()
+    }
+
+    fn at(port: u16) -> Multiaddr {
+        format!("/ip4/10.0.0.1/tcp/{port}").parse().unwrap()
+    }
+
+    #[test]
+    fn redials_wait_between_tries_follow_new_addresses_and_drop_who_is_not_obeyed() {
+        let (friend, coordinator) = (peer(1), peer(2));
+        let pasted = at(4001).with(libp2p::multiaddr::Protocol::P2p(friend));
+        let mut r = RedialBackoff::new(std::slice::from_ref(&pasted));
+        assert_eq!(r.due(|_| false), vec![(friend, vec![pasted.clone()])]);
+        assert!(r.due(|_| false).is_empty(), "a second try waits");
+        r.set(coordinator, vec![at(7470)]);
+        assert_eq!(r.due(|p| *p == friend), vec![(coordinator, vec![at(7470)])]);
+        r.set(coordinator, vec![at(7470)]);
+        assert!(
+            r.due(|p| *p == friend).is_empty(),
+            "the same addresses: no new dial"
+        );
+        r.set(coordinator, vec![at(7471)]);
+        assert_eq!(r.due(|p| *p == friend), vec![(coordinator, vec![at(7471)])]);
+        r.retain(|p| *p == friend);
+        assert_eq!(r.addresses(&coordinator), Vec::<Multiaddr>::new());
+        assert_eq!(r.addresses(&friend), vec![pasted]);
     }
 }

@@ -5,8 +5,9 @@
 //! identify; addresses come from identify too.
 
 use crate::commanders::Commanders;
+use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use potluck_net::swarm::{peer_id_of, Role};
+use potluck_net::swarm::{peer_id_of, peer_in, PeerKind};
 use potluck_protocol::codec::decode_frame;
 use potluck_protocol::messages::{
     CapacityAdvert, CoordinatorPointer, Message, ADVERT_DOMAIN, MAX_POINTER_ADDRS,
@@ -15,37 +16,57 @@ use potluck_protocol::messages::{
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Most peers whose identify this node remembers at once; past that, new ones are not
-/// recorded (a node talks to its coordinator, a few bootstrap peers and pipeline neighbours).
+/// Most peers besides bootstrap peers and learned coordinators whose identify this node
+/// remembers at once: it only ever reads those that say they are coordinators (a node found
+/// by mDNS points at the one it obeys).
 const MAX_MET: usize = 1024;
 
-/// What identify told this node of the peers it is connected to.
+/// What identify and bootstrap peers told this node of where its coordinator is.
 pub struct Finder {
     commanders: Arc<Commanders>,
     bootstrap: Vec<Multiaddr>,
-    met: HashMap<PeerId, (Option<Role>, Vec<Multiaddr>)>,
-    /// Addresses a bootstrap peer gave for each learned coordinator.
+    pool: String,
+    met: HashMap<PeerId, (Option<PeerKind>, Vec<Multiaddr>)>,
+    /// Addresses a bootstrap peer gave for each coordinator it names now.
     told: HashMap<PeerId, Vec<Multiaddr>>,
+    /// The newest advert heard from each bootstrap peer, so an old one replayed is ignored.
+    newest: HashMap<PeerId, u64>,
+}
+
+/// A coordinator pointer read in a bootstrap peer's advert.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Pointed {
+    /// The bootstrap peer that names it.
+    pub via: PeerId,
+    /// The coordinator.
+    pub coordinator: PeerId,
+    /// Whether this node did not obey it before.
+    pub new: bool,
 }
 
 impl Finder {
-    /// A finder for a node that obeys `commanders` and was started with `bootstrap`.
-    pub fn new(commanders: Arc<Commanders>, bootstrap: &[Multiaddr]) -> Self {
+    /// A finder for a node of `pool` (its gossip tag) that obeys `commanders` and was
+    /// started with `bootstrap`.
+    pub fn new(commanders: Arc<Commanders>, bootstrap: &[Multiaddr], pool: &str) -> Self {
         Self {
             commanders,
             bootstrap: bootstrap.to_vec(),
+            pool: pool.to_string(),
             met: HashMap::new(),
             told: HashMap::new(),
+            newest: HashMap::new(),
         }
     }
 
     /// Records what `peer` said of itself in identify.
     pub fn identified(&mut self, peer: PeerId, agent: &str, listen: &[Multiaddr]) {
-        if self.met.len() >= MAX_MET && !self.met.contains_key(&peer) {
-            return;
+        let kind = PeerKind::of_agent(agent);
+        let ours = self.commanders.is_named(&peer) || self.commanders.learned().contains(&peer);
+        let room = self.met.len() < MAX_MET || self.met.contains_key(&peer);
+        if ours || (kind == Some(PeerKind::Coordinator) && room) {
+            self.met
+                .insert(peer, (kind, bounded(listen.iter().cloned())));
         }
-        let addrs = bounded(listen.iter().cloned());
-        self.met.insert(peer, (Role::of_agent(agent), addrs));
     }
 
     /// Forgets a peer whose last connection closed.
@@ -53,53 +74,58 @@ impl Finder {
         self.met.remove(peer);
     }
 
-    /// The coordinator this node points others at in its advert: the one whose assignment
-    /// it took, else a bootstrap peer that says it is a coordinator, else one learned from a
-    /// bootstrap peer; with the addresses this node knows for it.
+    /// The coordinator this node points others at in its advert, with the addresses this
+    /// node knows for it: the first of the one whose assignment it took (while it still
+    /// obeys it), a bootstrap peer that says it is a coordinator, or one learned from a
+    /// bootstrap peer, for which it knows an address.
     pub fn pointer(&self) -> Option<CoordinatorPointer> {
         let is_coordinator =
-            |p: &PeerId| matches!(self.met.get(p), Some((Some(Role::Coordinator), _)));
+            |p: &PeerId| matches!(self.met.get(p), Some((Some(PeerKind::Coordinator), _)));
+        let assigner = self
+            .commanders
+            .assigner()
+            .filter(|p| self.commanders.obeys(p));
         let named = self
             .bootstrap
             .iter()
-            .filter_map(potluck_net::swarm::peer_in)
-            .find(|p| is_coordinator(p));
-        let peer = self
-            .commanders
-            .assigner()
-            .or(named)
-            .or_else(|| self.commanders.learned().into_iter().next())?;
-        let addrs = self.addresses_of(&peer);
-        (!addrs.is_empty()).then(|| CoordinatorPointer {
-            peer: peer.to_string(),
-            addrs: addrs.iter().map(ToString::to_string).collect(),
-        })
+            .filter_map(peer_in)
+            .filter(|p| is_coordinator(p));
+        assigner
+            .into_iter()
+            .chain(named)
+            .chain(self.commanders.learned())
+            .find_map(|peer| {
+                let addrs = self.addresses_of(&peer);
+                (!addrs.is_empty()).then(|| CoordinatorPointer {
+                    peer: peer.to_string(),
+                    addrs: addrs.iter().map(ToString::to_string).collect(),
+                })
+            })
     }
 
-    /// Where `peer` may be dialled: what it said in identify, the bootstrap address naming
-    /// it, what a bootstrap peer said of it.
+    /// Where `peer` may be dialled, the addresses known to reach it first: the bootstrap
+    /// address naming it, what a bootstrap peer said of it, then what it said of itself in
+    /// identify (loopback last: it reaches only this machine).
     pub fn addresses_of(&self, peer: &PeerId) -> Vec<Multiaddr> {
-        let from_identify = self.met.get(peer).map(|(_, a)| a.clone());
         let from_bootstrap = self
             .bootstrap
             .iter()
-            .filter(|a| potluck_net::swarm::peer_in(a) == Some(*peer))
-            .cloned()
-            .collect::<Vec<_>>();
-        let told = self.told.get(peer).cloned();
-        bounded(
-            from_identify
-                .into_iter()
-                .flatten()
-                .chain(from_bootstrap)
-                .chain(told.into_iter().flatten()),
-        )
+            .filter(|a| peer_in(a) == Some(*peer))
+            .cloned();
+        let told = self.told.get(peer).into_iter().flatten().cloned();
+        let mut own: Vec<Multiaddr> = self
+            .met
+            .get(peer)
+            .map(|(_, a)| a.clone())
+            .unwrap_or_default();
+        own.sort_by_key(is_loopback);
+        bounded(from_bootstrap.chain(told).chain(own))
     }
 
-    /// Reads a gossiped frame from `source`: when it is a named bootstrap peer's own advert
-    /// pointing at a coordinator this node did not yet obey, that coordinator and where to
-    /// dial it.
-    pub fn heard(&mut self, source: PeerId, data: &[u8]) -> Option<(PeerId, Vec<Multiaddr>)> {
+    /// Reads a gossiped frame from `source` at unix time `now`: a named bootstrap peer's own
+    /// current advert (for this pool, unexpired, newer than the last heard from it) that
+    /// points at a coordinator. Anything else, an old advert replayed included, is ignored.
+    pub fn heard(&mut self, source: PeerId, data: &[u8], now: u64) -> Option<Pointed> {
         if !self.commanders.is_named(&source) {
             return None;
         }
@@ -110,20 +136,41 @@ impl Finder {
             return None;
         }
         let advert: CapacityAdvert = signed.verify(ADVERT_DOMAIN).ok()?;
+        advert.check_current(&self.pool, now).ok()?;
         advert.check_text_fields().ok()?;
+        if self
+            .newest
+            .get(&source)
+            .is_some_and(|seq| advert.seq <= *seq)
+        {
+            return None;
+        }
+        self.newest.insert(source, advert.seq);
         let pointer = advert.coordinator?;
         let coordinator: PeerId = pointer.peer.parse().ok()?;
         let addrs = bounded(pointer.addrs.iter().filter_map(|a| a.parse().ok()));
         let new = self.commanders.learn(source, coordinator);
-        if addrs.is_empty() {
-            return None;
+        if !addrs.is_empty() {
+            self.told.insert(coordinator, addrs);
         }
-        self.told.insert(coordinator, addrs.clone());
         // Only coordinators some bootstrap peer names now keep their addresses.
         let named_now = self.commanders.learned();
         self.told.retain(|p, _| named_now.contains(p));
-        new.then_some((coordinator, addrs))
+        named_now.contains(&coordinator).then_some(Pointed {
+            via: source,
+            coordinator,
+            new,
+        })
     }
+}
+
+/// Whether an address reaches only this machine.
+fn is_loopback(a: &Multiaddr) -> bool {
+    a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 /// At most [`MAX_POINTER_ADDRS`] distinct addresses of at most [`MAX_POINTER_ADDR_LEN`]
@@ -131,7 +178,7 @@ impl Finder {
 fn bounded(addrs: impl Iterator<Item = Multiaddr>) -> Vec<Multiaddr> {
     let mut out: Vec<Multiaddr> = Vec::new();
     for mut a in addrs {
-        if matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+        if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
             a.pop();
         }
         if a.to_string().len() <= MAX_POINTER_ADDR_LEN && !out.contains(&a) {
@@ -151,15 +198,30 @@ mod tests {
     use potluck_protocol::messages::DeviceKind;
     use potluck_protocol::signed::{Keypair, Signed};
 
+    const NOW: u64 = 1_000_000;
+
     fn keyed(n: u8) -> (Keypair, PeerId) {
         let k = Keypair::from_secret(&[n; 32]);
         let id = peer_id_of(&k.public()).unwrap();
         (k, id)
     }
 
-    fn advert_frame(key: &Keypair, pointer: Option<CoordinatorPointer>) -> Vec<u8> {
+    fn addr_of(peer: PeerId, port: u16) -> Multiaddr {
+        format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}")
+            .parse()
+            .unwrap()
+    }
+
+    /// A frame of `key`'s advert number `seq`, issued at `issued` for 30 s, for `pool`.
+    fn advert_frame(
+        key: &Keypair,
+        pool: &str,
+        seq: u64,
+        issued: u64,
+        pointer: Option<CoordinatorPointer>,
+    ) -> Vec<u8> {
         let advert = CapacityAdvert {
-            pool: "public".into(),
+            pool: pool.into(),
             device: DeviceKind::Cpu,
             memory_bytes: 1 << 30,
             gflops: 1.0,
@@ -167,9 +229,9 @@ mod tests {
             threads: 1,
             models: vec![],
             loaded: None,
-            seq: 1,
-            issued_at: 1,
-            expires_at: 2,
+            seq,
+            issued_at: issued,
+            expires_at: issued + 30,
             name: None,
             coordinator: pointer,
         };
@@ -179,68 +241,143 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn a_node_learns_its_coordinator_from_its_bootstrap_peers_advert_only() {
-        let (friend_key, friend) = keyed(1);
-        let (stranger_key, stranger) = keyed(2);
-        let (_, coordinator) = keyed(3);
-        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/4001/p2p/{friend}")
-            .parse()
-            .unwrap();
-        let commanders = Arc::new(Commanders::from_bootstrap(&[addr]));
-        let mut f = Finder::new(commanders.clone(), &[]);
-        let pointer = CoordinatorPointer {
-            peer: coordinator.to_string(),
-            addrs: vec!["/ip4/127.0.0.1/tcp/7470".into(), "not an address".into()],
-        };
-        // A stranger's advert, and the friend's advert relayed with another's signature.
-        assert_eq!(
-            f.heard(
-                stranger,
-                &advert_frame(&stranger_key, Some(pointer.clone()))
-            ),
-            None
-        );
-        assert_eq!(
-            f.heard(friend, &advert_frame(&stranger_key, Some(pointer.clone()))),
-            None
-        );
-        assert_eq!(f.heard(friend, b"garbage"), None);
-        assert_eq!(f.heard(friend, &advert_frame(&friend_key, None)), None);
-        let (who, addrs) = f
-            .heard(friend, &advert_frame(&friend_key, Some(pointer.clone())))
-            .unwrap();
-        assert_eq!(who, coordinator);
-        assert_eq!(
-            addrs,
-            vec!["/ip4/127.0.0.1/tcp/7470".parse::<Multiaddr>().unwrap()]
-        );
-        assert!(commanders.permits(&coordinator, None, crate::commanders::Order::Assign));
-        // Heard again: nothing new to dial; and this node now points at it too.
-        assert_eq!(
-            f.heard(friend, &advert_frame(&friend_key, Some(pointer))),
-            None
-        );
-        assert_eq!(f.pointer().unwrap().peer, coordinator.to_string());
+    fn pointer_to(peer: PeerId, port: u16) -> CoordinatorPointer {
+        CoordinatorPointer {
+            peer: peer.to_string(),
+            addrs: vec![format!("/ip4/10.0.0.1/tcp/{port}"), "not an address".into()],
+        }
     }
 
     #[test]
-    fn a_node_points_at_a_bootstrap_peer_that_says_it_is_a_coordinator() {
+    fn a_node_learns_its_coordinator_from_its_bootstrap_peers_current_advert_only() {
+        let (friend_key, friend) = keyed(1);
+        let (stranger_key, stranger) = keyed(2);
         let (_, coordinator) = keyed(3);
-        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/7470/p2p/{coordinator}")
+        let bootstrap = [addr_of(friend, 4001)];
+        let commanders = Arc::new(Commanders::from_bootstrap(&bootstrap));
+        let mut f = Finder::new(commanders.clone(), &bootstrap, "public");
+        let to = pointer_to(coordinator, 7470);
+        let heard = |f: &mut Finder, from, frame: Vec<u8>| f.heard(from, &frame, NOW);
+        // A stranger's advert; the friend's relayed with another's signature; garbage; one
+        // for another pool; an expired one; one dated an hour ahead; one with no pointer.
+        let cases = [
+            (
+                stranger,
+                advert_frame(&stranger_key, "public", 1, NOW, Some(to.clone())),
+            ),
+            (
+                friend,
+                advert_frame(&stranger_key, "public", 1, NOW, Some(to.clone())),
+            ),
+            (friend, b"garbage".to_vec()),
+            (
+                friend,
+                advert_frame(&friend_key, "lab", 1, NOW, Some(to.clone())),
+            ),
+            (
+                friend,
+                advert_frame(&friend_key, "public", 1, NOW - 60, Some(to.clone())),
+            ),
+            (
+                friend,
+                advert_frame(&friend_key, "public", 1, NOW + 3600, Some(to.clone())),
+            ),
+            (friend, advert_frame(&friend_key, "public", 1, NOW, None)),
+        ];
+        for (from, frame) in cases {
+            assert_eq!(heard(&mut f, from, frame), None);
+        }
+        assert!(!commanders.obeys(&coordinator));
+        let got = heard(
+            &mut f,
+            friend,
+            advert_frame(&friend_key, "public", 2, NOW, Some(to.clone())),
+        );
+        assert_eq!(
+            got,
+            Some(Pointed {
+                via: friend,
+                coordinator,
+                new: true
+            })
+        );
+        assert_eq!(
+            f.addresses_of(&coordinator),
+            vec!["/ip4/10.0.0.1/tcp/7470".parse::<Multiaddr>().unwrap()]
+        );
+        assert!(commanders.permits(&coordinator, None, crate::commanders::Order::Assign));
+        // Heard again: not new, and this node now points at it too.
+        let again = heard(
+            &mut f,
+            friend,
+            advert_frame(&friend_key, "public", 3, NOW, Some(to)),
+        );
+        assert_eq!(again.map(|p| p.new), Some(false));
+        assert_eq!(f.pointer().unwrap().peer, coordinator.to_string());
+        // The friend moves to another coordinator; an old advert replayed cannot move it back.
+        let (_, other) = keyed(4);
+        let moved = advert_frame(&friend_key, "public", 5, NOW, Some(pointer_to(other, 7471)));
+        assert_eq!(
+            heard(&mut f, friend, moved).map(|p| p.coordinator),
+            Some(other)
+        );
+        let replayed = advert_frame(
+            &friend_key,
+            "public",
+            4,
+            NOW,
+            Some(pointer_to(coordinator, 7470)),
+        );
+        assert_eq!(heard(&mut f, friend, replayed), None);
+        assert!(!commanders.obeys(&coordinator));
+        assert!(
+            f.addresses_of(&coordinator).is_empty(),
+            "addresses of a coordinator no one names are dropped"
+        );
+        // The old coordinator assigned this node once; it is no longer what the node points at.
+        assert_eq!(f.pointer().unwrap().peer, other.to_string());
+    }
+
+    #[test]
+    fn a_node_points_at_a_bootstrap_peer_that_says_it_is_a_coordinator_by_its_pasted_address() {
+        let (_, coordinator) = keyed(3);
+        let pasted: Multiaddr = format!("/ip4/203.0.113.7/tcp/7470/p2p/{coordinator}")
             .parse()
             .unwrap();
-        let commanders = Arc::new(Commanders::from_bootstrap(std::slice::from_ref(&addr)));
-        let mut f = Finder::new(commanders, &[addr]);
+        let commanders = Arc::new(Commanders::from_bootstrap(std::slice::from_ref(&pasted)));
+        let mut f = Finder::new(commanders, std::slice::from_ref(&pasted), "public");
         assert_eq!(f.pointer(), None, "not yet known to be a coordinator");
-        let many: Vec<Multiaddr> = (0..20)
-            .map(|i| format!("/ip4/10.0.0.{i}/tcp/7470").parse().unwrap())
-            .collect();
-        f.identified(coordinator, &Role::Coordinator.agent(), &many);
+        let mut many: Vec<Multiaddr> = vec!["/ip4/127.0.0.1/tcp/7470".parse().unwrap()];
+        many.extend((0..20).map(|i| format!("/ip4/10.0.0.{i}/tcp/7470").parse().unwrap()));
+        f.identified(coordinator, &PeerKind::Coordinator.agent(), &many);
         let p = f.pointer().unwrap();
         assert_eq!(p.peer, coordinator.to_string());
         assert_eq!(p.addrs.len(), MAX_POINTER_ADDRS);
+        // The address the owner pasted comes first; loopback never crowds out the others.
+        assert_eq!(p.addrs[0], "/ip4/203.0.113.7/tcp/7470");
+        assert!(
+            !p.addrs.iter().any(|a| a.starts_with("/ip4/127.")),
+            "{:?}",
+            p.addrs
+        );
         f.gone(&coordinator);
         assert_eq!(f.pointer(), None);
+    }
+
+    #[test]
+    fn strangers_announcing_themselves_as_nodes_are_not_remembered() {
+        let (_, coordinator) = keyed(3);
+        let bootstrap = [addr_of(coordinator, 7470)];
+        let mut f = Finder::new(
+            Arc::new(Commanders::from_bootstrap(&bootstrap)),
+            &bootstrap,
+            "public",
+        );
+        for n in 10..200u8 {
+            f.identified(keyed(n).1, &PeerKind::Node.agent(), &[]);
+        }
+        assert!(f.met.is_empty());
+        f.identified(coordinator, &PeerKind::Coordinator.agent(), &[]);
+        assert_eq!(f.met.len(), 1);
     }
 }

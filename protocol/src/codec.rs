@@ -8,7 +8,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The protocol version this build speaks; frames of any other version are refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2: adverts carry an owner's name and a pointer to the node's coordinator.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Hard upper bound of one frame's body: enough for an 8k-token prefill's hidden states of a
 /// 4096-wide model in f16 (64 MiB), no more.

@@ -107,12 +107,45 @@ pub enum AdvertFieldError {
     /// The name is not as [`clean_owner_name`] leaves it.
     #[error("the node's name {0:?} is not a clean name of at most {MAX_OWNER_NAME} characters")]
     Name(String),
-    /// The pointer lists too many addresses, or one too long.
-    #[error("the coordinator pointer lists {0} addresses (at most {MAX_POINTER_ADDRS} of at most {MAX_POINTER_ADDR_LEN} bytes)")]
-    Pointer(usize),
+    /// The pointer lists too many addresses, or its peer id or an address is too long.
+    #[error("the coordinator pointer is too large: at most {MAX_POINTER_ADDRS} addresses, and each address and the peer id at most {MAX_POINTER_ADDR_LEN} bytes")]
+    Pointer,
+}
+
+/// How far in the future an advert may be dated (clocks differ).
+pub const MAX_CLOCK_SKEW_SECS: u64 = 60;
+
+/// Why an advert does not hold for a pool now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdvertNotCurrent {
+    /// It is for another pool.
+    #[error("advert is for pool '{0}'")]
+    WrongPool(String),
+    /// Its validity has ended.
+    #[error("advert expired at {0}")]
+    Expired(u64),
+    /// It is dated in the future beyond [`MAX_CLOCK_SKEW_SECS`].
+    #[error("advert issued at {0}, in the future")]
+    FromFuture(u64),
 }
 
 impl CapacityAdvert {
+    /// Checks that the advert is for `pool` and holds at unix time `now`: every reader of an
+    /// advert (the coordinator's peer table, a node reading its bootstrap peer's pointer)
+    /// refuses an old one replayed, or one for another pool.
+    pub fn check_current(&self, pool: &str, now: u64) -> Result<(), AdvertNotCurrent> {
+        if self.pool != pool {
+            return Err(AdvertNotCurrent::WrongPool(self.pool.clone()));
+        }
+        if self.expires_at <= now {
+            return Err(AdvertNotCurrent::Expired(self.expires_at));
+        }
+        if self.issued_at > now + MAX_CLOCK_SKEW_SECS {
+            return Err(AdvertNotCurrent::FromFuture(self.issued_at));
+        }
+        Ok(())
+    }
+
     /// Checks the fields a person or another node reads as text: a name is clean, a
     /// pointer is small.
     pub fn check_text_fields(&self) -> Result<(), AdvertFieldError> {
@@ -125,7 +158,7 @@ impl CapacityAdvert {
             let long = p.peer.len() > MAX_POINTER_ADDR_LEN
                 || p.addrs.iter().any(|a| a.len() > MAX_POINTER_ADDR_LEN);
             if p.addrs.len() > MAX_POINTER_ADDRS || long {
-                return Err(AdvertFieldError::Pointer(p.addrs.len()));
+                return Err(AdvertFieldError::Pointer);
             }
         }
         Ok(())

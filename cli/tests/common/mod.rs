@@ -433,7 +433,8 @@ pub fn open_swarm(
     let (gate, _) = Gate::new(PoolMembership::Public {
         name: "anyone".into(),
     });
-    potluck_net::swarm::build(key, potluck_net::swarm::Role::Node, false, &gate).expect("a swarm")
+    potluck_net::swarm::build(key, potluck_net::swarm::PeerKind::Node, false, &gate)
+        .expect("a swarm")
 }
 
 /// Runs `round` (given its number, from 1) until `coord` logs that it quarantined `id`,

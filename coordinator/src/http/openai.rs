@@ -77,6 +77,10 @@ pub(super) struct Common {
     pub(super) logprobs: Option<Value>,
     pub(super) top_logprobs: Option<Value>,
     pub(super) response_format: Option<Value>,
+    /// What the request calls its token limit (`max_tokens` unless an endpoint says), so
+    /// a bad one is refused by the name the client sent.
+    #[serde(skip)]
+    pub(super) max_tokens_param: Option<&'static str>,
 }
 
 /// Whether a field's value asks for something (not absent, null, false, 0, "none" or empty).
@@ -134,16 +138,45 @@ fn refuse_unsupported(common: &Common) -> Result<(), ApiError> {
 /// A message's content: a string, or a list of parts of which text parts are read.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Content {
+pub(super) enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
 #[derive(Deserialize)]
-struct Part {
+pub(super) struct Part {
     #[serde(rename = "type")]
     kind: String,
     text: Option<String>,
+}
+
+impl Content {
+    /// The text of message `at` (e.g. `messages[2]`, in the request's field `param`):
+    /// parts whose type is one of `text_kinds` are read; any other part is refused.
+    pub(super) fn text(
+        self,
+        text_kinds: &[&str],
+        at: &str,
+        param: &'static str,
+    ) -> Result<String, ApiError> {
+        let parts = match self {
+            Content::Text(t) => return Ok(t),
+            Content::Parts(parts) => parts,
+        };
+        let mut text = String::new();
+        for p in parts {
+            match (p.kind.as_str(), p.text) {
+                (kind, Some(t)) if text_kinds.contains(&kind) => text.push_str(&t),
+                (kind, _) => {
+                    return Err(ApiError::bad(format!(
+                        "{at} has a '{kind}' part; only text is supported"
+                    ))
+                    .with_param(param))
+                }
+            }
+        }
+        Ok(text)
+    }
 }
 
 #[derive(Deserialize)]
@@ -221,21 +254,7 @@ fn chat_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError>
             };
             let content = match m.content {
                 None => String::new(),
-                Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
-                    let mut text = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), p.text) {
-                            ("text", Some(t)) => text.push_str(&t),
-                            (kind, _) => {
-                                return Err(ApiError::bad(format!(
-                                    "messages[{i}] has a '{kind}' part; only text is supported"
-                                )))
-                            }
-                        }
-                    }
-                    text
-                }
+                Some(c) => c.text(&["text"], &format!("messages[{i}]"), "messages")?,
             };
             Ok(ChatMessage::new(role, &content))
         })
@@ -275,17 +294,19 @@ pub(super) fn check(
         .or(common.max_tokens)
         .unwrap_or(DEFAULT_MAX_TOKENS);
     if max_tokens == 0 || max_tokens > MAX_TOKENS_LIMIT {
-        return Err(ApiError::bad(format!(
-            "max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"
-        )));
+        let param = common.max_tokens_param.unwrap_or("max_tokens");
+        return Err(
+            ApiError::bad(format!("{param} must be between 1 and {MAX_TOKENS_LIMIT}"))
+                .with_param(param),
+        );
     }
     let temperature = common.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad("temperature must be between 0 and 2"));
+        return Err(ApiError::bad("temperature must be between 0 and 2").with_param("temperature"));
     }
     let top_p = common.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad("top_p must be in (0, 1]"));
+        return Err(ApiError::bad("top_p must be in (0, 1]").with_param("top_p"));
     }
     let stop = match common.stop {
         None => Vec::new(),

@@ -4,7 +4,7 @@
 //! chat session as `/v1/chat/completions`, so greedy text is the same. What this pool cannot
 //! carry out (tools, stored conversations, images, structured output) is refused by name.
 
-use super::openai::{check, off_the_workers, random_u64, ready, whole, Checked, Common};
+use super::openai::{check, off_the_workers, random_u64, ready, whole, Checked, Common, Content};
 use super::ApiError;
 use crate::pool::Coordinator;
 use crate::share::MemberId;
@@ -43,21 +43,7 @@ struct Item {
     #[serde(rename = "type")]
     kind: Option<String>,
     role: Option<String>,
-    content: Option<ItemContent>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ItemContent {
-    Text(String),
-    Parts(Vec<ItemPart>),
-}
-
-#[derive(Deserialize)]
-struct ItemPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
+    content: Option<Content>,
 }
 
 #[derive(Deserialize)]
@@ -69,6 +55,10 @@ struct ResponsesBody {
     temperature: Option<f32>,
     top_p: Option<f32>,
     stream: Option<bool>,
+    // Asked for, these would change the answer: refused by name.
+    include: Option<Value>,
+    reasoning: Option<Value>,
+    prompt: Option<Value>,
     tools: Option<Value>,
     tool_choice: Option<Value>,
     top_logprobs: Option<Value>,
@@ -125,22 +115,11 @@ fn conversation(instructions: Option<String>, input: Input) -> Result<Vec<ChatMe
         };
         let text = match item.content {
             None => String::new(),
-            Some(ItemContent::Text(t)) => t,
-            Some(ItemContent::Parts(parts)) => {
-                let mut text = String::new();
-                for p in parts {
-                    match (p.kind.as_str(), p.text) {
-                        ("input_text" | "output_text" | "text", Some(t)) => text.push_str(&t),
-                        (kind, _) => {
-                            return Err(ApiError::bad(format!(
-                                "input[{i}] has a '{kind}' part; only text is supported"
-                            ))
-                            .with_param("input"))
-                        }
-                    }
-                }
-                text
-            }
+            Some(c) => c.text(
+                &["input_text", "output_text", "text"],
+                &format!("input[{i}]"),
+                "input",
+            )?,
         };
         messages.push(ChatMessage::new(role, &text));
     }
@@ -161,6 +140,30 @@ fn refuse_unserved(body: &ResponsesBody) -> Result<(), ApiError> {
         return refuse(
             param,
             format!("{param}: this pool stores no responses; send the whole conversation in input"),
+        );
+    }
+    if body
+        .include
+        .as_ref()
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty())
+    {
+        return refuse(
+            "include",
+            "include: this pool returns no extra output (log probabilities, sources or reasoning)"
+                .into(),
+        );
+    }
+    if body.reasoning.as_ref().is_some_and(|r| !r.is_null()) {
+        return refuse(
+            "reasoning",
+            "reasoning: this pool's models do not reason in a separate channel".into(),
+        );
+    }
+    if body.prompt.as_ref().is_some_and(|p| !p.is_null()) {
+        return refuse(
+            "prompt",
+            "prompt: this pool stores no prompt templates; send the text in input".into(),
         );
     }
     if body.background == Some(true) {
@@ -194,21 +197,11 @@ async fn responses(
     let run = move || -> Result<(Checked, Echo), ApiError> {
         let body: ResponsesBody = super::openai::parse(body, super::MAX_BODY_BYTES)?;
         refuse_unserved(&body)?;
-        if body
-            .max_output_tokens
-            .is_some_and(|n| n == 0 || n > super::openai::MAX_TOKENS_LIMIT)
-        {
-            return Err(ApiError::bad(format!(
-                "max_output_tokens must be between 1 and {}",
-                super::openai::MAX_TOKENS_LIMIT
-            ))
-            .with_param("max_output_tokens"));
-        }
         let echo = Echo {
             instructions: body.instructions.clone(),
             max_output_tokens: body.max_output_tokens,
-            temperature: body.temperature.unwrap_or(1.0),
-            top_p: body.top_p.unwrap_or(1.0),
+            temperature: body.temperature.map_or(1.0, echo_float),
+            top_p: body.top_p.map_or(1.0, echo_float),
         };
         let messages = conversation(body.instructions, body.input)?;
         let prompt = chat_prompt_ids(&pool.model().tokenizer, &messages)
@@ -222,6 +215,7 @@ async fn responses(
             tools: body.tools,
             tool_choice: body.tool_choice,
             top_logprobs: body.top_logprobs,
+            max_tokens_param: Some("max_output_tokens"),
             ..Common::default()
         };
         Ok((check(&pool, common, prompt, member)?, echo))
@@ -253,8 +247,14 @@ async fn responses(
 struct Echo {
     instructions: Option<String>,
     max_output_tokens: Option<u64>,
-    temperature: f32,
-    top_p: f32,
+    temperature: f64,
+    top_p: f64,
+}
+
+/// A setting as the client wrote it: 0.7 read as an f32 is 0.699999988, which would be
+/// echoed so; its shortest decimal form is what was sent.
+fn echo_float(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
 }
 
 /// What one response's object and events share.
@@ -267,10 +267,12 @@ struct Meta {
 }
 
 impl Meta {
-    /// The assistant's message item: finished with `text`, or in progress with none yet.
-    fn message(&self, text: Option<&str>) -> Value {
+    /// The assistant's message item: done with `text` (cut short at the token limit or
+    /// not), or in progress with none yet.
+    fn message(&self, text: Option<(&str, FinishReason)>) -> Value {
         let (status, content) = match text {
-            Some(t) => ("completed", json!([output_text(t)])),
+            Some((t, FinishReason::Stop)) => ("completed", json!([output_text(t)])),
+            Some((t, FinishReason::Length)) => ("incomplete", json!([output_text(t)])),
             None => ("in_progress", json!([])),
         };
         json!({"type": "message", "id": self.item, "status": status, "role": "assistant",
@@ -293,7 +295,12 @@ impl Meta {
                     "output_tokens_details": {"reasoning_tokens": 0},
                     "total_tokens": stats.prompt_tokens + stats.generated_tokens,
                 });
-                (status, incomplete, json!([self.message(Some(text))]), usage)
+                (
+                    status,
+                    incomplete,
+                    json!([self.message(Some((text, stats.finish)))]),
+                    usage,
+                )
             }
         };
         json!({
@@ -403,7 +410,7 @@ fn stream(c: Coordinator, checked: Checked, meta: Meta) -> impl IntoResponse {
             && ev.send("response.content_part.done", part_done)
             && ev.send(
                 "response.output_item.done",
-                json!({"output_index": 0, "item": meta.message(Some(&text))}),
+                json!({"output_index": 0, "item": meta.message(Some((&text, stats.finish)))}),
             )
             && ev.send(last, json!({"response": finished}));
     });

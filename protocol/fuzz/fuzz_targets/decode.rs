@@ -29,6 +29,11 @@ fuzz_target!(|data: &[u8]| {
             _ => {}
         }
     }
+    // The checks readers run on an advert's text fields, on whatever decodes as one.
+    if let Ok(advert) = decode_body::<CapacityAdvert>(data) {
+        let _ = advert.check_text_fields();
+        let _ = advert.check_current(&advert.pool, advert.issued_at);
+    }
     let _ = decode_body::<Message>(data);
     let mut reader = data;
     let _ = read_frame::<Message>(&mut reader);
