@@ -3,10 +3,8 @@
 
 mod batch;
 mod bench;
-mod bench_checks;
-mod bench_embed;
-mod bench_queued;
 mod catalog;
+mod data_dir;
 mod generate;
 mod load;
 mod membership;

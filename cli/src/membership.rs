@@ -86,13 +86,13 @@ fn now() -> u64 {
 fn pool_dir(name: &str, dir: Option<&Path>) -> Result<PathBuf> {
     match dir {
         Some(d) => Ok(d.to_path_buf()),
-        None => Ok(crate::pool::default_data_dir("pools")?.join(name)),
+        None => Ok(crate::data_dir::default_data_dir("pools")?.join(name)),
     }
 }
 
 /// `dir`, or the node's default data folder.
 fn member_dir(dir: Option<PathBuf>) -> Result<PathBuf> {
-    dir.map_or_else(|| crate::pool::default_data_dir("node"), Ok)
+    dir.map_or_else(|| crate::data_dir::default_data_dir("node"), Ok)
 }
 
 fn record_path(dir: &Path) -> PathBuf {

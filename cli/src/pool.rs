@@ -5,7 +5,8 @@ use crate::generate::{prompt_ids, SamplingArgs};
 use crate::models::ModelCache;
 use anyhow::{Context, Result};
 use clap::Args;
-use potluck_coordinator::daemon::{self as coordinator, CoordinatorConfig};
+use potluck_coordinator::config::CoordinatorConfig;
+use potluck_coordinator::daemon as coordinator;
 use potluck_coordinator::http::HttpOptions;
 use potluck_coordinator::model::{EmbeddingModel, ServedModel};
 use potluck_coordinator::pool::{Coordinator, SessionRequest};
@@ -79,7 +80,7 @@ impl PoolArgs {
     fn data_dir(&self, role: &str) -> Result<PathBuf> {
         match &self.data_dir {
             Some(d) => Ok(d.clone()),
-            None => default_data_dir(role),
+            None => crate::data_dir::default_data_dir(role),
         }
     }
 
@@ -179,7 +180,7 @@ fn control_node(control: NodeControl) -> Result<()> {
         NodeControl::Resume { data_dir } => (Command::Resume, data_dir),
         NodeControl::Status { data_dir } => (Command::Status, data_dir),
     };
-    let dir = dir.map_or_else(|| default_data_dir("node"), Ok)?;
+    let dir = dir.map_or_else(|| crate::data_dir::default_data_dir("node"), Ok)?;
     let state = ask(&dir, command)?;
     println!("{}", serde_json::to_string_pretty(&state)?);
     Ok(())
@@ -296,7 +297,7 @@ pub struct ServeArgs {
     pub verify: String,
     /// Seconds between rounds of canaries (jobs with known answers, sent as new work);
     /// 0: none.
-    #[arg(long, default_value_t = potluck_coordinator::daemon::DEFAULT_CANARY_INTERVAL.as_secs())]
+    #[arg(long, default_value_t = potluck_coordinator::config::DEFAULT_CANARY_INTERVAL.as_secs())]
     pub canary_interval: u64,
     /// Sentence encoder for /v1/embeddings, run on the nodes that hold it; `none`: no
     /// embeddings. Default: all-minilm-l6-v2 when it is in the model cache.
@@ -317,7 +318,7 @@ pub struct ServeArgs {
     pub min_free_disk_mib: u64,
     /// Days finished batches (with their results) and unused uploads are kept; 0 keeps
     /// them until deleted. The credit ledger is always kept.
-    #[arg(long, default_value_t = potluck_coordinator::daemon::DEFAULT_RETAIN_DAYS)]
+    #[arg(long, default_value_t = potluck_coordinator::config::DEFAULT_RETAIN_DAYS)]
     pub retain_days: u64,
     /// MiB at which the audit log is rotated (to audit.log.<entries>; the chain goes on in
     /// a new audit.log).
@@ -336,7 +337,7 @@ pub struct ServeArgs {
     pub trusted_peer: Vec<libp2p::PeerId>,
     /// Seconds a work unit (a batch unit or an embedding slice) may take on a node before
     /// it goes to another.
-    #[arg(long, default_value_t = potluck_coordinator::daemon::DEFAULT_UNIT_TIMEOUT.as_secs())]
+    #[arg(long, default_value_t = potluck_coordinator::config::DEFAULT_UNIT_TIMEOUT.as_secs())]
     pub unit_timeout: u64,
 }
 
@@ -462,14 +463,6 @@ pub struct UpArgs {
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-}
-
-/// Where a daemon of `role` (node, coordinator, up, pools) keeps its state by default:
-/// beside the model cache, in `$XDG_DATA_HOME/potluck/<role>`.
-pub fn default_data_dir(role: &str) -> Result<PathBuf> {
-    let models = potluck_engine::cache::default_models_dir()
-        .context("cannot find a data folder; pass --data-dir")?;
-    Ok(models.parent().unwrap_or(&models).join(role))
 }
 
 /// Parses sizes like `4G`, `512M`, `1024K` or plain bytes.

@@ -6,11 +6,12 @@
 
 use crate::audit::{AuditError, AuditLog, AUDIT_FILE};
 use crate::batch::{Batches, Store, STORE_FILE};
-use crate::model::{EmbeddingModel, ServedModel};
+use crate::config::CoordinatorConfig;
+use crate::model::ServedModel;
 use crate::peer_table::{Accepted, AdvertRejection, PeerTable};
 use crate::pool::Coordinator;
 use crate::revocations::RevocationWatch;
-use crate::share::{MemberSpec, Share};
+use crate::share::Share;
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, Multiaddr, PeerId};
@@ -20,104 +21,12 @@ use potluck_protocol::codec::{decode_frame, encode_frame};
 use potluck_protocol::membership::Revocation;
 use potluck_protocol::messages::Message;
 use potluck_protocol::signed::PublicKey;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// How a coordinator is run.
-#[derive(Debug, Clone)]
-pub struct CoordinatorConfig {
-    /// Identity and state.
-    pub data_dir: PathBuf,
-    /// The pool it coordinates, and what it presents to the pool's nodes.
-    pub pool: PoolMembership,
-    /// A private pool's folder, watched for revocations (none: the coordinator learns
-    /// them only from its peers).
-    pub pool_dir: Option<PathBuf>,
-    /// Addresses to listen on.
-    pub listen: Vec<Multiaddr>,
-    /// Whether to discover peers on the LAN.
-    pub mdns: bool,
-    /// Most sessions at once (more wait); `None` sizes it by the nodes' memory.
-    pub max_sessions: Option<usize>,
-    /// Adverts a peer may miss before it is dropped.
-    pub missed_heartbeats: u32,
-    /// Least share of a trusted peer's results that is spot-checked (new peers: all).
-    pub check_share: f64,
-    /// Every hop on two peers, a token released only when they agree.
-    pub strict: bool,
-    /// Time between rounds of canaries (none: no canaries).
-    pub canary_interval: Option<Duration>,
-    /// The sentence encoder `/v1/embeddings` runs on nodes holding it (none: no embeddings).
-    pub embedding_model: Option<EmbeddingModel>,
-    /// Agreeing results, of different origins, that validate a batch unit.
-    pub batch_quorum: usize,
-    /// How much the job store may hold.
-    pub store_limits: crate::batch::store::Limits,
-    /// How long finished batches and unused uploads are kept (none: until deleted).
-    pub retain: Option<Duration>,
-    /// When the audit log is rotated, and how many rotated segments are kept.
-    pub audit_rotation: crate::audit::Rotation,
-    /// How long a work unit (a batch unit or an embedding slice) may take on a node before
-    /// it is given to another.
-    pub unit_timeout: Duration,
-    /// Members: API keys with weights, limits, reserved sessions and certificates.
-    pub members: Vec<MemberSpec>,
-    /// Plain API keys (the operator's), each its own member without limits.
-    pub api_keys: Vec<String>,
-    /// Keep text to trusted peers: the first and last stages, embedding slices and batch
-    /// units run only on members with the trusted or admin role, or on `trusted_peers`.
-    pub private_edges: bool,
-    /// Peers trusted with text whatever their certificate says (any pool).
-    pub trusted_peers: Vec<PeerId>,
-}
-
-/// Days finished batches are kept unless told otherwise.
-pub const DEFAULT_RETAIN_DAYS: u64 = 30;
-
 /// How often expired batches and files are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
-
-/// How long a work unit may take unless told otherwise.
-pub const DEFAULT_UNIT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Time between canary rounds unless told otherwise.
-pub const DEFAULT_CANARY_INTERVAL: Duration = Duration::from_secs(60);
-
-impl CoordinatorConfig {
-    /// A coordinator of `pool` keeping its state in `data_dir`, listening on `listen`
-    /// (and on the LAN with `mdns`), with every other setting at its default.
-    pub fn new(
-        data_dir: PathBuf,
-        pool: PoolMembership,
-        listen: Vec<Multiaddr>,
-        mdns: bool,
-    ) -> Self {
-        Self {
-            data_dir,
-            pool,
-            pool_dir: None,
-            listen,
-            mdns,
-            max_sessions: None,
-            missed_heartbeats: crate::peer_table::DEFAULT_MISSED_HEARTBEATS,
-            check_share: crate::trust::DEFAULT_P_MIN,
-            strict: false,
-            canary_interval: Some(DEFAULT_CANARY_INTERVAL),
-            embedding_model: None,
-            batch_quorum: crate::batch::DEFAULT_QUORUM,
-            store_limits: crate::batch::store::Limits::default(),
-            retain: Some(Duration::from_secs(DEFAULT_RETAIN_DAYS * 86_400)),
-            audit_rotation: crate::audit::Rotation::default(),
-            unit_timeout: DEFAULT_UNIT_TIMEOUT,
-            members: Vec::new(),
-            api_keys: Vec::new(),
-            private_edges: false,
-            trusted_peers: Vec::new(),
-        }
-    }
-}
 
 /// A started coordinator: its handle, and the addresses it listens on as they appear.
 pub struct Running {
@@ -402,14 +311,13 @@ fn on_gossip(handle: &Coordinator, data: &[u8], source: Option<PeerId>) {
                     a.gflops,
                     a.mem_gbps
                 );
-                println!("{line}");
                 joined = Some(line);
             }
         }
         outcome
     };
     if let Some(line) = joined {
-        handle.event("peer", line);
+        handle.say(Some("peer"), line);
     }
     if let Ok((_, key)) = &outcome {
         handle.back_from_leave(key);

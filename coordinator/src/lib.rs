@@ -10,6 +10,7 @@ pub mod audit;
 pub mod batch;
 pub mod capacity;
 pub mod compare;
+pub mod config;
 pub mod cpu;
 pub mod daemon;
 pub mod http;

@@ -3,48 +3,30 @@
 //! result verified before its output moves on, and every stage's inputs and receipts kept
 //! for replay and later checks.
 
+mod error;
+mod hop;
 mod strict;
 
-use crate::audit::{receipt_hex, AuditLog, Record};
+pub use error::PipelineError;
+pub(crate) use hop::{check_hop, exchange, never_busy, open_stream, Hop};
+pub use hop::{
+    step_timeout, ChainModel, CheckJob, BUSY_PATIENCE, STEP_TIMEOUT, STEP_TIMEOUT_PER_POSITION,
+};
+
+use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::planner::Span;
-use crate::spotcheck::CheckJob;
-use crate::verify::{check_result, Expected, ResultRejection};
-use libp2p::{PeerId, Stream};
+use libp2p::PeerId;
 use potluck_engine::sampling::SamplingParams;
 use potluck_net::streams::PoolStreams;
-use potluck_protocol::codec::MAX_FRAME;
 use potluck_protocol::messages::{
-    ErrorCode, LayerRange, Message, Receipt, SampleSpec, StageForward, StageInputWire,
-    StageOutputWire, StageResult,
+    ErrorCode, LayerRange, Receipt, SampleSpec, StageForward, StageInputWire, StageOutputWire,
+    StageResult,
 };
-use potluck_protocol::signed::Digest;
-use potluck_protocol::stream::{read_frame_async, write_frame_async, Channel};
-use potluck_protocol::ProtocolError;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use thiserror::Error;
-
-/// Base time a stage gets to answer a step.
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Extra time per input position (prefill of long prompts on slow peers).
-pub const STEP_TIMEOUT_PER_POSITION: Duration = Duration::from_millis(20);
-
-/// Longest a step waits on a node that is busy (its connection answers pings) rather than
-/// gone; past it the node counts as failed for the step.
-pub const BUSY_PATIENCE: Duration = Duration::from_secs(300);
-
-/// A `busy` answer for [`exchange`] that never waits past the step timeout.
-pub(crate) fn never_busy(_: PeerId) -> bool {
-    false
-}
-
-/// How long a stage gets to answer a request of `positions` input positions.
-pub fn step_timeout(positions: usize) -> Duration {
-    STEP_TIMEOUT + STEP_TIMEOUT_PER_POSITION * positions.min(u32::MAX as usize) as u32
-}
 
 /// Top alternatives every last stage reports with its token, for spot checks.
 pub const CHECK_TOP_LOGPROBS: u32 = 5;
@@ -60,102 +42,6 @@ pub const FAILOVER_PATIENCE: Duration = Duration::from_secs(120);
 const FAILOVER_POLL: Duration = Duration::from_millis(100);
 /// How long a step waits, in total, on a node whose caches are full before giving up.
 pub const OVERLOAD_PATIENCE: Duration = Duration::from_secs(60);
-
-/// Why a step through the chain failed.
-#[derive(Debug, Error)]
-pub enum PipelineError {
-    /// A stream to a peer could not be opened.
-    #[error("cannot reach {peer}: {reason}")]
-    Unreachable {
-        /// The peer.
-        peer: PeerId,
-        /// What failed.
-        reason: String,
-    },
-    /// The peer did not answer in time.
-    #[error("stage on {peer} gave no answer within {after:?}")]
-    Timeout {
-        /// The peer.
-        peer: PeerId,
-        /// How long it had.
-        after: Duration,
-    },
-    /// The stream to the peer broke or closed.
-    #[error("stage on {peer} failed: {reason}")]
-    Stage {
-        /// The peer.
-        peer: PeerId,
-        /// What failed.
-        reason: String,
-    },
-    /// The peer sent a frame that is not valid protocol.
-    #[error("stage on {peer} sent a bad frame: {why}")]
-    BadFrame {
-        /// The peer.
-        peer: PeerId,
-        /// What was wrong.
-        why: potluck_protocol::ProtocolError,
-    },
-    /// The peer refused the step.
-    #[error("stage on {peer} refused: {code:?}: {reason}")]
-    Refused {
-        /// The peer.
-        peer: PeerId,
-        /// Its error's kind.
-        code: ErrorCode,
-        /// Its error.
-        reason: String,
-    },
-    /// The client went away; the session was ended on purpose.
-    #[error("cancelled")]
-    Cancelled,
-    /// A hop failed and nothing in the pool can take its blocks over.
-    #[error("no node can take over blocks {start}..{end} ({why}) after: {cause}")]
-    NoReplacement {
-        /// First block of the failed hop.
-        start: u32,
-        /// One past its last block.
-        end: u32,
-        /// Why nothing can.
-        why: String,
-        /// What failed.
-        cause: String,
-    },
-    /// The chain has no last stage (an empty or truncated route).
-    #[error("the chain ended without a token")]
-    NoToken,
-    /// Strict mode could not get two agreeing results for a hop (no token is released).
-    #[error("no agreed result for blocks {start}..{end}: {why}")]
-    Disputed {
-        /// First block of the hop.
-        start: u32,
-        /// One past its last block.
-        end: u32,
-        /// Why.
-        why: String,
-    },
-    /// The peer's result did not verify.
-    #[error("result from {peer} rejected: {why}")]
-    Rejected {
-        /// The peer.
-        peer: PeerId,
-        /// Why.
-        why: ResultRejection,
-    },
-}
-
-impl PipelineError {
-    /// The peer that broke the protocol or sent a result that does not verify: one to drop
-    /// from the pool, unlike a peer that was merely slow, busy or gone.
-    pub fn misbehaving_peer(&self) -> Option<PeerId> {
-        match self {
-            PipelineError::BadFrame { peer, .. } | PipelineError::Rejected { peer, .. } => {
-                Some(*peer)
-            }
-            _ => None,
-        }
-    }
-}
 
 /// What others may see of a running session, and the switch that ends it.
 #[derive(Debug, Default)]
@@ -221,98 +107,6 @@ pub trait Reroute: Send + Sync {
     fn measured(&self, _peer: PeerId, _secs: f64, _positions: usize) {}
 }
 
-impl PipelineError {
-    /// Whether another peer may succeed where this one failed. A node still full after
-    /// [`OVERLOAD_PATIENCE`] is busy, not broken: the session ends, the node stays.
-    fn worth_failing_over(&self) -> bool {
-        !matches!(
-            self,
-            PipelineError::Cancelled
-                | PipelineError::NoToken
-                | PipelineError::NoReplacement { .. }
-                | PipelineError::Disputed { .. }
-                | PipelineError::Refused {
-                    code: ErrorCode::BadRequest | ErrorCode::Overloaded,
-                    ..
-                }
-        )
-    }
-
-    /// The peer this error is about, if any.
-    fn peer(&self) -> Option<PeerId> {
-        match self {
-            PipelineError::Unreachable { peer, .. }
-            | PipelineError::Timeout { peer, .. }
-            | PipelineError::Stage { peer, .. }
-            | PipelineError::BadFrame { peer, .. }
-            | PipelineError::Refused { peer, .. }
-            | PipelineError::Rejected { peer, .. } => Some(*peer),
-            PipelineError::Cancelled
-            | PipelineError::NoToken
-            | PipelineError::NoReplacement { .. }
-            | PipelineError::Disputed { .. } => None,
-        }
-    }
-}
-
-/// Checks `result` as hop `hop`'s answer to `req` (`last`: the hop ends the model) and
-/// records the verdict, with the node's receipt, in `audit`.
-pub(crate) fn check_hop(
-    model: &ChainModel,
-    audit: Option<&AuditLog>,
-    hop: &Hop,
-    last: bool,
-    req: &StageForward,
-    result: &StageResult,
-) -> Result<(), PipelineError> {
-    let want = Expected {
-        signer: &hop.span.peer,
-        model: &model.digest,
-        layers: hop.span.range,
-        last,
-        hidden: model.hidden,
-        vocab: model.vocab,
-    };
-    let outcome = check_result(req, result, &want);
-    if let Some(audit) = audit {
-        audit.record(Record::Result {
-            peer: hop.label.clone(),
-            session: req.session,
-            step: req.step,
-            verdict: if outcome.is_ok() {
-                "verified"
-            } else {
-                "rejected"
-            }
-            .into(),
-            detail: outcome
-                .as_ref()
-                .err()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            receipt: Some(receipt_hex(&result.receipt)),
-        });
-    }
-    outcome.map_err(|why| PipelineError::Rejected {
-        peer: hop.peer,
-        why,
-    })
-}
-
-/// Opens a stage stream to `peer`.
-pub(crate) async fn open_stream(
-    control: &mut PoolStreams,
-    peer: PeerId,
-) -> Result<Stream, PipelineError> {
-    tokio::time::timeout(STEP_TIMEOUT, control.open(peer, Channel::Stage))
-        .await
-        .map_err(|_| PipelineError::Unreachable {
-            peer,
-            reason: "timed out".into(),
-        })?
-        .map_err(|reason| PipelineError::Unreachable { peer, reason })
-}
-
 /// Runs of hops `(lo, hi)` around hop `i` of `n`, smallest first: what a failover tries
 /// to replace, from the failed hop alone up to the whole chain.
 fn windows_around(i: usize, n: usize) -> Vec<(usize, usize)> {
@@ -342,87 +136,6 @@ async fn open_hops(
         });
     }
     Ok(hops)
-}
-
-/// One request and its answer on `hop`'s stream, unchecked. A stream that breaks or ends
-/// is a [`PipelineError::Stage`]; bytes that are not protocol are a
-/// [`PipelineError::BadFrame`].
-pub(crate) async fn exchange(
-    hop: &mut Hop,
-    req: &StageForward,
-    timeout: Duration,
-    busy: &(dyn Fn(PeerId) -> bool + Sync),
-) -> Result<Box<StageResult>, PipelineError> {
-    let peer = hop.peer;
-    let stage_err = |reason: String| PipelineError::Stage { peer, reason };
-    let timed_out = |after| PipelineError::Timeout { peer, after };
-    tokio::time::timeout(
-        timeout,
-        write_frame_async(&mut hop.stream, &Message::Forward(req.clone())),
-    )
-    .await
-    .map_err(|_| timed_out(timeout))?
-    .map_err(|e| stage_err(e.to_string()))?;
-    let read = read_frame_async::<Message>(&mut hop.stream, MAX_FRAME);
-    tokio::pin!(read);
-    // A node whose queue is long answers late but still answers its pings: it is waited
-    // for, a timeout at a time, up to [`BUSY_PATIENCE`]; a silent one times out.
-    let mut waited = Duration::ZERO;
-    let answer = loop {
-        match tokio::time::timeout(timeout, &mut read).await {
-            Ok(answer) => break answer,
-            Err(_) => {
-                waited += timeout;
-                if waited >= BUSY_PATIENCE || !busy(peer) {
-                    return Err(timed_out(waited));
-                }
-            }
-        }
-    }
-    .map_err(|why| match why {
-        ProtocolError::Truncated(_) => stage_err(why.to_string()),
-        why => PipelineError::BadFrame { peer, why },
-    })?;
-    match answer {
-        Some(Message::Result(r)) => Ok(r),
-        Some(Message::Error(e)) => Err(PipelineError::Refused {
-            peer,
-            code: e.code,
-            reason: e.message,
-        }),
-        Some(_) => Err(stage_err("answered with a non-result".into())),
-        None => Err(stage_err("closed the stream".into())),
-    }
-}
-
-/// One hop: a span, its peer, and the session's stream to it.
-pub(crate) struct Hop {
-    pub(crate) span: Span,
-    pub(crate) peer: PeerId,
-    /// The peer as a metrics label.
-    pub(crate) label: String,
-    pub(crate) stream: Stream,
-    /// Every request this hop was sent, in order: its inputs, for replay and spot checks.
-    pub(crate) journal: Vec<StageForward>,
-    /// Its results, kept when its work in this session is to be spot-checked.
-    pub(crate) picked: Vec<StageResult>,
-    /// Whether its work in this session is checked (decided at its first result).
-    pub(crate) checked: Option<bool>,
-    /// Strict mode: the same blocks on a second peer, sent every request this hop is.
-    pub(crate) twin: Option<Box<Hop>>,
-}
-
-/// What a session needs to know about the model.
-#[derive(Debug, Clone)]
-pub struct ChainModel {
-    /// The model's digest.
-    pub digest: Digest,
-    /// Hidden width.
-    pub hidden: usize,
-    /// Vocabulary size.
-    pub vocab: usize,
-    /// Context window.
-    pub context: usize,
 }
 
 /// Everything a session's pipeline needs besides its chain.

@@ -11,11 +11,12 @@ pub(crate) use work::{embedded, verify_work, Refusal};
 pub use work::{Embedded, WorkTally};
 
 use crate::audit::AuditLog;
-use crate::daemon::CoordinatorConfig;
+use crate::config::CoordinatorConfig;
 use crate::metrics::Metrics;
 use crate::model::{EmbeddingModel, ServedModel};
 use crate::origin::{Connections, Origin};
 use crate::peer_table::PeerTable;
+use crate::pipeline::CheckJob;
 use crate::pipeline::{
     ChainModel, PipelineError, RemotePipeline, Reroute, SessionContext, SessionHandle,
 };
@@ -24,7 +25,6 @@ use crate::queue::{queued_ms_per_block, StepTimes};
 use crate::redial::{Due, Redials};
 use crate::router::{route_range, PeerCost};
 use crate::share::{MemberId, Share};
-use crate::spotcheck::CheckJob;
 use crate::trust::Trust;
 use libp2p::swarm::ConnectionId;
 use libp2p::PeerId;
@@ -32,7 +32,7 @@ use potluck_engine::generate::{GenerateRequest, GenerateStats, Generation};
 use potluck_engine::sampling::SamplingParams;
 use potluck_net::gate::Gate;
 use potluck_net::streams::PoolStreams;
-use potluck_net::swarm::peer_id_of;
+use potluck_net::swarm::{key_of_peer, peer_id_of};
 use potluck_protocol::membership::Role;
 use potluck_protocol::messages::{LayerRange, Message, ModelRef, ShardAssignment};
 use potluck_protocol::signed::PublicKey;
@@ -225,13 +225,9 @@ impl PoolState {
             .map(|(_, why)| *why)
     }
 
-    /// The key of a known peer, by its libp2p id.
+    /// The key of a known peer, by its libp2p id (which carries the key: no scan).
     pub fn key_of(&self, peer: PeerId) -> Option<PublicKey> {
-        self.table
-            .peers()
-            .iter()
-            .find(|p| peer_id_of(&p.key) == Some(peer))
-            .map(|p| p.key)
+        key_of_peer(&peer).filter(|k| self.table.get(k).is_some())
     }
 }
 
@@ -585,6 +581,16 @@ impl Coordinator {
         &self.metrics
     }
 
+    /// Says `line` to the operator: every operator line of the coordinator goes out here, on
+    /// stdout (which people, scripts and tests read), and with a `kind` it is also kept as
+    /// an event for the dashboard.
+    pub fn say(&self, kind: Option<&'static str>, line: String) {
+        println!("{line}");
+        if let Some(kind) = kind {
+            self.event(kind, line);
+        }
+    }
+
     /// Notes an event for the dashboard (the newest [`EVENT_LOG`] are kept).
     pub fn event(&self, kind: &'static str, message: String) {
         let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
@@ -702,8 +708,7 @@ impl Coordinator {
         for (key, tries) in &back {
             let who = peer_id_of(key).map(|p| p.to_string()).unwrap_or_default();
             let line = format!("peer back {who} after {tries} dials");
-            println!("{line}");
-            self.event("peer", line);
+            self.say(Some("peer"), line);
         }
         if !back.is_empty() {
             self.replan();
@@ -743,8 +748,7 @@ impl Coordinator {
                 st.redials.start(key, Instant::now());
             }
         }
-        println!("{line}");
-        self.event(kind, line);
+        self.say(Some(kind), line);
         self.replan();
         true
     }
@@ -793,8 +797,7 @@ impl Coordinator {
             if leaving {
                 self.state().table.remove(&key);
                 let line = format!("peer left {peer} (advert expired)");
-                println!("{line}");
-                self.event("peer", line);
+                self.say(Some("peer"), line);
                 self.sync_loaded();
             } else {
                 self.unreachable(peer, "its adverts stopped");
@@ -812,9 +815,12 @@ impl Coordinator {
             let name = who.map(|p| p.to_string()).unwrap_or_default();
             match what {
                 Due::Dial { try_no, next_in } => {
-                    println!(
-                        "peer {name} not back; dialling it (try {try_no}), next step in {:.1} s",
-                        next_in.as_secs_f32()
+                    self.say(
+                        None,
+                        format!(
+                            "peer {name} not back; dialling it (try {try_no}), next step in {:.1} s",
+                            next_in.as_secs_f32()
+                        ),
                     );
                     dial.extend(who);
                 }
@@ -829,8 +835,7 @@ impl Coordinator {
                         "peer gone {name}: not back after {} dials",
                         crate::redial::TRIES
                     );
-                    println!("{line}");
-                    self.event("peer", line);
+                    self.say(Some("peer"), line);
                     self.sync_loaded();
                     self.replan();
                 }
@@ -913,9 +918,8 @@ impl Coordinator {
                         describe(&p),
                         p.explain(self.model.shape.layers)
                     );
-                    println!("{line}");
                     self.metrics.plan_changes.inc();
-                    self.event("plan", line);
+                    self.say(Some("plan"), line);
                 }
                 st.plan = Some(p);
                 st.plan_error = None;
@@ -923,7 +927,7 @@ impl Coordinator {
             }
             Err(e) => {
                 if st.plan_error.as_deref() != Some(&e.to_string()) {
-                    println!("no plan: {e}");
+                    self.say(None, format!("no plan: {e}"));
                 }
                 st.plan = None;
                 st.plan_error = Some(e.to_string());
@@ -985,7 +989,10 @@ impl Coordinator {
         let before = self.share.sessions();
         let now = self.share.resize(n);
         if now != before {
-            println!("the pool runs {now} sessions at once (sized by its nodes' memory)");
+            self.say(
+                None,
+                format!("the pool runs {now} sessions at once (sized by its nodes' memory)"),
+            );
         }
     }
 
@@ -1006,9 +1013,12 @@ impl Coordinator {
         let who = peer_id_of(&key).map(|p| p.to_string()).unwrap_or_default();
         match outcome {
             Ok(()) => {
-                println!(
-                    "peer {who} serves blocks {}..{} (epoch {})",
-                    a.layers.start, a.layers.end, a.epoch
+                self.say(
+                    None,
+                    format!(
+                        "peer {who} serves blocks {}..{} (epoch {})",
+                        a.layers.start, a.layers.end, a.epoch
+                    ),
                 );
                 st.loaded.insert(key, a.layers);
                 st.retry_at.remove(&key);
@@ -1174,8 +1184,7 @@ impl Coordinator {
         if back {
             let who = peer_id_of(key).map(|p| p.to_string()).unwrap_or_default();
             let line = format!("peer back {who}: advertising again");
-            println!("{line}");
-            self.event("peer", line);
+            self.say(Some("peer"), line);
             self.replan();
         }
     }

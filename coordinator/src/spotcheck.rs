@@ -10,42 +10,13 @@
 
 use crate::metrics::Metrics;
 use crate::pipeline::{
-    check_hop, exchange, never_busy, open_stream, step_timeout, ChainModel, Hop, PipelineError,
+    check_hop, exchange, never_busy, open_stream, step_timeout, ChainModel, CheckJob, Hop,
+    PipelineError,
 };
 use crate::planner::Span;
 use libp2p::PeerId;
 use potluck_net::streams::PoolStreams;
-use potluck_protocol::messages::{Receipt, StageForward, StageOutputWire, StageResult};
-
-/// A peer's work for one session on one span (a job), to be checked whole.
-#[derive(Debug, Clone)]
-pub struct CheckJob {
-    /// The checked span.
-    pub span: Span,
-    /// The checked peer.
-    pub peer: PeerId,
-    /// Whether the span ends the model (its results are tokens).
-    pub last: bool,
-    /// The hop's requests, in order, up to the last picked one.
-    pub journal: Vec<StageForward>,
-    /// The results to compare, in step order (each answers the journal entry of its step).
-    pub picked: Vec<StageResult>,
-}
-
-impl CheckJob {
-    /// The same job under session id `session`: replayed so, it cannot be told from new work
-    /// (nor linked to the session it came from).
-    pub fn under_session(&self, session: u64) -> Self {
-        let mut job = self.clone();
-        for r in &mut job.journal {
-            r.session = session;
-        }
-        for p in &mut job.picked {
-            p.session = session;
-        }
-        job
-    }
-}
+use potluck_protocol::messages::{Receipt, StageOutputWire, StageResult};
 
 /// The checker's version of one picked result.
 #[derive(Debug, Clone)]

@@ -17,6 +17,7 @@ use std::ops::Range;
 pub const PREFILL_CHUNK: usize = 512;
 
 pub use crate::kv_cache::DEFAULT_KV_BUDGET;
+pub use crate::sampling::argmax;
 
 struct Block {
     attn_norm: Vec<f32>,
@@ -656,15 +657,4 @@ fn rope_row(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32], interleaved: bool
             head[b] = x1 * sin[i] + x2 * cos[i];
         }
     }
-}
-
-/// Index of the largest logit (the first one on ties), for greedy decoding.
-pub fn argmax(logits: &[f32]) -> Option<u32> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &x) in logits.iter().enumerate() {
-        if best.is_none_or(|(_, b)| x > b) {
-            best = Some((i, x));
-        }
-    }
-    best.map(|(i, _)| i as u32)
 }

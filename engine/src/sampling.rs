@@ -113,7 +113,7 @@ impl Sampler {
             logits
         };
         if p.temperature == 0.0 {
-            return crate::llama::argmax(logits).ok_or_else(|| EngineError::bad_input("no logits"));
+            return argmax(logits).ok_or_else(|| EngineError::bad_input("no logits"));
         }
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
@@ -204,4 +204,15 @@ pub fn top_logprobs(logits: &[f32], token: u32, k: usize) -> (f32, Vec<TokenLogp
             })
             .collect(),
     )
+}
+
+/// Index of the largest logit (the first one on ties), for greedy decoding.
+pub fn argmax(logits: &[f32]) -> Option<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &x) in logits.iter().enumerate() {
+        if best.is_none_or(|(_, b)| x > b) {
+            best = Some((i, x));
+        }
+    }
+    best.map(|(i, _)| i as u32)
 }

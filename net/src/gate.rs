@@ -406,7 +406,7 @@ impl Gate {
         if let Some((_, heard)) = self.state().connected.get_mut(&peer) {
             *heard = true;
         }
-        let verdict = hello.and_then(|h| self.judge(&peer, &h, crate::swarm::unix_now()));
+        let verdict = hello.and_then(|h| self.judge(&peer, &h, crate::ids::unix_now()));
         let refused = verdict.as_ref().err().cloned();
         let answer = Message::Admission(Admission {
             refused: refused.clone(),
@@ -463,7 +463,7 @@ impl Gate {
             .certificate
             .as_ref()
             .ok_or("it presented no certificate")?;
-        if crate::swarm::peer_id_of(&cert.body.member) != Some(*peer) {
+        if crate::ids::peer_id_of(&cert.body.member) != Some(*peer) {
             return Err("its certificate names another member key".into());
         }
         let role = self.role_in(pool, cert, now).map_err(|e| e.to_string())?;
@@ -662,7 +662,7 @@ mod tests {
     }
 
     fn peer(k: &Keypair) -> PeerId {
-        crate::swarm::peer_id_of(&k.public()).unwrap()
+        crate::ids::peer_id_of(&k.public()).unwrap()
     }
 
     fn cert(pool: &Keypair, member: &Keypair, serial: u64, expires_at: Option<u64>) -> Certificate {

@@ -5,5 +5,6 @@
 pub mod gate;
 pub mod gated;
 pub mod identity;
+pub mod ids;
 pub mod streams;
 pub mod swarm;

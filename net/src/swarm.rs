@@ -12,6 +12,8 @@ use potluck_protocol::codec::decode_frame;
 use potluck_protocol::messages::Message;
 use std::time::Duration;
 
+pub use crate::ids::{key_of_peer, peer_id_of, peer_in, unix_now};
+
 /// The identify protocol version every Potluck peer announces.
 pub const IDENTIFY_PROTOCOL: &str = "/potluck/id/1";
 
@@ -333,25 +335,4 @@ pub fn handle_common(
         }
         other => Some(other),
     }
-}
-
-/// The peer an address names in its `/p2p/` part, if it names one.
-pub fn peer_in(addr: &libp2p::Multiaddr) -> Option<libp2p::PeerId> {
-    addr.iter().find_map(|p| match p {
-        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
-}
-
-/// The libp2p PeerId that belongs to a Potluck public key.
-pub fn peer_id_of(key: &potluck_protocol::signed::PublicKey) -> Option<libp2p::PeerId> {
-    let ed = identity::ed25519::PublicKey::try_from_bytes(&key.0).ok()?;
-    Some(identity::PublicKey::from(ed).to_peer_id())
-}
-
-/// Seconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

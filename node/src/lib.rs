@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod fault;
 pub mod finder;
 pub mod idle;
+pub mod local_model;
 pub mod probe;
 pub mod serve;
 pub mod shard;

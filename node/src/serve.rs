@@ -5,6 +5,8 @@
 
 use crate::batcher::{BatchLimits, StageQueue};
 use crate::commanders::{Commanders, Order};
+use crate::local_model::weight_label;
+pub use crate::local_model::LocalModel;
 use crate::shard::ShardServer;
 use crate::wire::wire_error;
 use futures::StreamExt;
@@ -23,7 +25,6 @@ use potluck_protocol::stream::{
     read_body_async, read_frame_async, read_header_async, write_frame_async, Channel,
     MAX_CONTROL_FRAME, MAX_WORK_FRAME,
 };
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,15 +47,6 @@ pub const MAX_FOREIGN_SESSIONS: usize = 2;
 const FOREIGN_KV_SHARE: usize = 8;
 /// Once a frame's header has arrived, its body must follow within this.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A model file in the node's cache, as the pool names it.
-#[derive(Debug, Clone)]
-pub struct LocalModel {
-    /// Name and digest.
-    pub model: ModelRef,
-    /// Where the weights are.
-    pub path: PathBuf,
-}
 
 /// The layers a node holds now and the server that runs them.
 pub struct Serving {
@@ -621,20 +613,6 @@ fn kv_budget(file: &WeightFile, range: LayerRange, total: u32, memory_cap: Optio
     stage_kv_budget(memory_cap, weights)
 }
 
-/// The weight type receipts name: the type of the first block's down projection in a GGUF,
-/// the stored float type's stand-in for safetensors (held as f32).
-pub(crate) fn weight_label(file: &WeightFile) -> String {
-    match file {
-        WeightFile::Gguf(g) => g
-            .content()
-            .tensor_infos
-            .get("blk.0.ffn_down.weight")
-            .map_or_else(|| "unknown".into(), |t| format!("{:?}", t.ggml_dtype)),
-        WeightFile::Safetensors { .. } => "F32".into(),
-    }
-}
-
-/// A message's kind, for logs (never its contents).
 /// The answer to a peer that may not command this node, logged.
 fn refuse(peer: PeerId, what: &str) -> Message {
     tracing::warn!(%peer, "refused {what} from peer {peer}: it is not this node's coordinator");

@@ -2,7 +2,7 @@
 //! runs on a model it holds entirely, one at a time, signing a receipt for each result. Models load on first use
 //! and stay loaded; a bad unit gets a typed error and the node keeps serving.
 
-use crate::serve::LocalModel;
+use crate::local_model::LocalModel;
 use crate::wire::{engine_error, wire_error};
 use potluck_engine::bert::Encoder;
 use potluck_engine::generate::{generate, load_tokenizer, FinishReason, GenerateRequest};
@@ -224,7 +224,7 @@ impl Workers {
             Ok(Mutex::new(Decoder {
                 stage: Stage::load(&file, 0..layers, DEFAULT_KV_BUDGET)?,
                 tokenizer: load_tokenizer(&file)?,
-                weights: crate::serve::weight_label(&file),
+                weights: crate::local_model::weight_label(&file),
             }))
         })
         .await

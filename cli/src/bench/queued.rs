@@ -4,7 +4,7 @@
 //! figure an upper bound). Every request is sent and held unread; once the pool counts them
 //! all, running or waiting for a slot, the process is measured, and then the clients hang up.
 
-use crate::bench::BenchArgs;
+use super::args::BenchArgs;
 use crate::models::ModelCache;
 use anyhow::{bail, Context, Result};
 use std::time::{Duration, Instant};
@@ -27,8 +27,8 @@ pub fn run(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
         bail!("--queued must be at least 1");
     }
     crate::pool::runtime()?.block_on(async {
-        let (c, base, _nodes) = crate::bench::pinned_pool(cache, args, "one", 1).await?;
-        let addr = crate::bench::serve_api(&c).await?;
+        let (c, base, _nodes) = super::local::pinned_pool(cache, args, "one", 1).await?;
+        let addr = super::local::serve_api(&c).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (rss_before, threads_before) = (status("VmRSS")?, status("Threads")?);
         let mut held = Vec::with_capacity(clients);

@@ -3,29 +3,17 @@
 //! compute thread. N texts are embedded on one node, then a second node joins and the same
 //! texts are embedded again, in one run.
 
-use crate::bench::BenchArgs;
+use super::args::BenchArgs;
+use super::local::{pinned_coordinator, spawn_node, Nodes};
 use crate::models::ModelCache;
 use anyhow::{bail, Context, Result};
 use potluck_coordinator::daemon as coordinator;
 use potluck_coordinator::pool::Coordinator;
 use potluck_protocol::messages::ModelRef;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Measured runs per node count; the median is reported.
 const RUNS: usize = 3;
-
-/// Kills the node processes however the bench ends.
-pub(crate) struct Nodes(pub(crate) Vec<Child>);
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// Texts of everyday length (8 to 40 words), varied so the batches pad as real ones do.
 fn texts(n: usize) -> Vec<String> {
@@ -61,57 +49,6 @@ fn texts(n: usize) -> Vec<String> {
                 .join(" ")
         })
         .collect()
-}
-
-/// Starts `potluck node` on core `core` with one compute thread, joining through
-/// `bootstrap`, with `extra` flags; its data folder is `base/node{core}`.
-pub(crate) fn spawn_node(
-    base: &std::path::Path,
-    pool: &str,
-    core: usize,
-    bootstrap: &str,
-    extra: &[String],
-) -> Result<Child> {
-    let exe = std::env::current_exe().context("finding the potluck binary")?;
-    let dir = base.join(format!("node{core}"));
-    Command::new(exe)
-        .args(["node", "--pool", pool, "--no-mdns", "--threads", "1"])
-        .args(extra)
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--advert-interval", "1"])
-        .arg("--cpus")
-        .arg(core.to_string())
-        .arg("--bootstrap")
-        .arg(bootstrap)
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting a node")
-}
-
-/// For a bench (`flag`) that pins `nodes` node processes one per core: checks the machine
-/// has the cores, and returns the folder it keeps its state in, its public pool's name, and
-/// the config of a coordinator in this process on loopback.
-pub(crate) fn pinned_coordinator(
-    tag: &str,
-    nodes: usize,
-    flag: &str,
-) -> Result<(std::path::PathBuf, String, coordinator::CoordinatorConfig)> {
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    if cores < nodes {
-        bail!("{flag} pins {nodes} nodes to their own cores; this machine has {cores}");
-    }
-    let id = std::process::id();
-    let base = std::env::temp_dir().join(format!("potluck-bench-{tag}-{id}"));
-    let pool = format!("bench-{tag}-{id}");
-    let cfg = coordinator::CoordinatorConfig::new(
-        base.join("coordinator"),
-        potluck_net::gate::PoolMembership::Public { name: pool.clone() },
-        vec!["/ip4/127.0.0.1/tcp/0".parse()?],
-        false,
-    );
-    Ok((base, pool, cfg))
 }
 
 /// Waits until `n` nodes offer `model`.

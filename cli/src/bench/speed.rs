@@ -1,92 +1,13 @@
-//! `potluck bench`: prefill and decode speed on this machine, as medians of several runs;
-//! with `--pool N`, the same through a pipeline of N nodes on loopback, measured in the same
-//! run as one process, with the cost of each hop.
+//! Prefill and decode speed on this machine, in one process and through a pool of nodes on
+//! loopback beside it; the batched step; many clients at once; the stall of a failover.
 
+use super::args::BenchArgs;
+use super::local::{bench_sessions, pinned_batches, pinned_pool, serve_api, share_memory};
 use crate::models::ModelCache;
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use potluck_engine::generate::{LocalPipeline, TokenSource};
 use potluck_engine::sampling::{Sampler, SamplingParams};
 use std::time::Instant;
-
-/// Flags of `potluck bench`.
-#[derive(Args)]
-pub struct BenchArgs {
-    /// Model: short name or path.
-    #[arg(long, default_value = crate::catalog::DEFAULT_MODEL)]
-    pub model: String,
-    /// Compute threads.
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Prompt length for the prefill measurement.
-    #[arg(long, default_value_t = 128)]
-    pub prompt_tokens: usize,
-    /// Tokens for the decode measurement.
-    #[arg(long, default_value_t = 64)]
-    pub gen_tokens: usize,
-    /// Runs; the median is reported.
-    #[arg(long, default_value_t = 5)]
-    pub runs: usize,
-    /// Split the model into this many in-process stages.
-    #[arg(long, default_value_t = 1)]
-    pub stages: usize,
-    /// Also run through a pool of this many nodes (in this process, over loopback libp2p),
-    /// each allowed about 1/N of the model.
-    #[arg(long)]
-    pub pool: Option<usize>,
-    /// Instead: this many streaming API clients at once (against --url, or a pool of
-    /// --pool nodes, default 1, started here), each generating --gen-tokens tokens.
-    #[arg(long)]
-    pub clients: Option<usize>,
-    /// Instead: the coordinator's cost of this many clients waiting at once: a pool of one
-    /// pinned node, every request sent and held, this process's memory and threads before
-    /// and with them.
-    #[arg(long)]
-    pub queued: Option<usize>,
-    /// The API to load (host:port); default: a pool started in this process.
-    #[arg(long)]
-    pub url: Option<String>,
-    /// Instead: the stall a node crash costs a running session, with --prompt-tokens of
-    /// context: `replica` (2 nodes holding the whole model; the serving one crashes) or
-    /// `replan` (3 nodes holding half each; one whose span has no replica crashes and its
-    /// blocks are re-planned onto the others).
-    #[arg(long)]
-    pub failover: Option<String>,
-    /// Instead: how far honest recomputations of stage results fall from the originals
-    /// (the spot checks' tolerances), over this many sessions of --gen-tokens tokens.
-    #[arg(long)]
-    pub checks: Option<usize>,
-    /// Instead: the engine's batched step in this process, at 1, 4, 16 and 64 sessions (or
-    /// these, comma-separated): each session prefills --prompt-tokens, then all decode
-    /// --gen-tokens tokens together, one batch per step.
-    #[arg(long, value_delimiter = ',', num_args = 0..)]
-    pub batched: Option<Vec<usize>>,
-    /// With --clients: the pool is a coordinator here and `potluck node` processes, each
-    /// pinned to its own core with one thread: `one` node, two as a pipeline `split`, or two
-    /// whole-model `replicas`; stage parallelism is then real on a small machine.
-    #[arg(long)]
-    pub pinned: Option<String>,
-    /// With --clients: copies of each span in the pool started here (spot checks need a
-    /// second copy to recompute on).
-    #[arg(long, default_value_t = 1)]
-    pub replicas: usize,
-    /// With --clients: rounds of the load run on the same pool (later rounds show the
-    /// checks' cost once nodes are trusted).
-    #[arg(long, default_value_t = 1)]
-    pub rounds: usize,
-    /// With --clients or --failover: least share of jobs spot-checked (new nodes: all);
-    /// 0: no spot checks.
-    #[arg(long, default_value_t = potluck_coordinator::trust::DEFAULT_P_MIN)]
-    pub check_share: f64,
-    /// Instead: how soon the check policy catches a cheating peer, simulated over this
-    /// many peers per setting.
-    #[arg(long)]
-    pub detection: Option<usize>,
-    /// Instead: embedding throughput of this many texts on 1 node, then on 2 (each a
-    /// `potluck node` process pinned to its own core), in one run.
-    #[arg(long)]
-    pub embed: Option<usize>,
-}
 
 /// Medians of one configuration.
 struct Speeds {
@@ -252,7 +173,7 @@ async fn bench_pool_with(
         model,
         &base,
         &vec![limits; nodes],
-        potluck_coordinator::daemon::CoordinatorConfig {
+        potluck_coordinator::config::CoordinatorConfig {
             check_share: args.check_share,
             // Every client runs at once: the bench measures the stages' batching, and the
             // small caches it gives its nodes would otherwise size the pool at a few.
@@ -264,113 +185,14 @@ async fn bench_pool_with(
     Ok((c, base))
 }
 
-/// Sessions a bench pool runs at once for `clients` clients.
-fn bench_sessions(clients: usize) -> usize {
-    clients.max(potluck_coordinator::pool::DEFAULT_MAX_SESSIONS)
-}
-
-/// Memory for a 1/`share` of the model plus one block (so exactly `share` nodes are
-/// needed), with the edges and reserve. A node meant to hold the whole model gets no cap:
-/// its KV caches get the default budget, as a user's node would, rather than room for a
-/// few sessions.
-fn share_memory(shape: &potluck_coordinator::planner::ModelShape, share: u64) -> Option<u64> {
-    if share <= 1 {
-        return None;
-    }
-    let blocks = (shape.layers as u64).div_ceil(share) + 1;
-    Some(shape.reserve_bytes + shape.edge_bytes + blocks * shape.layer_bytes)
-}
-
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
-/// Runs `potluck bench`.
-pub fn run(cache: &ModelCache, args: BenchArgs) -> Result<()> {
-    crate::set_threads(args.threads)?;
-    if let Some(clients) = args.clients {
-        return load(cache, &args, clients);
-    }
-    if let Some(mode) = &args.failover {
-        return failover(cache, &args, mode);
-    }
-    if let Some(texts) = args.embed {
-        return crate::bench_embed::run(cache, &args, texts);
-    }
-    if let Some(clients) = args.queued {
-        return crate::bench_queued::run(cache, &args, clients);
-    }
-    if let Some(trials) = args.detection {
-        return crate::bench_checks::detection(trials);
-    }
-    if let Some(sessions) = args.checks {
-        return crate::bench_checks::run(cache, &args.model, sessions, args.gen_tokens);
-    }
-    if args.runs == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 {
-        bail!("--runs, --prompt-tokens and --gen-tokens must be at least 1");
-    }
-    if let Some(sizes) = &args.batched {
-        return batched(cache, &args, sizes);
-    }
-    let (mut stages, tok) = crate::generate::load_stages(cache, &args.model, args.stages)?;
-    let ctx = stages[0].config().context;
-    if args.prompt_tokens + args.gen_tokens > ctx {
-        bail!("prompt + generated tokens exceed the model's context of {ctx}");
-    }
-    let seed_text = "The quick brown fox jumps over the lazy dog. Potluck pools idle computers. ";
-    let mut prompt = tok.encode(&seed_text.repeat(1 + args.prompt_tokens / 8))?;
-    prompt.truncate(args.prompt_tokens);
-    let greedy = SamplingParams::default();
-    let mut sampler = Sampler::new(greedy.clone())?;
-    let local = medians(args.runs, prompt.len(), args.gen_tokens, |session| {
-        let mut p = LocalPipeline {
-            stages: &mut stages,
-            session,
-            sampler: &mut sampler,
-        };
-        let r = one_run(&mut p, &prompt, args.gen_tokens);
-        for s in stages.iter_mut() {
-            s.end_session(session);
-        }
-        r
-    })?;
-    let threads: usize = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    println!(
-        "model {} threads {threads} stages {}: prefill {} tokens {:.1} t/s, decode {} tokens {:.1} t/s (median of {})",
-        args.model,
-        args.stages,
-        prompt.len(),
-        local.prefill_tps,
-        args.gen_tokens,
-        local.decode_tps,
-        args.runs
-    );
-    let Some(nodes) = args.pool else {
-        return Ok(());
-    };
-    drop(stages);
-    let pool = pool_speeds(cache, &args, nodes, &prompt, greedy)?;
-    let hops = nodes as f64;
-    println!(
-        "pool of {nodes} nodes: prefill {:.1} t/s ({:.2}x one process), decode {:.1} t/s ({:.2}x); cost per hop: {:.2} ms per decode token, {:.2} ms per {}-token prefill",
-        pool.prefill_tps,
-        pool.prefill_tps / local.prefill_tps,
-        pool.decode_tps,
-        pool.decode_tps / local.decode_tps,
-        (pool.token_secs - local.token_secs) * 1000.0 / hops,
-        (pool.prefill_secs - local.prefill_secs) * 1000.0 / hops,
-        prompt.len(),
-    );
-    Ok(())
-}
-
 /// `--batched`: decode speed of one stage holding the whole model when every step runs the
 /// rows of N sessions as one batch, beside N = 1 in the same run.
-fn batched(cache: &ModelCache, args: &BenchArgs, sizes: &[usize]) -> Result<()> {
+pub(super) fn batched(cache: &ModelCache, args: &BenchArgs, sizes: &[usize]) -> Result<()> {
     use potluck_engine::llama::{BatchItem, StageInput, StageOutput};
     let sizes: Vec<usize> = if sizes.is_empty() {
         vec![1, 4, 16, 64]
@@ -491,20 +313,8 @@ impl CheckTotals {
     }
 }
 
-/// Serves `c`'s HTTP API on a free loopback port; returns its `host:port`.
-pub(crate) async fn serve_api(c: &potluck_coordinator::pool::Coordinator) -> Result<String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?.to_string();
-    tokio::spawn(potluck_coordinator::http::serve(
-        listener,
-        c.clone(),
-        potluck_coordinator::http::HttpOptions::default(),
-    ));
-    Ok(addr)
-}
-
 /// `--clients N`: the load run.
-fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
+pub(super) fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
     if clients == 0 || args.gen_tokens == 0 {
         bail!("--clients and --gen-tokens must be at least 1");
     }
@@ -560,91 +370,9 @@ fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
     Ok(())
 }
 
-/// `--pinned MODE`: a coordinator in this process (room for `clients` sessions) and node
-/// processes pinned one per core: its handle, the folder to remove, the nodes and their
-/// data folders.
-pub(crate) async fn pinned_pool(
-    cache: &ModelCache,
-    args: &BenchArgs,
-    mode: &str,
-    clients: usize,
-) -> Result<(
-    potluck_coordinator::pool::Coordinator,
-    std::path::PathBuf,
-    (crate::bench_embed::Nodes, Vec<std::path::PathBuf>),
-)> {
-    use potluck_coordinator::daemon as coordinator;
-    let model = crate::pool::served_model(cache, &args.model)?;
-    let shape = model.shape.clone();
-    let (count, share) = match mode {
-        "one" => (1, 1),
-        "split" => (2, 2),
-        "replicas" => (2, 1),
-        other => bail!("--pinned takes one, split or replicas, not {other}"),
-    };
-    let (base, pool, mut cfg) =
-        crate::bench_embed::pinned_coordinator("pinned", count, &format!("--pinned {mode}"))?;
-    let memory = share_memory(&shape, share);
-    cfg.max_sessions = Some(bench_sessions(clients));
-    cfg.check_share = args.check_share;
-    let running = coordinator::start(cfg, model)?;
-    let c = running.coordinator.clone();
-    let bootstrap = crate::pool::local_address(running.listening)
-        .await?
-        .to_string();
-    let extra: Vec<String> = memory
-        .map(|m| vec!["--max-memory".to_string(), m.to_string()])
-        .unwrap_or_default();
-    let mut nodes = crate::bench_embed::Nodes(Vec::new());
-    let mut dirs = Vec::new();
-    for core in 0..count {
-        nodes.0.push(crate::bench_embed::spawn_node(
-            &base, &pool, core, &bootstrap, &extra,
-        )?);
-        dirs.push(base.join(format!("node{core}")));
-    }
-    c.wait_ready(std::time::Duration::from_secs(120))
-        .await
-        .context("the pinned pool did not become ready")?;
-    // Every node serves before the clients come, or a replica still loading gets no session.
-    let deadline = Instant::now() + std::time::Duration::from_secs(120);
-    let loaded = |d: &std::path::PathBuf| {
-        potluck_node::control::ask(d, potluck_node::control::Command::Status)
-            .is_ok_and(|v| !v["loaded"].is_null())
-    };
-    while !dirs.iter().all(loaded) {
-        if Instant::now() > deadline {
-            bail!("the pinned nodes did not all load their blocks in time");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    Ok((c, base, (nodes, dirs)))
-}
-
-/// Each pinned node's stage batches so far, from its control socket.
-fn pinned_batches(dirs: &[std::path::PathBuf], nodes: usize) -> String {
-    let each: Vec<String> = dirs
-        .iter()
-        .take(nodes)
-        .map(
-            |d| match potluck_node::control::ask(d, potluck_node::control::Command::Status) {
-                Ok(v) => format!(
-                    "{} batches, mean {:.1} rows, busy {:.0}%",
-                    v["batches"]["batches"],
-                    v["batches"]["mean_rows"].as_f64().unwrap_or(f64::NAN),
-                    100.0 * v["batches"]["busy_share"].as_f64().unwrap_or(f64::NAN)
-                ),
-                Err(e) => format!("no status: {e}"),
-            },
-        )
-        .collect();
-    format!("pinned nodes: {}", each.join("; "))
-}
-
 /// `--failover MODE`: the time from a node's crash to the session's next token, beside the
 /// time of an ordinary token in the same session.
-fn failover(cache: &ModelCache, args: &BenchArgs, mode: &str) -> Result<()> {
+pub(super) fn failover(cache: &ModelCache, args: &BenchArgs, mode: &str) -> Result<()> {
     let (nodes, share) = match mode {
         "replica" => (2, 1),
         "replan" => (3, 2),
@@ -703,4 +431,62 @@ fn failover(cache: &ModelCache, args: &BenchArgs, mode: &str) -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// The speed of prefill and decode in one process (split into `--stages`), and through a
+/// pool of `--pool` nodes beside it.
+pub(super) fn measure(cache: &ModelCache, args: &BenchArgs) -> Result<()> {
+    let (mut stages, tok) = crate::generate::load_stages(cache, &args.model, args.stages)?;
+    let ctx = stages[0].config().context;
+    if args.prompt_tokens + args.gen_tokens > ctx {
+        bail!("prompt + generated tokens exceed the model's context of {ctx}");
+    }
+    let seed_text = "The quick brown fox jumps over the lazy dog. Potluck pools idle computers. ";
+    let mut prompt = tok.encode(&seed_text.repeat(1 + args.prompt_tokens / 8))?;
+    prompt.truncate(args.prompt_tokens);
+    let greedy = SamplingParams::default();
+    let mut sampler = Sampler::new(greedy.clone())?;
+    let local = medians(args.runs, prompt.len(), args.gen_tokens, |session| {
+        let mut p = LocalPipeline {
+            stages: &mut stages,
+            session,
+            sampler: &mut sampler,
+        };
+        let r = one_run(&mut p, &prompt, args.gen_tokens);
+        for s in stages.iter_mut() {
+            s.end_session(session);
+        }
+        r
+    })?;
+    let threads: usize = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "model {} threads {threads} stages {}: prefill {} tokens {:.1} t/s, decode {} tokens {:.1} t/s (median of {})",
+        args.model,
+        args.stages,
+        prompt.len(),
+        local.prefill_tps,
+        args.gen_tokens,
+        local.decode_tps,
+        args.runs
+    );
+    let Some(nodes) = args.pool else {
+        return Ok(());
+    };
+    drop(stages);
+    let pool = pool_speeds(cache, args, nodes, &prompt, greedy)?;
+    let hops = nodes as f64;
+    println!(
+        "pool of {nodes} nodes: prefill {:.1} t/s ({:.2}x one process), decode {:.1} t/s ({:.2}x); cost per hop: {:.2} ms per decode token, {:.2} ms per {}-token prefill",
+        pool.prefill_tps,
+        pool.prefill_tps / local.prefill_tps,
+        pool.decode_tps,
+        pool.decode_tps / local.decode_tps,
+        (pool.token_secs - local.token_secs) * 1000.0 / hops,
+        (pool.prefill_secs - local.prefill_secs) * 1000.0 / hops,
+        prompt.len(),
+    );
+    Ok(())
 }
