@@ -515,7 +515,8 @@ fn forged_and_replayed_receipts_are_refused_and_their_nodes_dropped() {
         for c in clients {
             let (status, v) = c.join().expect("client");
             if status != 200 {
-                let _ = coord.wait_for(Instant::now(), |_| false);
+                // Everything the coordinator said up to now, to tell why.
+                let _ = coord.wait_for(Instant::now() + Duration::from_secs(2), |_| false);
                 panic!(
                     "round {round}: {status} {v}; coordinator: {:#?}",
                     coord.seen

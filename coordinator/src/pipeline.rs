@@ -52,7 +52,8 @@ pub struct SessionHandle {
     pub cancelled: AtomicBool,
 }
 
-/// What a pipeline asks of its pool when a hop fails.
+/// What a pipeline asks of its pool when a hop fails or is slow: where else its blocks are,
+/// and whom to stop counting on.
 pub trait Reroute: Send + Sync {
     /// Loaded spans covering blocks `start..end` as a chain, avoiding `avoid`: `Ok(None)`
     /// while the pool is still loading a replacement, `Err(why)` when no plan can cover the
@@ -68,6 +69,19 @@ pub trait Reroute: Send + Sync {
     fn excluded(&self, peer: PeerId) -> bool;
     /// Reports that `peer` failed a step, so plans and routes stop counting on it.
     fn failed(&self, peer: PeerId, why: &PipelineError);
+    /// Whether `peer` is busy rather than gone or stalling: its connection answered a ping
+    /// and it answered some session's step lately, so a late answer is worth waiting for.
+    fn busy(&self, _peer: PeerId) -> bool {
+        false
+    }
+    /// Reports that a step of `positions` input positions on `peer` took `secs`, queue and
+    /// compute and round trip, as this session saw it.
+    fn measured(&self, _peer: PeerId, _secs: f64, _positions: usize) {}
+}
+
+/// What a pipeline asks of its pool to check its hops' work: whether a job is picked, where
+/// to send it, and strict mode's second and third opinions.
+pub trait Checks: Send + Sync {
     /// Whether `peer`'s work in a session (its job), which just started, is to be
     /// spot-checked.
     fn pick(&self, _peer: PeerId) -> bool {
@@ -97,15 +111,12 @@ pub trait Reroute: Send + Sync {
     }
     /// Reports that two other peers agreed against `peer`'s result.
     fn disputed(&self, _peer: PeerId, _why: &str) {}
-    /// Whether `peer` is busy rather than gone or stalling: its connection answered a ping
-    /// and it answered some session's step lately, so a late answer is worth waiting for.
-    fn busy(&self, _peer: PeerId) -> bool {
-        false
-    }
-    /// Reports that a step of `positions` input positions on `peer` took `secs`, queue and
-    /// compute and round trip, as this session saw it.
-    fn measured(&self, _peer: PeerId, _secs: f64, _positions: usize) {}
 }
+
+/// A pool a session runs in: it reroutes and it checks.
+pub trait SessionPool: Reroute + Checks {}
+
+impl<T: Reroute + Checks> SessionPool for T {}
 
 /// Runs of hops `(lo, hi)` around hop `i` of `n`, smallest first: what a failover tries
 /// to replace, from the failed hop alone up to the whole chain.
@@ -150,8 +161,9 @@ pub struct SessionContext {
     pub metrics: Arc<Metrics>,
     /// Live counters and the cancel switch.
     pub handle: Arc<SessionHandle>,
-    /// The pool to ask for replacements when a hop fails (none: fail instead).
-    pub reroute: Option<Arc<dyn Reroute>>,
+    /// The pool to ask for replacements when a hop fails and to check hops' work (none:
+    /// fail instead, check nothing).
+    pub pool: Option<Arc<dyn SessionPool>>,
     /// Where every verdict on a stage result is recorded (none: nowhere).
     pub audit: Option<AuditLog>,
     /// Dropped when the session ends: whatever the pool counts for it.
@@ -171,7 +183,7 @@ pub struct RemotePipeline {
     receipts: Vec<Receipt>,
     metrics: Arc<Metrics>,
     handle: Arc<SessionHandle>,
-    reroute: Option<Arc<dyn Reroute>>,
+    pool: Option<Arc<dyn SessionPool>>,
     audit: Option<AuditLog>,
     avoid: HashSet<PeerId>,
     _guard: Option<Box<dyn Send + Sync>>,
@@ -191,7 +203,7 @@ impl RemotePipeline {
             sampling,
             metrics,
             handle,
-            reroute,
+            pool,
             audit,
             guard,
             strict,
@@ -207,7 +219,7 @@ impl RemotePipeline {
             receipts: Vec::new(),
             metrics,
             handle,
-            reroute,
+            pool,
             audit,
             avoid: HashSet::new(),
             _guard: guard,
@@ -261,7 +273,7 @@ impl RemotePipeline {
         let sample = self.sample_spec(history);
         let timeout = step_timeout(tokens.len());
         // Move off peers that are leaving (or were dropped) before they are gone.
-        if let Some(reroute) = self.reroute.clone() {
+        if let Some(reroute) = self.pool.clone() {
             let mut i = 0;
             while i < self.hops.len() {
                 let peer = self.hops[i].peer;
@@ -320,11 +332,11 @@ impl RemotePipeline {
             };
             self.metrics.check("verified");
             let hop_secs = hop_started.elapsed().as_secs_f64();
-            if let Some(r) = &self.reroute {
+            if let Some(r) = &self.pool {
                 r.measured(self.hops[i].peer, hop_secs, req.input.positions());
             }
             // Strict mode compares every result already.
-            let reroute = self.reroute.clone().filter(|_| !self.strict);
+            let reroute = self.pool.clone().filter(|_| !self.strict);
             let hop = &mut self.hops[i];
             self.metrics.stage(&hop.label, hop_secs);
             hop.journal.push(req);
@@ -364,7 +376,7 @@ impl RemotePipeline {
     /// Whether a late hop is worth waiting for: the session is still wanted and its peer
     /// is busy, not gone (see [`Reroute::busy`]).
     fn patience(&self) -> impl Fn(PeerId) -> bool + Sync + 'static {
-        let (reroute, handle) = (self.reroute.clone(), self.handle.clone());
+        let (reroute, handle) = (self.pool.clone(), self.handle.clone());
         move |peer| {
             !handle.cancelled.load(Ordering::Relaxed)
                 && reroute.as_ref().is_some_and(|r| r.busy(peer))
@@ -448,7 +460,7 @@ impl RemotePipeline {
         timeout: Duration,
         through: usize,
     ) -> Result<(usize, Option<StageInputWire>), PipelineError> {
-        let Some(reroute) = self.reroute.clone() else {
+        let Some(reroute) = self.pool.clone() else {
             return Err(cause);
         };
         let failed = cause.peer().unwrap_or(self.hops[i].peer);
@@ -580,7 +592,7 @@ impl RemotePipeline {
 
     /// Hands a hop that leaves the chain over for its picked results to be checked.
     fn retire(&self, hop: Hop) {
-        let (Some(reroute), Some(last_pick)) = (&self.reroute, hop.picked.last()) else {
+        let (Some(reroute), Some(last_pick)) = (&self.pool, hop.picked.last()) else {
             return;
         };
         let upto = hop

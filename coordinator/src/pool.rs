@@ -18,7 +18,7 @@ use crate::origin::{Connections, Origin};
 use crate::peer_table::PeerTable;
 use crate::pipeline::CheckJob;
 use crate::pipeline::{
-    ChainModel, PipelineError, RemotePipeline, Reroute, SessionContext, SessionHandle,
+    ChainModel, Checks, PipelineError, RemotePipeline, Reroute, SessionContext, SessionHandle,
 };
 use crate::planner::{plan, Plan, PlanPeer, Span};
 use crate::queue::{queued_ms_per_block, StepTimes};
@@ -1239,7 +1239,7 @@ impl Coordinator {
             sampling,
             metrics: self.metrics.clone(),
             handle,
-            reroute: Some(Arc::new(self.clone())),
+            pool: Some(Arc::new(self.clone())),
             audit: self.audit.clone(),
             guard: Some(Box::new(load)),
             strict: self.strict,
@@ -1419,6 +1419,27 @@ impl Reroute for Coordinator {
         }
     }
 
+    fn busy(&self, peer: PeerId) -> bool {
+        let answering = self
+            .step_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .answering(&peer, Instant::now(), ALIVE_WINDOW);
+        answering && self.alive(peer)
+    }
+
+    fn measured(&self, peer: PeerId, secs: f64, positions: usize) {
+        let mut times = self.step_times.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        times.answered(peer, now);
+        // Decode steps are what a new session will wait on; prefills cost by their length.
+        if positions == 1 {
+            times.observe(peer, secs, now);
+        }
+    }
+}
+
+impl Checks for Coordinator {
     fn pick(&self, peer: PeerId) -> bool {
         self.pick_for_check(peer)
     }
@@ -1448,24 +1469,5 @@ impl Reroute for Coordinator {
     fn disputed(&self, peer: PeerId, why: &str) {
         self.record_trust(peer, crate::compare::Verdict::Fail);
         self.quarantine(peer, why);
-    }
-
-    fn busy(&self, peer: PeerId) -> bool {
-        let answering = self
-            .step_times
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .answering(&peer, Instant::now(), ALIVE_WINDOW);
-        answering && self.alive(peer)
-    }
-
-    fn measured(&self, peer: PeerId, secs: f64, positions: usize) {
-        let mut times = self.step_times.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        times.answered(peer, now);
-        // Decode steps are what a new session will wait on; prefills cost by their length.
-        if positions == 1 {
-            times.observe(peer, secs, now);
-        }
     }
 }

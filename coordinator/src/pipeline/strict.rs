@@ -24,7 +24,7 @@ impl RemotePipeline {
         disputants: Option<&[libp2p::PeerId]>,
         timeout: Duration,
     ) -> Result<Option<Hop>, PipelineError> {
-        let Some(reroute) = self.reroute.clone() else {
+        let Some(reroute) = self.pool.clone() else {
             return Ok(None);
         };
         let range = self.hops[i].span.range;
@@ -131,7 +131,7 @@ impl RemotePipeline {
                 &decider,
             )?;
             third.journal.push(req.clone());
-            let reroute = self.reroute.clone();
+            let reroute = self.pool.clone();
             let loser = if agree(&mine, &decider) {
                 let loser = twin.peer;
                 self.hops[i].twin = Some(Box::new(third));
