@@ -32,6 +32,8 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
 pub struct Running {
     /// Sessions and pool state.
     pub coordinator: Coordinator,
+    /// Files, batches and the credit ledger.
+    pub batches: Arc<Batches>,
     /// Listen addresses (with /p2p/ id), for nodes' `--bootstrap`.
     pub listening: watch::Receiver<Vec<Multiaddr>>,
 }
@@ -104,13 +106,19 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
         expire_old_work(store.clone(), keep);
     }
     let batches = Batches::new(store, cfg.batch_quorum);
+    let ledger = batches.store.clone();
     let coordinator = Coordinator::new(model, streams, &cfg, Some(audit), share)
-        .with_batches(batches.clone())
-        .with_gate(gate.clone());
+        .with_gate(gate.clone())
+        .on_quarantine(move |peer| {
+            if let Err(e) = ledger.void_credit(&peer.to_string()) {
+                tracing::warn!(%peer, "voiding credit: {e}");
+            }
+        });
     let mut revocations = cfg.pool_dir.as_deref().map(RevocationWatch::new);
     batches.spawn(coordinator.clone());
     let (addrs_tx, listening) = watch::channel(Vec::new());
     let handle = coordinator.clone();
+    let ledger = batches.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut credit_tick = tokio::time::interval(CREDIT_REFRESH);
@@ -132,7 +140,7 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                     continue;
                 }
                 _ = credit_tick.tick() => {
-                    handle.refresh_member_credits();
+                    refresh_member_credits(&ledger, handle.share());
                     continue;
                 }
                 _ = chart_tick.tick() => {
@@ -208,8 +216,35 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
     });
     Ok(Running {
         coordinator,
+        batches,
         listening,
     })
+}
+
+impl Running {
+    /// What the HTTP API serves: this coordinator and its batch runner.
+    pub fn app(&self) -> crate::http::AppState {
+        crate::http::AppState {
+            pool: self.coordinator.clone(),
+            batches: Some(self.batches.clone()),
+        }
+    }
+}
+
+/// Raises members' weights by the validated work their nodes were credited with (read from
+/// the job store off the async threads).
+fn refresh_member_credits(batches: &Batches, share: &Arc<Share>) {
+    let (store, share) = (batches.store.clone(), share.clone());
+    tokio::task::spawn_blocking(move || match store.credits() {
+        Ok(credits) => {
+            let by_peer = credits
+                .into_iter()
+                .map(|c| (c.peer, c.tokens as f64))
+                .collect();
+            share.set_credits(&by_peer);
+        }
+        Err(e) => tracing::warn!("reading the credit ledger: {e}"),
+    });
 }
 
 /// Tells the pool's peers of `new` revocations, in gossip-sized batches; each peer checks

@@ -248,6 +248,8 @@ pub struct Coordinator {
     share: Arc<Share>,
     /// Who may connect (a private pool's certificates and revocations).
     gate: Option<Gate>,
+    /// Told of every peer quarantined (the job store voids its credit).
+    on_quarantine: Option<Arc<dyn Fn(PeerId) + Send + Sync>>,
     /// Whether text stays on trusted peers, and the peers trusted by name.
     private_edges: Arc<PrivateEdges>,
     audit: Option<AuditLog>,
@@ -270,7 +272,6 @@ pub struct Coordinator {
     /// The sentence encoder embedding requests run on.
     embedding_model: Option<EmbeddingModel>,
     /// The batch runner and its store, when the coordinator keeps one.
-    batches: Option<Arc<crate::batch::Batches>>,
     /// How long a work unit may take on a node.
     unit_timeout: Duration,
     /// Whether the session count follows the nodes' memory (no `--max-sessions`).
@@ -370,6 +371,7 @@ impl Coordinator {
             local: Arc::new(Mutex::new(HashSet::new())),
             share,
             gate: None,
+            on_quarantine: None,
             private_edges: Arc::new(PrivateEdges {
                 enabled: cfg.private_edges,
                 trusted: cfg.trusted_peers.iter().copied().collect(),
@@ -384,7 +386,6 @@ impl Coordinator {
             strict: cfg.strict,
             canaries: Arc::new(Mutex::new(canary::CanaryBank::default())),
             embedding_model: cfg.embedding_model.clone(),
-            batches: None,
             unit_timeout: cfg.unit_timeout,
             auto_sessions: cfg.max_sessions.is_none(),
         }
@@ -393,6 +394,13 @@ impl Coordinator {
     /// The same coordinator, checking members' certificates against `gate`'s pool.
     pub fn with_gate(mut self, gate: Gate) -> Self {
         self.gate = Some(gate);
+        self
+    }
+
+    /// The same coordinator, calling `hook` with every peer it quarantines (so what keeps
+    /// the peer's credit can void it without the pool owning it).
+    pub fn on_quarantine(mut self, hook: impl Fn(PeerId) + Send + Sync + 'static) -> Self {
+        self.on_quarantine = Some(Arc::new(hook));
         self
     }
 
@@ -531,36 +539,6 @@ impl Coordinator {
         self.gate
             .as_ref()?
             .certificate_role(cert, potluck_net::swarm::unix_now())
-    }
-
-    /// Raises members' weights by the validated work their nodes were credited with (read
-    /// from the job store off the async threads).
-    pub fn refresh_member_credits(&self) {
-        let Some(store) = self.batches().map(|b| b.store.clone()) else {
-            return;
-        };
-        let share = self.share.clone();
-        tokio::task::spawn_blocking(move || match store.credits() {
-            Ok(credits) => {
-                let by_peer = credits
-                    .into_iter()
-                    .map(|c| (c.peer, c.tokens as f64))
-                    .collect();
-                share.set_credits(&by_peer);
-            }
-            Err(e) => tracing::warn!("reading the credit ledger: {e}"),
-        });
-    }
-
-    /// The same coordinator, running batches with `batches`.
-    pub fn with_batches(mut self, batches: Arc<crate::batch::Batches>) -> Self {
-        self.batches = Some(batches);
-        self
-    }
-
-    /// The batch runner, if this coordinator keeps a job store.
-    pub fn batches(&self) -> Option<&Arc<crate::batch::Batches>> {
-        self.batches.as_ref()
     }
 
     /// The sentence encoder embedding requests run on, if the pool offers embeddings.

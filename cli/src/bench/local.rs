@@ -4,6 +4,7 @@
 use super::args::BenchArgs;
 use crate::models::ModelCache;
 use anyhow::{bail, Context, Result};
+use potluck_coordinator::http::AppState;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
@@ -94,20 +95,20 @@ pub(crate) fn pinned_coordinator(
     Ok((base, pool, cfg))
 }
 
-/// Serves `c`'s HTTP API on a free loopback port; returns its `host:port`.
-pub(crate) async fn serve_api(c: &potluck_coordinator::pool::Coordinator) -> Result<String> {
+/// Serves `app`'s HTTP API on a free loopback port; returns its `host:port`.
+pub(crate) async fn serve_api(app: AppState) -> Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     tokio::spawn(potluck_coordinator::http::serve(
         listener,
-        c.clone(),
+        app,
         potluck_coordinator::http::HttpOptions::default(),
     ));
     Ok(addr)
 }
 
 /// `--pinned MODE`: a coordinator in this process (room for `clients` sessions) and node
-/// processes pinned one per core: its handle, the folder to remove, the nodes and their
+/// processes pinned one per core: what its API serves, the folder to remove, the nodes and their
 /// data folders.
 pub(crate) async fn pinned_pool(
     cache: &ModelCache,
@@ -115,7 +116,7 @@ pub(crate) async fn pinned_pool(
     mode: &str,
     clients: usize,
 ) -> Result<(
-    potluck_coordinator::pool::Coordinator,
+    AppState,
     std::path::PathBuf,
     (Nodes, Vec<std::path::PathBuf>),
 )> {
@@ -133,7 +134,7 @@ pub(crate) async fn pinned_pool(
     cfg.max_sessions = Some(bench_sessions(clients));
     cfg.check_share = args.check_share;
     let running = coordinator::start(cfg, model)?;
-    let c = running.coordinator.clone();
+    let (c, app) = (running.coordinator.clone(), running.app());
     let bootstrap = crate::pool::local_address(running.listening)
         .await?
         .to_string();
@@ -164,7 +165,7 @@ pub(crate) async fn pinned_pool(
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    Ok((c, base, (nodes, dirs)))
+    Ok((app, base, (nodes, dirs)))
 }
 
 /// Each pinned node's stage batches so far, from its control socket.

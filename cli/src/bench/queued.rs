@@ -27,8 +27,9 @@ pub fn run(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Result<()> {
         bail!("--queued must be at least 1");
     }
     crate::pool::runtime()?.block_on(async {
-        let (c, base, _nodes) = super::local::pinned_pool(cache, args, "one", 1).await?;
-        let addr = super::local::serve_api(&c).await?;
+        let (app, base, _nodes) = super::local::pinned_pool(cache, args, "one", 1).await?;
+        let c = app.pool.clone();
+        let addr = super::local::serve_api(app).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (rss_before, threads_before) = (status("VmRSS")?, status("Threads")?);
         let mut held = Vec::with_capacity(clients);

@@ -325,19 +325,20 @@ pub(super) fn load(cache: &ModelCache, args: &BenchArgs, clients: usize) -> Resu
             println!("{}", r.line());
             return Ok::<_, anyhow::Error>(r);
         }
-        let (c, base, pinned) = match &args.pinned {
+        let (app, base, pinned) = match &args.pinned {
             Some(mode) => {
-                let (c, base, nodes) = pinned_pool(cache, args, mode, clients).await?;
-                (c, base, Some(nodes))
+                let (app, base, nodes) = pinned_pool(cache, args, mode, clients).await?;
+                (app, base, Some(nodes))
             }
             None => {
                 let spans = args.pool.unwrap_or(1);
                 let (pool, base) =
                     bench_pool_with(cache, args, spans * args.replicas.max(1), spans).await?;
-                (pool.coordinator, base, None)
+                (pool.app, base, None)
             }
         };
-        let addr = serve_api(&c).await?;
+        let c = app.pool.clone();
+        let addr = serve_api(app).await?;
         let mut report = None;
         let mut before = CheckTotals::default();
         for round in 1..=args.rounds.max(1) {

@@ -20,6 +20,8 @@ pub struct LocalPool {
     /// The coordinator's address for other machines' nodes to bootstrap from: a network
     /// address where it listens on one, else loopback.
     pub bootstrap: libp2p::Multiaddr,
+    /// What its HTTP API serves (the coordinator and its batch runner).
+    pub app: potluck_coordinator::http::AppState,
     /// The nodes.
     pub nodes: Vec<(libp2p::PeerId, tokio::task::JoinHandle<()>)>,
 }
@@ -63,7 +65,7 @@ pub async fn launch_local_pool(
         })
     });
     let running = coordinator::start(cfg, model)?;
-    let c = running.coordinator.clone();
+    let (c, app) = (running.coordinator.clone(), running.app());
     let mut addrs = running.listening.clone();
     let bootstrap = local_address(running.listening).await?;
     let public = if wide {
@@ -110,6 +112,7 @@ pub async fn launch_local_pool(
     }
     Ok(LocalPool {
         coordinator: c,
+        app,
         bootstrap: public,
         nodes: tasks,
     })

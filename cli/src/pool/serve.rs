@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use potluck_coordinator::config::CoordinatorConfig;
 use potluck_coordinator::daemon as coordinator;
-use potluck_coordinator::http::HttpOptions;
+use potluck_coordinator::http::{AppState, HttpOptions};
 use potluck_coordinator::model::{EmbeddingModel, ServedModel};
 use potluck_coordinator::pool::Coordinator;
 use potluck_net::gate::PoolMembership;
@@ -253,7 +253,7 @@ pub fn embedding_model(cache: &ModelCache, flag: Option<&str>) -> Result<Option<
 }
 
 /// Binds the HTTP API and serves it on a task; prints where.
-pub(super) async fn start_http(serve: &ServeArgs, c: Coordinator) -> Result<SocketAddr> {
+pub(super) async fn start_http(serve: &ServeArgs, app: AppState) -> Result<SocketAddr> {
     let opts = serve.http_options()?;
     let addr = serve.http;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -262,7 +262,7 @@ pub(super) async fn start_http(serve: &ServeArgs, c: Coordinator) -> Result<Sock
     let bound = listener.local_addr()?;
     println!("api listening on http://{bound}");
     tokio::spawn(async move {
-        if let Err(e) = potluck_coordinator::http::serve(listener, c, opts).await {
+        if let Err(e) = potluck_coordinator::http::serve(listener, app, opts).await {
             tracing::error!("HTTP API stopped: {e}");
         }
     });
@@ -278,7 +278,7 @@ pub fn run_coordinator(cache: &ModelCache, args: CoordinatorArgs) -> Result<()> 
     runtime()?.block_on(async {
         let running = coordinator::start(cfg, model)?;
         println!("{}", serves_line(&running.coordinator));
-        start_http(&args.serve, running.coordinator.clone()).await?;
+        start_http(&args.serve, running.app()).await?;
         stop_signal().await;
         Ok(())
     })

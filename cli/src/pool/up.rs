@@ -79,7 +79,7 @@ pub fn run_up(cache: &ModelCache, mut args: UpArgs) -> Result<()> {
         let Some(prompt) = args.prompt else {
             // The API and dashboard come up at once: while the pool is not ready they say
             // why (a 503 with the reason, the dashboard's plan), and Ctrl-C works throughout.
-            let http = start_http(&args.serve, c.clone()).await?;
+            let http = start_http(&args.serve, pool.app.clone()).await?;
             println!("dashboard: http://{http}/");
             let (named, admitted) = match args.pool.pool.as_str() {
                 "public" => (String::new(), ""),

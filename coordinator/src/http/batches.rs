@@ -3,6 +3,7 @@
 //! (`GET /v1/batches/{id}`), cancel it, and download its output and error files
 //! (`GET /v1/files/{id}/content`). `GET /api/credits` shows the credit ledger.
 
+use super::state::AppState;
 use super::ApiError;
 use crate::batch::input::{parse, MAX_FILE_BYTES};
 use crate::batch::scheduler::model_of;
@@ -25,7 +26,7 @@ const OUTPUT_PREFIX: &str = "file-out-";
 const ERRORS_PREFIX: &str = "file-err-";
 
 /// The Files, Batches and credit routes.
-pub fn routes() -> Router<Coordinator> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route(
             "/v1/files",
@@ -67,10 +68,10 @@ impl From<StoreError> for ApiError {
 /// Runs `f` on the coordinator's job store, off the async threads (SQLite writes sync to
 /// disk).
 async fn with_store<T: Send + 'static>(
-    c: &Coordinator,
+    app: &AppState,
     f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let store = runner(c)?.store.clone();
+    let store = runner(app)?.store.clone();
     tokio::task::spawn_blocking(move || f(&store))
         .await
         .map_err(|e| {
@@ -83,8 +84,8 @@ async fn with_store<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-fn runner(c: &Coordinator) -> Result<&Arc<Batches>, ApiError> {
-    c.batches().ok_or_else(|| {
+fn runner(app: &AppState) -> Result<&Arc<Batches>, ApiError> {
+    app.batches.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -101,9 +102,10 @@ fn file_json(f: &crate::batch::FileInfo) -> Value {
 }
 
 /// A batch in OpenAI's shape, with what the pool can give it under `potluck`.
-fn batch_json(c: &Coordinator, b: &BatchInfo) -> Value {
+fn batch_json(app: &AppState, b: &BatchInfo) -> Value {
+    let c = &app.pool;
     let mut v = openai_batch(b);
-    let quorum = c.batches().map_or(0, |r| r.quorum());
+    let quorum = app.batches.as_ref().map_or(0, |r| r.quorum());
     let holders = model_of(c, b.kind).map_or_else(Vec::new, |m| c.holders(&m));
     let origins: std::collections::HashSet<_> = holders.iter().map(|(p, _)| c.origin(*p)).collect();
     let (nodes, origins) = (holders.len(), origins.len());
@@ -151,10 +153,11 @@ fn openai_batch(b: &BatchInfo) -> Value {
 }
 
 async fn upload(
-    State(c): State<Coordinator>,
+    State(app): State<AppState>,
     Extension(member): Extension<MemberId>,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let c = &app.pool;
     let mut form = form.map_err(|e| {
         ApiError::new(
             e.status(),
@@ -213,8 +216,8 @@ async fn upload(
         )));
     }
     let content = content.ok_or_else(|| ApiError::bad("the upload needs a file field"))?;
-    let owner = owner(&c, member);
-    let info = with_store(&c, move |s| {
+    let owner = owner(c, member);
+    let info = with_store(&app, move |s| {
         s.add_file(&filename, &purpose, &content, &owner)
     })
     .await?;
@@ -223,28 +226,30 @@ async fn upload(
 
 /// `DELETE /v1/files/{id}`: removes an uploaded file (a batch's output goes with the batch).
 async fn delete_file(
-    State(c): State<Coordinator>,
+    State(app): State<AppState>,
     Extension(member): Extension<MemberId>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let owner = owner(&c, member);
+    let c = &app.pool;
+    let owner = owner(c, member);
     if derived(&id).is_some() {
         return Err(ApiError::bad(format!(
             "{id} is a batch's output; it is removed with its batch"
         )));
     }
     let gone = id.clone();
-    with_store(&c, move |s| s.delete_file(&id, &owner)).await?;
+    with_store(&app, move |s| s.delete_file(&id, &owner)).await?;
     Ok(Json(json!({"id": gone, "object": "file", "deleted": true})))
 }
 
 async fn file(
-    State(c): State<Coordinator>,
+    State(app): State<AppState>,
     Extension(member): Extension<MemberId>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let owner = owner(&c, member);
-    let file = with_store(&c, move |s| match derived(&id) {
+    let c = &app.pool;
+    let owner = owner(c, member);
+    let file = with_store(&app, move |s| match derived(&id) {
         Some((batch, errors)) => {
             // `content` checks the batch is the member's.
             let bytes = content(s, &id, &owner)?.len();
@@ -293,12 +298,13 @@ fn owner(c: &Coordinator, member: MemberId) -> String {
 }
 
 async fn file_content(
-    State(c): State<Coordinator>,
+    State(app): State<AppState>,
     Extension(member): Extension<MemberId>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let owner = owner(&c, member);
-    let body = with_store(&c, move |s| content(s, &id, &owner)).await?;
+    let c = &app.pool;
+    let owner = owner(c, member);
+    let body = with_store(&app, move |s| content(s, &id, &owner)).await?;
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], body).into_response())
 }
 
@@ -310,11 +316,12 @@ struct CreateBody {
 }
 
 async fn create(
-    State(c): State<Coordinator>,
+    State(app): State<AppState>,
     Extension(member): Extension<MemberId>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let runner = runner(&c)?.clone();
+    let c = &app.pool;
+    let runner = runner(&app)?.clone();
     let body: CreateBody = super::openai::parse(body, super::MAX_BODY_BYTES)?;
     let kind = Kind::of_endpoint(&body.endpoint).ok_or_else(|| {
         ApiError::bad(format!(
@@ -329,12 +336,12 @@ async fn create(
     {
         return Err(ApiError::bad("completion_window must be 24h"));
     }
-    let model = model_of(&c, kind)
+    let model = model_of(c, kind)
         .map(|m| m.name)
         .ok_or_else(|| ApiError::bad("this pool serves no embedding model"))?;
     // A file that cannot become a batch is the request's fault (400), not the store's.
-    let owner = owner(&c, member);
-    let info = with_store(&c, move |s| {
+    let owner = owner(c, member);
+    let info = with_store(&app, move |s| {
         s.owns_file(&body.input_file_id, &owner)?;
         let content = s.file_content(&body.input_file_id)?;
         Ok(match parse(&content, kind, &model) {
@@ -348,21 +355,22 @@ async fn create(
     .map_err(ApiError::bad)?;
     tracing::info!(batch = %info.id, units = info.total, "batch created");
     runner.wake();
-    Ok(Json(batch_json(&c, &info)))
+    Ok(Json(batch_json(&app, &info)))
 }
 
 async fn batch(
-    State(c): State<Coordinator>,
+    State(app): State<AppState>,
     Extension(member): Extension<MemberId>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let owner = owner(&c, member);
-    let b = with_store(&c, move |s| {
+    let c = &app.pool;
+    let owner = owner(c, member);
+    let b = with_store(&app, move |s| {
         s.owns_batch(&id, &owner)?;
         s.batch(&id)
     })
     .await?;
-    Ok(Json(batch_json(&c, &b)))
+    Ok(Json(batch_json(&app, &b)))
 }
 
 #[derive(Deserialize)]
@@ -371,14 +379,15 @@ struct ListQuery {
 }
 
 async fn list(
-    State(c): State<Coordinator>,
+    State(app): State<AppState>,
     Extension(member): Extension<MemberId>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    let c = &app.pool;
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
-    let owner = owner(&c, member);
-    let batches = with_store(&c, move |s| s.batches(limit, Some(&owner))).await?;
-    let data: Vec<Value> = batches.iter().map(|b| batch_json(&c, b)).collect();
+    let owner = owner(c, member);
+    let batches = with_store(&app, move |s| s.batches(limit, Some(&owner))).await?;
+    let data: Vec<Value> = batches.iter().map(|b| batch_json(&app, b)).collect();
     Ok(Json(json!({
         "object": "list",
         "data": data,
@@ -389,20 +398,21 @@ async fn list(
 }
 
 async fn cancel(
-    State(c): State<Coordinator>,
+    State(app): State<AppState>,
     Extension(member): Extension<MemberId>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let owner = owner(&c, member);
-    let b = with_store(&c, move |s| {
+    let c = &app.pool;
+    let owner = owner(c, member);
+    let b = with_store(&app, move |s| {
         s.owns_batch(&id, &owner)?;
         s.cancel(&id)
     })
     .await?;
-    Ok(Json(batch_json(&c, &b)))
+    Ok(Json(batch_json(&app, &b)))
 }
 
-async fn credits(State(c): State<Coordinator>) -> Result<Json<Value>, ApiError> {
-    let ledger = with_store(&c, |s| s.credits()).await?;
+async fn credits(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let ledger = with_store(&app, |s| s.credits()).await?;
     Ok(Json(json!({"credits": ledger})))
 }

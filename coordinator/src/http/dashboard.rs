@@ -4,7 +4,8 @@
 //! layer map and why it looks so; running sessions; live tokens/s and a chart of the last
 //! minutes; recent events.
 
-use crate::pool::Coordinator;
+use super::state::AppState;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
@@ -17,7 +18,7 @@ use std::sync::atomic::Ordering;
 const PAGE: &str = include_str!("../../assets/dashboard.html");
 
 /// The dashboard's routes.
-pub fn routes() -> Router<Coordinator> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/", get(page))
         .route("/api/pool", get(pool))
@@ -28,9 +29,10 @@ async fn page() -> impl IntoResponse {
 }
 
 /// The pool's state; members' names and usage only to admins (see
-/// [`Coordinator::sees_members`]), a member its own row, everyone the totals. Built off
+/// [`crate::pool::Coordinator::sees_members`]), a member its own row, everyone the totals. Built off
 /// the async workers: it reads the job store.
-async fn pool(State(c): State<Coordinator>, headers: axum::http::HeaderMap) -> Json<Value> {
+async fn pool(State(app): State<AppState>, headers: axum::http::HeaderMap) -> Json<Value> {
+    let c = &app.pool;
     let member = super::bearer(&headers).and_then(|k| c.share().member_for_key(k));
     let view = if c.sees_members(member) {
         Members::All
@@ -38,7 +40,7 @@ async fn pool(State(c): State<Coordinator>, headers: axum::http::HeaderMap) -> J
         Members::Own(member)
     };
     Json(
-        crate::cpu::run(move || snapshot(&c, view))
+        crate::cpu::run(move || snapshot(&app, view))
             .await
             .unwrap_or_default(),
     )
@@ -54,7 +56,8 @@ pub enum Members {
 }
 
 /// The pool's state as the dashboard (and scripts) read it, with `members`' rows.
-pub fn snapshot(c: &Coordinator, members: Members) -> Value {
+pub fn snapshot(app: &AppState, members: Members) -> Value {
+    let c = &app.pool;
     let model = c.model();
     let (peers, plan) = {
         let st = c.state();
@@ -155,7 +158,7 @@ pub fn snapshot(c: &Coordinator, members: Members) -> Value {
         .collect();
     let plan_error = c.state().plan_error.clone();
     // The ledger and recent batches, when the coordinator keeps a job store.
-    let (credits, batches) = c.batches().map_or((Vec::new(), Vec::new()), |b| {
+    let (credits, batches) = app.batches.as_ref().map_or((Vec::new(), Vec::new()), |b| {
         let credits = b.store.credits().unwrap_or_default();
         // Batches in aggregate: no batch or file id, which would let anyone holding some
         // key fetch another member's prompts and outputs.

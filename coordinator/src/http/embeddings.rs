@@ -2,6 +2,7 @@
 //! pool's sentence encoder, and the vectors come back in order, as floats or base64.
 
 use super::openai::parse;
+use super::state::AppState;
 use super::ApiError;
 use crate::batch::input::input_texts;
 use crate::pool::Coordinator;
@@ -22,7 +23,7 @@ use serde_json::{json, Value};
 pub const MAX_EMBED_BODY_BYTES: usize = 16 << 20;
 
 /// The embeddings route.
-pub fn routes() -> Router<Coordinator> {
+pub fn routes() -> Router<AppState> {
     Router::new().route(
         "/v1/embeddings",
         post(embeddings).layer(DefaultBodyLimit::max(MAX_EMBED_BODY_BYTES)),

@@ -9,6 +9,7 @@ pub mod embeddings;
 pub mod limits;
 pub mod openai;
 pub mod responses;
+pub mod state;
 
 use crate::pool::{Coordinator, SessionError};
 use crate::share::{Limit, MemberId};
@@ -20,6 +21,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
+pub use state::AppState;
 use std::time::Duration;
 use tower::Service;
 
@@ -124,8 +126,9 @@ impl From<SessionError> for ApiError {
     }
 }
 
-/// All routes over `coordinator`.
-pub fn router(coordinator: Coordinator, opts: &HttpOptions) -> Router {
+/// All routes over `app`.
+pub fn router(app: AppState, opts: &HttpOptions) -> Router {
+    let coordinator = app.pool.clone();
     let api = openai::routes()
         .merge(responses::routes())
         .merge(embeddings::routes())
@@ -147,7 +150,7 @@ pub fn router(coordinator: Coordinator, opts: &HttpOptions) -> Router {
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             next.run(limits::body_deadline(req, body_timeout))
         }))
-        .with_state(coordinator)
+        .with_state(app)
 }
 
 /// Serves `router` on `listener` until the process ends. Each connection gets
@@ -155,10 +158,10 @@ pub fn router(coordinator: Coordinator, opts: &HttpOptions) -> Router {
 /// ones are closed as they come.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    coordinator: Coordinator,
+    state: AppState,
     opts: HttpOptions,
 ) -> std::io::Result<()> {
-    let app = router(coordinator, &opts);
+    let app = router(state, &opts);
     let connections = limits::Connections::new(opts.max_connections);
     let mut told: Option<std::time::Instant> = None;
     loop {

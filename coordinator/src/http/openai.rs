@@ -2,6 +2,7 @@
 //! streamed as server-sent events, and `/v1/models`. Fields are checked before a session
 //! starts; a client that goes away mid-generation ends its session.
 
+use super::state::AppState;
 use super::ApiError;
 use crate::pipeline::SessionHandle;
 use crate::pool::{Coordinator, SessionRequest};
@@ -34,7 +35,7 @@ pub const MAX_STOPS: usize = 4;
 pub const MAX_MESSAGES: usize = 1024;
 
 /// The API routes.
-pub fn routes() -> Router<Coordinator> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))

@@ -5,6 +5,7 @@
 //! carry out (tools, stored conversations, images, structured output) is refused by name.
 
 use super::openai::{check, off_the_workers, random_u64, ready, whole, Checked, Common, Content};
+use super::state::AppState;
 use super::ApiError;
 use crate::pool::Coordinator;
 use crate::share::MemberId;
@@ -25,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The route.
-pub fn routes() -> Router<Coordinator> {
+pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/responses", post(responses))
 }
 

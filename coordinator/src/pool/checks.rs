@@ -361,10 +361,8 @@ impl Coordinator {
             }
         };
         // Its batch credit goes too: a cheat keeps nothing it was credited before it was caught.
-        if let Some(b) = &self.batches {
-            if let Err(e) = b.store.void_credit(&peer.to_string()) {
-                tracing::warn!(%peer, "voiding credit: {e}");
-            }
+        if let Some(hook) = &self.on_quarantine {
+            hook(peer);
         }
         let line = format!("peer quarantined {peer}: {why}; {voided} unchecked results voided");
         if self.exclude(peer, QUARANTINE, Exclusion::Quarantined, "check", line) {
