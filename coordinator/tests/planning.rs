@@ -7,7 +7,9 @@ use potluck_coordinator::planner::{
     capacity, covers, plan, ModelShape, Plan, PlanError, PlanPeer, Span,
 };
 use potluck_coordinator::router::{route, PeerCost};
-use potluck_protocol::messages::{CapacityAdvert, DeviceKind, LayerRange, ADVERT_DOMAIN};
+use potluck_protocol::messages::{
+    AdvertNotCurrent, CapacityAdvert, DeviceKind, LayerRange, ADVERT_DOMAIN,
+};
 use potluck_protocol::signed::{Keypair, PublicKey, Signed};
 use std::collections::HashSet;
 
@@ -287,15 +289,15 @@ fn the_peer_table_admits_only_verified_current_adverts() {
     ));
     assert!(matches!(
         t.accept(&sign(&advert("other", 9, now, now + 30)), now),
-        Err(AdvertRejection::WrongPool(_))
+        Err(AdvertRejection::NotCurrent(AdvertNotCurrent::WrongPool(_)))
     ));
     assert!(matches!(
         t.accept(&sign(&advert("lab", 9, now - 60, now - 1)), now),
-        Err(AdvertRejection::Expired(_))
+        Err(AdvertRejection::NotCurrent(AdvertNotCurrent::Expired(_)))
     ));
     assert!(matches!(
         t.accept(&sign(&advert("lab", 9, now + 3600, now + 3630)), now),
-        Err(AdvertRejection::FromFuture(_))
+        Err(AdvertRejection::NotCurrent(AdvertNotCurrent::FromFuture(_)))
     ));
     assert!(matches!(
         t.accept(&sign(&advert("lab", 9, now, now + 86_400)), now),

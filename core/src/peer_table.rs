@@ -22,15 +22,9 @@ pub enum AdvertRejection {
     /// Signature, key or encoding is bad.
     #[error("bad advert: {0}")]
     Invalid(#[from] potluck_protocol::ProtocolError),
-    /// It is for another pool.
-    #[error("advert is for pool '{0}'")]
-    WrongPool(String),
-    /// Its validity has ended.
-    #[error("advert expired at {0}")]
-    Expired(u64),
-    /// It is dated in the future beyond the allowed skew.
-    #[error("advert issued at {0}, in the future")]
-    FromFuture(u64),
+    /// It is for another pool, expired, or dated in the future beyond the allowed skew.
+    #[error(transparent)]
+    NotCurrent(#[from] AdvertNotCurrent),
     /// It claims a longer validity than allowed.
     #[error("advert claims {0} s of validity")]
     TtlTooLong(u64),
@@ -135,11 +129,7 @@ impl PeerTable {
     /// Verifies and records a signed advert received at unix time `now`.
     pub fn accept(&mut self, signed: &Signed, now: u64) -> Result<Accepted, AdvertRejection> {
         let advert: CapacityAdvert = signed.verify(ADVERT_DOMAIN)?;
-        advert.check_current(&self.pool, now).map_err(|e| match e {
-            AdvertNotCurrent::WrongPool(p) => AdvertRejection::WrongPool(p),
-            AdvertNotCurrent::Expired(t) => AdvertRejection::Expired(t),
-            AdvertNotCurrent::FromFuture(t) => AdvertRejection::FromFuture(t),
-        })?;
+        advert.check_current(&self.pool, now)?;
         if let Some((_, r)) = advert.loaded.as_ref().filter(|(_, r)| r.is_empty()) {
             return Err(AdvertRejection::EmptyRange(r.start, r.end));
         }

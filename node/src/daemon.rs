@@ -279,8 +279,13 @@ pub async fn run(
                 continue;
             }
             event = swarm.select_next_some() => {
+                // Only what identify said, a peer gone or a bootstrap peer's pointer can
+                // change where this node's own pointer points.
                 match swarm::handle_common(&mut swarm, &gate, event) {
-                    Some(SwarmEvent::ConnectionEstablished { .. }) => published = false,
+                    Some(SwarmEvent::ConnectionEstablished { .. }) => {
+                        published = false;
+                        continue;
+                    }
                     Some(SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. }) => {
                         finder.gone(&peer_id);
                     }
@@ -294,19 +299,20 @@ pub async fn run(
                         let pointed = message
                             .source
                             .and_then(|from| finder.heard(from, &message.data, now));
-                        if let Some(p) = pointed {
-                            if p.new {
-                                println!(
-                                    "found the pool's coordinator {} through {}",
-                                    p.coordinator, p.via
-                                );
-                            }
-                            let addrs = finder.addresses_of(&p.coordinator);
-                            if !addrs.is_empty() {
-                                backoff.set(p.coordinator, addrs);
-                            }
-                            backoff.retain(|peer| commanders.obeys(peer));
+                        let Some(p) = pointed else {
+                            continue;
+                        };
+                        if p.new {
+                            println!(
+                                "found the pool's coordinator {} through {}",
+                                p.coordinator, p.via
+                            );
                         }
+                        let addrs = finder.addresses_of(&p.coordinator);
+                        if !addrs.is_empty() {
+                            backoff.set(p.coordinator, addrs);
+                        }
+                        backoff.retain(|peer| commanders.obeys(peer));
                     }
                     _ => continue,
                 }
