@@ -637,6 +637,12 @@ fn stream(c: Coordinator, checked: Checked, meta: Meta) -> impl IntoResponse {
         }
         let _ = tx.send(Event::default().data("[DONE]"));
     });
+    sse(rx)
+}
+
+/// The server-sent-event answer that sends what arrives on `rx`, with keep-alives, until
+/// its sender is gone.
+pub(super) fn sse(rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> impl IntoResponse {
     let events = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
     });

@@ -13,7 +13,7 @@ use crate::template::chat_prompt_ids;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
@@ -21,7 +21,6 @@ use potluck_engine::chat::ChatMessage;
 use potluck_engine::generate::{FinishReason, GenerateStats};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -415,8 +414,5 @@ fn stream(c: Coordinator, checked: Checked, meta: Meta) -> impl IntoResponse {
             )
             && ev.send(last, json!({"response": finished}));
     });
-    let events = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
-    });
-    Sse::new(events).keep_alive(KeepAlive::default())
+    super::openai::sse(rx)
 }
