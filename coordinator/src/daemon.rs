@@ -16,7 +16,7 @@ use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, Multiaddr, PeerId};
 use potluck_net::gate::PoolMembership;
-use potluck_net::swarm::{self, peer_id_of, unix_now, PoolBehaviourEvent};
+use potluck_net::swarm::{self, key_of_peer, peer_id_of, unix_now, PoolBehaviourEvent};
 use potluck_protocol::codec::{decode_frame, encode_frame};
 use potluck_protocol::membership::Revocation;
 use potluck_protocol::messages::Message;
@@ -152,9 +152,7 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                     continue;
                 }
                 _ = tick.tick() => {
-                    handle.expire_silent(unix_now(), |peer| {
-                        swarm.is_connected(&peer) && handle.alive(peer)
-                    });
+                    handle.expire_silent();
                     handle.replan();
                     gate.sweep(unix_now());
                     if let Some(list) = revocations.as_mut().and_then(RevocationWatch::poll) {
@@ -205,9 +203,11 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                     ..
                 }))) => {
                     handle.pinged(peer, true);
-                    let mut st = handle.state();
-                    if let Some(key) = st.key_of(peer) {
-                        st.table.set_rtt(&key, rtt.as_secs_f32() * 1000.0);
+                    if let Some(key) = key_of_peer(&peer) {
+                        handle
+                            .core()
+                            .table_mut()
+                            .set_rtt(&key, rtt.as_secs_f32() * 1000.0);
                     }
                 }
                 _ => {}
@@ -326,45 +326,13 @@ fn on_gossip(handle: &Coordinator, data: &[u8], source: Option<PeerId>) {
         handle.leaving(peer, &leave.reason);
         return;
     }
-    let mut joined = None;
-    let outcome = {
-        let mut st = handle.state();
-        let outcome = check_gossip(&mut st.table, data, source, unix_now());
-        if let Ok((Accepted::New, key)) = &outcome {
-            if let Some(p) = st.table.get(key) {
-                let a = &p.advert;
-                let named = a
-                    .name
-                    .as_ref()
-                    .map(|n| format!(" named {n:?}"))
-                    .unwrap_or_default();
-                let line = format!(
-                    "peer joined {from} device {:?} memory {} MB threads {} gflops {:.1} mem {:.1} GB/s{named}",
-                    a.device,
-                    a.memory_bytes >> 20,
-                    a.threads,
-                    a.gflops,
-                    a.mem_gbps
-                );
-                joined = Some(line);
-            }
-        }
-        outcome
-    };
-    if let Some(line) = joined {
-        handle.say(Some("peer"), line);
-    }
-    if let Ok((_, key)) = &outcome {
-        handle.back_from_leave(key);
-    }
+    let outcome = check_gossip(handle.core().table_mut(), data, source, unix_now());
     match outcome {
-        Ok((Accepted::Refreshed, _)) => handle.sync_loaded(),
-        Ok((change, _)) => {
-            if change == Accepted::Changed {
+        Ok((accepted, key)) => {
+            if accepted == Accepted::Changed {
                 tracing::info!(%from, "capacity changed");
             }
-            handle.sync_loaded();
-            handle.replan();
+            handle.admitted(key, accepted);
         }
         // A flood of fresh keys would otherwise flood the log as well.
         Err(why @ GossipRejection::Advert(AdvertRejection::Full(_))) => {

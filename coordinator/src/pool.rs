@@ -7,27 +7,30 @@ mod checks;
 mod embed_checks;
 mod work;
 
+pub use work::Embedded;
 pub(crate) use work::{embedded, verify_work, Refusal};
-pub use work::{Embedded, WorkTally};
 
-use crate::audit::AuditLog;
+pub use potluck_core::pool::{
+    describe, Exclusion, WorkTally, ALIVE_WINDOW, ASSIGN_RETRY, BAN, LEAVE_BAN, QUARANTINE,
+    SUSPECT_FOR,
+};
+
+use crate::audit::{AuditLog, Record};
 use crate::config::CoordinatorConfig;
 use crate::metrics::Metrics;
 use crate::model::{EmbeddingModel, ServedModel};
 use crate::origin::{Connections, Origin};
-use crate::peer_table::PeerTable;
+use crate::peer_table::{Accepted, PeerTable};
 use crate::pipeline::CheckJob;
 use crate::pipeline::{
     ChainModel, Checks, PipelineError, RemotePipeline, Reroute, SessionContext, SessionHandle,
 };
-use crate::planner::{plan, Plan, PlanPeer, Span};
-use crate::queue::{queued_ms_per_block, StepTimes};
-use crate::redial::{Due, Redials};
-use crate::router::{route_range, PeerCost};
+use crate::planner::Span;
 use crate::share::{MemberId, Share};
 use crate::trust::Trust;
 use libp2p::swarm::ConnectionId;
 use libp2p::PeerId;
+use potluck_core::pool::{Action, Now, PoolCore, PoolModel, SeesText};
 use potluck_engine::generate::{GenerateRequest, GenerateStats, Generation};
 use potluck_engine::sampling::SamplingParams;
 use potluck_net::gate::Gate;
@@ -46,59 +49,13 @@ use tokio::sync::Notify;
 
 /// How long a node may take to load its span.
 pub const ASSIGN_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long to wait before re-sending a failed assignment.
-pub const ASSIGN_RETRY: Duration = Duration::from_secs(10);
-/// How long a peer that failed a step stays out of plans and routes (it comes back after,
-/// if it is still advertising).
-pub const SUSPECT_FOR: Duration = Duration::from_secs(20);
-/// How long a leaving peer stays out of plans (its adverts stop; it is gone by then).
-pub const LEAVE_BAN: Duration = Duration::from_secs(60);
-/// A peer whose connection answered a ping this recently is alive, however late its adverts
-/// or answers (pings come every 5 s; two may be lost to a loaded machine).
-pub const ALIVE_WINDOW: Duration = Duration::from_secs(12);
-/// How long a peer that broke the protocol or sent an unverifiable result stays out.
-pub const BAN: Duration = Duration::from_secs(600);
 /// Sessions a coordinator lets start before its first plan sizes the count by the nodes'
 /// memory (see [`crate::capacity`]).
 pub const DEFAULT_MAX_SESSIONS: usize = 32;
 /// Events the dashboard keeps.
 pub const EVENT_LOG: usize = 50;
-/// Round trip assumed for peers not yet pinged, milliseconds.
-const DEFAULT_RTT_MS: f64 = 1.0;
-
-/// How long a peer that failed a spot check stays out.
-pub const QUARANTINE: Duration = Duration::from_secs(3600);
 /// Spot checks run at once; more wait (they must not crowd out generation).
 const CONCURRENT_CHECKS: usize = 2;
-
-/// Why a peer is out of plans and routes, weakest first: a stronger reason is never
-/// overridden by a weaker one while it lasts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Exclusion {
-    /// It failed a step; it comes back after [`SUSPECT_FOR`].
-    Failed,
-    /// Its connection closed; it is back when it can be reached again.
-    Unreachable,
-    /// It announced it is leaving.
-    Leaving,
-    /// It broke the protocol or sent a result that does not verify.
-    Dropped,
-    /// A recomputation of its work disagreed with it.
-    Quarantined,
-}
-
-impl Exclusion {
-    /// A short name for the dashboard.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Exclusion::Failed => "failed",
-            Exclusion::Unreachable => "unreachable",
-            Exclusion::Leaving => "leaving",
-            Exclusion::Dropped => "dropped",
-            Exclusion::Quarantined => "quarantined",
-        }
-    }
-}
 
 /// Why a session could not run.
 #[derive(Debug, Error, PartialEq)]
@@ -176,66 +133,12 @@ struct PrivateEdges {
     trusted: HashSet<PeerId>,
 }
 
-/// What the coordinator tracks about the pool.
-pub struct PoolState {
-    /// Verified peers.
-    pub table: PeerTable,
-    /// The current plan, if the pool can hold the model.
-    pub plan: Option<Plan>,
-    /// Why there is no plan.
-    pub plan_error: Option<String>,
-    /// Spans each peer confirmed it serves, on this coordinator's assignment: the only
-    /// spans routed to, checked against or asked for second opinions.
-    loaded: HashMap<PublicKey, LayerRange>,
-    /// Spans peers' adverts say they hold that this coordinator has not assigned (a
-    /// restarted coordinator's nodes, or a claim): a hint for its first plan, which then
-    /// assigns them like any other span. A claim alone is never served from.
-    claimed: HashMap<PublicKey, LayerRange>,
-    /// Assignments in flight.
-    pending: HashSet<PublicKey>,
-    /// When failed assignments may be sent again.
-    retry_at: HashMap<PublicKey, Instant>,
-    /// Peers whose last assignment failed while no connection to them was open: tried
-    /// again as soon as one opens (a node that joined through another node dials in).
-    unconnected: HashSet<PublicKey>,
-    /// Peers left out of plans until the given time, and why.
-    banned: HashMap<PublicKey, (Instant, Exclusion)>,
-    /// Peers whose connection closed at the given unix time: what their adverts from before
-    /// then say they hold is not trusted (a restarted node has lost its layers).
-    stale_since: HashMap<PublicKey, u64>,
-    /// Unreachable peers being tried again.
-    redials: Redials<PublicKey>,
-    /// How far each peer is trusted, and the draws that pick its results for checks.
-    pub trust: Trust<PublicKey>,
-    /// Whole-model work each peer has done.
-    pub work: HashMap<PublicKey, WorkTally>,
-}
-
-impl PoolState {
-    /// Whether `key` is out of plans and routes now (failed, dropped or leaving).
-    pub fn is_excluded(&self, key: &PublicKey) -> bool {
-        self.exclusion(key).is_some()
-    }
-
-    /// Why `key` is out of plans and routes now, if it is.
-    pub fn exclusion(&self, key: &PublicKey) -> Option<Exclusion> {
-        self.banned
-            .get(key)
-            .filter(|(until, _)| *until > Instant::now())
-            .map(|(_, why)| *why)
-    }
-
-    /// The key of a known peer, by its libp2p id (which carries the key: no scan).
-    pub fn key_of(&self, peer: PeerId) -> Option<PublicKey> {
-        key_of_peer(&peer).filter(|k| self.table.get(k).is_some())
-    }
-}
-
 /// A handle on the running coordinator; cheap to clone.
 #[derive(Clone)]
 pub struct Coordinator {
     model: Arc<ServedModel>,
-    state: Arc<Mutex<PoolState>>,
+    /// The pool and every decision about it (see [`potluck_core::pool`]).
+    core: Arc<Mutex<PoolCore>>,
     control: PoolStreams,
     next_session: Arc<AtomicU64>,
     changed: Arc<Notify>,
@@ -254,13 +157,6 @@ pub struct Coordinator {
     private_edges: Arc<PrivateEdges>,
     audit: Option<AuditLog>,
     checks: Arc<tokio::sync::Semaphore>,
-    /// Sessions each peer serves now (counted from routing to the session's end).
-    busy: Arc<Mutex<HashMap<PeerId, usize>>>,
-    /// When each peer's connection last answered a ping: the proof of life that adverts
-    /// (which a busy node may send late) and step answers (behind a long queue) are not.
-    pinged: Arc<Mutex<HashMap<PeerId, Instant>>>,
-    /// How long decode steps took on each peer lately: its measured queue.
-    step_times: Arc<Mutex<StepTimes<PeerId>>>,
     /// Each peer's open connections: its network, for [`Coordinator::origin`].
     remote: Arc<Mutex<HashMap<PeerId, Connections<ConnectionId>>>>,
     /// Held while a session is routed and counted.
@@ -271,43 +167,61 @@ pub struct Coordinator {
     canaries: Arc<Mutex<canary::CanaryBank>>,
     /// The sentence encoder embedding requests run on.
     embedding_model: Option<EmbeddingModel>,
-    /// The batch runner and its store, when the coordinator keeps one.
     /// How long a work unit may take on a node.
     unit_timeout: Duration,
-    /// Whether the session count follows the nodes' memory (no `--max-sessions`).
-    auto_sessions: bool,
 }
 
 /// Counts a session on its chain's peers until it ends.
 struct Load {
-    busy: Arc<Mutex<HashMap<PeerId, usize>>>,
-    peers: Vec<PeerId>,
+    core: Arc<Mutex<PoolCore>>,
+    peers: Vec<PublicKey>,
 }
 
 impl Load {
-    fn new(busy: Arc<Mutex<HashMap<PeerId, usize>>>, peers: Vec<PeerId>) -> Self {
-        {
-            let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
-            for p in &peers {
-                *b.entry(*p).or_default() += 1;
-            }
-        }
-        Self { busy, peers }
+    fn new(core: Arc<Mutex<PoolCore>>, peers: Vec<PublicKey>) -> Self {
+        lock(&core).load(&peers);
+        Self { core, peers }
     }
 }
 
 impl Drop for Load {
     fn drop(&mut self) {
-        let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        for p in &self.peers {
-            if let Some(n) = b.get_mut(p) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    b.remove(p);
-                }
-            }
-        }
+        lock(&self.core).unload(&self.peers);
     }
+}
+
+/// `m` locked; poisoning is recovered from, since the core's every update leaves it whole.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The clock, as the core takes it.
+fn now() -> Now {
+    Now {
+        at: Instant::now(),
+        unix: potluck_net::swarm::unix_now(),
+    }
+}
+
+/// Whether the peer with `key` may see the pool's text: always, unless the pool keeps text
+/// to trusted peers (`--private-edges`), then only peers named trusted or admitted with a
+/// trusted or admin certificate.
+fn sees_text(private: &PrivateEdges, gate: Option<&Gate>, key: &PublicKey) -> bool {
+    if !private.enabled {
+        return true;
+    }
+    let Some(peer) = peer_id_of(key) else {
+        return false;
+    };
+    private.trusted.contains(&peer)
+        || gate
+            .and_then(|g| g.role(&peer))
+            .is_some_and(Role::sees_text)
+}
+
+/// The core's text policy: [`sees_text`] by `private` and `gate`.
+fn text_policy(private: Arc<PrivateEdges>, gate: Option<Gate>) -> SeesText {
+    Box::new(move |key| sees_text(&private, gate.as_ref(), key))
 }
 
 /// Removes a session from the registry however its generation ends.
@@ -345,23 +259,22 @@ impl Coordinator {
         if getrandom::fill(&mut seed).is_err() {
             seed = potluck_net::swarm::unix_now().to_le_bytes();
         }
+        let served = PoolModel {
+            model: model.model.clone(),
+            shape: model.shape.clone(),
+            kv: model.kv,
+        };
+        let table = PeerTable::new(&pool).with_missed_heartbeats(cfg.missed_heartbeats);
+        let trust = Trust::new(p_min, u64::from_le_bytes(seed));
+        let private_edges = Arc::new(PrivateEdges {
+            enabled: cfg.private_edges,
+            trusted: cfg.trusted_peers.iter().copied().collect(),
+        });
+        let mut core = PoolCore::new(served, table, trust, cfg.max_sessions.is_none());
+        core.set_sees_text(text_policy(private_edges.clone(), None));
         Self {
             model: Arc::new(model),
-            state: Arc::new(Mutex::new(PoolState {
-                table: PeerTable::new(&pool).with_missed_heartbeats(cfg.missed_heartbeats),
-                plan: None,
-                plan_error: None,
-                loaded: HashMap::new(),
-                claimed: HashMap::new(),
-                pending: HashSet::new(),
-                retry_at: HashMap::new(),
-                unconnected: HashSet::new(),
-                banned: HashMap::new(),
-                stale_since: HashMap::new(),
-                redials: Redials::new(),
-                trust: Trust::new(p_min, u64::from_le_bytes(seed)),
-                work: HashMap::new(),
-            })),
+            core: Arc::new(Mutex::new(core)),
             control,
             next_session: Arc::new(AtomicU64::new(u64::from_le_bytes(seed) >> 1)),
             changed: Arc::new(Notify::new()),
@@ -372,27 +285,22 @@ impl Coordinator {
             share,
             gate: None,
             on_quarantine: None,
-            private_edges: Arc::new(PrivateEdges {
-                enabled: cfg.private_edges,
-                trusted: cfg.trusted_peers.iter().copied().collect(),
-            }),
+            private_edges,
             audit,
             checks: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CHECKS)),
-            busy: Arc::new(Mutex::new(HashMap::new())),
-            pinged: Arc::new(Mutex::new(HashMap::new())),
-            step_times: Arc::new(Mutex::new(StepTimes::default())),
             remote: Arc::new(Mutex::new(HashMap::new())),
             routing: Arc::new(tokio::sync::Mutex::new(())),
             strict: cfg.strict,
             canaries: Arc::new(Mutex::new(canary::CanaryBank::default())),
             embedding_model: cfg.embedding_model.clone(),
             unit_timeout: cfg.unit_timeout,
-            auto_sessions: cfg.max_sessions.is_none(),
         }
     }
 
     /// The same coordinator, checking members' certificates against `gate`'s pool.
     pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.core()
+            .set_sees_text(text_policy(self.private_edges.clone(), Some(gate.clone())));
         self.gate = Some(gate);
         self
     }
@@ -414,22 +322,9 @@ impl Coordinator {
         !edge || self.may_see_text(key)
     }
 
-    /// Whether the peer with `key` may see the pool's text: always, unless the pool keeps
-    /// text to trusted peers (`--private-edges`), then only peers named trusted or admitted
-    /// with a trusted or admin certificate.
+    /// Whether the peer with `key` may see the pool's text (see [`sees_text`]).
     pub fn may_see_text(&self, key: &PublicKey) -> bool {
-        if !self.private_edges.enabled {
-            return true;
-        }
-        let Some(peer) = peer_id_of(key) else {
-            return false;
-        };
-        self.private_edges.trusted.contains(&peer)
-            || self
-                .gate
-                .as_ref()
-                .and_then(|g| g.role(&peer))
-                .is_some_and(Role::sees_text)
+        sees_text(&self.private_edges, self.gate.as_ref(), key)
     }
 
     /// Notes that `peer` opened `connection`, which comes from `address`.
@@ -456,14 +351,8 @@ impl Coordinator {
             .entry(peer)
             .or_default()
             .opened(connection, ip);
-        // An assignment that failed for want of a connection (a node that joined through
-        // another node and has just dialled in) is tried again at once, not at its retry;
-        // one the peer refused or failed keeps its wait.
-        let mut st = self.state();
-        if let Some(key) = st.key_of(peer) {
-            if st.unconnected.remove(&key) {
-                st.retry_at.remove(&key);
-            }
+        if let Some(key) = key_of_peer(&peer) {
+            self.core().connected(&key);
         }
     }
 
@@ -619,12 +508,7 @@ impl Coordinator {
     /// `key`'s confirmed span, whether an assignment to it is in flight, and why it is
     /// excluded now, if it is.
     pub fn peer_status(&self, key: &PublicKey) -> (Option<LayerRange>, bool, Option<Exclusion>) {
-        let st = self.state();
-        (
-            st.loaded.get(key).copied(),
-            st.pending.contains(key),
-            st.exclusion(key),
-        )
+        self.core().peer_status(key, Instant::now())
     }
 
     /// The served model.
@@ -632,346 +516,123 @@ impl Coordinator {
         &self.model
     }
 
-    /// The pool state, locked. Poisoning is recovered from: the state stays consistent
-    /// because every update is a single assignment.
-    pub fn state(&self) -> MutexGuard<'_, PoolState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// The pool and its decisions, locked. Read from it freely; anything that changes it goes
+    /// through [`Coordinator::with_core`], so what it decides is carried out.
+    pub fn core(&self) -> MutexGuard<'_, PoolCore> {
+        lock(&self.core)
     }
 
-    /// Records what a peer's advert says it holds, and forgets departed peers' spans.
+    /// Runs `f` on the pool at the current time, then carries out what it decided.
+    pub fn with_core<R>(&self, f: impl FnOnce(&mut PoolCore, Now) -> R) -> R {
+        let (out, actions) = {
+            let mut core = self.core();
+            let out = f(&mut core, now());
+            (out, core.poll())
+        };
+        self.act(actions);
+        out
+    }
+
+    /// Carries out the core's decisions, in order.
+    fn act(&self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Say { kind, line } => self.say(kind, line),
+                Action::Assign { peer, assignment } => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.assign(peer, assignment).await });
+                }
+                Action::NewPlan { .. } => {
+                    self.metrics.plan_changes.inc();
+                }
+                Action::Sessions(n) => {
+                    let before = self.share.sessions();
+                    let now = self.share.resize(n);
+                    if now != before {
+                        self.say(
+                            None,
+                            format!(
+                                "the pool runs {now} sessions at once (sized by its nodes' memory)"
+                            ),
+                        );
+                    }
+                }
+                Action::Quarantined {
+                    peer,
+                    detail,
+                    excluded,
+                } => {
+                    let Some(peer) = peer_id_of(&peer) else {
+                        continue;
+                    };
+                    if let Some(hook) = &self.on_quarantine {
+                        hook(peer);
+                    }
+                    if let (true, Some(audit)) = (excluded, &self.audit) {
+                        audit.record(Record::Quarantine {
+                            peer: peer.to_string(),
+                            detail,
+                        });
+                    }
+                }
+                Action::Changed => self.changed.notify_waiters(),
+            }
+        }
+    }
+
+    /// Records what peers' adverts say they hold, and forgets departed peers' spans.
     pub fn sync_loaded(&self) {
-        let mut back = Vec::new();
-        {
-            let mut guard = self.state();
-            let st = &mut *guard;
-            let present: HashSet<PublicKey> = st.table.peers().iter().map(|p| p.key).collect();
-            st.loaded.retain(|k, _| present.contains(k));
-            st.claimed.retain(|k, _| present.contains(k));
-            st.pending.retain(|k| present.contains(k));
-            // An advert issued after a peer was found unreachable brings it back.
-            let fresh: Vec<PublicKey> = st
-                .stale_since
-                .iter()
-                .filter(|(k, since)| st.table.get(k).is_none_or(|p| p.advert.issued_at > **since))
-                .map(|(k, _)| *k)
-                .collect();
-            for key in fresh {
-                st.stale_since.remove(&key);
-                let tries = st.redials.reached(&key);
-                if st.exclusion(&key) == Some(Exclusion::Unreachable) && present.contains(&key) {
-                    st.banned.remove(&key);
-                    back.push((key, tries.unwrap_or(0)));
-                }
-            }
-            for p in st.table.peers() {
-                let Some((m, range)) = &p.advert.loaded else {
-                    continue;
-                };
-                if st.stale_since.contains_key(&p.key) {
-                    continue;
-                }
-                // An assignment in flight reports itself when it is answered; an excluded
-                // peer's span does not count until it is back.
-                let answering = st.pending.contains(&p.key);
-                if m == &self.model.model
-                    && range.end <= self.model.shape.layers
-                    && !answering
-                    && !st.is_excluded(&p.key)
-                    && !st.loaded.contains_key(&p.key)
-                {
-                    st.claimed.insert(p.key, *range);
-                }
-            }
-        }
-        for (key, tries) in &back {
-            let who = peer_id_of(key).map(|p| p.to_string()).unwrap_or_default();
-            let line = format!("peer back {who} after {tries} dials");
-            self.say(Some("peer"), line);
-        }
-        if !back.is_empty() {
-            self.replan();
-        }
-        self.changed.notify_waiters();
+        self.with_core(|c, now| c.sync_loaded(now));
+    }
+
+    /// The peer table accepted an advert of `key` (see [`PoolCore::admitted`]).
+    pub fn admitted(&self, key: PublicKey, accepted: Accepted) {
+        self.with_core(|c, now| c.admitted(key, accepted, now));
     }
 
     /// Leaves `peer` out of every plan for [`BAN`] and re-plans around it.
     pub fn drop_peer(&self, peer: PeerId, reason: &str) {
-        let line = format!("peer dropped {peer}: {reason}");
-        self.exclude(peer, BAN, Exclusion::Dropped, "check", line);
-    }
-
-    /// Leaves `peer` out of plans and routes for `span` (unless a stronger exclusion is in
-    /// force), tells operators why (`kind` on the dashboard) and re-plans around it.
-    /// Returns whether it took effect.
-    fn exclude(
-        &self,
-        peer: PeerId,
-        span: Duration,
-        why: Exclusion,
-        kind: &'static str,
-        line: String,
-    ) -> bool {
-        {
-            let mut st = self.state();
-            let Some(key) = st.key_of(peer) else {
-                return false;
-            };
-            if st.exclusion(&key).is_some_and(|now| now > why) {
-                return false;
-            }
-            st.banned.insert(key, (Instant::now() + span, why));
-            st.loaded.remove(&key);
-            if why == Exclusion::Unreachable {
-                st.stale_since.insert(key, potluck_net::swarm::unix_now());
-                st.redials.start(key, Instant::now());
-            }
+        if let Some(key) = key_of_peer(&peer) {
+            self.with_core(|c, now| c.drop_peer(&key, reason, now));
         }
-        self.say(Some(kind), line);
-        self.replan();
-        true
     }
 
-    /// `peer` cannot be reached (`why`: its connection closed, it missed its adverts):
-    /// routes avoid it while it is dialled again, until it advertises anew or is gone (see
-    /// [`crate::redial`]). Nothing happens if it is unknown, already unreachable, leaving or
-    /// dropped.
+    /// `peer` cannot be reached (`why`: its connection closed, it missed its adverts); see
+    /// [`PoolCore::unreachable`].
     pub fn unreachable(&self, peer: PeerId, why: &str) {
-        let already = {
-            let st = self.state();
-            st.key_of(peer)
-                .is_none_or(|k| st.exclusion(&k) >= Some(Exclusion::Unreachable))
-        };
-        if !already {
-            let line = format!("peer unreachable {peer}: {why}");
-            self.exclude(peer, BAN, Exclusion::Unreachable, "failure", line);
+        if let Some(key) = key_of_peer(&peer) {
+            self.with_core(|c, now| c.unreachable(&key, why, now));
         }
     }
 
-    /// Peers whose adverts stopped (missed heartbeats or expired at unix time `now`):
-    /// unreachable, unless they were on their way out anyway, then forgotten. A peer that
-    /// `alive` vouches for (its connection answers now) and whose advert is still valid is
-    /// late, not gone: a node busy computing, or one whose first adverts came close
-    /// together, is never dropped for it.
-    pub fn expire_silent(&self, now: u64, alive: impl Fn(PeerId) -> bool) {
-        let silent = self.state().table.silent(now);
-        for key in silent {
-            let Some(peer) = peer_id_of(&key) else {
-                self.state().table.remove(&key);
-                continue;
-            };
-            let expired = self
-                .state()
-                .table
-                .get(&key)
-                .is_none_or(|p| p.advert.expires_at <= now);
-            if !expired && alive(peer) {
-                tracing::debug!(%peer, "adverts late, but its connection answers");
-                continue;
-            }
-            let leaving = self
-                .state()
-                .exclusion(&key)
-                .is_some_and(|w| w > Exclusion::Unreachable);
-            if leaving {
-                self.state().table.remove(&key);
-                let line = format!("peer left {peer} (advert expired)");
-                self.say(Some("peer"), line);
-                self.sync_loaded();
-            } else {
-                self.unreachable(peer, "its adverts stopped");
-            }
-        }
+    /// Peers whose adverts stopped: unreachable, or forgotten if they were leaving (see
+    /// [`PoolCore::expire_silent`]).
+    pub fn expire_silent(&self) {
+        self.with_core(|c, now| c.expire_silent(now));
     }
 
     /// Peers to dial again now; peers whose tries are spent are gone from the pool (they
     /// join anew if they advertise again).
     pub fn due_redials(&self) -> Vec<PeerId> {
-        let due = self.state().redials.due(Instant::now());
-        let mut dial = Vec::new();
-        for (key, what) in due {
-            let who = peer_id_of(&key);
-            let name = who.map(|p| p.to_string()).unwrap_or_default();
-            match what {
-                Due::Dial { try_no, next_in } => {
-                    self.say(
-                        None,
-                        format!(
-                            "peer {name} not back; dialling it (try {try_no}), next step in {:.1} s",
-                            next_in.as_secs_f32()
-                        ),
-                    );
-                    dial.extend(who);
-                }
-                Due::Gone => {
-                    {
-                        let mut st = self.state();
-                        st.table.remove(&key);
-                        st.banned.remove(&key);
-                        st.stale_since.remove(&key);
-                    }
-                    let line = format!(
-                        "peer gone {name}: not back after {} dials",
-                        crate::redial::TRIES
-                    );
-                    self.say(Some("peer"), line);
-                    self.sync_loaded();
-                    self.replan();
-                }
-            }
-        }
-        dial
-    }
-
-    /// The peers a plan may use, with the speeds it plans them by: measured where this
-    /// coordinator has timed their steps (`quickest`, seconds per step by peer), claimed
-    /// otherwise (see [`crate::planner::planning_speed`]), in the adverts' unit (GB/s).
-    /// Routing estimates unmeasured peers by the same speeds.
-    fn planning_peers(&self, st: &PoolState, quickest: &HashMap<PeerId, f64>) -> Vec<PlanPeer> {
-        let layer_bytes = self.model.shape.layer_bytes as f64;
-        let measured = |p: &crate::peer_table::Peer| {
-            let secs = quickest.get(&peer_id_of(&p.key)?)?;
-            let blocks = st.loaded.get(&p.key)?.len().max(1);
-            let rtt_ms = p.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from);
-            let ms_per_block = (secs * 1e3 - rtt_ms).max(1e-3) / f64::from(blocks);
-            Some(layer_bytes / (ms_per_block * 1e6))
-        };
-        let candidates: Vec<(&crate::peer_table::Peer, Option<f64>)> = st
-            .table
-            .peers()
-            .into_iter()
-            .filter(|p| !st.is_excluded(&p.key))
-            .filter(|p| p.advert.models.contains(&self.model.model))
-            .map(|p| (p, measured(p)))
-            .collect();
-        let fastest = candidates
-            .iter()
-            .filter_map(|(_, m)| *m)
-            .max_by(f64::total_cmp);
-        candidates
-            .into_iter()
-            .map(|(p, m)| PlanPeer {
-                id: p.key,
-                speed: crate::planner::planning_speed(f64::from(p.advert.mem_gbps), m, fastest)
-                    .max(1e-3),
-                memory_bytes: p.advert.memory_bytes,
-                edge_ok: self.may_see_text(&p.key),
-            })
-            .collect()
+        let due = self.with_core(|c, now| c.due_redials(now));
+        due.iter().filter_map(peer_id_of).collect()
     }
 
     /// Re-plans for the peers now known and sends every assignment not yet confirmed.
     pub fn replan(&self) {
-        let quickest = self
-            .step_times
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .quickest();
-        let mut st = self.state();
-        let peers = self.planning_peers(&st, &quickest);
-        if peers.is_empty() && st.plan.is_none() {
-            st.plan_error = Some("no peer offers the model yet".into());
-            return;
-        }
-        // A restarted coordinator starts from what the nodes say they hold, so it comes back
-        // to the same plan instead of making them reload; it still assigns each span.
-        let previous = st.plan.clone().or_else(|| {
-            let mut held = st.claimed.clone();
-            held.extend(st.loaded.iter().map(|(k, r)| (*k, *r)));
-            let mut spans: Vec<Span> = held
-                .iter()
-                .map(|(k, r)| Span {
-                    peer: *k,
-                    range: *r,
-                })
-                .collect();
-            spans.sort_by_key(|s| (s.range.start, s.peer.0));
-            (!spans.is_empty()).then_some(Plan { epoch: 1, spans })
-        });
-        match plan(&self.model.shape, &peers, previous.as_ref()) {
-            Ok(p) => {
-                if st.plan.as_ref().map(|q| q.epoch) != Some(p.epoch) {
-                    let line = format!(
-                        "plan epoch {}: {} ({})",
-                        p.epoch,
-                        describe(&p),
-                        p.explain(self.model.shape.layers)
-                    );
-                    self.metrics.plan_changes.inc();
-                    self.say(Some("plan"), line);
-                }
-                st.plan = Some(p);
-                st.plan_error = None;
-                self.size_sessions(&st);
-            }
-            Err(e) => {
-                if st.plan_error.as_deref() != Some(&e.to_string()) {
-                    self.say(None, format!("no plan: {e}"));
-                }
-                st.plan = None;
-                st.plan_error = Some(e.to_string());
-            }
-        }
-        let now = Instant::now();
-        let Some(p) = st.plan.clone() else { return };
-        for span in p.spans {
-            let done = st.loaded.get(&span.peer) == Some(&span.range);
-            let waiting = st.pending.contains(&span.peer)
-                || st.retry_at.get(&span.peer).is_some_and(|t| *t > now);
-            if done || waiting {
-                continue;
-            }
-            st.pending.insert(span.peer);
-            let assignment = ShardAssignment {
-                model: self.model.model.clone(),
-                layers: span.range,
-                total_layers: self.model.shape.layers,
-                epoch: p.epoch,
-            };
-            let this = self.clone();
-            let peer = span.peer;
-            tokio::spawn(async move { this.assign(peer, assignment).await });
-        }
+        self.with_core(|c, now| c.replan(now.at));
     }
 
     /// Records that `peer`'s connection answered a ping now (`false`: it closed).
     pub fn pinged(&self, peer: PeerId, answered: bool) {
-        let mut p = self.pinged.lock().unwrap_or_else(|p| p.into_inner());
-        if answered {
-            p.insert(peer, Instant::now());
-        } else {
-            p.remove(&peer);
+        if let Some(key) = key_of_peer(&peer) {
+            self.core().pinged(key, answered, Instant::now());
         }
     }
 
     /// Whether `peer`'s connection answered a ping within [`ALIVE_WINDOW`]: busy, not gone.
     pub fn alive(&self, peer: PeerId) -> bool {
-        self.pinged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&peer)
-            .is_some_and(|t| t.elapsed() < ALIVE_WINDOW)
-    }
-
-    /// Sizes the pool's session count from its nodes' memory, unless the operator set one.
-    fn size_sessions(&self, st: &PoolState) {
-        if !self.auto_sessions {
-            return;
-        }
-        let Some(plan) = st.plan.as_ref() else {
-            return;
-        };
-        let memory = |k: &PublicKey| st.table.get(k).map(|p| p.advert.memory_bytes);
-        let Some(n) = crate::capacity::pool_sessions(plan, &self.model.kv, memory) else {
-            return;
-        };
-        let before = self.share.sessions();
-        let now = self.share.resize(n);
-        if now != before {
-            self.say(
-                None,
-                format!("the pool runs {now} sessions at once (sized by its nodes' memory)"),
-            );
-        }
+        key_of_peer(&peer).is_some_and(|k| self.core().alive(&k, Instant::now()))
     }
 
     /// Sends one assignment and records the answer.
@@ -980,40 +641,11 @@ impl Coordinator {
             None => Err("not a valid peer key".to_string()),
             Some(peer) => self.send_assignment(peer, &a).await,
         };
-        let connected = peer_id_of(&key).is_some_and(|p| {
-            self.remote
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&p)
-        });
-        let mut st = self.state();
-        st.pending.remove(&key);
-        let who = peer_id_of(&key).map(|p| p.to_string()).unwrap_or_default();
-        match outcome {
-            Ok(()) => {
-                self.say(
-                    None,
-                    format!(
-                        "peer {who} serves blocks {}..{} (epoch {})",
-                        a.layers.start, a.layers.end, a.epoch
-                    ),
-                );
-                st.loaded.insert(key, a.layers);
-                st.retry_at.remove(&key);
-                st.unconnected.remove(&key);
-            }
-            Err(e) => {
-                tracing::warn!(peer = %who, "assignment failed: {e}");
-                st.retry_at.insert(key, Instant::now() + ASSIGN_RETRY);
-                if connected {
-                    st.unconnected.remove(&key);
-                } else {
-                    st.unconnected.insert(key);
-                }
-            }
+        let connected = peer_id_of(&key).is_some_and(|p| lock(&self.remote).contains_key(&p));
+        if let Err(e) = &outcome {
+            tracing::warn!(peer = %key.peer_id(), "assignment failed: {e}");
         }
-        drop(st);
-        self.changed.notify_waiters();
+        self.with_core(|c, now| c.assigned(key, &a, outcome, connected, now.at));
     }
 
     async fn send_assignment(&self, peer: PeerId, a: &ShardAssignment) -> Result<(), String> {
@@ -1060,124 +692,45 @@ impl Coordinator {
 
     /// The cheapest chain of confirmed spans, with each span's peer id.
     pub fn chain(&self) -> Result<Vec<(Span, PeerId)>, SessionError> {
-        {
-            let st = self.state();
-            if st.plan.is_none() {
-                return Err(SessionError::NotReady(
-                    st.plan_error
-                        .clone()
-                        .unwrap_or_else(|| "no peers yet".into()),
-                ));
-            }
-        }
-        self.route_blocks(0, self.model.shape.layers, &HashSet::new())
-            .ok_or_else(|| SessionError::NotReady("spans are still loading".into()))
+        let chain = self
+            .core()
+            .chain(Instant::now())
+            .map_err(|e| SessionError::NotReady(e.0))?;
+        Ok(with_peer_ids(chain))
     }
 
-    /// The cheapest chain of confirmed spans over blocks `start..end`, avoiding `avoid`.
-    /// A peer's compute counts as its measured queue (see [`queued_ms_per_block`]: the
-    /// longer of its estimate, from the speed plans give it (a claim counts for no more
-    /// than the fastest measured peer), and its recent steps, times the sessions it runs,
-    /// so replicas share the load and a slow or crowded one gets fewer) and more the less
-    /// it is trusted (by the lower bound of its reputation, so new peers get work, but
-    /// after proven ones).
+    /// The cheapest chain of confirmed spans over blocks `start..end`, avoiding `avoid`
+    /// (see [`PoolCore::route`]).
     fn route_blocks(
         &self,
         start: u32,
         end: u32,
         avoid: &HashSet<PeerId>,
     ) -> Option<Vec<(Span, PeerId)>> {
-        let load = self.busy.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let (times, now) = (
-            self.step_times.lock().unwrap_or_else(|p| p.into_inner()),
-            Instant::now(),
-        );
-        let st = self.state();
-        let plan = st.plan.as_ref()?;
-        let confirmed = Plan {
-            epoch: plan.epoch,
-            spans: plan
-                .spans
-                .iter()
-                .filter(|s| st.loaded.get(&s.peer) == Some(&s.range))
-                .filter(|s| peer_id_of(&s.peer).is_some_and(|p| !avoid.contains(&p)))
-                .cloned()
-                .collect(),
-        };
-        let layer_bytes = self.model.shape.layer_bytes as f64;
-        // A claimed speed counts for no more than the fastest measured one, as in plans.
-        let speeds: HashMap<PublicKey, f64> = self
-            .planning_peers(&st, &times.quickest())
-            .into_iter()
-            .map(|p| (p.id, p.speed))
-            .collect();
-        let blocks: HashMap<PublicKey, u32> = confirmed
-            .spans
-            .iter()
-            .map(|s| (s.peer, s.range.len()))
-            .collect();
-        let cost = |key: &PublicKey| {
-            let peer = st.table.get(key)?;
-            let id = peer_id_of(key);
-            let busy = id.and_then(|p| load.get(&p)).copied().unwrap_or(0);
-            let measured = id.and_then(|p| times.recent(&p, now)).map(|s| s * 1e3);
-            let blocks = blocks.get(key).copied().unwrap_or(1);
-            let rtt_ms = peer.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from);
-            let speed = speeds
-                .get(key)
-                .copied()
-                .unwrap_or_else(|| f64::from(peer.advert.mem_gbps));
-            let estimate = layer_bytes / (speed.max(1e-3) * 1e6);
-            let distrust = 1.5 - 0.5 * st.trust.get(key).lower_bound();
-            Some(PeerCost {
-                rtt_ms,
-                ms_per_block: queued_ms_per_block(estimate, measured, rtt_ms, blocks, busy)
-                    * distrust,
-            })
-        };
-        route_range(&confirmed, start, end, cost, &HashSet::new())?
-            .into_iter()
-            .map(|s| peer_id_of(&s.peer).map(|p| (s, p)))
-            .collect()
+        let avoid: HashSet<PublicKey> = avoid.iter().filter_map(key_of_peer).collect();
+        let route = self.core().route(start, end, &avoid, Instant::now())?;
+        Some(with_peer_ids(route))
     }
 
     /// A peer announced it is leaving: plan and route around it at once; its running
     /// sessions move away at their next step.
     pub fn leaving(&self, peer: PeerId, reason: &str) {
-        let line = format!("peer leaving {peer}: {reason}");
-        self.exclude(peer, LEAVE_BAN, Exclusion::Leaving, "peer", line);
-    }
-
-    /// A peer that announced it was leaving (a paused node) advertises again: it is back in
-    /// plans and routes.
-    pub fn back_from_leave(&self, key: &PublicKey) {
-        let back = {
-            let mut st = self.state();
-            let leaving = st.exclusion(key) == Some(Exclusion::Leaving);
-            if leaving {
-                st.banned.remove(key);
-            }
-            leaving
-        };
-        if back {
-            let who = peer_id_of(key).map(|p| p.to_string()).unwrap_or_default();
-            let line = format!("peer back {who}: advertising again");
-            self.say(Some("peer"), line);
-            self.replan();
+        if let Some(key) = key_of_peer(&peer) {
+            self.with_core(|c, now| c.leaving(&key, reason, now));
         }
     }
 
     /// Whether `peer` is out of plans and routes now (failed, dropped or leaving).
     pub fn excluded(&self, peer: PeerId) -> bool {
-        let st = self.state();
-        st.key_of(peer).is_some_and(|k| st.is_excluded(&k))
+        key_of_peer(&peer).is_some_and(|k| self.core().is_excluded(&k, Instant::now()))
     }
 
     /// Leaves a peer that failed a step out of plans and routes for [`SUSPECT_FOR`] and
     /// re-plans around it.
     pub fn suspect(&self, peer: PeerId, reason: &str) {
-        let line = format!("peer failed {peer}: {reason}");
-        self.exclude(peer, SUSPECT_FOR, Exclusion::Failed, "failure", line);
+        if let Some(key) = key_of_peer(&peer) {
+            self.with_core(|c, now| c.suspect(&key, reason, now));
+        }
     }
 
     /// Waits until a chain covers the model, or `timeout` passes.
@@ -1205,7 +758,10 @@ impl Coordinator {
         let (chain, load) = {
             let _routing = self.routing.lock().await;
             let chain = self.chain()?;
-            let load = Load::new(self.busy.clone(), chain.iter().map(|(_, p)| *p).collect());
+            let load = Load::new(
+                self.core.clone(),
+                chain.iter().map(|(s, _)| s.peer).collect(),
+            );
             (chain, load)
         };
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
@@ -1352,18 +908,13 @@ async fn drive(
     Ok(generation.finish(&mut on_text))
 }
 
-/// One line per span, for operators.
-pub fn describe(plan: &Plan) -> String {
-    plan.spans
-        .iter()
-        .map(|s| {
-            let who = peer_id_of(&s.peer)
-                .map(|p| p.to_string())
-                .unwrap_or_default();
-            format!("{who} {}..{}", s.range.start, s.range.end)
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+/// `spans` with each one's peer id (a key that names none is left out, which a verified
+/// advert's key never is).
+fn with_peer_ids(spans: Vec<Span>) -> Vec<(Span, PeerId)> {
+    spans
+        .into_iter()
+        .filter_map(|s| peer_id_of(&s.peer).map(|p| (s, p)))
+        .collect()
 }
 
 impl Reroute for Coordinator {
@@ -1373,14 +924,8 @@ impl Reroute for Coordinator {
         end: u32,
         avoid: &HashSet<PeerId>,
     ) -> Result<Option<Vec<(Span, PeerId)>>, String> {
-        {
-            let st = self.state();
-            if st.plan.is_none() {
-                return Err(st
-                    .plan_error
-                    .clone()
-                    .unwrap_or_else(|| "the pool has no plan".into()));
-            }
+        if let Some(why) = self.core().no_plan() {
+            return Err(why);
         }
         Ok(self.route_blocks(start, end, avoid))
     }
@@ -1398,21 +943,12 @@ impl Reroute for Coordinator {
     }
 
     fn busy(&self, peer: PeerId) -> bool {
-        let answering = self
-            .step_times
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .answering(&peer, Instant::now(), ALIVE_WINDOW);
-        answering && self.alive(peer)
+        key_of_peer(&peer).is_some_and(|k| self.core().answering(&k, Instant::now()))
     }
 
     fn measured(&self, peer: PeerId, secs: f64, positions: usize) {
-        let mut times = self.step_times.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        times.answered(peer, now);
-        // Decode steps are what a new session will wait on; prefills cost by their length.
-        if positions == 1 {
-            times.observe(peer, secs, now);
+        if let Some(key) = key_of_peer(&peer) {
+            self.core().measured(key, secs, positions, Instant::now());
         }
     }
 }

@@ -5,7 +5,8 @@
 //! many sessions run at once (`capacity`), whether a stage's result stands (`verify`,
 //! `compare`), how far a peer is trusted (`trust`), when a silent peer is dialled again or
 //! counts as gone (`redial`), which peers are one voice (`origin`), and what people call a
-//! peer (`nickname`).
+//! peer (`nickname`). `pool` ties them into one state machine that takes events and the time
+//! and returns what to do.
 
 pub mod capacity;
 pub mod compare;
@@ -13,6 +14,7 @@ pub mod nickname;
 pub mod origin;
 pub mod peer_table;
 pub mod planner;
+pub mod pool;
 pub mod queue;
 pub mod redial;
 pub mod router;

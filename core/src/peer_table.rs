@@ -129,6 +129,18 @@ impl PeerTable {
     /// Verifies and records a signed advert received at unix time `now`.
     pub fn accept(&mut self, signed: &Signed, now: u64) -> Result<Accepted, AdvertRejection> {
         let advert: CapacityAdvert = signed.verify(ADVERT_DOMAIN)?;
+        self.admit(signed.signer, advert, now)
+    }
+
+    /// Records `advert`, whose signature by `key` is already verified (the daemon verifies
+    /// in [`PeerTable::accept`]; the simulator's peers sign nothing), with every other check
+    /// an advert gets.
+    pub fn admit(
+        &mut self,
+        key: PublicKey,
+        advert: CapacityAdvert,
+        now: u64,
+    ) -> Result<Accepted, AdvertRejection> {
         advert.check_current(&self.pool, now)?;
         if let Some((_, r)) = advert.loaded.as_ref().filter(|(_, r)| r.is_empty()) {
             return Err(AdvertRejection::EmptyRange(r.start, r.end));
@@ -139,7 +151,7 @@ impl PeerTable {
             return Err(AdvertRejection::TtlTooLong(ttl));
         }
         let full = self.peers.len() >= self.max_peers;
-        match self.peers.get_mut(&signed.signer) {
+        match self.peers.get_mut(&key) {
             Some(p) if advert.seq <= p.advert.seq => Err(AdvertRejection::Stale {
                 got: advert.seq,
                 have: p.advert.seq,
@@ -170,9 +182,9 @@ impl PeerTable {
             None if full => Err(AdvertRejection::Full(self.max_peers)),
             None => {
                 self.peers.insert(
-                    signed.signer,
+                    key,
                     Peer {
-                        key: signed.signer,
+                        key,
                         advert,
                         rtt_ms: None,
                         last_heard: now,

@@ -51,4 +51,12 @@ mod tests {
         let peer = libp2p::PeerId::from_multihash(hashed).unwrap();
         assert_eq!(key_of_peer(&peer), None);
     }
+
+    #[test]
+    fn the_protocol_names_a_key_as_libp2p_does() {
+        for seed in [[0u8; 32], [7; 32], [255; 32]] {
+            let key = potluck_protocol::signed::Keypair::from_secret(&seed).public();
+            assert_eq!(key.peer_id(), peer_id_of(&key).unwrap().to_string());
+        }
+    }
 }

@@ -17,7 +17,7 @@ pub fn digest(bytes: &[u8]) -> Digest {
 }
 
 /// A peer's ed25519 public key (its libp2p PeerId is derived from the same key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PublicKey(pub [u8; 32]);
 
 /// An ed25519 signature.
@@ -86,6 +86,49 @@ impl PublicKey {
         key.verify_strict(&signed_digest(domain, body), &sig)
             .map_err(|_| ProtocolError::BadSignature("does not verify"))
     }
+
+    /// The libp2p peer id this key is known by, as operators read it (`12D3KooW...`): the
+    /// identity multihash of the key's protobuf encoding, in base58. Written out here so the
+    /// layers with no swarm (the coordinator's core, the simulator) name peers as logs do.
+    pub fn peer_id(&self) -> String {
+        // Multihash identity (0x00), length 36; protobuf KeyType Ed25519 (field 1 = 1), then
+        // field 2, 32 bytes of key.
+        let mut bytes = Vec::with_capacity(38);
+        bytes.extend_from_slice(&[0x00, 0x24, 0x08, 0x01, 0x12, 0x20]);
+        bytes.extend_from_slice(&self.0);
+        base58(&bytes)
+    }
+}
+
+/// Bitcoin's base58 alphabet, as multiformats and libp2p write peer ids.
+const BASE58: &[u8; 58] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+
+/// `bytes` in base58 (leading zero bytes as leading `1`s).
+fn base58(bytes: &[u8]) -> String {
+    let zeros = bytes.iter().take_while(|b| **b == 0).count();
+    // Digits in base 58, least significant first.
+    let mut digits: Vec<u8> = Vec::with_capacity(bytes.len() * 138 / 100 + 1);
+    for &b in &bytes[zeros..] {
+        let mut carry = u32::from(b);
+        for d in digits.iter_mut() {
+            carry += u32::from(*d) << 8;
+            *d = (carry % 58) as u8;
+            carry /= 58;
+        }
+        while carry > 0 {
+            digits.push((carry % 58) as u8);
+            carry /= 58;
+        }
+    }
+    let mut out = String::with_capacity(zeros + digits.len());
+    out.extend(std::iter::repeat_n('1', zeros));
+    out.extend(
+        digits
+            .iter()
+            .rev()
+            .map(|d| char::from(BASE58[usize::from(*d)])),
+    );
+    out
 }
 
 /// A message with its signer and signature. The body stays encoded so the bytes that were

@@ -396,8 +396,7 @@ pub(super) fn failover(cache: &ModelCache, args: &BenchArgs, mode: &str) -> Resu
             .await?;
         // The crash: the serving node, or one whose blocks have no replica.
         let victim = {
-            let st = c.state();
-            let spans = st.plan.as_ref().map(|p| p.spans.clone()).unwrap_or_default();
+            let spans = c.core().plan().map(|p| p.spans.clone()).unwrap_or_default();
             chain
                 .iter()
                 .find(|(s, _)| mode == "replica" || spans.iter().filter(|o| o.range == s.range).count() == 1)

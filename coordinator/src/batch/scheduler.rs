@@ -384,9 +384,8 @@ impl Batches {
             model,
             task,
         };
-        let key = c
-            .state()
-            .key_of(peer)
+        let key = potluck_net::swarm::key_of_peer(&peer)
+            .filter(|k| c.core().knows(k))
             .ok_or_else(|| Refusal::Declined("peer left".into()))?;
         let result = c.send_work(peer, &req).await?;
         verify_work(&key, &req, &result).map_err(Refusal::Failed)?;

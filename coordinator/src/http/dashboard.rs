@@ -60,20 +60,19 @@ pub fn snapshot(app: &AppState, members: Members) -> Value {
     let c = &app.pool;
     let model = c.model();
     let (peers, plan) = {
-        let st = c.state();
-        let plan = st.plan.clone();
-        let peers: Vec<_> = st
-            .table
+        let core = c.core();
+        let plan = core.plan().cloned();
+        let peers: Vec<_> = core
+            .table()
             .peers()
             .iter()
             .map(|p| {
-                let work = st.work.get(&p.key).copied().unwrap_or_default();
                 (
                     p.key,
                     p.advert.clone(),
                     p.rtt_ms,
-                    st.trust.get(&p.key),
-                    work,
+                    core.trust().get(&p.key),
+                    core.work(&p.key),
                 )
             })
             .collect();
@@ -156,7 +155,7 @@ pub fn snapshot(app: &AppState, members: Members) -> Value {
             })
         })
         .collect();
-    let plan_error = c.state().plan_error.clone();
+    let plan_error = c.core().plan_error().map(str::to_string);
     // The ledger and recent batches, when the coordinator keeps a job store.
     let (credits, batches) = app.batches.as_ref().map_or((Vec::new(), Vec::new()), |b| {
         let credits = b.store.credits().unwrap_or_default();

@@ -67,7 +67,7 @@ impl Coordinator {
     /// sharing the spot checks' slots).
     pub fn canary_round(&self) {
         for (span, peer) in self.serving() {
-            let draw = self.state().trust.draw(usize::MAX);
+            let draw = self.core().draw(usize::MAX);
             let canary = self
                 .canaries
                 .lock()

@@ -7,7 +7,7 @@
 //! without one it is inconclusive. With no third peer the checker's word stands only when
 //! the checker has a record and the checked peer has none.
 
-use super::{Coordinator, Exclusion, QUARANTINE};
+use super::Coordinator;
 use crate::audit::{receipt_hex, Record};
 use crate::compare::{compare, tolerance, Comparison, Verdict};
 use crate::origin::Origin;
@@ -16,10 +16,11 @@ use crate::pipeline::PipelineError;
 use crate::planner::Span;
 use crate::spotcheck::{recompute, Reference};
 use libp2p::PeerId;
-use potluck_net::swarm::peer_id_of;
+use potluck_net::swarm::{key_of_peer, peer_id_of};
 use potluck_protocol::messages::{LayerRange, Receipt, StageOutputWire, StageResult};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 /// What the checks decided about one picked result.
 struct Decision {
@@ -97,17 +98,12 @@ fn decide(
 impl Coordinator {
     /// Whether `peer`'s result just verified is picked for a check (see [`crate::trust`]).
     pub(crate) fn pick_for_check(&self, peer: PeerId) -> bool {
-        let mut st = self.state();
-        match st.key_of(peer) {
-            Some(key) => st.trust.pick(&key),
-            None => false,
-        }
+        key_of_peer(&peer).is_some_and(|k| self.core().pick_for_check(&k))
     }
 
     /// Whether `peer` has a record of its own (see [`crate::trust::PeerTrust::proven`]).
     pub(super) fn proven(&self, peer: PeerId) -> bool {
-        let st = self.state();
-        st.key_of(peer).is_some_and(|k| st.trust.get(&k).proven())
+        key_of_peer(&peer).is_some_and(|k| self.core().proven(&k))
     }
 
     /// Checks `job` on other peers, beside generation.
@@ -120,19 +116,10 @@ impl Coordinator {
     /// may be sent that span's inputs (see [`Coordinator::may_serve`]): checks, twins and
     /// canaries replay a first stage's journal, which is the prompt.
     pub(super) fn serving(&self) -> Vec<(Span, PeerId)> {
-        let st = self.state();
-        st.loaded
-            .iter()
-            .filter(|(k, r)| !st.is_excluded(k) && self.may_serve(k, **r))
-            .filter_map(|(k, r)| {
-                Some((
-                    Span {
-                        peer: *k,
-                        range: *r,
-                    },
-                    peer_id_of(k)?,
-                ))
-            })
+        let spans = self.core().serving(Instant::now());
+        spans
+            .into_iter()
+            .filter_map(|s| peer_id_of(&s.peer).map(|p| (s, p)))
             .collect()
     }
 
@@ -218,7 +205,7 @@ impl Coordinator {
             return None;
         }
         candidates.sort_by_key(|c| peer(c).to_bytes());
-        let i = self.state().trust.draw(candidates.len());
+        let i = self.core().draw(candidates.len());
         Some(candidates.swap_remove(i))
     }
 
@@ -348,30 +335,13 @@ impl Coordinator {
         }
     }
 
-    /// Leaves `peer` out of the pool for [`QUARANTINE`], voids its results no check has
-    /// covered and its batch credit, and moves running sessions off it (rebuilding what it
-    /// fed downstream). The failure itself is for the caller to record (see
+    /// Leaves `peer` out of the pool for [`QUARANTINE`](super::QUARANTINE), voids its
+    /// results no check has covered and its batch credit, and moves running sessions off it
+    /// (rebuilding what it fed downstream). The failure itself is for the caller to record (see
     /// [`Coordinator::record_trust`]).
     pub fn quarantine(&self, peer: PeerId, why: &str) {
-        let voided = {
-            let mut st = self.state();
-            match st.key_of(peer) {
-                Some(key) => st.trust.void_unchecked(&key),
-                None => 0,
-            }
-        };
-        // Its batch credit goes too: a cheat keeps nothing it was credited before it was caught.
-        if let Some(hook) = &self.on_quarantine {
-            hook(peer);
-        }
-        let line = format!("peer quarantined {peer}: {why}; {voided} unchecked results voided");
-        if self.exclude(peer, QUARANTINE, Exclusion::Quarantined, "check", line) {
-            if let Some(audit) = &self.audit {
-                audit.record(Record::Quarantine {
-                    peer: peer.to_string(),
-                    detail: format!("{why}; {voided} unchecked results voided"),
-                });
-            }
+        if let Some(key) = key_of_peer(&peer) {
+            self.with_core(|c, now| c.quarantine(&key, why, now));
         }
     }
 
@@ -384,10 +354,8 @@ impl Coordinator {
 
     /// Records a verdict on `peer`'s work in its trust record, now.
     pub(crate) fn record_trust(&self, peer: PeerId, verdict: Verdict) {
-        let mut st = self.state();
-        if let Some(key) = st.key_of(peer) {
-            st.trust
-                .record(&key, verdict, potluck_net::swarm::unix_now() as f64);
+        if let Some(key) = key_of_peer(&peer) {
+            self.with_core(|c, now| c.record_trust(&key, verdict, now.unix));
         }
     }
 
@@ -402,9 +370,7 @@ impl Coordinator {
 
     /// Whether `peer` is quarantined now.
     pub fn is_quarantined(&self, peer: PeerId) -> bool {
-        let st = self.state();
-        st.key_of(peer)
-            .is_some_and(|k| st.exclusion(&k) == Some(Exclusion::Quarantined))
+        key_of_peer(&peer).is_some_and(|k| self.core().is_quarantined(&k, Instant::now()))
     }
 }
 

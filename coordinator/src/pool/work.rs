@@ -35,17 +35,6 @@ pub struct Embedded {
     pub by_peer: Vec<(PeerId, usize)>,
 }
 
-/// Whole-model work a peer has done for the pool since the coordinator started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WorkTally {
-    /// Units (slices) whose results were accepted.
-    pub units: u64,
-    /// Texts they covered.
-    pub items: u64,
-    /// Tokens they took.
-    pub tokens: u64,
-}
-
 /// A slice of the request: where its texts start, and the texts.
 pub(super) struct Slice {
     pub(super) start: usize,
@@ -173,21 +162,12 @@ fn embeddings_of(output: &WorkOutput, texts: usize) -> Result<Vec<Vec<f32>>, Str
 
 impl Coordinator {
     /// Peers that advertise `model` in their cache, are in good standing and may see text,
-    /// fastest first.
+    /// fastest first (see [`potluck_core::pool::PoolCore::holders`]).
     pub fn holders(&self, model: &ModelRef) -> Vec<(PeerId, PublicKey)> {
-        let st = self.state();
-        let mut peers: Vec<_> = st
-            .table
-            .peers()
-            .into_iter()
-            .filter(|p| p.advert.models.contains(model) && !st.is_excluded(&p.key))
-            // A work unit is whole text: where the pool keeps text to trusted peers, only
-            // they run units.
-            .filter(|p| self.may_see_text(&p.key))
-            .filter_map(|p| Some((peer_id_of(&p.key)?, p.key, p.advert.gflops)))
-            .collect();
-        peers.sort_by(|a, b| b.2.total_cmp(&a.2));
-        peers.into_iter().map(|(id, key, _)| (id, key)).collect()
+        let keys = self.core().holders(model, std::time::Instant::now());
+        keys.into_iter()
+            .filter_map(|k| Some((peer_id_of(&k)?, k)))
+            .collect()
     }
 
     /// Sentence vectors for `texts` on `model`, computed across the peers holding it.
@@ -224,13 +204,7 @@ impl Coordinator {
                             let SliceAnswer {
                                 vectors, tokens, ..
                             } = answer;
-                            {
-                                let mut st = self.state();
-                                let tally = st.work.entry(key).or_default();
-                                tally.units += 1;
-                                tally.items += vectors.len() as u64;
-                                tally.tokens = tally.tokens.saturating_add(tokens);
-                            }
+                            self.core().add_work(key, vectors.len() as u64, tokens);
                             if let Ok(mut d) = done.lock() {
                                 d.push((slice.start, vectors, tokens, peer));
                             }
