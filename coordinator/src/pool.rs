@@ -312,21 +312,6 @@ impl Coordinator {
         self
     }
 
-    /// Whether the peer with `key` may be sent what runs on `range`: a first or last
-    /// stage's inputs or outputs are the prompt's tokens and the text, so those go only to
-    /// peers that may see text. Spot checks, strict-mode twins and canaries pick their
-    /// peers through it (see `serving`); plans apply the same rule through
-    /// [`PlanPeer::edge_ok`], and routes only follow plans.
-    pub fn may_serve(&self, key: &PublicKey, range: LayerRange) -> bool {
-        let edge = range.start == 0 || range.end >= self.model.shape.layers;
-        !edge || self.may_see_text(key)
-    }
-
-    /// Whether the peer with `key` may see the pool's text (see [`sees_text`]).
-    pub fn may_see_text(&self, key: &PublicKey) -> bool {
-        sees_text(&self.private_edges, self.gate.as_ref(), key)
-    }
-
     /// Notes that `peer` opened `connection`, which comes from `address`.
     pub fn connection_opened(
         &self,

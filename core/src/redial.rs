@@ -50,7 +50,7 @@ impl<K> Default for Redials<K> {
     }
 }
 
-impl<K: Hash + Eq + Copy> Redials<K> {
+impl<K: Hash + Eq + Ord + Copy> Redials<K> {
     /// An empty schedule.
     pub fn new() -> Self {
         Self::default()
@@ -77,7 +77,7 @@ impl<K: Hash + Eq + Copy> Redials<K> {
         self.peers.contains_key(peer)
     }
 
-    /// What is due by `now`, per peer. Gone peers are forgotten.
+    /// What is due by `now`, per peer, in peer order. Gone peers are forgotten.
     pub fn due(&mut self, now: Instant) -> Vec<(K, Due)> {
         let mut out = Vec::new();
         for (peer, r) in &mut self.peers {
@@ -104,6 +104,8 @@ impl<K: Hash + Eq + Copy> Redials<K> {
                 self.peers.remove(peer);
             }
         }
+        // In peer order, not the map's: the same schedule gives the same dials.
+        out.sort_by_key(|(peer, _)| *peer);
         out
     }
 

@@ -16,7 +16,7 @@ use crate::pipeline::PipelineError;
 use crate::planner::Span;
 use crate::spotcheck::{recompute, Reference};
 use libp2p::PeerId;
-use potluck_net::swarm::{key_of_peer, peer_id_of};
+use potluck_net::swarm::key_of_peer;
 use potluck_protocol::messages::{LayerRange, Receipt, StageOutputWire, StageResult};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -113,14 +113,11 @@ impl Coordinator {
     }
 
     /// Every loaded span, in or out of the plan's chain, on a peer that is not excluded and
-    /// may be sent that span's inputs (see [`Coordinator::may_serve`]): checks, twins and
+    /// may be sent that span's inputs (see [`PoolCore::may_serve`](potluck_core::pool::PoolCore::may_serve)): checks, twins and
     /// canaries replay a first stage's journal, which is the prompt.
     pub(super) fn serving(&self) -> Vec<(Span, PeerId)> {
         let spans = self.core().serving(Instant::now());
-        spans
-            .into_iter()
-            .filter_map(|s| peer_id_of(&s.peer).map(|p| (s, p)))
-            .collect()
+        super::with_peer_ids(spans)
     }
 
     /// Loaded spans of exactly `range` on serving peers other than `not`, of other origins

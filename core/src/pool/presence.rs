@@ -201,8 +201,7 @@ impl PoolCore {
     /// Peers to dial again by `now`; peers whose tries are spent are gone from the pool
     /// (they join anew if they advertise again).
     pub fn due_redials(&mut self, now: Now) -> Vec<PublicKey> {
-        let mut due = self.redials.due(now.at);
-        due.sort_by_key(|(k, _)| *k);
+        let due = self.redials.due(now.at);
         let mut dial = Vec::new();
         for (key, what) in due {
             let name = key.peer_id();
