@@ -1,5 +1,6 @@
 //! `potluck`: the one binary of a Potluck pool: `up`, `node` and `coordinator` run a pool;
-//! `generate`, `bench`, `model fetch|list|verify` and `audit verify` work on this machine.
+//! `generate`, `bench`, `sim`, `model fetch|list|verify` and `audit verify` work on this
+//! machine.
 
 mod batch;
 mod bench;
@@ -10,6 +11,7 @@ mod load;
 mod membership;
 mod models;
 mod pool;
+mod sim;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -53,6 +55,8 @@ enum Command {
         #[command(subcommand)]
         command: batch::BatchCommand,
     },
+    /// Simulate a pool on a virtual clock with the coordinator's real decisions.
+    Sim(sim::SimArgs),
     /// A pool: its credit ledger, and for private pools its key and members' certificates.
     Pool {
         #[command(subcommand)]
@@ -237,6 +241,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(args) => pool::run_node(&cache()?, args),
         Command::Coordinator(args) => pool::run_coordinator(&cache()?, args),
         Command::Batch { command } => batch::run(command),
+        Command::Sim(args) => sim::run(&args),
         Command::Pool { command } => match command {
             PoolCommand::Credits { api } => batch::credits(&api),
             PoolCommand::Membership(cmd) => membership::run(cmd),

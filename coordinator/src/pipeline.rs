@@ -16,6 +16,7 @@ pub use hop::{
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::planner::Span;
+use crate::router::{windows_around, FAILOVER_PATIENCE, FAILOVER_POLL};
 use libp2p::PeerId;
 use potluck_engine::sampling::SamplingParams;
 use potluck_net::streams::PoolStreams;
@@ -35,11 +36,6 @@ pub const CHECK_TOP_LOGPROBS: u32 = 5;
 pub const STREAM_RETRIES: u32 = 3;
 /// Wait before reopening, times the attempt number.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
-/// How long a failed hop waits for the pool to offer a replacement (a replica, or spans
-/// re-planned onto other nodes and loaded) before the session fails.
-pub const FAILOVER_PATIENCE: Duration = Duration::from_secs(120);
-/// How often a waiting failover asks again.
-const FAILOVER_POLL: Duration = Duration::from_millis(100);
 /// How long a step waits, in total, on a node whose caches are full before giving up.
 pub const OVERLOAD_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -117,16 +113,6 @@ pub trait Checks: Send + Sync {
 pub trait SessionPool: Reroute + Checks {}
 
 impl<T: Reroute + Checks> SessionPool for T {}
-
-/// Runs of hops `(lo, hi)` around hop `i` of `n`, smallest first: what a failover tries
-/// to replace, from the failed hop alone up to the whole chain.
-fn windows_around(i: usize, n: usize) -> Vec<(usize, usize)> {
-    let mut w: Vec<(usize, usize)> = (0..=i)
-        .flat_map(|lo| (i..n).map(move |hi| (lo, hi)))
-        .collect();
-    w.sort_by_key(|&(lo, hi)| (hi - lo, i - lo));
-    w
-}
 
 /// A hop with a fresh stream for each span of `chain`, in order.
 async fn open_hops(

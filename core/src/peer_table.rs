@@ -5,7 +5,7 @@
 pub use potluck_protocol::messages::MAX_CLOCK_SKEW_SECS;
 use potluck_protocol::messages::{AdvertNotCurrent, CapacityAdvert, ADVERT_DOMAIN};
 use potluck_protocol::signed::{PublicKey, Signed};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use thiserror::Error;
 
 /// Longest validity an advert may claim; longer ones are refused so a departed peer cannot
@@ -87,13 +87,20 @@ pub enum Accepted {
     Changed,
     /// A known peer re-announcing the same capacity.
     Refreshed,
+    /// A known peer with the same capacity that holds other blocks now (it loaded what
+    /// it was assigned): nothing a plan is made from changed.
+    Holds,
 }
 
 /// Verified peers of one pool.
 #[derive(Debug)]
 pub struct PeerTable {
     pool: String,
+    /// Looked up at every step a router weighs (fast).
     peers: HashMap<PublicKey, Peer>,
+    /// The same keys in order, so every walk over the peers is deterministic without a
+    /// sort.
+    order: BTreeSet<PublicKey>,
     missed: u32,
     max_peers: usize,
 }
@@ -107,6 +114,7 @@ impl PeerTable {
         Self {
             pool: pool.to_string(),
             peers: HashMap::new(),
+            order: BTreeSet::new(),
             missed: DEFAULT_MISSED_HEARTBEATS,
             max_peers: DEFAULT_MAX_PEERS,
         }
@@ -157,7 +165,14 @@ impl PeerTable {
                 have: p.advert.seq,
             }),
             Some(p) => {
-                let changed = !same_capacity(&p.advert, &advert);
+                let outcome = if !same_capacity(&p.advert, &advert) {
+                    Accepted::Changed
+                } else if p.advert.loaded != advert.loaded {
+                    Accepted::Holds
+                } else {
+                    Accepted::Refreshed
+                };
+                let changed = outcome != Accepted::Refreshed;
                 // An advert sent on a change comes early by nature (a fresh node sends a
                 // few within its first seconds): only the gaps between refreshes time the
                 // heartbeat.
@@ -173,14 +188,11 @@ impl PeerTable {
                 }
                 p.last_heard = now;
                 p.advert = advert;
-                Ok(if changed {
-                    Accepted::Changed
-                } else {
-                    Accepted::Refreshed
-                })
+                Ok(outcome)
             }
             None if full => Err(AdvertRejection::Full(self.max_peers)),
             None => {
+                self.order.insert(key);
                 self.peers.insert(
                     key,
                     Peer {
@@ -202,8 +214,7 @@ impl PeerTable {
     pub fn silent(&self, now: u64) -> Vec<PublicKey> {
         let missed = u64::from(self.missed);
         let mut silent: Vec<PublicKey> = self
-            .peers
-            .values()
+            .unordered()
             .filter(|p| {
                 let missed_beats = p
                     .interval()
@@ -212,12 +223,13 @@ impl PeerTable {
             })
             .map(|p| p.key)
             .collect();
-        silent.sort_by_key(|k| k.0);
+        silent.sort();
         silent
     }
 
     /// Forgets a peer (it left, or was banned).
     pub fn remove(&mut self, key: &PublicKey) -> bool {
+        self.order.remove(key);
         self.peers.remove(key).is_some()
     }
 
@@ -235,9 +247,23 @@ impl PeerTable {
 
     /// Every known peer, in key order (deterministic for planning).
     pub fn peers(&self) -> Vec<&Peer> {
-        let mut v: Vec<&Peer> = self.peers.values().collect();
-        v.sort_by_key(|p| p.key.0);
-        v
+        self.iter().collect()
+    }
+
+    /// Every known peer, in key order, without collecting them.
+    pub fn iter(&self) -> impl Iterator<Item = &Peer> {
+        self.order.iter().filter_map(|k| self.peers.get(k))
+    }
+
+    /// Every known peer in no particular order, for what does not depend on it (counts,
+    /// and decisions that order peers themselves): faster than [`PeerTable::iter`].
+    pub fn unordered(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.values()
+    }
+
+    /// The most peers it holds.
+    pub fn max_peers(&self) -> usize {
+        self.max_peers
     }
 
     /// Number of peers.
@@ -251,12 +277,12 @@ impl PeerTable {
     }
 }
 
-/// Whether two adverts offer the same capacity (ignoring sequence and validity).
+/// Whether two adverts offer the same capacity (ignoring what they hold, sequence and
+/// validity).
 fn same_capacity(a: &CapacityAdvert, b: &CapacityAdvert) -> bool {
     a.device == b.device
         && a.memory_bytes == b.memory_bytes
         && a.threads == b.threads
         && a.models == b.models
-        && a.loaded == b.loaded
         && (a.gflops - b.gflops).abs() <= 0.1 * a.gflops.abs().max(b.gflops.abs())
 }

@@ -5,6 +5,7 @@
 
 use potluck_protocol::messages::LayerRange;
 use potluck_protocol::signed::PublicKey;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use thiserror::Error;
 
 /// What the planner needs to know about the model.
@@ -156,23 +157,23 @@ pub fn plan(
         });
     }
     if let Some(prev) = previous {
+        let by_id: HashMap<PublicKey, &PlanPeer> = eligible.iter().map(|p| (p.id, *p)).collect();
         let kept: Vec<Span> = prev
             .spans
             .iter()
             .filter(|s| {
-                eligible.iter().any(|p| {
-                    p.id == s.peer
-                        && s.range.len() <= capacity(model, p)
-                        && may_hold(model, p, s.range)
+                by_id.get(&s.peer).is_some_and(|p| {
+                    s.range.len() <= capacity(model, p) && may_hold(model, p, s.range)
                 })
             })
             .cloned()
             .collect();
         if covers(&kept, model.layers) {
+            let holding: HashSet<PublicKey> = kept.iter().map(|s| s.peer).collect();
             let free: Vec<&PlanPeer> = eligible
                 .iter()
                 .copied()
-                .filter(|p| !kept.iter().any(|s| s.peer == p.id))
+                .filter(|p| !holding.contains(&p.id))
                 .collect();
             let mut spans = kept;
             add_chains_and_replicas(model, &free, &mut spans);
@@ -260,25 +261,40 @@ fn add_chains_and_replicas(model: &ModelShape, free: &[&PlanPeer], spans: &mut V
         chain_cap = 0;
     }
     leftovers.extend(chain);
+    if leftovers.is_empty() {
+        return;
+    }
+    // Each range's replicas and its slowest one's speed (a span of a peer not in `free`
+    // counts at speed 1): the slowest range to serve is found per range, not per span, so a
+    // plan of thousands of spans takes a replica in time linear in its ranges.
+    let speed: HashMap<PublicKey, f64> = free.iter().map(|q| (q.id, q.speed)).collect();
+    let speed_of = |s: &Span| speed.get(&s.peer).copied().unwrap_or(1.0);
+    let mut ranges: BTreeMap<(u32, u32), (usize, f64)> = BTreeMap::new();
+    for s in spans.iter() {
+        let e = ranges
+            .entry((s.range.start, s.range.end))
+            .or_insert((0, f64::INFINITY));
+        e.0 += 1;
+        e.1 = e.1.min(speed_of(s));
+    }
     for p in leftovers {
         let cap = capacity(model, p);
-        let speed_of = |s: &Span| {
-            free.iter()
-                .find(|q| q.id == s.peer)
-                .map_or(1.0, |q| q.speed)
-        };
-        // The span whose range is slowest to serve, counting the replicas it already has.
-        let target = spans
+        // The range slowest to serve, counting the replicas it already has; of equals, the
+        // one starting first.
+        let target = ranges
             .iter()
-            .filter(|s| s.range.len() <= cap && may_hold(model, p, s.range))
-            .map(|s| {
-                let replicas = spans.iter().filter(|o| o.range == s.range).count() as f64;
-                let time = s.range.len() as f64 / speed_of(s) / replicas;
-                (s.range, time)
+            .map(|(&(start, end), &(replicas, slowest))| {
+                (LayerRange { start, end }, replicas, slowest)
             })
+            .filter(|(r, _, _)| r.len() <= cap && may_hold(model, p, *r))
+            .map(|(r, replicas, slowest)| (r, r.len() as f64 / slowest / replicas as f64))
             .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.start.cmp(&a.0.start)));
         if let Some((range, _)) = target {
             spans.push(Span { peer: p.id, range });
+            if let Some(e) = ranges.get_mut(&(range.start, range.end)) {
+                e.0 += 1;
+                e.1 = e.1.min(p.speed);
+            }
         }
     }
 }
@@ -353,18 +369,22 @@ fn split_chain<'a>(model: &ModelShape, chain: &[&'a PlanPeer]) -> (Vec<Span>, Ve
 
 /// Whether `spans` contain a chain from block 0 to `layers`.
 pub fn covers(spans: &[Span], layers: u32) -> bool {
-    let mut reach = vec![false; layers as usize + 1];
-    reach[0] = true;
-    for b in 0..layers as usize {
-        if !reach[b] {
-            continue;
-        }
-        for s in spans
-            .iter()
-            .filter(|s| s.range.start as usize == b && s.range.end <= layers)
-        {
-            reach[s.range.end as usize] = true;
+    let n = layers as usize;
+    let mut ends: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for s in spans {
+        let (a, b) = (s.range.start as usize, s.range.end as usize);
+        if a < b && b <= n {
+            ends[a].push(b);
         }
     }
-    reach[layers as usize]
+    let mut reach = vec![false; n + 1];
+    reach[0] = true;
+    for b in 0..n {
+        if reach[b] {
+            for &e in &ends[b] {
+                reach[e] = true;
+            }
+        }
+    }
+    reach[n]
 }

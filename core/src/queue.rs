@@ -11,13 +11,12 @@ use std::time::{Duration, Instant};
 pub const FRESH: Duration = Duration::from_secs(10);
 /// Weight of the newest step in the average.
 const NEWEST: f64 = 0.2;
-/// Peers remembered at most; stale ones go first.
-const MAX_PEERS: usize = 4096;
 
 /// Recent decode-step times per peer, and when each last answered any step.
 #[derive(Debug)]
 pub struct StepTimes<K> {
     seen: HashMap<K, Seen>,
+    max_peers: usize,
 }
 
 /// What is known of one peer.
@@ -41,19 +40,28 @@ impl Seen {
 
 impl<K> Default for StepTimes<K> {
     fn default() -> Self {
+        Self::with_max_peers(crate::peer_table::DEFAULT_MAX_PEERS)
+    }
+}
+
+impl<K> StepTimes<K> {
+    /// Remembers at most `n` peers (at least one): as many as the pool may hold, so a
+    /// large pool's peers are all measured.
+    pub fn with_max_peers(n: usize) -> Self {
         Self {
             seen: HashMap::new(),
+            max_peers: n.max(1),
         }
     }
 }
 
 impl<K: Hash + Eq> StepTimes<K> {
-    /// `peer`'s entry, made room for among at most [`MAX_PEERS`] (stale ones go first);
+    /// `peer`'s entry, made room for among at most `max_peers` (stale ones go first);
     /// `None` when every remembered peer is fresh and `peer` is not among them.
     fn entry(&mut self, peer: K, now: Instant) -> Option<&mut Seen> {
-        if self.seen.len() >= MAX_PEERS && !self.seen.contains_key(&peer) {
+        if self.seen.len() >= self.max_peers && !self.seen.contains_key(&peer) {
             self.seen.retain(|_, s| s.fresh(now));
-            if self.seen.len() >= MAX_PEERS {
+            if self.seen.len() >= self.max_peers {
                 return None;
             }
         }
@@ -103,6 +111,24 @@ impl<K: Hash + Eq> StepTimes<K> {
             .iter()
             .filter_map(|(k, s)| Some((k.clone(), s.quickest?)))
             .collect()
+    }
+
+    /// `peer`'s average step time if measured within [`FRESH`] of `now`, and its quickest
+    /// ever, seconds: [`StepTimes::recent`] and [`StepTimes::quickest_of`] in one look.
+    pub fn times(&self, peer: &K, now: Instant) -> (Option<f64>, Option<f64>) {
+        let Some(s) = self.seen.get(peer) else {
+            return (None, None);
+        };
+        let recent = s
+            .step
+            .filter(|(_, at)| now.saturating_duration_since(*at) < FRESH)
+            .map(|(secs, _)| secs);
+        (recent, s.quickest)
+    }
+
+    /// The quickest average step time measured on `peer`, seconds.
+    pub fn quickest_of(&self, peer: &K) -> Option<f64> {
+        self.seen.get(peer).and_then(|s| s.quickest)
     }
 
     /// The average step time on `peer`, seconds, if measured within [`FRESH`] of `now`.

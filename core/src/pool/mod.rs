@@ -16,7 +16,7 @@ pub use action::Action;
 pub use exclusion::{
     Exclusion, ALIVE_WINDOW, ASSIGN_RETRY, BAN, LEAVE_BAN, QUARANTINE, SUSPECT_FOR,
 };
-pub use planning::describe;
+pub use planning::{describe, DEFER_PLANS_ABOVE, DESCRIBED_SPANS};
 pub use routing::NotReady;
 
 use crate::capacity::KvGeometry;
@@ -76,6 +76,13 @@ pub struct PoolCore {
     table: PeerTable,
     plan: Option<Plan>,
     plan_error: Option<String>,
+    /// Whether a re-plan was put off (see [`DEFER_PLANS_ABOVE`]).
+    replan_owed: bool,
+    /// Counts changes of what decides whether a chain exists: the plan, confirmed spans,
+    /// peers leaving the table (see [`PoolCore::routing_epoch`]).
+    routing: u64,
+    /// The plan's confirmed spans by first block, as of the routing epoch it holds.
+    route_index: Option<(u64, Vec<Vec<usize>>)>,
     /// Spans each peer confirmed it serves, on this coordinator's assignment: the only
     /// spans routed to, checked against or asked for second opinions.
     loaded: BTreeMap<PublicKey, LayerRange>,
@@ -103,6 +110,9 @@ pub struct PoolCore {
     work: HashMap<PublicKey, WorkTally>,
     /// How long decode steps took on each peer lately: its measured queue.
     step_times: StepTimes<PublicKey>,
+    /// The fastest speed measured among the peers a plan may use, as of the last plan or
+    /// a faster measurement since: what a peer's claim counts for at most.
+    fastest: Option<f64>,
     /// Sessions each peer serves now (counted from routing to the session's end).
     busy: HashMap<PublicKey, usize>,
     /// When each peer's connection last answered a ping: the proof of life that adverts
@@ -124,9 +134,11 @@ impl PoolCore {
         Self {
             model,
             auto_sessions,
-            table,
             plan: None,
             plan_error: None,
+            replan_owed: false,
+            routing: 0,
+            route_index: None,
             loaded: BTreeMap::new(),
             claimed: BTreeMap::new(),
             pending: BTreeSet::new(),
@@ -137,11 +149,13 @@ impl PoolCore {
             redials: Redials::new(),
             trust,
             work: HashMap::new(),
-            step_times: StepTimes::default(),
+            step_times: StepTimes::with_max_peers(table.max_peers()),
+            fastest: None,
             busy: HashMap::new(),
             pinged: HashMap::new(),
             sees_text: Box::new(|_| true),
             out: Vec::new(),
+            table,
         }
     }
 

@@ -7,43 +7,52 @@ use crate::peer_table::Peer;
 use crate::planner::{plan, planning_speed, Plan, PlanPeer, Span};
 use potluck_protocol::messages::ShardAssignment;
 use potluck_protocol::signed::PublicKey;
-use std::collections::HashMap;
 use std::time::Instant;
 
 /// Round trip assumed for peers not yet pinged, milliseconds.
 pub(super) const DEFAULT_RTT_MS: f64 = 1.0;
 
+/// Pools of more peers than this re-plan on the shell's next tick (the daemon's is a
+/// second) rather than at every join, leave and failure: a plan of such a pool costs a
+/// millisecond or more, and under churn such events come several a second (the
+/// simulator's internet pool saw five re-plans a second among 2,000 peers).
+pub const DEFER_PLANS_ABOVE: usize = 256;
+
 impl PoolCore {
+    /// The speed `p`'s timed steps show, in the adverts' unit (GB/s), if this coordinator
+    /// has timed them and it holds a confirmed span.
+    pub(super) fn measured_speed(&self, p: &Peer) -> Option<f64> {
+        let secs = self.step_times.quickest_of(&p.key)?;
+        let blocks = self.loaded.get(&p.key)?.len();
+        let rtt_ms = p.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from);
+        Some(self.speed_from(secs, blocks, rtt_ms))
+    }
+
+    /// The speed (GB/s, the adverts' unit) of a peer whose quickest step over `blocks`
+    /// blocks took `secs` behind a round trip of `rtt_ms`.
+    pub(super) fn speed_from(&self, secs: f64, blocks: u32, rtt_ms: f64) -> f64 {
+        let ms_per_block = (secs * 1e3 - rtt_ms).max(1e-3) / f64::from(blocks.max(1));
+        self.model.shape.layer_bytes as f64 / (ms_per_block * 1e6)
+    }
+
     /// The peers a plan may use at `now`, with the speeds it plans them by: measured where
-    /// this coordinator has timed their steps (`quickest`, seconds per step by peer),
-    /// claimed otherwise (see [`planning_speed`]), in the adverts' unit (GB/s). Routing
-    /// estimates unmeasured peers by the same speeds.
-    pub(super) fn planning_peers(
-        &self,
-        quickest: &HashMap<PublicKey, f64>,
-        now: Instant,
-    ) -> Vec<PlanPeer> {
-        let layer_bytes = self.model.shape.layer_bytes as f64;
-        let measured = |p: &Peer| {
-            let secs = quickest.get(&p.key)?;
-            let blocks = self.loaded.get(&p.key)?.len().max(1);
-            let rtt_ms = p.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from);
-            let ms_per_block = (secs * 1e3 - rtt_ms).max(1e-3) / f64::from(blocks);
-            Some(layer_bytes / (ms_per_block * 1e6))
-        };
+    /// this coordinator has timed their steps, claimed otherwise, a claim counting for no
+    /// more than the fastest peer measured (see [`planning_speed`]); it also takes the fastest measured speed among them
+    /// afresh, which routing caps claims by until the next plan or a faster measurement.
+    pub(super) fn planning_peers(&mut self, now: Instant) -> Vec<PlanPeer> {
+        // The planner orders peers itself (by speed, then key).
         let candidates: Vec<(&Peer, Option<f64>)> = self
             .table
-            .peers()
-            .into_iter()
+            .unordered()
             .filter(|p| !self.is_excluded(&p.key, now))
             .filter(|p| p.advert.models.contains(&self.model.model))
-            .map(|p| (p, measured(p)))
+            .map(|p| (p, self.measured_speed(p)))
             .collect();
         let fastest = candidates
             .iter()
             .filter_map(|(_, m)| *m)
             .max_by(f64::total_cmp);
-        candidates
+        let peers = candidates
             .into_iter()
             .map(|(p, m)| PlanPeer {
                 id: p.key,
@@ -51,21 +60,40 @@ impl PoolCore {
                 memory_bytes: p.advert.memory_bytes,
                 edge_ok: self.may_see_text(&p.key),
             })
-            .collect()
+            .collect();
+        self.fastest = fastest;
+        peers
+    }
+
+    /// Re-plans now when the pool is small or has no plan yet; a larger pool's re-plan is
+    /// owed until the shell's next [`PoolCore::replan`].
+    pub(super) fn replan_soon(&mut self, now: Instant) {
+        if self.plan.is_none() || self.table.len() <= DEFER_PLANS_ABOVE {
+            self.replan(now);
+        } else {
+            self.replan_owed = true;
+        }
+    }
+
+    /// Whether something happened that the plan has not yet taken in.
+    pub fn replan_owed(&self) -> bool {
+        self.replan_owed
     }
 
     /// Re-plans for the peers known at `now` and owes every assignment not yet confirmed
-    /// ([`Action::Assign`]).
+    /// ([`Action::Assign`]). The shell calls it on a tick, for assignments whose retry is
+    /// due and for re-plans a large pool put off.
     pub fn replan(&mut self, now: Instant) {
-        let quickest = self.step_times.quickest();
-        let peers = self.planning_peers(&quickest, now);
+        self.replan_owed = false;
+        let peers = self.planning_peers(now);
         if peers.is_empty() && self.plan.is_none() {
             self.plan_error = Some("no peer offers the model yet".into());
             return;
         }
         // A restarted coordinator starts from what the nodes say they hold, so it comes back
         // to the same plan instead of making them reload; it still assigns each span.
-        let previous = self.plan.clone().or_else(|| {
+        let had = self.plan.as_ref().map(|p| p.epoch);
+        let previous = self.plan.take().or_else(|| {
             let mut held = self.claimed.clone();
             held.extend(self.loaded.iter().map(|(k, r)| (*k, *r)));
             let mut spans: Vec<Span> = held
@@ -80,7 +108,7 @@ impl PoolCore {
         });
         match plan(&self.model.shape, &peers, previous.as_ref()) {
             Ok(p) => {
-                if self.plan.as_ref().map(|q| q.epoch) != Some(p.epoch) {
+                if had != Some(p.epoch) {
                     let line = format!(
                         "plan epoch {}: {} ({})",
                         p.epoch,
@@ -89,6 +117,8 @@ impl PoolCore {
                     );
                     self.out.push(Action::NewPlan { epoch: p.epoch });
                     self.say(Some("plan"), line);
+                    // A plan keeps its epoch only while its spans are the same.
+                    self.routing += 1;
                 }
                 self.plan = Some(p);
                 self.plan_error = None;
@@ -98,24 +128,34 @@ impl PoolCore {
                 if self.plan_error.as_deref() != Some(&e.to_string()) {
                     self.say(None, format!("no plan: {e}"));
                 }
-                self.plan = None;
+                if had.is_some() {
+                    self.routing += 1;
+                }
                 self.plan_error = Some(e.to_string());
             }
         }
-        let Some(p) = self.plan.clone() else { return };
-        for span in p.spans {
-            let done = self.loaded.get(&span.peer) == Some(&span.range);
-            let waiting = self.pending.contains(&span.peer)
-                || self.retry_at.get(&span.peer).is_some_and(|t| *t > now);
-            if done || waiting {
+        let Some(p) = self.plan.as_ref() else { return };
+        let epoch = p.epoch;
+        let owed: Vec<Span> = p
+            .spans
+            .iter()
+            .filter(|span| {
+                let done = self.loaded.get(&span.peer) == Some(&span.range);
+                let waiting = self.pending.contains(&span.peer)
+                    || self.retry_at.get(&span.peer).is_some_and(|t| *t > now);
+                !done && !waiting
+            })
+            .cloned()
+            .collect();
+        for span in owed {
+            if !self.pending.insert(span.peer) {
                 continue;
             }
-            self.pending.insert(span.peer);
             let assignment = ShardAssignment {
                 model: self.model.model.clone(),
                 layers: span.range,
                 total_layers: self.model.shape.layers,
-                epoch: p.epoch,
+                epoch,
             };
             self.out.push(Action::Assign {
                 peer: span.peer,
@@ -162,7 +202,9 @@ impl PoolCore {
                         a.epoch
                     ),
                 );
-                self.loaded.insert(key, a.layers);
+                if self.loaded.insert(key, a.layers) != Some(a.layers) {
+                    self.routing += 1;
+                }
                 self.retry_at.remove(&key);
                 self.unconnected.remove(&key);
             }
@@ -179,11 +221,22 @@ impl PoolCore {
     }
 }
 
-/// One line per span, for operators.
+/// Spans an operator line lists; a larger plan's line ends with how many more there are
+/// (the dashboard and `/api/pool` hold every span).
+pub const DESCRIBED_SPANS: usize = 16;
+
+/// The plan's spans for an operator's line: its first [`DESCRIBED_SPANS`], then a count, so
+/// a pool of thousands does not write the whole plan at every join.
 pub fn describe(plan: &Plan) -> String {
-    plan.spans
+    let mut line = plan
+        .spans
         .iter()
+        .take(DESCRIBED_SPANS)
         .map(|s| format!("{} {}..{}", s.peer.peer_id(), s.range.start, s.range.end))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    if plan.spans.len() > DESCRIBED_SPANS {
+        line += &format!(" and {} more spans", plan.spans.len() - DESCRIBED_SPANS);
+    }
+    line
 }

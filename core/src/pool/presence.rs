@@ -5,13 +5,13 @@ use super::exclusion::{ALIVE_WINDOW, BAN, LEAVE_BAN, SUSPECT_FOR};
 use super::{Action, Exclusion, Now, PoolCore};
 use crate::peer_table::Accepted;
 use potluck_protocol::signed::PublicKey;
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 impl PoolCore {
     /// The peer table accepted an advert of `key` (`accepted` says what it changed): a new
-    /// peer is announced, a paused one is back, spans are synced and, unless it only
-    /// refreshed, the pool re-planned.
+    /// peer is announced, a paused one is back, spans are synced and, when what plans are
+    /// made from changed, the pool re-planned (what a peer holds matters only to a first
+    /// plan: later ones go by what it confirmed loading).
     pub fn admitted(&mut self, key: PublicKey, accepted: Accepted, now: Now) {
         if accepted == Accepted::New {
             if let Some(p) = self.table.get(&key) {
@@ -34,69 +34,114 @@ impl PoolCore {
             }
         }
         self.back_from_leave(&key, now.at);
-        self.sync_loaded(now);
-        if accepted != Accepted::Refreshed {
-            self.replan(now.at);
+        self.sync_peer(&key, now);
+        let first = self.plan.is_none() && accepted == Accepted::Holds;
+        if matches!(accepted, Accepted::New | Accepted::Changed) || first {
+            self.replan_soon(now.at);
         }
     }
 
-    /// Records what peers' adverts say they hold, and forgets departed peers' spans.
+    /// Records what peers' adverts say they hold, and forgets departed peers' spans: a walk
+    /// over the whole pool, for when peers left the table.
     pub fn sync_loaded(&mut self, now: Now) {
-        let present: HashSet<PublicKey> = self.table.peers().iter().map(|p| p.key).collect();
-        self.loaded.retain(|k, _| present.contains(k));
-        self.claimed.retain(|k, _| present.contains(k));
-        self.pending.retain(|k| present.contains(k));
-        // An advert issued after a peer was found unreachable brings it back.
-        let fresh: Vec<PublicKey> = self
-            .stale_since
+        let table = &self.table;
+        let before = self.loaded.len();
+        self.loaded.retain(|k, _| table.get(k).is_some());
+        if self.loaded.len() != before {
+            self.routing += 1;
+        }
+        self.claimed.retain(|k, _| table.get(k).is_some());
+        self.pending.retain(|k| table.get(k).is_some());
+        let stale: Vec<PublicKey> = self.stale_since.keys().copied().collect();
+        let back: Vec<(PublicKey, u32)> = stale
             .iter()
-            .filter(|(k, since)| {
-                self.table
-                    .get(k)
-                    .is_none_or(|p| p.advert.issued_at > **since)
-            })
-            .map(|(k, _)| *k)
+            .filter_map(|k| self.fresh_again(k, now.at))
             .collect();
-        let mut back = Vec::new();
-        for key in fresh {
-            self.stale_since.remove(&key);
-            let tries = self.redials.reached(&key);
-            if self.exclusion(&key, now.at) == Some(Exclusion::Unreachable)
-                && present.contains(&key)
-            {
-                self.banned.remove(&key);
-                back.push((key, tries.unwrap_or(0)));
-            }
+        let keys: Vec<PublicKey> = self.table.iter().map(|p| p.key).collect();
+        for key in &keys {
+            self.claim(key, now.at);
         }
-        let mut claims = Vec::new();
-        for p in self.table.peers() {
-            let Some((m, range)) = &p.advert.loaded else {
-                continue;
-            };
-            if self.stale_since.contains_key(&p.key) {
-                continue;
-            }
-            // An assignment in flight reports itself when it is answered; an excluded
-            // peer's span does not count until it is back.
-            let answering = self.pending.contains(&p.key);
-            if m == &self.model.model
-                && range.end <= self.model.shape.layers
-                && !answering
-                && !self.is_excluded(&p.key, now.at)
-                && !self.loaded.contains_key(&p.key)
-            {
-                claims.push((p.key, *range));
-            }
+        self.announce_back(&back, now.at);
+        self.out.push(Action::Changed);
+    }
+
+    /// Takes `key` out of the table and forgets its spans, as [`PoolCore::sync_loaded`]
+    /// would, without a walk over everyone else. Its exclusion stays: a quarantined peer
+    /// that joins again is still out.
+    fn forget(&mut self, key: &PublicKey) {
+        self.table.remove(key);
+        self.stale_since.remove(key);
+        if self.loaded.remove(key).is_some() {
+            self.routing += 1;
         }
-        self.claimed.extend(claims);
-        for (key, tries) in &back {
+        self.claimed.remove(key);
+        self.pending.remove(key);
+        self.out.push(Action::Changed);
+    }
+
+    /// What [`PoolCore::sync_loaded`] does, for the one peer whose advert just arrived:
+    /// an advert changes nothing of other peers, so a heartbeat costs the same in a pool
+    /// of five and of ten thousand.
+    fn sync_peer(&mut self, key: &PublicKey, now: Now) {
+        let back: Vec<(PublicKey, u32)> = self.fresh_again(key, now.at).into_iter().collect();
+        self.claim(key, now.at);
+        self.announce_back(&back, now.at);
+        self.out.push(Action::Changed);
+    }
+
+    /// If `key` was found unreachable and has advertised since (an advert issued after),
+    /// it is reachable again: the tries its redials took, when that brings it back into
+    /// plans and routes.
+    fn fresh_again(&mut self, key: &PublicKey, now: Instant) -> Option<(PublicKey, u32)> {
+        let since = *self.stale_since.get(key)?;
+        if self
+            .table
+            .get(key)
+            .is_some_and(|p| p.advert.issued_at <= since)
+        {
+            return None;
+        }
+        self.stale_since.remove(key);
+        let tries = self.redials.reached(key);
+        if self.exclusion(key, now) == Some(Exclusion::Unreachable) && self.knows(key) {
+            self.banned.remove(key);
+            return Some((*key, tries.unwrap_or(0)));
+        }
+        None
+    }
+
+    /// Takes what `key`'s advert says it holds as a claim (a hint for a first plan).
+    fn claim(&mut self, key: &PublicKey, now: Instant) {
+        let Some(p) = self.table.get(key) else {
+            return;
+        };
+        let Some((m, range)) = &p.advert.loaded else {
+            return;
+        };
+        // An assignment in flight reports itself when it is answered; an excluded
+        // peer's span does not count until it is back; a restarted node's old advert
+        // holds nothing.
+        let counts = m == &self.model.model
+            && range.end <= self.model.shape.layers
+            && !self.stale_since.contains_key(key)
+            && !self.pending.contains(key)
+            && !self.is_excluded(key, now)
+            && !self.loaded.contains_key(key);
+        if counts {
+            let range = *range;
+            self.claimed.insert(*key, range);
+        }
+    }
+
+    /// Tells operators which peers are back (with their redial tries) and re-plans for them.
+    fn announce_back(&mut self, back: &[(PublicKey, u32)], now: Instant) {
+        for (key, tries) in back {
             let line = format!("peer back {} after {tries} dials", key.peer_id());
             self.say(Some("peer"), line);
         }
         if !back.is_empty() {
-            self.replan(now.at);
+            self.replan_soon(now);
         }
-        self.out.push(Action::Changed);
     }
 
     /// Leaves `key` out of plans and routes for `span` from `now` (unless a stronger
@@ -115,13 +160,15 @@ impl PoolCore {
             return false;
         }
         self.banned.insert(*key, (now.at + span, why));
-        self.loaded.remove(key);
+        if self.loaded.remove(key).is_some() {
+            self.routing += 1;
+        }
         if why == Exclusion::Unreachable {
             self.stale_since.insert(*key, now.unix);
             self.redials.start(*key, now.at);
         }
         self.say(Some(kind), line);
-        self.replan(now.at);
+        self.replan_soon(now.at);
         true
     }
 
@@ -155,7 +202,7 @@ impl PoolCore {
         self.banned.remove(key);
         let line = format!("peer back {}: advertising again", key.peer_id());
         self.say(Some("peer"), line);
-        self.replan(now);
+        self.replan_soon(now);
     }
 
     /// `key` cannot be reached (`why`: its connection closed, it missed its adverts):
@@ -188,10 +235,9 @@ impl PoolCore {
                 .exclusion(&key, now.at)
                 .is_some_and(|w| w > Exclusion::Unreachable);
             if leaving {
-                self.table.remove(&key);
+                self.forget(&key);
                 let line = format!("peer left {} (advert expired)", key.peer_id());
                 self.say(Some("peer"), line);
-                self.sync_loaded(now);
             } else {
                 self.unreachable(&key, "its adverts stopped", now);
             }
@@ -217,16 +263,14 @@ impl PoolCore {
                     dial.push(key);
                 }
                 crate::redial::Due::Gone => {
-                    self.table.remove(&key);
+                    self.forget(&key);
                     self.banned.remove(&key);
-                    self.stale_since.remove(&key);
                     let line = format!(
                         "peer gone {name}: not back after {} dials",
                         crate::redial::TRIES
                     );
                     self.say(Some("peer"), line);
-                    self.sync_loaded(now);
-                    self.replan(now.at);
+                    self.replan_soon(now.at);
                 }
             }
         }

@@ -4,11 +4,12 @@
 use super::exclusion::ALIVE_WINDOW;
 use super::planning::DEFAULT_RTT_MS;
 use super::PoolCore;
-use crate::planner::{Plan, Span};
+use crate::planner::planning_speed;
+use crate::planner::Span;
 use crate::queue::queued_ms_per_block;
-use crate::router::{route_range, PeerCost};
+use crate::router::{by_first_block, route_from, PeerCost};
 use potluck_protocol::signed::PublicKey;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Instant;
 use thiserror::Error;
 
@@ -19,13 +20,22 @@ pub struct NotReady(pub String);
 
 impl PoolCore {
     /// The cheapest chain of confirmed spans over the whole model at `now`.
-    pub fn chain(&self, now: Instant) -> Result<Vec<Span>, NotReady> {
+    pub fn chain(&mut self, now: Instant) -> Result<Vec<Span>, NotReady> {
         if self.plan.is_none() {
             let why = self.plan_error.as_deref().unwrap_or("no peers yet");
             return Err(NotReady(why.into()));
         }
         self.route(0, self.model.shape.layers, &HashSet::new(), now)
             .ok_or_else(|| NotReady("spans are still loading".into()))
+    }
+
+    /// A count that moves whenever what decides whether a chain exists changes (the plan,
+    /// the spans confirmed loaded, peers leaving the table). Whether [`PoolCore::route`]
+    /// finds a chain depends on nothing else (and on what it is told to avoid), so a
+    /// failover or a waiting session that found none need not ask again until it moves:
+    /// polling costs nothing while nothing changed, however large the pool.
+    pub fn routing_epoch(&self) -> u64 {
+        self.routing
     }
 
     /// Why the pool cannot reroute now (it has no plan), if it cannot.
@@ -45,54 +55,68 @@ impl PoolCore {
     /// it is trusted (by the lower bound of its reputation, so new peers get work, but
     /// after proven ones).
     pub fn route(
-        &self,
+        &mut self,
         start: u32,
         end: u32,
         avoid: &HashSet<PublicKey>,
         now: Instant,
     ) -> Option<Vec<Span>> {
-        let plan = self.plan.as_ref()?;
-        let confirmed = Plan {
-            epoch: plan.epoch,
-            spans: plan
-                .spans
-                .iter()
-                .filter(|s| self.loaded.get(&s.peer) == Some(&s.range))
-                .filter(|s| !avoid.contains(&s.peer))
-                .cloned()
-                .collect(),
-        };
+        self.plan.as_ref()?;
+        if self
+            .route_index
+            .as_ref()
+            .is_none_or(|(epoch, _)| *epoch != self.routing)
+        {
+            let index = self.confirmed_by_first_block();
+            self.route_index = Some((self.routing, index));
+        }
+        let (plan, (_, from)) = (self.plan.as_ref()?, self.route_index.as_ref()?);
         let layer_bytes = self.model.shape.layer_bytes as f64;
-        // A claimed speed counts for no more than the fastest measured one, as in plans.
-        let speeds: HashMap<PublicKey, f64> = self
-            .planning_peers(&self.step_times.quickest(), now)
-            .into_iter()
-            .map(|p| (p.id, p.speed))
-            .collect();
-        let blocks: HashMap<PublicKey, u32> = confirmed
-            .spans
-            .iter()
-            .map(|s| (s.peer, s.range.len()))
-            .collect();
-        let cost = |key: &PublicKey| {
-            let peer = self.table.get(key)?;
-            let busy = self.busy.get(key).copied().unwrap_or(0);
-            let measured = self.step_times.recent(key, now).map(|s| s * 1e3);
-            let blocks = blocks.get(key).copied().unwrap_or(1);
+        let cost = |s: &Span| {
+            let peer = self.table.get(&s.peer)?;
+            let busy = self.busy.get(&s.peer).copied().unwrap_or(0);
+            let (recent, quickest) = self.step_times.times(&s.peer, now);
+            let blocks = s.range.len();
             let rtt_ms = peer.rtt_ms.map_or(DEFAULT_RTT_MS, f64::from);
-            let speed = speeds
-                .get(key)
-                .copied()
-                .unwrap_or_else(|| f64::from(peer.advert.mem_gbps));
-            let estimate = layer_bytes / (speed.max(1e-3) * 1e6);
-            let distrust = 1.5 - 0.5 * self.trust.get(key).lower_bound();
+            // A claimed speed counts for no more than the fastest measured one, as in plans.
+            let measured_speed = quickest.map(|secs| self.speed_from(secs, blocks, rtt_ms));
+            let speed = planning_speed(
+                f64::from(peer.advert.mem_gbps),
+                measured_speed,
+                self.fastest,
+            )
+            .max(1e-3);
+            let estimate = layer_bytes / (speed * 1e6);
+            let distrust = 1.5 - 0.5 * self.trust.get(&s.peer).lower_bound();
             Some(PeerCost {
                 rtt_ms,
-                ms_per_block: queued_ms_per_block(estimate, measured, rtt_ms, blocks, busy)
-                    * distrust,
+                ms_per_block: queued_ms_per_block(
+                    estimate,
+                    recent.map(|s| s * 1e3),
+                    rtt_ms,
+                    blocks,
+                    busy,
+                ) * distrust,
             })
         };
-        route_range(&confirmed, start, end, cost, &HashSet::new())
+        route_from(&plan.spans, from, start, end, cost, avoid)
+    }
+
+    /// The plan's spans confirmed loaded, by first block (see [`by_first_block`]): kept
+    /// until the routing epoch moves, so routing many sessions costs a walk over the
+    /// spans' costs alone.
+    fn confirmed_by_first_block(&self) -> Vec<Vec<usize>> {
+        let Some(plan) = self.plan.as_ref() else {
+            return Vec::new();
+        };
+        let mut from = by_first_block(&plan.spans, self.model.shape.layers);
+        for bucket in &mut from {
+            bucket.retain(|&i| {
+                let s = &plan.spans[i];
+                self.loaded.get(&s.peer) == Some(&s.range)
+            });
+        }
+        from
     }
 
     /// A session now runs on `peers` (counted until [`PoolCore::unload`]).
@@ -120,6 +144,14 @@ impl PoolCore {
         // Decode steps are what a new session will wait on; prefills cost by their length.
         if positions == 1 {
             self.step_times.observe(key, secs, now);
+            let faster = self
+                .table
+                .get(&key)
+                .filter(|p| !self.is_excluded(&p.key, now))
+                .and_then(|p| self.measured_speed(p));
+            if let Some(speed) = faster {
+                self.fastest = Some(self.fastest.map_or(speed, |f| f.max(speed)));
+            }
         }
     }
 

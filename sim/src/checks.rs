@@ -1,0 +1,146 @@
+//! Spot checks as the coordinator runs them, on simulated outputs: the core picks a hop's
+//! work in a session for a check; a replica of its span recomputes it; a disagreement
+//! goes to a third peer (proven peers first, and only proven ones when the checked peer is
+//! proven), whose answer decides who lied. Outputs are right, or wrong: colluding peers'
+//! wrong answers agree with each other, anyone else's are each their own.
+
+use crate::run::Sim;
+use crate::scenario::CorruptUnit;
+use crate::sessions::Hop;
+use potluck_core::compare::Verdict;
+
+/// Colluders' shared wrong answer.
+const COLLUDED: u64 = 0;
+
+impl Sim {
+    /// A wrong answer of machine `peer`: the colluders' shared one, or a new one.
+    pub(crate) fn wrong_answer(&mut self, peer: usize) -> u64 {
+        if self.machines[peer].colludes {
+            COLLUDED
+        } else {
+            self.cheat.bits() | 1
+        }
+    }
+
+    /// What machine `peer` answers when it recomputes `tokens` tokens.
+    fn recompute(&mut self, peer: usize, tokens: f64) -> Option<u64> {
+        let c = self.machines[peer].corrupts;
+        let p = match self.sc.cheaters.unit {
+            CorruptUnit::Token => 1.0 - (1.0 - c).powf(tokens),
+            CorruptUnit::Job => c,
+        };
+        (c > 0.0 && self.cheat.chance(p)).then(|| self.wrong_answer(peer))
+    }
+
+    /// Whether machine `peer` corrupts a job it starts, when cheaters corrupt whole jobs:
+    /// its wrong answer if so.
+    pub(crate) fn wrong_job(&mut self, peer: usize) -> Option<u64> {
+        let c = self.machines[peer].corrupts;
+        let per_job = self.sc.cheaters.unit == CorruptUnit::Job;
+        (per_job && c > 0.0 && self.cheat.chance(c)).then(|| self.wrong_answer(peer))
+    }
+
+    /// Checks `hop`'s work: recomputed by a replica of its span, disputes settled by a
+    /// third; verdicts go to the core's reputation and quarantine.
+    pub(crate) fn check(&mut self, hop: &Hop) {
+        let at = self.t().at;
+        let key = Self::range_key(hop.range);
+        let candidates: Vec<usize> = self
+            .replicas
+            .get(&key)
+            .map(|v| {
+                v.iter()
+                    .copied()
+                    .filter(|&j| j != hop.peer)
+                    .filter(|&j| self.machines[j].online)
+                    .filter(|&j| !self.core.is_excluded(&self.machines[j].key, at))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let candidates = self.apart(candidates, &[hop.peer], false);
+        if candidates.is_empty() {
+            self.count("unchecked: no replica");
+            return;
+        }
+        let checker = candidates[self.decide("draw", |c, _| c.draw(candidates.len()))];
+        let theirs = self.recompute(checker, hop.tokens);
+        let peer_key = self.machines[hop.peer].key;
+        if theirs == hop.wrong {
+            if hop.wrong.is_some() {
+                self.count("missed: checker agreed on a wrong answer");
+            } else {
+                self.count("pass");
+            }
+            self.verdict(hop.peer, Verdict::Pass, None);
+            return;
+        }
+        let proven = self.core.proven(&peer_key);
+        let others: Vec<usize> = candidates.into_iter().filter(|&j| j != checker).collect();
+        let others = self.apart(others, &[hop.peer, checker], proven);
+        let (good, new): (Vec<usize>, Vec<usize>) = others
+            .into_iter()
+            .partition(|&j| self.core.proven(&self.machines[j].key));
+        let pool = if proven || !good.is_empty() {
+            good
+        } else {
+            new
+        };
+        if pool.is_empty() {
+            self.count("inconclusive: no third opinion");
+            return;
+        }
+        let decider = pool[self.decide("draw", |c, _| c.draw(pool.len()))];
+        let third = self.recompute(decider, hop.tokens);
+        if third == theirs {
+            self.count(if hop.wrong.is_some() {
+                "caught"
+            } else {
+                "false: honest peer outvoted"
+            });
+            let m = &mut self.machines[hop.peer];
+            if hop.wrong.is_some() && m.caught_job.is_none() {
+                m.caught_job = Some(m.jobs);
+            }
+            self.verdict(hop.peer, Verdict::Fail, Some("failed a spot check"));
+        } else if third == hop.wrong {
+            self.count("lying checker caught");
+            self.verdict(hop.peer, Verdict::Pass, None);
+            self.verdict(
+                checker,
+                Verdict::Fail,
+                Some("its recomputation disagreed with two other peers"),
+            );
+        } else {
+            self.count("inconclusive: three answers");
+        }
+    }
+
+    /// The `candidates` of another origin than every machine of `from`; when there are
+    /// none, all of them unless `only_apart` (the coordinator's rule).
+    fn apart(&self, candidates: Vec<usize>, from: &[usize], only_apart: bool) -> Vec<usize> {
+        let taken: Vec<u64> = from.iter().map(|&i| self.machines[i].origin).collect();
+        let (apart, near): (Vec<usize>, Vec<usize>) = candidates
+            .into_iter()
+            .partition(|&j| !taken.contains(&self.machines[j].origin));
+        if apart.is_empty() && !only_apart {
+            near
+        } else {
+            apart
+        }
+    }
+
+    /// Records `verdict` on machine `peer`; a failure with `why` quarantines it.
+    fn verdict(&mut self, peer: usize, verdict: Verdict, why: Option<&str>) {
+        let key = self.machines[peer].key;
+        self.decide("verdict", |c, now| {
+            c.record_trust(&key, verdict, now.unix);
+            if let Some(why) = why {
+                c.quarantine(&key, why, now);
+            }
+        });
+    }
+
+    fn count(&mut self, outcome: &'static str) {
+        *self.checks.entry(outcome).or_default() += 1;
+    }
+}
