@@ -101,6 +101,9 @@ pub struct PeerTable {
     /// The same keys in order, so every walk over the peers is deterministic without a
     /// sort.
     order: BTreeSet<PublicKey>,
+    /// Peers whose round trip changed since the router last asked (see
+    /// [`PeerTable::take_rtt_changes`]); `None` once more changed than it keeps.
+    rtt_changed: Option<Vec<PublicKey>>,
     missed: u32,
     max_peers: usize,
 }
@@ -115,6 +118,7 @@ impl PeerTable {
             pool: pool.to_string(),
             peers: HashMap::new(),
             order: BTreeSet::new(),
+            rtt_changed: Some(Vec::new()),
             missed: DEFAULT_MISSED_HEARTBEATS,
             max_peers: DEFAULT_MAX_PEERS,
         }
@@ -235,9 +239,27 @@ impl PeerTable {
 
     /// Records a measured round-trip time.
     pub fn set_rtt(&mut self, key: &PublicKey, rtt_ms: f32) {
-        if let Some(p) = self.peers.get_mut(key) {
-            p.rtt_ms = Some(rtt_ms);
+        let Some(p) = self.peers.get_mut(key) else {
+            return;
+        };
+        if p.rtt_ms == Some(rtt_ms) {
+            return;
         }
+        p.rtt_ms = Some(rtt_ms);
+        let room = self.peers.len().max(64);
+        if let Some(changed) = self.rtt_changed.as_mut() {
+            if changed.len() < room {
+                changed.push(*key);
+            } else {
+                self.rtt_changed = None;
+            }
+        }
+    }
+
+    /// The peers whose round trip changed since the last call, or `None` when more did
+    /// than were kept (then every one may have).
+    pub fn take_rtt_changes(&mut self) -> Option<Vec<PublicKey>> {
+        self.rtt_changed.replace(Vec::new())
     }
 
     /// A peer by key.

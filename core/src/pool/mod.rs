@@ -10,6 +10,7 @@ mod checking;
 mod exclusion;
 mod planning;
 mod presence;
+mod route_index;
 mod routing;
 
 pub use action::Action;
@@ -81,8 +82,8 @@ pub struct PoolCore {
     /// Counts changes of what decides whether a chain exists: the plan, confirmed spans,
     /// peers leaving the table (see [`PoolCore::routing_epoch`]).
     routing: u64,
-    /// The plan's confirmed spans by first block, as of the routing epoch it holds.
-    route_index: Option<(u64, Vec<Vec<usize>>)>,
+    /// The plan's confirmed spans by range, for routing (see [`route_index`]).
+    route_index: Option<route_index::RouteIndex>,
     /// Spans each peer confirmed it serves, on this coordinator's assignment: the only
     /// spans routed to, checked against or asked for second opinions.
     loaded: BTreeMap<PublicKey, LayerRange>,

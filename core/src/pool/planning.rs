@@ -204,6 +204,7 @@ impl PoolCore {
                 );
                 if self.loaded.insert(key, a.layers) != Some(a.layers) {
                     self.routing += 1;
+                    self.reindex(&key, now);
                 }
                 self.retry_at.remove(&key);
                 self.unconnected.remove(&key);

@@ -35,6 +35,12 @@ impl PoolCore {
         }
         self.back_from_leave(&key, now.at);
         self.sync_peer(&key, now);
+        if accepted == Accepted::Changed {
+            // Its claimed speed may be higher: its bound in the route index may drop.
+            if let Some(index) = self.route_index.as_mut() {
+                index.mark_stale(&key);
+            }
+        }
         let first = self.plan.is_none() && accepted == Accepted::Holds;
         if matches!(accepted, Accepted::New | Accepted::Changed) || first {
             self.replan_soon(now.at);
@@ -49,6 +55,7 @@ impl PoolCore {
         self.loaded.retain(|k, _| table.get(k).is_some());
         if self.loaded.len() != before {
             self.routing += 1;
+            self.route_index = None;
         }
         self.claimed.retain(|k, _| table.get(k).is_some());
         self.pending.retain(|k| table.get(k).is_some());
@@ -73,6 +80,9 @@ impl PoolCore {
         self.stale_since.remove(key);
         if self.loaded.remove(key).is_some() {
             self.routing += 1;
+            if let Some(index) = self.route_index.as_mut() {
+                index.unconfirm(key);
+            }
         }
         self.claimed.remove(key);
         self.pending.remove(key);
@@ -162,6 +172,9 @@ impl PoolCore {
         self.banned.insert(*key, (now.at + span, why));
         if self.loaded.remove(key).is_some() {
             self.routing += 1;
+            if let Some(index) = self.route_index.as_mut() {
+                index.unconfirm(key);
+            }
         }
         if why == Exclusion::Unreachable {
             self.stale_since.insert(*key, now.unix);

@@ -7,7 +7,7 @@ use super::PoolCore;
 use crate::planner::planning_speed;
 use crate::planner::Span;
 use crate::queue::queued_ms_per_block;
-use crate::router::{by_first_block, route_from, PeerCost};
+use crate::router::HOP_MS;
 use potluck_protocol::signed::PublicKey;
 use std::collections::HashSet;
 use std::time::Instant;
@@ -62,17 +62,28 @@ impl PoolCore {
         now: Instant,
     ) -> Option<Vec<Span>> {
         self.plan.as_ref()?;
-        if self
-            .route_index
-            .as_ref()
-            .is_none_or(|(epoch, _)| *epoch != self.routing)
-        {
-            let index = self.confirmed_by_first_block();
-            self.route_index = Some((self.routing, index));
+        match self.table.take_rtt_changes() {
+            Some(changed) => {
+                if let Some(index) = self.route_index.as_mut() {
+                    for key in &changed {
+                        index.mark_stale(key);
+                    }
+                }
+            }
+            None => self.route_index = None,
         }
-        let (plan, (_, from)) = (self.plan.as_ref()?, self.route_index.as_ref()?);
+        let epoch = self.plan.as_ref().map_or(0, |p| p.epoch);
+        if !self.route_index.as_ref().is_some_and(|i| i.fresh(epoch)) {
+            self.route_index = Some(self.build_route_index(now));
+        }
+        let (plan, index) = (self.plan.as_ref()?, self.route_index.as_ref()?);
         let layer_bytes = self.model.shape.layer_bytes as f64;
-        let cost = |s: &Span| {
+        // What a hop through the span at plan index `i` costs, ms.
+        let hop = |i: usize| {
+            let s = &plan.spans[i];
+            if avoid.contains(&s.peer) {
+                return None;
+            }
             let peer = self.table.get(&s.peer)?;
             let busy = self.busy.get(&s.peer).copied().unwrap_or(0);
             let (recent, quickest) = self.step_times.times(&s.peer, now);
@@ -88,35 +99,44 @@ impl PoolCore {
             .max(1e-3);
             let estimate = layer_bytes / (speed * 1e6);
             let distrust = 1.5 - 0.5 * self.trust.get(&s.peer).lower_bound();
-            Some(PeerCost {
-                rtt_ms,
-                ms_per_block: queued_ms_per_block(
-                    estimate,
-                    recent.map(|s| s * 1e3),
-                    rtt_ms,
-                    blocks,
-                    busy,
-                ) * distrust,
-            })
+            let ms_per_block =
+                queued_ms_per_block(estimate, recent.map(|s| s * 1e3), rtt_ms, blocks, busy)
+                    * distrust;
+            Some(rtt_ms / 2.0 + HOP_MS + f64::from(blocks) * ms_per_block)
         };
-        route_from(&plan.spans, from, start, end, cost, avoid)
-    }
-
-    /// The plan's spans confirmed loaded, by first block (see [`by_first_block`]): kept
-    /// until the routing epoch moves, so routing many sessions costs a walk over the
-    /// spans' costs alone.
-    fn confirmed_by_first_block(&self) -> Vec<Vec<usize>> {
-        let Some(plan) = self.plan.as_ref() else {
-            return Vec::new();
-        };
-        let mut from = by_first_block(&plan.spans, self.model.shape.layers);
-        for bucket in &mut from {
-            bucket.retain(|&i| {
-                let s = &plan.spans[i];
-                self.loaded.get(&s.peer) == Some(&s.range)
-            });
+        // Blocks in order: the cheapest arrival at each block (Petals' routing cost; see
+        // [`crate::router`]), each range through its cheapest replica.
+        let (first, n) = (start as usize, end as usize);
+        if first >= n || n > self.model.shape.layers as usize {
+            return None;
         }
-        from
+        let mut best: Vec<Option<(f64, Option<usize>)>> = vec![None; n + 1];
+        best[first] = Some((0.0, None));
+        for b in first..n {
+            let Some((here, _)) = best[b] else { continue };
+            for (r, range) in index.starting_at(b) {
+                if range.end as usize > n {
+                    continue;
+                }
+                let Some((t, i)) = index.cheapest(r, here, hop) else {
+                    continue;
+                };
+                let to = range.end as usize;
+                if best[to].is_none_or(|(d, _)| t < d) {
+                    best[to] = Some((t, Some(i)));
+                }
+            }
+        }
+        let mut path = Vec::new();
+        let mut at = n;
+        while at > first {
+            let (_, via) = best[at]?;
+            let span = &plan.spans[via?];
+            path.push(span.clone());
+            at = span.range.start as usize;
+        }
+        path.reverse();
+        Some(path)
     }
 
     /// A session now runs on `peers` (counted until [`PoolCore::unload`]).
@@ -143,7 +163,14 @@ impl PoolCore {
         self.step_times.answered(key, now);
         // Decode steps are what a new session will wait on; prefills cost by their length.
         if positions == 1 {
+            let before = self.step_times.quickest_of(&key);
             self.step_times.observe(key, secs, now);
+            if self.step_times.quickest_of(&key) != before {
+                // A quicker step raises its speed: its bound in the index may drop.
+                if let Some(index) = self.route_index.as_mut() {
+                    index.mark_stale(&key);
+                }
+            }
             let faster = self
                 .table
                 .get(&key)
