@@ -106,11 +106,13 @@ impl RouteIndex {
 
     /// The cheapest replica of range `r` whose first block is reached at `here` ms, as
     /// (arrival ms, plan index): lowest arrival, then first in the plan, as a walk over
-    /// every span in plan order would choose. `hop` is a span's exact cost.
+    /// every span in plan order would choose. `hop` is a span's exact cost; `prune` stops
+    /// at the first replica whose bound cannot win.
     pub(super) fn cheapest(
         &self,
         r: usize,
         here: f64,
+        prune: bool,
         hop: impl Fn(usize) -> Option<f64>,
     ) -> Option<(f64, usize)> {
         let replicas = &self.ranges[r];
@@ -127,7 +129,7 @@ impl RouteIndex {
             weigh(&mut best, i);
         }
         for &(bound, i) in &replicas.by_bound {
-            if best.is_some_and(|(b, _)| here + bound > b) {
+            if prune && best.is_some_and(|(b, _)| here + bound > b) {
                 break;
             }
             weigh(&mut best, i);
@@ -217,5 +219,127 @@ impl PoolCore {
             self.index_span(&mut index, i, now);
         }
         self.route_index = Some(index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Action, Now, PoolModel};
+    use super::*;
+    use crate::capacity::KvGeometry;
+    use crate::compare::Verdict;
+    use crate::peer_table::PeerTable;
+    use crate::planner::ModelShape;
+    use crate::trust::Trust;
+    use potluck_engine::rng::Rng;
+    use potluck_protocol::messages::{CapacityAdvert, DeviceKind, ModelRef};
+    use std::time::Duration;
+
+    const MB: u64 = 1_000_000;
+
+    /// A pool of `n` peers of mixed memory and speed, its assignments answered (a few
+    /// refused), some measured, busy, trusted, with round trips.
+    fn pool(n: usize, rng: &mut Rng, t0: Instant) -> PoolCore {
+        let model = ModelRef {
+            name: "m".into(),
+            digest: [7; 32],
+        };
+        let shape = ModelShape {
+            layers: 24,
+            layer_bytes: 100 * MB,
+            edge_bytes: 0,
+            reserve_bytes: 0,
+        };
+        let kv = KvGeometry {
+            layers: 24,
+            block_bytes: 100 * MB,
+            edge_bytes: 0,
+            kv_bytes_per_block_position: 1,
+        };
+        let served = PoolModel {
+            model: model.clone(),
+            shape,
+            kv,
+        };
+        let mut core = PoolCore::new(served, PeerTable::new("t"), Trust::new(0.05, 3), false);
+        let now = Now { at: t0, unix: 1000 };
+        for i in 0..n {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+            let key = PublicKey(key);
+            let advert = CapacityAdvert {
+                pool: "t".into(),
+                device: DeviceKind::Cpu,
+                // Three speed classes, so replicas tie often.
+                memory_bytes: (3 + rng.next_u64() % 12) * 100 * MB,
+                gflops: 100.0,
+                mem_gbps: [20.0, 40.0, 400.0][i % 3],
+                threads: 4,
+                models: vec![model.clone()],
+                loaded: None,
+                seq: 1,
+                issued_at: 1000,
+                expires_at: 1030,
+                name: None,
+                coordinator: None,
+            };
+            let accepted = core
+                .table_mut()
+                .admit(key, advert, 1000)
+                .expect("an advert");
+            core.admitted(key, accepted, now);
+        }
+        core.replan(t0);
+        for action in core.poll() {
+            if let Action::Assign { peer, assignment } = action {
+                let ok = rng.next_f64() < 0.9;
+                let outcome = if ok { Ok(()) } else { Err("no".into()) };
+                core.assigned(peer, &assignment, outcome, true, t0);
+            }
+        }
+        core
+    }
+
+    #[test]
+    fn pruned_routes_choose_what_weighing_every_replica_chooses() {
+        let mut rng = Rng::new(11);
+        let t0 = Instant::now();
+        let mut core = pool(300, &mut rng, t0);
+        let keys: Vec<PublicKey> = core.table().iter().map(|p| p.key).collect();
+        let mut routed = 0;
+        for round in 0..200u64 {
+            let at = t0 + Duration::from_millis(round * 50);
+            // The pool moves between routes: steps, sessions, round trips, verdicts.
+            for _ in 0..5 {
+                let k = keys[(rng.next_u64() as usize) % keys.len()];
+                match rng.next_u64() % 4 {
+                    0 => core.measured(k, 0.002 + rng.next_f64() * 0.05, 1, at),
+                    1 => core.load(&[k]),
+                    2 => core.table_mut().set_rtt(&k, (rng.next_f64() * 40.0) as f32),
+                    _ => core.record_trust(&k, Verdict::Pass, 1000 + round),
+                }
+            }
+            let avoid: HashSet<PublicKey> = (0..(rng.next_u64() % 4))
+                .map(|_| keys[(rng.next_u64() as usize) % keys.len()])
+                .collect();
+            // Windows between span boundaries, as failovers ask for, and the whole model.
+            let spans = &core.plan().expect("a plan").spans;
+            let pick = |x: u64| spans[(x as usize) % spans.len()].range;
+            let (a, b) = (pick(rng.next_u64()), pick(rng.next_u64()));
+            let (start, end) = match round % 3 {
+                0 => (0, 24),
+                _ if a.start < b.end => (a.start, b.end),
+                _ => (b.start, a.end.max(b.start + 1)),
+            };
+            let pruned = core.route_with(start, end, &avoid, at, true);
+            let whole = core.route_with(start, end, &avoid, at, false);
+            let saved = core.route_index.take();
+            let rebuilt = core.route_with(start, end, &avoid, at, false);
+            core.route_index = saved;
+            assert_eq!(pruned, whole, "round {round}: pruning changed the route");
+            assert_eq!(whole, rebuilt, "round {round}: the kept index drifted");
+            routed += usize::from(pruned.is_some());
+        }
+        assert!(routed > 100, "most windows have a route: {routed}");
     }
 }

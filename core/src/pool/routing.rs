@@ -61,6 +61,19 @@ impl PoolCore {
         avoid: &HashSet<PublicKey>,
         now: Instant,
     ) -> Option<Vec<Span>> {
+        self.route_with(start, end, avoid, now, true)
+    }
+
+    /// [`PoolCore::route`], weighing every replica of each range when `prune` is off: what
+    /// the tests hold the pruned walk against.
+    pub(super) fn route_with(
+        &mut self,
+        start: u32,
+        end: u32,
+        avoid: &HashSet<PublicKey>,
+        now: Instant,
+        prune: bool,
+    ) -> Option<Vec<Span>> {
         self.plan.as_ref()?;
         match self.table.take_rtt_changes() {
             Some(changed) => {
@@ -118,7 +131,7 @@ impl PoolCore {
                 if range.end as usize > n {
                     continue;
                 }
-                let Some((t, i)) = index.cheapest(r, here, hop) else {
+                let Some((t, i)) = index.cheapest(r, here, prune, hop) else {
                     continue;
                 };
                 let to = range.end as usize;
