@@ -9,10 +9,14 @@ pub type Micros = u64;
 /// Microseconds in a second.
 pub const SECOND: Micros = 1_000_000;
 
-/// Seconds as microseconds (negative and non-finite as 0).
+/// The longest wait a draw may schedule, about 30 years: a heavy-tailed distribution's
+/// extreme draw still leaves room to add it to any time of a run.
+pub const LONGEST: Micros = 1_000_000_000 * SECOND;
+
+/// Seconds as microseconds (negative and non-finite as 0, at most [`LONGEST`]).
 pub fn secs(s: f64) -> Micros {
     if s.is_finite() && s > 0.0 {
-        (s * 1e6) as Micros
+        ((s * 1e6) as Micros).min(LONGEST)
     } else {
         0
     }

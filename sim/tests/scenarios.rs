@@ -111,3 +111,25 @@ fn a_colluding_sybil_wave_from_one_network_is_caught_without_condemning_honest_p
     assert!(c.uncaught * 100 <= c.served, "{c:?}");
     assert_eq!(c.false_quarantines, 0, "{}", r.to_json());
 }
+
+#[test]
+fn a_heavy_tail_that_draws_centuries_is_clamped_not_a_crash() {
+    // Peers go off within a minute and draw how long they stay off from a tail that
+    // reaches past any clock.
+    let text = built_in("lan-5")
+        .unwrap()
+        .replace(
+            r#"on_hours = { kind = "weibull", shape = 1.5, scale = 6.0 }"#,
+            r#"on_hours = { kind = "fixed", value = 0.01 }"#,
+        )
+        .replace(
+            r#"off_hours = { kind = "exponential", mean = 0.5 }"#,
+            r#"off_hours = { kind = "log-normal", mu = 20.0, sigma = 40.0 }"#,
+        );
+    assert!(
+        text.contains("mu = 20.0") && text.contains("value = 0.01"),
+        "{text}"
+    );
+    let r = run(Scenario::parse(&text).expect("a scenario"), 1);
+    assert_eq!(r.per_minute.len(), 30);
+}
