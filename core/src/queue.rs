@@ -101,20 +101,8 @@ impl<K: Hash + Eq> StepTimes<K> {
         s.quickest = Some(s.quickest.map_or(avg, |q| q.min(avg)));
     }
 
-    /// The quickest average step time measured on each peer, seconds (planning uses these
-    /// in place of the speeds peers claim).
-    pub fn quickest(&self) -> HashMap<K, f64>
-    where
-        K: Clone,
-    {
-        self.seen
-            .iter()
-            .filter_map(|(k, s)| Some((k.clone(), s.quickest?)))
-            .collect()
-    }
-
     /// `peer`'s average step time if measured within [`FRESH`] of `now`, and its quickest
-    /// ever, seconds: [`StepTimes::recent`] and [`StepTimes::quickest_of`] in one look.
+    /// ever, seconds (routing weighs both at once).
     pub fn times(&self, peer: &K, now: Instant) -> (Option<f64>, Option<f64>) {
         let Some(s) = self.seen.get(peer) else {
             return (None, None);
@@ -129,15 +117,6 @@ impl<K: Hash + Eq> StepTimes<K> {
     /// The quickest average step time measured on `peer`, seconds.
     pub fn quickest_of(&self, peer: &K) -> Option<f64> {
         self.seen.get(peer).and_then(|s| s.quickest)
-    }
-
-    /// The average step time on `peer`, seconds, if measured within [`FRESH`] of `now`.
-    pub fn recent(&self, peer: &K, now: Instant) -> Option<f64> {
-        self.seen
-            .get(peer)
-            .and_then(|s| s.step)
-            .filter(|(_, at)| now.saturating_duration_since(*at) < FRESH)
-            .map(|(secs, _)| secs)
     }
 }
 
@@ -166,18 +145,18 @@ mod tests {
         let mut times = StepTimes::default();
         times.observe(1u8, 0.010, t0);
         times.observe(1u8, 0.020, t0 + Duration::from_millis(10));
-        let avg = times.recent(&1, t0 + Duration::from_millis(20)).unwrap();
+        let avg = times.times(&1, t0 + Duration::from_millis(20)).0.unwrap();
         assert!((avg - 0.012).abs() < 1e-9, "{avg}");
         // Nonsense is ignored.
         times.observe(1u8, f64::NAN, t0);
         times.observe(1u8, -1.0, t0);
-        assert_eq!(times.recent(&1, t0 + Duration::from_millis(20)), Some(avg));
-        assert_eq!(times.recent(&2, t0), None);
+        assert_eq!(times.times(&1, t0 + Duration::from_millis(20)).0, Some(avg));
+        assert_eq!(times.times(&2, t0).0, None);
         // Stale measurements speak for nobody, and a new one starts afresh.
         let later = t0 + FRESH + Duration::from_secs(1);
-        assert_eq!(times.recent(&1, later), None);
+        assert_eq!(times.times(&1, later).0, None);
         times.observe(1u8, 0.5, later);
-        assert_eq!(times.recent(&1, later), Some(0.5));
+        assert_eq!(times.times(&1, later).0, Some(0.5));
         // Answers of any step show progress for a while.
         let window = Duration::from_secs(12);
         assert!(!times.answering(&1, t0, window));

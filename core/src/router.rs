@@ -36,6 +36,13 @@ pub struct PeerCost {
     pub ms_per_block: f64,
 }
 
+impl PeerCost {
+    /// What a hop of `blocks` blocks through this peer costs, milliseconds.
+    pub fn hop_ms(&self, blocks: u32) -> f64 {
+        self.rtt_ms / 2.0 + HOP_MS + f64::from(blocks) * self.ms_per_block
+    }
+}
+
 /// The cheapest chain through `plan`, skipping `excluded` peers and peers without a cost
 /// (unknown or unreachable). `None` when no chain covers the model.
 pub fn route(
@@ -55,52 +62,52 @@ pub fn route_range(
     cost: impl Fn(&PublicKey) -> Option<PeerCost>,
     excluded: &HashSet<PublicKey>,
 ) -> Option<Vec<Span>> {
-    let from = by_first_block(&plan.spans, end);
-    route_from(&plan.spans, &from, start, end, |s| cost(&s.peer), excluded)
-}
-
-/// Indices of `spans` by their first block, up to block `layers` (in their order): what
-/// [`route_from`] walks. A pool that routes many sessions between changes keeps it.
-pub fn by_first_block(spans: &[Span], layers: u32) -> Vec<Vec<usize>> {
-    let mut from: Vec<Vec<usize>> = vec![Vec::new(); layers as usize];
-    for (i, s) in spans.iter().enumerate() {
-        let start = s.range.start as usize;
-        if s.range.start < s.range.end && start < from.len() {
-            from[start].push(i);
+    // Spans by their first block: one pass over blocks then visits each span once.
+    let mut from: Vec<Vec<usize>> = vec![Vec::new(); end as usize];
+    for (i, s) in plan.spans.iter().enumerate() {
+        let inside = s.range.start >= start && s.range.start < s.range.end && s.range.end <= end;
+        if inside && !excluded.contains(&s.peer) {
+            from[s.range.start as usize].push(i);
         }
     }
-    from
+    cheapest_path(&plan.spans, start, end, |b, here| {
+        from[b]
+            .iter()
+            .filter_map(|&i| {
+                let s = &plan.spans[i];
+                Some((i, here + cost(&s.peer)?.hop_ms(s.range.len())))
+            })
+            .collect()
+    })
 }
 
-/// The cheapest chain of `spans` over blocks `start..end`, walking `from` (see
-/// [`by_first_block`]), skipping `excluded` peers and spans without a `cost`. Of equally
-/// cheap spans the one listed first wins.
-pub fn route_from(
+/// The quickest path over `spans` from block `start` to block `end`, in block order.
+/// `arrivals(b, here)` lists, for a path that reaches block `b` at `here` ms, the spans
+/// that may follow it there and when each would arrive (index into `spans`, ms), in the
+/// order that breaks ties: of equally quick ones, the first listed wins. `None` when no
+/// path covers the blocks.
+pub fn cheapest_path(
     spans: &[Span],
-    from: &[Vec<usize>],
     start: u32,
     end: u32,
-    cost: impl Fn(&Span) -> Option<PeerCost>,
-    excluded: &HashSet<PublicKey>,
+    mut arrivals: impl FnMut(usize, f64) -> Vec<(usize, f64)>,
 ) -> Option<Vec<Span>> {
-    let (first, n) = (start as usize, (end as usize).min(from.len()));
-    if first >= n || n != end as usize {
+    let (first, n) = (start as usize, end as usize);
+    if first >= n {
         return None;
     }
     let mut best: Vec<Option<(f64, Option<usize>)>> = vec![None; n + 1];
     best[first] = Some((0.0, None));
     for b in first..n {
         let Some((here, _)) = best[b] else { continue };
-        for &i in &from[b] {
-            let s = &spans[i];
-            if s.range.end > end || excluded.contains(&s.peer) {
+        for (i, t) in arrivals(b, here) {
+            let Some(s) = spans.get(i) else { continue };
+            let to = s.range.end as usize;
+            if to <= b || to > n {
                 continue;
             }
-            let Some(c) = cost(s) else { continue };
-            let hop = c.rtt_ms / 2.0 + HOP_MS + s.range.len() as f64 * c.ms_per_block;
-            let to = s.range.end as usize;
-            if best[to].is_none_or(|(d, _)| here + hop < d) {
-                best[to] = Some((here + hop, Some(i)));
+            if best[to].is_none_or(|(d, _)| t < d) {
+                best[to] = Some((t, Some(i)));
             }
         }
     }
@@ -108,7 +115,7 @@ pub fn route_from(
     let mut at = n;
     while at > first {
         let (_, via) = best[at]?;
-        let span = &spans[via?];
+        let span = spans.get(via?)?;
         path.push(span.clone());
         at = span.range.start as usize;
     }

@@ -111,11 +111,7 @@ impl Sim {
             *self.refused.entry(e.to_string()).or_default() += 1;
         } else if !self.core.alive(&key, self.t().at) {
             // A new connection is pinged at once.
-            let now = self.t().at;
-            self.core.pinged(key, true, now);
-            self.core
-                .table_mut()
-                .set_rtt(&key, self.machines[i].rtt_ms as f32);
+            self.ping(i);
         }
         if again {
             let next = self.now + self.sc.advert_interval_s * SECOND;

@@ -318,11 +318,10 @@ impl Sim {
             }
         }
         if self.now.is_multiple_of(PING_EVERY) {
-            let now = self.t();
-            for m in self.machines.iter().filter(|m| m.online) {
-                if self.core.knows(&m.key) {
-                    self.core.pinged(m.key, true, now.at);
-                    self.core.table_mut().set_rtt(&m.key, m.rtt_ms as f32);
+            for i in 0..self.machines.len() {
+                let m = &self.machines[i];
+                if m.online && self.core.knows(&m.key) {
+                    self.ping(i);
                 }
             }
         }
@@ -333,6 +332,14 @@ impl Sim {
             self.close_minute();
         }
         self.q.at(self.now + REDIAL_EVERY, Event::Tick);
+    }
+
+    /// Machine `i`'s connection answers a ping now, with its round trip.
+    pub(crate) fn ping(&mut self, i: usize) {
+        let (key, rtt_ms) = (self.machines[i].key, self.machines[i].rtt_ms);
+        let now = self.t().at;
+        self.core.pinged(key, true, now);
+        self.core.table_mut().set_rtt(&key, rtt_ms as f32);
     }
 
     /// Rebuilds the index of serving spans the checks draw from.

@@ -23,10 +23,8 @@ impl PoolCore {
     pub fn record_trust(&mut self, key: &PublicKey, verdict: Verdict, now: u64) {
         if self.knows(key) {
             self.trust.record(key, verdict, now as f64);
-            // More trust, less distrust in its cost: its bound in the route index may drop.
-            if let Some(index) = self.route_index.as_mut() {
-                index.mark_stale(key);
-            }
+            // More trust, less distrust in its cost.
+            self.bound_may_drop(key);
         }
     }
 

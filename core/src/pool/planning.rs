@@ -37,8 +37,9 @@ impl PoolCore {
 
     /// The peers a plan may use at `now`, with the speeds it plans them by: measured where
     /// this coordinator has timed their steps, claimed otherwise, a claim counting for no
-    /// more than the fastest peer measured (see [`planning_speed`]); it also takes the fastest measured speed among them
-    /// afresh, which routing caps claims by until the next plan or a faster measurement.
+    /// more than the fastest peer measured (see [`planning_speed`]). It also takes the
+    /// fastest measured speed among them afresh, which routing caps claims by until the
+    /// next plan or a faster measurement.
     pub(super) fn planning_peers(&mut self, now: Instant) -> Vec<PlanPeer> {
         // The planner orders peers itself (by speed, then key).
         let candidates: Vec<(&Peer, Option<f64>)> = self

@@ -36,10 +36,8 @@ impl PoolCore {
         self.back_from_leave(&key, now.at);
         self.sync_peer(&key, now);
         if accepted == Accepted::Changed {
-            // Its claimed speed may be higher: its bound in the route index may drop.
-            if let Some(index) = self.route_index.as_mut() {
-                index.mark_stale(&key);
-            }
+            // Its claimed speed may be higher.
+            self.bound_may_drop(&key);
         }
         let first = self.plan.is_none() && accepted == Accepted::Holds;
         if matches!(accepted, Accepted::New | Accepted::Changed) || first {
@@ -78,12 +76,7 @@ impl PoolCore {
     fn forget(&mut self, key: &PublicKey) {
         self.table.remove(key);
         self.stale_since.remove(key);
-        if self.loaded.remove(key).is_some() {
-            self.routing += 1;
-            if let Some(index) = self.route_index.as_mut() {
-                index.unconfirm(key);
-            }
-        }
+        self.lose_span(key);
         self.claimed.remove(key);
         self.pending.remove(key);
         self.out.push(Action::Changed);
@@ -170,12 +163,7 @@ impl PoolCore {
             return false;
         }
         self.banned.insert(*key, (now.at + span, why));
-        if self.loaded.remove(key).is_some() {
-            self.routing += 1;
-            if let Some(index) = self.route_index.as_mut() {
-                index.unconfirm(key);
-            }
-        }
+        self.lose_span(key);
         if why == Exclusion::Unreachable {
             self.stale_since.insert(*key, now.unix);
             self.redials.start(*key, now.at);

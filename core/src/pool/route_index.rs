@@ -12,7 +12,7 @@
 use super::planning::DEFAULT_RTT_MS;
 use super::PoolCore;
 use crate::planner::Span;
-use crate::router::HOP_MS;
+use crate::router::PeerCost;
 use potluck_protocol::messages::LayerRange;
 use potluck_protocol::signed::PublicKey;
 use std::collections::{HashMap, HashSet};
@@ -162,8 +162,14 @@ impl PoolCore {
             })
             .max(1e-3);
         let estimate = self.model.shape.layer_bytes as f64 / (speed * 1e6);
-        let distrust = 1.5 - 0.5 * self.trust.get(&span.peer).lower_bound();
-        Some(rtt_ms / 2.0 + HOP_MS + f64::from(blocks) * (estimate * distrust))
+        let ms_per_block = estimate * self.distrust(&span.peer);
+        Some(
+            PeerCost {
+                rtt_ms,
+                ms_per_block,
+            }
+            .hop_ms(blocks),
+        )
     }
 
     /// The index of the plan's confirmed spans at `now`.
@@ -205,6 +211,26 @@ impl PoolCore {
         }
         if let Some(bound) = self.hop_bound(s, now) {
             index.confirm(s.peer, i, s.range, bound);
+        }
+    }
+
+    /// Something that `key`'s hop bound was made from changed in a way that may lower it
+    /// (a quicker step, another round trip, a verdict, a new advert): the index weighs it
+    /// whole until it is rebuilt.
+    pub(super) fn bound_may_drop(&mut self, key: &PublicKey) {
+        if let Some(index) = self.route_index.as_mut() {
+            index.mark_stale(key);
+        }
+    }
+
+    /// `key` no longer serves the span it confirmed (it is excluded, or gone): routes and
+    /// the index forget it.
+    pub(super) fn lose_span(&mut self, key: &PublicKey) {
+        if self.loaded.remove(key).is_some() {
+            self.routing += 1;
+            if let Some(index) = self.route_index.as_mut() {
+                index.unconfirm(key);
+            }
         }
     }
 

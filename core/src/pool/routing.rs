@@ -7,7 +7,7 @@ use super::PoolCore;
 use crate::planner::planning_speed;
 use crate::planner::Span;
 use crate::queue::queued_ms_per_block;
-use crate::router::HOP_MS;
+use crate::router::{cheapest_path, PeerCost};
 use potluck_protocol::signed::PublicKey;
 use std::collections::HashSet;
 use std::time::Instant;
@@ -76,13 +76,7 @@ impl PoolCore {
     ) -> Option<Vec<Span>> {
         self.plan.as_ref()?;
         match self.table.take_rtt_changes() {
-            Some(changed) => {
-                if let Some(index) = self.route_index.as_mut() {
-                    for key in &changed {
-                        index.mark_stale(key);
-                    }
-                }
-            }
+            Some(changed) => changed.iter().for_each(|key| self.bound_may_drop(key)),
             None => self.route_index = None,
         }
         let epoch = self.plan.as_ref().map_or(0, |p| p.epoch);
@@ -111,45 +105,33 @@ impl PoolCore {
             )
             .max(1e-3);
             let estimate = layer_bytes / (speed * 1e6);
-            let distrust = 1.5 - 0.5 * self.trust.get(&s.peer).lower_bound();
             let ms_per_block =
                 queued_ms_per_block(estimate, recent.map(|s| s * 1e3), rtt_ms, blocks, busy)
-                    * distrust;
-            Some(rtt_ms / 2.0 + HOP_MS + f64::from(blocks) * ms_per_block)
+                    * self.distrust(&s.peer);
+            Some(
+                PeerCost {
+                    rtt_ms,
+                    ms_per_block,
+                }
+                .hop_ms(blocks),
+            )
         };
-        // Blocks in order: the cheapest arrival at each block (Petals' routing cost; see
-        // [`crate::router`]), each range through its cheapest replica.
-        let (first, n) = (start as usize, end as usize);
-        if first >= n || n > self.model.shape.layers as usize {
-            return None;
-        }
-        let mut best: Vec<Option<(f64, Option<usize>)>> = vec![None; n + 1];
-        best[first] = Some((0.0, None));
-        for b in first..n {
-            let Some((here, _)) = best[b] else { continue };
-            for (r, range) in index.starting_at(b) {
-                if range.end as usize > n {
-                    continue;
-                }
-                let Some((t, i)) = index.cheapest(r, here, prune, hop) else {
-                    continue;
-                };
-                let to = range.end as usize;
-                if best[to].is_none_or(|(d, _)| t < d) {
-                    best[to] = Some((t, Some(i)));
-                }
-            }
-        }
-        let mut path = Vec::new();
-        let mut at = n;
-        while at > first {
-            let (_, via) = best[at]?;
-            let span = &plan.spans[via?];
-            path.push(span.clone());
-            at = span.range.start as usize;
-        }
-        path.reverse();
-        Some(path)
+        // Each range through its cheapest replica.
+        cheapest_path(&plan.spans, start, end, |b, here| {
+            index
+                .starting_at(b)
+                .filter(|(_, range)| range.end <= end)
+                .filter_map(|(r, _)| index.cheapest(r, here, prune, hop))
+                .map(|(t, i)| (i, t))
+                .collect()
+        })
+    }
+
+    /// How much more a peer's compute counts the less it is trusted: from 1 (fully, by
+    /// the lower bound of its reputation) to 1.5 (not at all), so new peers get work, but
+    /// after proven ones.
+    pub(super) fn distrust(&self, key: &PublicKey) -> f64 {
+        1.5 - 0.5 * self.trust.get(key).lower_bound()
     }
 
     /// A session now runs on `peers` (counted until [`PoolCore::unload`]).
@@ -179,10 +161,8 @@ impl PoolCore {
             let before = self.step_times.quickest_of(&key);
             self.step_times.observe(key, secs, now);
             if self.step_times.quickest_of(&key) != before {
-                // A quicker step raises its speed: its bound in the index may drop.
-                if let Some(index) = self.route_index.as_mut() {
-                    index.mark_stale(&key);
-                }
+                // A quicker step raises its speed.
+                self.bound_may_drop(&key);
             }
             let faster = self
                 .table
