@@ -46,6 +46,16 @@ pub struct SessionHandle {
     pub tokens: AtomicU64,
     /// Set to end the session before its next step.
     pub cancelled: AtomicBool,
+    /// The chain serving it now, (peer id, blocks) per hop: what it opened on, then each
+    /// failover's replacement.
+    pub chain: std::sync::Mutex<Vec<(String, LayerRange)>>,
+}
+
+impl SessionHandle {
+    /// The chain serving the session now.
+    pub fn chain(&self) -> Vec<(String, LayerRange)> {
+        self.chain.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// What a pipeline asks of its pool when a hop fails or is slow: where else its blocks are,
@@ -135,6 +145,15 @@ async fn open_hops(
     Ok(hops)
 }
 
+/// Shows `hops` as the chain serving the session of `handle`.
+fn publish_chain(handle: &SessionHandle, hops: &[Hop]) {
+    let chain = hops
+        .iter()
+        .map(|h| (h.label.clone(), h.span.range))
+        .collect();
+    *handle.chain.lock().unwrap_or_else(|p| p.into_inner()) = chain;
+}
+
 /// Everything a session's pipeline needs besides its chain.
 pub struct SessionContext {
     /// The session's id (echoed in receipts).
@@ -195,6 +214,7 @@ impl RemotePipeline {
             strict,
         } = ctx;
         let hops = open_hops(control, chain).await?;
+        publish_chain(&handle, &hops);
         Ok(Self {
             control: control.clone(),
             hops,
@@ -513,6 +533,7 @@ impl RemotePipeline {
                         );
                         self.metrics.failover(took.as_secs_f64());
                         let old: Vec<Hop> = self.hops.splice(lo..=hi, hops).collect();
+                        publish_chain(&self.handle, &self.hops);
                         for hop in old {
                             self.retire(hop);
                         }

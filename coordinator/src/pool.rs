@@ -104,9 +104,7 @@ pub struct SessionInfo {
     pub started: u64,
     /// Prompt tokens.
     pub prompt_tokens: usize,
-    /// Its chain: peer id and blocks.
-    pub chain: Vec<(String, LayerRange)>,
-    /// Its live counters and cancel switch.
+    /// Its live counters, chain and cancel switch.
     pub handle: Arc<SessionHandle>,
 }
 
@@ -818,7 +816,7 @@ impl Coordinator {
         // Waiting here, rather than overfilling the nodes' caches, keeps every session whole.
         let _slot = self.share.acquire(req.member).await;
         let handle = req.handle.clone();
-        let (id, chain, mut pipe) = self
+        let (id, _, mut pipe) = self
             .open_session(req.sampling.clone(), handle.clone())
             .await?;
         self.sessions
@@ -829,10 +827,6 @@ impl Coordinator {
                 SessionInfo {
                     started: potluck_net::swarm::unix_now(),
                     prompt_tokens: req.prompt.len(),
-                    chain: chain
-                        .iter()
-                        .map(|(s, p)| (p.to_string(), s.range))
-                        .collect(),
                     handle: handle.clone(),
                 },
             );

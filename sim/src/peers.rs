@@ -61,12 +61,8 @@ impl Sim {
         m.holds = None;
         let key = m.key;
         let riding: Vec<usize> = m.sessions.iter().copied().collect();
-        let detect = if crash {
-            secs(self.sc.availability.crash_detect_s)
-        } else {
-            0
-        };
-        if crash {
+        let detect = crash.then(|| secs(self.sc.availability.crash_detect_s));
+        if let Some(detect) = detect {
             self.q.at(self.now + detect, Event::Closed { peer: i, inc });
         } else {
             self.decide("leave", |c, now| {

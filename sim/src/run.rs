@@ -31,6 +31,17 @@ const INDEX_EVERY: Micros = 5 * SECOND;
 /// second.
 const REDIAL_EVERY: Micros = SECOND / 4;
 
+/// A machine that crashes once a session has generated so many tokens.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Crash {
+    /// The session, by arrival.
+    pub(crate) session: usize,
+    /// The hop of its chain whose machine crashes.
+    pub(crate) hop: usize,
+    /// Tokens the session has by then.
+    pub(crate) after: f64,
+}
+
 /// One run in progress.
 pub struct Sim {
     pub(crate) sc: Scenario,
@@ -47,6 +58,8 @@ pub struct Sim {
     pub(crate) load: Draws,
     pub(crate) cheat: Draws,
     pub(crate) sessions: Vec<Session>,
+    /// Crashes still to come, each when its session reaches its token count.
+    pub(crate) crashes: Vec<Crash>,
     /// Serving spans by range, peers in key order: who can check or replace whom.
     pub(crate) replicas: BTreeMap<(u32, u32), Vec<usize>>,
     /// This minute's figures so far.
@@ -113,6 +126,7 @@ impl Sim {
             q: Queue::default(),
             now: 0,
             sessions: Vec::new(),
+            crashes: Vec::new(),
             replicas: BTreeMap::new(),
             minute: Minute::default(),
             latency: Histogram::default(),
@@ -142,8 +156,20 @@ impl Sim {
         }
         for index in 0..sim.sc.events.len() {
             let at = match &sim.sc.events[index] {
-                Planned::Departure { at_minute, .. } | Planned::Sybil { at_minute, .. } => {
-                    *at_minute
+                Planned::Departure { at_minute, .. }
+                | Planned::Sybil { at_minute, .. }
+                | Planned::Session { at_minute, .. } => *at_minute,
+                &Planned::CrashServing {
+                    session,
+                    hop,
+                    after_tokens,
+                } => {
+                    sim.crashes.push(Crash {
+                        session,
+                        hop,
+                        after: after_tokens as f64,
+                    });
+                    continue;
                 }
             };
             sim.q.at(secs(at * 60.0), Event::Scheduled { index });
@@ -216,10 +242,7 @@ impl Sim {
             match action {
                 Action::Say { kind, line } => {
                     *self.said.entry(kind.unwrap_or("log").into()).or_default() += 1;
-                    if self.log.len() < self.log_cap {
-                        let t = self.now as f64 / SECOND as f64;
-                        self.log.push(format!("{t:10.3} {line}"));
-                    }
+                    self.note(line);
                 }
                 Action::Assign { peer, assignment } => {
                     self.minute.served.assignments += 1;
@@ -250,6 +273,14 @@ impl Sim {
                 }
                 Action::Sessions(_) | Action::Changed => {}
             }
+        }
+    }
+
+    /// Adds `line` to the run's log, stamped with the virtual time, while the log has room.
+    pub(crate) fn note(&mut self, line: String) {
+        if self.log.len() < self.log_cap {
+            let t = self.now as f64 / SECOND as f64;
+            self.log.push(format!("{t:10.3} {line}"));
         }
     }
 
@@ -439,6 +470,12 @@ impl Sim {
                     self.q.at(self.now, Event::On { peer: i });
                 }
             }
+            Planned::Session {
+                prompt_tokens,
+                output_tokens,
+                ..
+            } => self.new_session(prompt_tokens, output_tokens),
+            Planned::CrashServing { .. } => {}
         }
     }
 

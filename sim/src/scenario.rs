@@ -302,6 +302,27 @@ pub enum Event {
         #[serde(default)]
         device: Option<String>,
     },
+    /// One client session, besides the load's: for following a single session through the
+    /// pool (as a test of the real processes does).
+    Session {
+        /// When the client arrives, minutes into the run.
+        at_minute: f64,
+        /// Prompt tokens.
+        prompt_tokens: u64,
+        /// Tokens to generate.
+        output_tokens: u64,
+    },
+    /// The machine serving one hop of a session crashes once that session has generated
+    /// some tokens (a node killed mid-stream).
+    CrashServing {
+        /// The session, counting from 0 in the order sessions arrived.
+        session: usize,
+        /// Which hop of its chain, from 0.
+        #[serde(default)]
+        hop: usize,
+        /// Tokens the session has when the machine crashes.
+        after_tokens: u64,
+    },
 }
 
 /// Whether `x` is a finite number no less than 0.
@@ -326,7 +347,7 @@ impl Scenario {
             .iter()
             .map(|e| match e {
                 Event::Sybil { count, .. } => *count,
-                Event::Departure { .. } => 0,
+                _ => 0,
             })
             .sum();
         if self.peers + added > MAX_PEERS {
@@ -445,6 +466,20 @@ impl Scenario {
                         if !self.devices.iter().any(|d| &d.name == name) {
                             return bad(format!("a sybil wave names no device class {name:?}"));
                         }
+                    }
+                }
+                Event::Session {
+                    at_minute,
+                    prompt_tokens,
+                    output_tokens,
+                } => {
+                    if !(*at_minute >= 0.0 && *prompt_tokens > 0 && *output_tokens > 0) {
+                        return bad("a session needs a time at least 0 and tokens".into());
+                    }
+                }
+                Event::CrashServing { after_tokens, .. } => {
+                    if *after_tokens == 0 {
+                        return bad("a crash-serving event needs after_tokens of 1 or more".into());
                     }
                 }
             }

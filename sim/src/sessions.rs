@@ -109,36 +109,30 @@ impl Sim {
     pub(crate) fn arrive(&mut self) {
         let peak = self.sc.load.sessions_per_minute * (1.0 + self.sc.load.daily_swing);
         if self.load.chance(self.rate(self.now) / peak) {
-            let prompt = self
-                .sc
-                .load
-                .prompt_tokens
-                .sample(&mut self.load)
-                .round()
-                .max(1.0);
-            let output = self
-                .sc
-                .load
-                .output_tokens
-                .sample(&mut self.load)
-                .round()
-                .max(1.0);
-            self.sessions.push(Session {
-                prompt: prompt as u64,
-                output: output as u64,
-                arrived: self.now,
-                generated: 0.0,
-                hops: Vec::new(),
-                gen: 0,
-                last: self.now,
-                step_ms: 0.0,
-                state: State::Waiting,
-                avoid: HashSet::new(),
-                tried: None,
-            });
-            self.start(self.sessions.len() - 1);
+            let l = &self.sc.load;
+            let prompt = l.prompt_tokens.sample(&mut self.load).round().max(1.0);
+            let output = l.output_tokens.sample(&mut self.load).round().max(1.0);
+            self.new_session(prompt as u64, output as u64);
         }
         self.next_arrival();
+    }
+
+    /// A client arrives now with a prompt of `prompt` tokens, wanting `output`.
+    pub(crate) fn new_session(&mut self, prompt: u64, output: u64) {
+        self.sessions.push(Session {
+            prompt,
+            output,
+            arrived: self.now,
+            generated: 0.0,
+            hops: Vec::new(),
+            gen: 0,
+            last: self.now,
+            step_ms: 0.0,
+            state: State::Waiting,
+            avoid: HashSet::new(),
+            tried: None,
+        });
+        self.start(self.sessions.len() - 1);
     }
 
     /// Session `s` asks the core for a chain; it waits a second between tries, up to the
@@ -165,7 +159,7 @@ impl Sim {
             return;
         };
         let prompt = self.sessions[s].prompt;
-        let prefill = self.replay_ms(&hops, prompt);
+        let prefill = self.prefill_ms(&hops, prompt);
         self.take_hops(s, &hops);
         let session = &mut self.sessions[s];
         session.hops = hops;
@@ -203,8 +197,8 @@ impl Sim {
         }
     }
 
-    /// Milliseconds to run `positions` positions through `hops` (a prefill or a replay).
-    fn replay_ms(&self, hops: &[Hop], positions: u64) -> f64 {
+    /// Milliseconds to run a prompt of `positions` positions through `hops`, in one step.
+    fn prefill_ms(&self, hops: &[Hop], positions: u64) -> f64 {
         hops.iter()
             .map(|h| {
                 let m = &self.machines[h.peer];
@@ -215,6 +209,14 @@ impl Sim {
                     + prefill_ms(class, self.sc.model.block_mb, h.range.len(), positions)
             })
             .sum()
+    }
+
+    /// Milliseconds to replay a session's journal through replacement `hops`: its prompt,
+    /// then each of its `steps` decode steps one by one, as the pipeline replays them (a
+    /// batched replay would round differently and change the text).
+    fn replay_ms(&self, hops: &[Hop], prompt: u64, steps: u64) -> f64 {
+        let step: f64 = hops.iter().map(|h| self.hop_ms(h)).sum();
+        self.prefill_ms(hops, prompt) + steps as f64 * step
     }
 
     /// Milliseconds one hop's step takes now (its batch is every session it serves).
@@ -232,8 +234,12 @@ impl Sim {
         let session = &mut self.sessions[s];
         session.step_ms = step_ms.max(1e-3);
         let left = (session.output as f64 - session.generated).max(0.0);
-        let until_done = secs(left * session.step_ms / 1e3);
-        let at = session.last.max(self.now) + until_done.clamp(1, PROGRESS_EVERY);
+        let mut until = left * session.step_ms / 1e3;
+        if let Some(c) = self.crashes.iter().find(|c| c.session == s) {
+            // Counted again when its tokens reach the crash's.
+            until = until.min((c.after - session.generated).max(0.0) * session.step_ms / 1e3);
+        }
+        let at = session.last.max(self.now) + secs(until).clamp(1, PROGRESS_EVERY);
         let gen = session.gen;
         self.q.at(at, Event::Progress { session: s, gen });
     }
@@ -281,6 +287,7 @@ impl Sim {
             return;
         }
         self.settle(s);
+        self.crash_due(s);
         let now = self.t().at;
         let hops: Vec<(PublicKey, f64)> = self.sessions[s]
             .hops
@@ -298,6 +305,34 @@ impl Sim {
         } else {
             self.schedule_progress(s);
         }
+    }
+
+    /// Crashes the machine of session `s`'s chain that the scenario crashes once the session
+    /// has its tokens now, if any (for good: a node killed mid-stream).
+    fn crash_due(&mut self, s: usize) {
+        let generated = self.sessions[s].generated;
+        let Some(at) = self
+            .crashes
+            .iter()
+            .position(|c| c.session == s && generated + 1e-9 >= c.after)
+        else {
+            return;
+        };
+        let crash = self.crashes.remove(at);
+        let Some(peer) = self.sessions[s].hops.get(crash.hop).map(|h| h.peer) else {
+            return;
+        };
+        let inc = self.machines[peer].inc;
+        self.q.at(
+            self.now,
+            Event::Off {
+                peer,
+                inc,
+                crash: true,
+                back: false,
+            },
+        );
+        self.machines[peer].retired = true;
     }
 
     /// Session `s` ends as `state`: its hops are released and their picked work checked.
@@ -329,9 +364,10 @@ impl Sim {
         }
     }
 
-    /// Machine `peer` of session `s`'s chain is gone; the session finds out after `detect`
-    /// (its step's connection closing), or at its next step.
-    pub(crate) fn broken(&mut self, s: usize, peer: usize, detect: Micros) {
+    /// Machine `peer` of session `s`'s chain is gone. After a crash the step in flight fails
+    /// when its connection closes, `detect` on; after a goodbye (`None`) the step in flight
+    /// is answered and the next one goes elsewhere.
+    pub(crate) fn broken(&mut self, s: usize, peer: usize, detect: Option<Micros>) {
         self.settle(s);
         let step = secs(self.sessions[s].step_ms / 1e3);
         let session = &mut self.sessions[s];
@@ -347,7 +383,7 @@ impl Sim {
         session.gen += 1;
         let gen = session.gen;
         self.q.at(
-            self.now + detect.max(step),
+            self.now + detect.unwrap_or(step),
             Event::Failover { session: s, gen },
         );
     }
@@ -362,6 +398,7 @@ impl Sim {
             return;
         }
         let mut replay = 0.0;
+        let mut moved = Vec::new();
         loop {
             let at = self.t().at;
             let dead = self.sessions[s].hops.iter().position(|h| {
@@ -411,8 +448,25 @@ impl Sim {
                 }
                 return;
             };
-            let positions = self.sessions[s].prompt + self.sessions[s].generated as u64;
-            replay += self.replay_ms(&new, positions);
+            let session = &self.sessions[s];
+            // The journal: the prompt's step, then one per token but the newest (whose step
+            // failed, and is sent again after).
+            let steps = (session.generated as u64).saturating_sub(1);
+            replay += self.replay_ms(&new, session.prompt, steps);
+            let spans: Vec<String> = new
+                .iter()
+                .map(|h| {
+                    let key = self.machines[h.peer].key;
+                    format!("{} {}..{}", key.peer_id(), h.range.start, h.range.end)
+                })
+                .collect();
+            moved.push(format!(
+                "blocks {a}..{b} from {} to {} (hops {lo}..={hi}, {steps} steps replayed)",
+                failed.peer_id(),
+                spans.join(", "),
+                a = self.sessions[s].hops[lo].range.start,
+                b = self.sessions[s].hops[hi].range.end,
+            ));
             self.take_hops(s, &new);
             let old: Vec<Hop> = self.sessions[s].hops.splice(lo..=hi, new).collect();
             self.release(s, old, true);
@@ -420,6 +474,10 @@ impl Sim {
         let resume = self.now + secs(replay / 1e3);
         let stall = (resume - since) as f64 / SECOND as f64;
         self.stalls.push(stall);
+        self.note(format!(
+            "session {s} failed over: {}; stalled {stall:.3} s",
+            moved.join("; ")
+        ));
         self.minute.served.recovered += 1;
         let session = &mut self.sessions[s];
         session.state = State::Running;

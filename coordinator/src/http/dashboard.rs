@@ -151,7 +151,7 @@ pub fn snapshot(app: &AppState, members: Members) -> Value {
                 "started": s.started,
                 "prompt_tokens": s.prompt_tokens,
                 "generated": s.handle.tokens.load(Ordering::Relaxed),
-                "chain": s.chain.iter().map(|(p, r)| json!({"peer": p, "start": r.start, "end": r.end})).collect::<Vec<_>>(),
+                "chain": s.handle.chain().iter().map(|(p, r)| json!({"peer": p, "start": r.start, "end": r.end})).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -195,7 +195,11 @@ pub fn snapshot(app: &AppState, members: Members) -> Value {
         "member_totals": totals,
         "credits": credits,
         "batches": batches,
+        // The shape the planner weighs peers' memory against (what `potluck sim` needs to
+        // plan as this pool does).
         "model": {"name": model.model.name, "layers": model.shape.layers,
+                  "layer_bytes": model.shape.layer_bytes, "edge_bytes": model.shape.edge_bytes,
+                  "reserve_bytes": model.shape.reserve_bytes,
                   "digest": blake3::Hash::from(model.model.digest).to_hex().to_string()},
         "peers": peers,
         "plan": {"epoch": plan.as_ref().map(|p| p.epoch), "spans": spans, "error": plan_error,
