@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 #[derive(Args)]
 pub struct SimArgs {
     /// A built-in scenario's name (lan-5, city-500, internet-10k, mass-departure,
-    /// sybil-wave, cheaters), `all` for every one, or a scenario file (TOML).
+    /// sybil-wave, cheaters, detection, failover-3), `all` for every one, or a scenario
+    /// file (TOML).
     pub scenario: String,
     /// Seed (default: the scenario's own).
     #[arg(long)]

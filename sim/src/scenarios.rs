@@ -16,6 +16,7 @@ pub const BUILT_IN: &[(&str, &str)] = &[
     ("sybil-wave", include_str!("../scenarios/sybil-wave.toml")),
     ("cheaters", include_str!("../scenarios/cheaters.toml")),
     ("detection", include_str!("../scenarios/detection.toml")),
+    ("failover-3", include_str!("../scenarios/failover-3.toml")),
 ];
 
 /// The built-in scenario `name`'s TOML.

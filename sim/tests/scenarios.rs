@@ -133,3 +133,27 @@ fn a_heavy_tail_that_draws_centuries_is_clamped_not_a_crash() {
     let r = run(Scenario::parse(&text).expect("a scenario"), 1);
     assert_eq!(r.per_minute.len(), 30);
 }
+
+#[test]
+fn a_crash_mid_session_moves_its_blocks_whole_and_replays_every_step() {
+    let out = simulate(scenario("failover-3"), None);
+    let r = &out.report;
+    assert_eq!(r.totals.served.recovered, 1, "{}", r.to_json());
+    assert_eq!(r.totals.served.failed, 0, "{}", r.to_json());
+    let line = out
+        .log
+        .iter()
+        .find(|l| l.contains("session 0 failed over: "))
+        .unwrap_or_else(|| panic!("no failover in {:#?}", out.log));
+    // The dead hop's blocks whole to one other copy; the prompt's step, then the 79 tokens
+    // before the one whose step failed.
+    assert!(
+        line.contains("blocks 0..30 from ")
+            && line.contains(" 0..30 (hops 0..=0, 79 steps replayed)"),
+        "{line}"
+    );
+    // The connection's close (50 ms), the prompt's prefill (150 positions over 30 blocks of
+    // 5.36 MB at 200 GFLOP/s: 0.48 s) and 79 steps (30 blocks at 8.2 GB/s: 19.6 ms each).
+    assert_eq!(r.stalls.count, 1, "{:?}", r.stalls);
+    assert!((1.95..=2.2).contains(&r.stalls.max), "{:?}", r.stalls);
+}

@@ -17,12 +17,12 @@ pub use action::Action;
 pub use exclusion::{
     Exclusion, ALIVE_WINDOW, ASSIGN_RETRY, BAN, LEAVE_BAN, QUARANTINE, SUSPECT_FOR,
 };
-pub use planning::{describe, DEFER_PLANS_ABOVE, DESCRIBED_SPANS};
+pub use planning::{describe, DEFER_PLANS_ABOVE, DESCRIBED_SPANS, LARGE_PLAN_EVERY};
 pub use routing::NotReady;
 
 use crate::capacity::KvGeometry;
 use crate::peer_table::PeerTable;
-use crate::planner::{ModelShape, Plan};
+use crate::planner::{ModelShape, Plan, PlanPeer};
 use crate::queue::StepTimes;
 use crate::redial::Redials;
 use crate::trust::Trust;
@@ -77,6 +77,12 @@ pub struct PoolCore {
     table: PeerTable,
     plan: Option<Plan>,
     plan_error: Option<String>,
+    /// The peers of the last re-plan that kept its plan as it was, and that plan: the
+    /// planner is a function of its peers and the previous plan, so the same two give the
+    /// same plan again, and a tick with nothing new need not plan a large pool again.
+    settled: Option<(Vec<PlanPeer>, Plan)>,
+    /// When the last plan was made (see [`planning::LARGE_PLAN_EVERY`]).
+    planned_at: Option<Instant>,
     /// Whether a re-plan was put off (see [`DEFER_PLANS_ABOVE`]).
     replan_owed: bool,
     /// Counts changes of what decides whether a chain exists: the plan, confirmed spans,
@@ -137,6 +143,8 @@ impl PoolCore {
             auto_sessions,
             plan: None,
             plan_error: None,
+            settled: None,
+            planned_at: None,
             replan_owed: false,
             routing: 0,
             route_index: None,
