@@ -215,8 +215,12 @@ impl Sim {
     /// then each of its `steps` decode steps one by one, as the pipeline replays them (a
     /// batched replay would round differently and change the text).
     fn replay_ms(&self, hops: &[Hop], prompt: u64, steps: u64) -> f64 {
-        let step: f64 = hops.iter().map(|h| self.hop_ms(h)).sum();
-        self.prefill_ms(hops, prompt) + steps as f64 * step
+        self.prefill_ms(hops, prompt) + steps as f64 * self.step_ms(hops)
+    }
+
+    /// Milliseconds one decode step takes through `hops` now.
+    fn step_ms(&self, hops: &[Hop]) -> f64 {
+        hops.iter().map(|h| self.hop_ms(h)).sum()
     }
 
     /// Milliseconds one hop's step takes now (its batch is every session it serves).
@@ -230,7 +234,7 @@ impl Sim {
 
     /// Schedules session `s`'s next count, at most [`PROGRESS_EVERY`] on.
     fn schedule_progress(&mut self, s: usize) {
-        let step_ms: f64 = self.sessions[s].hops.iter().map(|h| self.hop_ms(h)).sum();
+        let step_ms = self.step_ms(&self.sessions[s].hops);
         let session = &mut self.sessions[s];
         session.step_ms = step_ms.max(1e-3);
         let left = (session.output as f64 - session.generated).max(0.0);
