@@ -3,24 +3,22 @@
 //! private pool, the member's certificate) or plain `--api-key` keys. Requests beyond a
 //! member's rate or quota are refused (HTTP 429) while others are served, and sessions start
 //! in weighted fair-share order: the waiting member that has used least for its weight goes
-//! first, and credit its nodes earned raises its weight.
+//! first, and credit its nodes earned raises its weight. Those decisions are the core's
+//! ([`potluck_core::share`]); this is the shell that holds keys, certificates and the
+//! waiting sessions' channels.
 
+use potluck_core::share::{FairShare, Terms};
 use potluck_protocol::membership::Certificate;
 use serde::Deserialize;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::oneshot;
 
+pub use potluck_core::share::{Limit, CREDIT_HALF};
+
 /// Most members a pool lists.
 pub const MAX_MEMBERS: usize = 10_000;
-
-/// Tokens a session is charged when it starts, before its real use is known, so that one
-/// member's queued sessions interleave with others'.
-const START_CHARGE: f64 = 64.0;
-
-/// Credited tokens at which a member's weight is raised by half (it approaches double).
-pub const CREDIT_HALF: f64 = 10_000.0;
 
 /// A member as the operator's members file describes it.
 #[derive(Debug, Clone, Deserialize)]
@@ -94,86 +92,16 @@ impl MemberId {
     pub const POOL: MemberId = MemberId(0);
 }
 
-/// Why a request is not served now.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum Limit {
-    /// Over the member's requests a minute.
-    #[error(
-        "{member} is over its limit of {per_minute} requests a minute; retry in {retry_after} s"
-    )]
-    Rate {
-        /// Who.
-        member: String,
-        /// The limit.
-        per_minute: u32,
-        /// Seconds until a request is allowed.
-        retry_after: u64,
-    },
-    /// Over the member's tokens a day.
-    #[error("{member} used its {per_day} tokens for today; the quota resets in {retry_after} s")]
-    Quota {
-        /// Who.
-        member: String,
-        /// The quota.
-        per_day: u64,
-        /// Seconds until the next UTC day.
-        retry_after: u64,
-    },
-}
-
-impl Limit {
-    /// Seconds the client should wait.
-    pub fn retry_after(&self) -> u64 {
-        match self {
-            Limit::Rate { retry_after, .. } | Limit::Quota { retry_after, .. } => *retry_after,
-        }
-    }
-}
-
 struct Member {
     spec: MemberSpec,
     certificate: Option<Certificate>,
-}
-
-#[derive(Default)]
-struct Usage {
-    /// Requests the rate bucket holds now, and when it was last filled.
-    bucket: f64,
-    filled: Option<Instant>,
-    /// The UTC day `today` counts.
-    day: u64,
-    today: u64,
-    requests: u64,
-    tokens: u64,
-    limited: u64,
-    running: usize,
-    waiting: usize,
-    /// Tokens used, for fair-share order (lifted to the least active member's when the
-    /// member returns from idle, so idleness banks no priority).
-    fair: f64,
-    /// Tokens its nodes were credited with.
-    credited: f64,
-}
-
-struct Waiter {
-    member: MemberId,
-    tx: oneshot::Sender<()>,
-}
-
-struct Inner {
-    usage: Vec<Usage>,
-    /// Sessions that may run at once now.
-    limit: usize,
-    queue: VecDeque<Waiter>,
 }
 
 /// The members, their usage, and the sessions they share.
 pub struct Share {
     members: Vec<Member>,
     by_key: HashMap<[u8; 32], MemberId>,
-    inner: Mutex<Inner>,
-    /// The fewest sessions the pool runs: one more than members reserve.
-    floor: usize,
+    inner: Mutex<FairShare<oneshot::Sender<()>>>,
 }
 
 fn digest(key: &str) -> [u8; 32] {
@@ -252,20 +180,24 @@ impl Share {
                 "members reserve {reserved} sessions; the pool runs {sessions} at once (--max-sessions), and one must stay free for others"
             ));
         }
-        let usage = members.iter().map(|_| Usage::default()).collect();
+        let terms = members
+            .iter()
+            .map(|m| Terms {
+                name: m.spec.name.clone(),
+                weight: m.spec.weight,
+                requests_per_minute: m.spec.requests_per_minute,
+                tokens_per_day: m.spec.tokens_per_day,
+                reserved_sessions: m.spec.reserved_sessions,
+            })
+            .collect();
         Ok(Self {
             members,
             by_key,
-            inner: Mutex::new(Inner {
-                usage,
-                limit: sessions,
-                queue: VecDeque::new(),
-            }),
-            floor: reserved + 1,
+            inner: Mutex::new(FairShare::new(terms, sessions)),
         })
     }
 
-    fn inner(&self) -> MutexGuard<'_, Inner> {
+    fn inner(&self) -> MutexGuard<'_, FairShare<oneshot::Sender<()>>> {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -299,74 +231,28 @@ impl Share {
 
     /// Counts one request by `m` at unix time `now`, unless it is over its rate or quota.
     pub fn admit(&self, m: MemberId, now: u64) -> Result<(), Limit> {
-        let Some(spec) = self.members.get(m.0).map(|x| &x.spec) else {
-            return Ok(());
-        };
-        let mut inner = self.inner();
-        let Some(u) = inner.usage.get_mut(m.0) else {
-            return Ok(());
-        };
-        roll_day(u, now);
-        if let Some(per_day) = spec.tokens_per_day.filter(|q| u.today >= *q) {
-            u.limited += 1;
-            return Err(Limit::Quota {
-                member: spec.name.clone(),
-                per_day,
-                retry_after: 86_400 - now % 86_400,
-            });
-        }
-        if let Some(per_minute) = spec.requests_per_minute {
-            let cap = f64::from(per_minute);
-            let at = Instant::now();
-            let refill = u
-                .filled
-                .map_or(cap, |t| at.duration_since(t).as_secs_f64() * cap / 60.0);
-            u.bucket = (u.bucket + refill).min(cap);
-            u.filled = Some(at);
-            if u.bucket < 1.0 {
-                u.limited += 1;
-                let wait = ((1.0 - u.bucket) * 60.0 / cap).ceil() as u64;
-                return Err(Limit::Rate {
-                    member: spec.name.clone(),
-                    per_minute,
-                    retry_after: wait.max(1),
-                });
-            }
-            u.bucket -= 1.0;
-        }
-        u.requests += 1;
-        Ok(())
+        self.inner().admit(m.0, Instant::now(), now)
     }
 
     /// Charges `tokens` used by `m` at unix time `now` to its quota and fair share.
     pub fn record(&self, m: MemberId, tokens: u64, now: u64) {
-        let mut inner = self.inner();
-        if let Some(u) = inner.usage.get_mut(m.0) {
-            roll_day(u, now);
-            u.today = u.today.saturating_add(tokens);
-            u.tokens = u.tokens.saturating_add(tokens);
-            u.fair += tokens as f64;
-        }
+        self.inner().record(m.0, tokens, now);
     }
 
     /// Sets the tokens each member's node was credited with, from credits keyed by peer id
     /// (a member's node is the peer whose key its certificate names).
     pub fn set_credits(&self, by_peer: &HashMap<String, f64>) {
         let mut inner = self.inner();
-        for (m, u) in self.members.iter().zip(inner.usage.iter_mut()) {
-            u.credited = m
+        for (i, m) in self.members.iter().enumerate() {
+            let credited = m
                 .certificate
                 .as_ref()
                 .and_then(|c| potluck_net::swarm::peer_id_of(&c.body.member))
                 .and_then(|p| by_peer.get(&p.to_string()))
                 .copied()
                 .unwrap_or(0.0);
+            inner.set_credited(i, credited);
         }
-    }
-
-    fn weight(&self, m: usize, u: &Usage) -> f64 {
-        let base = self.members.get(m).map_or(1.0, |x| x.spec.weight);
-        base * (1.0 + u.credited / (u.credited + CREDIT_HALF))
     }
 
     /// Waits for a session slot for `m`, in fair-share order; the slot frees when dropped.
@@ -375,20 +261,8 @@ impl Share {
         let (tx, rx) = oneshot::channel();
         {
             let mut inner = self.inner();
-            let lowest = inner
-                .usage
-                .iter()
-                .filter(|u| u.running + u.waiting > 0)
-                .map(|u| u.fair)
-                .fold(f64::INFINITY, f64::min);
-            if let Some(u) = inner.usage.get_mut(m.0) {
-                if u.running + u.waiting == 0 && lowest.is_finite() {
-                    u.fair = u.fair.max(lowest);
-                }
-                u.waiting += 1;
-            }
-            inner.queue.push_back(Waiter { member: m, tx });
-            self.dispatch(&mut inner);
+            inner.enqueue(m.0, tx);
+            dispatch(&mut inner);
         }
         let mut pending = Pending {
             share: self.clone(),
@@ -407,70 +281,10 @@ impl Share {
         }
     }
 
-    /// Grants free slots to waiters: among members that may take a slot (their reserve is
-    /// not used up, or slots are left beyond others' unused reserves), the one with the
-    /// least use for its weight, first come first served within a member.
-    fn dispatch(&self, inner: &mut Inner) {
-        let Inner {
-            usage,
-            limit,
-            queue,
-        } = inner;
-        let running: usize = usage.iter().map(|u| u.running).sum();
-        let free = &mut limit.saturating_sub(running);
-        // Waiters that went away leave the queue.
-        queue.retain(|w| {
-            let open = !w.tx.is_closed();
-            if let (false, Some(u)) = (open, usage.get_mut(w.member.0)) {
-                u.waiting = u.waiting.saturating_sub(1);
-            }
-            open
-        });
-        while *free > 0 {
-            // Slots member `m` holds back and does not use now.
-            let unused = |m: usize| -> usize {
-                let reserved = self.members.get(m).map_or(0, |x| x.spec.reserved_sessions);
-                reserved.saturating_sub(usage.get(m).map_or(0, |u| u.running))
-            };
-            let held_back: usize = (0..self.members.len()).map(unused).sum();
-            let mut best: Option<(usize, f64)> = None;
-            for (i, w) in queue.iter().enumerate() {
-                let m = w.member.0;
-                let Some(u) = usage.get(m) else {
-                    continue;
-                };
-                // Its own reserve, or slots beyond what others hold back.
-                let eligible = unused(m) > 0 || *free > held_back - unused(m);
-                if !eligible {
-                    continue;
-                }
-                let score = u.fair / self.weight(m, u);
-                if best.is_none_or(|(_, s)| score < s) {
-                    best = Some((i, score));
-                }
-            }
-            let Some(w) = best.and_then(|(i, _)| queue.remove(i)) else {
-                return;
-            };
-            if let Some(u) = usage.get_mut(w.member.0) {
-                u.waiting = u.waiting.saturating_sub(1);
-            }
-            if w.tx.send(()).is_ok() {
-                *free -= 1;
-                if let Some(u) = usage.get_mut(w.member.0) {
-                    u.running += 1;
-                    u.fair += START_CHARGE;
-                }
-            }
-        }
-    }
-
     fn release(&self, m: MemberId) {
         let mut inner = self.inner();
-        if let Some(u) = inner.usage.get_mut(m.0) {
-            u.running = u.running.saturating_sub(1);
-        }
-        self.dispatch(&mut inner);
+        inner.release(m.0);
+        dispatch(&mut inner);
     }
 
     /// Lets `sessions` run at once from now on (at least one more than members reserve);
@@ -478,14 +292,14 @@ impl Share {
     /// when it shrinks. Returns the number applied.
     pub fn resize(&self, sessions: usize) -> usize {
         let mut inner = self.inner();
-        inner.limit = sessions.max(self.floor);
-        self.dispatch(&mut inner);
-        inner.limit
+        let applied = inner.resize(sessions);
+        dispatch(&mut inner);
+        applied
     }
 
     /// Sessions that may run at once now.
     pub fn sessions(&self) -> usize {
-        self.inner().limit
+        self.inner().limit()
     }
 
     /// Each member's use, for the dashboard.
@@ -493,16 +307,16 @@ impl Share {
         let mut inner = self.inner();
         let mut out = Vec::new();
         for (i, m) in self.members.iter().enumerate() {
-            let Some(u) = inner.usage.get_mut(i) else {
+            let weight = inner.weight(i);
+            let Some(u) = inner.usage(i, now) else {
                 continue;
             };
-            roll_day(u, now);
             if i == 0 && u.requests == 0 && u.running + u.waiting == 0 {
                 continue;
             }
             out.push(MemberUsage {
                 name: m.spec.name.clone(),
-                weight: self.weight(i, u),
+                weight,
                 requests: u.requests,
                 tokens: u.tokens,
                 tokens_today: u.today,
@@ -519,12 +333,10 @@ impl Share {
     }
 }
 
-fn roll_day(u: &mut Usage, now: u64) {
-    let day = now / 86_400;
-    if u.day != day {
-        u.day = day;
-        u.today = 0;
-    }
+/// Hands free slots to waiting sessions in the core's order; a waiter that went away takes
+/// none.
+fn dispatch(inner: &mut FairShare<oneshot::Sender<()>>) {
+    inner.dispatch(|tx| !tx.is_closed(), |tx| tx.send(()).is_ok());
 }
 
 /// One member's use of the pool.
@@ -671,7 +483,7 @@ mod tests {
                 drop(slot);
             });
             // Queue them in this order.
-            while s.inner().queue.len() < i + 1 {
+            while s.inner().queued() < i + 1 {
                 tokio::task::yield_now().await;
             }
         }

@@ -1,10 +1,9 @@
-//! Runs open work units on the pool until quorum. Each unit goes to `quorum` peers of
-//! different origins (operators where certificates name them, else networks: see
-//! [`Origin`]) holding its model whole (least busy, then fastest, first); results of that many
-//! origins that agree validate it and credit the peers that gave them, so one party's many
-//! keys are one voice. A disagreement asks one more peer, up to
-//! [`MAX_REPLICAS`]; peers outvoted by a quorum are quarantined and their credit voided. A
-//! unit whose peer fails or times out simply runs elsewhere.
+//! Runs open work units on the pool until quorum: the shell around the core's batch policy
+//! ([`potluck_core::quorum`]: who runs a unit, when its results validate it, who is
+//! outvoted). Each unit goes to peers of different origins holding its model whole (least
+//! busy, then fastest, first); validated units credit the peers that agreed, outvoted peers
+//! are quarantined and their credit voided. A unit whose peer fails or times out simply runs
+//! elsewhere.
 
 use super::input::{chat_line, embed_texts};
 use super::store::{Asked, Kind, OpenUnit, Store};
@@ -13,6 +12,7 @@ use crate::origin::Origin;
 use crate::pool::{embedded, verify_work, Coordinator, Refusal};
 use crate::template::chat_prompt_ids;
 use libp2p::PeerId;
+use potluck_core::quorum::{self, Outcome, Quorum};
 use potluck_engine::chat::ChatMessage;
 use potluck_protocol::codec::encode_body;
 use potluck_protocol::messages::{ModelRef, WorkOutput, WorkRequest, WorkTask};
@@ -23,13 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// Results that must agree before a unit counts, unless configured otherwise.
-pub const DEFAULT_QUORUM: usize = 2;
-/// Most results one unit may collect before it is given up as unresolvable.
-pub const MAX_REPLICAS: usize = 5;
-/// Units one peer runs at once (a second one hides the round trip).
-const PER_PEER: usize = 2;
 pub use crate::compare::EMBED_AGREEMENT;
+pub use potluck_core::quorum::{DEFAULT_QUORUM, MAX_REPLICAS};
 /// How often the queue is looked at when nothing wakes it.
 const TICK: Duration = Duration::from_millis(250);
 /// Open units looked at per round.
@@ -92,37 +87,27 @@ impl Answer {
     }
 }
 
-/// A unit's results, read once per round: who gave each answer, and the largest group of
-/// answers that agree.
+/// A unit's results, read once per round: who gave each answer, and what they decide.
 struct Tally {
     peers: Vec<Asked>,
     answers: Vec<Answer>,
-    group: Vec<usize>,
+    outcome: Outcome,
 }
 
 impl Tally {
-    fn of(unit: &OpenUnit) -> Self {
+    fn of(unit: &OpenUnit, quorum: Quorum) -> Self {
         let (peers, answers): (Vec<Asked>, Vec<Answer>) = unit
             .results
             .iter()
             .filter_map(|(asked, o)| Some((asked.clone(), serde_json::from_str(o).ok()?)))
             .unzip();
-        let group = largest_agreeing(&answers);
+        let origins: Vec<&Origin> = peers.iter().map(|a| &a.origin).collect();
+        let tally = quorum::Tally::of(&origins, &answers, Answer::agrees);
         Self {
+            outcome: quorum.outcome(&tally, unit.running.len()),
             peers,
             answers,
-            group,
         }
-    }
-
-    /// How many origins the agreeing group speaks for: the votes it has.
-    fn voices(&self) -> usize {
-        let origins: std::collections::HashSet<&Origin> = self
-            .group
-            .iter()
-            .filter_map(|&i| self.peers.get(i).map(|a| &a.origin))
-            .collect();
-        origins.len()
     }
 }
 
@@ -130,7 +115,7 @@ impl Tally {
 pub struct Batches {
     /// The durable store.
     pub store: Arc<Store>,
-    quorum: usize,
+    quorum: Quorum,
     wake: Notify,
     /// Units running on each peer now.
     busy: Mutex<HashMap<PeerId, usize>>,
@@ -141,7 +126,7 @@ impl Batches {
     pub fn new(store: Arc<Store>, quorum: usize) -> Arc<Self> {
         Arc::new(Self {
             store,
-            quorum: quorum.clamp(1, MAX_REPLICAS),
+            quorum: Quorum::new(quorum),
             wake: Notify::new(),
             busy: Mutex::new(HashMap::new()),
         })
@@ -149,7 +134,7 @@ impl Batches {
 
     /// Results that must agree.
     pub fn quorum(&self) -> usize {
-        self.quorum
+        self.quorum.get()
     }
 
     /// Looks at the queue now (a batch arrived).
@@ -183,14 +168,11 @@ impl Batches {
                     .fail_unit(unit.id, "this pool serves no model for this kind of unit")?;
                 continue;
             };
-            let tally = Tally::of(&unit);
-            if self.decide(c, &unit, &model, &tally)? {
-                continue;
-            }
-            let wanted = self.wanted(&unit, &tally);
-            if wanted == 0 {
-                continue;
-            }
+            let tally = Tally::of(&unit, self.quorum);
+            let wanted = match self.decide(c, &unit, &model, &tally)? {
+                Some(0) | None => continue,
+                Some(n) => n,
+            };
             let peers = holders.entry(unit.kind).or_insert_with(|| {
                 c.holders(&model)
                     .into_iter()
@@ -219,92 +201,76 @@ impl Batches {
         self.busy.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How many more assignments `unit` needs now: enough for a quorum if every result
-    /// agreed, plus one per result that did not add a voice.
-    fn wanted(&self, unit: &OpenUnit, tally: &Tally) -> usize {
-        let answers = tally.answers.len();
-        let target = (self.quorum + answers).saturating_sub(tally.voices());
-        target
-            .min(MAX_REPLICAS)
-            .saturating_sub(answers + unit.running.len())
-    }
-
-    /// Up to `n` peers for `unit`, least busy first: not full, and each of an origin that
-    /// has not answered it, is not running it, and is not picked twice here.
+    /// Up to `n` of `peers` for `unit`, by the core's pick over what each runs now.
     fn pick(&self, peers: &[(PeerId, Origin)], unit: &OpenUnit, n: usize) -> Vec<(PeerId, Origin)> {
         let busy = self.lock_busy();
-        let mut free: Vec<(usize, usize, &(PeerId, Origin))> = peers
+        let candidates: Vec<(PeerId, Origin, usize)> = peers
             .iter()
-            .enumerate()
-            .filter(|(_, (p, origin))| !unit.asked(&p.to_string()) && !unit.heard_from(origin))
-            .map(|(rank, p)| (busy.get(&p.0).copied().unwrap_or(0), rank, p))
-            .filter(|(load, _, _)| *load < PER_PEER)
+            .map(|(p, o)| (*p, o.clone(), busy.get(p).copied().unwrap_or(0)))
             .collect();
-        free.sort_by_key(|(load, rank, _)| (*load, *rank));
-        let mut picked: Vec<(PeerId, Origin)> = Vec::new();
-        for (_, _, (peer, origin)) in free {
-            if picked.len() < n && !picked.iter().any(|(_, o)| o == origin) {
-                picked.push((*peer, origin.clone()));
-            }
-        }
-        picked
+        quorum::pick(
+            &candidates,
+            |p, origin| unit.asked(&p.to_string()) || unit.heard_from(origin),
+            n,
+        )
     }
 
-    /// Validates or gives up on `unit` if its results allow; true if it is decided.
+    /// Validates or gives up on `unit` if its results allow; otherwise the assignments it
+    /// wants now (`None`: it is decided).
     fn decide(
         &self,
         c: &Coordinator,
         unit: &OpenUnit,
         model: &ModelRef,
         tally: &Tally,
-    ) -> Result<bool, super::store::StoreError> {
+    ) -> Result<Option<usize>, super::store::StoreError> {
         let Tally {
             peers,
             answers,
-            group,
+            outcome,
         } = tally;
-        if tally.voices() >= self.quorum {
-            let Some(winner) = group.first().and_then(|&i| answers.get(i)) else {
-                return Ok(false);
-            };
-            // A quarantined peer earns nothing, even for a result that agrees.
-            let credited: Vec<String> = group
-                .iter()
-                .filter_map(|&i| peers.get(i).map(|a| a.peer.clone()))
-                .filter(|p| p.parse::<PeerId>().is_ok_and(|id| !c.is_quarantined(id)))
-                .collect();
-            let tokens = winner.tokens();
-            let flops = tokens as f64 * c.flops_per_token(unit.kind == Kind::Embed) as f64;
-            let body = response_body(unit, winner, &model.name);
-            if self
-                .store
-                .validate(unit.id, &body.to_string(), tokens, flops, &credited)?
-            {
-                for (i, asked) in peers.iter().enumerate() {
-                    let Ok(id) = asked.peer.parse::<PeerId>() else {
-                        continue;
-                    };
-                    if group.contains(&i) {
-                        c.record_trust(id, Verdict::Pass);
-                    } else {
-                        c.record_trust(id, Verdict::Fail);
-                        c.quarantine(id, &format!("outvoted on batch unit {}", unit.id));
+        match outcome {
+            Outcome::Open { wanted } => Ok(Some(*wanted)),
+            Outcome::Unresolvable => {
+                self.store.fail_unit(
+                    unit.id,
+                    &format!(
+                        "{MAX_REPLICAS} results and no {} of them from different operators or networks agree",
+                        self.quorum.get()
+                    ),
+                )?;
+                Ok(None)
+            }
+            Outcome::Validated { agreeing, outvoted } => {
+                let Some(winner) = agreeing.first().and_then(|&i| answers.get(i)) else {
+                    return Ok(Some(0));
+                };
+                let id = |i: &usize| peers.get(*i).and_then(|a| a.peer.parse::<PeerId>().ok());
+                // A quarantined peer earns nothing, even for a result that agrees.
+                let credited: Vec<String> = agreeing
+                    .iter()
+                    .filter_map(id)
+                    .filter(|p| !c.is_quarantined(*p))
+                    .map(|p| p.to_string())
+                    .collect();
+                let tokens = winner.tokens();
+                let flops = tokens as f64 * c.flops_per_token(unit.kind == Kind::Embed) as f64;
+                let body = response_body(unit, winner, &model.name);
+                if self
+                    .store
+                    .validate(unit.id, &body.to_string(), tokens, flops, &credited)?
+                {
+                    for p in agreeing.iter().filter_map(id) {
+                        c.record_trust(p, Verdict::Pass);
+                    }
+                    for p in outvoted.iter().filter_map(id) {
+                        c.record_trust(p, Verdict::Fail);
+                        c.quarantine(p, &format!("outvoted on batch unit {}", unit.id));
                     }
                 }
+                Ok(None)
             }
-            return Ok(true);
         }
-        if answers.len() >= MAX_REPLICAS {
-            self.store.fail_unit(
-                unit.id,
-                &format!(
-                    "{MAX_REPLICAS} results and no {} of them from different operators or networks agree",
-                    self.quorum
-                ),
-            )?;
-            return Ok(true);
-        }
-        Ok(false)
     }
 
     /// Runs one assignment and records what came of it.
@@ -432,23 +398,6 @@ pub(crate) fn model_of(c: &Coordinator, kind: Kind) -> Option<ModelRef> {
     }
 }
 
-/// Indices of the largest set of answers that all agree with one of them.
-fn largest_agreeing(answers: &[Answer]) -> Vec<usize> {
-    (0..answers.len())
-        .map(|i| {
-            (0..answers.len())
-                .filter(|&j| {
-                    answers
-                        .get(i)
-                        .zip(answers.get(j))
-                        .is_some_and(|(a, b)| a.agrees(b))
-                })
-                .collect::<Vec<_>>()
-        })
-        .max_by_key(Vec::len)
-        .unwrap_or_default()
-}
-
 /// The OpenAI response body of a validated unit.
 fn response_body(unit: &OpenUnit, answer: &Answer, model: &str) -> Value {
     match answer {
@@ -495,11 +444,12 @@ mod tests {
 
     #[test]
     fn the_largest_agreeing_group_wins() {
-        assert!(largest_agreeing(&[]).is_empty());
-        assert_eq!(largest_agreeing(&[emb(1.0)]), vec![0]);
+        let origins: Vec<Origin> = (0..3).map(|i| Origin::Network(i.to_string())).collect();
+        let origins: Vec<&Origin> = origins.iter().collect();
         // Two honest answers a hair apart agree; a corrupted one does not.
         let answers = [emb(0.6), emb(0.0), emb(0.600_001)];
-        assert_eq!(largest_agreeing(&answers), vec![0, 2]);
+        let tally = quorum::Tally::of(&origins, &answers, Answer::agrees);
+        assert_eq!(tally.group, vec![0, 2]);
         let a = Answer::Completion {
             text: "hi".into(),
             generated: 1,
