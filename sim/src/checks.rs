@@ -13,8 +13,10 @@ use potluck_core::compare::Verdict;
 const COLLUDED: u64 = 0;
 
 impl Sim {
-    /// A wrong answer of machine `peer`: the colluders' shared one, or a new one.
+    /// A wrong answer of machine `peer`: the colluders' shared one, or a new one (counted as
+    /// its cheating).
     pub(crate) fn wrong_answer(&mut self, peer: usize) -> u64 {
+        self.machines[peer].wrong += 1;
         if self.machines[peer].colludes {
             COLLUDED
         } else {

@@ -38,6 +38,10 @@ pub enum Event {
     Progress { session: usize, gen: u32 },
     /// Session `session`'s step through hop `hop` failed: fail over.
     Failover { session: usize, gen: u32 },
+    /// A batch job is submitted.
+    Job,
+    /// Machine `peer` (incarnation `inc`) finished running work unit `unit`.
+    UnitDone { unit: usize, peer: usize, inc: u32 },
     /// The coordinator's timers: silent peers, redials, pings, and the minute's figures.
     Tick,
     /// Scenario event `index` starts.

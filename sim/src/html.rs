@@ -152,6 +152,10 @@ pub fn page(r: &Report, cost: &BTreeMap<&'static str, Cost>) -> String {
             format!("{} / {} / {}", c.served, c.quarantined, c.uncaught),
         ),
         (
+            "cheaters that gave a wrong answer / of them uncaught".into(),
+            format!("{} / {}", c.cheated, c.cheated_uncaught),
+        ),
+        (
             "honest peers quarantined".into(),
             c.false_quarantines.to_string(),
         ),
@@ -198,6 +202,38 @@ pub fn page(r: &Report, cost: &BTreeMap<&'static str, Cost>) -> String {
         &c.time_to_quarantine,
         "s",
     ));
+    if let Some(b) = &r.batch {
+        out.push_str("<h3>Batch work</h3>");
+        out.push_str(&table([
+            ("jobs / units".into(), format!("{} / {}", b.jobs, b.units)),
+            (
+                "validated / of them wrong".into(),
+                format!("{} / {}", b.validated, b.validated_wrong),
+            ),
+            (
+                "unresolvable / open at the end".into(),
+                format!("{} / {}", b.unresolvable, b.open),
+            ),
+            (
+                "assignments / lost to departures".into(),
+                format!("{} / {}", b.assignments, b.lost),
+            ),
+            (
+                "results outvoted / of them right".into(),
+                format!("{} / {}", b.outvoted, b.outvoted_right),
+            ),
+        ]));
+        out.push_str(&lines(
+            "Work units validated per minute",
+            "units",
+            &[("validated", col(|m| m.units_validated as f64))],
+        ));
+        out.push_str(&bars(
+            "Time from a job's submission to a unit's validation",
+            &b.latency,
+            "s",
+        ));
+    }
     out.push_str("<h3>Checks</h3>");
     out.push_str(&table(
         r.checks.iter().map(|(k, v)| (k.clone(), v.to_string())),

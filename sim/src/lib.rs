@@ -4,6 +4,7 @@
 //! pool of simulated volunteers and clients would send it, and reports what happened: the
 //! same scenario and seed give the same report, byte for byte.
 
+pub mod batch;
 pub mod checks;
 pub mod clock;
 pub mod dist;

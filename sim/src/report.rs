@@ -1,6 +1,7 @@
 //! What a run found, as JSON: the same scenario and seed give the same bytes (wall times
 //! are kept apart, in [`crate::stats::Cost`]).
 
+use crate::batch::BatchTotals;
 use crate::clock::SECOND;
 use crate::run::Sim;
 use crate::stats::{gini, quantile, Minute, Served};
@@ -29,6 +30,9 @@ pub struct Report {
     pub checks: BTreeMap<String, u64>,
     /// Cheaters: how many, how fast caught.
     pub cheating: Cheating,
+    /// Batch work, when the scenario has jobs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchTotals>,
     /// Adverts the coordinator refused, by reason.
     pub refused: BTreeMap<String, u64>,
     /// Operator lines, by dashboard kind.
@@ -50,7 +54,7 @@ pub struct Totals {
 }
 
 /// A distribution of seconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Spread {
     /// How many.
     pub count: usize,
@@ -69,7 +73,8 @@ pub struct Spread {
 }
 
 impl Spread {
-    fn of(mut v: Vec<f64>, bucket: f64, buckets: usize) -> Self {
+    /// The spread of `v`, its histogram `buckets` buckets of `bucket` seconds.
+    pub(crate) fn of(mut v: Vec<f64>, bucket: f64, buckets: usize) -> Self {
         v.sort_by(f64::total_cmp);
         let mut histogram = vec![0; buckets];
         for x in &v {
@@ -99,6 +104,11 @@ pub struct Cheating {
     pub quarantined: usize,
     /// Cheaters that served and were never caught.
     pub uncaught: usize,
+    /// Cheaters that gave a wrong answer (one that never did is no different from an
+    /// honest peer, and no check can tell).
+    pub cheated: usize,
+    /// Of them, never caught: the ones that matter.
+    pub cheated_uncaught: usize,
     /// Seconds from a cheater's first start to its quarantine.
     pub time_to_quarantine: Spread,
     /// Honest machines quarantined.
@@ -166,6 +176,11 @@ impl Report {
                 served: serving.len(),
                 quarantined: cheaters.iter().filter(|m| m.quarantined.is_some()).count(),
                 uncaught: serving.iter().filter(|m| m.quarantined.is_none()).count(),
+                cheated: cheaters.iter().filter(|m| m.wrong > 0).count(),
+                cheated_uncaught: cheaters
+                    .iter()
+                    .filter(|m| m.wrong > 0 && m.quarantined.is_none())
+                    .count(),
                 time_to_quarantine: Spread::of(caught, 60.0, 60),
                 false_quarantines: ran
                     .filter(|m| m.corrupts == 0.0 && m.quarantined.is_some())
@@ -182,6 +197,7 @@ impl Report {
                     })
                     .collect(),
             },
+            batch: sim.sc.batch.as_ref().map(|_| sim.batch.totals()),
             refused: sim.refused.clone(),
             lines: sim.said.clone(),
             per_minute: minutes.clone(),

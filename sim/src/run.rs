@@ -3,6 +3,7 @@
 //! returns carried out as the daemon would (assignments load, sessions take the chains it
 //! routes, checks recompute what it picks).
 
+use crate::batch::Batches;
 use crate::clock::{secs, Clock, Micros, SECOND};
 use crate::dist::Draws;
 use crate::events::{Event, Queue};
@@ -57,6 +58,10 @@ pub struct Sim {
     pub(crate) avail: Draws,
     pub(crate) load: Draws,
     pub(crate) cheat: Draws,
+    /// Batch jobs' submissions and sizes.
+    pub(crate) jobs: Draws,
+    /// Batch work units and what runs them.
+    pub(crate) batch: Batches,
     pub(crate) sessions: Vec<Session>,
     /// Crashes still to come, each when its session reaches its token count.
     pub(crate) crashes: Vec<Crash>,
@@ -117,6 +122,8 @@ impl Sim {
             avail: Draws::fork(seed, "availability"),
             load: Draws::fork(seed, "load"),
             cheat: Draws::fork(seed, "cheating"),
+            jobs: Draws::fork(seed, "batch"),
+            batch: Batches::default(),
             seed,
             clock: Clock::new(),
             core,
@@ -176,6 +183,7 @@ impl Sim {
         }
         sim.q.at(0, Event::Tick);
         sim.next_arrival();
+        sim.next_job();
         sim
     }
 
@@ -211,6 +219,8 @@ impl Sim {
             Event::Retry { session } => self.start(session),
             Event::Progress { session, gen } => self.progress(session, gen),
             Event::Failover { session, gen } => self.failover(session, gen),
+            Event::Job => self.job(),
+            Event::UnitDone { unit, peer, inc } => self.unit_done(unit, peer, inc),
             Event::Tick => self.tick(),
             Event::Scheduled { index } => self.scheduled(index),
         }
@@ -233,6 +243,16 @@ impl Sim {
         let us = started.elapsed().as_secs_f64() * 1e6;
         self.cost.entry(kind).or_default().add(us);
         self.act();
+        out
+    }
+
+    /// Times `f`, a decision the simulator takes with the core's policy on its own state
+    /// (the batch runner's), as a decision of `kind`.
+    pub(crate) fn timed<T>(&mut self, kind: &'static str, f: impl FnOnce(&Self) -> T) -> T {
+        let started = Instant::now();
+        let out = f(self);
+        let us = started.elapsed().as_secs_f64() * 1e6;
+        self.cost.entry(kind).or_default().add(us);
         out
     }
 
@@ -308,6 +328,15 @@ impl Sim {
         let m = &mut self.machines[i];
         m.seq += 1;
         let class = &self.sc.devices[m.class];
+        let mut models = vec![self.model.clone()];
+        if self
+            .sc
+            .batch
+            .as_ref()
+            .is_some_and(|b| b.model_mb <= class.memory_gb * 1e3)
+        {
+            models.push(crate::batch::units_model());
+        }
         CapacityAdvert {
             pool: POOL.into(),
             device: if class.gpu {
@@ -319,7 +348,7 @@ impl Sim {
             gflops: class.gflops as f32,
             mem_gbps: class.mem_gbps as f32,
             threads: 8,
-            models: vec![self.model.clone()],
+            models,
             loaded: m.holds.map(|r| (self.model.clone(), r)),
             seq: m.seq,
             issued_at: unix,
@@ -356,6 +385,7 @@ impl Sim {
                 }
             }
         }
+        self.batch_round();
         if self.now.is_multiple_of(INDEX_EVERY) {
             self.index_replicas();
         }

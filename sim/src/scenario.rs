@@ -57,6 +57,9 @@ pub struct Scenario {
     pub network: Network,
     /// Clients' load.
     pub load: Load,
+    /// Batch jobs of work units (none if absent).
+    #[serde(default)]
+    pub batch: Option<BatchLoad>,
     /// Peers that corrupt their results.
     #[serde(default)]
     pub cheaters: Cheaters,
@@ -230,6 +233,28 @@ fn default_start_hour() -> f64 {
 }
 fn default_wait() -> f64 {
     30.0
+}
+
+/// Batch jobs: each a set of work units (embeddings, or completions of a small model) that
+/// peers holding the units' model whole run until a quorum of origins agrees.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchLoad {
+    /// Mean jobs submitted per hour (a Poisson process); a job's units arrive at once.
+    pub jobs_per_hour: f64,
+    /// Work units per job.
+    pub units_per_job: usize,
+    /// Tokens one unit computes.
+    pub unit_tokens: Dist,
+    /// Megabytes of the units' model: every machine with room for it caches it whole.
+    pub model_mb: f64,
+    /// Origins whose agreeing results validate a unit (`--batch-quorum`).
+    #[serde(default = "default_quorum")]
+    pub quorum: usize,
+}
+
+fn default_quorum() -> usize {
+    potluck_core::quorum::DEFAULT_QUORUM
 }
 
 /// Peers that corrupt results.
@@ -431,6 +456,23 @@ impl Scenario {
             && at_least_zero(l.wait_s))
         {
             return bad("load rates and waits must be at least 0, the swing 0 to 1".into());
+        }
+        if let Some(b) = &self.batch {
+            if let Some(why) = b.unit_tokens.invalid() {
+                return bad(why);
+            }
+            let quorum = 1..=potluck_core::quorum::MAX_REPLICAS;
+            if !(at_least_zero(b.jobs_per_hour)
+                && (1..=100_000).contains(&b.units_per_job)
+                && b.model_mb.is_finite()
+                && b.model_mb > 0.0
+                && quorum.contains(&b.quorum))
+            {
+                return bad(format!(
+                    "batch needs jobs_per_hour at least 0, 1 to 100000 units a job, a positive model_mb and a quorum of 1 to {}",
+                    potluck_core::quorum::MAX_REPLICAS
+                ));
+            }
         }
         if !share(self.cheaters.share) || !share(self.cheaters.corrupt_share) {
             return bad("cheater shares must be 0 to 1".into());

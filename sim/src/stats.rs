@@ -111,6 +111,13 @@ pub struct Minute {
     pub served: Served,
     /// Peers quarantined so far.
     pub quarantined: usize,
+    /// Batch work units validated in it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub units_validated: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Wall time the core took per kind of decision (not part of the deterministic report).

@@ -47,6 +47,8 @@ pub struct Machine {
     pub credit: f64,
     /// Blocks × tokens it served, voided or not.
     pub served: f64,
+    /// Wrong answers it gave (a session's hop, a check's recomputation, a batch unit).
+    pub wrong: u64,
     /// Jobs it finished (its hops' work in sessions).
     pub jobs: u64,
     /// The job whose check caught its own work, counting from 1.
@@ -110,6 +112,7 @@ impl Maker {
             quarantined: None,
             credit: 0.0,
             served: 0.0,
+            wrong: 0,
             jobs: 0,
             caught_job: None,
             retired: false,
