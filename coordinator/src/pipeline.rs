@@ -34,7 +34,7 @@ pub const CHECK_TOP_LOGPROBS: u32 = 5;
 
 /// Times a hop's stream is reopened (and its journal replayed) after it breaks.
 pub const STREAM_RETRIES: u32 = 3;
-/// Wait before reopening, times the attempt number.
+/// Wait before the first reopening; it doubles with each further attempt.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
 /// How long a step waits, in total, on a node whose caches are full before giving up.
 pub const OVERLOAD_PATIENCE: Duration = Duration::from_secs(60);
@@ -426,14 +426,23 @@ impl RemotePipeline {
                 ) if attempt < STREAM_RETRIES => {
                     attempt += 1;
                     tracing::debug!(attempt, "{e}; reopening and replaying");
-                    tokio::time::sleep(RETRY_BACKOFF * attempt).await;
+                    tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
                     // The same span on the same peer, replayed like any replacement.
                     let same = vec![(self.hops[i].span.clone(), self.hops[i].peer)];
                     let journal = self.hops[i].journal.clone();
-                    let mut fresh = self.replacement(same, &journal, last, timeout).await?;
-                    if let Some(hop) = fresh.pop() {
-                        let old = std::mem::replace(&mut self.hops[i], hop);
-                        self.retire(old);
+                    match self.replacement(same, &journal, last, timeout).await {
+                        Ok(mut fresh) => {
+                            if let Some(hop) = fresh.pop() {
+                                let old = std::mem::replace(&mut self.hops[i], hop);
+                                self.retire(old);
+                            }
+                        }
+                        // A node takes one incoming stream at a time off its connection
+                        // and drops (resets) one that arrives while it is still taking the
+                        // last: under a burst of sessions the reopened stream can go the
+                        // same way. The old hop fails again at once and counts an attempt.
+                        Err(PipelineError::Stage { .. }) if attempt < STREAM_RETRIES => {}
+                        Err(e) => return Err(e),
                     }
                 }
                 Err(e) => return Err(e),
