@@ -1,8 +1,9 @@
 //! Spot checks as the coordinator runs them, on simulated outputs: the core picks a hop's
 //! work in a session for a check; a replica of its span recomputes it; a disagreement
 //! goes to a third peer (proven peers first, and only proven ones when the checked peer is
-//! proven), whose answer decides who lied. Outputs are right, or wrong: colluding peers'
-//! wrong answers agree with each other, anyone else's are each their own.
+//! proven), whose answer decides who lied, and three different answers to a fourth.
+//! Outputs are right, or wrong: colluding peers' wrong answers agree with each other,
+//! anyone else's are each their own.
 
 use crate::run::Sim;
 use crate::scenario::CorruptUnit;
@@ -43,7 +44,8 @@ impl Sim {
     }
 
     /// Checks `hop`'s work: recomputed by a replica of its span, disputes settled by a
-    /// third; verdicts go to the core's reputation and quarantine.
+    /// third, three different answers by a fourth; verdicts go to the core's reputation and
+    /// quarantine.
     pub(crate) fn check(&mut self, hop: &Hop) {
         let at = self.t().at;
         let key = Self::range_key(hop.range);
@@ -78,7 +80,45 @@ impl Sim {
         }
         let proven = self.core.proven(&peer_key);
         let others: Vec<usize> = candidates.into_iter().filter(|&j| j != checker).collect();
-        let others = self.apart(others, &[hop.peer, checker], proven);
+        let Some(decider) = self.opinion(&others, &[hop.peer, checker], proven) else {
+            self.count("inconclusive: no third opinion");
+            return;
+        };
+        let third = self.recompute(decider, hop.tokens);
+        if third == theirs {
+            self.caught(hop, "caught");
+        } else if third == hop.wrong {
+            self.count("lying checker caught");
+            self.verdict(hop.peer, Verdict::Pass, None);
+            self.lied(checker);
+        } else {
+            // Three different answers: a fourth peer of none of their origins decides.
+            let rest: Vec<usize> = others.into_iter().filter(|&j| j != decider).collect();
+            let Some(fourth) = self.opinion(&rest, &[hop.peer, checker, decider], proven) else {
+                self.count("inconclusive: three answers");
+                return;
+            };
+            let answer = self.recompute(fourth, hop.tokens);
+            if answer == hop.wrong {
+                self.count("lying checker caught by a fourth");
+                self.verdict(hop.peer, Verdict::Pass, None);
+                self.lied(checker);
+            } else if answer == theirs {
+                self.caught(hop, "caught by a fourth");
+            } else if answer == third {
+                self.caught(hop, "caught with its checker by a fourth");
+                self.lied(checker);
+            } else {
+                self.count("inconclusive: four answers");
+            }
+        }
+    }
+
+    /// Another opinion on a dispute among `from`, drawn from `candidates` as the
+    /// coordinator draws one: of none of their origins where there is one (only such, for
+    /// a `proven` peer's dispute), proven peers first (only proven ones for a `proven` peer).
+    fn opinion(&mut self, candidates: &[usize], from: &[usize], proven: bool) -> Option<usize> {
+        let others = self.apart(candidates.to_vec(), from, proven);
         let (good, new): (Vec<usize>, Vec<usize>) = others
             .into_iter()
             .partition(|&j| self.core.proven(&self.machines[j].key));
@@ -88,33 +128,32 @@ impl Sim {
             new
         };
         if pool.is_empty() {
-            self.count("inconclusive: no third opinion");
-            return;
+            return None;
         }
-        let decider = pool[self.decide("draw", |c, _| c.draw(pool.len()))];
-        let third = self.recompute(decider, hop.tokens);
-        if third == theirs {
-            self.count(if hop.wrong.is_some() {
-                "caught"
-            } else {
-                "false: honest peer outvoted"
-            });
-            let m = &mut self.machines[hop.peer];
-            if hop.wrong.is_some() && m.caught_job.is_none() {
-                m.caught_job = Some(m.jobs);
-            }
-            self.verdict(hop.peer, Verdict::Fail, Some("failed a spot check"));
-        } else if third == hop.wrong {
-            self.count("lying checker caught");
-            self.verdict(hop.peer, Verdict::Pass, None);
-            self.verdict(
-                checker,
-                Verdict::Fail,
-                Some("its recomputation disagreed with two other peers"),
-            );
+        Some(pool[self.decide("draw", |c, _| c.draw(pool.len()))])
+    }
+
+    /// `hop`'s peer is shown wrong (`outcome`, unless its answer was right after all).
+    fn caught(&mut self, hop: &Hop, outcome: &'static str) {
+        self.count(if hop.wrong.is_some() {
+            outcome
         } else {
-            self.count("inconclusive: three answers");
+            "false: honest peer outvoted"
+        });
+        let m = &mut self.machines[hop.peer];
+        if hop.wrong.is_some() && m.caught_job.is_none() {
+            m.caught_job = Some(m.jobs);
         }
+        self.verdict(hop.peer, Verdict::Fail, Some("failed a spot check"));
+    }
+
+    /// A checker is shown wrong by two other peers.
+    fn lied(&mut self, checker: usize) {
+        self.verdict(
+            checker,
+            Verdict::Fail,
+            Some("its recomputation disagreed with two other peers"),
+        );
     }
 
     /// The `candidates` of another origin than every machine of `from`; when there are

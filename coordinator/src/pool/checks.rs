@@ -1,6 +1,7 @@
 //! Spot checks on the pool's side: which results are picked, which peer recomputes them,
 //! what the verdicts do to each peer's trust, and quarantine. A result the first checker
-//! disagrees with goes to a third peer holding the same blocks, and the majority decides.
+//! disagrees with goes to a third peer holding the same blocks, and the majority decides;
+//! where the three all differ (two of them lied), a fourth peer's answer decides.
 //! One peer's word against another's never condemns a peer with a record of its own (see
 //! [`crate::trust::PeerTrust::proven`]), so a fresh key claiming an honest node's blocks
 //! cannot get it quarantined: its dispute needs a third opinion from a proven peer, and
@@ -27,6 +28,8 @@ struct Decision {
     verdict: Verdict,
     /// A checker whose answer the third peer showed wrong.
     lying_checker: bool,
+    /// The checked, the checker's and the third peer's answers all differ.
+    split: bool,
     /// The checked result against the first checker's.
     first: Comparison,
 }
@@ -70,6 +73,42 @@ pub(super) fn settle(
     }
 }
 
+/// Settles a check whose three answers all differ from a fourth peer's answer: whether it
+/// agrees with the checked result, the checker's, or the third peer's. Two that agree
+/// stand; the verdict, and whether the checker was shown wrong.
+pub(super) fn settle_split(checked: bool, checker: bool, third: bool) -> (Verdict, bool) {
+    match (checked, checker, third) {
+        (true, false, _) => (Verdict::Pass, true),
+        (false, true, _) => (Verdict::Fail, false),
+        // The third and the fourth agree: both the checked peer and its checker lied.
+        (false, false, true) => (Verdict::Fail, true),
+        _ => (Verdict::Inconclusive, false),
+    }
+}
+
+/// Decides one picked result whose three answers all differ, by a fourth peer's `fourth`.
+fn decide_split(
+    picked: &StageResult,
+    first: &Reference,
+    third: &Reference,
+    fourth: &Reference,
+) -> Decision {
+    let checked = (&picked.output, &picked.receipt);
+    let against = (&fourth.output, &fourth.receipt);
+    let agrees = |x| cmp(x, against).verdict == Verdict::Pass;
+    let (verdict, lying_checker) = settle_split(
+        agrees(checked),
+        agrees((&first.output, &first.receipt)),
+        agrees((&third.output, &third.receipt)),
+    );
+    Decision {
+        verdict,
+        lying_checker,
+        split: false,
+        first: cmp(checked, (&first.output, &first.receipt)),
+    }
+}
+
 /// Decides one picked result from its recomputations: `first` by the checker, `third` by
 /// a third peer when the first disagreed; `standing` says who has a record.
 fn decide(
@@ -91,6 +130,7 @@ fn decide(
     Decision {
         verdict,
         lying_checker,
+        split: v1.verdict == Verdict::Fail && third == Some((Verdict::Fail, Verdict::Fail)),
         first: v1,
     }
 }
@@ -265,6 +305,8 @@ impl Coordinator {
             let others = self.replicas(job.span.range, &[job.peer, checker]);
             self.third_opinion(others, |(_, p)| *p, standing.checked, &[job.peer, checker])
         };
+        let mut thirds: Vec<(usize, Reference)> = Vec::new();
+        let third_peer = third.as_ref().map(|t| t.1);
         if let Some(third) = third {
             let sub = CheckJob {
                 picked: disputed.iter().map(|&i| job.picked[i].clone()).collect(),
@@ -272,11 +314,33 @@ impl Coordinator {
             };
             match self.replay_on(third, &sub, self.fresh_session()).await {
                 Ok(a) => {
-                    for (&i, r) in disputed.iter().zip(&a) {
-                        decisions[i] = decide(&job.picked[i], &answers[i], Some(r), standing);
+                    for (&i, r) in disputed.iter().zip(a) {
+                        decisions[i] = decide(&job.picked[i], &answers[i], Some(&r), standing);
+                        thirds.push((i, r));
                     }
                 }
                 Err(e) => tracing::warn!("third check could not run: {e}"),
+            }
+        }
+        // Three answers that all differ go to a fourth peer of none of their origins.
+        thirds.retain(|(i, _)| decisions[*i].split);
+        if let (Some(third_peer), false) = (third_peer, thirds.is_empty()) {
+            let three = [job.peer, checker, third_peer];
+            let others = self.replicas(job.span.range, &three);
+            if let Some(fourth) = self.third_opinion(others, |(_, p)| *p, standing.checked, &three)
+            {
+                let sub = CheckJob {
+                    picked: thirds.iter().map(|(i, _)| job.picked[*i].clone()).collect(),
+                    ..job.clone()
+                };
+                match self.replay_on(fourth, &sub, self.fresh_session()).await {
+                    Ok(a) => {
+                        for ((i, t), r) in thirds.iter().zip(&a) {
+                            decisions[*i] = decide_split(&job.picked[*i], &answers[*i], t, r);
+                        }
+                    }
+                    Err(e) => tracing::warn!("fourth check could not run: {e}"),
+                }
             }
         }
         // The job's verdict is its worst result's; the audit log keeps that result's
@@ -413,8 +477,20 @@ mod tests {
             assert_eq!(settle(Fail, Some((Pass, Fail)), s), (Pass, true));
             // The third agrees with the checker: the checked peer fails.
             assert_eq!(settle(Fail, Some((Fail, Pass)), s), (Fail, false));
-            // Three different answers: nobody is condemned.
+            // Three different answers: nobody is condemned on them alone.
             assert_eq!(settle(Fail, Some((Fail, Fail)), s), (Inconclusive, false));
         }
+    }
+
+    #[test]
+    fn a_fourth_opinion_settles_three_different_answers() {
+        // The fourth agrees with the checked peer: the checker lied.
+        assert_eq!(settle_split(true, false, false), (Pass, true));
+        // With the checker: the checked peer lied.
+        assert_eq!(settle_split(false, true, false), (Fail, false));
+        // With the third: both the checked peer and its checker lied.
+        assert_eq!(settle_split(false, false, true), (Fail, true));
+        // A fourth answer of its own settles nothing.
+        assert_eq!(settle_split(false, false, false), (Inconclusive, false));
     }
 }
