@@ -1,7 +1,9 @@
 //! A test bed of hosts on one Ethernet segment, each host a network namespace of its own
 //! with the address the test gives it, joined by a bridge in the test's own namespace (which
-//! is a host too, at [`HUB`]). Made with `ip` (root, as CI runs), deleted on drop with every
-//! route it added; nothing leaves the machine.
+//! is a host too, at [`HUB`]). A host can also sit in a home LAN behind a NAT router of its
+//! own (a namespace on the segment that masquerades with nftables, see [`Mapping`]). Made
+//! with `ip` and `nft` (root, as CI runs), deleted on drop with every route it added;
+//! nothing leaves the machine.
 
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
@@ -33,6 +35,22 @@ pub struct TestNet {
     hosts: Vec<String>,
     _turn: MutexGuard<'static, ()>,
 }
+
+/// How a home router maps its LAN's connections to its one public address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Endpoint-independent: a LAN host's port keeps its public port whoever it talks to
+    /// (Linux masquerade keeps the source port when it is free), as most home routers do.
+    EndpointIndependent,
+    /// Symmetric: every connection gets a random public port (`masquerade fully-random`),
+    /// as carrier-grade NATs and some corporate firewalls do.
+    Symmetric,
+}
+
+/// The LAN side of every home router, and of the host behind it: the same documentation
+/// range in each home (each home is namespaces of its own, which the segment never routes).
+const LAN_ROUTER: &str = "198.51.100.1";
+const LAN_HOST: &str = "198.51.100.2";
 
 /// A host on the segment: its namespace and address.
 pub struct Host {
@@ -89,6 +107,95 @@ impl TestNet {
             ip: addr.to_string(),
         }
     }
+}
+
+impl TestNet {
+    /// A new host in a home LAN behind a NAT router at `public` on the segment, mapping as
+    /// `mapping` says; the host's own address is [`LAN_HOST`], which nobody outside the
+    /// home can reach: connections from it arrive from `public`.
+    pub fn behind_nat(&mut self, public: &str, mapping: Mapping) -> Host {
+        let router = self.host(public);
+        let n = self.hosts.len();
+        let ns = format!("{}h{n}", self.tag);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        ip(&["netns", "add", &ns]);
+        self.hosts.push(ns.clone());
+        let (wan, lan, inner) = (
+            format!("{}i{}", self.tag, n - 1),
+            format!("{}l{n}", self.tag),
+            format!("{}i{n}", self.tag),
+        );
+        let on = |ns: &str, args: &[&str]| {
+            let mut all = vec!["-n", ns];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        on(
+            &router.ns,
+            &[
+                "link", "add", &lan, "type", "veth", "peer", "name", &inner, "netns", &ns,
+            ],
+        );
+        on(
+            &router.ns,
+            &["addr", "add", &format!("{LAN_ROUTER}/24"), "dev", &lan],
+        );
+        on(&router.ns, &["link", "set", &lan, "up"]);
+        on(&ns, &["link", "set", "lo", "up"]);
+        on(
+            &ns,
+            &["addr", "add", &format!("{LAN_HOST}/24"), "dev", &inner],
+        );
+        on(&ns, &["link", "set", &inner, "up"]);
+        on(&ns, &["route", "add", "default", "via", LAN_ROUTER]);
+        let masquerade = match mapping {
+            Mapping::EndpointIndependent => "masquerade",
+            Mapping::Symmetric => "masquerade fully-random",
+        };
+        // Forward the LAN out, masquerading; from outside only what answers the LAN's own
+        // connections comes in.
+        let rules = format!(
+            "table ip home {{\n\
+               chain masq {{ type nat hook postrouting priority srcnat; oifname \"{wan}\" {masquerade}; }}\n\
+               chain guard {{ type filter hook forward priority filter; policy drop;\n\
+                 iifname \"{lan}\" accept; ct state established,related accept; }}\n\
+             }}\n"
+        );
+        let exec = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &router.ns])
+                .args(args)
+                .output()
+                .expect("run ip netns exec");
+            assert!(
+                out.status.success(),
+                "{}: {} (the NAT tests need nftables' nft, as root)",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        };
+        exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let file = std::env::temp_dir().join(format!("{ns}.nft"));
+        std::fs::write(&file, rules).expect("write the router's rules");
+        exec(&["nft", "-f", file.to_str().expect("utf-8 temp path")]);
+        let _ = std::fs::remove_file(&file);
+        Host {
+            ns,
+            ip: LAN_HOST.to_string(),
+        }
+    }
+}
+
+/// Whether this machine can make the bed's NAT routers: namespaces (root) and nftables.
+pub fn nat_works() -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    root && Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 impl Host {
