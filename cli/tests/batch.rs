@@ -403,7 +403,7 @@ fn one_origin_is_one_voice(
 
 #[test]
 fn two_keys_on_one_network_are_one_voice_in_a_quorum() {
-    use common::netns::{TestNet, HUB};
+    use common::netns::TestNet;
     let dir = tempfile::tempdir().unwrap();
     let mut net = TestNet::new();
     // Two machines in one /24 on the internet, and one elsewhere.
@@ -412,16 +412,8 @@ fn two_keys_on_one_network_are_one_voice_in_a_quorum() {
         net.host("198.51.100.11"),
         net.host("203.0.113.10"),
     ];
-    let listen = format!("/ip4/{HUB}/tcp/0");
-    let (mut coord, _, api) =
-        common::coordinator(dir.path(), &["--listen", &listen, "--canary-interval", "0"]);
-    let addr = coord
-        .wait_for(Instant::now() + Duration::from_secs(30), |l| {
-            l.starts_with(&format!("listening /ip4/{HUB}/tcp/"))
-        })
-        .expect("coordinator listening on the test segment")
-        .trim_start_matches("listening ")
-        .to_string();
+    let (mut coord, addr, api) =
+        common::netns::segment_coordinator(dir.path(), &["--canary-interval", "0"]);
     let start = |i: usize| {
         let host = &hosts[i];
         let mut cmd = host.potluck();

@@ -60,16 +60,8 @@ fn a_node_behind_each_kind_of_nat_joins_and_serves_exactly() {
     {
         let dir = tempfile::tempdir().unwrap();
         let home = net.behind_nat(public, mapping);
-        let listen = format!("/ip4/{HUB}/tcp/0");
-        let (mut coord, _, api) =
-            common::coordinator(dir.path(), &["--listen", &listen, "--canary-interval", "0"]);
-        let addr = coord
-            .wait_for(Instant::now() + Duration::from_secs(30), |l| {
-                l.starts_with(&format!("listening /ip4/{HUB}/tcp/"))
-            })
-            .expect("coordinator listening on the test segment")
-            .trim_start_matches("listening ")
-            .to_string();
+        let (mut coord, addr, api) =
+            common::netns::segment_coordinator(dir.path(), &["--canary-interval", "0"]);
         let mut cmd = home.potluck();
         let node_listen = format!("/ip4/{}/tcp/0", home.ip);
         cmd.args(common::node_args(

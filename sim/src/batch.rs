@@ -61,8 +61,10 @@ pub struct BatchTotals {
 }
 
 /// The batch runner's state in a run.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Batches {
+    /// The units' model as adverts name it.
+    pub(crate) model: ModelRef,
     units: Vec<Unit>,
     /// Units not yet decided, oldest first.
     open: BTreeSet<usize>,
@@ -73,6 +75,22 @@ pub(crate) struct Batches {
     totals: BatchTotals,
 }
 
+impl Default for Batches {
+    fn default() -> Self {
+        Self {
+            model: ModelRef {
+                name: "batch-units".into(),
+                digest: potluck_protocol::signed::digest(b"batch-units"),
+            },
+            units: Vec::new(),
+            open: BTreeSet::new(),
+            busy: HashMap::new(),
+            latency: Vec::new(),
+            totals: BatchTotals::default(),
+        }
+    }
+}
+
 impl Batches {
     /// The totals so far.
     pub(crate) fn totals(&self) -> BatchTotals {
@@ -80,14 +98,6 @@ impl Batches {
         t.open = self.open.len() as u64;
         t.latency = crate::report::Spread::of(self.latency.clone(), 1.0, 60);
         t
-    }
-}
-
-/// The units' model as adverts name it.
-pub(crate) fn units_model() -> ModelRef {
-    ModelRef {
-        name: "batch-units".into(),
-        digest: potluck_protocol::signed::digest(b"batch-units"),
     }
 }
 
@@ -185,7 +195,7 @@ impl Sim {
 
     /// Machines the core counts as holding the units' model, fastest first, with origins.
     fn holders(&mut self) -> Vec<(usize, Origin)> {
-        let model = units_model();
+        let model = self.batch.model.clone();
         let keys = self.decide("batch", |c, now| c.holders(&model, now.at));
         keys.iter()
             .filter_map(|k| self.by_key.get(k).copied())

@@ -335,7 +335,7 @@ impl Sim {
             .as_ref()
             .is_some_and(|b| b.model_mb <= class.memory_gb * 1e3)
         {
-            models.push(crate::batch::units_model());
+            models.push(self.batch.model.clone());
         }
         CapacityAdvert {
             pool: POOL.into(),

@@ -22,10 +22,18 @@ fn ip(args: &[&str]) {
         .expect("run ip (iproute2)");
     assert!(
         out.status.success(),
-        "ip {}: {} (the network tests make namespaces: run them as root)",
+        "ip {}: {} (the network tests make namespaces, and the NAT tests' routers use \
+         nftables' nft: run them as root with both installed)",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr).trim()
     );
+}
+
+/// `ip -n ns ARGS`: `ip` inside namespace `ns`.
+fn ip_in(ns: &str, args: &[&str]) {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    ip(&all);
 }
 
 /// The segment and its hosts; removed on drop.
@@ -80,23 +88,26 @@ impl TestNet {
         net
     }
 
-    /// A new host at `addr` (IPv4): every other address on the segment is one hop away.
-    pub fn host(&mut self, addr: &str) -> Host {
+    /// A new namespace of the bed (removed on drop), and its index.
+    fn namespace(&mut self) -> (String, usize) {
         let n = self.hosts.len();
         let ns = format!("{}h{n}", self.tag);
+        // What a killed earlier run of this process id may have left.
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         ip(&["netns", "add", &ns]);
         self.hosts.push(ns.clone());
+        (ns, n)
+    }
+
+    /// A new host at `addr` (IPv4): every other address on the segment is one hop away.
+    pub fn host(&mut self, addr: &str) -> Host {
+        let (ns, n) = self.namespace();
         let (outer, inner) = (format!("{}v{n}", self.tag), format!("{}i{n}", self.tag));
         ip(&[
             "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &ns,
         ]);
         ip(&["link", "set", &outer, "master", &self.bridge, "up"]);
-        let inside = |args: &[&str]| {
-            let mut all = vec!["-n", ns.as_str()];
-            all.extend_from_slice(args);
-            ip(&all);
-        };
+        let inside = |args: &[&str]| ip_in(&ns, args);
         inside(&["link", "set", "lo", "up"]);
         inside(&["addr", "add", &format!("{addr}/32"), "dev", &inner]);
         inside(&["link", "set", &inner, "up"]);
@@ -115,21 +126,13 @@ impl TestNet {
     /// home can reach: connections from it arrive from `public`.
     pub fn behind_nat(&mut self, public: &str, mapping: Mapping) -> Host {
         let router = self.host(public);
-        let n = self.hosts.len();
-        let ns = format!("{}h{n}", self.tag);
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        ip(&["netns", "add", &ns]);
-        self.hosts.push(ns.clone());
+        let (ns, n) = self.namespace();
         let (wan, lan, inner) = (
             format!("{}i{}", self.tag, n - 1),
             format!("{}l{n}", self.tag),
             format!("{}i{n}", self.tag),
         );
-        let on = |ns: &str, args: &[&str]| {
-            let mut all = vec!["-n", ns];
-            all.extend_from_slice(args);
-            ip(&all);
-        };
+        let on = ip_in;
         on(
             &router.ns,
             &[
@@ -162,17 +165,9 @@ impl TestNet {
              }}\n"
         );
         let exec = |args: &[&str]| {
-            let out = Command::new("ip")
-                .args(["netns", "exec", &router.ns])
-                .args(args)
-                .output()
-                .expect("run ip netns exec");
-            assert!(
-                out.status.success(),
-                "{}: {} (the NAT tests need nftables' nft, as root)",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            let mut all = vec!["netns", "exec", router.ns.as_str()];
+            all.extend_from_slice(args);
+            ip(&all);
         };
         exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let file = std::env::temp_dir().join(format!("{ns}.nft"));
@@ -196,6 +191,24 @@ pub fn nat_works() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// Starts a coordinator listening on the segment at [`HUB`] (besides its API on loopback)
+/// with `extra` flags; returns it, the address nodes on the segment dial, and its API.
+pub fn segment_coordinator(dir: &std::path::Path, extra: &[&str]) -> (super::Proc, String, String) {
+    let listen = format!("/ip4/{HUB}/tcp/0");
+    let mut args = vec!["--listen", listen.as_str()];
+    args.extend_from_slice(extra);
+    let (mut coord, _, api) = super::coordinator(dir, &args);
+    let addr = coord
+        .wait_for(
+            std::time::Instant::now() + std::time::Duration::from_secs(30),
+            |l| l.starts_with(&format!("listening /ip4/{HUB}/tcp/")),
+        )
+        .expect("coordinator listening on the test segment")
+        .trim_start_matches("listening ")
+        .to_string();
+    (coord, addr, api)
 }
 
 impl Host {
