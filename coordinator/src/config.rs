@@ -20,8 +20,12 @@ pub struct CoordinatorConfig {
     pub pool_dir: Option<PathBuf>,
     /// Addresses to listen on.
     pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (a relay, when it is behind a NAT).
+    pub bootstrap: Vec<Multiaddr>,
     /// Whether to discover peers on the LAN.
     pub mdns: bool,
+    /// The circuit relay it serves to the pool's peers behind NATs (none: no relay).
+    pub relay: Option<potluck_net::swarm::RelayLimits>,
     /// Most sessions at once (more wait); `None` sizes it by the nodes' memory.
     pub max_sessions: Option<usize>,
     /// Adverts a peer may miss before it is dropped.
@@ -79,7 +83,9 @@ impl CoordinatorConfig {
             pool,
             pool_dir: None,
             listen,
+            bootstrap: Vec::new(),
             mdns,
+            relay: Some(potluck_net::swarm::RelayLimits::default()),
             max_sessions: None,
             missed_heartbeats: crate::peer_table::DEFAULT_MISSED_HEARTBEATS,
             check_share: crate::trust::DEFAULT_P_MIN,

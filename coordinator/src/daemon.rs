@@ -84,13 +84,15 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
         gate,
         mut drops,
         streams,
+        reach,
     } = swarm::start(
         &cfg.data_dir,
         swarm::PeerKind::Coordinator,
         &cfg.pool,
         &cfg.listen,
-        &[],
+        &cfg.bootstrap,
         cfg.mdns,
+        cfg.relay,
     )?;
     let audit = AuditLog::open_with(
         &cfg.data_dir.join(AUDIT_FILE),
@@ -109,6 +111,7 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
     let ledger = batches.store.clone();
     let coordinator = Coordinator::new(model, streams, &cfg, Some(audit), share)
         .with_gate(gate.clone())
+        .with_reach(reach.clone())
         .on_quarantine(move |peer| {
             if let Err(e) = ledger.void_credit(&peer.to_string()) {
                 tracing::warn!(%peer, "voiding credit: {e}");
@@ -168,12 +171,10 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                 event = swarm.select_next_some() => event,
             };
             if let SwarmEvent::NewListenAddr { address, .. } = &event {
-                let full = address
-                    .clone()
-                    .with(libp2p::multiaddr::Protocol::P2p(*swarm.local_peer_id()));
+                let full = swarm::with_peer(address, *swarm.local_peer_id());
                 addrs_tx.send_modify(|a| a.push(full));
             }
-            match swarm::handle_common(&mut swarm, &gate, event) {
+            match swarm::handle_common(&mut swarm, &gate, &reach, event) {
                 Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(
                     gossipsub::Event::Message { message, .. },
                 ))) => on_gossip(&handle, &message.data, message.source),

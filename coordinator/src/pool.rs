@@ -34,6 +34,7 @@ use potluck_core::pool::{Action, Now, PoolCore, PoolModel, SeesText};
 use potluck_engine::generate::{GenerateRequest, GenerateStats, Generation};
 use potluck_engine::sampling::SamplingParams;
 use potluck_net::gate::Gate;
+use potluck_net::reach::{PeerReachView, Reach};
 use potluck_net::streams::PoolStreams;
 use potluck_net::swarm::{key_of_peer, peer_id_of};
 use potluck_protocol::membership::Role;
@@ -149,6 +150,8 @@ pub struct Coordinator {
     share: Arc<Share>,
     /// Who may connect (a private pool's certificates and revocations).
     gate: Option<Gate>,
+    /// How each peer can be reached (public, hole-punched, relayed), as the swarm saw.
+    reach: Option<Reach>,
     /// Told of every peer quarantined (the job store voids its credit).
     on_quarantine: Option<Arc<dyn Fn(PeerId) + Send + Sync>>,
     /// Whether text stays on trusted peers, and the peers trusted by name.
@@ -282,6 +285,7 @@ impl Coordinator {
             local: Arc::new(Mutex::new(HashSet::new())),
             share,
             gate: None,
+            reach: None,
             on_quarantine: None,
             private_edges,
             audit,
@@ -293,6 +297,22 @@ impl Coordinator {
             embedding_model: cfg.embedding_model.clone(),
             unit_timeout: cfg.unit_timeout,
         }
+    }
+
+    /// The same coordinator, showing peers' reachability as `reach` keeps it.
+    pub fn with_reach(mut self, reach: Reach) -> Self {
+        self.reach = Some(reach);
+        self
+    }
+
+    /// How `peer` can be reached, if the swarm has met it.
+    pub fn reach_of(&self, peer: &PeerId) -> Option<PeerReachView> {
+        self.reach.as_ref()?.of(peer)
+    }
+
+    /// What AutoNAT says of the coordinator itself: public, behind a NAT, or not known yet.
+    pub fn own_reachability(&self) -> Option<bool> {
+        self.reach.as_ref()?.own()
     }
 
     /// The same coordinator, checking members' certificates against `gate`'s pool.

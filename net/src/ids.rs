@@ -3,12 +3,24 @@
 
 use libp2p::identity;
 
-/// The peer an address names in its `/p2p/` part, if it names one.
+/// The peer an address reaches: its last `/p2p/` part (a relay's circuit address names the
+/// relay first and the peer behind it last), if it names one.
 pub fn peer_in(addr: &libp2p::Multiaddr) -> Option<libp2p::PeerId> {
-    addr.iter().find_map(|p| match p {
-        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
+    addr.iter()
+        .filter_map(|p| match p {
+            libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+            _ => None,
+        })
+        .last()
+}
+
+/// `addr` ending in `/p2p/peer`: as it is when it already does (a circuit listener's
+/// address does), else with it appended.
+pub fn with_peer(addr: &libp2p::Multiaddr, peer: libp2p::PeerId) -> libp2p::Multiaddr {
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(id)) if id == peer => addr.clone(),
+        _ => addr.clone().with(libp2p::multiaddr::Protocol::P2p(peer)),
+    }
 }
 
 /// The libp2p PeerId that belongs to a Potluck public key.

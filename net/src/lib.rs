@@ -6,5 +6,6 @@ pub mod gate;
 pub mod gated;
 pub mod identity;
 pub mod ids;
+pub mod reach;
 pub mod streams;
 pub mod swarm;

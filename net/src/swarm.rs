@@ -1,18 +1,23 @@
 //! The libp2p swarm every Potluck peer (node or coordinator) runs: QUIC and TCP (noise,
 //! yamux), identify, ping, gossipsub for signed adverts, Kademlia for finding peers across the
-//! internet, mDNS on a LAN, and libp2p streams for stage traffic and control.
+//! internet, mDNS on a LAN, libp2p streams for stage traffic and control, and for NATs:
+//! AutoNAT (am I reachable?), circuit relay v2 (a client everywhere, a server where the
+//! operator offers one) and DCUtR hole punching from a relayed connection to a direct one.
 
 use crate::gate::{Drops, Gate, PoolMembership};
 use crate::gated::Gated;
+use crate::reach::Reach;
 use crate::streams::PoolStreams;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{gossipsub, identify, identity, kad, mdns, noise, ping, tcp, yamux, Swarm};
+use libp2p::{
+    autonat, dcutr, gossipsub, identify, identity, kad, mdns, noise, ping, relay, tcp, yamux, Swarm,
+};
 use potluck_protocol::codec::decode_frame;
 use potluck_protocol::messages::Message;
 use std::time::Duration;
 
-pub use crate::ids::{key_of_peer, peer_id_of, peer_in, unix_now};
+pub use crate::ids::{key_of_peer, peer_id_of, peer_in, unix_now, with_peer};
 
 /// The identify protocol version every Potluck peer announces.
 pub const IDENTIFY_PROTOCOL: &str = "/potluck/id/1";
@@ -74,6 +79,72 @@ pub struct PoolBehaviour {
     /// Stage and control streams, opened and accepted through a [`libp2p_stream::Control`]
     /// outside the event loop.
     pub streams: libp2p_stream::Behaviour,
+    /// Reachability probes: asks peers to dial back, and dials back for admitted ones.
+    pub autonat: Gated<autonat::Behaviour>,
+    /// Listening through (and dialling over) other peers' relays.
+    pub relay_client: relay::client::Behaviour,
+    /// Serving circuits to admitted peers, when the operator offers a relay.
+    pub relay: Toggle<Gated<relay::Behaviour>>,
+    /// Upgrading relayed connections to direct ones by hole punching.
+    pub dcutr: dcutr::Behaviour,
+}
+
+/// What a relay this peer serves allows: how many reservations and circuits, and how long
+/// and how many bytes a circuit may carry (a pipeline's activations are a few KiB a token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Peers that may hold a reservation at once.
+    pub reservations: usize,
+    /// Circuits open at once.
+    pub circuits: usize,
+    /// Circuits one peer may have open at once.
+    pub circuits_per_peer: usize,
+    /// Longest a circuit stays open.
+    pub circuit_duration: Duration,
+    /// Most bytes a circuit carries, each way.
+    pub circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            reservations: 256,
+            circuits: 64,
+            circuits_per_peer: 8,
+            circuit_duration: Duration::from_secs(30 * 60),
+            circuit_bytes: 256 << 20,
+        }
+    }
+}
+
+impl RelayLimits {
+    fn config(&self) -> relay::Config {
+        relay::Config {
+            max_reservations: self.reservations,
+            max_reservations_per_peer: 2,
+            reservation_duration: Duration::from_secs(60 * 60),
+            max_circuits: self.circuits,
+            max_circuits_per_peer: self.circuits_per_peer,
+            max_circuit_duration: self.circuit_duration,
+            max_circuit_bytes: self.circuit_bytes,
+            ..relay::Config::default()
+        }
+    }
+}
+
+/// AutoNAT as a pool wants it: probes soon after joining and again every few minutes, and
+/// dial-backs for peers on any address (a LAN pool's are private ones).
+fn autonat_config() -> autonat::Config {
+    autonat::Config {
+        boot_delay: Duration::from_secs(1),
+        retry_interval: Duration::from_secs(10),
+        refresh_interval: Duration::from_secs(5 * 60),
+        throttle_server_period: Duration::from_secs(5),
+        confidence_max: 1,
+        timeout: Duration::from_secs(10),
+        only_global_ips: false,
+        ..autonat::Config::default()
+    }
 }
 
 /// Why the swarm could not be built.
@@ -90,12 +161,13 @@ pub fn libp2p_keypair(secret: [u8; 32]) -> Result<identity::Keypair, SwarmError>
     identity::Keypair::ed25519_from_bytes(&mut s).map_err(|e| SwarmError::Init(e.to_string()))
 }
 
-/// Builds the swarm for `key`, a peer of `kind`, with mDNS when `use_mdns`, its protocols
-/// open to the peers `gate` admits.
+/// Builds the swarm for `key`, a peer of `kind`, with mDNS when `use_mdns`, a relay within
+/// `relay`'s limits when given, its protocols open to the peers `gate` admits.
 pub fn build(
     key: identity::Keypair,
     kind: PeerKind,
     use_mdns: bool,
+    relay: Option<RelayLimits>,
     gate: &Gate,
 ) -> Result<Swarm<PoolBehaviour>, SwarmError> {
     let err = |e: &dyn std::fmt::Display| SwarmError::Init(e.to_string());
@@ -108,7 +180,9 @@ pub fn build(
         )
         .map_err(|e| err(&e))?
         .with_quic()
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| err(&e))?
+        .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_millis(500))
@@ -146,6 +220,12 @@ pub fn build(
                 ),
                 mdns: mdns.into(),
                 streams: libp2p_stream::Behaviour::new(),
+                autonat: Gated::new(autonat::Behaviour::new(peer_id, autonat_config()), gate),
+                relay_client,
+                relay: relay
+                    .map(|limits| Gated::new(relay::Behaviour::new(peer_id, limits.config()), gate))
+                    .into(),
+                dcutr: dcutr::Behaviour::new(peer_id),
             })
         })
         .map_err(|e| err(&e))?
@@ -183,11 +263,14 @@ pub struct Started {
     pub drops: Drops,
     /// Streams under the pool's protocol names.
     pub streams: PoolStreams,
+    /// How peers can be reached, kept by [`handle_common`].
+    pub reach: Reach,
 }
 
-/// Loads (or creates) the identity in `data_dir`, builds the swarm of a peer of `kind`,
-/// listens on `listen`, dials `bootstrap` and joins `pool`'s advert topic, answering hellos
-/// at its gate. Prints the peer id and the pool for operators and scripts.
+/// Loads (or creates) the identity in `data_dir`, builds the swarm of a peer of `kind`
+/// (serving a relay within `relay` when given), listens on `listen`, dials `bootstrap` and
+/// joins `pool`'s advert topic, answering hellos at its gate. Prints the peer id and the pool
+/// for operators and scripts.
 pub fn start(
     data_dir: &std::path::Path,
     kind: PeerKind,
@@ -195,10 +278,11 @@ pub fn start(
     listen: &[libp2p::Multiaddr],
     bootstrap: &[libp2p::Multiaddr],
     use_mdns: bool,
+    relay: Option<RelayLimits>,
 ) -> Result<Started, StartError> {
     let key = crate::identity::load_or_create(data_dir)?;
     let (gate, drops) = Gate::new(pool.clone());
-    let mut swarm = build(libp2p_keypair(key.secret())?, kind, use_mdns, &gate)?;
+    let mut swarm = build(libp2p_keypair(key.secret())?, kind, use_mdns, relay, &gate)?;
     println!("peer id {}", swarm.local_peer_id());
     println!("{}", pool.describe());
     gate.serve(swarm.behaviour().streams.new_control())
@@ -231,6 +315,7 @@ pub fn start(
         gate,
         drops,
         streams,
+        reach: Reach::default(),
     })
 }
 
@@ -241,17 +326,21 @@ pub fn start(
 pub fn handle_common(
     swarm: &mut Swarm<PoolBehaviour>,
     gate: &Gate,
+    reach: &Reach,
     event: libp2p::swarm::SwarmEvent<PoolBehaviourEvent>,
 ) -> Option<libp2p::swarm::SwarmEvent<PoolBehaviourEvent>> {
     use libp2p::swarm::SwarmEvent;
     match &event {
         SwarmEvent::ConnectionEstablished {
             peer_id,
+            connection_id,
             endpoint,
             num_established,
             ..
         } => {
-            tracing::info!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
+            let addr = endpoint.get_remote_address();
+            tracing::info!(%peer_id, %addr, "connected");
+            reach.opened(*peer_id, *connection_id, addr, endpoint.is_dialer());
             if num_established.get() == 1 {
                 gate.connected(*peer_id, swarm.behaviour().streams.new_control());
             }
@@ -259,10 +348,14 @@ pub fn handle_common(
         }
         SwarmEvent::ConnectionClosed {
             peer_id,
-            num_established: 0,
+            connection_id,
+            num_established,
             ..
         } => {
-            gate.disconnected(peer_id);
+            reach.closed(*peer_id, *connection_id);
+            if *num_established == 0 {
+                gate.disconnected(peer_id);
+            }
             return Some(event);
         }
         SwarmEvent::Behaviour(PoolBehaviourEvent::Gossipsub(gossipsub::Event::Message {
@@ -292,7 +385,7 @@ pub fn handle_common(
     }
     match event {
         SwarmEvent::NewListenAddr { address, .. } => {
-            println!("listening {address}/p2p/{}", swarm.local_peer_id());
+            println!("listening {}", with_peer(&address, *swarm.local_peer_id()));
             None
         }
         SwarmEvent::Behaviour(PoolBehaviourEvent::Identify(identify::Event::Received {
@@ -311,6 +404,9 @@ pub fn handle_common(
                         .behaviour_mut()
                         .kad
                         .add_address(&peer_id, addr.clone());
+                }
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+                    listen_through(swarm, reach, peer_id, connection_id);
                 }
                 return Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Identify(
                     identify::Event::Received {
@@ -333,6 +429,126 @@ pub fn handle_common(
             }
             None
         }
+        SwarmEvent::ListenerClosed { listener_id, .. } => {
+            if let Some(relay) = reach.listener_closed(listener_id) {
+                println!("no longer reachable through relay {relay}");
+            }
+            None
+        }
+        SwarmEvent::Behaviour(PoolBehaviourEvent::Autonat(event)) => {
+            on_autonat(reach, event);
+            None
+        }
+        SwarmEvent::Behaviour(PoolBehaviourEvent::RelayClient(event)) => {
+            if let relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal: false,
+                ..
+            } = event
+            {
+                println!("reachable through relay {relay_peer_id}");
+            }
+            None
+        }
+        SwarmEvent::Behaviour(PoolBehaviourEvent::Relay(event)) => {
+            match event {
+                relay::Event::ReservationReqAccepted { src_peer_id, .. } => {
+                    reach.reserved(src_peer_id, true)
+                }
+                relay::Event::ReservationTimedOut { src_peer_id } => {
+                    reach.reserved(src_peer_id, false)
+                }
+                relay::Event::CircuitReqAccepted {
+                    src_peer_id,
+                    dst_peer_id,
+                } => tracing::info!(%src_peer_id, %dst_peer_id, "relaying a circuit"),
+                other => tracing::debug!(?other, "relay"),
+            }
+            None
+        }
+        SwarmEvent::Behaviour(PoolBehaviourEvent::Dcutr(dcutr::Event {
+            remote_peer_id,
+            result,
+        })) => {
+            match result {
+                Ok(direct) => {
+                    println!("hole punched to {remote_peer_id}: direct now");
+                    // Streams pick any of a peer's connections; leaving only the direct one
+                    // moves the stage traffic off the relay.
+                    for relayed in reach.punched(remote_peer_id, direct) {
+                        swarm.close_connection(relayed);
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, "hole punch failed, staying relayed: {e}")
+                }
+            }
+            None
+        }
         other => Some(other),
+    }
+}
+
+/// Listens through `relay` (met on `conn`) when this peer is not known to be public and
+/// has relays to spare, at the address it dialled the relay on, so peers that cannot dial it
+/// directly reach it through a circuit at once.
+fn listen_through(
+    swarm: &mut Swarm<PoolBehaviour>,
+    reach: &Reach,
+    relay: libp2p::PeerId,
+    conn: libp2p::swarm::ConnectionId,
+) {
+    use libp2p::multiaddr::Protocol;
+    // A peer serving a relay is a public one; circuits are for those that are not.
+    if swarm.behaviour().relay.is_enabled() {
+        return;
+    }
+    let Some(dialled) = reach.dialled_at(conn) else {
+        return;
+    };
+    if crate::reach::is_circuit(&dialled) || !reach.take_relay(relay) {
+        return;
+    }
+    let mut addr: libp2p::Multiaddr = dialled
+        .iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect();
+    addr = addr.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+    match swarm.listen_on(addr.clone()) {
+        Ok(id) => reach.relay_listener(id, relay),
+        Err(e) => {
+            tracing::warn!(%addr, "listening through a relay: {e}");
+            reach.drop_relay(&relay);
+        }
+    }
+}
+
+/// Keeps AutoNAT's findings: this peer's own status, and the dial-backs it made for others.
+fn on_autonat(reach: &Reach, event: autonat::Event) {
+    use autonat::{Event, InboundProbeError, InboundProbeEvent, NatStatus, ResponseError};
+    match event {
+        Event::StatusChanged { new, .. } => {
+            let public = match &new {
+                NatStatus::Public(addr) => {
+                    println!("reachable: public at {addr}");
+                    Some(true)
+                }
+                NatStatus::Private => {
+                    println!("reachable: behind a NAT (dial-backs fail); relays carry inbound");
+                    Some(false)
+                }
+                NatStatus::Unknown => None,
+            };
+            reach.set_own(public);
+        }
+        Event::InboundProbe(InboundProbeEvent::Response { peer, .. }) => {
+            reach.dialled_back(peer, true)
+        }
+        Event::InboundProbe(InboundProbeEvent::Error {
+            peer,
+            error: InboundProbeError::Response(ResponseError::DialError),
+            ..
+        }) => reach.dialled_back(peer, false),
+        other => tracing::debug!(?other, "autonat"),
     }
 }

@@ -35,6 +35,8 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Whether to discover peers on the LAN.
     pub mdns: bool,
+    /// The circuit relay this node serves to peers behind NATs, if its owner offers one.
+    pub relay: Option<potluck_net::swarm::RelayLimits>,
     /// The owner's limits.
     pub limits: Limits,
     /// How often to re-advertise.
@@ -118,6 +120,7 @@ pub async fn run(
         gate,
         mut drops,
         streams,
+        reach,
     } = swarm::start(
         &cfg.data_dir,
         swarm::PeerKind::Node,
@@ -125,6 +128,7 @@ pub async fn run(
         &cfg.listen,
         &cfg.bootstrap,
         cfg.mdns,
+        cfg.relay,
     )?;
     let mut capacity = probe(&cfg.limits);
     tracing::info!(?capacity, "capacity measured");
@@ -281,7 +285,7 @@ pub async fn run(
             event = swarm.select_next_some() => {
                 // Only what identify said, a peer gone or a bootstrap peer's pointer can
                 // change where this node's own pointer points.
-                match swarm::handle_common(&mut swarm, &gate, event) {
+                match swarm::handle_common(&mut swarm, &gate, &reach, event) {
                     Some(SwarmEvent::ConnectionEstablished { .. }) => {
                         published = false;
                         continue;

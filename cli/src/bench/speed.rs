@@ -7,6 +7,7 @@ use crate::models::ModelCache;
 use anyhow::{bail, Context, Result};
 use potluck_engine::generate::{LocalPipeline, TokenSource};
 use potluck_engine::sampling::{Sampler, SamplingParams};
+use potluck_net::swarm::RelayLimits;
 use std::time::Instant;
 
 /// Medians of one configuration.
@@ -166,6 +167,10 @@ async fn bench_pool_with(
         pool_dir: None,
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         no_mdns: true,
+        relay: None,
+        relay_circuits: RelayLimits::default().circuits,
+        relay_circuit_mib: RelayLimits::default().circuit_bytes >> 20,
+        relay_circuit_minutes: RelayLimits::default().circuit_duration.as_secs() / 60,
     };
     let c = start_local_pool(
         cache,

@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::Args;
 use potluck_coordinator::config::CoordinatorConfig;
 use potluck_net::gate::PoolMembership;
+use potluck_net::swarm::RelayLimits;
 use std::path::PathBuf;
 
 /// Flags shared by both daemons.
@@ -28,6 +29,19 @@ pub struct PoolArgs {
     /// Turn off LAN discovery by mDNS.
     #[arg(long)]
     pub no_mdns: bool,
+    /// Serve a circuit relay to the pool's peers behind NATs, `on` or `off` (default: on
+    /// for a coordinator, off for a node; a node with a public address may offer one).
+    #[arg(long, value_parser = ["on", "off"])]
+    pub relay: Option<String>,
+    /// Circuits the relay carries at once.
+    #[arg(long, default_value_t = RelayLimits::default().circuits)]
+    pub relay_circuits: usize,
+    /// MiB one relayed circuit may carry each way.
+    #[arg(long, default_value_t = RelayLimits::default().circuit_bytes >> 20)]
+    pub relay_circuit_mib: u64,
+    /// Minutes one relayed circuit may stay open.
+    #[arg(long, default_value_t = RelayLimits::default().circuit_duration.as_secs() / 60)]
+    pub relay_circuit_minutes: u64,
 }
 
 /// The port a coordinator (and `up`) listens on unless told otherwise, TCP and QUIC.
@@ -39,6 +53,7 @@ impl PoolArgs {
         let (pool, pool_dir) = self.membership(&data_dir, true)?;
         Ok(CoordinatorConfig {
             pool_dir,
+            relay: self.relay(true)?,
             ..CoordinatorConfig::new(
                 data_dir,
                 pool,
@@ -46,6 +61,26 @@ impl PoolArgs {
                 !self.no_mdns,
             )
         })
+    }
+
+    /// The relay this daemon serves, if any: `--relay`, else `default_on`, within the
+    /// flags' limits.
+    pub(super) fn relay(&self, default_on: bool) -> Result<Option<RelayLimits>> {
+        if self.relay_circuits == 0
+            || self.relay_circuit_mib == 0
+            || self.relay_circuit_minutes == 0
+        {
+            anyhow::bail!("--relay-circuits, --relay-circuit-mib and --relay-circuit-minutes must be at least 1");
+        }
+        let on = self.relay.as_deref().map_or(default_on, |r| r == "on");
+        Ok(on.then(|| RelayLimits {
+            circuits: self.relay_circuits,
+            circuit_bytes: self.relay_circuit_mib.saturating_mul(1 << 20),
+            circuit_duration: std::time::Duration::from_secs(
+                self.relay_circuit_minutes.saturating_mul(60),
+            ),
+            ..RelayLimits::default()
+        }))
     }
 
     /// The pool a daemon keeping its identity in `data_dir` joins (see

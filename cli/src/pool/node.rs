@@ -193,6 +193,7 @@ pub(super) fn node_config(
         listen,
         bootstrap,
         mdns: !pool.no_mdns,
+        relay: pool.relay(false)?,
         limits: Limits {
             max_memory: limits.max_memory,
             threads: limits.threads,

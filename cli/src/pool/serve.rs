@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// Address of the OpenAI-compatible HTTP API and the dashboard.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
+    /// A peer to dial at start, with its /p2p/ id (repeatable): a relay on a public address
+    /// that this coordinator, behind a NAT with --relay off, is reached through.
+    #[arg(long)]
+    pub bootstrap: Vec<libp2p::Multiaddr>,
     /// An API key clients must send as a bearer token (repeatable); none: the API is open.
     #[arg(long)]
     pub api_key: Vec<String>,
@@ -164,6 +168,7 @@ impl ServeArgs {
             api_keys: self.api_keys()?,
             private_edges: self.private_edges,
             trusted_peers: self.trusted_peer.clone(),
+            bootstrap: self.bootstrap.clone(),
             members: self.member_specs()?,
             ..pool.coordinator_config(data_dir)?
         };

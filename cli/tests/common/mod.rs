@@ -433,7 +433,7 @@ pub fn open_swarm(
     let (gate, _) = Gate::new(PoolMembership::Public {
         name: "anyone".into(),
     });
-    potluck_net::swarm::build(key, potluck_net::swarm::PeerKind::Node, false, &gate)
+    potluck_net::swarm::build(key, potluck_net::swarm::PeerKind::Node, false, None, &gate)
         .expect("a swarm")
 }
 

@@ -156,12 +156,15 @@ impl TestNet {
             Mapping::Symmetric => "masquerade fully-random",
         };
         // Forward the LAN out, masquerading; from outside only what answers the LAN's own
-        // connections comes in.
+        // connections comes in, and the rest is dropped unanswered, as home routers do (a
+        // reset would end a hole punch whose other side's packet is a moment late).
         let rules = format!(
             "table ip home {{\n\
                chain masq {{ type nat hook postrouting priority srcnat; oifname \"{wan}\" {masquerade}; }}\n\
                chain guard {{ type filter hook forward priority filter; policy drop;\n\
                  iifname \"{lan}\" accept; ct state established,related accept; }}\n\
+               chain stealth {{ type filter hook input priority filter; policy accept;\n\
+                 iifname \"{wan}\" ct state new drop; }}\n\
              }}\n"
         );
         let exec = |args: &[&str]| {

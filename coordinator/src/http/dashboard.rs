@@ -95,6 +95,7 @@ pub fn snapshot(app: &AppState, members: Members) -> Value {
                 "idle"
             };
             let id = peer_id_of(&key);
+            let reach = id.and_then(|p| c.reach_of(&p));
             let text_id = id.map(|p| p.to_string()).unwrap_or_default();
             let nickname = crate::nickname::of(&text_id);
             // An owner's name is the owner's claim: the key's nickname stays beside it, so
@@ -115,6 +116,11 @@ pub fn snapshot(app: &AppState, members: Members) -> Value {
                 "gflops": a.gflops,
                 "mem_gbps": a.mem_gbps,
                 "rtt_ms": rtt,
+                // Public, hole-punched, relayed, behind-nat or unknown; whether its traffic
+                // runs through a relay now; whether it holds a circuit at this relay.
+                "reachability": reach.as_ref().map_or("unknown", |r| r.reachability.as_str()),
+                "relayed": reach.as_ref().is_some_and(|r| r.relayed_now),
+                "relay_reservation": reach.as_ref().is_some_and(|r| r.reserved_here),
                 "layers": planned.map(|r| [r.start, r.end]),
                 "status": status,
                 // The lower confidence bound the router weighs peers by, and its evidence.
