@@ -142,32 +142,6 @@ fn a_node_behind_each_kind_of_nat_joins_and_serves_exactly() {
     }
 }
 
-/// Runs `curl` inside `host` against its own loopback; returns the JSON answer.
-fn curl_in(host: &Host, path: &str, body: Option<&serde_json::Value>) -> serde_json::Value {
-    let url = format!("http://{path}");
-    let mut cmd = Command::new("ip");
-    cmd.args([
-        "netns",
-        "exec",
-        &host.ns,
-        "curl",
-        "-sS",
-        "--max-time",
-        "120",
-    ]);
-    if let Some(b) = body {
-        cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
-    }
-    let out = cmd.arg(&url).output().expect("run curl");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{url}: {e}: {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
 /// Two homes: the coordinator behind one router, a node behind another, a relay on the
 /// public segment between them. The coordinator listens through the relay, the node dials it
 /// through the circuit, and DCUtR punches a direct connection where the routers allow it
@@ -194,32 +168,7 @@ fn two_homes_meet_through_a_relay_and_hole_punch_where_they_can() {
     {
         let mut net = TestNet::new();
         let dir = tempfile::tempdir().unwrap();
-        // The relay: a volunteer with a public address offering one, with no model to serve.
-        let empty = dir.path().join("no-models");
-        std::fs::create_dir_all(&empty).unwrap();
-        let relay_data = dir.path().join("relay");
-        let relay_listen = format!("/ip4/{HUB}/tcp/0");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_potluck"));
-        cmd.env("POTLUCK_MODELS_DIR", &empty).args([
-            "node",
-            "--data-dir",
-            relay_data.to_str().unwrap(),
-            "--listen",
-            &relay_listen,
-            "--no-mdns",
-            "--relay",
-            "on",
-            "--threads",
-            "1",
-        ]);
-        let (mut relay, _) = common::start_node(cmd);
-        let relay_addr = relay
-            .wait_for(Instant::now() + Duration::from_secs(30), |l| {
-                l.starts_with(&format!("listening /ip4/{HUB}/tcp/"))
-            })
-            .expect("relay listening")
-            .trim_start_matches("listening ")
-            .to_string();
+        let (relay, relay_addr) = common::netns::relay_node(dir.path(), None, "public");
 
         let home_a = net.behind_nat("203.0.113.20", Mapping::EndpointIndependent);
         let home_b = net.behind_nat("203.0.113.30", node_mapping);
@@ -286,7 +235,7 @@ fn two_homes_meet_through_a_relay_and_hole_punch_where_they_can() {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         let row = loop {
-            let pool = curl_in(&home_a, &format!("{api}/api/pool"), None);
+            let pool = home_a.curl(&format!("{api}/api/pool"), None);
             let row = pool["peers"]
                 .as_array()
                 .and_then(|ps| ps.iter().find(|p| p["id"] == id.as_str()).cloned())
@@ -303,7 +252,7 @@ fn two_homes_meet_through_a_relay_and_hole_punch_where_they_can() {
         );
         assert_eq!(row["relayed"], expect == "relayed", "{row}");
         let body = json!({"prompt": prompt, "temperature": 0, "max_tokens": 12});
-        let v = curl_in(&home_a, &format!("{api}/v1/completions"), Some(&body));
+        let v = home_a.curl(&format!("{api}/v1/completions"), Some(&body));
         assert_eq!(
             v["choices"][0]["text"].as_str(),
             Some(want.as_str()),

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, Multiaddr, PeerId};
 use potluck_net::gate::PoolMembership;
+use potluck_net::pool_id;
 use potluck_net::swarm::{self, key_of_peer, peer_id_of, unix_now, PoolBehaviourEvent};
 use potluck_protocol::codec::{decode_frame, encode_frame};
 use potluck_protocol::membership::Revocation;
@@ -23,6 +24,9 @@ use potluck_protocol::messages::Message;
 use potluck_protocol::signed::PublicKey;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How often a coordinator announces its pool under the pool's id in the DHT.
+const DHT_ANNOUNCE_EVERY: Duration = Duration::from_secs(30);
 use tokio::sync::watch;
 
 /// How often expired batches and files are looked for.
@@ -127,6 +131,9 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
         let mut credit_tick = tokio::time::interval(CREDIT_REFRESH);
         let mut chart_tick = tokio::time::interval(CHART_EVERY);
         let mut redial_tick = tokio::time::interval(Duration::from_millis(250));
+        // The pool is announced under its id in the DHT at start and again now and then
+        // (a record's holders come and go).
+        let mut announce_tick = tokio::time::interval(DHT_ANNOUNCE_EVERY);
         let canary_every = cfg.canary_interval.unwrap_or(Duration::from_secs(3600));
         let mut canary_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + canary_every, canary_every);
@@ -140,6 +147,10 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                             }
                         }
                     }
+                    continue;
+                }
+                _ = announce_tick.tick() => {
+                    pool_id::announce(&mut swarm, gate.tag());
                     continue;
                 }
                 _ = credit_tick.tick() => {
@@ -210,6 +221,10 @@ pub fn start(cfg: CoordinatorConfig, model: ServedModel) -> Result<Running, Star
                             .table_mut()
                             .set_rtt(&key, rtt.as_secs_f32() * 1000.0);
                     }
+                }
+                Some(SwarmEvent::ExternalAddrConfirmed { address }) => {
+                    println!("reachable at {address}");
+                    pool_id::announce(&mut swarm, gate.tag());
                 }
                 _ => {}
             }

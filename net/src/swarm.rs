@@ -132,6 +132,22 @@ impl RelayLimits {
     }
 }
 
+/// The name Potluck's DHT speaks: its own, so it never mixes with another network's.
+pub const KAD_PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new("/potluck/kad/1");
+
+/// Kademlia on Potluck's own protocol name; a peer serving a relay is public by its
+/// operator's word and answers DHT queries at once, others once AutoNAT confirms an address.
+fn kademlia(peer_id: libp2p::PeerId, public: bool) -> kad::Behaviour<kad::store::MemoryStore> {
+    let mut config = kad::Config::new(KAD_PROTOCOL);
+    config.set_query_timeout(Duration::from_secs(20));
+    let mut kad =
+        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), config);
+    if public {
+        kad.set_mode(Some(kad::Mode::Server));
+    }
+    kad
+}
+
 /// AutoNAT as a pool wants it: probes soon after joining and again every few minutes, and
 /// dial-backs for peers on any address (a LAN pool's are private ones).
 fn autonat_config() -> autonat::Config {
@@ -214,10 +230,7 @@ pub fn build(
                     ping::Config::new().with_interval(Duration::from_secs(5)),
                 ),
                 gossipsub: Gated::new(gossipsub, gate),
-                kad: Gated::new(
-                    kad::Behaviour::new(peer_id, kad::store::MemoryStore::new(peer_id)),
-                    gate,
-                ),
+                kad: Gated::new(kademlia(peer_id, relay.is_some()), gate),
                 mdns: mdns.into(),
                 streams: libp2p_stream::Behaviour::new(),
                 autonat: Gated::new(autonat::Behaviour::new(peer_id, autonat_config()), gate),

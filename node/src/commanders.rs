@@ -65,7 +65,21 @@ impl Commanders {
         new
     }
 
-    /// The coordinators learned from bootstrap peers.
+    /// Records a coordinator found under the pool's id in the DHT; whether that is news.
+    /// It is obeyed as a named peer's word would be: a node that asked the DHT for its
+    /// pool's coordinators chose to trust the answer, and in a private pool the gate let it
+    /// connect only with a certificate the pool key signed.
+    pub fn found(&self, coordinator: PeerId) -> bool {
+        if self.is_named(&coordinator) {
+            return false;
+        }
+        let mut learned = lock(&self.learned);
+        let new = !learned.values().any(|c| *c == coordinator);
+        learned.insert(coordinator, coordinator);
+        new
+    }
+
+    /// The coordinators learned from bootstrap peers or found in the DHT.
     pub fn learned(&self) -> Vec<PeerId> {
         let mut out: Vec<PeerId> = lock(&self.learned).values().copied().collect();
         out.sort();

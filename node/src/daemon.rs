@@ -12,6 +12,7 @@ use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, identify, Multiaddr, PeerId};
 use potluck_net::gate::PoolMembership;
+use potluck_net::pool_id;
 use potluck_net::swarm::{self, PoolBehaviourEvent};
 use potluck_protocol::codec::encode_frame;
 use potluck_protocol::messages::{
@@ -21,6 +22,9 @@ use potluck_protocol::signed::{Keypair, Signed};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How often a node with no coordinator asks the DHT for its pool's.
+const DHT_LOOK_UP_EVERY: Duration = Duration::from_secs(3);
 
 /// How a node is run.
 #[derive(Debug, Clone)]
@@ -175,6 +179,9 @@ pub async fn run(
     // connected to them (a restarted coordinator, a network blip).
     let mut redial = tokio::time::interval(Duration::from_secs(1));
     let mut backoff = RedialBackoff::new(&cfg.bootstrap);
+    // With no coordinator connected, the node asks the DHT for its pool's (its bootstrap
+    // peer may be any peer of the DHT, or its coordinator may have moved).
+    let mut look_up = tokio::time::interval(DHT_LOOK_UP_EVERY);
     loop {
         if let Some(by) = leave_by {
             let active = server.active_sessions();
@@ -213,6 +220,10 @@ pub async fn run(
                         tracing::debug!("redial failed: {e}");
                     }
                 }
+            }
+            _ = look_up.tick(), if leave_by.is_none() && !finder.has_coordinator() => {
+                pool_id::look_up(&mut swarm, gate.tag());
+                continue;
             }
             _ = reprobe.tick() => {
                 let limits = cfg.limits.clone();
@@ -292,6 +303,20 @@ pub async fn run(
                     }
                     Some(SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. }) => {
                         finder.gone(&peer_id);
+                    }
+                    Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Kad(event))) => {
+                        let me = *swarm.local_peer_id();
+                        for peer in pool_id::providers(&event, gate.tag(), &me) {
+                            if commanders.found(peer) {
+                                println!("found the pool's coordinator {peer} under its id in the DHT");
+                            }
+                            if !swarm.is_connected(&peer) {
+                                if let Err(e) = swarm.dial(peer) {
+                                    tracing::debug!(%peer, "dialling a coordinator found in the DHT: {e}");
+                                }
+                            }
+                        }
+                        continue;
                     }
                     Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Identify(
                         identify::Event::Received { peer_id, info, .. },

@@ -69,6 +69,13 @@ impl Finder {
         }
     }
 
+    /// Whether a coordinator this node obeys is connected (identified and not gone).
+    pub fn has_coordinator(&self) -> bool {
+        self.met
+            .iter()
+            .any(|(p, (kind, _))| *kind == Some(PeerKind::Coordinator) && self.commanders.obeys(p))
+    }
+
     /// Forgets a peer whose last connection closed.
     pub fn gone(&mut self, peer: &PeerId) {
         self.met.remove(peer);

@@ -214,7 +214,73 @@ pub fn segment_coordinator(dir: &std::path::Path, extra: &[&str]) -> (super::Pro
     (coord, addr, api)
 }
 
+/// Starts a node of `pool` that offers a relay on the segment, in `host` (none: the test's
+/// own namespace, at [`HUB`]), with no model to serve: a volunteer with a public address
+/// (and a peer of the DHT). Returns it and the address it is dialled at.
+pub fn relay_node(dir: &std::path::Path, host: Option<&Host>, pool: &str) -> (super::Proc, String) {
+    let ip = host.map_or(HUB, |h| h.ip.as_str());
+    let empty = dir.join(format!("no-models-{ip}"));
+    std::fs::create_dir_all(&empty).expect("make an empty model cache");
+    let data = dir.join(format!("relay-{ip}"));
+    let listen = format!("/ip4/{ip}/tcp/0");
+    let mut cmd = match host {
+        Some(h) => h.potluck(),
+        None => Command::new(env!("CARGO_BIN_EXE_potluck")),
+    };
+    cmd.env("POTLUCK_MODELS_DIR", &empty).args([
+        "node",
+        "--data-dir",
+        data.to_str().expect("utf-8 temp path"),
+        "--pool",
+        pool,
+        "--listen",
+        &listen,
+        "--no-mdns",
+        "--relay",
+        "on",
+        "--threads",
+        "1",
+    ]);
+    let (mut relay, _) = super::start_node(cmd);
+    let addr = relay
+        .wait_for(
+            std::time::Instant::now() + std::time::Duration::from_secs(30),
+            |l| l.starts_with(&format!("listening /ip4/{ip}/tcp/")),
+        )
+        .expect("relay listening")
+        .trim_start_matches("listening ")
+        .to_string();
+    (relay, addr)
+}
+
 impl Host {
+    /// Runs `curl` inside the host against `host:port/path` (its own loopback reaches
+    /// what listens there); returns the JSON answer.
+    pub fn curl(&self, url: &str, body: Option<&serde_json::Value>) -> serde_json::Value {
+        let url = format!("http://{url}");
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.ns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "120",
+        ]);
+        if let Some(b) = body {
+            cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
+        }
+        let out = cmd.arg(&url).output().expect("run curl");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{url}: {e}: {} {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     /// `potluck` to be run inside the host.
     pub fn potluck(&self) -> Command {
         let mut cmd = Command::new("ip");
