@@ -1,16 +1,28 @@
 //! The multi-host test bed (`deploy/netns/up.sh`): hosts in namespaces behind a router
 //! whose links `potluck-netbed delay` holds (this kernel has no `netem`). A TCP handshake
 //! between two hosts takes at least the round trip the bed was brought up with, and goes
-//! straight through at 0; taking the bed down leaves nothing behind.
+//! straight through at 0; taking the bed down leaves nothing behind. On it, real `potluck`
+//! processes: a pipeline of three hosts at 40 ms and 1% loss generates exactly what one
+//! process does, and a node whose link is cut mid-request fails over without the client
+//! seeing an error, then rejoins when its link comes back.
 
 mod common;
 
+use common::netns::Host;
 use common::Proc;
+use serde_json::json;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_potluck-netbed");
+
+/// The tests of this binary share one bed's name (its prefix is the process id's), so they
+/// take turns.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../deploy/netns/{name}"))
@@ -48,6 +60,100 @@ impl Bed {
         cmd.args(["netns", "exec", &format!("{}{i}", self.prefix), BIN]);
         cmd.args(args);
         cmd
+    }
+
+    /// Host `i` (from 1), at 203.0.113.(10+i).
+    fn host(&self, i: usize) -> Host {
+        Host {
+            ns: format!("{}{i}", self.prefix),
+            ip: format!("203.0.113.{}", 10 + i),
+        }
+    }
+
+    /// Cuts host `i`'s link at the router (every packet to or from it dropped), or mends it.
+    fn cut(&self, i: usize, cut: bool) {
+        let router = format!("{}r", self.prefix);
+        let ip = self.host(i).ip;
+        let rules = if cut {
+            format!(
+                "table ip cut{i} {{\n chain f {{\n type filter hook forward priority -10;\n \
+                 ip saddr {ip} drop\n ip daddr {ip} drop\n }}\n}}\n"
+            )
+        } else {
+            format!("delete table ip cut{i}\n")
+        };
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", &router, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nft");
+        use std::io::Write;
+        nft.stdin
+            .take()
+            .expect("nft's stdin")
+            .write_all(rules.as_bytes())
+            .expect("write the rules");
+        let out = nft.wait_with_output().expect("nft ran");
+        assert!(
+            out.status.success(),
+            "nft {rules}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts a coordinator in host 1 (its API on the host's loopback); returns it, the
+    /// address nodes dial and the API.
+    fn coordinator(&self, dir: &std::path::Path) -> (Proc, String, String) {
+        let host = self.host(1);
+        let listen = format!("/ip4/{}/tcp/0", host.ip);
+        let data = dir.join("coordinator");
+        let mut cmd = host.potluck();
+        cmd.args([
+            "coordinator",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--no-mdns",
+            "--http",
+            "127.0.0.1:0",
+            "--canary-interval",
+            "0",
+        ]);
+        let mut coord = Proc::spawn(cmd);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let api = coord
+            .wait_for(deadline, |l| l.starts_with("api listening on http://"))
+            .expect("coordinator API")
+            .trim_start_matches("api listening on http://")
+            .to_string();
+        let addr = coord
+            .wait_for(deadline, |l| {
+                l.starts_with(&format!("listening /ip4/{}/tcp/", host.ip))
+            })
+            .expect("coordinator listening")
+            .trim_start_matches("listening ")
+            .to_string();
+        (coord, addr, api)
+    }
+
+    /// Starts a node in host `i` joining through `addr`; returns it and its peer id.
+    fn node(&self, dir: &std::path::Path, i: usize, addr: &str, extra: &[&str]) -> (Proc, String) {
+        let host = self.host(i);
+        let listen = format!("/ip4/{}/tcp/0", host.ip);
+        let mut args = vec!["--listen", listen.as_str()];
+        args.extend_from_slice(extra);
+        let mut cmd = host.potluck();
+        cmd.args(common::node_args(
+            dir,
+            &format!("n{i}"),
+            "public",
+            addr,
+            &args,
+        ));
+        common::start_node(cmd)
     }
 
     /// The median TCP handshake from host 1 to host 2, ms.
@@ -109,6 +215,7 @@ fn the_bed_gives_every_round_trip_its_delay_and_comes_down_clean() {
         );
         return;
     }
+    let _turn = one_at_a_time();
     let delayed = Bed::up(&["--hosts", "2", "--rtt", "40ms"]).rtt();
     let first = Bed::up(&["--hosts", "3", "--rtt", "0ms"]);
     // Brought up again over itself: rebuilt, not added to.
@@ -123,4 +230,146 @@ fn the_bed_gives_every_round_trip_its_delay_and_comes_down_clean() {
     // A handshake crosses each link once each way: it cannot beat the round trip.
     assert!(delayed >= 40.0, "{delayed} ms at --rtt 40ms");
     assert!(delayed >= straight + 35.0, "{delayed} vs {straight}");
+}
+
+/// The peers `coord` printed as serving, until `n` distinct ones have: (peer, start, end).
+fn spans(coord: &mut Proc, n: usize) -> Vec<(String, u32, u32)> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let parse = |l: &str| -> Option<(String, u32, u32)> {
+        let rest = l.strip_prefix("peer ")?;
+        let (peer, rest) = rest.split_once(" serves blocks ")?;
+        let (a, b) = rest.split_whitespace().next()?.split_once("..")?;
+        Some((peer.to_string(), a.parse().ok()?, b.parse().ok()?))
+    };
+    let mut out: Vec<(String, u32, u32)> = Vec::new();
+    while out.len() < n {
+        let line = coord.wait_for(deadline, |l| {
+            parse(l).is_some_and(|(p, _, _)| !out.iter().any(|(q, _, _)| *q == p))
+        });
+        let line = line.unwrap_or_else(|| panic!("only {} spans: {:?}", out.len(), coord.seen));
+        out.extend(parse(&line));
+    }
+    out.sort_by_key(|s| s.1);
+    out
+}
+
+#[test]
+fn a_three_host_pipeline_at_40ms_and_1pct_loss_generates_exactly() {
+    if !common::netns::nat_works() {
+        common::missing(
+            "network namespaces and nftables (root, ip, nft)",
+            "run the tests as root with iproute2 and nftables installed",
+        );
+        return;
+    }
+    let prompt = "The capital of France is";
+    let (want, _) = common::local_generate(prompt, false, 16);
+    let _turn = one_at_a_time();
+    let bed = Bed::up(&["--hosts", "4", "--rtt", "40ms", "--loss", "1%"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, api) = bed.coordinator(dir.path());
+    // Each node may hold about 12 of the 30 blocks, so the plan needs all three.
+    let _nodes: Vec<_> = (2..=4)
+        .map(|i| bed.node(dir.path(), i, &addr, &["--max-memory", "130M"]))
+        .collect();
+    let spans = spans(&mut coord, 3);
+    assert_eq!((spans[0].1, spans[2].2), (0, 30), "{spans:?}");
+    assert!(spans.windows(2).all(|w| w[0].2 == w[1].1), "{spans:?}");
+    let body = json!({"prompt": prompt, "temperature": 0, "max_tokens": 16});
+    let v = bed
+        .host(1)
+        .curl(&format!("{api}/v1/completions"), Some(&body));
+    assert_eq!(v["choices"][0]["text"].as_str(), Some(want.as_str()), "{v}");
+}
+
+#[test]
+fn a_node_cut_off_mid_request_fails_over_and_rejoins_when_its_link_comes_back() {
+    if !common::netns::nat_works() {
+        common::missing(
+            "network namespaces and nftables (root, ip, nft)",
+            "run the tests as root with iproute2 and nftables installed",
+        );
+        return;
+    }
+    let prompt = "1, 2, 3, 4,";
+    let tokens = 48;
+    let (want, _) = common::local_generate(prompt, false, tokens);
+    let _turn = one_at_a_time();
+    let bed = Bed::up(&["--hosts", "3", "--rtt", "20ms"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut coord, addr, api) = bed.coordinator(dir.path());
+    // Two nodes, each holding the whole model: either can carry a session alone.
+    let (_a, a) = bed.node(dir.path(), 2, &addr, &[]);
+    let (_b, b) = bed.node(dir.path(), 3, &addr, &[]);
+    let both = spans(&mut coord, 2);
+    assert!(both.iter().all(|s| (s.1, s.2) == (0, 30)), "{both:?}");
+    // Each warmed up: the first request of a node is its slowest.
+    let warm = json!({"prompt": "Hi", "temperature": 0, "max_tokens": 2});
+    for _ in 0..2 {
+        bed.host(1)
+            .curl(&format!("{api}/v1/completions"), Some(&warm));
+    }
+    let body = json!({"prompt": prompt, "temperature": 0, "max_tokens": tokens});
+    let client = {
+        let (host, api) = (bed.host(1), api.clone());
+        std::thread::spawn(move || host.curl(&format!("{api}/v1/completions"), Some(&body)))
+    };
+    // The session's chain, once it shows on the dashboard.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let serving = loop {
+        let pool = bed.host(1).curl(&format!("{api}/api/pool"), None);
+        let chain = pool["sessions"][0]["chain"][0]["peer"]
+            .as_str()
+            .map(str::to_string);
+        if let Some(peer) = chain {
+            break peer;
+        }
+        assert!(Instant::now() < deadline, "no session showed: {pool}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let cut = if serving == a { 2 } else { 3 };
+    assert!(
+        serving == a || serving == b,
+        "{serving} is neither {a} nor {b}"
+    );
+    bed.cut(cut, true);
+    let v = client.join().expect("client thread");
+    assert_eq!(
+        v["choices"][0]["text"].as_str(),
+        Some(want.as_str()),
+        "the cut node's session did not fail over cleanly: {v}"
+    );
+    assert!(
+        coord
+            .wait_for(Instant::now() + Duration::from_secs(5), |l| l
+                .contains("failed over"))
+            .is_some(),
+        "no failover logged: {:?}",
+        coord.seen
+    );
+    bed.cut(cut, false);
+    // Back on the network, it is heard again and serves.
+    let rejoined = format!("peer {serving} serves blocks 0..30");
+    let seen_before = coord
+        .seen
+        .iter()
+        .filter(|l| l.starts_with(&rejoined))
+        .count();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let pool = bed.host(1).curl(&format!("{api}/api/pool"), None);
+        let status = pool["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["id"] == serving.as_str()))
+            .map(|p| p["status"].clone());
+        if status.as_ref().is_some_and(|s| s == "serving") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never rejoined ({status:?}, {seen_before} serving lines before): {:?}",
+            coord.seen
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

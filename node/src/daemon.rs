@@ -181,7 +181,11 @@ pub async fn run(
     let mut backoff = RedialBackoff::new(&cfg.bootstrap);
     // With no coordinator connected, the node asks the DHT for its pool's (its bootstrap
     // peer may be any peer of the DHT, or its coordinator may have moved).
-    let mut look_up = tokio::time::interval(DHT_LOOK_UP_EVERY);
+    // Not at once: a coordinator named at --bootstrap is given the time to answer first.
+    let mut look_up = tokio::time::interval_at(
+        tokio::time::Instant::now() + DHT_LOOK_UP_EVERY,
+        DHT_LOOK_UP_EVERY,
+    );
     loop {
         if let Some(by) = leave_by {
             let active = server.active_sessions();
@@ -306,7 +310,13 @@ pub async fn run(
                     }
                     Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Kad(event))) => {
                         let me = *swarm.local_peer_id();
-                        for peer in pool_id::providers(&event, gate.tag(), &me) {
+                        // An answer that comes after a coordinator did is not needed, and
+                        // a stranger announcing itself gains nothing by it.
+                        let wanted = !finder.has_coordinator();
+                        for peer in pool_id::providers(&event, gate.tag(), &me)
+                            .into_iter()
+                            .filter(|_| wanted)
+                        {
                             if commanders.found(peer) {
                                 println!("found the pool's coordinator {peer} under its id in the DHT");
                             }
