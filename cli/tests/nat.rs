@@ -142,6 +142,146 @@ fn a_node_behind_each_kind_of_nat_joins_and_serves_exactly() {
     }
 }
 
+/// Where a peer of the matrix sits: on the public segment, or behind a router mapping so.
+type Place = Option<Mapping>;
+
+fn place_name(p: Place) -> &'static str {
+    match p {
+        None => "public",
+        Some(Mapping::EndpointIndependent) => "endpoint-independent",
+        Some(Mapping::Symmetric) => "symmetric",
+    }
+}
+
+/// What one meeting gave: the node's reachability as the coordinator shows it, and how long
+/// after the node started it joined and (when it did) was hole-punched.
+struct Met {
+    reachability: String,
+    relayed: bool,
+    joined: Duration,
+    punched: Option<Duration>,
+}
+
+/// A coordinator at `coord` and a node at `node` meet through a relay volunteer on the
+/// public segment: the coordinator (its own relay off) listens through the relay, and the
+/// node bootstraps from that circuit address. Once the node serves, greedy text through the
+/// pool must equal `want` (for `prompt`).
+fn meet(coord: Place, node: Place, prompt: &str, want: &str) -> Met {
+    let mut net = TestNet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (_relay, relay_addr) = common::netns::relay_node(dir.path(), None, "public");
+    let mut place = |p: Place, public: &str| match p {
+        None => net.host(public),
+        Some(m) => net.behind_nat(public, m),
+    };
+    let home_a = place(coord, "203.0.113.20");
+    let home_b = place(node, "203.0.113.30");
+    let coord_data = dir.path().join("coordinator");
+    let coord_listen = format!("/ip4/{}/tcp/0", home_a.ip);
+    let coord_quic = format!("/ip4/{}/udp/0/quic-v1", home_a.ip);
+    let mut cmd = home_a.potluck();
+    cmd.args([
+        "coordinator",
+        "--data-dir",
+        coord_data.to_str().unwrap(),
+        "--listen",
+        &coord_listen,
+        "--listen",
+        &coord_quic,
+        "--no-mdns",
+        "--http",
+        "127.0.0.1:0",
+        "--relay",
+        "off",
+        "--canary-interval",
+        "0",
+        "--bootstrap",
+        &relay_addr,
+    ]);
+    let mut coordinator = common::Proc::spawn(cmd);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let api = coordinator
+        .wait_for(deadline, |l| l.starts_with("api listening on http://"))
+        .expect("coordinator API")
+        .trim_start_matches("api listening on http://")
+        .to_string();
+    let circuit = coordinator
+        .wait_for(deadline, |l| {
+            l.starts_with("listening ") && l.contains("/p2p-circuit")
+        })
+        .unwrap_or_else(|| panic!("no circuit through the relay: {:?}", coordinator.seen))
+        .trim_start_matches("listening ")
+        .to_string();
+
+    let node_listen = format!("/ip4/{}/tcp/0", home_b.ip);
+    let node_quic = format!("/ip4/{}/udp/0/quic-v1", home_b.ip);
+    let mut cmd = home_b.potluck();
+    cmd.args(common::node_args(
+        dir.path(),
+        "n",
+        "public",
+        &circuit,
+        &["--listen", &node_listen, "--listen", &node_quic],
+    ));
+    let started = Instant::now();
+    let (_node, id) = common::start_node(cmd);
+    let joined = coordinator
+        .wait_for(started + Duration::from_secs(60), |l| {
+            l.starts_with(&format!("peer joined {id}"))
+        })
+        .map(|_| started.elapsed())
+        .unwrap_or_else(|| panic!("{} never joined: {:?}", place_name(node), coordinator.seen));
+    let serves = format!("peer {id} serves blocks 0..30");
+    assert!(
+        coordinator
+            .wait_for(Instant::now() + Duration::from_secs(90), |l| l
+                .starts_with(&serves))
+            .is_some(),
+        "the node never served: {:?}",
+        coordinator.seen
+    );
+    // A hole punch, when one works, comes within a few seconds of the relayed connection.
+    let punched = coordinator
+        .wait_for(started + Duration::from_secs(15), |l| {
+            l.starts_with(&format!("hole punched to {id}"))
+        })
+        .map(|_| started.elapsed());
+    let row = home_a.curl(&format!("{api}/api/pool"), None)["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["id"] == id.as_str()).cloned())
+        .unwrap_or_default();
+    let body = json!({"prompt": prompt, "temperature": 0, "max_tokens": 12});
+    let v = home_a.curl(&format!("{api}/v1/completions"), Some(&body));
+    assert_eq!(
+        v["choices"][0]["text"].as_str(),
+        Some(want),
+        "{} to {}: {v}",
+        place_name(coord),
+        place_name(node)
+    );
+    Met {
+        reachability: row["reachability"].as_str().unwrap_or("none").to_string(),
+        relayed: row["relayed"] == true,
+        joined,
+        punched,
+    }
+}
+
+fn bed_or_skip() -> bool {
+    if !nat_works() {
+        common::missing(
+            "network namespaces and nftables (root, ip, nft)",
+            "run the tests as root with iproute2 and nftables installed",
+        );
+        return false;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        common::missing("curl", "apt-get install curl");
+        return false;
+    }
+    true
+}
+
 /// Two homes: the coordinator behind one router, a node behind another, a relay on the
 /// public segment between them. The coordinator listens through the relay, the node dials it
 /// through the circuit, and DCUtR punches a direct connection where the routers allow it
@@ -149,115 +289,60 @@ fn a_node_behind_each_kind_of_nat_joins_and_serves_exactly() {
 /// Either way the node serves and greedy text equals `potluck generate`.
 #[test]
 fn two_homes_meet_through_a_relay_and_hole_punch_where_they_can() {
-    if !nat_works() {
-        common::missing(
-            "network namespaces and nftables (root, ip, nft)",
-            "run the tests as root with iproute2 and nftables installed",
-        );
-        return;
-    }
-    if Command::new("curl").arg("--version").output().is_err() {
-        common::missing("curl", "apt-get install curl");
+    if !bed_or_skip() {
         return;
     }
     let prompt = "The capital of France is";
     let (want, _) = common::local_generate(prompt, false, 12);
-    for (i, node_mapping) in [Mapping::EndpointIndependent, Mapping::Symmetric]
-        .into_iter()
-        .enumerate()
-    {
-        let mut net = TestNet::new();
-        let dir = tempfile::tempdir().unwrap();
-        let (relay, relay_addr) = common::netns::relay_node(dir.path(), None, "public");
+    for (node, expect) in [
+        (Mapping::EndpointIndependent, "hole-punched"),
+        (Mapping::Symmetric, "relayed"),
+    ] {
+        let met = meet(
+            Some(Mapping::EndpointIndependent),
+            Some(node),
+            prompt,
+            &want,
+        );
+        assert_eq!(met.reachability, expect, "{node:?}");
+        assert_eq!(met.relayed, expect == "relayed", "{node:?}");
+        assert_eq!(met.punched.is_some(), expect == "hole-punched", "{node:?}");
+    }
+}
 
-        let home_a = net.behind_nat("203.0.113.20", Mapping::EndpointIndependent);
-        let home_b = net.behind_nat("203.0.113.30", node_mapping);
-        let coord_data = dir.path().join("coordinator");
-        let coord_listen = format!("/ip4/{}/tcp/0", home_a.ip);
-        let coord_quic = format!("/ip4/{}/udp/0/quic-v1", home_a.ip);
-        let mut cmd = home_a.potluck();
-        cmd.args([
-            "coordinator",
-            "--data-dir",
-            coord_data.to_str().unwrap(),
-            "--listen",
-            &coord_listen,
-            "--listen",
-            &coord_quic,
-            "--no-mdns",
-            "--http",
-            "127.0.0.1:0",
-            "--relay",
-            "off",
-            "--canary-interval",
-            "0",
-            "--bootstrap",
-            &relay_addr,
-        ]);
-        let mut coord = common::Proc::spawn(cmd);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let api = coord
-            .wait_for(deadline, |l| l.starts_with("api listening on http://"))
-            .expect("coordinator API")
-            .trim_start_matches("api listening on http://")
-            .to_string();
-        let circuit = coord
-            .wait_for(deadline, |l| {
-                l.starts_with("listening ") && l.contains("/p2p-circuit")
-            })
-            .unwrap_or_else(|| panic!("no circuit through the relay: {:?}", coord.seen))
-            .trim_start_matches("listening ")
-            .to_string();
-
-        let node_listen = format!("/ip4/{}/tcp/0", home_b.ip);
-        let node_quic = format!("/ip4/{}/udp/0/quic-v1", home_b.ip);
-        let mut cmd = home_b.potluck();
-        cmd.args(common::node_args(
-            dir.path(),
-            &format!("n{i}"),
-            "public",
-            &circuit,
-            &["--listen", &node_listen, "--listen", &node_quic],
-        ));
-        let (_node, id) = common::start_node(cmd);
-        let line = format!("peer {id} serves blocks 0..30");
-        assert!(
-            coord
-                .wait_for(Instant::now() + Duration::from_secs(90), |l| l
-                    .starts_with(&line))
-                .is_some(),
-            "the node behind a {node_mapping:?} NAT never served: {:?}",
-            coord.seen
-        );
-        let expect = match node_mapping {
-            Mapping::EndpointIndependent => "hole-punched",
-            Mapping::Symmetric => "relayed",
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let row = loop {
-            let pool = home_a.curl(&format!("{api}/api/pool"), None);
-            let row = pool["peers"]
-                .as_array()
-                .and_then(|ps| ps.iter().find(|p| p["id"] == id.as_str()).cloned())
-                .unwrap_or_default();
-            if row["reachability"] == expect || Instant::now() > deadline {
-                break row;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        };
-        assert_eq!(
-            row["reachability"], expect,
-            "{node_mapping:?}: {row} {:?}",
-            coord.seen
-        );
-        assert_eq!(row["relayed"], expect == "relayed", "{row}");
-        let body = json!({"prompt": prompt, "temperature": 0, "max_tokens": 12});
-        let v = home_a.curl(&format!("{api}/v1/completions"), Some(&body));
-        assert_eq!(
-            v["choices"][0]["text"].as_str(),
-            Some(want.as_str()),
-            "{node_mapping:?}: {v}"
-        );
-        drop(relay);
+/// The NAT matrix, a bench run by hand (`cargo test -p potluck --test nat nat_matrix --
+/// --ignored --nocapture`): every pair of places, how they connected and how fast. Each pair
+/// must connect (directly or relayed) and serve exact text.
+#[test]
+#[ignore]
+fn nat_matrix() {
+    if !bed_or_skip() {
+        return;
+    }
+    let prompt = "The capital of France is";
+    let (want, _) = common::local_generate(prompt, false, 12);
+    let places = [
+        None,
+        Some(Mapping::EndpointIndependent),
+        Some(Mapping::Symmetric),
+    ];
+    println!(
+        "{:<22} {:<22} {:<8} {:<14} {:>9} {:>9}",
+        "coordinator", "node", "path", "reachability", "joined_s", "punched_s"
+    );
+    for coord in places {
+        for node in places {
+            let met = meet(coord, node, prompt, &want);
+            println!(
+                "{:<22} {:<22} {:<8} {:<14} {:>9.2} {:>9}",
+                place_name(coord),
+                place_name(node),
+                if met.relayed { "relayed" } else { "direct" },
+                met.reachability,
+                met.joined.as_secs_f64(),
+                met.punched
+                    .map_or("-".to_string(), |d| format!("{:.2}", d.as_secs_f64()))
+            );
+        }
     }
 }
