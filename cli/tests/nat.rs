@@ -176,35 +176,19 @@ fn meet(coord: Place, node: Place, prompt: &str, want: &str) -> Met {
     };
     let home_a = place(coord, "203.0.113.20");
     let home_b = place(node, "203.0.113.30");
-    let coord_data = dir.path().join("coordinator");
-    let coord_listen = format!("/ip4/{}/tcp/0", home_a.ip);
     let coord_quic = format!("/ip4/{}/udp/0/quic-v1", home_a.ip);
-    let mut cmd = home_a.potluck();
-    cmd.args([
-        "coordinator",
-        "--data-dir",
-        coord_data.to_str().unwrap(),
-        "--listen",
-        &coord_listen,
-        "--listen",
-        &coord_quic,
-        "--no-mdns",
-        "--http",
-        "127.0.0.1:0",
-        "--relay",
-        "off",
-        "--canary-interval",
-        "0",
-        "--bootstrap",
-        &relay_addr,
-    ]);
-    let mut coordinator = common::Proc::spawn(cmd);
     let deadline = Instant::now() + Duration::from_secs(60);
-    let api = coordinator
-        .wait_for(deadline, |l| l.starts_with("api listening on http://"))
-        .expect("coordinator API")
-        .trim_start_matches("api listening on http://")
-        .to_string();
+    let (mut coordinator, api) = home_a.coordinator(
+        &dir.path().join("coordinator"),
+        &[
+            "--listen",
+            &coord_quic,
+            "--relay",
+            "off",
+            "--bootstrap",
+            &relay_addr,
+        ],
+    );
     let circuit = coordinator
         .wait_for(deadline, |l| {
             l.starts_with("listening ") && l.contains("/p2p-circuit")
@@ -267,21 +251,6 @@ fn meet(coord: Place, node: Place, prompt: &str, want: &str) -> Met {
     }
 }
 
-fn bed_or_skip() -> bool {
-    if !nat_works() {
-        common::missing(
-            "network namespaces and nftables (root, ip, nft)",
-            "run the tests as root with iproute2 and nftables installed",
-        );
-        return false;
-    }
-    if Command::new("curl").arg("--version").output().is_err() {
-        common::missing("curl", "apt-get install curl");
-        return false;
-    }
-    true
-}
-
 /// Two homes: the coordinator behind one router, a node behind another, a relay on the
 /// public segment between them. The coordinator listens through the relay, the node dials it
 /// through the circuit, and DCUtR punches a direct connection where the routers allow it
@@ -289,7 +258,7 @@ fn bed_or_skip() -> bool {
 /// Either way the node serves and greedy text equals `potluck generate`.
 #[test]
 fn two_homes_meet_through_a_relay_and_hole_punch_where_they_can() {
-    if !bed_or_skip() {
+    if !common::netns::ready() {
         return;
     }
     let prompt = "The capital of France is";
@@ -316,7 +285,7 @@ fn two_homes_meet_through_a_relay_and_hole_punch_where_they_can() {
 #[test]
 #[ignore]
 fn nat_matrix() {
-    if !bed_or_skip() {
+    if !common::netns::ready() {
         return;
     }
     let prompt = "The capital of France is";

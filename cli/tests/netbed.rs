@@ -107,28 +107,8 @@ impl Bed {
     /// address nodes dial and the API.
     fn coordinator(&self, dir: &std::path::Path) -> (Proc, String, String) {
         let host = self.host(1);
-        let listen = format!("/ip4/{}/tcp/0", host.ip);
-        let data = dir.join("coordinator");
-        let mut cmd = host.potluck();
-        cmd.args([
-            "coordinator",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--no-mdns",
-            "--http",
-            "127.0.0.1:0",
-            "--canary-interval",
-            "0",
-        ]);
-        let mut coord = Proc::spawn(cmd);
         let deadline = Instant::now() + Duration::from_secs(60);
-        let api = coord
-            .wait_for(deadline, |l| l.starts_with("api listening on http://"))
-            .expect("coordinator API")
-            .trim_start_matches("api listening on http://")
-            .to_string();
+        let (mut coord, api) = host.coordinator(&dir.join("coordinator"), &[]);
         let addr = coord
             .wait_for(deadline, |l| {
                 l.starts_with(&format!("listening /ip4/{}/tcp/", host.ip))
@@ -255,11 +235,7 @@ fn spans(coord: &mut Proc, n: usize) -> Vec<(String, u32, u32)> {
 
 #[test]
 fn a_three_host_pipeline_at_40ms_and_1pct_loss_generates_exactly() {
-    if !common::netns::nat_works() {
-        common::missing(
-            "network namespaces and nftables (root, ip, nft)",
-            "run the tests as root with iproute2 and nftables installed",
-        );
+    if !common::netns::ready() {
         return;
     }
     let prompt = "The capital of France is";
@@ -284,11 +260,7 @@ fn a_three_host_pipeline_at_40ms_and_1pct_loss_generates_exactly() {
 
 #[test]
 fn a_node_cut_off_mid_request_fails_over_and_rejoins_when_its_link_comes_back() {
-    if !common::netns::nat_works() {
-        common::missing(
-            "network namespaces and nftables (root, ip, nft)",
-            "run the tests as root with iproute2 and nftables installed",
-        );
+    if !common::netns::ready() {
         return;
     }
     let prompt = "1, 2, 3, 4,";

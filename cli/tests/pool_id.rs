@@ -7,49 +7,19 @@
 
 mod common;
 
-use common::netns::{nat_works, Host, TestNet};
+use common::netns::{Host, TestNet};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
 /// Starts the pool's coordinator in `host`, keeping its identity in `data`, announcing the
 /// pool through the DHT peer at `dht`; returns it and its API inside the host.
 fn coordinator_in(host: &Host, data: &std::path::Path, dht: &str) -> (common::Proc, String) {
-    let listen = format!("/ip4/{}/tcp/0", host.ip);
-    let mut cmd = host.potluck();
-    cmd.args([
-        "coordinator",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--pool",
-        "city",
-        "--listen",
-        &listen,
-        "--no-mdns",
-        "--http",
-        "127.0.0.1:0",
-        "--canary-interval",
-        "0",
-        "--bootstrap",
-        dht,
-    ]);
-    let mut coord = common::Proc::spawn(cmd);
-    let api = coord
-        .wait_for(Instant::now() + Duration::from_secs(60), |l| {
-            l.starts_with("api listening on http://")
-        })
-        .expect("coordinator API")
-        .trim_start_matches("api listening on http://")
-        .to_string();
-    (coord, api)
+    host.coordinator(data, &["--pool", "city", "--bootstrap", dht])
 }
 
 #[test]
 fn a_node_finds_its_pool_by_id_and_again_after_the_coordinator_moves() {
-    if !nat_works() {
-        common::missing(
-            "network namespaces (root, ip)",
-            "run the tests as root with iproute2 installed",
-        );
+    if !common::netns::ready() {
         return;
     }
     let prompt = "The capital of France is";

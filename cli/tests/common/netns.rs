@@ -214,6 +214,23 @@ pub fn segment_coordinator(dir: &std::path::Path, extra: &[&str]) -> (super::Pro
     (coord, addr, api)
 }
 
+/// Whether the bed's tests can run here: [`nat_works`], and `curl` to reach APIs inside
+/// hosts ([`Host::curl`]). When not, says what is missing (the test then returns, skipped).
+pub fn ready() -> bool {
+    if !nat_works() {
+        super::missing(
+            "network namespaces and nftables (root, ip, nft)",
+            "run the tests as root with iproute2 and nftables installed",
+        );
+        return false;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        super::missing("curl", "apt-get install curl");
+        return false;
+    }
+    true
+}
+
 /// Starts a node of `pool` that offers a relay on the segment, in `host` (none: the test's
 /// own namespace, at [`HUB`]), with no model to serve: a volunteer with a public address
 /// (and a peer of the DHT). Returns it and the address it is dialled at.
@@ -279,6 +296,37 @@ impl Host {
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+    }
+
+    /// Starts a coordinator inside the host, keeping its state in `data`, listening on the
+    /// host's address over TCP with its API on the host's loopback, canaries off, and
+    /// `extra` flags; returns it and its API (for [`Host::curl`]).
+    pub fn coordinator(&self, data: &std::path::Path, extra: &[&str]) -> (super::Proc, String) {
+        let listen = format!("/ip4/{}/tcp/0", self.ip);
+        let mut cmd = self.potluck();
+        cmd.args([
+            "coordinator",
+            "--data-dir",
+            data.to_str().expect("utf-8 temp path"),
+            "--listen",
+            &listen,
+            "--no-mdns",
+            "--http",
+            "127.0.0.1:0",
+            "--canary-interval",
+            "0",
+        ]);
+        cmd.args(extra);
+        let mut coord = super::Proc::spawn(cmd);
+        let api = coord
+            .wait_for(
+                std::time::Instant::now() + std::time::Duration::from_secs(60),
+                |l| l.starts_with("api listening on http://"),
+            )
+            .expect("coordinator API")
+            .trim_start_matches("api listening on http://")
+            .to_string();
+        (coord, api)
     }
 
     /// `potluck` to be run inside the host.
