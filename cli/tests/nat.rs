@@ -1,28 +1,26 @@
 //! Volunteers behind home routers. A node in a LAN behind a NAT router (one that maps
-//! endpoint-independently, one symmetric) dials out to a coordinator on the public segment,
+//! endpoint-independently, one symmetric) dials out to a coordinator on the public side,
 //! joins and serves the model over that one connection, which arrives from the router's
-//! address; greedy text through it equals `potluck generate`. The routers are namespaces of
-//! the test bed masquerading with nftables (see `common::netns`).
+//! address; greedy text through it equals `potluck generate`. Two homes meet through a relay
+//! and hole-punch where their routers allow it. The homes are those of the test bed
+//! (`deploy/netns/up.sh --home`, see `common::bed`), whose links all have a round trip.
 
 mod common;
 
-use common::netns::{nat_works, Host, Mapping, TestNet, HUB};
+use common::bed::{one_at_a_time, Bed, Mapping};
+use common::netns::Host;
 use serde_json::json;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// The established TCP connections `ss` lists in `host`'s namespace (`None`: the test's
-/// own), as (local, peer) address pairs.
-fn connections(host: Option<&Host>) -> Vec<(String, String)> {
-    let mut cmd = match host {
-        Some(h) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &h.ns, "ss"]);
-            c
-        }
-        None => Command::new("ss"),
-    };
-    let out = cmd
+/// The round trip between any two hosts of the bed in these tests.
+const RTT: &str = "20ms";
+
+/// The established TCP connections `ss` lists in `host`'s namespace, as (local, peer)
+/// address pairs.
+fn connections(host: &Host) -> Vec<(String, String)> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &host.ns, "ss"])
         .args(["-Htn", "state", "established"])
         .output()
         .expect("run ss (iproute2)");
@@ -41,32 +39,24 @@ fn port(addr: &str) -> &str {
 
 #[test]
 fn a_node_behind_each_kind_of_nat_joins_and_serves_exactly() {
-    if !nat_works() {
-        common::missing(
-            "network namespaces and nftables (root, ip, nft)",
-            "run the tests as root with iproute2 and nftables installed",
-        );
+    if !common::netns::ready() {
         return;
     }
     let prompt = "The capital of France is";
     let (want, _) = common::local_generate(prompt, false, 12);
-    let mut net = TestNet::new();
-    for (i, (public, mapping)) in [
-        ("203.0.113.20", Mapping::EndpointIndependent),
-        ("203.0.113.30", Mapping::Symmetric),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    let _turn = one_at_a_time();
+    let mappings = [Mapping::EndpointIndependent, Mapping::Symmetric];
+    let bed = Bed::up(1, &mappings, &["--rtt", RTT]);
+    let public_host = bed.host(1);
+    for (k, mapping) in (1..).zip(mappings) {
         let dir = tempfile::tempdir().unwrap();
-        let home = net.behind_nat(public, mapping);
-        let (mut coord, addr, api) =
-            common::netns::segment_coordinator(dir.path(), &["--canary-interval", "0"]);
+        let (home, public) = (bed.home(k), bed.home_router(k).ip);
+        let (mut coord, addr, api) = bed.coordinator(dir.path(), false);
         let mut cmd = home.potluck();
         let node_listen = format!("/ip4/{}/tcp/0", home.ip);
         cmd.args(common::node_args(
             dir.path(),
-            &format!("n{i}"),
+            &format!("n{k}"),
             "public",
             &addr,
             &["--listen", &node_listen],
@@ -82,32 +72,27 @@ fn a_node_behind_each_kind_of_nat_joins_and_serves_exactly() {
             coord.seen
         );
         // Its connection reaches the coordinator from the router, never from the LAN.
-        let from_home = connections(None)
-            .into_iter()
-            .filter(|(local, peer)| local.starts_with(HUB) && peer.starts_with(public))
+        let seen = connections(&public_host);
+        let from_home = seen
+            .iter()
+            .filter(|(local, peer)| local.starts_with(&public_host.ip) && peer.starts_with(&public))
             .count();
+        assert!(from_home > 0, "no connection from {public}: {seen:?}");
         assert!(
-            from_home > 0,
-            "no connection from {public}: {:?}",
-            connections(None)
-        );
-        assert!(
-            !connections(None)
-                .iter()
-                .any(|(_, peer)| peer.starts_with(&home.ip)),
-            "a LAN address reached the segment"
+            !seen.iter().any(|(_, peer)| peer.starts_with(&home.ip)),
+            "a LAN address reached the public side: {seen:?}"
         );
         if mapping == Mapping::EndpointIndependent {
             // The router kept the node's own port: what makes hole punching work later.
-            let inside: Vec<String> = connections(Some(&home))
+            let inside: Vec<String> = connections(&home)
                 .into_iter()
-                .filter(|(_, peer)| peer.starts_with(HUB))
+                .filter(|(_, peer)| peer.starts_with(&public_host.ip))
                 .map(|(local, _)| port(&local).to_string())
                 .collect();
-            let outside: Vec<String> = connections(None)
-                .into_iter()
-                .filter(|(_, peer)| peer.starts_with(public))
-                .map(|(_, peer)| port(&peer).to_string())
+            let outside: Vec<String> = seen
+                .iter()
+                .filter(|(_, peer)| peer.starts_with(&public))
+                .map(|(_, peer)| port(peer).to_string())
                 .collect();
             assert!(
                 inside.iter().any(|p| outside.contains(p)),
@@ -118,7 +103,7 @@ fn a_node_behind_each_kind_of_nat_joins_and_serves_exactly() {
         // router's mapped address) fails, so the pool shows it behind a NAT.
         let deadline = Instant::now() + Duration::from_secs(30);
         let row = loop {
-            let (_, pool) = common::get_json(&api, "/api/pool");
+            let pool = public_host.curl(&format!("{api}/api/pool"), None);
             let row = pool["peers"]
                 .as_array()
                 .and_then(|ps| ps.iter().find(|p| p["id"] == id.as_str()).cloned())
@@ -132,8 +117,7 @@ fn a_node_behind_each_kind_of_nat_joins_and_serves_exactly() {
         assert_eq!(row["relay_reservation"], true, "{mapping:?}: {row}");
         assert_eq!(row["relayed"], false, "its own connection is direct: {row}");
         let body = json!({"prompt": prompt, "temperature": 0, "max_tokens": 12});
-        let (status, v) = common::post_json(&api, "/v1/completions", &body);
-        assert_eq!(status, 200, "{v}");
+        let v = public_host.curl(&format!("{api}/v1/completions"), Some(&body));
         assert_eq!(
             v["choices"][0]["text"].as_str(),
             Some(want.as_str()),
@@ -149,6 +133,7 @@ fn place_name(p: Place) -> &'static str {
     match p {
         None => "public",
         Some(Mapping::EndpointIndependent) => "endpoint-independent",
+        Some(Mapping::Cone) => "cone",
         Some(Mapping::Symmetric) => "symmetric",
     }
 }
@@ -163,19 +148,23 @@ struct Met {
 }
 
 /// A coordinator at `coord` and a node at `node` meet through a relay volunteer on the
-/// public segment: the coordinator (its own relay off) listens through the relay, and the
-/// node bootstraps from that circuit address. Once the node serves, greedy text through the
-/// pool must equal `want` (for `prompt`).
-fn meet(coord: Place, node: Place, prompt: &str, want: &str) -> Met {
-    let mut net = TestNet::new();
+/// public side of a bed with `rtt`: the coordinator (its own relay off) listens through the
+/// relay, and the node bootstraps from that circuit address. Once the node serves, greedy
+/// text through the pool must equal `want` (for `prompt`).
+fn meet(coord: Place, node: Place, rtt: &str, prompt: &str, want: &str) -> Met {
+    let homes: Vec<Mapping> = [coord, node].into_iter().flatten().collect();
+    let publics = [coord, node].iter().filter(|p| p.is_none()).count();
+    // Host 1 is the relay's; the public places take the next hosts, the others the homes.
+    let bed = Bed::up(1 + publics, &homes, &["--rtt", rtt]);
     let dir = tempfile::tempdir().unwrap();
-    let (_relay, relay_addr) = common::netns::relay_node(dir.path(), None, "public");
-    let mut place = |p: Place, public: &str| match p {
-        None => net.host(public),
-        Some(m) => net.behind_nat(public, m),
+    let (_relay, relay_addr) = common::netns::relay_node(dir.path(), Some(&bed.host(1)), "public");
+    let (mut hosts, mut homes) = (2.., 1..);
+    let mut place = |p: Place| match p {
+        None => bed.host(hosts.next().unwrap_or_default()),
+        Some(_) => bed.home(homes.next().unwrap_or_default()),
     };
-    let home_a = place(coord, "203.0.113.20");
-    let home_b = place(node, "203.0.113.30");
+    let home_a = place(coord);
+    let home_b = place(node);
     let coord_quic = format!("/ip4/{}/udp/0/quic-v1", home_a.ip);
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut coordinator, api) = home_a.coordinator(
@@ -252,10 +241,13 @@ fn meet(coord: Place, node: Place, prompt: &str, want: &str) -> Met {
 }
 
 /// Two homes: the coordinator behind one router, a node behind another, a relay on the
-/// public segment between them. The coordinator listens through the relay, the node dials it
-/// through the circuit, and DCUtR punches a direct connection where the routers allow it
-/// (both endpoint-independent); behind a symmetric router the pool runs over the relay.
-/// Either way the node serves and greedy text equals `potluck generate`.
+/// public side between them. The coordinator listens through the relay, the node dials it
+/// through the circuit, and DCUtR punches a direct connection where the routers allow it:
+/// both endpoint-independent, or a cone facing a symmetric router (the cone lets in the
+/// symmetric side's new port once it sent to that address). Between a port-restricted router
+/// and a symmetric one nothing can punch (the symmetric side's port is new to every peer,
+/// and only the port sent to may answer), so the pool runs over the relay. Either way the
+/// node serves and greedy text equals `potluck generate`.
 #[test]
 fn two_homes_meet_through_a_relay_and_hole_punch_where_they_can() {
     if !common::netns::ready() {
@@ -263,25 +255,30 @@ fn two_homes_meet_through_a_relay_and_hole_punch_where_they_can() {
     }
     let prompt = "The capital of France is";
     let (want, _) = common::local_generate(prompt, false, 12);
-    for (node, expect) in [
-        (Mapping::EndpointIndependent, "hole-punched"),
-        (Mapping::Symmetric, "relayed"),
+    let _turn = one_at_a_time();
+    use Mapping::{Cone, EndpointIndependent, Symmetric};
+    for (coord, node, relayed) in [
+        (EndpointIndependent, EndpointIndependent, false),
+        (EndpointIndependent, Symmetric, true),
+        (Cone, Symmetric, false),
     ] {
-        let met = meet(
-            Some(Mapping::EndpointIndependent),
-            Some(node),
-            prompt,
-            &want,
-        );
-        assert_eq!(met.reachability, expect, "{node:?}");
-        assert_eq!(met.relayed, expect == "relayed", "{node:?}");
-        assert_eq!(met.punched.is_some(), expect == "hole-punched", "{node:?}");
+        let met = meet(Some(coord), Some(node), RTT, prompt, &want);
+        let pair = format!("{coord:?} to {node:?}");
+        assert_eq!(met.relayed, relayed, "{pair}");
+        if relayed {
+            assert_eq!(met.reachability, "relayed", "{pair}");
+            assert!(met.punched.is_none(), "{pair}");
+        } else if coord == EndpointIndependent {
+            assert_eq!(met.reachability, "hole-punched", "{pair}");
+            assert!(met.punched.is_some(), "{pair}");
+        }
     }
 }
 
 /// The NAT matrix, a bench run by hand (`cargo test -p potluck --test nat nat_matrix --
 /// --ignored --nocapture`): every pair of places, how they connected and how fast. Each pair
-/// must connect (directly or relayed) and serve exact text.
+/// must connect (directly or relayed) and serve exact text. `NAT_PAIR=cone:symmetric` (the
+/// coordinator's place, then the node's) runs one pair.
 #[test]
 #[ignore]
 fn nat_matrix() {
@@ -290,18 +287,24 @@ fn nat_matrix() {
     }
     let prompt = "The capital of France is";
     let (want, _) = common::local_generate(prompt, false, 12);
+    let _turn = one_at_a_time();
     let places = [
         None,
         Some(Mapping::EndpointIndependent),
+        Some(Mapping::Cone),
         Some(Mapping::Symmetric),
     ];
     println!(
         "{:<22} {:<22} {:<8} {:<14} {:>9} {:>9}",
         "coordinator", "node", "path", "reachability", "joined_s", "punched_s"
     );
+    let only = std::env::var("NAT_PAIR").unwrap_or_default();
     for coord in places {
         for node in places {
-            let met = meet(coord, node, prompt, &want);
+            if !only.is_empty() && only != format!("{}:{}", place_name(coord), place_name(node)) {
+                continue;
+            }
+            let met = meet(coord, node, RTT, prompt, &want);
             println!(
                 "{:<22} {:<22} {:<8} {:<14} {:>9.2} {:>9}",
                 place_name(coord),

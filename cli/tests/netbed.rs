@@ -3,137 +3,25 @@
 //! between two hosts takes at least the round trip the bed was brought up with, and goes
 //! straight through at 0; taking the bed down leaves nothing behind. On it, real `potluck`
 //! processes: a pipeline of three hosts at 40 ms and 1% loss generates exactly what one
-//! process does, and a node whose link is cut mid-request fails over without the client
-//! seeing an error, then rejoins when its link comes back.
+//! process does (two of them moved to QUIC, one whose UDP is blocked left on TCP), and a
+//! node whose link is cut mid-request fails over without the client seeing an error, then
+//! rejoins when its link comes back. The NAT tests (`nat.rs`) use the bed's home LANs.
 
 mod common;
 
-use common::netns::Host;
+use common::bed::{one_at_a_time, Bed, Mapping, NETBED};
 use common::Proc;
 use serde_json::json;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_potluck-netbed");
-
-/// The tests of this binary share one bed's name (its prefix is the process id's), so they
-/// take turns.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    TURN.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../deploy/netns/{name}"))
-}
-
-/// A bed brought up by `up.sh` under a prefix of this process's own; down on drop.
-struct Bed {
-    prefix: String,
-    procs: Vec<Proc>,
-}
-
 impl Bed {
-    fn up(args: &[&str]) -> Bed {
-        let prefix = format!("nb{}", std::process::id() % 100_000);
-        let out = Command::new(script("up.sh"))
-            .args(["--prefix", &prefix])
-            .args(args)
-            .env("POTLUCK_NETBED", BIN)
-            .output()
-            .expect("run deploy/netns/up.sh");
-        assert!(
-            out.status.success(),
-            "up.sh {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Bed {
-            prefix,
-            procs: Vec::new(),
-        }
-    }
-
     /// Runs `potluck-netbed` in host `i` (from 1).
     fn on(&self, i: usize, args: &[&str]) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &format!("{}{i}", self.prefix), BIN]);
+        cmd.args(["netns", "exec", &format!("{}{i}", self.prefix), NETBED]);
         cmd.args(args);
         cmd
-    }
-
-    /// Host `i` (from 1), at 203.0.113.(10+i).
-    fn host(&self, i: usize) -> Host {
-        Host {
-            ns: format!("{}{i}", self.prefix),
-            ip: format!("203.0.113.{}", 10 + i),
-        }
-    }
-
-    /// Cuts host `i`'s link at the router (every packet to or from it dropped), or mends it.
-    fn cut(&self, i: usize, cut: bool) {
-        let router = format!("{}r", self.prefix);
-        let ip = self.host(i).ip;
-        let rules = if cut {
-            format!(
-                "table ip cut{i} {{\n chain f {{\n type filter hook forward priority -10;\n \
-                 ip saddr {ip} drop\n ip daddr {ip} drop\n }}\n}}\n"
-            )
-        } else {
-            format!("delete table ip cut{i}\n")
-        };
-        let mut nft = Command::new("ip")
-            .args(["netns", "exec", &router, "nft", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run nft");
-        use std::io::Write;
-        nft.stdin
-            .take()
-            .expect("nft's stdin")
-            .write_all(rules.as_bytes())
-            .expect("write the rules");
-        let out = nft.wait_with_output().expect("nft ran");
-        assert!(
-            out.status.success(),
-            "nft {rules}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Starts a coordinator in host 1 (its API on the host's loopback); returns it, the
-    /// address nodes dial and the API.
-    fn coordinator(&self, dir: &std::path::Path) -> (Proc, String, String) {
-        let host = self.host(1);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let (mut coord, api) = host.coordinator(&dir.join("coordinator"), &[]);
-        let addr = coord
-            .wait_for(deadline, |l| {
-                l.starts_with(&format!("listening /ip4/{}/tcp/", host.ip))
-            })
-            .expect("coordinator listening")
-            .trim_start_matches("listening ")
-            .to_string();
-        (coord, addr, api)
-    }
-
-    /// Starts a node in host `i` joining through `addr`; returns it and its peer id.
-    fn node(&self, dir: &std::path::Path, i: usize, addr: &str, extra: &[&str]) -> (Proc, String) {
-        let host = self.host(i);
-        let listen = format!("/ip4/{}/tcp/0", host.ip);
-        let mut args = vec!["--listen", listen.as_str()];
-        args.extend_from_slice(extra);
-        let mut cmd = host.potluck();
-        cmd.args(common::node_args(
-            dir,
-            &format!("n{i}"),
-            "public",
-            addr,
-            &args,
-        ));
-        common::start_node(cmd)
     }
 
     /// The median TCP handshake from host 1 to host 2, ms.
@@ -163,15 +51,6 @@ impl Bed {
     }
 }
 
-impl Drop for Bed {
-    fn drop(&mut self) {
-        self.procs.clear();
-        let _ = Command::new(script("down.sh"))
-            .args(["--prefix", &self.prefix])
-            .output();
-    }
-}
-
 fn namespaces_of(prefix: &str) -> usize {
     let out = Command::new("ip")
         .args(["netns", "list"])
@@ -181,7 +60,8 @@ fn namespaces_of(prefix: &str) -> usize {
         .lines()
         .filter_map(|l| l.split_whitespace().next()?.strip_prefix(prefix))
         .filter(|rest| {
-            *rest == "r" || (!rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+            let index = rest.strip_prefix('h').unwrap_or(rest);
+            *rest == "r" || (!index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()))
         })
         .count()
 }
@@ -196,12 +76,20 @@ fn the_bed_gives_every_round_trip_its_delay_and_comes_down_clean() {
         return;
     }
     let _turn = one_at_a_time();
-    let delayed = Bed::up(&["--hosts", "2", "--rtt", "40ms"]).rtt();
-    let first = Bed::up(&["--hosts", "3", "--rtt", "0ms"]);
+    let delayed = Bed::up(2, &[], &["--rtt", "40ms"]).rtt();
+    let first = Bed::up(3, &[Mapping::EndpointIndependent], &["--rtt", "0ms"]);
     // Brought up again over itself: rebuilt, not added to.
-    let mut bed = Bed::up(&["--hosts", "2", "--rtt", "0ms", "--loss", "0.1%"]);
+    let mut bed = Bed::up(
+        2,
+        &[Mapping::Symmetric],
+        &["--rtt", "0ms", "--loss", "0.1%"],
+    );
     let prefix = bed.prefix.clone();
-    assert_eq!(namespaces_of(&prefix), 3, "a router and two hosts");
+    assert_eq!(
+        namespaces_of(&prefix),
+        5,
+        "a router, two hosts, a home's router and the host behind it"
+    );
     let straight = bed.rtt();
     drop(bed);
     drop(first);
@@ -241,16 +129,55 @@ fn a_three_host_pipeline_at_40ms_and_1pct_loss_generates_exactly() {
     let prompt = "The capital of France is";
     let (want, _) = common::local_generate(prompt, false, 16);
     let _turn = one_at_a_time();
-    let bed = Bed::up(&["--hosts", "4", "--rtt", "40ms", "--loss", "1%"]);
+    let bed = Bed::up(4, &[], &["--rtt", "40ms", "--loss", "1%"]);
+    // Host 4's UDP is dropped at the router: its QUIC dial fails and it stays on TCP.
+    let blocked = bed.host(4).ip;
+    bed.filter(
+        "noudp",
+        Some(format!(
+            "ip saddr {blocked} meta l4proto udp drop\n ip daddr {blocked} meta l4proto udp drop"
+        )),
+    );
     let dir = tempfile::tempdir().unwrap();
-    let (mut coord, addr, api) = bed.coordinator(dir.path());
+    let (mut coord, addr, api) = bed.coordinator(dir.path(), true);
     // Each node may hold about 12 of the 30 blocks, so the plan needs all three.
-    let _nodes: Vec<_> = (2..=4)
+    let nodes: Vec<_> = (2..=4)
         .map(|i| bed.node(dir.path(), i, &addr, &["--max-memory", "130M"]))
         .collect();
     let spans = spans(&mut coord, 3);
     assert_eq!((spans[0].1, spans[2].2), (0, 30), "{spans:?}");
     assert!(spans.windows(2).all(|w| w[0].2 == w[1].1), "{spans:?}");
+    // Each node dialled the coordinator's TCP address; those whose UDP gets through move to
+    // the QUIC address it listens on too.
+    let want_transport = |id: &str| {
+        if *id == nodes[2].1 {
+            "tcp"
+        } else {
+            "quic"
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pool = bed.host(1).curl(&format!("{api}/api/pool"), None);
+        let transports: Vec<(String, String)> = pool["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let field = |k: &str| p[k].as_str().unwrap_or_default().to_string();
+                (field("id"), field("transport"))
+            })
+            .collect();
+        if transports.len() == 3 && transports.iter().all(|(id, t)| t == want_transport(id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "transports {transports:?}, want QUIC but for {}",
+            nodes[2].1
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let body = json!({"prompt": prompt, "temperature": 0, "max_tokens": 16});
     let v = bed
         .host(1)
@@ -267,9 +194,9 @@ fn a_node_cut_off_mid_request_fails_over_and_rejoins_when_its_link_comes_back() 
     let tokens = 48;
     let (want, _) = common::local_generate(prompt, false, tokens);
     let _turn = one_at_a_time();
-    let bed = Bed::up(&["--hosts", "3", "--rtt", "20ms"]);
+    let bed = Bed::up(3, &[], &["--rtt", "20ms"]);
     let dir = tempfile::tempdir().unwrap();
-    let (mut coord, addr, api) = bed.coordinator(dir.path());
+    let (mut coord, addr, api) = bed.coordinator(dir.path(), false);
     // Two nodes, each holding the whole model: either can carry a session alone.
     let (_a, a) = bed.node(dir.path(), 2, &addr, &[]);
     let (_b, b) = bed.node(dir.path(), 3, &addr, &[]);

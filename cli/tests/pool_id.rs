@@ -1,13 +1,15 @@
 //! Finding a pool by its id. A node given only its pool's id and a peer of the wider DHT
 //! (a relay volunteer of another pool, which knows nothing of this one's adverts) finds the
 //! pool's coordinator through Kademlia, where the coordinator announced itself as a provider
-//! of the pool's key; when the coordinator restarts on another machine of the segment (its
+//! of the pool's key; when the coordinator restarts on another host of the bed (its
 //! identity carried over), the node finds it there again. Greedy text through the pool
-//! equals `potluck generate` both times.
+//! equals `potluck generate` both times. The hosts are the test bed's (`common::bed`), 20 ms
+//! apart.
 
 mod common;
 
-use common::netns::{Host, TestNet};
+use common::bed::{one_at_a_time, Bed};
+use common::netns::Host;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -24,16 +26,17 @@ fn a_node_finds_its_pool_by_id_and_again_after_the_coordinator_moves() {
     }
     let prompt = "The capital of France is";
     let (want, _) = common::local_generate(prompt, false, 12);
-    let mut net = TestNet::new();
+    let _turn = one_at_a_time();
+    let bed = Bed::up(4, &[], &["--rtt", "20ms"]);
     let dir = tempfile::tempdir().unwrap();
-    let dht_host = net.host("203.0.113.5");
+    let dht_host = bed.host(1);
     let (_dht, dht) = common::netns::relay_node(dir.path(), Some(&dht_host), "elsewhere");
-    let first = net.host("203.0.113.40");
+    let first = bed.host(2);
     let data = dir.path().join("coordinator");
     let (mut coord, api) = coordinator_in(&first, &data, &dht);
 
     // The node knows the pool's id and the DHT peer, nothing of the coordinator.
-    let home = net.host("203.0.113.60");
+    let home = bed.host(4);
     let listen = format!("/ip4/{}/tcp/0", home.ip);
     let mut cmd = home.potluck();
     cmd.args(common::node_args(
@@ -68,7 +71,7 @@ fn a_node_finds_its_pool_by_id_and_again_after_the_coordinator_moves() {
     // The coordinator moves to another machine with its identity; the node's only way to
     // it is the DHT again.
     coord.kill();
-    let second = net.host("203.0.113.41");
+    let second = bed.host(3);
     let (mut coord, api) = coordinator_in(&second, &data, &dht);
     assert!(
         coord

@@ -50,6 +50,14 @@ use tokio::sync::Notify;
 
 /// How long a node may take to load its span.
 pub const ASSIGN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How many times a request is sent again when a connection of its peer closes under it.
+pub const REQUEST_RESENDS: usize = 3;
+
+/// Connection closes held for requests in flight that have not looked yet (a request that
+/// misses some sends itself again, as one of them may have been its peer's).
+const CLOSED_BACKLOG: usize = 4096;
+
 /// Sessions a coordinator lets start before its first plan sizes the count by the nodes'
 /// memory (see [`crate::capacity`]).
 pub const DEFAULT_MAX_SESSIONS: usize = 32;
@@ -160,6 +168,9 @@ pub struct Coordinator {
     checks: Arc<tokio::sync::Semaphore>,
     /// Each peer's open connections: its network, for [`Coordinator::origin`].
     remote: Arc<Mutex<HashMap<PeerId, Connections<ConnectionId>>>>,
+    /// Told the peer of every connection that closes, so a request riding it is sent again
+    /// on another instead of waiting out its timeout.
+    closed: tokio::sync::broadcast::Sender<PeerId>,
     /// Held while a session is routed and counted.
     routing: Arc<tokio::sync::Mutex<()>>,
     /// Every hop on two peers that must agree (`--verify strict`).
@@ -291,6 +302,7 @@ impl Coordinator {
             audit,
             checks: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CHECKS)),
             remote: Arc::new(Mutex::new(HashMap::new())),
+            closed: tokio::sync::broadcast::channel(CLOSED_BACKLOG).0,
             routing: Arc::new(tokio::sync::Mutex::new(())),
             strict: cfg.strict,
             canaries: Arc::new(Mutex::new(canary::CanaryBank::default())),
@@ -362,13 +374,22 @@ impl Coordinator {
     /// Notes that `peer`'s `connection` closed; its other connections still say where
     /// it is.
     pub fn connection_closed(&self, peer: PeerId, connection: ConnectionId) {
-        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
-        if remote
-            .get_mut(&peer)
-            .is_some_and(|open| open.closed(&connection))
         {
-            remote.remove(&peer);
+            let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+            if remote
+                .get_mut(&peer)
+                .is_some_and(|open| open.closed(&connection))
+            {
+                remote.remove(&peer);
+            }
         }
+        // Nobody listening (no request in flight) is fine.
+        let _ = self.closed.send(peer);
+    }
+
+    /// Whether a connection to `peer` is open now.
+    fn connected(&self, peer: &PeerId) -> bool {
+        lock(&self.remote).contains_key(peer)
     }
 
     /// Whose voice `peer`'s results are (see [`Origin`]): the operator its certificate
@@ -644,7 +665,7 @@ impl Coordinator {
             None => Err("not a valid peer key".to_string()),
             Some(peer) => self.send_assignment(peer, &a).await,
         };
-        let connected = peer_id_of(&key).is_some_and(|p| lock(&self.remote).contains_key(&p));
+        let connected = peer_id_of(&key).is_some_and(|p| self.connected(&p));
         if let Err(e) = &outcome {
             tracing::warn!(peer = %key.peer_id(), "assignment failed: {e}");
         }
@@ -669,7 +690,11 @@ impl Coordinator {
     }
 
     /// One request on a fresh stream of `channel` to `peer`, and its answer (at most `max`
-    /// bytes; `None` if the stream ended first), all within `timeout`.
+    /// bytes; `None` if the stream ended first), all within `timeout`. Requests must be
+    /// safe to repeat: when a connection to `peer` closes mid-request (a hole punch or a
+    /// move to QUIC retires the one it rode) and another is open, it is sent again there,
+    /// at most [`REQUEST_RESENDS`] times, since the stream on a closing connection may
+    /// never end by itself.
     pub(crate) async fn request(
         &self,
         peer: PeerId,
@@ -678,19 +703,47 @@ impl Coordinator {
         max: usize,
         timeout: Duration,
     ) -> Result<Option<Message>, String> {
-        let mut control = self.control.clone();
-        let exchange = async {
-            let mut stream = control.open(peer, channel).await?;
-            write_frame_async(&mut stream, message)
-                .await
-                .map_err(|e| e.to_string())?;
-            read_frame_async::<Message>(&mut stream, max)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| format!("no answer within {timeout:?}"))?
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut closed = self.closed.subscribe();
+        for _ in 0..=REQUEST_RESENDS {
+            let mut control = self.control.clone();
+            let exchange = async {
+                let mut stream = control.open(peer, channel).await?;
+                write_frame_async(&mut stream, message)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                read_frame_async::<Message>(&mut stream, max)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            let closes = async {
+                loop {
+                    match closed.recv().await {
+                        Ok(p) if p != peer => continue,
+                        // Lagged: one of the missed closes may be this peer's.
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                answer = tokio::time::timeout_at(deadline, exchange) => {
+                    return answer.map_err(|_| format!("no answer within {timeout:?}"))?;
+                }
+                () = closes => {
+                    if !self.connected(&peer) {
+                        return Err("its connection closed mid-request".into());
+                    }
+                    tracing::debug!(%peer, "a connection closed mid-request: sending it again");
+                }
+            }
+        }
+        Err(format!(
+            "its connections closed {} times mid-request",
+            REQUEST_RESENDS + 1
+        ))
     }
 
     /// The cheapest chain of confirmed spans, with each span's peer id.

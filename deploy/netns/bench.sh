@@ -4,6 +4,8 @@
 # about a third of the default model) on hosts 2-4, at each round trip given. Compute per
 # token is the 0 ms figure's (its hops cost nothing), so run 0 first. Root, iproute2,
 # nftables, and `cargo build -p potluck --bins` (or POTLUCK and POTLUCK_NETBED set).
+# --transport tcp or quic: every peer listens on that one only; auto: on both (as by
+# default), the nodes dial the coordinator's TCP address and move to QUIC themselves.
 #
 #   deploy/netns/bench.sh --rtts "0 20 40 80" --loss 0 --transport tcp
 set -euo pipefail
@@ -17,13 +19,14 @@ while [ $# -gt 0 ]; do
         --loss) loss=${2%\%}; shift 2 ;;
         --transport) transport=$2; shift 2 ;;
         --tokens) tokens=$2; shift 2 ;;
-        *) echo "usage: $0 [--rtts \"0 20 40 80\"] [--loss PCT] [--transport tcp|quic] [--tokens N]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--rtts \"0 20 40 80\"] [--loss PCT] [--transport tcp|quic|auto] [--tokens N]" >&2; exit 2 ;;
     esac
 done
 case "$transport" in
     tcp) at() { echo "--listen /ip4/$1/tcp/0"; } ;;
     quic) at() { echo "--listen /ip4/$1/udp/0/quic-v1"; } ;;
-    *) echo "--transport: tcp or quic" >&2; exit 2 ;;
+    auto) at() { echo "--listen /ip4/$1/tcp/0 --listen /ip4/$1/udp/0/quic-v1"; } ;;
+    *) echo "--transport: tcp, quic or auto" >&2; exit 2 ;;
 esac
 work=$(mktemp -d)
 pids=()
@@ -41,7 +44,7 @@ timed() {
         "http://$api/v1/completions"
 }
 t0=""
-printf '%-8s %-6s %-10s %-10s %-10s %s\n' transport rtt_ms loss_pct tok_s ideal ratio
+printf '%-8s %-6s %-10s %-10s %-10s %-6s %s\n' transport rtt_ms loss_pct tok_s ideal ratio runs_on
 for rtt in $rtts; do
     "$here/up.sh" --prefix $prefix --hosts 4 --rtt "${rtt}ms" --loss "$loss" >/dev/null
     rm -rf "$work"/*
@@ -62,6 +65,9 @@ for rtt in $rtts; do
     for _ in $(seq 600); do
         [ "$(grep -c ' serves blocks ' "$work/c.log" || true)" -ge 3 ] && break; sleep 0.2
     done
+    # What the pool runs on, as the coordinator sees it.
+    runs_on=$(in_host 1 curl -sS "http://$api/api/pool" \
+        | grep -o '"transport":"[a-z]*"' | sort | uniq -c | tr -s ' \n' ' ')
     # Warm up, then time a short and a long completion: their difference is pure decode.
     timed 4 >/dev/null; timed 4 >/dev/null
     short=$(timed 8); long=$(timed $((tokens + 8)))
@@ -73,6 +79,6 @@ for rtt in $rtts; do
     else
         ideal=- ratio=-
     fi
-    printf '%-8s %-6s %-10s %-10s %-10s %s\n' "$transport" "$rtt" "$loss" "$tps" "$ideal" "$ratio"
+    printf '%-8s %-6s %-10s %-10s %-10s %-6s %s\n' "$transport" "$rtt" "$loss" "$tps" "$ideal" "$ratio" "$runs_on"
     stop
 done

@@ -5,12 +5,23 @@
 # netem) and drops --loss of the packets it forwards (nftables numgen). Run it again to
 # rebuild; deploy/netns/down.sh takes it down. Root, iproute2 and nftables.
 #
-#   deploy/netns/up.sh --hosts 5 --rtt 40ms --loss 0.5%
+# Each --home (repeatable) adds a home LAN: one more host of the bed becomes its NAT router
+# (its address the home's public one), with a host behind it at 198.51.100.2 (namespace
+# <prefix>h<k>), which nobody outside the home can reach. Its kind:
+#   ei         endpoint-independent mapping (a LAN port keeps its public port), and only
+#              the address and port a LAN connection went to may answer (port-restricted,
+#              Linux's own conntrack);
+#   cone       the same mapping, and any port of an address the LAN sent to may reach the
+#              LAN port (address-restricted cone, as many home routers);
+#   symmetric  a random public port for every connection.
+# The router drops unsolicited packets unanswered, as home routers do.
+#
+#   deploy/netns/up.sh --hosts 5 --rtt 40ms --loss 0.5% --home ei --home symmetric
 #   ip netns exec pb1 target/debug/potluck coordinator --listen /ip4/203.0.113.11/tcp/7470 ...
 #   ip netns exec pb2 target/debug/potluck node --bootstrap /ip4/203.0.113.11/tcp/7470/p2p/ID
 #   deploy/netns/down.sh
 set -euo pipefail
-hosts=3 rtt=0 loss=0 prefix=pb
+hosts=3 rtt=0 loss=0 prefix=pb homes=()
 bin=${POTLUCK_NETBED:-$(dirname "$0")/../../target/debug/potluck-netbed}
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -18,10 +29,15 @@ while [ $# -gt 0 ]; do
         --rtt) rtt=${2%ms}; shift 2 ;;
         --loss) loss=${2%\%}; shift 2 ;;
         --prefix) prefix=$2; shift 2 ;;
-        *) echo "usage: $0 [--hosts N] [--rtt MSms] [--loss PCT%] [--prefix P]" >&2; exit 2 ;;
+        --home) case "$2" in
+                ei|cone|symmetric) homes+=("$2") ;;
+                *) echo "--home: ei, cone or symmetric" >&2; exit 2 ;;
+            esac; shift 2 ;;
+        *) echo "usage: $0 [--hosts N] [--rtt MSms] [--loss PCT%] [--prefix P] [--home ei|cone|symmetric]..." >&2; exit 2 ;;
     esac
 done
 [[ "$hosts" =~ ^[0-9]+$ && "$hosts" -ge 1 && "$hosts" -le 200 ]] || { echo "--hosts: 1 to 200" >&2; exit 2; }
+[ "${#homes[@]}" -le 20 ] || { echo "--home: at most 20" >&2; exit 2; }
 [[ "$rtt" =~ ^[0-9]+$ ]] || { echo "--rtt: whole milliseconds, even (each link takes half)" >&2; exit 2; }
 [[ "$loss" =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "--loss: a percentage" >&2; exit 2; }
 [ -x "$bin" ] || { echo "no $bin: cargo build -p potluck --bin potluck-netbed (or set POTLUCK_NETBED)" >&2; exit 2; }
@@ -43,7 +59,8 @@ table ip bed {
 NFT
 fi
 mkdir -p /run/potluck-netbed
-for i in $(seq 1 "$hosts"); do
+# The homes' routers are hosts of the bed too, after the others.
+for i in $(seq 1 $((hosts + ${#homes[@]}))); do
     host=$prefix$i addr=203.0.113.$((10 + i))
     outer=${prefix}o$i inner=${prefix}i$i tun=${prefix}t$i table=$((100 + i))
     ip netns add "$host"
@@ -72,4 +89,40 @@ for i in $(seq 1 "$hosts"); do
     grep -q '^delaying' "/run/potluck-netbed/$prefix.$i.log" \
         || { cat "/run/potluck-netbed/$prefix.$i.log" >&2; echo "the delay on $tun did not start" >&2; exit 1; }
     echo "$host $addr"
+done
+
+# Each home: a LAN behind host (hosts + k), masquerading out of its link to the router.
+for k in $(seq 1 "${#homes[@]}"); do
+    wan_host=$prefix$((hosts + k)) wan=${prefix}i$((hosts + k))
+    home=${prefix}h$k lan=${prefix}l$k inner=${prefix}m$k
+    kind=${homes[$((k - 1))]} masquerade=masquerade cone=""
+    [ "$kind" = symmetric ] && masquerade="masquerade fully-random"
+    # A cone lets in what comes from any address the LAN sent to, at the LAN's own port
+    # (the mapping kept it), whatever the port it comes from.
+    [ "$kind" = cone ] && cone="
+  set sent_to { type ipv4_addr; flags dynamic,timeout; timeout 2m; }
+  chain remember { type filter hook forward priority filter - 1; iifname \"$lan\" update @sent_to { ip daddr }; }
+  chain open { type nat hook prerouting priority dstnat; iifname \"$wan\" ip saddr @sent_to dnat to 198.51.100.2; }"
+    ip netns add "$home"
+    ip -n "$wan_host" link add "$lan" type veth peer name "$inner" netns "$home"
+    ip -n "$wan_host" addr add 198.51.100.1/24 dev "$lan"
+    ip -n "$wan_host" link set "$lan" up
+    ip -n "$home" link set lo up
+    ip -n "$home" addr add 198.51.100.2/24 dev "$inner"
+    ip -n "$home" link set "$inner" up
+    ip -n "$home" route add default via 198.51.100.1
+    ip netns exec "$wan_host" sysctl -qw net.ipv4.ip_forward=1
+    # Out of the LAN, masqueraded; in, only what answers the LAN's own connections (and,
+    # for a cone, what it opened to); what nobody asked for is dropped, not reset (a reset
+    # ends a hole punch whose other side's packet is a moment late).
+    ip netns exec "$wan_host" nft -f - <<NFT
+table ip home {$cone
+  chain masq { type nat hook postrouting priority srcnat; oifname "$wan" $masquerade; }
+  chain guard { type filter hook forward priority filter; policy drop;
+    iifname "$lan" accept; ct state established,related accept; ct status dnat accept; }
+  chain stealth { type filter hook input priority filter; policy accept;
+    iifname "$wan" ct state new drop; }
+}
+NFT
+    echo "$home 198.51.100.2 behind $wan_host 203.0.113.$((10 + hosts + k)) $kind"
 done

@@ -10,3 +10,4 @@ pub mod pool_id;
 pub mod reach;
 pub mod streams;
 pub mod swarm;
+pub mod transport;

@@ -3,6 +3,7 @@
 //! which were upgraded by a DCUtR hole punch, and who holds a circuit reservation here.
 //! The swarm loop feeds it ([`crate::swarm::handle_common`]); the dashboard reads it.
 
+use crate::transport::Transport;
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::ConnectionId;
@@ -47,10 +48,27 @@ struct PeerReach {
     direct: HashSet<ConnectionId>,
     relayed: HashSet<ConnectionId>,
     punched: HashSet<ConnectionId>,
+    quic: HashSet<ConnectionId>,
+    /// A dial under way to move this peer's traffic (see [`Move`]).
+    moving: Option<Move>,
+    /// A move to QUIC was tried (once while the peer stays connected: a failed one leaves
+    /// TCP, and identify's later pushes do not dial again).
+    quic_tried: bool,
+    /// A direct dial to a relayed peer's own addresses was tried (once, likewise).
+    direct_tried: bool,
     /// What the last AutoNAT dial-back to it (by this peer) found.
     dialled_back: Option<bool>,
     /// It holds a circuit reservation at this peer's relay.
     reserved_here: bool,
+}
+
+/// A dial that, once open, takes a peer's traffic off other connections, which close.
+#[derive(Debug, Clone, Copy)]
+struct Move {
+    dial: ConnectionId,
+    /// The TCP connection a QUIC dial replaces; `None`: a direct dial replaces every
+    /// relayed one.
+    retire: Option<ConnectionId>,
 }
 
 impl PeerReach {
@@ -94,6 +112,8 @@ pub struct PeerReachView {
     pub relayed_now: bool,
     /// Whether it holds a circuit reservation at this peer's relay.
     pub reserved_here: bool,
+    /// What its traffic with this peer runs on now.
+    pub transport: Transport,
 }
 
 /// Whether a connection at `addr` runs through a relay's circuit: a dialled circuit names
@@ -124,10 +144,17 @@ impl Reach {
     pub fn opened(&self, peer: PeerId, conn: ConnectionId, addr: &Multiaddr, dialled: bool) {
         let mut s = self.lock();
         let p = s.peers.entry(peer).or_default();
-        if is_circuit(addr) {
-            p.relayed.insert(conn);
-        } else {
-            p.direct.insert(conn);
+        match Transport::of(addr) {
+            Transport::Relay => {
+                p.relayed.insert(conn);
+            }
+            Transport::Quic => {
+                p.direct.insert(conn);
+                p.quic.insert(conn);
+            }
+            Transport::Tcp => {
+                p.direct.insert(conn);
+            }
         }
         if dialled {
             s.dialled.insert(conn, addr.clone());
@@ -142,6 +169,12 @@ impl Reach {
             p.direct.remove(&conn);
             p.relayed.remove(&conn);
             p.punched.remove(&conn);
+            p.quic.remove(&conn);
+            if p.moving
+                .is_some_and(|m| m.dial == conn || m.retire == Some(conn))
+            {
+                p.moving = None;
+            }
             if p.direct.is_empty() && p.relayed.is_empty() && p.dialled_back.is_none() {
                 s.peers.remove(&peer);
             }
@@ -161,6 +194,79 @@ impl Reach {
         p.punched.insert(conn);
         p.direct.insert(conn);
         p.relayed.iter().copied().collect()
+    }
+
+    /// Whether to move `peer` from the TCP connection `from` to QUIC by the dial `to`: not
+    /// when a QUIC connection to it is open, a move is under way, or one was tried. Marks it.
+    pub fn move_to_quic(&self, peer: PeerId, from: ConnectionId, to: ConnectionId) -> bool {
+        let mut s = self.lock();
+        let p = s.peers.entry(peer).or_default();
+        if !p.quic.is_empty() || p.quic_tried || p.moving.is_some() {
+            return false;
+        }
+        p.quic_tried = true;
+        p.moving = Some(Move {
+            dial: to,
+            retire: Some(from),
+        });
+        true
+    }
+
+    /// Whether to dial `peer`, reached only through relays, at its own addresses by the dial
+    /// `to` (it may be public, or this peer's NAT may let its dial out through): not when a
+    /// direct connection is open, a move is under way, or one was tried. Marks it.
+    pub fn dial_direct(&self, peer: PeerId, to: ConnectionId) -> bool {
+        let mut s = self.lock();
+        let p = s.peers.entry(peer).or_default();
+        if !p.direct.is_empty() || p.direct_tried || p.moving.is_some() {
+            return false;
+        }
+        p.direct_tried = true;
+        p.moving = Some(Move {
+            dial: to,
+            retire: None,
+        });
+        true
+    }
+
+    /// Whether `conn` to `peer` runs through a relay.
+    pub fn is_relayed(&self, peer: &PeerId, conn: ConnectionId) -> bool {
+        self.lock()
+            .peers
+            .get(peer)
+            .is_some_and(|p| p.relayed.contains(&conn))
+    }
+
+    /// The connection `conn` to `peer` opened: the connections it replaces, when it is the
+    /// dial of a move (the caller closes them, so streams take the new one).
+    pub fn moved(&self, peer: PeerId, conn: ConnectionId) -> Vec<ConnectionId> {
+        let mut s = self.lock();
+        let Some(p) = s.peers.get_mut(&peer) else {
+            return Vec::new();
+        };
+        match p.moving {
+            Some(m) if m.dial == conn => {
+                p.moving = None;
+                match m.retire {
+                    Some(tcp) => vec![tcp],
+                    None => p.relayed.iter().copied().collect(),
+                }
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The dial `conn` failed: whether it was a move's (what it would replace stays).
+    pub fn move_failed(&self, peer: PeerId, conn: ConnectionId) -> bool {
+        let mut s = self.lock();
+        let Some(p) = s.peers.get_mut(&peer) else {
+            return false;
+        };
+        let failed = p.moving.is_some_and(|m| m.dial == conn);
+        if failed {
+            p.moving = None;
+        }
+        failed
     }
 
     /// This peer's AutoNAT server dialled `peer` back: `ok` when that worked.
@@ -214,6 +320,13 @@ impl Reach {
             reachability: p.classify(),
             relayed_now: p.direct.is_empty() && !p.relayed.is_empty(),
             reserved_here: p.reserved_here,
+            transport: if p.direct.is_empty() && !p.relayed.is_empty() {
+                Transport::Relay
+            } else if !p.quic.is_empty() {
+                Transport::Quic
+            } else {
+                Transport::Tcp
+            },
         })
     }
 
@@ -296,6 +409,45 @@ mod tests {
             crate::ids::with_peer(&plain, peer),
             addr(&format!("/ip4/192.0.2.1/tcp/4001/p2p/{peer}"))
         );
+    }
+
+    #[test]
+    fn a_move_closes_what_it_replaces_once_its_dial_opens_and_is_tried_once() {
+        let reach = Reach::default();
+        let peer = PeerId::random();
+        let c = ConnectionId::new_unchecked;
+        reach.opened(peer, c(1), &addr("/ip4/192.0.2.1/tcp/7470"), true);
+        assert!(reach.move_to_quic(peer, c(1), c(2)));
+        assert!(!reach.move_to_quic(peer, c(1), c(3)), "one move at a time");
+        assert_eq!(reach.moved(peer, c(9)), vec![], "another connection");
+        reach.opened(peer, c(2), &addr("/ip4/192.0.2.1/udp/7470/quic-v1"), true);
+        assert_eq!(reach.moved(peer, c(2)), vec![c(1)], "the TCP one closes");
+        reach.closed(peer, c(1));
+        assert_eq!(reach.of(&peer).unwrap().transport, Transport::Quic);
+
+        let tcp_only = PeerId::random();
+        reach.opened(tcp_only, c(4), &addr("/ip4/192.0.2.2/tcp/1"), true);
+        assert!(reach.move_to_quic(tcp_only, c(4), c(5)));
+        assert!(reach.move_failed(tcp_only, c(5)));
+        assert!(!reach.move_failed(tcp_only, c(5)), "reported once");
+        assert!(!reach.move_to_quic(tcp_only, c(4), c(6)), "tried once");
+        assert_eq!(reach.of(&tcp_only).unwrap().transport, Transport::Tcp);
+
+        let (relay, behind) = (PeerId::random(), PeerId::random());
+        let circuit = addr(&format!(
+            "/ip4/192.0.2.3/tcp/1/p2p/{relay}/p2p-circuit/p2p/{behind}"
+        ));
+        reach.opened(behind, c(7), &circuit, true);
+        assert!(reach.is_relayed(&behind, c(7)));
+        assert_eq!(reach.of(&behind).unwrap().transport, Transport::Relay);
+        assert!(reach.dial_direct(behind, c(8)));
+        reach.opened(behind, c(8), &addr("/ip4/192.0.2.3/tcp/2"), true);
+        assert_eq!(
+            reach.moved(behind, c(8)),
+            vec![c(7)],
+            "the relayed one closes"
+        );
+        assert!(!reach.dial_direct(behind, c(10)), "direct already");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! be waited for, killed when dropped.
 #![allow(dead_code)]
 
+pub mod bed;
 pub mod netns;
 pub mod pools;
 

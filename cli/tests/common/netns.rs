@@ -1,9 +1,9 @@
 //! A test bed of hosts on one Ethernet segment, each host a network namespace of its own
 //! with the address the test gives it, joined by a bridge in the test's own namespace (which
-//! is a host too, at [`HUB`]). A host can also sit in a home LAN behind a NAT router of its
-//! own (a namespace on the segment that masquerades with nftables, see [`Mapping`]). Made
-//! with `ip` and `nft` (root, as CI runs), deleted on drop with every route it added;
-//! nothing leaves the machine.
+//! is a host too, at [`HUB`]), for tests that need the test's own namespace on the network;
+//! hosts with delays, loss and home routers are the bed's (`super::bed`). Made with `ip`
+//! (root, as CI runs), deleted on drop with every route it added; nothing leaves the
+//! machine.
 
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
@@ -43,22 +43,6 @@ pub struct TestNet {
     hosts: Vec<String>,
     _turn: MutexGuard<'static, ()>,
 }
-
-/// How a home router maps its LAN's connections to its one public address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mapping {
-    /// Endpoint-independent: a LAN host's port keeps its public port whoever it talks to
-    /// (Linux masquerade keeps the source port when it is free), as most home routers do.
-    EndpointIndependent,
-    /// Symmetric: every connection gets a random public port (`masquerade fully-random`),
-    /// as carrier-grade NATs and some corporate firewalls do.
-    Symmetric,
-}
-
-/// The LAN side of every home router, and of the host behind it: the same documentation
-/// range in each home (each home is namespaces of its own, which the segment never routes).
-const LAN_ROUTER: &str = "198.51.100.1";
-const LAN_HOST: &str = "198.51.100.2";
 
 /// A host on the segment: its namespace and address.
 pub struct Host {
@@ -120,71 +104,7 @@ impl TestNet {
     }
 }
 
-impl TestNet {
-    /// A new host in a home LAN behind a NAT router at `public` on the segment, mapping as
-    /// `mapping` says; the host's own address is [`LAN_HOST`], which nobody outside the
-    /// home can reach: connections from it arrive from `public`.
-    pub fn behind_nat(&mut self, public: &str, mapping: Mapping) -> Host {
-        let router = self.host(public);
-        let (ns, n) = self.namespace();
-        let (wan, lan, inner) = (
-            format!("{}i{}", self.tag, n - 1),
-            format!("{}l{n}", self.tag),
-            format!("{}i{n}", self.tag),
-        );
-        let on = ip_in;
-        on(
-            &router.ns,
-            &[
-                "link", "add", &lan, "type", "veth", "peer", "name", &inner, "netns", &ns,
-            ],
-        );
-        on(
-            &router.ns,
-            &["addr", "add", &format!("{LAN_ROUTER}/24"), "dev", &lan],
-        );
-        on(&router.ns, &["link", "set", &lan, "up"]);
-        on(&ns, &["link", "set", "lo", "up"]);
-        on(
-            &ns,
-            &["addr", "add", &format!("{LAN_HOST}/24"), "dev", &inner],
-        );
-        on(&ns, &["link", "set", &inner, "up"]);
-        on(&ns, &["route", "add", "default", "via", LAN_ROUTER]);
-        let masquerade = match mapping {
-            Mapping::EndpointIndependent => "masquerade",
-            Mapping::Symmetric => "masquerade fully-random",
-        };
-        // Forward the LAN out, masquerading; from outside only what answers the LAN's own
-        // connections comes in, and the rest is dropped unanswered, as home routers do (a
-        // reset would end a hole punch whose other side's packet is a moment late).
-        let rules = format!(
-            "table ip home {{\n\
-               chain masq {{ type nat hook postrouting priority srcnat; oifname \"{wan}\" {masquerade}; }}\n\
-               chain guard {{ type filter hook forward priority filter; policy drop;\n\
-                 iifname \"{lan}\" accept; ct state established,related accept; }}\n\
-               chain stealth {{ type filter hook input priority filter; policy accept;\n\
-                 iifname \"{wan}\" ct state new drop; }}\n\
-             }}\n"
-        );
-        let exec = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", router.ns.as_str()];
-            all.extend_from_slice(args);
-            ip(&all);
-        };
-        exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        let file = std::env::temp_dir().join(format!("{ns}.nft"));
-        std::fs::write(&file, rules).expect("write the router's rules");
-        exec(&["nft", "-f", file.to_str().expect("utf-8 temp path")]);
-        let _ = std::fs::remove_file(&file);
-        Host {
-            ns,
-            ip: LAN_HOST.to_string(),
-        }
-    }
-}
-
-/// Whether this machine can make the bed's NAT routers: namespaces (root) and nftables.
+/// Whether this machine can make the beds' namespaces (root) and NAT routers (nftables).
 pub fn nat_works() -> bool {
     let root = Command::new("id")
         .arg("-u")

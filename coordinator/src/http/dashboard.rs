@@ -121,6 +121,7 @@ pub fn snapshot(app: &AppState, members: Members) -> Value {
                 "reachability": reach.as_ref().map_or("unknown", |r| r.reachability.as_str()),
                 "relayed": reach.as_ref().is_some_and(|r| r.relayed_now),
                 "relay_reservation": reach.as_ref().is_some_and(|r| r.reserved_here),
+                "transport": reach.as_ref().map(|r| r.transport.as_str()),
                 "layers": planned.map(|r| [r.start, r.end]),
                 "status": status,
                 // The lower confidence bound the router weighs peers by, and its evidence.
