@@ -56,6 +56,8 @@ struct PeerReach {
     quic_tried: bool,
     /// A direct dial to a relayed peer's own addresses was tried (once, likewise).
     direct_tried: bool,
+    /// A plain dial after a failed hole punch was tried (once, likewise).
+    plain_tried: bool,
     /// What the last AutoNAT dial-back to it (by this peer) found.
     dialled_back: Option<bool>,
     /// It holds a circuit reservation at this peer's relay.
@@ -222,6 +224,27 @@ impl Reach {
             return false;
         }
         p.direct_tried = true;
+        p.moving = Some(Move {
+            dial: to,
+            retire: None,
+        });
+        true
+    }
+
+    /// Whether to dial `peer`, still reached only through relays, as a plain dialer at the
+    /// addresses a hole punch just failed on, by the dial `to`. The punch's dial takes the
+    /// upgrade's listener role, counting on a TCP simultaneous open, which a symmetric NAT
+    /// never gives (its port is new to every destination): if the other side's router let
+    /// the SYN in (a cone, opened by the other side's own punching dial), the other side
+    /// accepted it as a listener too and both waited. A plain dial leaves it the listener.
+    /// Not when a direct connection is open, a move is under way, or one was tried.
+    pub fn dial_plain(&self, peer: PeerId, to: ConnectionId) -> bool {
+        let mut s = self.lock();
+        let p = s.peers.entry(peer).or_default();
+        if !p.direct.is_empty() || p.relayed.is_empty() || p.plain_tried || p.moving.is_some() {
+            return false;
+        }
+        p.plain_tried = true;
         p.moving = Some(Move {
             dial: to,
             retire: None,

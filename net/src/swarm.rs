@@ -383,6 +383,8 @@ pub fn handle_common(
         } => {
             if reach.move_failed(*peer_id, *connection_id) {
                 tracing::info!(%peer_id, "no better connection, staying on this one: {error}");
+            } else {
+                redial_plain(swarm, reach, *peer_id, error);
             }
             return Some(event);
         }
@@ -618,6 +620,41 @@ fn prefer_direct(
     if let Err(e) = swarm.dial(opts) {
         reach.move_failed(peer, id);
         tracing::debug!(%peer, "no direct dial: {e}");
+    }
+}
+
+/// After a dial to a peer reached only through relays failed (a hole punch's, when it
+/// tried its addresses), dials them once more as a plain dialer: see [`Reach::dial_plain`].
+fn redial_plain(
+    swarm: &mut Swarm<PoolBehaviour>,
+    reach: &Reach,
+    peer: libp2p::PeerId,
+    error: &libp2p::swarm::DialError,
+) {
+    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+    let libp2p::swarm::DialError::Transport(tried) = error else {
+        return;
+    };
+    let addrs: Vec<libp2p::Multiaddr> = tried
+        .iter()
+        .map(|(a, _)| a.clone())
+        .filter(|a| !crate::reach::is_circuit(a))
+        .collect();
+    if addrs.is_empty() {
+        return;
+    }
+    let opts = DialOpts::peer_id(peer)
+        .addresses(addrs)
+        .condition(PeerCondition::Always)
+        .build();
+    let id = opts.connection_id();
+    if !reach.dial_plain(peer, id) {
+        return;
+    }
+    tracing::info!(%peer, "a hole punch's dial failed: dialling its addresses plainly");
+    if let Err(e) = swarm.dial(opts) {
+        reach.move_failed(peer, id);
+        tracing::debug!(%peer, "no plain dial: {e}");
     }
 }
 
