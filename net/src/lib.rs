@@ -6,6 +6,7 @@ pub mod gate;
 pub mod gated;
 pub mod identity;
 pub mod ids;
+pub mod moves;
 pub mod pool_id;
 pub mod reach;
 pub mod streams;

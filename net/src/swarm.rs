@@ -384,7 +384,7 @@ pub fn handle_common(
             if reach.move_failed(*peer_id, *connection_id) {
                 tracing::info!(%peer_id, "no better connection, staying on this one: {error}");
             } else {
-                redial_plain(swarm, reach, *peer_id, error);
+                crate::moves::redial_plain(swarm, reach, *peer_id, error);
             }
             return Some(event);
         }
@@ -438,8 +438,14 @@ pub fn handle_common(
                 if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
                     listen_through(swarm, reach, peer_id, connection_id);
                 }
-                prefer_quic(swarm, reach, peer_id, connection_id, &info.listen_addrs);
-                prefer_direct(swarm, reach, peer_id, connection_id, &info.listen_addrs);
+                crate::moves::prefer_quic(swarm, reach, peer_id, connection_id, &info.listen_addrs);
+                crate::moves::prefer_direct(
+                    swarm,
+                    reach,
+                    peer_id,
+                    connection_id,
+                    &info.listen_addrs,
+                );
                 return Some(SwarmEvent::Behaviour(PoolBehaviourEvent::Identify(
                     identify::Event::Received {
                         peer_id,
@@ -552,109 +558,6 @@ fn listen_through(
             tracing::warn!(%addr, "listening through a relay: {e}");
             reach.drop_relay(&relay);
         }
-    }
-}
-
-/// Dials `peer` over QUIC when this peer reached it over TCP on `conn` and it listens on
-/// QUIC at the same IP (see [`crate::transport::quic_instead`]); the TCP connection closes
-/// once QUIC opens, and stays if QUIC fails (UDP blocked, an old peer).
-fn prefer_quic(
-    swarm: &mut Swarm<PoolBehaviour>,
-    reach: &Reach,
-    peer: libp2p::PeerId,
-    conn: libp2p::swarm::ConnectionId,
-    listen: &[libp2p::Multiaddr],
-) {
-    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-    let Some(dialled) = reach.dialled_at(conn) else {
-        return;
-    };
-    let Some(quic) = crate::transport::quic_instead(&dialled, listen, peer) else {
-        return;
-    };
-    let opts = DialOpts::peer_id(peer)
-        .addresses(vec![quic.clone()])
-        .condition(PeerCondition::Always)
-        .build();
-    let id = opts.connection_id();
-    if !reach.move_to_quic(peer, conn, id) {
-        return;
-    }
-    if let Err(e) = swarm.dial(opts) {
-        reach.move_failed(peer, id);
-        tracing::info!(%peer, %quic, "QUIC dial refused, staying on TCP: {e}");
-    }
-}
-
-/// Dials `peer` at its own addresses when this peer meets it only through a relay (on
-/// `conn`): a public peer, or one this peer's NAT lets a dial out reach, needs no relay nor
-/// hole punch. The relayed connections close once a direct one opens; a failed dial leaves
-/// them (and DCUtR may still punch).
-fn prefer_direct(
-    swarm: &mut Swarm<PoolBehaviour>,
-    reach: &Reach,
-    peer: libp2p::PeerId,
-    conn: libp2p::swarm::ConnectionId,
-    listen: &[libp2p::Multiaddr],
-) {
-    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-    if !reach.is_relayed(&peer, conn) {
-        return;
-    }
-    let own: Vec<libp2p::Multiaddr> = listen
-        .iter()
-        .filter(|a| !crate::reach::is_circuit(a))
-        .map(|a| crate::ids::with_peer(a, peer))
-        .collect();
-    if own.is_empty() {
-        return;
-    }
-    let opts = DialOpts::peer_id(peer)
-        .addresses(own)
-        .condition(PeerCondition::Always)
-        .build();
-    let id = opts.connection_id();
-    if !reach.dial_direct(peer, id) {
-        return;
-    }
-    if let Err(e) = swarm.dial(opts) {
-        reach.move_failed(peer, id);
-        tracing::debug!(%peer, "no direct dial: {e}");
-    }
-}
-
-/// After a dial to a peer reached only through relays failed (a hole punch's, when it
-/// tried its addresses), dials them once more as a plain dialer: see [`Reach::dial_plain`].
-fn redial_plain(
-    swarm: &mut Swarm<PoolBehaviour>,
-    reach: &Reach,
-    peer: libp2p::PeerId,
-    error: &libp2p::swarm::DialError,
-) {
-    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-    let libp2p::swarm::DialError::Transport(tried) = error else {
-        return;
-    };
-    let addrs: Vec<libp2p::Multiaddr> = tried
-        .iter()
-        .map(|(a, _)| a.clone())
-        .filter(|a| !crate::reach::is_circuit(a))
-        .collect();
-    if addrs.is_empty() {
-        return;
-    }
-    let opts = DialOpts::peer_id(peer)
-        .addresses(addrs)
-        .condition(PeerCondition::Always)
-        .build();
-    let id = opts.connection_id();
-    if !reach.dial_plain(peer, id) {
-        return;
-    }
-    tracing::info!(%peer, "a hole punch's dial failed: dialling its addresses plainly");
-    if let Err(e) = swarm.dial(opts) {
-        reach.move_failed(peer, id);
-        tracing::debug!(%peer, "no plain dial: {e}");
     }
 }
 
