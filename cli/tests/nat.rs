@@ -220,16 +220,18 @@ fn meet(coord: Place, node: Place, rtt: &str, prompt: &str, want: &str) -> Met {
     let punch_line = format!("hole punched to {id}");
     let deadline = started + Duration::from_secs(25);
     let (mut punched, mut direct) = (None, None);
-    let row = loop {
+    // Notes when the coordinator said it punched, if it does within `wait`.
+    let saw_punch = |coord: &mut common::Proc, punched: &mut Option<Duration>, wait: Duration| {
         if punched.is_none()
-            && coordinator
-                .wait_for(Instant::now() + Duration::from_millis(200), |l| {
-                    l.starts_with(&punch_line)
-                })
+            && coord
+                .wait_for(Instant::now() + wait, |l| l.starts_with(&punch_line))
                 .is_some()
         {
-            punched = Some(started.elapsed());
+            *punched = Some(started.elapsed());
         }
+    };
+    let row = loop {
+        saw_punch(&mut coordinator, &mut punched, Duration::from_millis(200));
         let row = home_a.curl(&format!("{api}/api/pool"), None)["peers"]
             .as_array()
             .and_then(|ps| ps.iter().find(|p| p["id"] == id.as_str()).cloned())
@@ -237,15 +239,7 @@ fn meet(coord: Place, node: Place, rtt: &str, prompt: &str, want: &str) -> Met {
         if row["relayed"] == false {
             direct = Some(started.elapsed());
             // The line of the punch that made it direct comes with it.
-            if punched.is_none()
-                && coordinator
-                    .wait_for(Instant::now() + Duration::from_secs(1), |l| {
-                        l.starts_with(&punch_line)
-                    })
-                    .is_some()
-            {
-                punched = Some(started.elapsed());
-            }
+            saw_punch(&mut coordinator, &mut punched, Duration::from_secs(1));
             break row;
         }
         if Instant::now() > deadline {

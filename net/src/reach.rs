@@ -74,6 +74,28 @@ struct Move {
 }
 
 impl PeerReach {
+    /// Marks a move by the dial `to`, retiring `retire` (or every relayed connection), unless
+    /// what it would reach is `already` open, its kind was `tried` (then set), or another
+    /// move is under way; whether it is to be made.
+    fn begin_move(
+        &mut self,
+        already: bool,
+        tried: impl FnOnce(&mut PeerReach) -> &mut bool,
+        to: ConnectionId,
+        retire: Option<ConnectionId>,
+    ) -> bool {
+        if already || self.moving.is_some() {
+            return false;
+        }
+        let tried = tried(self);
+        if *tried {
+            return false;
+        }
+        *tried = true;
+        self.moving = Some(Move { dial: to, retire });
+        true
+    }
+
     fn classify(&self) -> Reachability {
         if !self.punched.is_empty() {
             Reachability::HolePunched
@@ -203,15 +225,8 @@ impl Reach {
     pub fn move_to_quic(&self, peer: PeerId, from: ConnectionId, to: ConnectionId) -> bool {
         let mut s = self.lock();
         let p = s.peers.entry(peer).or_default();
-        if !p.quic.is_empty() || p.quic_tried || p.moving.is_some() {
-            return false;
-        }
-        p.quic_tried = true;
-        p.moving = Some(Move {
-            dial: to,
-            retire: Some(from),
-        });
-        true
+        let open = !p.quic.is_empty();
+        p.begin_move(open, |p| &mut p.quic_tried, to, Some(from))
     }
 
     /// Whether to dial `peer`, reached only through relays, at its own addresses by the dial
@@ -220,15 +235,8 @@ impl Reach {
     pub fn dial_direct(&self, peer: PeerId, to: ConnectionId) -> bool {
         let mut s = self.lock();
         let p = s.peers.entry(peer).or_default();
-        if !p.direct.is_empty() || p.direct_tried || p.moving.is_some() {
-            return false;
-        }
-        p.direct_tried = true;
-        p.moving = Some(Move {
-            dial: to,
-            retire: None,
-        });
-        true
+        let open = !p.direct.is_empty();
+        p.begin_move(open, |p| &mut p.direct_tried, to, None)
     }
 
     /// Whether to dial `peer`, still reached only through relays, as a plain dialer at the
@@ -241,15 +249,8 @@ impl Reach {
     pub fn dial_plain(&self, peer: PeerId, to: ConnectionId) -> bool {
         let mut s = self.lock();
         let p = s.peers.entry(peer).or_default();
-        if !p.direct.is_empty() || p.relayed.is_empty() || p.plain_tried || p.moving.is_some() {
-            return false;
-        }
-        p.plain_tried = true;
-        p.moving = Some(Move {
-            dial: to,
-            retire: None,
-        });
-        true
+        let open = !p.direct.is_empty() || p.relayed.is_empty();
+        p.begin_move(open, |p| &mut p.plain_tried, to, None)
     }
 
     /// Whether `conn` to `peer` runs through a relay.
